@@ -1,0 +1,5 @@
+import sys
+
+from memtrace.commands import main
+
+sys.exit(main())

@@ -1,0 +1,224 @@
+"""Load the BPF programs, attach the malloc-family uprobes to one process,
+and read the kernel's aggregates. The only module that talks to bcc's maps."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+from memtrace.collect.bpfsource import bpf_dir, program_text
+from memtrace.errors import MemtraceError
+from memtrace.model import Counters, DropStats, HeapRow
+
+# Counter indexes: keep in step with enum counter in bpf/memtrace.h.
+CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING = range(4)
+CNT_STACK_LOST, CNT_TRIM_CALLS, CNT_TRIM_RELEASED = range(4, 7)
+
+
+@dataclass(frozen=True)
+class Hook:
+    symbol: str
+    entry: str  # BPF function run at the probe site
+    ret: Optional[str]  # BPF function run at return, if any
+    macro: str  # prefix of the -D<MACRO>_SP_ADJUST knob
+
+
+# Order matters: where glibc aliases two names to one address (memalign and
+# aligned_alloc in 2.36), the first name is probed and the others skipped,
+# so a call is never counted twice.
+HOOKS = (
+    Hook("malloc", "malloc_enter", "alloc_return", "MALLOC"),
+    Hook("calloc", "calloc_enter", "alloc_return", "CALLOC"),
+    Hook("realloc", "realloc_enter", "alloc_return", "REALLOC"),
+    Hook("free", "free_enter", None, "FREE"),
+    Hook("posix_memalign", "posix_memalign_enter", "alloc_return", "POSIX_MEMALIGN"),
+    Hook("memalign", "memalign_enter", "alloc_return", "MEMALIGN"),
+    Hook("aligned_alloc", "aligned_alloc_enter", "alloc_return", "ALIGNED_ALLOC"),
+    Hook("valloc", "valloc_enter", "alloc_return", "VALLOC"),
+    Hook("pvalloc", "pvalloc_enter", "alloc_return", "PVALLOC"),
+    Hook("malloc_trim", "trim_enter", "trim_return", "TRIM"),
+)
+
+
+@dataclass(frozen=True)
+class ProbeSite:
+    symbol: str
+    address: int  # symbol's address in the ELF file
+    offset: int = 0  # bytes past the symbol where the probe sits
+    sp_adjust: int = 0  # bytes pushed before the site: return address at sp + this
+    note: str = ""
+
+
+@dataclass
+class Limits:
+    max_allocs: int = 1 << 20
+    max_stats: int = 65536
+    max_stacks: int = 16384
+    max_threads: int = 16384
+
+
+@dataclass
+class HeapReading:
+    rows: list[HeapRow]
+    untracked_free_count: int
+    trim_calls: int
+    trim_released_calls: int
+    drops: DropStats
+    thread_names: dict[int, str] = field(default_factory=dict)
+
+
+def _quiet_compile():
+    """bcc prints clang's warnings about kernel headers to stderr; keep them
+    for --verbose only."""
+    if os.environ.get("MEMTRACE_BPF_VERBOSE"):
+        return contextlib.nullcontext()
+    return _redirect_fd2()
+
+
+@contextlib.contextmanager
+def _redirect_fd2() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def resolve_sites(libc_path: str) -> list[ProbeSite]:
+    """One site per distinct address: aliases are probed once."""
+    from bcc import BPF
+
+    pattern = "^(" + "|".join(h.symbol for h in HOOKS) + ")$"
+    found: dict[str, int] = {}
+    for name, addr in BPF.get_user_functions_and_addresses(libc_path, pattern):
+        found.setdefault(name.decode(), addr)
+    sites, seen = [], set()
+    for hook in HOOKS:
+        addr = found.get(hook.symbol)
+        if addr is None or addr in seen:
+            continue
+        seen.add(addr)
+        sites.append(ProbeSite(hook.symbol, addr))
+    if not any(s.symbol == "malloc" for s in sites):
+        raise MemtraceError(f"{libc_path} has no malloc symbol: is it glibc? trace a glibc program")
+    return sites
+
+
+class HeapProbes:
+    """The loaded BPF object and its attachments for one process."""
+
+    def __init__(self, pid: int, libc_path: str, limits: Limits, sites: list[ProbeSite]) -> None:
+        self.pid = pid
+        self.libc_path = libc_path
+        self.limits = limits
+        self.sites = sites
+        self.attached: list[str] = []
+        self._bpf = None
+
+    def cflags(self) -> list[str]:
+        flags = [
+            f"-I{bpf_dir()}",
+            "-DWITH_HEAP",
+            f"-DTARGET_TGID={self.pid}",
+            f"-DTARGET_PAGE_SIZE={os.sysconf('SC_PAGE_SIZE')}",
+            f"-DMAX_ALLOCS={self.limits.max_allocs}",
+            f"-DMAX_STATS={self.limits.max_stats}",
+            f"-DMAX_STACKS={self.limits.max_stacks}",
+            f"-DMAX_THREADS={self.limits.max_threads}",
+        ]
+        by_symbol = {s.symbol: s for s in self.sites}
+        for hook in HOOKS:
+            site = by_symbol.get(hook.symbol)
+            flags.append(f"-D{hook.macro}_SP_ADJUST={site.sp_adjust if site else 0}")
+        return flags
+
+    def load(self) -> None:
+        from bcc import BPF
+
+        try:
+            with _quiet_compile():
+                self._bpf = BPF(text=program_text(["heap"]), cflags=self.cflags())
+        except Exception as e:  # bcc raises bare Exceptions on compile/load errors
+            raise MemtraceError(
+                f"the BPF program failed to load ({str(e).splitlines()[0]}): "
+                "run with MEMTRACE_BPF_VERBOSE=1 to see the compiler output"
+            ) from None
+
+    def attach(self) -> None:
+        hooks = {h.symbol: h for h in HOOKS}
+        lib = self.libc_path.encode()
+        for site in self.sites:
+            hook = hooks[site.symbol]
+            try:
+                self._bpf.attach_uprobe(
+                    name=lib, sym=site.symbol.encode(), sym_off=site.offset,
+                    fn_name=hook.entry.encode(), pid=self.pid,
+                )
+                if hook.ret:
+                    self._bpf.attach_uretprobe(
+                        name=lib, sym=site.symbol.encode(), fn_name=hook.ret.encode(), pid=self.pid
+                    )
+            except Exception as e:
+                raise MemtraceError(
+                    f"cannot attach a uprobe to {site.symbol} in {self.libc_path} ({e}): "
+                    "check that the process still runs and the kernel supports uprobes"
+                ) from None
+            self.attached.append(site.symbol)
+
+    @property
+    def bpf(self):
+        return self._bpf
+
+    def detach(self) -> None:
+        """Remove every probe. Safe to call more than once."""
+        if self._bpf is not None:
+            bpf, self._bpf = self._bpf, None
+            bpf.cleanup()
+
+    # ---------------------------------------------------------- reading
+
+    def read(self) -> HeapReading:
+        b = self._bpf
+        rows = [
+            HeapRow(
+                tid=k.tid,
+                stack_key=(k.stack_id, k.caller),
+                counters=Counters(v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count),
+            )
+            for k, v in b["heap_stats"].items()
+        ]
+        counters = b["counters"]
+        total = lambda i: int(counters.sum(i).value)  # noqa: E731
+        names = {
+            k.value: v.comm.decode(errors="replace") for k, v in b["thread_names"].items()
+        }
+        return HeapReading(
+            rows=rows,
+            untracked_free_count=total(CNT_UNTRACKED_FREE),
+            trim_calls=total(CNT_TRIM_CALLS),
+            trim_released_calls=total(CNT_TRIM_RELEASED),
+            drops=DropStats(
+                allocs_map_full=total(CNT_DROP_ALLOCS),
+                stats_map_full=total(CNT_DROP_STATS),
+                pending_map_full=total(CNT_DROP_PENDING),
+                stack_lost=total(CNT_STACK_LOST),
+            ),
+            thread_names=names,
+        )
+
+    def stack_addresses(self, stack_id: int) -> list[int]:
+        if stack_id < 0:
+            return []
+        try:
+            return list(self._bpf["stacks"].walk(stack_id))
+        except KeyError:
+            return []

@@ -1,0 +1,93 @@
+"""The command line: `memtrace [trace options] (-p PID | -- CMD ...)` and
+subcommands. Each subcommand is a class with a docstring (its help),
+`prepare_parser(parser)` and `run(args) -> int`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Protocol
+
+from memtrace import __version__
+from memtrace.errors import MemtraceError
+
+
+class Command(Protocol):
+    name: str
+
+    def prepare_parser(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def _commands() -> list[Command]:
+    from memtrace.commands.demo import DemoCommand
+    from memtrace.commands.trace import TraceCommand
+
+    commands: list[Command] = [TraceCommand(), DemoCommand()]
+    try:
+        from memtrace.commands.replay import ReplayCommand
+        from memtrace.commands.report import ReportCommand
+
+        commands += [ReplayCommand(), ReportCommand()]
+    except ImportError:
+        pass
+    return commands
+
+
+EPILOG = """examples:
+  sudo memtrace -p 1234                  attach to a running process, live view
+  sudo memtrace -- java -jar app.jar     trace a service from its first instruction
+  sudo memtrace --json --duration 30 -p 1234 > snapshot.json
+  sudo memtrace demo                     a built-in multi-threaded demo
+"""
+
+
+def get_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memtrace",
+        description="Live memory tracer for glibc processes: heap per thread and call stack, "
+        "what the process took from the OS, and the gap between the two.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"memtrace {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in _commands():
+        doc = (type(command).__doc__ or "").strip()
+        sp = sub.add_parser(
+            command.name,
+            help=doc.splitlines()[0] if doc else None,
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.prepare_parser(sp)
+        sp.set_defaults(entrypoint=command.run)
+    return parser
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Everything after the first `--` is the command to launch, untouched."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options, command_line = _split_command(argv)
+    parser = get_argument_parser()
+    names = {c.name for c in _commands()}
+    # `memtrace -p PID` and `memtrace -- CMD` mean `memtrace trace ...`
+    if not options or (options[0] not in names and options[0] not in ("-h", "--help", "--version")):
+        options = ["trace"] + options
+    args = parser.parse_args(options)
+    args.command_line = command_line
+    try:
+        return args.entrypoint(args)
+    except MemtraceError as e:
+        print(f"memtrace: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,176 @@
+"""The flow every trace shares (plain `memtrace`, `memtrace demo`): check the
+machine, find the target, load and attach, run the session, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional
+
+from memtrace import preflight
+from memtrace.errors import MemtraceError
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def add_trace_options(parser: argparse.ArgumentParser) -> None:
+    out = parser.add_argument_group("output")
+    out.add_argument("--interval", type=positive_float, default=1.0, metavar="S",
+                     help="seconds between snapshots (default 1)")
+    out.add_argument("--duration", type=positive_float, metavar="S",
+                     help="stop tracing after S seconds")
+    out.add_argument("--json", action="store_true",
+                     help="print the final snapshot as JSON on stdout instead of the view")
+    out.add_argument("--batch", action="store_true",
+                     help="plain-text snapshots every interval, as without a terminal")
+    out.add_argument("--record", metavar="FILE",
+                     help="keep the session in FILE for `memtrace replay` and `memtrace report`")
+    out.add_argument("-v", "--verbose", action="store_true",
+                     help="say what is attached where, and how long it took")
+    maps = parser.add_argument_group("kernel map sizes (drops are counted and shown)")
+    maps.add_argument("--max-allocs", type=positive_int, default=1 << 20, metavar="N",
+                      help="live allocations tracked at once (default 1048576)")
+    maps.add_argument("--max-stats", type=positive_int, default=65536, metavar="N",
+                      help="(thread, stack) pairs (default 65536)")
+    maps.add_argument("--stack-storage-size", type=positive_int, default=16384, metavar="N",
+                      help="distinct call stacks kept (default 16384)")
+
+
+def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> tuple[list, object]:
+    """The sinks for this trace, and the live view if there is one."""
+    from memtrace.sinks.console import console_sinks
+    from memtrace.sinks.jsonout import JsonSink
+
+    sinks: list = []
+    view = None
+    if args.json:
+        sinks.append(JsonSink())
+    else:
+        console, view = console_sinks(interactive=interactive and not args.batch)
+        sinks.extend(console)
+    if args.record:
+        from memtrace.record.recorder import Recorder
+
+        sinks.append(Recorder(args.record, metadata))
+    return sinks, view
+
+
+def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool = False) -> int:
+    from memtrace import target as targets
+
+    if bool(args.pid) == bool(command_line):
+        raise MemtraceError(
+            "say what to trace: -p PID for a running process, or -- CMD ARGS to launch one"
+        )
+    preflight.check_all()
+    started = time.monotonic()
+    if args.pid:
+        target = targets.resolve_pid(args.pid)
+        return _trace(args, target.pid, target.comm, target.libc_path, None, started)
+    executable = targets.find_executable(command_line[0])
+    libc = targets.libc_of_command(command_line[0])
+    from memtrace.launch import Launched
+
+    launched = Launched(command_line, executable)
+    import os
+
+    comm = os.path.basename(executable)[:15]
+    return _trace(args, launched.pid, comm, libc, launched, started, keys_allowed=demo)
+
+
+def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
+           keys_allowed: bool = True) -> int:
+    from memtrace.collect.collector import Collector
+    from memtrace.collect.heap import HeapProbes, Limits, resolve_sites
+    from memtrace.session import Session, wait_for_command
+
+    probes: Optional[HeapProbes] = None
+    try:
+        sites = resolve_sites(libc)
+        limits = Limits(max_allocs=args.max_allocs, max_stats=args.max_stats,
+                        max_stacks=args.stack_storage_size)
+        probes = HeapProbes(pid, libc, limits, sites)
+        probes.load()
+        probes.attach()
+    except BaseException:
+        if probes is not None:
+            probes.detach()
+        if launched is not None:
+            launched.kill()  # it never ran a single instruction
+        raise
+    if launched is not None:
+        launched.release()
+    if args.verbose:
+        where = ", ".join(f"{s.symbol}+{s.offset}" for s in sites)
+        print(f"memtrace: attached to pid {pid} in {libc}: {where}", file=sys.stderr)
+        print(f"memtrace: probes attached {time.monotonic() - started:.2f} s after start",
+              file=sys.stderr)
+
+    collector = Collector(pid, comm, probes)
+    interactive = sys.stdout.isatty() and not args.json
+    read_keys = interactive and sys.stdin.isatty() and keys_allowed and not args.batch
+    metadata = {
+        "command_line": sys.argv,
+        "pid": pid,
+        "comm": comm,
+        "launched": launched is not None,
+        "options": {k: v for k, v in vars(args).items() if k not in ("entrypoint",)},
+    }
+    sinks, view = make_sinks(args, interactive, metadata)
+    keys = None
+    if read_keys:
+        from memtrace.view.keys import KeyReader
+
+        keys = KeyReader(sys.stdin.fileno())
+    outcome = None
+    try:
+        if keys is not None:
+            keys.__enter__()
+        session = Session(
+            pid=pid,
+            snapshot=collector.snapshot,
+            detach=probes.detach,
+            sinks=sinks,
+            interval_s=args.interval,
+            duration_s=args.duration,
+            launched=launched,
+            keys=keys,
+            on_key=(lambda k: view.set_mode({"s": "stacks", "t": "threads", "a": "arenas"}.get(k, k)))
+            if view is not None else None,
+            on_resize=view.refresh if view is not None else None,
+        )
+        outcome = session.run()
+    finally:
+        probes.detach()
+        if keys is not None:
+            keys.__exit__(None, None, None)
+        if outcome is not None:
+            for sink in sinks:
+                sink.close(outcome.final)
+        else:
+            for sink in sinks:
+                abort = getattr(sink, "abort", None)
+                if abort:
+                    abort()
+    if launched is not None:
+        return wait_for_command(launched)
+    return 0

@@ -1,0 +1,100 @@
+"""Start a command held at its first instruction, so probes attach before it
+runs: the child asks to be traced and execs; the kernel stops it right
+after the exec, when only the executable and the loader are mapped. Probes
+are attached then, and the child is released. No code of the command runs
+untraced, and nothing of ours runs in its image."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+from typing import Optional
+
+from memtrace.errors import MemtraceError
+
+PTRACE_TRACEME = 0
+PTRACE_DETACH = 17
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_libc.ptrace.restype = ctypes.c_long
+
+
+class Launched:
+    """A child process stopped after exec, until `release()`."""
+
+    def __init__(self, argv: list[str], executable: str) -> None:
+        self.argv = argv
+        self.exit_status: Optional[int] = None  # shell convention: 128+N if killed by N
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # child: only async-signal-safe work until exec
+            try:
+                os.close(report_r)
+                # Python ignores SIGPIPE and SIGXFSZ; exec keeps ignored signals.
+                for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                if _libc.ptrace(PTRACE_TRACEME, 0, None, None) != 0:
+                    raise OSError(ctypes.get_errno(), "ptrace")
+                os.execv(executable, argv)
+            except OSError as e:
+                os.write(report_w, str(e.errno or errno.EIO).encode())
+            finally:
+                os._exit(127)
+        os.close(report_w)
+        self.pid = pid
+        _, status = os.waitpid(pid, 0)
+        failure = os.read(report_r, 64)
+        os.close(report_r)
+        if failure or not os.WIFSTOPPED(status):
+            if os.WIFSTOPPED(status):
+                self.kill()
+            code = int(failure or errno.EIO)
+            raise MemtraceError(f"cannot run {argv[0]}: {os.strerror(code)}")
+
+    def release(self) -> None:
+        """Let the command run: detach with no signal delivered."""
+        _libc.ptrace(PTRACE_DETACH, self.pid, None, None)
+
+    def kill(self) -> None:
+        """Only for a child that never ran (probes failed to attach)."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+    def poll(self) -> Optional[int]:
+        """Reap the child if it has ended; its exit status, else None."""
+        if self.exit_status is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return self.exit_status
+            if pid == self.pid:
+                self.exit_status = _shell_status(status)
+        return self.exit_status
+
+    def wait(self) -> int:
+        while self.exit_status is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self.exit_status = _shell_status(status)
+            except ChildProcessError:
+                self.exit_status = 0
+        return self.exit_status
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _shell_status(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)

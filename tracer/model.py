@@ -1,0 +1,270 @@
+"""The accounting model: plain data in, plain data out.
+
+Nothing here imports bcc, rich or sqlite3. The collector turns kernel maps
+into `HeapRow`s; `build_snapshot` turns rows plus symbolized frames into a
+`Snapshot`, which every sink (live view, JSON, recorder, reports) consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+# A kernel-side stack identity: (stack map id, return address read at the
+# stack pointer on entry). The second part names the immediate caller even
+# when the frame-pointer walk skips it.
+StackKey = tuple[int, int]
+
+# Outermost frames that show a walk reached the bottom of a thread's stack.
+_ROOT_FUNCTIONS = (
+    "_start",
+    "__libc_start_main",
+    "__libc_start_call_main",
+    "start_thread",
+    "clone",
+    "clone3",
+    "thread_start",  # JVM/native thread trampolines
+)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Heap traffic charged to one key: bytes and calls, allocated and freed."""
+
+    alloc_bytes: int = 0
+    free_bytes: int = 0
+    alloc_count: int = 0
+    free_count: int = 0
+
+    @property
+    def live_bytes(self) -> int:
+        return self.alloc_bytes - self.free_bytes
+
+    @property
+    def live_count(self) -> int:
+        return self.alloc_count - self.free_count
+
+    def __add__(self, other: "Counters") -> "Counters":
+        return Counters(
+            self.alloc_bytes + other.alloc_bytes,
+            self.free_bytes + other.free_bytes,
+            self.alloc_count + other.alloc_count,
+            self.free_count + other.free_count,
+        )
+
+
+@dataclass(frozen=True)
+class HeapRow:
+    """One entry of the kernel's (thread, stack) aggregate map."""
+
+    tid: int
+    stack_key: StackKey
+    counters: Counters
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    rss_bytes: int = 0
+    rss_anon_bytes: int = 0
+    peak_rss_bytes: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class DropStats:
+    """What the kernel side could not record. Never silent: each is shown."""
+
+    allocs_map_full: int = 0  # allocation not tracked: raise --max-allocs
+    stats_map_full: int = 0  # allocation not tracked: too many (thread, stack) keys
+    pending_map_full: int = 0  # call in flight not tracked: too many threads
+    stack_lost: int = 0  # stack id unavailable: raise --stack-storage-size
+
+    @property
+    def total(self) -> int:
+        return self.allocs_map_full + self.stats_map_full + self.pending_map_full
+
+
+@dataclass(frozen=True)
+class HeapTotals:
+    counters: Counters = Counters()
+    untracked_free_count: int = 0
+    trim_calls: int = 0
+    trim_released_calls: int = 0  # malloc_trim calls that returned 1
+    drops: DropStats = DropStats()
+
+    @property
+    def live_bytes(self) -> int:
+        return self.counters.live_bytes
+
+
+@dataclass(frozen=True)
+class ThreadStats:
+    tid: int
+    name: str
+    counters: Counters
+    alive: bool = True
+
+
+@dataclass(frozen=True)
+class StackStats:
+    frames: tuple[str, ...]  # innermost first: the malloc caller is frames[0]
+    tids: tuple[int, ...]
+    counters: Counters
+    truncated: bool = False
+    live_delta_bytes: int = 0  # growth of live bytes over the last interval
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Per-second rates over the last interval."""
+
+    alloc_bytes_per_s: float = 0.0
+    free_bytes_per_s: float = 0.0
+    alloc_count_per_s: float = 0.0
+    free_count_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    pid: int
+    comm: str
+    elapsed_s: float
+    interval_s: float = 0.0
+    process: ProcessStats = ProcessStats()
+    heap: HeapTotals = HeapTotals()
+    threads: tuple[ThreadStats, ...] = ()
+    stacks: tuple[StackStats, ...] = ()
+    rates: Rates = Rates()
+    target_alive: bool = True
+    exit_status: Optional[int] = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def truncated_stack_count(self) -> int:
+        return sum(1 for s in self.stacks if s.truncated)
+
+    def to_json(self) -> dict:
+        return snapshot_to_json(self)
+
+
+# ---------------------------------------------------------------- building
+
+
+def looks_truncated(frames: Sequence[str], max_depth: int) -> bool:
+    """A walk that hit the depth limit, or whose outermost frame is not a
+    thread's entry point, probably lost frames (missing frame pointers)."""
+    if not frames:
+        return True
+    if len(frames) >= max_depth:
+        return True
+    outer = frames[-1]
+    name = outer.split("+", 1)[0].split(" ", 1)[0]
+    return name not in _ROOT_FUNCTIONS
+
+
+def aggregate_threads(
+    rows: Iterable[HeapRow], names: Mapping[int, str], alive: Iterable[int]
+) -> tuple[ThreadStats, ...]:
+    per_tid: dict[int, Counters] = {}
+    for row in rows:
+        per_tid[row.tid] = per_tid.get(row.tid, Counters()) + row.counters
+    alive_set = set(alive)
+    threads = [
+        ThreadStats(tid, names.get(tid, "?"), c, tid in alive_set)
+        for tid, c in per_tid.items()
+    ]
+    threads.sort(key=lambda t: (-t.counters.live_bytes, -t.counters.alloc_bytes, t.tid))
+    return tuple(threads)
+
+
+def aggregate_stacks(
+    rows: Iterable[HeapRow],
+    frames_of: Callable[[StackKey], tuple[str, ...]],
+    max_depth: int,
+    previous: Optional[Snapshot] = None,
+) -> tuple[StackStats, ...]:
+    """Group rows by symbolized frames (several kernel keys may resolve to the
+    same frames) and attach the growth since the previous snapshot."""
+    counters: dict[tuple[str, ...], Counters] = {}
+    tids: dict[tuple[str, ...], set[int]] = {}
+    for row in rows:
+        frames = frames_of(row.stack_key)
+        counters[frames] = counters.get(frames, Counters()) + row.counters
+        tids.setdefault(frames, set()).add(row.tid)
+    before = {s.frames: s.counters.live_bytes for s in previous.stacks} if previous else {}
+    stacks = [
+        StackStats(
+            frames=frames,
+            tids=tuple(sorted(tids[frames])),
+            counters=c,
+            truncated=looks_truncated(frames, max_depth),
+            live_delta_bytes=c.live_bytes - before.get(frames, 0),
+        )
+        for frames, c in counters.items()
+    ]
+    stacks.sort(key=lambda s: (-s.counters.live_bytes, -s.counters.alloc_bytes, s.frames))
+    return tuple(stacks)
+
+
+def rates_between(previous: Optional[Snapshot], heap: HeapTotals, elapsed_s: float) -> Rates:
+    if previous is None:
+        return Rates()
+    dt = elapsed_s - previous.elapsed_s
+    if dt <= 0:
+        return previous.rates
+    a, b = previous.heap.counters, heap.counters
+    return Rates(
+        (b.alloc_bytes - a.alloc_bytes) / dt,
+        (b.free_bytes - a.free_bytes) / dt,
+        (b.alloc_count - a.alloc_count) / dt,
+        (b.free_count - a.free_count) / dt,
+    )
+
+
+# ---------------------------------------------------------------- JSON
+
+
+def _counters_json(c: Counters) -> dict:
+    return {
+        "live_bytes": c.live_bytes,
+        "alloc_bytes": c.alloc_bytes,
+        "free_bytes": c.free_bytes,
+        "alloc_count": c.alloc_count,
+        "free_count": c.free_count,
+    }
+
+
+def snapshot_to_json(s: Snapshot) -> dict:
+    drops = s.heap.drops
+    return {
+        "pid": s.pid,
+        "comm": s.comm,
+        "elapsed_s": round(s.elapsed_s, 3),
+        "target_alive": s.target_alive,
+        "exit_status": s.exit_status,
+        "process": {k: v for k, v in asdict(s.process).items() if v is not None},
+        "heap": {
+            **_counters_json(s.heap.counters),
+            "untracked_free_count": s.heap.untracked_free_count,
+            "dropped_count": drops.total,
+            "drops": asdict(drops),
+            "trim_calls": s.heap.trim_calls,
+            "trim_released_calls": s.heap.trim_released_calls,
+            "rates": asdict(s.rates),
+        },
+        "threads": [
+            {"tid": t.tid, "name": t.name, "alive": t.alive, **_counters_json(t.counters)}
+            for t in s.threads
+        ],
+        "stacks": [
+            {
+                "frames": list(st.frames),
+                "tids": list(st.tids),
+                **_counters_json(st.counters),
+                "live_delta_bytes": st.live_delta_bytes,
+                "truncated": st.truncated,
+            }
+            for st in s.stacks
+        ],
+        "truncated_stack_count": s.truncated_stack_count,
+        "notes": list(s.notes),
+    }

@@ -1,0 +1,201 @@
+"""One trace from attach to detach: the loop that waits, collects and feeds
+the sinks, and the guarantee that every probe is removed on every way out.
+
+The loop sleeps in select() on: a self-pipe the signal handlers write to
+(SIGINT, SIGTERM, SIGCHLD, SIGWINCH), a pidfd of an attached target (it
+becomes readable when the process exits), and the terminal when keys are
+read. Nothing polls faster than the interval."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+from memtrace.model import Snapshot
+
+# How long a launched command may take to exit after Ctrl-C or SIGTERM
+# while we keep tracing its shutdown.
+LAUNCH_GRACE_S = 3.0
+
+
+class Sink(Protocol):
+    def update(self, snapshot: Snapshot) -> None: ...
+
+    def close(self, final: Snapshot) -> None: ...
+
+
+class Keys(Protocol):
+    def fileno(self) -> int: ...
+
+    def read_keys(self) -> list[str]: ...
+
+
+@dataclass
+class Outcome:
+    final: Snapshot
+    reason: str  # "duration", "quit", "signal", "target-exit"
+
+
+class Session:
+    def __init__(
+        self,
+        pid: int,
+        snapshot: Callable[..., Snapshot],
+        detach: Callable[[], None],
+        sinks: list,
+        interval_s: float,
+        duration_s: Optional[float] = None,
+        launched=None,
+        keys: Optional[Keys] = None,
+        on_key: Optional[Callable[[str], None]] = None,
+        on_resize: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.pid = pid
+        self.snapshot = snapshot
+        self.detach = detach
+        self.sinks = sinks
+        self.interval_s = interval_s
+        self.duration_s = duration_s
+        self.launched = launched
+        self.keys = keys
+        self.on_key = on_key
+        self.on_resize = on_resize
+        self._signals: list[int] = []
+
+    # ------------------------------------------------------------ signals
+
+    def _handler(self, signum, frame) -> None:
+        self._signals.append(signum)
+
+    def _install(self) -> tuple[int, int, dict]:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGWINCH, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, self._handler)
+        previous["wakeup"] = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        return wake_r, wake_w, previous
+
+    @staticmethod
+    def _restore(wake_r: int, wake_w: int, previous: dict) -> None:
+        signal.set_wakeup_fd(previous.pop("wakeup"))
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> Outcome:
+        wake_r, wake_w, previous = self._install()
+        pidfd = None
+        if self.launched is None:
+            try:
+                pidfd = os.pidfd_open(self.pid)
+            except (ProcessLookupError, OSError):
+                pidfd = None
+        try:
+            return self._loop(wake_r, pidfd)
+        finally:
+            # Every way out: the probes go first, then the terminal.
+            self.detach()
+            if pidfd is not None:
+                os.close(pidfd)
+            self._restore(wake_r, wake_w, previous)
+
+    def _target_exit(self, pidfd) -> tuple[bool, Optional[int]]:
+        if self.launched is not None:
+            status = self.launched.poll()
+            return status is not None, status
+        if pidfd is not None:
+            ready, _, _ = select.select([pidfd], [], [], 0)
+            return bool(ready), None
+        return not os.path.exists(f"/proc/{self.pid}"), None
+
+    def _loop(self, wake_r: int, pidfd) -> Outcome:
+        start = time.monotonic()
+        deadline = start + self.duration_s if self.duration_s else None
+        next_tick = start + self.interval_s
+        grace_until: Optional[float] = None
+        watched = [wake_r] + ([pidfd] if pidfd is not None else [])
+        if self.keys is not None:
+            watched.append(self.keys.fileno())
+        reason = None
+        while reason is None:
+            now = time.monotonic()
+            wake_at = min(t for t in (next_tick, deadline, grace_until) if t is not None)
+            try:
+                ready, _, _ = select.select(watched, [], [], max(0.0, wake_at - now))
+            except InterruptedError:
+                ready = []
+            if wake_r in ready:
+                try:
+                    while os.read(wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            reason, grace_until = self._handle_signals(grace_until)
+            if self.keys is not None and self.keys.fileno() in ready:
+                for key in self.keys.read_keys():
+                    if key in ("q", "Q"):
+                        reason = "quit"
+                    elif self.on_key:
+                        self.on_key(key)
+            exited, status = self._target_exit(pidfd)
+            if exited:
+                return Outcome(self.snapshot(target_alive=False, exit_status=status), "target-exit")
+            now = time.monotonic()
+            if reason is None and grace_until is not None and now >= grace_until:
+                reason = "signal"
+            if reason is None and deadline is not None and now >= deadline:
+                reason = "duration"
+            if reason is None and now >= next_tick:
+                snap = self.snapshot()
+                for sink in self.sinks:
+                    sink.update(snap)
+                # Keep the cadence; after a stall, skip the missed ticks.
+                next_tick += self.interval_s * max(1, int((now - next_tick) / self.interval_s) + 1)
+        return Outcome(self.snapshot(), reason)
+
+    def _handle_signals(self, grace_until: Optional[float]) -> tuple[Optional[str], Optional[float]]:
+        reason = None
+        while self._signals:
+            sig = self._signals.pop(0)
+            if sig == signal.SIGWINCH:
+                if self.on_resize:
+                    self.on_resize()
+            elif sig == signal.SIGCHLD:
+                pass  # _target_exit reaps
+            elif self.launched is None:
+                reason = "signal"  # attach: stop now; the target keeps running
+            elif grace_until is not None:
+                reason = "signal"  # a second one: stop waiting for the command
+            else:
+                # Launch: Ctrl-C reached the command through the terminal;
+                # SIGTERM was meant for both. Trace its shutdown a little.
+                if sig in (signal.SIGTERM, signal.SIGHUP):
+                    self.launched.signal(sig)
+                grace_until = time.monotonic() + LAUNCH_GRACE_S
+        return reason, grace_until
+
+
+def wait_for_command(launched) -> int:
+    """After the trace: the command runs on untraced; wait for it and pass
+    SIGTERM/SIGHUP on. Ctrl-C reaches it through the terminal."""
+    if launched.poll() is None:
+        print(
+            f"memtrace: probes removed; waiting for {launched.argv[0]} (pid {launched.pid}) to exit",
+            file=sys.stderr,
+        )
+    forward = lambda sig, frame: launched.signal(sig)  # noqa: E731
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return launched.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,68 @@
+"""The terminal sinks: the live view (or batch text without a terminal) and
+the final summary printed when a trace ends."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, TextIO
+
+from memtrace.model import Snapshot
+
+
+class LiveSink:
+    def __init__(self) -> None:
+        from memtrace.view.live import LiveView
+
+        self.view = LiveView()
+        self.view.start()
+
+    def update(self, snapshot: Snapshot) -> None:
+        self.view.update(snapshot)
+
+    def set_mode(self, mode: str) -> None:
+        self.view.set_mode(mode)
+
+    def refresh(self) -> None:
+        self.view.refresh()
+
+    def abort(self) -> None:
+        self.view.stop()
+
+    def close(self, final: Snapshot) -> None:
+        self.view.stop()
+
+
+class BatchSink:
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        from memtrace.view.text import BatchView
+
+        self.view = BatchView(out)
+
+    def update(self, snapshot: Snapshot) -> None:
+        self.view.update(snapshot)
+
+    def close(self, final: Snapshot) -> None:
+        pass
+
+
+class SummarySink:
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        self.out = out
+
+    def update(self, snapshot: Snapshot) -> None:
+        pass
+
+    def close(self, final: Snapshot) -> None:
+        from memtrace.view.text import render_summary
+
+        self.out.write(render_summary(final))
+        self.out.flush()
+
+
+def console_sinks(interactive: bool) -> tuple[list, Optional[LiveSink]]:
+    """Sinks in the order they close: the live view gives the screen back
+    before the summary is printed."""
+    if interactive:
+        live = LiveSink()
+        return [live, SummarySink()], live
+    return [BatchSink(), SummarySink()], None

@@ -1,0 +1,104 @@
+"""Addresses of one process to `function+0xoff [module]` strings.
+
+The module map comes from /proc/PID/maps, re-read when an address falls
+outside it (a library loaded late: the JVM loads libz long after start)
+and kept after the process exits, so stacks seen in the last interval are
+still named. Names are cached per address."""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from memtrace import procfs
+from memtrace.elfsyms import demangle, symbols_of
+
+
+@dataclass(frozen=True)
+class Module:
+    start: int
+    end: int
+    file_offset: int
+    path: str  # as the process sees it
+    open_path: str  # as we can open it
+
+
+class Symbolizer:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._modules: list[Module] = []
+        self._starts: list[int] = []
+        self._names: dict[int, str] = {}
+        self._code: list[tuple[int, int]] = []  # executable ranges, JIT code included
+        self._refreshed_this_round = False
+
+    def new_round(self) -> None:
+        """Once per snapshot: allows one re-read of the module map."""
+        self._refreshed_this_round = False
+
+    def refresh(self) -> bool:
+        mappings = procfs.maps(self.pid)
+        if not mappings:
+            return False  # gone: keep what we knew
+        root = f"/proc/{self.pid}/root"
+        modules = []
+        self._code = [(m.start, m.end) for m in mappings if "x" in m.perms]
+        for m in mappings:
+            if not m.path.startswith("/") or m.path.endswith(" (deleted)"):
+                continue
+            inside = root + m.path
+            modules.append(Module(m.start, m.end, m.offset, m.path,
+                                  inside if os.path.exists(inside) else m.path))
+        self._modules = modules
+        self._starts = [m.start for m in modules]
+        return True
+
+    def _module_of(self, addr: int) -> Optional[Module]:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr < self._modules[i].end:
+            return self._modules[i]
+        return None
+
+    def is_code(self, addr: int) -> bool:
+        """Whether a return address can be real: a frame-pointer walk through
+        code built without frame pointers yields data addresses."""
+        if not self._code:
+            self.refresh()
+        i = bisect.bisect_right(self._code, (addr, float("inf"))) - 1
+        return i >= 0 and addr < self._code[i][1]
+
+    def frame(self, addr: int) -> str:
+        known = self._names.get(addr)
+        if known is not None:
+            return known
+        module = self._module_of(addr)
+        if module is None and not self._refreshed_this_round:
+            self._refreshed_this_round = True
+            if self.refresh():
+                module = self._module_of(addr)
+        if module is None:
+            return f"0x{addr:x}"  # JIT code or a region we never saw: not cached
+        text = _describe(module, addr)
+        self._names[addr] = text
+        return text
+
+    def frames(self, addrs: Iterable[int]) -> tuple[str, ...]:
+        return tuple(self.frame(a) for a in addrs)
+
+
+def _describe(module: Module, addr: int) -> str:
+    base = os.path.basename(module.path)
+    file_offset = addr - module.start + module.file_offset
+    try:
+        mtime = os.stat(module.open_path).st_mtime_ns
+    except OSError:
+        return f"0x{file_offset:x} [{base}]"
+    elf = symbols_of(module.open_path, mtime)
+    vaddr = elf.vaddr_of_offset(file_offset)
+    found = elf.lookup(vaddr) if vaddr is not None else None
+    if found is None:
+        return f"0x{file_offset:x} [{base}]"
+    name, offset = found
+    return f"{demangle(name)}+0x{offset:x} [{base}]"

@@ -1,0 +1,161 @@
+"""Which process to trace and which glibc it runs on.
+
+The uprobes go on the libc file the target really maps: for a running
+process it is read from /proc/PID/maps and opened through /proc/PID/root,
+so a process in a container is probed in its own libc; for a command, the
+dynamic loader named by the executable resolves it before the command runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+from typing import Optional
+
+from memtrace import procfs
+from memtrace.errors import MemtraceError
+
+_GLIBC_NAME = re.compile(r"/libc(\.so\.6|-2\.\d+\.so)$")
+_MUSL_NAME = re.compile(r"(ld-musl|libc\.musl)")
+
+PT_INTERP = 3
+
+
+@dataclass(frozen=True)
+class Target:
+    pid: int
+    comm: str
+    libc_path: str  # a path this process can open: through /proc/PID/root when attaching
+    launched: bool = False
+
+
+# ------------------------------------------------------------ running process
+
+
+def resolve_pid(pid: int) -> Target:
+    if pid <= 0 or not procfs.exists(pid):
+        raise MemtraceError(f"no process with pid {pid}: check the pid (ps -e) and try again")
+    if procfs.is_kernel_thread(pid):
+        raise MemtraceError(
+            f"pid {pid} is a kernel thread: it has no user-space heap to trace; pick a user process"
+        )
+    owner = procfs.tgid(pid)
+    if owner is not None and owner != pid:
+        raise MemtraceError(f"pid {pid} is a thread of process {owner}: use -p {owner}")
+    name = procfs.comm(pid) or "?"
+    mappings = procfs.maps(pid)
+    libc = next((m.path for m in mappings if _GLIBC_NAME.search(m.path)), None)
+    if libc is None:
+        if any(_MUSL_NAME.search(m.path) for m in mappings):
+            kind = "is linked with musl"
+        elif not any(m.path.endswith(".so") or ".so." in m.path for m in mappings):
+            kind = "is statically linked"
+        else:
+            kind = "does not map glibc"
+        raise MemtraceError(
+            f"pid {pid} ({name}) {kind}: memtrace traces glibc's malloc; "
+            "trace a dynamically linked glibc program"
+        )
+    root_path = f"/proc/{pid}/root{libc}"
+    return Target(pid=pid, comm=name, libc_path=root_path if os.path.exists(root_path) else libc)
+
+
+# ------------------------------------------------------------ a command to launch
+
+
+def find_executable(name: str) -> str:
+    path = name if "/" in name else shutil.which(name)
+    if not path or not os.path.exists(path):
+        raise MemtraceError(f"command not found: {name}: give a path or a name on PATH")
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise MemtraceError(f"{path} is not an executable file: check the command")
+    return os.path.realpath(path)
+
+
+def _elf_interpreter(path: str) -> Optional[str]:
+    """The PT_INTERP of a 64- or 32-bit ELF file, or None for a static one."""
+    with open(path, "rb") as f:
+        ident = f.read(64)
+        if ident[:4] != b"\x7fELF":
+            raise ValueError("not ELF")
+        is64 = ident[4] == 2
+        order = "<" if ident[5] == 1 else ">"
+        if is64:
+            phoff, = struct.unpack_from(order + "Q", ident, 0x20)
+            phentsize, phnum = struct.unpack_from(order + "HH", ident, 0x36)
+        else:
+            phoff, = struct.unpack_from(order + "I", ident, 0x1C)
+            phentsize, phnum = struct.unpack_from(order + "HH", ident, 0x2A)
+        for i in range(phnum):
+            f.seek(phoff + i * phentsize)
+            ph = f.read(phentsize)
+            if struct.unpack_from(order + "I", ph, 0)[0] != PT_INTERP:
+                continue
+            if is64:
+                offset, = struct.unpack_from(order + "Q", ph, 8)
+                size, = struct.unpack_from(order + "Q", ph, 32)
+            else:
+                offset, = struct.unpack_from(order + "I", ph, 4)
+                size, = struct.unpack_from(order + "I", ph, 16)
+            f.seek(offset)
+            return f.read(size).rstrip(b"\0").decode()
+    return None
+
+
+def _script_interpreter(path: str) -> Optional[list[str]]:
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].decode(errors="replace").split()
+    return words or None
+
+
+def program_binary(argv0: str) -> str:
+    """The ELF file that will run: the executable, or a script's interpreter."""
+    path = find_executable(argv0)
+    for _ in range(4):  # a script may name another script as its interpreter
+        words = _script_interpreter(path)
+        if words is None:
+            return path
+        interp = words[0]
+        if os.path.basename(interp) == "env" and len(words) > 1:
+            interp = next((w for w in words[1:] if not w.startswith("-")), interp)
+        path = find_executable(interp)
+    return path
+
+
+def libc_of_command(argv0: str) -> str:
+    binary = program_binary(argv0)
+    try:
+        interp = _elf_interpreter(binary)
+    except (ValueError, struct.error):
+        raise MemtraceError(f"{binary} is not an ELF executable or script: check the command")
+    if interp is None:
+        raise MemtraceError(
+            f"{binary} is statically linked: memtrace traces glibc's malloc in dynamically "
+            "linked programs"
+        )
+    if _MUSL_NAME.search(interp):
+        raise MemtraceError(
+            f"{binary} is linked with musl ({interp}): memtrace traces glibc's malloc"
+        )
+    # glibc's loader lists what it would map, without running the program
+    try:
+        out = subprocess.run(
+            [interp, "--list", binary], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        m = re.search(r"=>\s*(\S+)", line)
+        if m and _GLIBC_NAME.search(m.group(1)):
+            return os.path.realpath(m.group(1))
+    raise MemtraceError(
+        f"{binary} does not load glibc (libc.so.6) through {interp}: "
+        "memtrace traces glibc's malloc"
+    )

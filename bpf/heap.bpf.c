@@ -3,8 +3,6 @@
  * Every event is folded into kernel maps; Python reads aggregates once per
  * interval and never sees a single malloc. Knobs come from Python as -D
  * flags (see memtrace/collect/heap.py). */
-#include <uapi/linux/ptrace.h>
-#include "memtrace.h"
 
 #ifndef MAX_ALLOCS
 /* One entry per live tracked block (40 B key+value, allocated on demand
@@ -17,58 +15,18 @@
 /* (thread, stack) pairs: a few hundred threads times a few hundred sites. */
 #define MAX_STATS 65536
 #endif
-#ifndef MAX_STACKS
-/* Distinct user stacks; each entry preallocates 127 frames * 8 B, so 16 Ki
- * stacks cost 16 MiB of kernel memory. A full map or a hash collision loses
- * the deep frames only: the immediate caller is kept in heap_key.caller. */
-#define MAX_STACKS 16384
+#ifndef MAX_FLOWS
+/* (thread, stack, 64 MiB bucket) triples: arenas a key allocated into. */
+#define MAX_FLOWS (4 * MAX_STATS)
 #endif
-#ifndef MAX_THREADS
-/* Calls in flight (one per thread inside malloc at any moment). */
-#define MAX_THREADS 16384
-#endif
-/* Hooks for layers that follow blocks (the 64 MiB arena buckets). */
-#ifndef ON_HEAP_ALLOC
-#define ON_HEAP_ALLOC(addr, size)
-#endif
-#ifndef ON_HEAP_FREE
-#define ON_HEAP_FREE(info)
-#endif
-
-enum call_kind { CALL_ALLOC, CALL_REALLOC, CALL_POSIX_MEMALIGN };
-
-/* A malloc-family call between its entry and its return. */
-struct pending_call {
-    u64 size;
-    u64 arg;      /* realloc: the old block; posix_memalign: the out pointer */
-    u64 entry_sp; /* a later entry with a lower sp is a call made from inside */
-    struct heap_key key;
-    u32 kind;
-    u32 nested;   /* inner hooked calls (memalign -> malloc) still open */
-};
+#define BUCKET_SHIFT 26 /* glibc's HEAP_MAX_SIZE: 64 MiB on 64-bit */
 
 BPF_F_TABLE("hash", u64, struct alloc_info, allocs, MAX_ALLOCS, BPF_F_NO_PREALLOC);
 BPF_HASH(heap_stats, struct heap_key, struct heap_counts, MAX_STATS);
-BPF_HASH(pending, u32, struct pending_call, MAX_THREADS);
+BPF_HASH(arena_flows, struct flow_key, struct flow_counts, MAX_FLOWS);
 /* Names of threads caught at their first allocation, so a thread that ends
  * between two snapshots still has a name. */
 BPF_HASH(thread_names, u32, struct thread_name, MAX_THREADS);
-BPF_STACK_TRACE(stacks, MAX_STACKS);
-BPF_PERCPU_ARRAY(counters, u64, CNT_MAX);
-
-static __always_inline void count(u32 which)
-{
-    u64 *c = counters.lookup(&which);
-    if (c)
-        (*c)++;
-}
-
-/* The tracepoint filter (pid) attaches per process, but a child forked by
- * the target inherits breakpoints until the kernel drops them: check tgid. */
-static __always_inline int traced(u64 id)
-{
-    return (id >> 32) == TARGET_TGID;
-}
 
 static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 sp, u64 sp_adjust,
                                      struct heap_key *key)
@@ -97,14 +55,33 @@ static __always_inline struct heap_counts *stats_for(struct heap_key *key)
     return heap_stats.lookup(key);
 }
 
-static __always_inline void charge_free(struct alloc_info *info)
+static __always_inline void flow(struct heap_key *key, u64 addr, u64 size, int freed)
+{
+    struct flow_key fk = {.key = *key, .bucket = addr >> BUCKET_SHIFT};
+    struct flow_counts *c = arena_flows.lookup(&fk);
+    if (!c) {
+        struct flow_counts zero = {};
+        arena_flows.insert(&fk, &zero);
+        c = arena_flows.lookup(&fk);
+        if (!c) {
+            count(CNT_DROP_FLOWS);
+            return;
+        }
+    }
+    if (freed)
+        __sync_fetch_and_add(&c->free_bytes, size);
+    else
+        __sync_fetch_and_add(&c->alloc_bytes, size);
+}
+
+static __always_inline void charge_free(u64 addr, struct alloc_info *info)
 {
     struct heap_counts *c = heap_stats.lookup(&info->key);
     if (!c)
         return;
     __sync_fetch_and_add(&c->free_bytes, info->size);
     __sync_fetch_and_add(&c->free_count, 1);
-    ON_HEAP_FREE(info);
+    flow(&info->key, addr, info->size, 1);
 }
 
 static __always_inline void forget_block(u64 addr)
@@ -116,7 +93,7 @@ static __always_inline void forget_block(u64 addr)
     }
     struct alloc_info info = *found;
     if (allocs.delete(&addr) == 0)
-        charge_free(&info);
+        charge_free(addr, &info);
 }
 
 static __always_inline void record_block(u64 addr, u64 size, struct heap_key *key)
@@ -131,7 +108,7 @@ static __always_inline void record_block(u64 addr, u64 size, struct heap_key *ke
         struct alloc_info *stale = allocs.lookup(&addr);
         if (stale) {
             struct alloc_info old = *stale;
-            charge_free(&old);
+            charge_free(addr, &old);
         }
         if (allocs.update(&addr, &info) != 0) {
             count(CNT_DROP_ALLOCS);
@@ -140,7 +117,7 @@ static __always_inline void record_block(u64 addr, u64 size, struct heap_key *ke
     }
     __sync_fetch_and_add(&c->alloc_bytes, size);
     __sync_fetch_and_add(&c->alloc_count, 1);
-    ON_HEAP_ALLOC(addr, size);
+    flow(key, addr, size, 0);
 }
 
 static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 arg, u64 sp_adjust)
@@ -275,16 +252,32 @@ int free_enter(struct pt_regs *ctx)
     return 0;
 }
 
+/* malloc_trim is a call in flight like the others, so that the madvise
+ * calls it makes are marked as inside malloc, and its RSS effect is known. */
 int trim_enter(struct pt_regs *ctx)
 {
-    if (traced(bpf_get_current_pid_tgid()))
-        count(CNT_TRIM_CALLS);
+    if (!traced(bpf_get_current_pid_tgid()))
+        return 0;
+    count(CNT_TRIM_CALLS);
+    enter(ctx, CALL_TRIM, 0, 0, TRIM_SP_ADJUST);
+    u32 tid = bpf_get_current_pid_tgid();
+    struct pending_call *call = pending.lookup(&tid);
+    if (call)
+        call->rss_anon_before = current_rss_anon();
     return 0;
 }
 
 int trim_return(struct pt_regs *ctx)
 {
-    if (traced(bpf_get_current_pid_tgid()) && PT_REGS_RC(ctx) == 1)
-        count(CNT_TRIM_RELEASED);
+    u32 tid;
+    struct pending_call *call = leave(&tid);
+    if (!call)
+        return 0;
+    if (call->kind == CALL_TRIM) {
+        if (PT_REGS_RC(ctx) == 1)
+            count(CNT_TRIM_RELEASED);
+        emit_trim(call, PT_REGS_RC(ctx));
+    }
+    pending.delete(&tid);
     return 0;
 }

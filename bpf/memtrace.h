@@ -32,6 +32,39 @@ struct thread_name {
     char comm[16];
 };
 
+/* Heap bytes a (thread, stack) key put into one 64 MiB-aligned bucket of
+ * the address space. A non-main glibc arena heap fills exactly one bucket,
+ * so buckets give per-arena live bytes without walking the allocs map. */
+struct flow_key {
+    struct heap_key key;
+    u64 bucket; /* address >> 26 */
+};
+
+struct flow_counts {
+    u64 alloc_bytes;
+    u64 free_bytes;
+};
+
+enum vm_kind { VM_MMAP = 1, VM_MUNMAP, VM_BRK, VM_MPROTECT, VM_MREMAP, VM_MADVISE, VM_TRIM };
+
+/* One address-space syscall, sent at its exit with its result. VM_TRIM
+ * marks the end of a malloc_trim call with the anonymous RSS around it. */
+struct vm_event {
+    u64 ts_ns;
+    u32 tid;
+    u32 kind;
+    u64 addr;      /* munmap/mprotect/madvise start, mmap hint, mremap old */
+    u64 len;       /* mremap: old length */
+    u64 prot;      /* mmap/mprotect protection, madvise advice */
+    u64 flags;     /* mmap/mremap flags */
+    u64 new_len;   /* mremap new length; trim: anon RSS before */
+    u64 new_addr;  /* mremap requested new address; trim: anon RSS after */
+    s64 result;    /* the syscall's return (brk: the new break) */
+    s32 stack_id;  /* the syscall's own user stack */
+    u32 in_malloc; /* inside a malloc-family call: then malloc_key is its caller */
+    struct heap_key malloc_key;
+};
+
 /* Per-CPU counters, summed by Python. */
 enum counter {
     CNT_UNTRACKED_FREE = 0, /* free of a block allocated before the trace */
@@ -41,6 +74,8 @@ enum counter {
     CNT_STACK_LOST,         /* stack map full or hash collision */
     CNT_TRIM_CALLS,
     CNT_TRIM_RELEASED,      /* malloc_trim calls that returned 1 */
+    CNT_DROP_FLOWS,         /* arena_flows map full: per-arena bytes inexact */
+    CNT_VM_LOST,            /* ring buffer full: address-space events lost */
     CNT_MAX,
 };
 

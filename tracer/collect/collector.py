@@ -6,7 +6,7 @@ import time
 from typing import Optional
 
 from memtrace import procfs
-from memtrace.collect.heap import HeapProbes
+from memtrace.collect.probes import Probes
 from memtrace.symbols import Symbolizer
 from memtrace.model import (
     Counters,
@@ -23,7 +23,7 @@ MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 
 
 class Collector:
-    def __init__(self, pid: int, comm: str, heap: HeapProbes) -> None:
+    def __init__(self, pid: int, comm: str, heap: Probes) -> None:
         self.pid = pid
         self.comm = comm
         self.heap = heap

@@ -55,7 +55,7 @@ class ProbeSite:
     note: str
     instructions: tuple[str, ...] = ()  # "+off text", decoded up to the site
     symbol: str = ""
-    vaddr: int = 0  # the function's address in the ELF file
+    address: int = 0  # the function's address in the ELF file (st_value)
 
 
 class SymbolNotFound(MemtraceError):
@@ -306,7 +306,7 @@ _EM_X86_64 = 62
 @dataclass(frozen=True)
 class _Function:
     name: str
-    vaddr: int
+    address: int
     size: int
     kind: int  # STT_*
     default_version: bool
@@ -378,7 +378,7 @@ class _ElfImage:
 
     def at(self, vaddr: int) -> _Function:
         for f in self.functions:
-            if f.vaddr == vaddr:
+            if f.address == vaddr:
                 return f
         return _Function(f"0x{vaddr:x}", vaddr, 0, _STT_FUNC, True)
 
@@ -408,6 +408,20 @@ def _image(path: str) -> _ElfImage:
     return _images[key]
 
 
+def _lookup(elf_path: str, symbol_vaddr_or_name: Union[str, int]) -> tuple[_ElfImage, _Function]:
+    image = _image(elf_path)
+    if isinstance(symbol_vaddr_or_name, int):
+        return image, image.at(symbol_vaddr_or_name)
+    return image, image.find(symbol_vaddr_or_name)
+
+
+def function_code(elf_path: str, symbol_vaddr_or_name: Union[str, int],
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The first bytes of a function as the ELF file holds them."""
+    image, function = _lookup(elf_path, symbol_vaddr_or_name)
+    return image.read(function.address, min(function.size or max_bytes, max_bytes))
+
+
 def choose_site(
     elf_path: str,
     symbol_vaddr_or_name: Union[str, int],
@@ -417,21 +431,17 @@ def choose_site(
     """The probe site of one function of an ELF file, named or by address.
 
     Raises SymbolNotFound when a named function is not defined there."""
-    image = _image(elf_path)
-    if isinstance(symbol_vaddr_or_name, int):
-        function = image.at(symbol_vaddr_or_name)
-    else:
-        function = image.find(symbol_vaddr_or_name)
+    image, function = _lookup(elf_path, symbol_vaddr_or_name)
     if image.machine != _EM_X86_64:
         return ProbeSite(0, 0, False, "single-stepped: not x86-64 code", (),
-                         function.name, function.vaddr)
+                         function.name, function.address)
     if function.kind == _STT_GNU_IFUNC:
         # The symbol is the resolver; the implementation is chosen at run time.
         return ProbeSite(0, 0, False, "GNU ifunc: the resolver's entry", (),
-                         function.name, function.vaddr)
+                         function.name, function.address)
     size = function.size or max_bytes
-    code = image.read(function.vaddr, min(size, _MAX_FUNCTION_SCAN))
-    return choose_site_in_code(code, function.vaddr, arg_regs, max_bytes, function.name)
+    code = image.read(function.address, min(size, _MAX_FUNCTION_SCAN))
+    return choose_site_in_code(code, function.address, arg_regs, max_bytes, function.name)
 
 
 def choose_sites(
@@ -455,7 +465,7 @@ def format_sites(sites: Iterable[ProbeSite]) -> list[str]:
     """One line per site for --verbose: where, on what, and why."""
     lines = []
     for site in sites:
-        where = f"{site.symbol or hex(site.vaddr)}+{site.offset}"
+        where = f"{site.symbol or hex(site.address)}+{site.offset}"
         on = next((text.split(" ", 1)[1] for text in site.instructions
                    if text.startswith(f"+{site.offset} ")), "")
         lines.append(f"{where:<22} {on:<26} sp+{site.sp_adjust:<4} {site.note}")

@@ -100,15 +100,15 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
 def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
            keys_allowed: bool = True) -> int:
     from memtrace.collect.collector import Collector
-    from memtrace.collect.heap import HeapProbes, Limits, resolve_sites
+    from memtrace.collect.probes import Limits, Probes, resolve_sites
     from memtrace.session import Session, wait_for_command
 
-    probes: Optional[HeapProbes] = None
+    probes: Optional[Probes] = None
     try:
         sites = resolve_sites(libc)
         limits = Limits(max_allocs=args.max_allocs, max_stats=args.max_stats,
                         max_stacks=args.stack_storage_size)
-        probes = HeapProbes(pid, libc, limits, sites)
+        probes = Probes(pid, libc, limits, sites)
         probes.load()
         probes.attach()
     except BaseException:

@@ -1,5 +1,6 @@
-"""Load the BPF programs, attach the malloc-family uprobes to one process,
-and read the kernel's aggregates. The only module that talks to bcc's maps."""
+"""Load the BPF programs, attach them to one process, and read the kernel's
+maps: heap aggregates, per-bucket flows and address-space events. The only
+module that talks to bcc."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from memtrace.errors import MemtraceError
 from memtrace.model import Counters, DropStats, HeapRow
 
 # Counter indexes: keep in step with enum counter in bpf/memtrace.h.
-CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING = range(4)
-CNT_STACK_LOST, CNT_TRIM_CALLS, CNT_TRIM_RELEASED = range(4, 7)
+(CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
+ CNT_TRIM_CALLS, CNT_TRIM_RELEASED, CNT_DROP_FLOWS, CNT_VM_LOST) = range(9)
+
+LAYERS = ["common", "vm", "heap"]
 
 
 @dataclass(frozen=True)
@@ -113,21 +116,24 @@ def resolve_sites(libc_path: str) -> list[ProbeSite]:
     return sites
 
 
-class HeapProbes:
-    """The loaded BPF object and its attachments for one process."""
+class Probes:
+    """The loaded BPF object and its attachments for one process. In light
+    mode only malloc_trim is probed in libc; the syscall tracepoints and the
+    RSS counter are always on."""
 
-    def __init__(self, pid: int, libc_path: str, limits: Limits, sites: list[ProbeSite]) -> None:
+    def __init__(self, pid: int, libc_path: str, limits: Limits, sites: list[ProbeSite],
+                 light: bool = False) -> None:
         self.pid = pid
         self.libc_path = libc_path
         self.limits = limits
-        self.sites = sites
+        self.sites = [s for s in sites if s.symbol == "malloc_trim"] if light else sites
+        self.light = light
         self.attached: list[str] = []
         self._bpf = None
 
     def cflags(self) -> list[str]:
         flags = [
             f"-I{bpf_dir()}",
-            "-DWITH_HEAP",
             f"-DTARGET_TGID={self.pid}",
             f"-DTARGET_PAGE_SIZE={os.sysconf('SC_PAGE_SIZE')}",
             f"-DMAX_ALLOCS={self.limits.max_allocs}",
@@ -146,7 +152,7 @@ class HeapProbes:
 
         try:
             with _quiet_compile():
-                self._bpf = BPF(text=program_text(["heap"]), cflags=self.cflags())
+                self._bpf = BPF(text=program_text(LAYERS), cflags=self.cflags())
         except Exception as e:  # bcc raises bare Exceptions on compile/load errors
             raise MemtraceError(
                 f"the BPF program failed to load ({str(e).splitlines()[0]}): "

@@ -1,0 +1,158 @@
+/* Address-space layer: what the process asks of the kernel's memory map.
+ *
+ * Syscall tracepoints, not kprobes: they are a stable interface and exist
+ * where kprobes do not. Arguments are kept at entry and the event is sent
+ * at exit, with the result, through a ring buffer: these calls are rare
+ * next to malloc (thousands a second at most, during malloc_trim), and the
+ * address-space model needs each one in order. */
+
+#ifndef VM_RINGBUF_PAGES
+/* 256 KiB: ~2,700 events of 96 B, more than malloc_trim's burst between
+ * two reads (the collector wakes as soon as events are ready). */
+#define VM_RINGBUF_PAGES 64
+#endif
+
+#define MM_ANONPAGES 1 /* the kernel's rss counter index for anonymous pages */
+
+struct vm_call {
+    u32 kind;
+    u64 a0, a1, a2, a3, a4;
+};
+
+BPF_HASH(vm_calls, u32, struct vm_call, MAX_THREADS);
+BPF_RINGBUF_OUTPUT(vm_events, VM_RINGBUF_PAGES);
+/* The target's anonymous RSS, as kmem:rss_stat last reported it: read at
+ * malloc_trim's entry and exit to measure what the trim gave back. */
+BPF_ARRAY(rss_anon, s64, 1);
+
+static __always_inline s64 current_rss_anon(void)
+{
+    u32 zero = 0;
+    s64 *v = rss_anon.lookup(&zero);
+    return v ? *v : 0;
+}
+
+static __always_inline int vm_enter(u32 kind, u64 a0, u64 a1, u64 a2, u64 a3, u64 a4)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!traced(id))
+        return 0;
+    u32 tid = id;
+    struct vm_call call = {.kind = kind, .a0 = a0, .a1 = a1, .a2 = a2, .a3 = a3, .a4 = a4};
+    vm_calls.update(&tid, &call);
+    return 0;
+}
+
+static __always_inline int vm_exit(void *ctx, s64 ret)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!traced(id))
+        return 0;
+    u32 tid = id;
+    struct vm_call *call = vm_calls.lookup(&tid);
+    if (!call)
+        return 0;
+    struct vm_event *e = vm_events.ringbuf_reserve(sizeof(struct vm_event));
+    if (!e) {
+        count(CNT_VM_LOST);
+        vm_calls.delete(&tid);
+        return 0;
+    }
+    e->ts_ns = bpf_ktime_get_ns();
+    e->tid = tid;
+    e->kind = call->kind;
+    e->result = ret;
+    e->addr = call->a0;
+    e->len = call->a1;
+    e->prot = call->a2;
+    e->flags = call->a3;
+    e->new_len = 0;
+    e->new_addr = 0;
+    if (call->kind == VM_MREMAP) {
+        /* (addr, old_len, new_len, flags, new_addr) */
+        e->prot = 0;
+        e->new_len = call->a2;
+        e->flags = call->a3;
+        e->new_addr = call->a4;
+    }
+    e->stack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    struct pending_call *open = pending.lookup(&tid);
+    e->in_malloc = open != 0;
+    if (open)
+        e->malloc_key = open->key;
+    else
+        __builtin_memset(&e->malloc_key, 0, sizeof(e->malloc_key));
+    vm_events.ringbuf_submit(e, 0);
+    vm_calls.delete(&tid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
+{
+    return vm_enter(VM_MMAP, args->addr, args->len, args->prot, args->flags, args->fd);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_mmap) { return vm_exit(args, args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_munmap)
+{
+    return vm_enter(VM_MUNMAP, args->addr, args->len, 0, 0, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_munmap) { return vm_exit(args, args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_brk)
+{
+    return vm_enter(VM_BRK, args->brk, 0, 0, 0, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_brk) { return vm_exit(args, args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mprotect)
+{
+    return vm_enter(VM_MPROTECT, args->start, args->len, args->prot, 0, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_mprotect) { return vm_exit(args, args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mremap)
+{
+    return vm_enter(VM_MREMAP, args->addr, args->old_len, args->new_len, args->flags,
+                    args->new_addr);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_mremap) { return vm_exit(args, args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
+{
+    return vm_enter(VM_MADVISE, args->start, args->len_in, args->behavior, 0, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_madvise) { return vm_exit(args, args->ret); }
+
+/* Fires on every change of an RSS counter: keep only the target's own
+ * anonymous count, one store, no event. */
+TRACEPOINT_PROBE(kmem, rss_stat)
+{
+    if (!args->curr || args->member != MM_ANONPAGES || !traced(bpf_get_current_pid_tgid()))
+        return 0;
+    u32 zero = 0;
+    s64 size = args->size;
+    rss_anon.update(&zero, &size);
+    return 0;
+}
+
+/* Called by the heap layer when malloc_trim returns. */
+static __always_inline void emit_trim(struct pending_call *call, s64 ret)
+{
+    struct vm_event *e = vm_events.ringbuf_reserve(sizeof(struct vm_event));
+    if (!e) {
+        count(CNT_VM_LOST);
+        return;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->ts_ns = bpf_ktime_get_ns();
+    e->tid = bpf_get_current_pid_tgid();
+    e->kind = VM_TRIM;
+    e->result = ret;
+    e->new_len = call->rss_anon_before;
+    e->new_addr = current_rss_anon();
+    e->stack_id = call->key.stack_id;
+    e->in_malloc = 1;
+    e->malloc_key = call->key;
+    vm_events.ringbuf_submit(e, 0);
+}

@@ -21,6 +21,9 @@ struct vm_call {
 
 BPF_HASH(vm_calls, u32, struct vm_call, MAX_THREADS);
 BPF_RINGBUF_OUTPUT(vm_events, VM_RINGBUF_PAGES);
+/* Never written: gives Python the layout of struct vm_event (bcc decodes
+ * map values, nested structs included, but not ring buffer records). */
+BPF_ARRAY(vm_event_layout, struct vm_event, 1);
 /* The target's anonymous RSS, as kmem:rss_stat last reported it: read at
  * malloc_trim's entry and exit to measure what the trim gave back. */
 BPF_ARRAY(rss_anon, s64, 1);
@@ -87,6 +90,41 @@ static __always_inline int vm_exit(void *ctx, s64 ret)
     return 0;
 }
 
+#ifdef VM_KPROBES
+/* The alternative for kernels with kprobes (--vm-probes kprobe): the same
+ * calls caught on the syscall functions; bcc maps the arguments of
+ * syscall__ functions through the syscall wrapper. */
+int syscall__mmap(struct pt_regs *ctx, unsigned long addr, unsigned long len, unsigned long prot,
+                  unsigned long flags, unsigned long fd)
+{
+    return vm_enter(VM_MMAP, addr, len, prot, flags, fd);
+}
+int syscall__munmap(struct pt_regs *ctx, unsigned long addr, size_t len)
+{
+    return vm_enter(VM_MUNMAP, addr, len, 0, 0, 0);
+}
+int syscall__brk(struct pt_regs *ctx, unsigned long brk)
+{
+    return vm_enter(VM_BRK, brk, 0, 0, 0, 0);
+}
+int syscall__mprotect(struct pt_regs *ctx, unsigned long start, size_t len, unsigned long prot)
+{
+    return vm_enter(VM_MPROTECT, start, len, prot, 0, 0);
+}
+int syscall__mremap(struct pt_regs *ctx, unsigned long addr, unsigned long old_len,
+                    unsigned long new_len, unsigned long flags, unsigned long new_addr)
+{
+    return vm_enter(VM_MREMAP, addr, old_len, new_len, flags, new_addr);
+}
+int syscall__madvise(struct pt_regs *ctx, unsigned long start, size_t len, int behavior)
+{
+    return vm_enter(VM_MADVISE, start, len, behavior, 0, 0);
+}
+int vm_syscall_return(struct pt_regs *ctx)
+{
+    return vm_exit(ctx, PT_REGS_RC(ctx));
+}
+#else
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
     return vm_enter(VM_MMAP, args->addr, args->len, args->prot, args->flags, args->fd);
@@ -123,6 +161,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
     return vm_enter(VM_MADVISE, args->start, args->len_in, args->behavior, 0, 0);
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_madvise) { return vm_exit(args, args->ret); }
+#endif
 
 /* Fires on every change of an RSS counter: keep only the target's own
  * anonymous count, one store, no event. */

@@ -63,6 +63,21 @@ class HeapRow:
 
 
 @dataclass(frozen=True)
+class Flow:
+    """Heap bytes one (thread, stack) key put into one 64 MiB-aligned bucket
+    of the address space (a glibc thread-arena heap fills exactly one)."""
+
+    tid: int
+    stack_key: StackKey
+    bucket: int  # address >> BUCKET_SHIFT
+    alloc_bytes: int
+    free_bytes: int
+
+
+BUCKET_SHIFT = 26  # glibc's HEAP_MAX_SIZE on 64-bit: 64 MiB
+
+
+@dataclass(frozen=True)
 class ProcessStats:
     rss_bytes: int = 0
     rss_anon_bytes: int = 0
@@ -111,6 +126,7 @@ class StackStats:
     counters: Counters
     truncated: bool = False
     live_delta_bytes: int = 0  # growth of live bytes over the last interval
+    retained_bytes: int = 0  # estimate: its share of what arenas keep after its frees
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,92 @@ class Rates:
     free_bytes_per_s: float = 0.0
     alloc_count_per_s: float = 0.0
     free_count_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class OsStats:
+    """What the process holds of the OS's memory, from the address-space model."""
+
+    mapped_bytes: int = 0
+    reserved_bytes: int = 0  # PROT_NONE or MAP_NORESERVE: address space only
+    committed_bytes: int = 0  # writable: may become resident
+    resident_bytes: int = 0
+    returned_bytes: int = 0  # given back since the trace began (munmap, madvise, ...)
+
+
+@dataclass(frozen=True)
+class ArenaStats:
+    id: str  # the malloc_state address, hex
+    kind: str  # "main" | "thread"
+    tids: tuple[int, ...]  # threads seen allocating into it
+    heap_count: int
+    reserved_bytes: int
+    committed_bytes: int
+    resident_bytes: int
+    live_bytes: int  # heap bytes the program holds inside it
+    system_mem_bytes: int = 0  # what glibc says it took from the OS
+    free_bytes: int = 0  # in bins and the top chunk, per glibc's own lists
+    trimmable_bytes: int = 0  # estimate of what malloc_trim(0) would return now
+    live_is_estimate: bool = False  # light mode: from glibc's structures, not probes
+    reliable: bool = True
+
+    @property
+    def retained_bytes(self) -> int:
+        """Resident but not live: freed memory the allocator keeps."""
+        return max(0, self.resident_bytes - self.live_bytes)
+
+
+@dataclass(frozen=True)
+class AllocatorStats:
+    kind: str = "glibc"
+    arena_count: int = 0
+    committed_bytes: int = 0
+    resident_bytes: int = 0
+    live_bytes: int = 0
+    retained_bytes: int = 0
+    mmapped_chunk_count: int = 0
+    mmapped_chunk_bytes: int = 0
+    estimate: bool = False  # light mode
+
+
+@dataclass(frozen=True)
+class RegionStats:
+    """A region of the address space that has not been given back."""
+
+    start: int
+    end: int
+    kind: str
+    origin_frames: tuple[str, ...]
+    origin_tid: Optional[int]
+    in_malloc: bool
+    committed_bytes: int
+    resident_bytes: int
+
+
+@dataclass(frozen=True)
+class TrimCall:
+    tid: int
+    elapsed_s: float
+    returned_bytes: int  # anonymous RSS before minus after
+    result: int  # malloc_trim's return: 1 if it released memory
+
+
+@dataclass(frozen=True)
+class TrimStats:
+    calls: int = 0
+    returned_bytes: int = 0
+    estimate_bytes: int = 0  # what malloc_trim(0) would return now
+    recent: tuple[TrimCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class Gap:
+    """rss_anon = heap live + allocator retained + other anonymous memory."""
+
+    rss_anon_bytes: int = 0
+    heap_live_bytes: int = 0
+    allocator_retained_bytes: int = 0
+    other_anon_bytes: int = 0  # JVM heap, thread stacks, direct mmaps, chunk overheads
 
 
 @dataclass(frozen=True)
@@ -137,6 +239,14 @@ class Snapshot:
     target_alive: bool = True
     exit_status: Optional[int] = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    light: bool = False  # no malloc probes: heap figures are estimates
+    os: Optional[OsStats] = None
+    allocator: Optional[AllocatorStats] = None
+    arenas: tuple[ArenaStats, ...] = ()
+    regions: tuple[RegionStats, ...] = ()
+    trim: Optional[TrimStats] = None
+    gap: Optional[Gap] = None
+    hints: tuple[str, ...] = ()
 
     @property
     def truncated_stack_count(self) -> int:
@@ -181,15 +291,21 @@ def aggregate_stacks(
     frames_of: Callable[[StackKey], tuple[str, ...]],
     max_depth: int,
     previous: Optional[Snapshot] = None,
+    retained: Optional[Mapping[StackKey, int]] = None,
 ) -> tuple[StackStats, ...]:
     """Group rows by symbolized frames (several kernel keys may resolve to the
     same frames) and attach the growth since the previous snapshot."""
     counters: dict[tuple[str, ...], Counters] = {}
     tids: dict[tuple[str, ...], set[int]] = {}
+    kept: dict[tuple[str, ...], int] = {}
+    retained = retained or {}
     for row in rows:
         frames = frames_of(row.stack_key)
         counters[frames] = counters.get(frames, Counters()) + row.counters
         tids.setdefault(frames, set()).add(row.tid)
+    for key, n in retained.items():
+        frames = frames_of(key)
+        kept[frames] = kept.get(frames, 0) + n
     before = {s.frames: s.counters.live_bytes for s in previous.stacks} if previous else {}
     stacks = [
         StackStats(
@@ -198,6 +314,7 @@ def aggregate_stacks(
             counters=c,
             truncated=looks_truncated(frames, max_depth),
             live_delta_bytes=c.live_bytes - before.get(frames, 0),
+            retained_bytes=kept.get(frames, 0),
         )
         for frames, c in counters.items()
     ]
@@ -261,10 +378,41 @@ def snapshot_to_json(s: Snapshot) -> dict:
                 "tids": list(st.tids),
                 **_counters_json(st.counters),
                 "live_delta_bytes": st.live_delta_bytes,
+                "retained_bytes": st.retained_bytes,
                 "truncated": st.truncated,
             }
             for st in s.stacks
         ],
         "truncated_stack_count": s.truncated_stack_count,
         "notes": list(s.notes),
+        "light": s.light,
+        **_address_space_json(s),
     }
+
+
+def _address_space_json(s: Snapshot) -> dict:
+    """Sections of the address-space layer; absent when it did not run."""
+    out: dict = {}
+    if s.os is not None:
+        out["os"] = asdict(s.os)
+    if s.allocator is not None:
+        out["allocator"] = asdict(s.allocator)
+    if s.os is not None or s.arenas:
+        out["arenas"] = [
+            {**asdict(a), "tids": list(a.tids), "retained_bytes": a.retained_bytes}
+            for a in s.arenas
+        ]
+        out["regions"] = [
+            {**asdict(r), "origin_frames": list(r.origin_frames)} for r in s.regions
+        ]
+    if s.trim is not None:
+        out["trim"] = {
+            "calls": s.trim.calls,
+            "returned_bytes": s.trim.returned_bytes,
+            "estimate_bytes": s.trim.estimate_bytes,
+            "recent": [asdict(c) for c in s.trim.recent],
+        }
+    if s.gap is not None:
+        out["gap"] = asdict(s.gap)
+    out["hints"] = list(s.hints)
+    return out

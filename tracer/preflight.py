@@ -75,3 +75,12 @@ def check_all() -> None:
     check_bcc()
     check_kernel_headers()
     check_tracefs()
+
+
+def check_kprobes() -> None:
+    """--vm-probes kprobe: only where the kernel was built with kprobes."""
+    if not os.path.exists(os.path.join(tracefs_dir(), "kprobe_events")):
+        raise MemtraceError(
+            "--vm-probes kprobe: this kernel has no kprobes (CONFIG_KPROBES is off); "
+            "use the default --vm-probes tracepoint"
+        )

@@ -54,6 +54,8 @@ class Session:
         keys: Optional[Keys] = None,
         on_key: Optional[Callable[[str], None]] = None,
         on_resize: Optional[Callable[[], None]] = None,
+        events_fd: Optional[int] = None,
+        on_events: Optional[Callable[[], None]] = None,
     ) -> None:
         self.pid = pid
         self.snapshot = snapshot
@@ -65,6 +67,8 @@ class Session:
         self.keys = keys
         self.on_key = on_key
         self.on_resize = on_resize
+        self.events_fd = events_fd
+        self.on_events = on_events
         self._signals: list[int] = []
 
     # ------------------------------------------------------------ signals
@@ -122,12 +126,17 @@ class Session:
         next_tick = start + self.interval_s
         grace_until: Optional[float] = None
         watched = [wake_r] + ([pidfd] if pidfd is not None else [])
+        if self.events_fd is not None:
+            watched.append(self.events_fd)
+        # Without an fd to wait on, events are read at this pace.
+        event_poll_s = None if self.events_fd is not None or not self.on_events else 0.1
         if self.keys is not None:
             watched.append(self.keys.fileno())
         reason = None
         while reason is None:
             now = time.monotonic()
-            wake_at = min(t for t in (next_tick, deadline, grace_until) if t is not None)
+            poll_at = now + event_poll_s if event_poll_s else None
+            wake_at = min(t for t in (next_tick, deadline, grace_until, poll_at) if t is not None)
             try:
                 ready, _, _ = select.select(watched, [], [], max(0.0, wake_at - now))
             except InterruptedError:
@@ -138,6 +147,8 @@ class Session:
                         pass
                 except BlockingIOError:
                     pass
+            if self.on_events and (event_poll_s or self.events_fd in ready):
+                self.on_events()
             reason, grace_until = self._handle_signals(grace_until)
             if self.keys is not None and self.keys.fileno() in ready:
                 for key in self.keys.read_keys():

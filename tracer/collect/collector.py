@@ -5,101 +5,224 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from memtrace import procfs
+from memtrace import accounting, procfs
 from memtrace.collect.probes import Probes
-from memtrace.symbols import Symbolizer
+from memtrace.collect.vm import VmTracker
+from memtrace.addrspace import MMAPPED_CHUNK
 from memtrace.model import (
     Counters,
     HeapTotals,
+    OsStats,
     ProcessStats,
+    RegionStats,
     Snapshot,
     StackKey,
+    TrimStats,
     aggregate_stacks,
     aggregate_threads,
     rates_between,
 )
+from memtrace.symbols import Symbolizer
 
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
+TOP_REGIONS = 12
 
 
 class Collector:
-    def __init__(self, pid: int, comm: str, heap: Probes) -> None:
+    def __init__(self, pid: int, comm: str, probes: Probes, light: bool = False) -> None:
         self.pid = pid
         self.comm = comm
-        self.heap = heap
+        self.probes = probes
+        self.light = light
         self.symbols = Symbolizer(pid)
+        self.vm = VmTracker(pid, on_code_mapped=self.symbols.refresh)
         self.started = time.monotonic()
         self.previous: Optional[Snapshot] = None
         self._frames: dict[StackKey, tuple[str, ...]] = {}
         self._names: dict[int, str] = {}
         self._process = ProcessStats()
+        self._arena_inputs: list[accounting.ArenaInput] = []
+        self._arena_problem: Optional[str] = None
+        self.peak_rss_bytes: Optional[int] = None  # from taskstats at exit
+
+    def start(self) -> Optional[int]:
+        """Before the probes fire: the address space as it is, and where the
+        process's code lives. Returns an fd that wakes the loop for events."""
+        self.vm.seed()
+        self.symbols.refresh()
+        return self.probes.open_events(self.vm.handle)
+
+    def consume_events(self) -> None:
+        self.probes.consume_events()
+
+    # ---------------------------------------------------------- stacks
 
     def frames_of(self, key: StackKey) -> tuple[str, ...]:
         frames = self._frames.get(key)
         if frames is None:
             stack_id, caller = key
-            # The walk starts at the probe inside malloc and, from there,
-            # skips the immediate caller: the caller comes from the return
-            # address read on entry, deeper frames from the walk.
+            walk = self.probes.stack_addresses(stack_id)
+            # At a malloc entry the walk starts inside malloc and skips the
+            # immediate caller: that one comes from the return address read
+            # on entry (caller). A syscall's walk (caller 0) is whole.
+            if caller:
+                walk = walk[1:]
             deeper = []
-            for addr in self.heap.stack_addresses(stack_id)[1:]:
+            for addr in walk:
                 if not self.symbols.is_code(addr):
-                    break  # the walk left the stack's frame chain
+                    break  # the walk left the frame chain (no frame pointers)
                 deeper.append(addr)
             frames = self.symbols.frames(([caller] if caller else []) + deeper)
             self._frames[key] = frames
         return frames
 
-    def _refresh_process(self) -> bool:
+    # ---------------------------------------------------------- /proc
+
+    def _refresh_process(self) -> Optional[list]:
+        """RSS, thread names and smaps; None once the process is gone."""
+        from memtrace.glibc.procfs import read_smaps
+
         mem = procfs.memory(self.pid)
         if mem is None:
-            return False
+            return None
+        try:
+            smaps = read_smaps(self.pid)
+        except OSError:
+            return None
         self._process = ProcessStats(
             rss_bytes=mem.get("rss_bytes", 0),
             rss_anon_bytes=mem.get("rss_anon_bytes", 0),
             peak_rss_bytes=mem.get("peak_rss_bytes"),
         )
         self._names.update(procfs.thread_names(self.pid))
-        return True
+        return smaps
+
+    def _read_arenas(self, smaps) -> None:
+        from memtrace.glibc_arenas import inspect_arenas
+        from memtrace.glibc.procfs import ProcessMemory
+
+        try:
+            memory = ProcessMemory(self.pid)
+        except OSError as e:
+            self._arena_problem = f"cannot read the arenas: /proc/{self.pid}/mem: {e.strerror}"
+            return
+        with memory:
+            report = inspect_arenas(self.pid, memory, smaps,
+                                    max_chunks=200_000 if self.light else 50_000)
+        self._arena_problem = report.error
+        self._arena_inputs = [
+            accounting.ArenaInput(
+                address=a.address,
+                kind=a.kind,
+                heaps=tuple(
+                    accounting.HeapSpan(h.address, h.reserved_size, h.mprotect_size,
+                                        h.resident_bytes or 0)
+                    for h in a.heaps
+                ),
+                system_mem_bytes=a.system_mem,
+                free_bytes=a.top_bytes + a.fastbin_bytes + a.unsorted_bytes
+                + a.smallbin_bytes + a.largebin_bytes,
+                trimmable_bytes=a.trimmable_bytes,
+                reliable=a.reliable,
+            )
+            for a in report.arenas
+        ]
+
+    # ---------------------------------------------------------- snapshot
 
     def snapshot(self, target_alive: bool = True, exit_status: Optional[int] = None) -> Snapshot:
         """Read everything once. With the target gone, /proc figures keep
         their last values and names stay as they were."""
-        reading = self.heap.read()
-        alive = target_alive and self._refresh_process()
+        self.consume_events()
+        reading = self.probes.read()
+        rows = [] if self.light else reading.rows
+        smaps = self._refresh_process() if target_alive else None
+        alive = smaps is not None
+        if alive:
+            self.vm.space.update_resident(smaps)
+            self._read_arenas(smaps)
         live_tids = procfs.thread_ids(self.pid) if alive else []
         for tid, name in reading.thread_names.items():
             self._names.setdefault(tid, name)
         self.symbols.new_round()
         elapsed = time.monotonic() - self.started
         heap = HeapTotals(
-            counters=sum((r.counters for r in reading.rows), start=Counters()),
+            counters=sum((r.counters for r in rows), start=Counters()),
             untracked_free_count=reading.untracked_free_count,
             trim_calls=reading.trim_calls,
             trim_released_calls=reading.trim_released_calls,
             drops=reading.drops,
         )
-        notes = []
-        if reading.drops.allocs_map_full:
-            notes.append("allocations were dropped: the live-allocation map is full; raise --max-allocs")
-        if reading.drops.stats_map_full:
-            notes.append("allocations were dropped: too many (thread, stack) pairs; raise --max-stats")
-        if reading.drops.stack_lost:
-            notes.append("some deep stacks were lost (immediate callers kept); raise --stack-storage-size")
+        chunks = self.vm.space.regions(MMAPPED_CHUNK)
+        account = accounting.account_allocator(
+            self._arena_inputs,
+            None if self.light else self.probes.read_flows(),
+            heap.live_bytes,
+            (len(chunks), sum(r.committed_bytes for r in chunks), sum(r.resident_bytes for r in chunks)),
+        )
+        heap_live = account.allocator.live_bytes if self.light else heap.live_bytes
+        process = self._process
+        if self.peak_rss_bytes:
+            process = ProcessStats(process.rss_bytes, process.rss_anon_bytes, self.peak_rss_bytes)
+        trim_estimate = sum(a.trimmable_bytes for a in account.arenas)
+        totals = self.vm.space.totals()
         snap = Snapshot(
             pid=self.pid,
             comm=self.comm,
             elapsed_s=elapsed,
             interval_s=elapsed - self.previous.elapsed_s if self.previous else elapsed,
-            process=self._process,
+            process=process,
             heap=heap,
-            threads=aggregate_threads(reading.rows, self._names, live_tids),
-            stacks=aggregate_stacks(reading.rows, self.frames_of, MAX_STACK_DEPTH, self.previous),
+            threads=aggregate_threads(rows, self._names, live_tids),
+            stacks=aggregate_stacks(rows, self.frames_of, MAX_STACK_DEPTH, self.previous,
+                                    account.stack_retained),
             rates=rates_between(self.previous, heap, elapsed),
             target_alive=alive,
             exit_status=exit_status,
-            notes=tuple(notes),
+            notes=self._notes(reading),
+            light=self.light,
+            os=OsStats(totals.mapped_bytes, totals.reserved_bytes, totals.committed_bytes,
+                       totals.resident_bytes, totals.returned_bytes),
+            allocator=account.allocator,
+            arenas=account.arenas,
+            regions=self._regions(),
+            trim=TrimStats(heap.trim_calls, self.vm.trim_returned_bytes, trim_estimate,
+                           tuple(self.vm.trims)),
+            gap=accounting.gap(process.rss_anon_bytes, heap_live, account.allocator.retained_bytes),
+            hints=accounting.hints(account.arenas, trim_estimate, process.rss_anon_bytes),
         )
         self.previous = snap
         return snap
+
+    def _regions(self) -> tuple[RegionStats, ...]:
+        out = []
+        for r in self.vm.space.largest_unreturned(TOP_REGIONS):
+            o = r.origin
+            key = o.malloc_stack_key if o.in_malloc and o.malloc_stack_key else o.stack_key
+            out.append(RegionStats(
+                start=r.start, end=r.end, kind=r.kind,
+                origin_frames=self.frames_of(key) if key else (),
+                origin_tid=o.tid, in_malloc=o.in_malloc,
+                committed_bytes=r.committed_bytes, resident_bytes=r.resident_bytes,
+            ))
+        return tuple(out)
+
+    def _notes(self, reading) -> tuple[str, ...]:
+        notes = []
+        d = reading.drops
+        if d.allocs_map_full:
+            notes.append("allocations were dropped: the live-allocation map is full; raise --max-allocs")
+        if d.stats_map_full:
+            notes.append("allocations were dropped: too many (thread, stack) pairs; raise --max-stats")
+        if d.stack_lost:
+            notes.append("some deep stacks were lost (immediate callers kept); raise --stack-storage-size")
+        lost = self.probes.vm_lost()
+        if lost:
+            notes.append(f"{lost} address-space events were lost: the ring buffer was full")
+        if self._arena_problem:
+            notes.append(self._arena_problem)
+        if self.light:
+            notes.append("light mode: no malloc probes; heap live and retained are estimates "
+                         "from glibc's own arena structures")
+        return tuple(notes)
 

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 from memtrace.collect.bpfsource import bpf_dir, program_text
 from memtrace.errors import MemtraceError
-from memtrace.model import Counters, DropStats, HeapRow
+from memtrace.model import Counters, DropStats, Flow, HeapRow
 
 # Counter indexes: keep in step with enum counter in bpf/memtrace.h.
 (CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
@@ -62,6 +62,9 @@ class Limits:
     max_stats: int = 65536
     max_stacks: int = 16384
     max_threads: int = 16384
+
+
+VM_KINDS = {1: "mmap", 2: "munmap", 3: "brk", 4: "mprotect", 5: "mremap", 6: "madvise", 7: "trim"}
 
 
 @dataclass
@@ -122,12 +125,14 @@ class Probes:
     RSS counter are always on."""
 
     def __init__(self, pid: int, libc_path: str, limits: Limits, sites: list[ProbeSite],
-                 light: bool = False) -> None:
+                 light: bool = False, vm_probes: str = "tracepoint") -> None:
         self.pid = pid
         self.libc_path = libc_path
         self.limits = limits
         self.sites = [s for s in sites if s.symbol == "malloc_trim"] if light else sites
         self.light = light
+        self.vm_probes = vm_probes
+        self.event_error: Optional[Exception] = None
         self.attached: list[str] = []
         self._bpf = None
 
@@ -141,6 +146,8 @@ class Probes:
             f"-DMAX_STACKS={self.limits.max_stacks}",
             f"-DMAX_THREADS={self.limits.max_threads}",
         ]
+        if self.vm_probes == "kprobe":
+            flags.append("-DVM_KPROBES")
         by_symbol = {s.symbol: s for s in self.sites}
         for hook in HOOKS:
             site = by_symbol.get(hook.symbol)
@@ -160,6 +167,8 @@ class Probes:
             ) from None
 
     def attach(self) -> None:
+        if self.vm_probes == "kprobe":
+            self._attach_vm_kprobes()
         hooks = {h.symbol: h for h in HOOKS}
         lib = self.libc_path.encode()
         for site in self.sites:
@@ -179,6 +188,18 @@ class Probes:
                     "check that the process still runs and the kernel supports uprobes"
                 ) from None
             self.attached.append(site.symbol)
+
+    def _attach_vm_kprobes(self) -> None:
+        for call in ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise"):
+            event = self._bpf.get_syscall_fnname(call)
+            try:
+                self._bpf.attach_kprobe(event=event, fn_name=f"syscall__{call}".encode())
+                self._bpf.attach_kretprobe(event=event, fn_name=b"vm_syscall_return")
+            except Exception as e:
+                raise MemtraceError(
+                    f"--vm-probes kprobe: cannot attach to {event.decode()} ({e}); "
+                    "use the default --vm-probes tracepoint"
+                ) from None
 
     @property
     def bpf(self):
@@ -221,6 +242,41 @@ class Probes:
             thread_names=names,
         )
 
+    def read_flows(self) -> list[Flow]:
+        return [
+            Flow(k.key.tid, (k.key.stack_id, k.key.caller), k.bucket, v.alloc_bytes, v.free_bytes)
+            for k, v in self._bpf["arena_flows"].items()
+        ]
+
+    def vm_lost(self) -> int:
+        return int(self._bpf["counters"].sum(CNT_VM_LOST).value)
+
+    def open_events(self, handle) -> Optional[int]:
+        """Deliver address-space events to handle(raw) on consume_events().
+        Returns a file descriptor that becomes readable when events wait, or
+        None where this bcc hides it (then poll)."""
+        import ctypes
+
+        layout = self._bpf["vm_event_layout"].Leaf
+        pointer = ctypes.POINTER(layout)
+
+        def callback(ctx, data, size):
+            # An exception here would only be printed by ctypes: keep the
+            # first one for the caller, and keep consuming.
+            try:
+                handle(ctypes.cast(data, pointer).contents)
+            except Exception as e:  # noqa: BLE001
+                if self.event_error is None:
+                    self.event_error = e
+            return 0
+
+        self._bpf["vm_events"].open_ring_buffer(callback)
+        return _ring_buffer_fd(self._bpf)
+
+    def consume_events(self) -> None:
+        if self._bpf is not None:
+            self._bpf.ring_buffer_consume()
+
     def stack_addresses(self, stack_id: int) -> list[int]:
         if stack_id < 0:
             return []
@@ -228,3 +284,22 @@ class Probes:
             return list(self._bpf["stacks"].walk(stack_id))
         except KeyError:
             return []
+
+
+def _ring_buffer_fd(bpf) -> Optional[int]:
+    """bcc keeps libbpf's ring_buffer to itself; libbpf can tell its epoll
+    fd, which select() can wait on like any other."""
+    import ctypes
+
+    manager = getattr(bpf, "_ringbuf_manager", None)
+    if not manager:
+        return None
+    try:
+        libbpf = ctypes.CDLL("libbpf.so.1")
+        epoll_fd = libbpf.ring_buffer__epoll_fd
+    except (OSError, AttributeError):
+        return None
+    epoll_fd.argtypes = [ctypes.c_void_p]
+    epoll_fd.restype = ctypes.c_int
+    fd = epoll_fd(manager)
+    return fd if fd >= 0 else None

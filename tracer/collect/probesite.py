@@ -15,17 +15,21 @@ pointer (pushes, `sub $n,%rsp`); `sp_adjust` says how far, so the BPF side
 still finds the return address at `sp + sp_adjust`.
 
 Which instructions are emulated is arch/x86/kernel/uprobes.c
-(branch_setup_xol_ops, push_setup_xol_ops) and was confirmed on kernel 6.18
-by bench/uprobe_emulation.py. Where no safe emulated site exists the entry
-(+0) is used: single-stepped, slow, but always correct.
+(branch_setup_xol_ops, push_setup_xol_ops): push %reg (no REX but 0x41),
+jmp, jcc, call rel32 (no 0x66 prefix), and nops; the table below keeps to
+what kernel 6.18 and later agree on, confirmed on 6.18 by
+bench/uprobe_emulation.py. Newer kernels also take mov %reg,%reg and
+lea 0(%reg),%reg for nops; nothing here relies on that. Where no safe
+emulated site exists the entry (+0) is used: single-stepped, slow, but
+always correct.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from itertools import takewhile
 from dataclasses import dataclass
+from itertools import takewhile
 from typing import Iterable, Optional, Sequence, Union
 
 from memtrace.errors import MemtraceError
@@ -123,8 +127,8 @@ def emulation_kind(raw: bytes) -> Optional[str]:
             return "push"
         return None
     if op == 0x90:
-        # REX.B 90 is xchg %r8,%rax; F3 90 is pause, which kernels from
-        # 6.19 on no longer treat as a nop.
+        # REX.B 90 is xchg %r8,%rax; F3 90 is pause, which kernels with
+        # the unified insn_is_nop() (late 2025) no longer take for a nop.
         if (rex is None or not rex & 1) and 0xF3 not in prefixes:
             return "nop"
         return None

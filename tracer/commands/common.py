@@ -46,6 +46,13 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                      help="keep the session in FILE for `memtrace replay` and `memtrace report`")
     out.add_argument("-v", "--verbose", action="store_true",
                      help="say what is attached where, and how long it took")
+    mode = parser.add_argument_group("what to trace")
+    mode.add_argument("--light", action="store_true",
+                      help="no malloc probes (for production): address-space syscalls and "
+                      "glibc's arenas read from outside; heap figures become estimates")
+    mode.add_argument("--vm-probes", choices=("tracepoint", "kprobe"), default="tracepoint",
+                      help="how address-space syscalls are traced (default: the stable "
+                      "syscall tracepoints; kprobe needs a kernel with kprobes)")
     maps = parser.add_argument_group("kernel map sizes (drops are counted and shown)")
     maps.add_argument("--max-allocs", type=positive_int, default=1 << 20, metavar="N",
                       help="live allocations tracked at once (default 1048576)")
@@ -82,6 +89,8 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
             "say what to trace: -p PID for a running process, or -- CMD ARGS to launch one"
         )
     preflight.check_all()
+    if args.vm_probes == "kprobe":
+        preflight.check_kprobes()
     started = time.monotonic()
     if args.pid:
         target = targets.resolve_pid(args.pid)
@@ -108,9 +117,11 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
         sites = resolve_sites(libc)
         limits = Limits(max_allocs=args.max_allocs, max_stats=args.max_stats,
                         max_stacks=args.stack_storage_size)
-        probes = Probes(pid, libc, limits, sites)
+        probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes)
         probes.load()
         probes.attach()
+        collector = Collector(pid, comm, probes, light=args.light)
+        events_fd = collector.start()
     except BaseException:
         if probes is not None:
             probes.detach()
@@ -125,7 +136,6 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
         print(f"memtrace: probes attached {time.monotonic() - started:.2f} s after start",
               file=sys.stderr)
 
-    collector = Collector(pid, comm, probes)
     interactive = sys.stdout.isatty() and not args.json
     read_keys = interactive and sys.stdin.isatty() and keys_allowed and not args.batch
     metadata = {
@@ -157,6 +167,8 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
             on_key=(lambda k: view.set_mode({"s": "stacks", "t": "threads", "a": "arenas"}.get(k, k)))
             if view is not None else None,
             on_resize=view.refresh if view is not None else None,
+            events_fd=events_fd,
+            on_events=collector.consume_events,
         )
         outcome = session.run()
     finally:

@@ -1,0 +1,166 @@
+"""The gap between what a process holds and what it took from the OS.
+
+Pure functions over plain data: glibc's arenas as read from outside the
+process (`memtrace.glibc.report.Arena`), the kernel's per-bucket heap flows
+and the heap totals. They answer, per arena, how much is live and how much
+is retained (resident but freed), which stacks filled what is retained, and
+what a user might try about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from memtrace.model import BUCKET_SHIFT, AllocatorStats, ArenaStats, Flow, Gap, StackKey
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class HeapSpan:
+    """What accounting needs of one arena heap (or of the brk heap)."""
+
+    address: int
+    reserved_bytes: int
+    committed_bytes: int
+    resident_bytes: int
+
+
+@dataclass(frozen=True)
+class ArenaInput:
+    """An arena as read from glibc's structures, reduced to plain numbers."""
+
+    address: int
+    kind: str  # "main" | "thread"
+    heaps: tuple[HeapSpan, ...]
+    system_mem_bytes: int = 0
+    free_bytes: int = 0  # bins + top chunk
+    trimmable_bytes: int = 0
+    reliable: bool = True
+
+
+def buckets_of(arena: ArenaInput) -> set[int]:
+    out: set[int] = set()
+    for heap in arena.heaps:
+        span = max(heap.reserved_bytes, heap.committed_bytes, 1)
+        out.update(range(heap.address >> BUCKET_SHIFT, ((heap.address + span - 1) >> BUCKET_SHIFT) + 1))
+    return out
+
+
+@dataclass(frozen=True)
+class AllocatorAccount:
+    arenas: tuple[ArenaStats, ...]
+    allocator: AllocatorStats
+    stack_retained: dict[StackKey, int]  # estimated share of arena retention per stack
+
+
+def account_allocator(
+    arenas: Sequence[ArenaInput],
+    flows: Optional[Iterable[Flow]],
+    heap_live_bytes: int,
+    mmapped_chunks: tuple[int, int, int] = (0, 0, 0),  # count, committed, resident
+) -> AllocatorAccount:
+    """With flows (full mode) arena live bytes are exact sums of what the
+    probes saw land in each arena's buckets; without (light mode) they are
+    glibc's own view: system_mem less what its free lists and top hold."""
+    flows = list(flows) if flows is not None else None
+    owner: dict[int, int] = {}
+    for index, arena in enumerate(arenas):
+        for bucket in buckets_of(arena):
+            owner.setdefault(bucket, index)
+    live = [0] * len(arenas)
+    freed_by_stack: list[dict[StackKey, int]] = [dict() for _ in arenas]
+    tids: list[set[int]] = [set() for _ in arenas]
+    if flows is not None:
+        for f in flows:
+            i = owner.get(f.bucket)
+            if i is None:
+                continue  # an mmapped chunk, outside every arena
+            live[i] += f.alloc_bytes - f.free_bytes
+            if f.alloc_bytes:
+                tids[i].add(f.tid)
+            if f.free_bytes:
+                freed_by_stack[i][f.stack_key] = freed_by_stack[i].get(f.stack_key, 0) + f.free_bytes
+    stats = []
+    stack_retained: dict[StackKey, int] = {}
+    for i, arena in enumerate(arenas):
+        estimate = flows is None
+        live_bytes = (
+            max(0, arena.system_mem_bytes - arena.free_bytes) if estimate else max(0, live[i])
+        )
+        stat = ArenaStats(
+            id=f"0x{arena.address:x}",
+            kind=arena.kind,
+            tids=tuple(sorted(tids[i])),
+            heap_count=len(arena.heaps),
+            reserved_bytes=sum(h.reserved_bytes for h in arena.heaps),
+            committed_bytes=sum(h.committed_bytes for h in arena.heaps),
+            resident_bytes=sum(h.resident_bytes for h in arena.heaps),
+            live_bytes=live_bytes,
+            system_mem_bytes=arena.system_mem_bytes,
+            free_bytes=arena.free_bytes,
+            trimmable_bytes=arena.trimmable_bytes,
+            live_is_estimate=estimate,
+            reliable=arena.reliable,
+        )
+        stats.append(stat)
+        # Who left it behind: shares of the retained bytes in proportion to
+        # the bytes each stack freed into this arena.
+        freed_total = sum(freed_by_stack[i].values())
+        if freed_total and stat.retained_bytes:
+            for key, freed in freed_by_stack[i].items():
+                share = stat.retained_bytes * freed // freed_total
+                stack_retained[key] = stack_retained.get(key, 0) + share
+    count, chunk_committed, chunk_resident = mmapped_chunks
+    arena_live = sum(s.live_bytes for s in stats)
+    allocator = AllocatorStats(
+        arena_count=len(stats),
+        committed_bytes=sum(s.committed_bytes for s in stats) + chunk_committed,
+        resident_bytes=sum(s.resident_bytes for s in stats) + chunk_resident,
+        live_bytes=arena_live if flows is None else heap_live_bytes,
+        retained_bytes=sum(s.retained_bytes for s in stats),
+        mmapped_chunk_count=count,
+        mmapped_chunk_bytes=chunk_resident,
+        estimate=flows is None,
+    )
+    return AllocatorAccount(tuple(stats), allocator, stack_retained)
+
+
+def gap(rss_anon_bytes: int, heap_live_bytes: int, retained_bytes: int) -> Gap:
+    return Gap(
+        rss_anon_bytes=rss_anon_bytes,
+        heap_live_bytes=heap_live_bytes,
+        allocator_retained_bytes=retained_bytes,
+        other_anon_bytes=max(0, rss_anon_bytes - heap_live_bytes - retained_bytes),
+    )
+
+
+def _fmt(n: int) -> str:
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.1f} GiB"
+    return f"{n / MiB:.1f} MiB"
+
+
+def hints(arenas: Sequence[ArenaStats], trim_estimate_bytes: int, rss_anon_bytes: int) -> tuple[str, ...]:
+    """Suggestions with their numbers, when the numbers call for them.
+    They are hints: the allocator's future behaviour is not certain."""
+    out = []
+    threads = [a for a in arenas if a.kind == "thread"]
+    t_resident = sum(a.resident_bytes for a in threads)
+    t_retained = sum(a.retained_bytes for a in threads)
+    if len(threads) >= 2 and t_retained >= 32 * MiB and t_retained >= 0.4 * t_resident:
+        out.append(
+            f"{len(threads)} thread arenas keep {_fmt(t_retained)} freed but resident "
+            f"({100 * t_retained // max(1, t_resident)} % of their {_fmt(t_resident)}): "
+            "MALLOC_ARENA_MAX=2 caps the arenas (it concentrates retention, it does not remove it)"
+        )
+    main = next((a for a in arenas if a.kind == "main"), None)
+    if main is not None and main.retained_bytes >= 32 * MiB and main.retained_bytes >= 0.4 * main.resident_bytes:
+        out.append(
+            f"the main arena keeps {_fmt(main.retained_bytes)} freed but resident: "
+            "call malloc_trim(0) after load peaks, or lower M_TRIM_THRESHOLD "
+            "(MALLOC_TRIM_THRESHOLD_=...) so free() gives the top back sooner"
+        )
+    if trim_estimate_bytes >= 16 * MiB and trim_estimate_bytes >= 0.1 * max(1, rss_anon_bytes):
+        out.append(f"malloc_trim(0) would return about {_fmt(trim_estimate_bytes)} now (estimate)")
+    return tuple(out)

@@ -32,7 +32,7 @@ arch=$(dpkg --print-architecture)
 # ---------------------------------------------------------------- packages
 packages=(bpfcc-tools python3-bpfcc python3-venv gcc libc6-dev default-jdk-headless)
 if [ "$test_tools" -eq 1 ]; then
-    packages+=(bpftool shellcheck)
+    packages+=(bpftool shellcheck musl-tools tmux)
 fi
 missing=()
 for p in "${packages[@]}"; do

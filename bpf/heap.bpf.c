@@ -128,9 +128,11 @@ static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ar
     u32 tid = id;
     u64 sp = PT_REGS_SP(ctx);
     struct pending_call *open = pending.lookup(&tid);
-    if (open && open->entry_sp > sp) {
+    if (open && open->entry_sp >= sp) {
         /* glibc calls its own public entry points (memalign and realloc
-         * relay to malloc): the outer call accounts for the block. */
+         * relay to malloc), often as a tail call at the same sp, where the
+         * return address is already the uretprobe trampoline: the outer
+         * call, which read the real caller, accounts for the block. */
         open->nested++;
         return 0;
     }
@@ -246,7 +248,7 @@ int free_enter(struct pt_regs *ctx)
         return 0;
     u32 tid = id;
     struct pending_call *open = pending.lookup(&tid);
-    if (open && open->entry_sp > PT_REGS_SP(ctx))
+    if (open && open->entry_sp >= PT_REGS_SP(ctx))
         return 0; /* realloc(p, 0) frees through free(): realloc accounts */
     forget_block(addr);
     return 0;

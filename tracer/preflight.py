@@ -66,7 +66,7 @@ def check_tracefs() -> None:
     tracefs = tracefs_dir()
     if not os.path.isdir(os.path.join(tracefs, "events")):
         raise MemtraceError(
-            f"tracefs is not mounted at {tracefs}: mount -t tracefs nodev /sys/kernel/tracing"
+            f"tracefs is not mounted at {tracefs}: mount -t tracefs nodev {tracefs}"
         )
 
 

@@ -91,11 +91,17 @@ class Symbolizer:
 def _describe(module: Module, addr: int) -> str:
     base = os.path.basename(module.path)
     file_offset = addr - module.start + module.file_offset
-    try:
-        mtime = os.stat(module.open_path).st_mtime_ns
-    except OSError:
+    # Through /proc/PID/root while the process lives (containers); after
+    # it has exited, the same path seen from here.
+    for path in dict.fromkeys((module.open_path, module.path)):
+        try:
+            mtime = os.stat(path).st_mtime_ns
+            break
+        except OSError:
+            continue
+    else:
         return f"0x{file_offset:x} [{base}]"
-    elf = symbols_of(module.open_path, mtime)
+    elf = symbols_of(path, mtime)
     vaddr = elf.vaddr_of_offset(file_offset)
     found = elf.lookup(vaddr) if vaddr is not None else None
     if found is None:

@@ -1,0 +1,150 @@
+"""Every refusal is exit code 2 and one line on stderr, never a traceback,
+and leaves an attached-to target running untouched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.bpf
+
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+def assert_refused(result, *hints: str) -> str:
+    """Exit 2, no JSON, exactly one line on stderr mentioning one of `hints`."""
+    rc, doc, stderr = result
+    assert "Traceback" not in stderr, stderr
+    assert rc == 2, f"rc={rc}, stderr={stderr!r}"
+    assert doc is None, f"a refusal printed JSON: {doc}"
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {stderr!r}"
+    if hints:
+        assert any(h.lower() in lines[0].lower() for h in hints), (
+            f"message does not mention any of {hints}: {lines[0]!r}"
+        )
+    return lines[0]
+
+
+def assert_untouched(target: subprocess.Popen) -> None:
+    """The target survived the failed attach and still exits cleanly."""
+    assert target.poll() is None, f"target died (rc={target.returncode})"
+    target.send_signal(signal.SIGTERM)
+    assert target.wait(10) == 0
+
+
+@pytest.fixture
+def idle_target(programs, spawn):
+    """A glibc process blocked until SIGTERM."""
+    return spawn([programs["idle"]])
+
+
+def test_not_root(run_memtrace):
+    result = run_memtrace(["--json", "-p", "1", "--duration", "1"], prefix=AS_NOBODY)
+    assert_refused(result, "root", "sudo", "CAP_BPF")
+
+
+def test_not_root_launch(run_memtrace, programs, tmp_path):
+    marker = tmp_path / "ran"
+    result = run_memtrace(
+        ["--json", "--", "/bin/sh", "-c", f"touch {marker}"], prefix=AS_NOBODY
+    )
+    assert_refused(result, "root", "sudo", "CAP_BPF")
+    assert not marker.exists(), "the command ran although memtrace refused to trace it"
+
+
+def test_no_such_pid(run_memtrace):
+    gone = subprocess.Popen(["/bin/true"])
+    gone.wait()
+    assert_refused(run_memtrace(["--json", "-p", str(gone.pid), "--duration", "1"]), str(gone.pid))
+
+
+def test_kernel_thread(run_memtrace):
+    assert Path("/proc/2/comm").read_text().strip() == "kthreadd"
+    assert_refused(run_memtrace(["--json", "-p", "2", "--duration", "1"]), "kernel", "kthreadd")
+
+
+@pytest.mark.parametrize("program", ["idle_static", "idle_musl"])
+def test_target_without_glibc_attach(program, programs, spawn, run_memtrace):
+    target = spawn([programs[program]])
+    assert_refused(
+        run_memtrace(["--json", "-p", str(target.pid), "--duration", "1"]),
+        "glibc", "libc", "static",
+    )
+    assert_untouched(target)
+
+
+@pytest.mark.parametrize("program", ["idle_static", "idle_musl"])
+def test_target_without_glibc_launch(program, programs, run_memtrace):
+    assert_refused(
+        run_memtrace(["--json", "--", programs[program], "--exit"]), "glibc", "libc", "static"
+    )
+
+
+@pytest.mark.parametrize(
+    "variable", ["MEMTRACE_KERNEL_BUILD_DIR", "MEMTRACE_TRACEFS"]
+)
+def test_missing_kernel_facility(variable, idle_target, run_memtrace, tmp_path):
+    missing = tmp_path / "not-here"
+    env = {**os.environ, variable: str(missing)}
+    result = run_memtrace(["--json", "-p", str(idle_target.pid), "--duration", "1"], env=env)
+    assert_refused(result, str(missing))
+    assert_untouched(idle_target)
+
+
+@pytest.fixture(scope="module")
+def python_without_bcc(tmp_path_factory) -> Path:
+    """A venv like a Debian system without python3-bpfcc: every system
+    package but bcc, memtrace's own dependencies, and memtrace itself."""
+    import bcc
+
+    root = tmp_path_factory.mktemp("no-bcc")
+    venv = root / "venv"
+    base_python = getattr(sys, "_base_executable", None) or "/usr/bin/python3"
+    subprocess.run([base_python, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()
+    )
+
+    system_packages = Path(bcc.__file__).resolve().parent.parent
+    shim = root / "system-without-bcc"
+    shim.mkdir()
+    for entry in system_packages.iterdir():
+        if not entry.name.lower().startswith("bcc"):
+            (shim / entry.name).symlink_to(entry)
+
+    # memtrace's dependencies as installed for this test run, and memtrace:
+    # an editable install is a finder module plus a .pth, which only work
+    # from a site directory, so they are copied.
+    our_site = Path(sysconfig.get_paths()["purelib"])
+    (site / "memtrace-test-paths.pth").write_text(f"{our_site}\n{shim}\n")
+    for finder in our_site.glob("__editable__*memtrace*"):
+        shutil.copy(finder, site / finder.name)
+
+    probe = subprocess.run(
+        [python, "-c", "import memtrace\ntry:\n import bcc\nexcept ImportError:\n print('ok')"],
+        capture_output=True, text=True,
+    )
+    if probe.stdout.strip() != "ok":
+        pytest.fail(f"could not build a venv without bcc: {probe.stdout} {probe.stderr}",
+                    pytrace=False)
+    return python
+
+
+def test_bcc_not_installed(python_without_bcc):
+    done = subprocess.run(
+        [python_without_bcc, "-m", "memtrace", "--json", "-p", "1", "--duration", "1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert_refused((done.returncode, done.stdout.strip() or None, done.stderr), "python3-bpfcc")

@@ -1,0 +1,457 @@
+"""The views: formatting, the live screen at fixed sizes, the plain-text
+batch and summary output, and the key reader on a pseudo-terminal."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import select
+import sys
+import termios
+
+import pytest
+from rich.console import Console
+
+from memtrace.errors import MemtraceError
+from memtrace.model import (
+    AllocatorStats,
+    ArenaStats,
+    Counters,
+    DropStats,
+    Gap,
+    HeapTotals,
+    OsStats,
+    ProcessStats,
+    Rates,
+    RegionStats,
+    Snapshot,
+    StackStats,
+    ThreadStats,
+    TrimCall,
+    TrimStats,
+)
+from memtrace.view.fmt import (
+    ellipsize,
+    fmt_bytes,
+    fmt_count_rate,
+    fmt_duration,
+    fmt_rate,
+    fmt_signed_bytes,
+    frame_chain,
+    short_frame,
+    split_frame,
+)
+from memtrace.view.keys import KEY_BINDINGS, KeyReader, split_keys
+from memtrace.view.live import MODES, LiveView, render
+from memtrace.view.text import BatchView, render_summary
+
+MiB = 1 << 20
+ESC = "\x1b"
+
+ZLIB_FRAMES = (
+    "inflateInit2_+0x1a [libz.so.1]",
+    "Java_java_util_zip_Inflater_init+0x30 [libzip.so]",
+    "0x7f12abcd [libjvm.so]",
+    "start_thread+0x10 [libc.so.6]",
+)
+
+
+def stack(live_mib: int, frames=ZLIB_FRAMES, delta=0, tids=(101,), truncated=False) -> StackStats:
+    c = Counters(alloc_bytes=2 * live_mib * MiB, free_bytes=live_mib * MiB, alloc_count=20, free_count=10)
+    return StackStats(frames=frames, tids=tids, counters=c, truncated=truncated, live_delta_bytes=delta)
+
+
+def thread(tid: int, name: str, live_mib: int, alive=True) -> ThreadStats:
+    c = Counters(alloc_bytes=3 * live_mib * MiB, free_bytes=2 * live_mib * MiB, alloc_count=9, free_count=6)
+    return ThreadStats(tid, name, c, alive)
+
+
+def snapshot(**overrides) -> Snapshot:
+    # Deliberately not sorted: the views must order by live bytes themselves.
+    stacks = (
+        stack(8, ("parse_config+0x10 [app]", "main+0x5 [app]", "__libc_start_main+0x80 [libc.so.6]"), delta=-MiB),
+        stack(64, delta=3 * MiB, tids=(101, 102)),
+        stack(16, ("0x7f00dead [libfoo.so]",), truncated=True),
+    ) + tuple(stack(1, (f"filler_{i}+0x1 [app]", "start_thread+0x1 [libc.so.6]")) for i in range(30))
+    threads = (thread(100, "java", 4), thread(101, "Inflater-1", 40), thread(102, "gone", 20, alive=False)) + tuple(
+        thread(200 + i, f"worker-{i}", 1) for i in range(20)
+    )
+    fields = dict(
+        pid=4242,
+        comm="java",
+        elapsed_s=187.0,
+        interval_s=1.0,
+        process=ProcessStats(rss_bytes=1300 * MiB, rss_anon_bytes=900 * MiB, peak_rss_bytes=1400 * MiB),
+        heap=HeapTotals(
+            counters=Counters(alloc_bytes=3 << 30, free_bytes=5 << 29, alloc_count=1234567, free_count=1200000),
+            untracked_free_count=321,
+            trim_calls=3,
+            trim_released_calls=1,
+            drops=DropStats(allocs_map_full=123, stack_lost=5),
+        ),
+        threads=threads,
+        stacks=stacks,
+        rates=Rates(12 * MiB, 10 * MiB, 1234.0, 1100.0),
+        notes=("perf map missing: Java frames show as addresses",),
+    )
+    fields.update(overrides)
+    return Snapshot(**fields)
+
+
+GiB = 1 << 30
+HINTS = (
+    "8 thread arenas keep 3.1 GiB freed but resident (80 % of their 3.9 GiB): "
+    "MALLOC_ARENA_MAX=2 caps the arenas (it concentrates retention, it does not remove it)",
+    "malloc_trim(0) would return about 1.2 GiB now (estimate)",
+)
+
+
+def arena(i: int, kind="thread", tids=(), live_mib=100, resident_mib=500, reliable=True, estimate=False) -> ArenaStats:
+    return ArenaStats(
+        id=f"0x7f3a{i:02x}000020",
+        kind=kind,
+        tids=tids,
+        heap_count=2 if kind == "thread" else 1,
+        reserved_bytes=128 * MiB if kind == "thread" else 0,
+        committed_bytes=(resident_mib + 12) * MiB,
+        resident_bytes=resident_mib * MiB,
+        live_bytes=live_mib * MiB,
+        system_mem_bytes=(resident_mib + 12) * MiB,
+        free_bytes=(resident_mib - live_mib) * MiB,
+        trimmable_bytes=(resident_mib - live_mib) * MiB // 3,
+        live_is_estimate=estimate,
+        reliable=reliable,
+    )
+
+
+def region(i: int, kind="glibc-arena-heap", frames=ZLIB_FRAMES, tid=101, in_malloc=True, resident_mib=60) -> RegionStats:
+    start = 0x7F3A00000000 + (i << 26)
+    return RegionStats(start, start + 64 * MiB, kind, frames, tid, in_malloc, 64 * MiB, resident_mib * MiB)
+
+
+def full_snapshot(light=False, **overrides) -> Snapshot:
+    """The incident: zlib Inflaters on JVM threads filled per-thread arenas
+    that glibc keeps resident after the frees."""
+    arenas = (arena(0, "main", (100,), live_mib=300, resident_mib=320, estimate=light),) + tuple(
+        arena(i, tids=() if light else (101, 102, 200 + i), live_mib=50, resident_mib=450 + i, estimate=light,
+              reliable=i != 7)
+        for i in range(1, 9)
+    )
+    regions = (
+        region(1, resident_mib=64),
+        region(2, kind="glibc-mmapped-chunk", frames=("deflate_slow+0x1 [libz.so.1]",), tid=102),
+        region(3, kind="anonymous", frames=("0x7f00beef [libjvm.so]",), tid=100, in_malloc=False, resident_mib=40),
+        region(4, kind="heap", frames=(), tid=None, in_malloc=False, resident_mib=30),
+    )
+    stacks = list(snapshot().stacks)
+    # The Inflater stack left most of what the thread arenas keep.
+    stacks[1] = StackStats(stacks[1].frames, stacks[1].tids, stacks[1].counters, live_delta_bytes=3 * MiB,
+                           retained_bytes=3 * GiB)
+    stacks[0] = StackStats(stacks[0].frames, stacks[0].tids, stacks[0].counters, retained_bytes=100 * MiB)
+    heap_live = 700 * MiB
+    fields = dict(
+        process=ProcessStats(rss_bytes=7 * GiB + 300 * MiB, rss_anon_bytes=7 * GiB, peak_rss_bytes=8 * GiB),
+        light=light,
+        os=OsStats(mapped_bytes=20 * GiB, reserved_bytes=9 * GiB, committed_bytes=8 * GiB,
+                   resident_bytes=7 * GiB + 300 * MiB, returned_bytes=1536 * MiB),
+        allocator=AllocatorStats(arena_count=9, committed_bytes=4 * GiB, resident_bytes=3900 * MiB,
+                                 live_bytes=heap_live, retained_bytes=3174 * MiB, mmapped_chunk_count=3,
+                                 mmapped_chunk_bytes=12 * MiB, estimate=light),
+        arenas=arenas,
+        regions=regions,
+        trim=TrimStats(calls=3, returned_bytes=40 * MiB, estimate_bytes=1229 * MiB,
+                       recent=(TrimCall(tid=100, elapsed_s=120.0, returned_bytes=40 * MiB, result=1),)),
+        gap=Gap(rss_anon_bytes=7 * GiB, heap_live_bytes=heap_live, allocator_retained_bytes=3174 * MiB,
+                other_anon_bytes=7 * GiB - heap_live - 3174 * MiB),
+        hints=HINTS,
+    )
+    if light:
+        # No malloc probes: no stacks, threads or traffic; trim is still probed.
+        fields.update(stacks=(), threads=(), heap=HeapTotals(trim_calls=3, trim_released_calls=1), rates=Rates(),
+                      notes=("light mode: no malloc probes; heap live and retained are estimates",))
+    else:
+        fields.update(stacks=tuple(stacks))
+    fields.update(overrides)
+    return snapshot(**fields)
+
+
+def screen(snap: Snapshot, width: int, height: int, mode: str = "stacks", sort: str = "live") -> list[str]:
+    console = Console(width=width, height=height, color_system=None, force_terminal=False, file=io.StringIO())
+    console.print(render(snap, width, height, mode, sort))
+    text = console.file.getvalue()
+    assert text.endswith("\n")
+    return text[:-1].split("\n")
+
+
+# ---------------------------------------------------------------- fmt
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1536, "1.5 KiB"),
+        (int(1.5 * MiB), "1.5 MiB"),
+        (MiB - 1, "1.0 MiB"),
+        (64 * MiB, "64.0 MiB"),
+        (-1536, "-1.5 KiB"),
+        (3 << 40, "3.0 TiB"),
+    ],
+)
+def test_fmt_bytes(n, text):
+    assert fmt_bytes(n) == text
+
+
+def test_signed_rates_and_durations():
+    assert fmt_signed_bytes(MiB) == "+1.0 MiB"
+    assert fmt_signed_bytes(-512) == "-512 B"
+    assert fmt_signed_bytes(0) == "0 B"
+    assert fmt_rate(1.5 * MiB) == "1.5 MiB/s"
+    assert fmt_count_rate(1234) == "1.2k/s"
+    assert [fmt_duration(x) for x in (0.25, 42.34, 187, 3720, 2 * 86400 + 3 * 3600)] == [
+        "250ms",
+        "42.3s",
+        "3m07s",
+        "1h02m",
+        "2d03h",
+    ]
+
+
+def test_frames_shorten():
+    assert split_frame("func+0x1a [libc.so.6]") == ("func", "libc.so.6")
+    assert split_frame("0x7f12 [libfoo.so]") == (None, "libfoo.so")
+    assert short_frame("func+0x1a [libc.so.6]") == "func"
+    assert short_frame("0x7f12 [/usr/lib/libfoo.so.1.2]") == "[libfoo]"
+    assert short_frame("ns::Foo::bar(int, char const*) const+0x8 [app]") == "ns::Foo::bar"
+    assert short_frame("0x7f12") == "0x7f12"
+    assert ellipsize("abcdefghij", 5) == "ab…ij"
+
+
+def test_frame_chain_fits_any_width():
+    assert frame_chain(ZLIB_FRAMES, 200) == "inflateInit2_ ← Java_java_util_zip_Inflater_init ← [libjvm] ← start_thread"
+    assert frame_chain(ZLIB_FRAMES, 30) == "inflateInit2_ ← …"
+    assert frame_chain(ZLIB_FRAMES, 60, sep=" <- ", more="...").endswith(" <- ...")
+    for width in range(0, 90):
+        assert len(frame_chain(ZLIB_FRAMES, width)) <= width
+    assert frame_chain((), 20) == "(no frames)"
+
+
+# ---------------------------------------------------------------- live
+
+
+def test_header_shows_the_numbers():
+    text = "\n".join(screen(snapshot(), 120, 40))
+    for expected in (
+        "pid 4242 (java)",
+        "up 3m07s",
+        "running",
+        "RSS 1.3 GiB",
+        "anon 900.0 MiB",
+        "heap live 512.0 MiB",
+        "allocated 3.0 GiB",
+        "freed 2.5 GiB",
+        "malloc 12.0 MiB/s",
+        "free 10.0 MiB/s",
+        "untracked frees 321",
+        "malloc_trim 3 (1 released)",
+        "truncated stacks 1/33",
+        "123 allocations untracked",
+        "raise --max-allocs",
+        "raise --stack-storage-size",
+        "perf map missing",
+    ):
+        assert expected in text, expected
+
+
+def test_no_drops_no_drop_line():
+    snap = snapshot(heap=HeapTotals(counters=Counters(alloc_bytes=10)))
+    assert "DROPS" not in "\n".join(screen(snap, 120, 40))
+
+
+def test_stacks_sorted_by_live_with_growth():
+    lines = screen(snapshot(), 120, 40)
+    start = next(i for i, line in enumerate(lines) if line.startswith("STACKS")) + 2
+    rows = lines[start : start + 3]
+    assert [row.split()[0:2] for row in rows] == [["64.0", "MiB"], ["16.0", "MiB"], ["8.0", "MiB"]]
+    assert "+3.0 MiB" in rows[0] and "inflateInit2_ ← Java_java_util_zip_Inflater_init" in rows[0]
+    assert "~ [libfoo]" in rows[1]  # truncated, unsymbolized
+    assert "-1.0 MiB" in rows[2] and "parse_config ← main" in rows[2]
+
+
+def test_threads_table_and_exited():
+    text = "\n".join(screen(snapshot(), 120, 40, mode="threads"))
+    assert re.search(r"101\s+Inflater-1\s+40\.0 MiB", text)
+    assert re.search(r"102\s+gone\s+20\.0 MiB.*exited", text)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("width, height", [(120, 40), (80, 24), (40, 10), (20, 5), (200, 60), (10, 3), (1, 1)])
+def test_fits_every_size(mode, width, height):
+    for snap in (snapshot(), Snapshot(pid=1, comm="x", elapsed_s=0.0)):
+        lines = screen(snap, width, height, mode)
+        assert len(lines) == height
+        assert all(len(line) <= width for line in lines)
+    if height >= 3:
+        assert " q " in lines[-1]  # the keys stay on the bottom line
+
+
+def test_mode_gives_its_table_the_rows():
+    def rows_after(lines, title):
+        start = next(i for i, line in enumerate(lines) if line.startswith(title))
+        return int(lines[start].split()[1])  # "STACKS 12 of 33 ..."
+
+    stacks_mode, threads_mode = screen(snapshot(), 100, 30), screen(snapshot(), 100, 30, "threads")
+    assert rows_after(stacks_mode, "STACKS") > rows_after(stacks_mode, "THREADS")
+    assert rows_after(threads_mode, "THREADS") > rows_after(threads_mode, "STACKS")
+
+
+def test_small_screen_keeps_drops():
+    text = "\n".join(screen(snapshot(), 80, 10))
+    assert "DROPS" in text and "pid 4242" in text
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError):
+        render(snapshot(), 80, 24, mode="nope")
+    view = LiveView(Console(file=io.StringIO(), width=80, height=24))
+    assert view.set_mode("threads") and view.mode == "threads"
+    assert not view.set_mode("nope") and view.mode == "threads"
+
+
+def terminal_console() -> Console:
+    return Console(file=io.StringIO(), force_terminal=True, width=80, height=24, color_system="standard")
+
+
+def test_live_view_draws_and_restores():
+    console = terminal_console()
+    view = LiveView(console)
+    view.start()
+    view.update(snapshot())
+    view.set_mode("threads")
+    view.stop()
+    view.stop()  # twice is fine
+    out = console.file.getvalue()
+    assert out.startswith(f"{ESC}[?1049h")  # alternate screen on
+    assert "Inflater-1" in out
+    assert out.rindex(f"{ESC}[?1049l") > out.rindex("Inflater-1")  # and off at the end
+    assert out.endswith(f"{ESC}[?25h")  # cursor shown again
+
+
+def test_live_view_restores_after_exception_and_replays_stderr(capsys):
+    console = terminal_console()
+    with pytest.raises(RuntimeError):
+        with LiveView(console) as view:
+            view.update(snapshot())
+            print("warning while live", file=sys.stderr)
+            raise RuntimeError("boom")
+    assert console.file.getvalue().endswith(f"{ESC}[?25h")
+    assert "warning while live" in capsys.readouterr().err
+    view.stop()
+
+
+# ---------------------------------------------------------------- text
+
+
+class Recorder(io.StringIO):
+    flushes = 0
+
+    def flush(self):
+        self.flushes += 1
+        super().flush()
+
+
+def test_batch_is_plain_and_flushed():
+    out = Recorder()
+    view = BatchView(file=out, max_stacks=5, max_threads=3)
+    view.update(snapshot())
+    view.update(snapshot(elapsed_s=188.0))
+    text = out.getvalue()
+    assert out.flushes == 2
+    assert ESC not in text and "\r" not in text
+    assert text.isascii()
+    assert text.count("STACKS 5 of 33") == 2 and "THREADS 3 of 23" in text
+    assert "heap live 512.0 MiB" in text and "raise --max-allocs" in text
+    assert "inflateInit2_ <- Java_java_util_zip_Inflater_init" in text
+
+
+@pytest.mark.parametrize(
+    "alive, status, expected",
+    [
+        (False, 0, "target exited with status 0"),
+        (False, 3, "target exited with status 3"),
+        (False, -9, "target killed by SIGKILL"),
+        (False, None, "target exited (status unknown)"),
+        (True, None, "target still running"),
+    ],
+)
+def test_summary(alive, status, expected):
+    text = render_summary(snapshot(target_alive=alive, exit_status=status))
+    assert ESC not in text
+    assert expected in text
+    assert "heap live at the end: 512.0 MiB" in text
+    assert "top 10 of 33 stacks" in text
+    # Full frames, in order, under the biggest stack.
+    first = text.index("#1 ")
+    assert text.index("inflateInit2_+0x1a [libz.so.1]", first) < text.index("0x7f12abcd [libjvm.so]", first)
+    assert "threads: 101 Inflater-1, 102 gone" in text
+    assert "stack may be truncated" in text
+    assert "DROPS: 5 stacks lost" in text
+    assert "102  gone" in text and "exited" in text
+    assert "(+3 more threads)" in text
+    assert "perf map missing" in text
+
+
+def test_summary_of_an_empty_trace():
+    text = render_summary(Snapshot(pid=7, comm="true", elapsed_s=0.2, target_alive=False, exit_status=0))
+    assert "exited with status 0" in text and "drops: none" in text and "no tracked allocations" in text
+
+
+# ---------------------------------------------------------------- keys
+
+
+def test_split_keys():
+    assert split_keys("qs\x1b[Ab\x1b[5~\x1b") == ["q", "s", "up", "b", "pgup", "esc"]
+    assert split_keys("\x1b[1;5Cx") == ["esc", "x"]  # unknown sequence skipped whole
+    assert {KEY_BINDINGS[k] for k in "st"} <= set(MODES)
+
+
+def test_key_reader_on_a_pty():
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        with KeyReader(slave) as keys:
+            lflag = termios.tcgetattr(slave)[3]
+            assert not lflag & termios.ECHO and not lflag & termios.ICANON
+            assert lflag & termios.ISIG  # Ctrl-C still interrupts
+            assert keys.read_keys() == []
+            os.write(master, b"qt\x1b[B")
+            assert select.select([keys], [], [], 5)[0]
+            got: list[str] = []
+            for _ in range(50):  # the pty may hand the bytes over in pieces
+                got += keys.read_keys()
+                if len(got) >= 3:
+                    break
+                select.select([keys], [], [], 0.1)
+            assert got == ["q", "t", "down"]
+            assert keys.read_keys() == []
+        assert termios.tcgetattr(slave) == before
+        with pytest.raises(KeyError):
+            with KeyReader(slave):
+                raise KeyError("boom")
+        assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_key_reader_needs_a_terminal():
+    r, w = os.pipe()
+    try:
+        with pytest.raises(MemtraceError):
+            with KeyReader(r):
+                pass
+    finally:
+        os.close(r)
+        os.close(w)

@@ -1,0 +1,416 @@
+"""The interactive top-style screen.
+
+`render` is pure: a snapshot and a size in, a renderable no larger than that
+size out. `LiveView` is the sink that puts it on the terminal with rich's
+Live in the alternate screen, redrawing only when told (once per snapshot,
+and on resize or key presses via `refresh`).
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import textwrap
+from typing import Iterable, Optional, Sequence, TextIO
+
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.live import Live
+from rich.segment import Segment
+from rich.text import Text
+
+from memtrace.model import Gap, Snapshot
+from memtrace.view import status
+from memtrace.view.keys import KEY_BINDINGS, QUIT, TOGGLE_SORT
+from memtrace.view.panes import ARENAS, REGIONS, STACKS, STACKS_BY_RETAINED, THREADS, Layout, Slot
+
+# The views the `mode` argument selects: the first pane gets most rows.
+# A new mode is one more entry here and its key in KEY_BINDINGS.
+MODES: dict[str, Layout] = {
+    "stacks": Layout((Slot(STACKS, 3), Slot(THREADS, 1))),
+    "threads": Layout((Slot(THREADS, 3), Slot(STACKS, 1))),
+    "arenas": Layout((Slot(ARENAS, 1), Slot(REGIONS, 1))),
+}
+SORTS = status.SORTS
+
+# Labels are dim and values bold, so numbers stand out when scanning.
+_TONE_STYLES = {
+    status.PLAIN: "bold",
+    status.GOOD: "bold green",
+    status.BAD: "bold red",
+    status.WARN: "yellow",
+    status.DIM: "dim",
+    status.TITLE: "bold cyan",
+}
+_MAX_NOTES = 3
+_ROOMY_HEIGHT = 20
+_BADGE = 7  # ' DROPS ', ' HINT  ': the width of a line's badge
+
+# The gap bar: one cell style per part, and a glyph that tells them apart
+# without colour too.
+_BAR_PARTS = (("█", "cyan"), ("▒", "red"), ("░", "blue"))
+_MIN_BAR, _MAX_BAR = 10, 40
+
+
+class _Clip:
+    """Crops a renderable to width x height: the screen never scrolls."""
+
+    def __init__(self, renderable: RenderableType, width: int, height: int) -> None:
+        self.renderable = renderable
+        self.width = max(1, width)
+        self.height = max(0, height)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = min(self.width, options.max_width)
+        lines = console.render_lines(
+            self.renderable, options.update(width=width, height=None), pad=False
+        )
+        for line in lines[: self.height]:
+            yield from line
+            yield Segment.line()
+
+
+def _field_text(f: status.Field, style: Optional[str] = None) -> Text:
+    text = Text()
+    if f.label:
+        text.append(f.label + " ", style="dim")
+    text.append(f.value, style=style or _TONE_STYLES.get(f.tone, ""))
+    return text
+
+
+def _pack(chunks: Iterable[Text], width: int, sep: str = "  ") -> list[Text]:
+    """Lay chunks out left to right, wrapping between chunks, never inside."""
+    lines: list[Text] = []
+    line = Text()
+    for chunk in chunks:
+        gap = len(sep) if line.cell_len else 0
+        if line.cell_len and line.cell_len + gap + chunk.cell_len > width:
+            lines.append(line)
+            line = Text()
+            gap = 0
+        if gap:
+            line.append(sep)
+        line.append_text(chunk)
+    if line.cell_len:
+        lines.append(line)
+    for line in lines:
+        line.truncate(width, overflow="ellipsis")
+    return lines
+
+
+def bar_cells(parts: list[int], width: int) -> list[int]:
+    """Cells per part, adding up to `width`, each non-zero part seen."""
+    total = sum(parts)
+    if total <= 0 or width <= 0:
+        return [0] * len(parts)
+    exact = [p * width / total for p in parts]
+    cells = [int(x) for x in exact]
+    # Hand out what rounding down left, largest remainder first.
+    for i in sorted(range(len(parts)), key=lambda i: exact[i] - cells[i], reverse=True)[: width - sum(cells)]:
+        cells[i] += 1
+    # A part too small for a cell still gets one, taken from the largest.
+    for i, p in enumerate(parts):
+        if p > 0 and cells[i] == 0:
+            biggest = max(range(len(cells)), key=lambda j: cells[j])
+            if cells[biggest] > 1:
+                cells[biggest] -= 1
+                cells[i] = 1
+    return cells
+
+
+def gap_bar(gap: Gap, width: int) -> Text:
+    parts = [gap.heap_live_bytes, gap.allocator_retained_bytes, gap.other_anon_bytes]
+    text = Text()
+    for (glyph, style), n in zip(_BAR_PARTS, bar_cells(parts, width)):
+        text.append(glyph * n, style=style)
+    return text
+
+
+def _fitted(line: status.HeaderLine, width: int, styles: Sequence[str] = ()) -> list[Text]:
+    """A line of fields on one line if it fits, in its compact wording if
+    that fits better, else wrapped between fields."""
+    def texts(fields: Sequence[status.Field]) -> list[Text]:
+        return [_field_text(f, styles[i] if i < len(styles) else None) for i, f in enumerate(fields)]
+
+    packed = _pack(texts(line.fields), width, line.sep)
+    if len(packed) > 1 and line.compact:
+        packed = _pack(texts(line.compact), width, line.sep)
+    return packed
+
+
+def _gap_lines(line: status.HeaderLine, s: Snapshot, width: int) -> list[Text]:
+    """The equation, its parts coloured as in the bar that follows it when
+    there is room."""
+    styles = [""] + [f"bold {style}" for _, style in _BAR_PARTS]
+    texts = _fitted(line, width, styles)
+    room = width - texts[-1].cell_len - 2
+    if len(texts) == 1 and s.gap is not None and s.gap.rss_anon_bytes > 0 and room >= _MIN_BAR:
+        texts[0].append("  ")
+        texts[0].append_text(gap_bar(s.gap, min(room, _MAX_BAR)))
+    return texts
+
+
+def _badged(badge: str, style: str, body: str, body_style: str, width: int, wrap: bool) -> list[Text]:
+    """A sentence after a badge; wrapped lines are indented under it."""
+    chunks = textwrap.wrap(body, max(8, width - _BADGE - 1)) if wrap else [body]
+    lines = []
+    for i, chunk in enumerate(chunks or [""]):
+        line = Text()
+        line.append(badge.ljust(_BADGE) if i == 0 else " " * _BADGE, style=style if i == 0 and badge else "")
+        line.append(" " + chunk, style=body_style)
+        line.truncate(width, overflow="ellipsis")
+        lines.append(line)
+    return lines
+
+
+def _header(s: Snapshot, width: int, budget: int) -> list[Text]:
+    """Header lines in display order; when `budget` is short the lowest
+    ranks stay (the gap and who is traced, then drops and hints, ...)."""
+    ranked: list[tuple[float, Text]] = []  # in display order
+    drops = notes = 0
+    lines = status.header(s)
+    note_count = sum(1 for line in lines if line.kind == status.NOTE)
+    for line in lines:
+        if line.kind == status.GAP:
+            texts = _gap_lines(line, s, width)
+        elif line.kind == status.DROP:
+            texts = _badged(" DROPS" if drops == 0 else "", "bold white on red", line.text, "bold red", width, False)
+            drops += 1
+        elif line.kind == status.HINT:
+            # Hints wrap: their advice comes after their numbers.
+            texts = _badged(" HINT", "bold black on yellow", line.text, "yellow", width, True)
+        elif line.kind == status.NOTE:
+            notes += 1
+            text = line.text
+            if note_count > _MAX_NOTES and notes >= _MAX_NOTES:
+                if notes > _MAX_NOTES:
+                    continue
+                text = f"(+{note_count - _MAX_NOTES + 1} more notes)"
+            note = Text()
+            note.append("note ", style="yellow")
+            note.append(text)
+            note.truncate(width, overflow="ellipsis")
+            texts = [note]
+        else:
+            texts = _fitted(line, width)
+        for i, text in enumerate(texts):
+            # A line's wrapped tail goes before any other line's start.
+            ranked.append((line.rank + (0.5 if i else 0), text))
+    order = sorted(range(len(ranked)), key=lambda i: (ranked[i][0], i))
+    kept = sorted(order[: max(0, budget)])
+    return [ranked[i][1] for i in kept]
+
+
+def _footer(mode: str, sort: str, width: int) -> Text:
+    text = Text()
+    for key, action in KEY_BINDINGS.items():
+        if action == TOGGLE_SORT:
+            # Says what the key will do: rank by the other measure.
+            label, style = ("by live" if sort == status.SORT_RETAINED else "by retained"), "dim"
+        elif action == QUIT or action in MODES:
+            label, style = action, "bold" if action == mode else "dim"
+        else:
+            continue
+        if text.cell_len:
+            text.append(" ")
+        text.append(f" {key} ", style="bold reverse")
+        text.append(" " + label, style=style)
+    text.truncate(width, overflow="ellipsis")
+    return text
+
+
+def render(
+    snapshot: Snapshot, width: int, height: int, mode: str = "stacks", sort: str = status.SORT_LIVE
+) -> RenderableType:
+    """The whole screen for one snapshot, at most `width` x `height` cells;
+    `sort` ranks the stacks table by live or by retained bytes."""
+    if mode not in MODES:
+        raise ValueError(f"unknown view mode {mode!r}: expected one of {', '.join(MODES)}")
+    if sort not in SORTS:
+        raise ValueError(f"unknown sort {sort!r}: expected one of {', '.join(SORTS)}")
+    width, height = max(1, width), max(1, height)
+    footer = _footer(mode, sort, width)
+    # The header may take half the screen (the gap, identity and drops
+    # first, see _header), but leaves the first table a title, a column
+    # header and a row.
+    header = _header(snapshot, width, max(1, min(height - 4, max(4, height // 2))))
+    pane_lines = height - len(header) - 1
+    layout = MODES[mode]
+    if sort == status.SORT_RETAINED:
+        layout = layout.with_pane(STACKS_BY_RETAINED)
+    # On a roomy screen a blank line sets each table apart.
+    gap = 1 if height >= _ROOMY_HEIGHT else 0
+    parts: list[RenderableType] = list(header)
+    if pane_lines > 0:
+        for pane, rows in layout.plan(snapshot, pane_lines - gap * len(layout.slots)):
+            parts.extend([Text()] * gap)
+            parts.extend(pane.build(snapshot, width, rows))
+    return _Clip(_Screen(parts, footer, height), width, height)
+
+
+class _Screen:
+    """Body lines from the top, the footer pinned to the bottom line (as in
+    top), so the keys stay put while the tables grow and shrink."""
+
+    def __init__(self, parts: list[RenderableType], footer: Text, height: int) -> None:
+        self.parts = parts
+        self.footer = footer
+        self.height = height
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        body = console.render_lines(Group(*self.parts), options.update(height=None), pad=False)
+        body = body[: max(0, self.height - 1)]
+        for line in body:
+            yield from line
+            yield Segment.line()
+        for _ in range(self.height - 1 - len(body)):
+            yield Segment.line()
+        yield self.footer
+
+
+def _waiting(width: int, height: int) -> RenderableType:
+    return _Clip(Text("memtrace: waiting for the first snapshot…", style="dim"), width, height)
+
+
+class LiveView:
+    """The interactive sink: a full-screen view redrawn once per snapshot.
+
+    The main loop handles quitting and hands every other key to
+    `handle_key`.
+
+    Args:
+        console: where to draw; a fresh stdout Console by default.
+        mode: the view to start in, a key of MODES.
+        sort: how the stacks table starts ranked, one of SORTS.
+    """
+
+    def __init__(self, console: Optional[Console] = None, mode: str = "stacks", sort: str = status.SORT_LIVE) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown view mode {mode!r}")
+        if sort not in SORTS:
+            raise ValueError(f"unknown sort {sort!r}")
+        self.console = console or Console()
+        self.mode = mode
+        self.sort = sort
+        self.snapshot: Optional[Snapshot] = None
+        self._live: Optional[Live] = None
+        self._real_stderr: Optional[TextIO] = None
+        self._stderr_buffer: Optional[io.StringIO] = None
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        if self._live is not None:
+            return
+        # Anything written to stderr while the alternate screen is up would
+        # be wiped by the next redraw: hold it and print it after stop().
+        self._real_stderr, self._stderr_buffer = sys.stderr, io.StringIO()
+        sys.stderr = self._stderr_buffer
+        live = Live(
+            console=self.console,
+            screen=True,
+            auto_refresh=False,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        try:
+            live.start()
+        except BaseException:
+            self._restore_stderr()
+            raise
+        self._live = live
+        self.refresh()
+
+    def stop(self) -> None:
+        """Leave the alternate screen and show the cursor again. Safe to call
+        twice, before start(), or while an exception is unwinding."""
+        live, self._live = self._live, None
+        try:
+            if live is not None:
+                try:
+                    live.stop()
+                finally:
+                    # If rich failed half-way, still put the terminal back.
+                    try:
+                        self.console.set_alt_screen(False)
+                        self.console.show_cursor(True)
+                    except Exception:
+                        pass
+        finally:
+            self._restore_stderr()
+
+    def __enter__(self) -> "LiveView":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- drawing
+
+    def update(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.refresh()
+
+    def set_mode(self, mode: str) -> bool:
+        """Switch views; False (and no change) for a mode this build lacks."""
+        if mode not in MODES:
+            return False
+        if mode != self.mode:
+            self.mode = mode
+            self.refresh()
+        return True
+
+    def set_sort(self, sort: str) -> bool:
+        """Rank the stacks table by live or retained bytes; False (and no
+        change) for an unknown sort."""
+        if sort not in SORTS:
+            return False
+        if sort != self.sort:
+            self.sort = sort
+            self.refresh()
+        return True
+
+    def handle_key(self, key: str) -> bool:
+        """Act on a key bound to this view (see KEY_BINDINGS): switch modes,
+        or with 'r' rank the stacks by the other measure (from the arenas
+        view, show the stacks by retained bytes). False for keys it does not
+        handle, quitting included: that is the main loop's."""
+        action = KEY_BINDINGS.get(key)
+        if action in MODES:
+            return self.set_mode(action)
+        if action == TOGGLE_SORT:
+            if any(slot.pane.name == "stacks" for slot in MODES[self.mode].slots):
+                self.set_sort(status.SORT_RETAINED if self.sort == status.SORT_LIVE else status.SORT_LIVE)
+            else:
+                # A view without stacks: show them, by what they left retained.
+                self.mode, self.sort = "stacks", status.SORT_RETAINED
+                self.refresh()
+            return True
+        return False
+
+    def refresh(self) -> None:
+        """Redraw at the terminal's current size (call on SIGWINCH/keys)."""
+        if self._live is None:
+            return
+        width, height = self.console.size
+        if self.snapshot is None:
+            screen = _waiting(width, height)
+        else:
+            screen = render(self.snapshot, width, height, self.mode, self.sort)
+        self._live.update(screen, refresh=True)
+
+    # The Sink protocol's names for the same thing.
+    write = update
+    close = stop
+
+    def _restore_stderr(self) -> None:
+        real, held = self._real_stderr, self._stderr_buffer
+        self._real_stderr = self._stderr_buffer = None
+        if real is None:
+            return
+        if sys.stderr is held:
+            sys.stderr = real
+        if held is not None and held.getvalue():
+            real.write(held.getvalue())
+            real.flush()

@@ -33,6 +33,7 @@ from memtrace.model import (
 )
 from memtrace.view.fmt import (
     ellipsize,
+    fit_list,
     fmt_bytes,
     fmt_count_rate,
     fmt_duration,
@@ -43,7 +44,7 @@ from memtrace.view.fmt import (
     split_frame,
 )
 from memtrace.view.keys import KEY_BINDINGS, KeyReader, split_keys
-from memtrace.view.live import MODES, LiveView, render
+from memtrace.view.live import MODES, SORTS, LiveView, bar_cells, render
 from memtrace.view.text import BatchView, render_summary
 
 MiB = 1 << 20
@@ -133,7 +134,7 @@ def region(i: int, kind="glibc-arena-heap", frames=ZLIB_FRAMES, tid=101, in_mall
 def full_snapshot(light=False, **overrides) -> Snapshot:
     """The incident: zlib Inflaters on JVM threads filled per-thread arenas
     that glibc keeps resident after the frees."""
-    arenas = (arena(0, "main", (100,), live_mib=300, resident_mib=320, estimate=light),) + tuple(
+    arenas = (arena(0, "main", () if light else (100,), live_mib=300, resident_mib=320, estimate=light),) + tuple(
         arena(i, tids=() if light else (101, 102, 200 + i), live_mib=50, resident_mib=450 + i, estimate=light,
               reliable=i != 7)
         for i in range(1, 9)
@@ -149,7 +150,7 @@ def full_snapshot(light=False, **overrides) -> Snapshot:
     stacks[1] = StackStats(stacks[1].frames, stacks[1].tids, stacks[1].counters, live_delta_bytes=3 * MiB,
                            retained_bytes=3 * GiB)
     stacks[0] = StackStats(stacks[0].frames, stacks[0].tids, stacks[0].counters, retained_bytes=100 * MiB)
-    heap_live = 700 * MiB
+    heap_live = 700 * MiB if light else snapshot().heap.live_bytes
     fields = dict(
         process=ProcessStats(rss_bytes=7 * GiB + 300 * MiB, rss_anon_bytes=7 * GiB, peak_rss_bytes=8 * GiB),
         light=light,
@@ -289,12 +290,14 @@ def test_threads_table_and_exited():
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("width, height", [(120, 40), (80, 24), (40, 10), (20, 5), (200, 60), (10, 3), (1, 1)])
 def test_fits_every_size(mode, width, height):
-    for snap in (snapshot(), Snapshot(pid=1, comm="x", elapsed_s=0.0)):
-        lines = screen(snap, width, height, mode)
-        assert len(lines) == height
-        assert all(len(line) <= width for line in lines)
-    if height >= 3:
-        assert " q " in lines[-1]  # the keys stay on the bottom line
+    snaps = (snapshot(), Snapshot(pid=1, comm="x", elapsed_s=0.0), full_snapshot(), full_snapshot(light=True))
+    for snap in snaps:
+        for sort in SORTS:
+            lines = screen(snap, width, height, mode, sort)
+            assert len(lines) == height
+            assert all(len(line) <= width for line in lines)
+            if height >= 3:
+                assert " q " in lines[-1]  # the keys stay on the bottom line
 
 
 def test_mode_gives_its_table_the_rows():
@@ -315,9 +318,168 @@ def test_small_screen_keeps_drops():
 def test_unknown_mode():
     with pytest.raises(ValueError):
         render(snapshot(), 80, 24, mode="nope")
+    with pytest.raises(ValueError):
+        render(snapshot(), 80, 24, sort="nope")
     view = LiveView(Console(file=io.StringIO(), width=80, height=24))
     assert view.set_mode("threads") and view.mode == "threads"
     assert not view.set_mode("nope") and view.mode == "threads"
+
+
+# ---------------------------------------------------------------- the gap, arenas, regions
+
+
+def test_gap_heads_a_wide_screen_with_its_bar():
+    lines = screen(full_snapshot(), 200, 60)
+    assert lines[0].startswith(
+        "anon RSS 7.0 GiB = heap live 512.0 MiB + allocator retained 3.1 GiB + other 3.4 GiB  █"
+    )
+    bar = lines[0].split("  ")[-1]
+    assert 10 <= len(bar) <= 40 and set(bar) == set("█▒░")
+    assert bar.index("▒") < bar.index("░")  # live, retained, other: the equation's order
+    assert bar.count("▒") > bar.count("█")  # retained outweighs live here
+    assert lines[1].startswith("memtrace  pid 4242 (java)")
+    text = "\n".join(lines)
+    for expected in (
+        "glibc arenas 9 (1 main, 8 thread)  committed 4.0 GiB  resident 3.8 GiB  mmapped chunks 3 (12.0 MiB)",
+        "malloc_trim(0) would return ~1.2 GiB",
+        "1 read unreliably",
+        " HINT   8 thread arenas keep 3.1 GiB freed but resident (80 % of their 3.9 GiB): MALLOC_ARENA_MAX=2",
+        " HINT   malloc_trim(0) would return about 1.2 GiB now (estimate)",
+        "address space: mapped 20.0 GiB  reserved 9.0 GiB  committed 8.0 GiB  resident 7.3 GiB  returned 1.5 GiB",
+        "malloc_trim 3 (1 released) returned 40.0 MiB",
+        "live blocks 34,567  RSS 7.3 GiB  peak 8.0 GiB",  # the gap line has heap live and anon
+    ):
+        assert expected in text, expected
+
+
+def test_gap_says_it_shorter_on_80_columns():
+    lines = screen(full_snapshot(), 80, 24)
+    assert lines[0].rstrip() == "anon RSS 7.0 GiB = heap live 512.0 MiB + retained 3.1 GiB + other 3.4 GiB"
+    allocator = next(line for line in lines if line.startswith("arenas 9"))
+    assert allocator.rstrip() == "arenas 9  committed 4.0 GiB  resident 3.8 GiB  trim would return ~1.2 GiB"
+    # Hints wrap rather than lose their advice; the lines under the badge line up.
+    start = next(i for i, line in enumerate(lines) if line.startswith(" HINT "))
+    assert "MALLOC_ARENA_MAX=2" in lines[start + 1] and lines[start + 1].startswith(" " * 8)
+    assert "DROPS" in "\n".join(lines)
+    # Details give way so the tables keep rows.
+    assert not any(line.startswith("address space") for line in lines)
+    assert sum(1 for line in lines if re.match(r"\s+\d+\.\d (MiB|GiB)\s", line)) >= 5
+
+
+def test_light_mode_marks_estimates():
+    snap = full_snapshot(light=True)
+    lines = screen(snap, 200, 60)
+    text = "\n".join(lines)
+    assert lines[0].startswith("anon RSS 7.0 GiB = heap live ~700.0 MiB + allocator retained ~3.1 GiB + other")
+    assert lines[1].startswith("memtrace  light mode  pid 4242")
+    assert "since start" not in text and "malloc 0 B/s" not in text  # no probes, no traffic
+    assert "malloc_trim 3 (1 released) returned 40.0 MiB" in text  # still probed
+    assert "STACKS  none: no malloc probes in light mode (press a for the arenas)" in text
+    arenas = "\n".join(screen(snap, 200, 60, "arenas"))
+    assert "~ estimate" in arenas and re.search(r"main\s+1\s+0 B\s+332.0 MiB\s+320.0 MiB\s+~300.0 MiB", arenas)
+    assert "~" in screen(snap, 80, 24)[0]
+
+
+def test_arenas_view():
+    lines = screen(full_snapshot(), 200, 60, "arenas")
+    text = "\n".join(lines)
+    title = next(i for i, line in enumerate(lines) if line.startswith("ARENAS"))
+    assert lines[title].startswith("ARENAS  9 of 9 by retained bytes (1 main, 8 thread)  ? unreliable read")
+    assert lines[title + 1].split() == [
+        "ARENA", "KIND", "HEAPS", "RESERVED", "COMMITTED", "RESIDENT", "LIVE", "RETAINED", "RET%", "TRIMMABLE", "THREADS",
+    ]
+    rows = lines[title + 2 : title + 11]
+    assert rows[0].split()[:2] == ["0x7f3a08000020", "thread"]  # the most retained first
+    assert re.search(r"thread\s+2\s+128.0 MiB\s+470.0 MiB\s+458.0 MiB\s+50.0 MiB\s+408.0 MiB\s+89%\s+136.0 MiB\s+"
+                     r"Inflater-1, gone, worker-8$", rows[0].rstrip())
+    assert "thread?" in rows[1]  # read unreliably
+    assert rows[-1].split()[:2] == ["0x7f3a00000020", "main"] and rows[-1].rstrip().endswith("java")
+    regions = next(i for i, line in enumerate(lines) if line.startswith("REGIONS"))
+    assert "4 of the 4 largest never returned to the OS" in lines[regions]
+    assert lines[regions + 1].split()[:6] == ["START", "KIND", "SIZE", "COMMITTED", "RESIDENT", "THREAD"]
+    assert re.search(r"arena heap\s+64.0 MiB\s+64.0 MiB\s+64.0 MiB\s+101 Inflater-1\s+malloc\s+"
+                     r"inflateInit2_ ← Java_java_util_zip_Inflater_init", text)
+    assert re.search(r"mmapped chunk .* 102 gone\s+malloc\s+deflate_slow", text)
+    assert re.search(r"anonymous .* 100 java\s+direct\s+\[libjvm\]", text)
+    assert re.search(r"brk heap .* before trace\s+direct\s+\(made before the trace began\)", text)
+    assert "STACKS" not in text
+
+
+def test_arenas_view_on_80_columns():
+    lines = screen(full_snapshot(), 80, 24, "arenas")
+    title = next(i for i, line in enumerate(lines) if line.startswith("ARENAS"))
+    assert lines[title + 1].split() == ["KIND", "RESIDENT", "LIVE", "RETAINED", "RET%", "TRIMMABLE", "THREADS"]
+    assert lines[title + 2].rstrip().endswith("Inflater-1, gone, +1")
+    assert any(line.startswith("REGIONS") for line in lines)
+    assert any(re.search(r"arena heap\s+64.0 MiB\s+101 Inflater-1\s+malloc\s+inflateInit2_", line) for line in lines)
+
+
+def test_snapshots_without_the_new_sections():
+    old = snapshot()
+    lines = screen(old, 120, 40)
+    text = "\n".join(lines)
+    assert "anon RSS" not in text and "HINT" not in text and "address space" not in text
+    assert not any(line.startswith(("glibc arenas", "arenas")) for line in lines)
+    assert lines[0].startswith("memtrace  pid 4242") and "heap live 512.0 MiB" in lines[3]
+    assert "RETAINED" not in text
+    arenas = screen(old, 80, 24, "arenas")
+    assert any(line.startswith("ARENAS  no arena data (address-space layer off, or an older recording)") for line in arenas)
+    bare = full_snapshot(arenas=(), regions=())
+    bare_text = "\n".join(screen(bare, 120, 40, "arenas"))
+    assert "ARENAS  none read yet" in bare_text and "REGIONS" not in bare_text
+
+
+def test_stacks_ranked_by_retained():
+    lines = screen(full_snapshot(), 120, 40, sort="retained")
+    start = next(i for i, line in enumerate(lines) if line.startswith("STACKS"))
+    assert "by retained bytes (estimates)" in lines[start]
+    assert lines[start + 1].split()[:2] == ["LIVE", "RETAINED"]
+    rows = lines[start + 2 : start + 5]
+    assert "3.0 GiB" in rows[0] and "inflateInit2_" in rows[0]
+    assert "100.0 MiB" in rows[1] and "parse_config" in rows[1]
+    assert "by live" in lines[-1]  # the key now offers the other order
+    # Ranked by live, the column is still there when any stack retains.
+    by_live = screen(full_snapshot(), 120, 40)
+    start = next(i for i, line in enumerate(by_live) if line.startswith("STACKS"))
+    assert "by live bytes" in by_live[start] and "RETAINED" in by_live[start + 1]
+    assert "16.0 MiB" in by_live[start + 3]  # live order: the 16 MiB stack second
+    assert "by retained" in by_live[-1]
+    # Nothing retained yet: ranked by live, and it says why.
+    plain = screen(snapshot(), 120, 40, sort="retained")
+    start = next(i for i, line in enumerate(plain) if line.startswith("STACKS"))
+    assert "by live bytes (no retained bytes yet)" in plain[start] and "RETAINED" not in plain[start + 1]
+
+
+def test_handle_key():
+    view = LiveView(Console(file=io.StringIO(), width=80, height=24))
+    assert view.mode == "stacks" and view.sort == "live"
+    assert view.handle_key("r") and (view.mode, view.sort) == ("stacks", "retained")
+    assert view.handle_key("r") and view.sort == "live"
+    assert view.handle_key("a") and view.mode == "arenas"
+    # The arenas view has no stacks: 'r' shows them, ranked by retained.
+    assert view.handle_key("r") and (view.mode, view.sort) == ("stacks", "retained")
+    assert view.handle_key("t") and view.mode == "threads"
+    assert view.handle_key("r") and (view.mode, view.sort) == ("threads", "live")
+    assert not view.handle_key("q") and not view.handle_key("x") and not view.handle_key("up")
+    assert view.mode == "threads"
+    assert view.set_mode("arenas") and view.mode == "arenas"
+    assert view.set_sort("retained") and not view.set_sort("nope") and view.sort == "retained"
+
+
+def test_bar_cells_and_lists():
+    assert bar_cells([1, 1, 2], 8) == [2, 2, 4]
+    assert bar_cells([0, 0, 0], 8) == [0, 0, 0]
+    for parts in ([1, 1000, 3], [7, 0, 5], [1, 1, 1], [123, 4567, 89]):
+        for width in (3, 10, 17, 40):
+            cells = bar_cells(parts, width)
+            assert sum(cells) == width
+            assert all(c >= 1 for p, c in zip(parts, cells) if p)
+    assert fit_list(["a", "b", "c"], 20) == "a, b, c"
+    assert fit_list(["alpha", "beta", "gamma"], 14) == "alpha, +2"
+    assert fit_list(["Inflater-1234", "b"], 12) == "Inf…1234, +1"
+    assert fit_list([], 10) == "-"
+    for width in range(1, 30):
+        assert len(fit_list(["Inflater-1", "gone", "worker-8"], width)) <= width
 
 
 def terminal_console() -> Console:
@@ -403,6 +565,80 @@ def test_summary(alive, status, expected):
     assert "perf map missing" in text
 
 
+def test_batch_shows_the_gap_arenas_and_regions():
+    out = io.StringIO()
+    BatchView(file=out, max_stacks=5, max_arenas=3, max_regions=2).update(full_snapshot())
+    text = out.getvalue()
+    assert text.isascii() and ESC not in text
+    lines = text.split("\n")
+    assert lines[1] == "anon RSS 7.0 GiB = heap live 512.0 MiB + allocator retained 3.1 GiB + other 3.4 GiB"
+    assert lines[2].startswith("memtrace  pid 4242")
+    assert "glibc arenas 9 (1 main, 8 thread)  committed 4.0 GiB" in text
+    assert "HINT: 8 thread arenas keep 3.1 GiB freed but resident" in text
+    assert "HINT: malloc_trim(0) would return about 1.2 GiB now (estimate)" in text
+    assert "malloc_trim 3 (1 released) returned 40.0 MiB" in text
+    header = next(line for line in lines if line.lstrip().startswith("LIVE"))
+    assert header.split()[:2] == ["LIVE", "RETAINED"]
+    assert "ARENAS 3 of 9 by retained bytes (1 main, 8 thread), ? unreliable read" in text
+    assert re.search(r"0x7f3a08000020\s+thread\s+2\s+128.0 MiB\s+470.0 MiB\s+458.0 MiB\s+50.0 MiB\s+408.0 MiB\s+89%", text)
+    assert "REGIONS 2 of the 4 largest never returned to the OS" in text
+    assert re.search(r"arena heap\s+64.0 MiB\s+64.0 MiB\s+64.0 MiB\s+101 Inflater-1\s+malloc\s+inflateInit2_ <- ", text)
+    assert all(len(line) <= 160 for line in lines if not line.startswith("HINT"))
+    # An older snapshot: none of the new sections.
+    out = io.StringIO()
+    BatchView(file=out).update(snapshot())
+    assert not re.search(r"anon RSS|ARENAS|REGIONS|HINT|RETAINED", out.getvalue())
+    # Light mode: estimates marked, and why the stacks are missing.
+    out = io.StringIO()
+    BatchView(file=out).update(full_snapshot(light=True))
+    light = out.getvalue()
+    assert "heap live ~700.0 MiB + allocator retained ~3.1 GiB" in light and "memtrace  light mode" in light
+    assert "STACKS none: light mode has no malloc probes" in light and "~50.0 MiB" in light
+
+
+def test_summary_of_the_gap():
+    text = render_summary(full_snapshot())
+    assert ESC not in text
+    for expected in (
+        "the gap at the end: anon RSS 7.0 GiB = heap live 512.0 MiB + allocator retained 3.1 GiB + other 3.4 GiB",
+        "allocator (glibc): 9 arenas (1 main, 8 thread), committed 4.0 GiB, resident 3.8 GiB,"
+        " live 512.0 MiB, retained 3.1 GiB; 3 mmapped chunks (12.0 MiB)",
+        "address space: mapped 20.0 GiB, reserved 9.0 GiB, committed 8.0 GiB, resident 7.3 GiB,"
+        " returned to the OS since the trace began 1.5 GiB",
+        "malloc_trim: 3 calls (1 released memory) returned 40.0 MiB (measured);"
+        " malloc_trim(0) would return about 1.2 GiB now (estimate)",
+        "  at 2m00s thread 100: returned 40.0 MiB (malloc_trim returned 1)",
+        "  - 8 thread arenas keep 3.1 GiB freed but resident (80 % of their 3.9 GiB): MALLOC_ARENA_MAX=2",
+        "arenas: 9 of 9 by retained bytes (1 main, 8 thread), ? unreliable read",
+        "Inflater-1, gone, worker-8",
+        "largest regions never returned to the OS, by resident bytes",
+        "inflateInit2_ <- Java_java_util_zip_Inflater_init <- [libjvm] <- start_thread",
+        "(made before the trace began)",
+        "stacks whose frees the arenas still keep (estimated share of retained bytes):",
+        "last interval +3.0 MiB; retained ~3.0 GiB (estimate)",
+    ):
+        assert expected in text, expected
+    assert "  malloc_trim: 3 calls, 1 released memory" not in text  # said once, with its bytes
+    # The answer comes before the detail: gap, arenas, regions, then the stacks.
+    order = [text.index(s) for s in ("the gap at the end", "arenas: 9", "largest regions", "top 10 of 33 stacks")]
+    assert order == sorted(order)
+    retained = text.index("stacks whose frees")
+    assert text.index("3.0 GiB", retained) < text.index("100.0 MiB", retained)
+
+
+def test_summary_without_the_new_sections_and_in_light_mode():
+    old = render_summary(snapshot())
+    assert not re.search(r"the gap|allocator|arenas:|regions|hints|retained", old)
+    assert "  malloc_trim: 3 calls, 1 released memory" in old
+    light = render_summary(full_snapshot(light=True))
+    assert "heap live at the end: ~700.0 MiB (estimate); light mode: no malloc probes" in light
+    assert "heap live ~700.0 MiB + allocator retained ~3.1 GiB" in light
+    assert "light mode: no malloc probes; ~ marks heap figures estimated" in light
+    assert "live ~700.0 MiB, retained ~3.1 GiB" in light
+    assert "stacks: none (light mode has no malloc probes)" in light
+    assert "allocated 0 B" not in light
+
+
 def test_summary_of_an_empty_trace():
     text = render_summary(Snapshot(pid=7, comm="true", elapsed_s=0.2, target_alive=False, exit_status=0))
     assert "exited with status 0" in text and "drops: none" in text and "no tracked allocations" in text
@@ -414,7 +650,7 @@ def test_summary_of_an_empty_trace():
 def test_split_keys():
     assert split_keys("qs\x1b[Ab\x1b[5~\x1b") == ["q", "s", "up", "b", "pgup", "esc"]
     assert split_keys("\x1b[1;5Cx") == ["esc", "x"]  # unknown sequence skipped whole
-    assert {KEY_BINDINGS[k] for k in "st"} <= set(MODES)
+    assert {KEY_BINDINGS[k] for k in "sta"} <= set(MODES)
 
 
 def test_key_reader_on_a_pty():

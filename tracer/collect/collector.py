@@ -17,6 +17,7 @@ from memtrace.model import (
     RegionStats,
     Snapshot,
     StackKey,
+    ThreadStats,
     TrimStats,
     aggregate_stacks,
     aggregate_threads,
@@ -173,7 +174,7 @@ class Collector:
             interval_s=elapsed - self.previous.elapsed_s if self.previous else elapsed,
             process=process,
             heap=heap,
-            threads=aggregate_threads(rows, self._names, live_tids),
+            threads=self._threads(rows, live_tids),
             stacks=aggregate_stacks(rows, self.frames_of, MAX_STACK_DEPTH, self.previous,
                                     account.stack_retained),
             rates=rates_between(self.previous, heap, elapsed),
@@ -193,6 +194,13 @@ class Collector:
         )
         self.previous = snap
         return snap
+
+    def _threads(self, rows, live_tids) -> tuple[ThreadStats, ...]:
+        if not self.light:
+            return aggregate_threads(rows, self._names, live_tids)
+        # No heap counts without probes; names still label arenas and regions.
+        return tuple(ThreadStats(tid, self._names.get(tid, "?"), Counters(), True)
+                     for tid in sorted(live_tids))
 
     def _regions(self) -> tuple[RegionStats, ...]:
         out = []

@@ -5,6 +5,7 @@ subcommands. Each subcommand is a class with a docstring (its help),
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Protocol
 
@@ -91,3 +92,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug of ours: probes are already removed (finally blocks)
+        if os.environ.get("MEMTRACE_DEBUG"):
+            raise
+        print(f"memtrace: internal error ({type(e).__name__}: {e}); "
+              "run again with MEMTRACE_DEBUG=1 for the traceback and report it", file=sys.stderr)
+        return 70

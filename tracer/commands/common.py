@@ -72,7 +72,8 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
     if args.json:
         sinks.append(JsonSink())
     else:
-        console, view = console_sinks(interactive=interactive and not args.batch)
+        console, view = console_sinks(interactive=interactive and not args.batch,
+                                      mode="arenas" if args.light else "stacks")
         sinks.extend(console)
     if args.record:
         from memtrace.record.recorder import Recorder
@@ -164,8 +165,7 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
             duration_s=args.duration,
             launched=launched,
             keys=keys,
-            on_key=(lambda k: view.set_mode({"s": "stacks", "t": "threads", "a": "arenas"}.get(k, k)))
-            if view is not None else None,
+            on_key=view.handle_key if view is not None else None,
             on_resize=view.refresh if view is not None else None,
             events_fd=events_fd,
             on_events=collector.consume_events,

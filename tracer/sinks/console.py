@@ -10,17 +10,17 @@ from memtrace.model import Snapshot
 
 
 class LiveSink:
-    def __init__(self) -> None:
+    def __init__(self, mode: str = "stacks") -> None:
         from memtrace.view.live import LiveView
 
-        self.view = LiveView()
+        self.view = LiveView(mode=mode)
         self.view.start()
 
     def update(self, snapshot: Snapshot) -> None:
         self.view.update(snapshot)
 
-    def set_mode(self, mode: str) -> None:
-        self.view.set_mode(mode)
+    def handle_key(self, key: str) -> bool:
+        return self.view.handle_key(key)
 
     def refresh(self) -> None:
         self.view.refresh()
@@ -59,10 +59,10 @@ class SummarySink:
         self.out.flush()
 
 
-def console_sinks(interactive: bool) -> tuple[list, Optional[LiveSink]]:
+def console_sinks(interactive: bool, mode: str = "stacks") -> tuple[list, Optional[LiveSink]]:
     """Sinks in the order they close: the live view gives the screen back
     before the summary is printed."""
     if interactive:
-        live = LiveSink()
+        live = LiveSink(mode)
         return [live, SummarySink()], live
     return [BatchSink(), SummarySink()], None

@@ -162,9 +162,11 @@ def _badged(badge: str, style: str, body: str, body_style: str, width: int, wrap
     return lines
 
 
-def _header(s: Snapshot, width: int, budget: int) -> list[Text]:
+def _header(s: Snapshot, width: int, budget: int, detail_budget: Optional[int] = None) -> list[Text]:
     """Header lines in display order; when `budget` is short the lowest
-    ranks stay (the gap and who is traced, then drops and hints, ...)."""
+    ranks stay (the gap and who is traced, then drops and hints, ...).
+    Detail lines (rank DETAIL_RANK and up) are added only while the header
+    stays within `detail_budget` lines: they must not crowd out the tables."""
     ranked: list[tuple[float, Text]] = []  # in display order
     drops = notes = 0
     lines = status.header(s)
@@ -180,11 +182,10 @@ def _header(s: Snapshot, width: int, budget: int) -> list[Text]:
             texts = _badged(" HINT", "bold black on yellow", line.text, "yellow", width, True)
         elif line.kind == status.NOTE:
             notes += 1
-            text = line.text
-            if note_count > _MAX_NOTES and notes >= _MAX_NOTES:
-                if notes > _MAX_NOTES:
-                    continue
-                text = f"(+{note_count - _MAX_NOTES + 1} more notes)"
+            if notes > _MAX_NOTES:
+                continue
+            last = notes == _MAX_NOTES and note_count > _MAX_NOTES
+            text = f"(+{note_count - _MAX_NOTES + 1} more notes)" if last else line.text
             note = Text()
             note.append("note ", style="yellow")
             note.append(text)
@@ -196,7 +197,13 @@ def _header(s: Snapshot, width: int, budget: int) -> list[Text]:
             # A line's wrapped tail goes before any other line's start.
             ranked.append((line.rank + (0.5 if i else 0), text))
     order = sorted(range(len(ranked)), key=lambda i: (ranked[i][0], i))
-    kept = sorted(order[: max(0, budget)])
+    detail_budget = budget if detail_budget is None else detail_budget
+    kept: list[int] = []
+    for i in order:
+        limit = budget if ranked[i][0] < status.DETAIL_RANK else min(budget, detail_budget)
+        if len(kept) < limit:
+            kept.append(i)
+    kept.sort()
     return [ranked[i][1] for i in kept]
 
 
@@ -229,10 +236,10 @@ def render(
         raise ValueError(f"unknown sort {sort!r}: expected one of {', '.join(SORTS)}")
     width, height = max(1, width), max(1, height)
     footer = _footer(mode, sort, width)
-    # The header may take half the screen (the gap, identity and drops
-    # first, see _header), but leaves the first table a title, a column
-    # header and a row.
-    header = _header(snapshot, width, max(1, min(height - 4, max(4, height // 2))))
+    # The header may take half the screen (the gap, identity, drops and
+    # hints first, see _header), details a third, but it leaves the first
+    # table a title, a column header and a row.
+    header = _header(snapshot, width, max(1, min(height - 4, max(4, height // 2))), max(4, height // 3))
     pane_lines = height - len(header) - 1
     layout = MODES[mode]
     if sort == status.SORT_RETAINED:

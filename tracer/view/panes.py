@@ -159,7 +159,7 @@ def stacks_pane(by: str = SORT_LIVE) -> Pane:
         shown = top_stacks(s, order)[:rows]
         detail = f"{len(shown)} of {total} by {order} bytes"
         if order == SORT_RETAINED:
-            detail += " (estimated share of what arenas keep)"
+            detail += " (estimates)"
         elif by == SORT_RETAINED:
             detail += " (no retained bytes yet)"
         if any(st.truncated for st in shown):
@@ -214,7 +214,7 @@ THREADS = Pane("threads", lambda s: len(s.threads), _build_threads)
 
 # ---------------------------------------------------------------- arenas
 
-_NO_ARENAS = "no arena data: the address-space layer is off, or the recording predates it"
+_NO_ARENAS = "no arena data (address-space layer off, or an older recording)"
 
 
 def _arena_count(s: Snapshot) -> Optional[int]:
@@ -240,17 +240,17 @@ def _arena_rows(s: Snapshot, arenas: Sequence[ArenaStats], width: int) -> Table:
         return ("~" if a.live_is_estimate else "") + fmt_bytes(a.live_bytes)
 
     cols = [
-        Col("ARENA", [Text(a.id, style="dim") for a in arenas], justify="left", drop_rank=5),
+        Col("ARENA", [Text(a.id, style="dim") for a in arenas], justify="left", drop_rank=6),
         # '?' marks an arena glibc's structures could not be read reliably.
         Col("KIND", [Text(a.kind + ("?" if not a.reliable else ""), style="" if a.reliable else "yellow") for a in arenas], justify="left"),
-        Col("HEAPS", [Text(str(a.heap_count)) for a in arenas], drop_rank=6),
-        Col("RESERVED", [Text(fmt_bytes(a.reserved_bytes), style="dim") for a in arenas], drop_rank=7),
-        Col("COMMITTED", [Text(fmt_bytes(a.committed_bytes)) for a in arenas], drop_rank=4),
-        Col("RESIDENT", [Text(fmt_bytes(a.resident_bytes)) for a in arenas]),
-        Col("LIVE", [Text(live(a)) for a in arenas]),
+        Col("HEAPS", [Text(str(a.heap_count)) for a in arenas], drop_rank=8),
+        Col("RESERVED", [Text(fmt_bytes(a.reserved_bytes), style="dim") for a in arenas], drop_rank=9),
+        Col("COMMITTED", [Text(fmt_bytes(a.committed_bytes)) for a in arenas], drop_rank=7),
+        Col("RESIDENT", [Text(fmt_bytes(a.resident_bytes)) for a in arenas], drop_rank=4),
+        Col("LIVE", [Text(live(a)) for a in arenas], drop_rank=3),
         Col("RETAINED", [Text(fmt_bytes(a.retained_bytes), style="bold") for a in arenas]),
-        Col("RET%", [_percent_text(a) for a in arenas]),
-        Col("TRIMMABLE", [Text(fmt_bytes(a.trimmable_bytes)) for a in arenas], drop_rank=3),
+        Col("RET%", [_percent_text(a) for a in arenas], drop_rank=2),
+        Col("TRIMMABLE", [Text(fmt_bytes(a.trimmable_bytes)) for a in arenas], drop_rank=5),
         Col("THREADS", justify="left", make=threads),
     ]
     return fit_table(cols, width, ["" if a.reliable else "dim" for a in arenas])
@@ -295,10 +295,10 @@ def _region_rows(s: Snapshot, regions: Sequence[RegionStats], width: int) -> Tab
         Col("KIND", [Text(status.region_kind(r)) for r in regions], justify="left"),
         Col("SIZE", [Text(fmt_bytes(r.end - r.start), style="dim") for r in regions], drop_rank=4),
         Col("COMMITTED", [Text(fmt_bytes(r.committed_bytes)) for r in regions], drop_rank=3),
-        Col("RESIDENT", [Text(fmt_bytes(r.resident_bytes), style="bold") for r in regions]),
-        Col("THREAD", [Text(ellipsize(status.thread_label(r.origin_tid, names), 18)) for r in regions], justify="left", drop_rank=2),
+        Col("RESIDENT", [Text(fmt_bytes(r.resident_bytes), style="bold") for r in regions], drop_rank=1),
+        Col("THREAD", [Text(ellipsize(status.thread_label(r.origin_tid, names), 18)) for r in regions], justify="left", drop_rank=3),
         # Made inside a malloc call: the origin is then malloc's caller.
-        Col("VIA", [Text("malloc", style="yellow") if r.in_malloc else Text("direct", style="dim") for r in regions], justify="left", drop_rank=1),
+        Col("VIA", [Text("malloc", style="yellow") if r.in_malloc else Text("direct", style="dim") for r in regions], justify="left", drop_rank=2),
         Col("ORIGIN (caller first)", justify="left", make=lambda w: [_origin_text(r, w) for r in regions]),
     ]
     return fit_table(cols, width, min_flex=_MIN_ORIGIN)

@@ -142,14 +142,10 @@ def _gap_fields(s: Snapshot, compact: bool) -> tuple[Field, ...]:
     g = s.gap
     if g is None:
         return ()
-    # Retention that outweighs what the program holds is the incident's
-    # signature: make it stand out.
-    big = g.allocator_retained_bytes >= max(g.heap_live_bytes, 16 << 20)
     return (
         Field("anon RSS", fmt_bytes(g.rss_anon_bytes), TITLE),
         Field("= heap live", estimated(s, g.heap_live_bytes)),
-        Field("+ retained" if compact else "+ allocator retained",
-              estimated(s, g.allocator_retained_bytes), BAD if big else PLAIN),
+        Field("+ retained" if compact else "+ allocator retained", estimated(s, g.allocator_retained_bytes)),
         Field("+ other", fmt_bytes(g.other_anon_bytes)),
     )
 
@@ -297,6 +293,7 @@ def _rates(s: Snapshot) -> list[Field]:
 
 DROPS_RANK = 1
 HINTS_RANK = 1
+DETAIL_RANK = 3  # from here on, lines a short screen gives up for its tables
 NOTES_RANK = 10
 
 
@@ -311,6 +308,11 @@ def _fields(
         return [HeaderLine(rank, FIELDS, tuple(fields), compact=short)] if fields else []
 
     return lines
+
+
+def _memory_line(s: Snapshot) -> list[HeaderLine]:
+    # Without the gap line, heap live (on this line) is the headline.
+    return _fields(3 if s.gap is not None else 2, _memory)(s)
 
 
 def _drops(s: Snapshot) -> list[HeaderLine]:
@@ -334,7 +336,7 @@ HEADER: list[Callable[[Snapshot], list[HeaderLine]]] = [
     _drops,
     _fields(2, _allocator, _allocator_compact),
     _hints,
-    _fields(3, _memory),
+    _memory_line,
     _fields(5, _address_space),
     _fields(6, _totals),
     _fields(4, _rates),

@@ -30,6 +30,7 @@ Section = Callable[[Snapshot], list[str]]
 
 _ARROW = " <- "  # ASCII: logs may not be UTF-8
 _MAX_TIDS_LISTED = 8
+_NO_PROBES = "light mode has no malloc probes"
 
 
 def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
@@ -184,7 +185,10 @@ class BatchView:
         lines = [f"--- {time.strftime('%H:%M:%S')} " + "-" * 20]
         lines += _header(s)
         stacks = status.top_stacks(s)[: self.max_stacks]
-        lines.append(f"STACKS {len(stacks)} of {len(s.stacks)} by live bytes")
+        if s.light and not s.stacks:
+            lines.append(f"STACKS none: {_NO_PROBES}")
+        else:
+            lines.append(f"STACKS {len(stacks)} of {len(s.stacks)} by live bytes")
         if stacks:
             retained = status.any_retained(s)
             # Room left for frames after the numeric columns (~45 characters).
@@ -272,7 +276,7 @@ def _tid_list(tids: Sequence[int], names: dict[int, str]) -> str:
 
 def _summary_stacks(s: Snapshot, limit: int = 10) -> list[str]:
     if not s.stacks:
-        return ["", "stacks: no tracked allocations"]
+        return ["", f"stacks: none ({_NO_PROBES})" if s.light else "stacks: no tracked allocations"]
     names = {t.tid: t.name for t in s.threads}
     stacks = status.top_stacks(s)[:limit]
     lines = ["", f"top {len(stacks)} of {len(s.stacks)} stacks by live bytes (frames innermost first):"]

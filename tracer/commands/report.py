@@ -1,0 +1,115 @@
+"""`memtrace report`: one moment of a recording as text, JSON, folded
+stacks, pprof or an HTML page."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+from typing import IO, Iterator
+
+from memtrace.errors import MemtraceError
+from memtrace.record.reader import open_recording, parse_when
+from memtrace.reporters import FORMATS, reporter_class
+from memtrace.reporters.common import BY_CHOICES, ReportData, check_by
+
+
+def _when(text: str) -> str:
+    try:
+        parse_when(text)
+    except MemtraceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def load_report_data(path: str, when: str, by: str) -> ReportData:
+    with open_recording(path) as rec:
+        index, snapshot = rec.snapshot_at(when)
+        check_by(snapshot, by)
+        peak_index, peak = rec.snapshot_at("peak")
+        if index >= len(rec):
+            # Reading up to the peak found damage and cut the recording.
+            index, snapshot = rec.snapshot_at(when)
+        return ReportData(
+            snapshot=snapshot,
+            by=by,
+            when=str(parse_when(when)),
+            index=index,
+            peak=peak,
+            peak_index=peak_index,
+            timeline=tuple(rec.points),
+            metadata=rec.metadata,
+            complete=rec.complete,
+            source=path,
+        )
+
+
+@contextlib.contextmanager
+def _output(path: str, binary: bool, fmt: str) -> Iterator[IO]:
+    if path in ("", "-"):
+        if binary:
+            if sys.stdout.isatty():
+                raise MemtraceError(f"the {fmt} format is binary: give -o FILE or redirect stdout to a file")
+            yield sys.stdout.buffer
+            sys.stdout.buffer.flush()
+        else:
+            yield sys.stdout
+            sys.stdout.flush()
+        return
+    # Rendered in memory first: a failed report leaves no half-written file.
+    buf: IO = io.BytesIO() if binary else io.StringIO()
+    yield buf
+    data = buf.getvalue()
+    try:
+        with open(path, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            f.write(data)
+    except OSError as e:
+        raise MemtraceError(f"cannot write {path}: {e.strerror}") from None
+
+
+class ReportCommand:
+    """Write a report on one moment of a recording (made with --record FILE).
+
+    examples:
+      memtrace report app.rec                      text summary at the end
+      memtrace report app.rec --at peak            ... at the highest RSS
+      memtrace report app.rec --at 90              ... 90 s into the recording
+      memtrace report app.rec --by allocated --format folded | flamegraph.pl > alloc.svg
+      memtrace report app.rec --format pprof -o heap.pb.gz && go tool pprof -top heap.pb.gz
+      memtrace report app.rec --format html -o report.html
+    """
+
+    name = "report"
+
+    def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("file", metavar="FILE", help="a recording made with --record")
+        parser.add_argument("--at", type=_when, default="end", metavar="T|end|peak",
+                            help="the moment: seconds since the start, 'end' (default) or 'peak' (highest RSS)")
+        parser.add_argument("--by", choices=BY_CHOICES, default="live",
+                            help="weight of a stack: live bytes (default), retained or allocated bytes")
+        parser.add_argument("--format", choices=tuple(FORMATS), default="text",
+                            help="text (default), json (the snapshot), folded (flamegraph.pl),"
+                            " pprof (gzipped profile.proto) or html (one offline page)")
+        parser.add_argument("-o", "--output", default="-", metavar="FILE",
+                            help="write here instead of stdout")
+
+    def run(self, args: argparse.Namespace) -> int:
+        reporter_cls = reporter_class(args.format)
+        data = load_report_data(os.fspath(args.file), args.at, args.by)
+        reporter = reporter_cls(data)
+        try:
+            with _output(args.output, reporter_cls.binary, args.format) as out:
+                reporter.render(out)
+        except BrokenPipeError:
+            quiet_stdout()  # `| head` has read enough: not an error
+        return 0
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush into a
+    closed pipe does not complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -1,0 +1,106 @@
+"""The recording file: an SQLite database, described once for writer and reader.
+
+Layout, and why:
+- `meta`: key -> JSON value. `format` names the file as ours,
+  `schema_version` is checked on open, `metadata` holds the session facts.
+- `snapshots`: one row per interval, with the few numbers the reader needs
+  without decoding anything (time, RSS, heap live, gap) for `--at`, `peak`
+  and the over-time chart.
+- `sections`: every top-level part of `Snapshot.to_json()` other than threads
+  and stacks (`process`, `heap`, `os`, `arenas`, `regions`, `gap`, ...), as
+  JSON, written only when it changed; lists of items with an identity
+  (arenas, regions) as per-item changes. A new section needs no change here.
+- `stacks` / `threads`: each entity once, with a stable id; stack frames are
+  stored symbolized, once.
+- `changes`: per snapshot and entity kind, the entities whose counters
+  changed, as one zlib-compressed JSON list (see `memtrace.record.changes`).
+  A busy process changes thousands of (thread, stack) counters a second; one
+  row each would pass 100 MB an hour, packed they take a third of that. The
+  reader carries each entity's last record forward. Every
+  `KEYFRAME_EVERY` snapshots the whole state is written instead (`full`), so
+  reaching any time decodes at most that many snapshots.
+- `events`: address-space events, one row each.
+
+An older file stays readable by a newer memtrace; a file with a newer
+`schema_version` is refused with a request to upgrade.
+"""
+
+from __future__ import annotations
+
+FORMAT_NAME = "memtrace-recording"
+SCHEMA_VERSION = 1
+
+# SQLite header field that marks the file as ours before any table is read
+# ('mTrc').
+APPLICATION_ID = 0x6D547263
+
+# Section values at least this long are stored zlib-compressed (a BLOB);
+# shorter ones as JSON text. Address-space sections can be large.
+COMPRESS_MIN_BYTES = 1024
+
+# A keyframe a minute at 1 s intervals: ~3% more file for a bounded jump.
+KEYFRAME_EVERY = 64
+
+TABLES = ("meta", "snapshots", "sections", "stacks", "threads", "changes", "events")
+
+DDL = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE snapshots (
+    id              INTEGER PRIMARY KEY,
+    elapsed_s       REAL NOT NULL,
+    interval_s      REAL NOT NULL,
+    rss_bytes       INTEGER,
+    heap_live_bytes INTEGER NOT NULL,
+    gap_bytes       INTEGER,
+    -- 1: a keyframe. Its changes and sections hold the whole state, so a
+    -- reader jumping to a time starts at the keyframe before it.
+    full            INTEGER NOT NULL DEFAULT 0,
+    -- JSON list of entity ids when the snapshot's order is not the model's
+    -- own sort order; NULL otherwise (nearly always).
+    thread_order    TEXT,
+    stack_order     TEXT
+);
+CREATE TABLE sections (
+    snapshot_id INTEGER NOT NULL,
+    name        TEXT NOT NULL,
+    value,      -- JSON text, zlib(JSON) blob, or NULL: section gone
+    delta       INTEGER NOT NULL DEFAULT 0,  -- 1: a list delta (memtrace.record.listdelta)
+    PRIMARY KEY (snapshot_id, name)
+) WITHOUT ROWID;
+CREATE TABLE stacks (
+    id     INTEGER PRIMARY KEY,
+    frames TEXT NOT NULL,  -- JSON list, innermost first
+    dup    INTEGER NOT NULL DEFAULT 0  -- >0 only if one snapshot repeats frames
+);
+CREATE TABLE threads (
+    id  INTEGER PRIMARY KEY,
+    tid INTEGER NOT NULL,
+    dup INTEGER NOT NULL DEFAULT 0  -- >0 only if one snapshot repeats a tid
+);
+CREATE TABLE changes (
+    snapshot_id INTEGER NOT NULL,
+    kind        TEXT NOT NULL,  -- 'stacks' or 'threads'
+    data        BLOB NOT NULL,  -- zlib(JSON list of change records)
+    PRIMARY KEY (snapshot_id, kind)
+) WITHOUT ROWID;
+CREATE TABLE events (
+    id        INTEGER PRIMARY KEY,
+    ts        REAL,
+    tid       INTEGER,
+    kind      TEXT,
+    addr      INTEGER,
+    length    INTEGER,
+    prot      INTEGER,
+    flags     INTEGER,
+    result    INTEGER,
+    stack_id  INTEGER,  -- stacks.id
+    in_malloc INTEGER,
+    extra     TEXT      -- JSON object of any other fields
+);
+CREATE INDEX events_by_ts ON events (ts);
+"""
+
+EVENT_COLUMNS = ("ts", "tid", "kind", "addr", "length", "prot", "flags", "result", "in_malloc")

@@ -1,0 +1,116 @@
+"""What every report is made from, and the choices they share: which
+snapshot, which weight per stack, how a frame is named in a flame graph."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from memtrace.errors import MemtraceError
+from memtrace.model import Snapshot, StackStats
+from memtrace.record.timeline import TimePoint, gap_bytes
+from memtrace.view.fmt import split_frame
+
+# --by: what a stack's weight is.
+BY_CHOICES = ("live", "retained", "allocated")
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """One moment of a recording and the context a report shows with it."""
+
+    snapshot: Snapshot
+    by: str = "live"
+    when: str = "end"  # how the moment was chosen: 'end', 'peak', '12.0'
+    index: int = 0
+    peak: Optional[Snapshot] = None  # the snapshot at peak, for the gap there
+    peak_index: Optional[int] = None
+    timeline: Sequence[TimePoint] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    complete: bool = True  # the recorder closed the file
+    source: str = ""  # the recording's path
+
+
+def stack_weight(stack: StackStats, by: str) -> int:
+    if by == "live":
+        return stack.counters.live_bytes
+    if by == "allocated":
+        return stack.counters.alloc_bytes
+    if by == "retained":
+        return stack.retained_bytes
+    raise MemtraceError(f"unknown weight {by!r}: use one of {', '.join(BY_CHOICES)}")
+
+
+def has_retained(snapshot: Snapshot) -> bool:
+    """Per-stack retained bytes mean something only where the arenas were
+    measured; elsewhere they are all zero."""
+    return snapshot.allocator is not None or bool(snapshot.arenas)
+
+
+def check_by(snapshot: Snapshot, by: str) -> None:
+    """Refuse a weight the snapshot cannot give, in one line."""
+    if by not in BY_CHOICES:
+        raise MemtraceError(f"unknown weight {by!r}: use one of {', '.join(BY_CHOICES)}")
+    if by == "retained" and not has_retained(snapshot):
+        raise MemtraceError(
+            "this recording has no arena data, so no retained bytes per stack:"
+            " use --by live or --by allocated"
+        )
+
+
+def weighted_stacks(snapshot: Snapshot, by: str) -> list[tuple[StackStats, int]]:
+    """Stacks with a positive weight, heaviest first."""
+    check_by(snapshot, by)
+    pairs = [(s, stack_weight(s, by)) for s in snapshot.stacks]
+    pairs = [(s, w) for s, w in pairs if w > 0]
+    pairs.sort(key=lambda p: (-p[1], p[0].frames))
+    return pairs
+
+
+def frame_label(frame: str) -> str:
+    """A frame as a flame-graph box: the function without its offset, so
+    one function is one box; an unsymbolized address becomes its module."""
+    func, module = split_frame(frame)
+    if func is not None:
+        return func
+    if module:
+        return f"[{module}]"
+    return frame.strip() or "[unknown]"
+
+
+def unit(by: str) -> str:
+    return {"live": "live bytes", "allocated": "allocated bytes", "retained": "retained bytes"}[by]
+
+
+def moment(data: ReportData) -> str:
+    """'at 12.0s (end)' and the like."""
+    if data.when in ("end", "peak", "start"):
+        return f"at {data.snapshot.elapsed_s:.1f}s ({data.when})"
+    try:
+        asked = float(data.when)
+    except ValueError:
+        return f"at {data.snapshot.elapsed_s:.1f}s"
+    return f"at {data.snapshot.elapsed_s:.1f}s (the last snapshot by {asked:g}s)"
+
+
+def command_line(metadata: dict[str, Any]) -> Optional[str]:
+    cmd = metadata.get("command_line") or metadata.get("cmdline")
+    if isinstance(cmd, (list, tuple)):
+        return shlex.join(str(part) for part in cmd)
+    return str(cmd) if cmd else None
+
+
+def recorded_on(metadata: dict[str, Any]) -> list[str]:
+    """['host vm', 'kernel 6.1.0', 'glibc 2.36', 'memtrace 0.1.0'], as known."""
+    facts = [f"{k} {metadata[k]}" for k in ("host", "kernel") if metadata.get(k)]
+    glibc = metadata.get("glibc")
+    if glibc:
+        facts.append(str(glibc) if str(glibc).startswith("glibc") else f"glibc {glibc}")
+    if metadata.get("memtrace_version"):
+        facts.append(f"memtrace {metadata['memtrace_version']}")
+    return facts
+
+
+def gap_at(s: Optional[Snapshot]) -> Optional[int]:
+    return gap_bytes(s) if s is not None else None

@@ -53,12 +53,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 # Optional test tools: install what the distribution has, say what it lacks.
 if [ "$test_tools" -eq 1 ]; then
-    for p in vagrant; do
-        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed"; then
-            apt_update
-            apt-get install -y -qq "$p" >/dev/null 2>&1 || say "note: $p is not available here"
-        fi
-    done
+    if ! dpkg-query -W -f='${Status}' vagrant 2>/dev/null | grep -q "ok installed"; then
+        apt_update
+        apt-get install -y -qq vagrant >/dev/null 2>&1 || say "note: vagrant is not available here"
+    fi
 fi
 
 # ---------------------------------------------------------------- kernel headers
@@ -108,7 +106,7 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv --system-site-packages "$venv"
 fi
 say "installing memtrace into $venv"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$here[test]"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${here}[test]"
 ln -sfn "$venv/bin/memtrace" /usr/local/bin/memtrace
 say "memtrace is $(command -v memtrace) ($("$venv/bin/memtrace" --version))"
 

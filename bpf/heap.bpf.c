@@ -28,12 +28,14 @@ BPF_HASH(arena_flows, struct flow_key, struct flow_counts, MAX_FLOWS);
  * between two snapshots still has a name. */
 BPF_HASH(thread_names, u32, struct thread_name, MAX_THREADS);
 
-static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 sp, u64 sp_adjust,
+/* entry_sp: the stack pointer at the function's first instruction, where
+ * the return address is, whatever the probe site skipped. */
+static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 entry_sp,
                                      struct heap_key *key)
 {
     key->tid = tid;
     key->caller = 0;
-    bpf_probe_read_user(&key->caller, sizeof(key->caller), (void *)(sp + sp_adjust));
+    bpf_probe_read_user(&key->caller, sizeof(key->caller), (void *)entry_sp);
     key->stack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
     if (key->stack_id < 0)
         count(CNT_STACK_LOST);
@@ -126,7 +128,7 @@ static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ar
     if (!traced(id))
         return 0;
     u32 tid = id;
-    u64 sp = PT_REGS_SP(ctx);
+    u64 sp = PT_REGS_SP(ctx) + sp_adjust;
     struct pending_call *open = pending.lookup(&tid);
     if (open && open->entry_sp >= sp) {
         /* glibc calls its own public entry points (memalign and realloc
@@ -137,7 +139,7 @@ static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ar
         return 0;
     }
     struct pending_call call = {.size = size, .arg = arg, .entry_sp = sp, .kind = kind};
-    make_key(ctx, tid, sp, sp_adjust, &call.key);
+    make_key(ctx, tid, sp, &call.key);
     if (pending.update(&tid, &call) != 0)
         count(CNT_DROP_PENDING);
     return 0;
@@ -248,7 +250,7 @@ int free_enter(struct pt_regs *ctx)
         return 0;
     u32 tid = id;
     struct pending_call *open = pending.lookup(&tid);
-    if (open && open->entry_sp >= PT_REGS_SP(ctx))
+    if (open && open->entry_sp >= PT_REGS_SP(ctx) + FREE_SP_ADJUST)
         return 0; /* realloc(p, 0) frees through free(): realloc accounts */
     forget_block(addr);
     return 0;

@@ -56,6 +56,8 @@ class Session:
         on_resize: Optional[Callable[[], None]] = None,
         events_fd: Optional[int] = None,
         on_events: Optional[Callable[[], None]] = None,
+        watch_fds: Optional[list[int]] = None,
+        on_watch: Optional[Callable[[], None]] = None,
     ) -> None:
         self.pid = pid
         self.snapshot = snapshot
@@ -69,6 +71,8 @@ class Session:
         self.on_resize = on_resize
         self.events_fd = events_fd
         self.on_events = on_events
+        self.watch_fds = watch_fds or []  # netlink: exec events and peak RSS
+        self.on_watch = on_watch
         self._signals: list[int] = []
 
     # ------------------------------------------------------------ signals
@@ -128,6 +132,7 @@ class Session:
         watched = [wake_r] + ([pidfd] if pidfd is not None else [])
         if self.events_fd is not None:
             watched.append(self.events_fd)
+        watched += self.watch_fds
         # Without an fd to wait on, events are read at this pace.
         event_poll_s = None if self.events_fd is not None or not self.on_events else 0.1
         if self.keys is not None:
@@ -149,6 +154,8 @@ class Session:
                     pass
             if self.on_events and (event_poll_s or self.events_fd in ready):
                 self.on_events()
+            if self.on_watch and any(fd in ready for fd in self.watch_fds):
+                self.on_watch()
             reason, grace_until = self._handle_signals(grace_until)
             if self.keys is not None and self.keys.fileno() in ready:
                 for key in self.keys.read_keys():

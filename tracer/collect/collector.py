@@ -44,7 +44,8 @@ class Collector:
         self._process = ProcessStats()
         self._arena_inputs: list[accounting.ArenaInput] = []
         self._arena_problem: Optional[str] = None
-        self.peak_rss_bytes: Optional[int] = None  # from taskstats at exit
+        self.watch = None  # netlink.ProcessWatch, when it could be opened
+        self._execs: list[str] = []
 
     def start(self) -> Optional[int]:
         """Before the probes fire: the address space as it is, and where the
@@ -55,6 +56,20 @@ class Collector:
 
     def consume_events(self) -> None:
         self.probes.consume_events()
+
+    def read_watch(self) -> None:
+        """Netlink news of the process. An exec brings a new address space
+        and new code: start the model again from its maps."""
+        if self.watch is None:
+            return
+        for event in self.watch.read():
+            if event.kind != "exec":
+                continue
+            self.vm.seed()
+            self.symbols.refresh()
+            if event.argv:
+                self.comm = (event.argv[0].rsplit("/", 1)[-1] or self.comm)[:15]
+                self._execs.append(" ".join(event.argv))
 
     # ---------------------------------------------------------- stacks
 
@@ -135,6 +150,9 @@ class Collector:
         """Read everything once. With the target gone, /proc figures keep
         their last values and names stay as they were."""
         self.consume_events()
+        self.read_watch()
+        if not target_alive and self.watch is not None:
+            self._await_exit_record()
         reading = self.probes.read()
         rows = [] if self.light else reading.rows
         smaps = self._refresh_process() if target_alive else None
@@ -163,8 +181,10 @@ class Collector:
         )
         heap_live = account.allocator.live_bytes if self.light else heap.live_bytes
         process = self._process
-        if self.peak_rss_bytes:
-            process = ProcessStats(process.rss_bytes, process.rss_anon_bytes, self.peak_rss_bytes)
+        peak = self.watch.peak_rss_bytes if self.watch is not None else None
+        if peak and not alive:
+            # taskstats' figure at exit: /proc has nothing left to say
+            process = ProcessStats(process.rss_bytes, process.rss_anon_bytes, peak)
         trim_estimate = sum(a.trimmable_bytes for a in account.arenas)
         totals = self.vm.space.totals()
         snap = Snapshot(
@@ -202,6 +222,19 @@ class Collector:
         return tuple(ThreadStats(tid, self._names.get(tid, "?"), Counters(), True)
                      for tid in sorted(live_tids))
 
+    def _await_exit_record(self, timeout_s: float = 0.3) -> None:
+        """taskstats sends the peak RSS as the last thread exits, a moment
+        after the exit itself may have woken us."""
+        import select
+
+        deadline = time.monotonic() + timeout_s
+        while self.watch.peak_rss_bytes is None and time.monotonic() < deadline:
+            fds = self.watch.filenos()
+            if not fds:
+                return
+            select.select(fds, [], [], max(0.0, deadline - time.monotonic()))
+            self.read_watch()
+
     def _regions(self) -> tuple[RegionStats, ...]:
         out = []
         for r in self.vm.space.largest_unreturned(TOP_REGIONS):
@@ -229,6 +262,7 @@ class Collector:
             notes.append(f"{lost} address-space events were lost: the ring buffer was full")
         if self._arena_problem:
             notes.append(self._arena_problem)
+        notes += [f"the process exec'd: {argv}" for argv in self._execs[-3:]]
         if self.light:
             notes.append("light mode: no malloc probes; heap live and retained are estimates "
                          "from glibc's own arena structures")

@@ -123,6 +123,7 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
         probes.attach()
         collector = Collector(pid, comm, probes, light=args.light)
         events_fd = collector.start()
+        collector.watch = _open_watch(pid, args.verbose)
     except BaseException:
         if probes is not None:
             probes.detach()
@@ -169,10 +170,14 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
             on_resize=view.refresh if view is not None else None,
             events_fd=events_fd,
             on_events=collector.consume_events,
+            watch_fds=collector.watch.filenos() if collector.watch else [],
+            on_watch=collector.read_watch,
         )
         outcome = session.run()
     finally:
         probes.detach()
+        if collector.watch is not None:
+            collector.watch.close()
         if keys is not None:
             keys.__exit__(None, None, None)
         if outcome is not None:
@@ -186,3 +191,17 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
     if launched is not None:
         return wait_for_command(launched)
     return 0
+
+
+def _open_watch(pid: int, verbose: bool):
+    """The proc connector (exec, exit) and taskstats (peak RSS at exit).
+    Optional: without them the trace goes on, and --verbose says why."""
+    from memtrace.netlink import ProcessWatch
+
+    watch = ProcessWatch(pid)
+    if not watch.available:
+        if verbose:
+            print(f"memtrace: no exec/exit news from netlink: {watch.reason}", file=sys.stderr)
+        watch.close()
+        return None
+    return watch

@@ -8,7 +8,7 @@ import contextlib
 import io
 import os
 import sys
-from typing import IO, Iterator
+from typing import IO, Iterator, Union
 
 from memtrace.errors import MemtraceError
 from memtrace.record.reader import open_recording, parse_when
@@ -59,11 +59,12 @@ def _output(path: str, binary: bool, fmt: str) -> Iterator[IO]:
             sys.stdout.flush()
         return
     # Rendered in memory first: a failed report leaves no half-written file.
-    buf: IO = io.BytesIO() if binary else io.StringIO()
+    buf: Union[io.BytesIO, io.StringIO] = io.BytesIO() if binary else io.StringIO()
     yield buf
-    data = buf.getvalue()
+    value = buf.getvalue()
+    data = value if isinstance(value, bytes) else value.encode("utf-8")
     try:
-        with open(path, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        with open(path, "wb") as f:
             f.write(data)
     except OSError as e:
         raise MemtraceError(f"cannot write {path}: {e.strerror}") from None

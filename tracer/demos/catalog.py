@@ -45,7 +45,7 @@ class Demo:
 
     @property
     def runtime(self) -> str:
-        """"native" or "java": what the launched process is."""
+        """What the launched process is: "native" or "java"."""
         return "native"
 
     def argv(self, cache_dir: Path, options: Sequence[str] = ()) -> list[str]:
@@ -58,13 +58,14 @@ class Demo:
     def source_path(self) -> Path:
         return SOURCE_DIR / self.source
 
-    def _source_bytes(self) -> bytes:
+    def _source_bytes(self, path: Path | None = None) -> bytes:
+        path = path or self.source_path()
         try:
-            return self.source_path().read_bytes()
+            return path.read_bytes()
         except OSError as error:
             raise MemtraceError(
                 f"demo '{self.name}' source is missing ({error.strerror}: "
-                f"{self.source_path()}); reinstall memtrace"
+                f"{path}); reinstall memtrace"
             ) from None
 
     def _key(self) -> str:
@@ -87,15 +88,13 @@ class CDemo(Demo):
             _RECIPE_VERSION,
             " ".join(C_FLAGS).encode(),
             self._source_bytes(),
-            (SOURCE_DIR / C_SUPPORT).read_bytes(),
+            self._source_bytes(SOURCE_DIR / C_SUPPORT),
         ]
 
     def _build(self, folder: Path) -> None:
         gcc = require_tool("gcc", "gcc", f"building demo '{self.name}'")
-        source = self.source_path()
-        self._source_bytes()  # a missing source is a clear error, not gcc's
         run_compiler(
-            [gcc, *C_FLAGS, "-o", str(folder / self.name), str(source)],
+            [gcc, *C_FLAGS, "-o", str(folder / self.name), str(self.source_path())],
             f"demo '{self.name}'",
             folder.parent / f"{self.name}.build.log",
         )
@@ -130,13 +129,11 @@ class JavaDemo(Demo):
         javac = require_tool(
             "javac", "default-jdk-headless", f"building demo '{self.name}'"
         )
-        self._source_bytes()
         run_compiler(
             [
                 javac,
                 "--release", JAVAC_RELEASE,
                 "-nowarn",
-                "-XDignore.symbol.file",
                 "-d", str(classes),
                 str(self.source_path()),
             ],

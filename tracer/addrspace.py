@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 
 from .errors import MemtraceError
 from .glibc.layout import HEAP_MAX_SIZE
-from .glibc.procfs import Mapping, parse_maps, parse_smaps
+from .procfs import Mapping, parse_maps, parse_smaps
 from .model import StackKey
 
 # Linux uapi values, the same on x86_64 and arm64 (asm-generic); mips,

@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 from .glibc.arena import Memory, inspect_arena
 from .glibc.layout import HEAP_MAX_SIZE, HeapInfo
 from .glibc.locate import brk_regions, find_arenas, find_heaps, libc_path
-from .glibc.procfs import Mapping, ProcessMemory, parse_smaps, read_smaps, resident_in
+from .glibc.procfs import ProcessMemory, resident_in
+from .procfs import Mapping, parse_smaps, read_smaps
 from .glibc.report import Arena, ArenaReport, Heap
 
 __all__ = [

@@ -4,24 +4,11 @@ treats a vanished process as "nothing to report", never as an error."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Iterator, Optional
+import re
+from dataclasses import dataclass, replace
+from typing import Optional
 
 PF_KTHREAD = 0x00200000
-
-
-@dataclass(frozen=True)
-class Mapping:
-    start: int
-    end: int
-    perms: str
-    offset: int
-    inode: int
-    path: str  # "" for anonymous, "[heap]", "[stack]", or a file path
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
 
 
 def _read(path: str) -> Optional[str]:
@@ -90,21 +77,97 @@ def thread_names(pid: int) -> dict[int, str]:
     return names
 
 
-def parse_maps(text: str) -> Iterator[Mapping]:
+_HEADER = re.compile(
+    r"^([0-9a-f]+)-([0-9a-f]+)\s+(\S+)\s+([0-9a-f]+)\s+\S+\s+(\d+)\s*(.*)$"
+)
+# smaps fields we keep, by their /proc name.
+_SMAPS_FIELDS = {"Rss": "rss_bytes", "Anonymous": "anonymous_bytes", "Swap": "swap_bytes"}
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of /proc/PID/maps, plus its smaps sizes when read from smaps."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    inode: int
+    path: str  # "" for anonymous memory; "[heap]", "[stack]", or a file
+    rss_bytes: Optional[int] = None
+    anonymous_bytes: Optional[int] = None
+    swap_bytes: Optional[int] = None
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def is_plain_anonymous(self) -> bool:
+        """Unnamed anonymous memory (where glibc puts thread arena heaps)."""
+        return self.inode == 0 and (self.path == "" or self.path.startswith("[anon:"))
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[:2] == "rw"
+
+
+def _parse_header(line: str) -> Optional[Mapping]:
+    m = _HEADER.match(line)
+    if m is None:
+        return None
+    start, end, perms, offset, inode, path = m.groups()
+    return Mapping(int(start, 16), int(end, 16), perms, int(offset, 16), int(inode), path.strip())
+
+
+def parse_maps(text: str) -> list[Mapping]:
+    """Parse /proc/PID/maps text; lines that do not parse are skipped."""
+    out = []
     for line in text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 5:
+        mapping = _parse_header(line)
+        if mapping is not None:
+            out.append(mapping)
+    return out
+
+
+def parse_smaps(text: str) -> list[Mapping]:
+    """Parse /proc/PID/smaps text into mappings carrying Rss, Anonymous and
+    Swap in bytes. A mapping missing a field keeps None for it."""
+    out: list[Mapping] = []
+    current: Optional[Mapping] = None
+    sizes: dict[str, int] = {}
+
+    def flush() -> None:
+        if current is not None:
+            out.append(replace(current, **sizes))
+
+    for line in text.splitlines():
+        header = _parse_header(line)
+        if header is not None:
+            flush()
+            current, sizes = header, {}
             continue
-        start, _, end = parts[0].partition("-")
-        yield Mapping(
-            int(start, 16),
-            int(end, 16),
-            parts[1],
-            int(parts[2], 16),
-            int(parts[4]),
-            parts[5].strip() if len(parts) > 5 else "",
-        )
+        key, _, rest = line.partition(":")
+        attr = _SMAPS_FIELDS.get(key)
+        if attr is None or current is None:
+            continue
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            sizes[attr] = int(parts[0]) * 1024
+    flush()
+    return out
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    with open(f"/proc/{pid}/maps") as f:
+        return parse_maps(f.read())
+
+
+def read_smaps(pid: int) -> list[Mapping]:
+    with open(f"/proc/{pid}/smaps") as f:
+        return parse_smaps(f.read())
 
 
 def maps(pid: int) -> list[Mapping]:
-    return list(parse_maps(_read(f"/proc/{pid}/maps") or ""))
+    """[] once the process is gone."""
+    return parse_maps(_read(f"/proc/{pid}/maps") or "")

@@ -34,7 +34,7 @@ from memtrace.addrspace import (
     parse_start_brk,
 )
 from memtrace.errors import MemtraceError
-from memtrace.glibc.procfs import parse_smaps
+from memtrace.procfs import parse_smaps
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 4096

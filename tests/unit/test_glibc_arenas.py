@@ -22,7 +22,7 @@ from memtrace.glibc.layout import (
     fastbin_index,
     reveal_ptr,
 )
-from memtrace.glibc.procfs import Mapping, parse_maps, parse_smaps
+from memtrace.procfs import Mapping, parse_maps, parse_smaps
 from memtrace.glibc.trim import consolidate, madvise_range, systrim_range
 from memtrace.glibc_arenas import ArenaReport, inspect_arenas, read_arenas
 

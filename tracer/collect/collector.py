@@ -96,7 +96,7 @@ class Collector:
 
     def _refresh_process(self) -> Optional[list]:
         """RSS, thread names and smaps; None once the process is gone."""
-        from memtrace.glibc.procfs import read_smaps
+        from memtrace.procfs import read_smaps
 
         mem = procfs.memory(self.pid)
         if mem is None:

@@ -5,7 +5,6 @@ module that talks to bcc."""
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import sys
 from dataclasses import dataclass, field

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-from memtrace import procfs
 from memtrace.addrspace import (
     MAP_ANONYMOUS,
     PROT_EXEC,

@@ -15,7 +15,7 @@ from .layout import (
     parse_arena_header,
     parse_chunk_head,
 )
-from .procfs import Mapping
+from ..procfs import Mapping
 from .report import Arena, Heap
 from .trim import trim_ranges
 

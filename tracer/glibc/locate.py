@@ -31,7 +31,7 @@ from .layout import (
     parse_arena_header,
     parse_heap_info,
 )
-from .procfs import Mapping
+from ..procfs import Mapping
 
 MAX_ARENAS = 4096  # glibc's default cap is 8 per core; this only stops loops
 _MAX_SCAN_BYTES = 4 << 20  # libc's .data + .bss are tens of KiB

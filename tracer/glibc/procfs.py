@@ -1,7 +1,6 @@
 """The target's address space as /proc shows it: maps, smaps, mem, pagemap.
 
-`parse_smaps` is deliberately standalone (text in, mappings out) so other
-address-space code can reuse it. `ProcessMemory` reads the target with
+The maps and smaps parsers live in `memtrace.procfs`. `ProcessMemory` reads the target with
 pread() only; every failed or short read comes back as None, because the
 target keeps running and unmapping while we look.
 """
@@ -9,101 +8,10 @@ target keeps running and unmapping while we look.
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, replace
 from typing import Iterable, Optional
 
+from ..procfs import Mapping
 from .layout import PAGE_SIZE
-
-_HEADER = re.compile(
-    r"^([0-9a-f]+)-([0-9a-f]+)\s+(\S+)\s+([0-9a-f]+)\s+\S+\s+(\d+)\s*(.*)$"
-)
-# smaps fields we keep, by their /proc name.
-_SMAPS_FIELDS = {"Rss": "rss_bytes", "Anonymous": "anonymous_bytes", "Swap": "swap_bytes"}
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """One line of /proc/PID/maps, plus its smaps sizes when read from smaps."""
-
-    start: int
-    end: int
-    perms: str
-    offset: int
-    inode: int
-    path: str  # "" for anonymous memory; "[heap]", "[stack]", or a file
-    rss_bytes: Optional[int] = None
-    anonymous_bytes: Optional[int] = None
-    swap_bytes: Optional[int] = None
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-    @property
-    def is_plain_anonymous(self) -> bool:
-        """Unnamed anonymous memory (where glibc puts thread arena heaps)."""
-        return self.inode == 0 and (self.path == "" or self.path.startswith("[anon:"))
-
-    @property
-    def writable(self) -> bool:
-        return self.perms[:2] == "rw"
-
-
-def _parse_header(line: str) -> Optional[Mapping]:
-    m = _HEADER.match(line)
-    if m is None:
-        return None
-    start, end, perms, offset, inode, path = m.groups()
-    return Mapping(int(start, 16), int(end, 16), perms, int(offset, 16), int(inode), path.strip())
-
-
-def parse_maps(text: str) -> list[Mapping]:
-    """Parse /proc/PID/maps text; lines that do not parse are skipped."""
-    out = []
-    for line in text.splitlines():
-        mapping = _parse_header(line)
-        if mapping is not None:
-            out.append(mapping)
-    return out
-
-
-def parse_smaps(text: str) -> list[Mapping]:
-    """Parse /proc/PID/smaps text into mappings carrying Rss, Anonymous and
-    Swap in bytes. A mapping missing a field keeps None for it."""
-    out: list[Mapping] = []
-    current: Optional[Mapping] = None
-    sizes: dict[str, int] = {}
-
-    def flush() -> None:
-        if current is not None:
-            out.append(replace(current, **sizes))
-
-    for line in text.splitlines():
-        header = _parse_header(line)
-        if header is not None:
-            flush()
-            current, sizes = header, {}
-            continue
-        key, _, rest = line.partition(":")
-        attr = _SMAPS_FIELDS.get(key)
-        if attr is None or current is None:
-            continue
-        parts = rest.split()
-        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
-            sizes[attr] = int(parts[0]) * 1024
-    flush()
-    return out
-
-
-def read_maps(pid: int) -> list[Mapping]:
-    with open(f"/proc/{pid}/maps") as f:
-        return parse_maps(f.read())
-
-
-def read_smaps(pid: int) -> list[Mapping]:
-    with open(f"/proc/{pid}/smaps") as f:
-        return parse_smaps(f.read())
 
 
 def resident_in(mappings: Iterable[Mapping], start: int, end: int) -> Optional[int]:

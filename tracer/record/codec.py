@@ -186,7 +186,7 @@ def _from_plain(tp: Any, value: Any) -> Any:
     if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
         inner = [a for a in args if a is not type(None)]
         return _from_plain(inner[0], value) if len(inner) == 1 else value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         hints = _type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp) if f.init}
         return tp(**{k: _from_plain(hints[k], v) for k, v in value.items() if k in names})

@@ -255,10 +255,10 @@ class Recorder:
         return _SqliteErrors(f"cannot {verb} recording {self.path}")
 
     def _new_stack(self, db: sqlite3.Connection, frames: tuple[str, ...], dup: int) -> int:
-        return db.execute("INSERT INTO stacks (frames, dup) VALUES (?, ?)", (dumps(list(frames)), dup)).lastrowid
+        return _rowid(db.execute("INSERT INTO stacks (frames, dup) VALUES (?, ?)", (dumps(list(frames)), dup)))
 
     def _new_thread(self, db: sqlite3.Connection, tid: int, dup: int) -> int:
-        return db.execute("INSERT INTO threads (tid, dup) VALUES (?, ?)", (tid, dup)).lastrowid
+        return _rowid(db.execute("INSERT INTO threads (tid, dup) VALUES (?, ?)", (tid, dup)))
 
     def _by_id(self, db, items: tuple, identity: Callable[[Any], Any], ids: dict, create) -> dict[int, Any]:
         """Entity id -> item, in snapshot order. An identity seen twice in one
@@ -274,7 +274,8 @@ class Recorder:
             now[eid] = item
         else:
             return now
-        now, seen = {}, {}
+        now = {}
+        seen: dict[Any, int] = {}
         for item in items:
             ident = identity(item)
             dup = seen.get(ident, 0)
@@ -306,7 +307,7 @@ class Recorder:
         # Threads and stacks are stored apart: leave them out of the JSON.
         parts = dataclasses.replace(snapshot, stacks=(), threads=()).to_json()
         now = {k: (dumps(v), v) for k, v in parts.items() if k not in _NOT_SECTIONS}
-        rows = []
+        rows: list[tuple[int, str, Any, int]] = []
         for name, (text, value) in now.items():
             before = self._sections.get(name)
             if before is not None and before[0] == text:
@@ -345,6 +346,12 @@ class Recorder:
         return (*values, stack_id, dumps(extra) if extra else None)
 
 
+def _rowid(cursor: sqlite3.Cursor) -> int:
+    rowid = cursor.lastrowid
+    assert rowid is not None  # an INSERT always sets it
+    return rowid
+
+
 class _SqliteErrors:
     """Turns SQLite failures (disk full, I/O errors) into a one-line
     MemtraceError naming the file."""
@@ -355,7 +362,6 @@ class _SqliteErrors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and isinstance(exc, sqlite3.Error):
+    def __exit__(self, exc_type: object, exc: Optional[BaseException], tb: object) -> None:
+        if isinstance(exc, sqlite3.Error):
             raise MemtraceError(f"{self.what}: {exc}") from None
-        return False

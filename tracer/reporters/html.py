@@ -201,7 +201,7 @@ def chart_svg(points: Sequence[TimePoint], marks: Sequence[tuple[str, float]]) -
     series = [(name, colour, _downsample(points, attr)) for name, colour, attr in SERIES]
     series = [s for s in series if s[2]]
     t_end = max(points[-1].elapsed_s, 1e-9)
-    top = max([v for _, _, pairs in series for _, v in pairs] + [1])
+    top = float(max([v for _, _, pairs in series for _, v in pairs] + [1]))
     step = _nice_step(top)
     top = step * max(1, -(-top // step))
     x0, y0 = _PAD_L, CHART_H - _PAD_B

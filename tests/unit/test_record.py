@@ -1,0 +1,514 @@
+"""Recording and replaying: the codec, the SQLite file (round trip, change
+storage, damage handling) and the replay player. No root, no BPF."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pty
+import random
+import select
+import sqlite3
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from memtrace.errors import MemtraceError
+from memtrace.model import Counters, Snapshot, StackStats, ThreadStats
+from memtrace.record import listdelta, schema
+from memtrace.record.codec import snapshot_from_json
+from memtrace.record.reader import open_recording, parse_when
+from memtrace.record.recorder import Recorder
+from memtrace.record.synthetic import session
+
+COUNT = 150  # a little over two keyframes
+
+
+@pytest.fixture(scope="module")
+def snapshots() -> list[Snapshot]:
+    return list(session(COUNT))
+
+
+def record(path: Path, snaps, metadata=None) -> Path:
+    with Recorder(str(path), metadata or {"command_line": ["java", "-jar", "app.jar"], "pid": 4242}) as rec:
+        for s in snaps:
+            rec.write(s)
+    return path
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory, snapshots) -> Path:
+    return record(tmp_path_factory.mktemp("rec") / "session.rec", snapshots)
+
+
+class Warnings(list):
+    def __call__(self, message: str) -> None:
+        self.append(message)
+
+
+# ---------------------------------------------------------------- codec
+
+
+def test_codec_inverts_to_json_for_every_section(snapshots):
+    for s in snapshots[::7] + snapshots[-2:]:
+        d = s.to_json()
+        back = snapshot_from_json(d)
+        assert back.to_json() == d
+        # Everything to_json carries comes back as the same objects.
+        assert back == dataclasses.replace(s, interval_s=0.0, elapsed_s=round(s.elapsed_s, 3))
+
+
+def test_codec_survives_a_json_text_round_trip(snapshots):
+    d = json.loads(json.dumps(snapshots[-1].to_json()))
+    assert snapshot_from_json(d).to_json() == snapshots[-1].to_json()
+
+
+def test_codec_ignores_unknown_sections_and_refuses_malformed_ones(snapshots):
+    d = snapshots[3].to_json()
+    assert snapshot_from_json({**d, "from_the_future": {"x": 1}}).to_json() == d
+    broken = {**d, "heap": {"alloc_bytes": 1}}
+    with pytest.raises(MemtraceError, match="heap"):
+        snapshot_from_json(broken)
+    with pytest.raises(MemtraceError):
+        snapshot_from_json([1, 2])
+
+
+# ---------------------------------------------------------------- recorder + reader
+
+
+def test_round_trip_is_exact(recording, snapshots):
+    with open_recording(str(recording)) as rec:
+        assert len(rec) == COUNT
+        assert list(rec) == snapshots
+        assert rec.complete
+        assert [p.elapsed_s for p in rec.points] == [s.elapsed_s for s in snapshots]
+
+
+def test_random_access_in_any_order(recording, snapshots):
+    with open_recording(str(recording)) as rec:
+        for i in (COUNT - 1, 0, 63, 64, 65, 128, 5, 127, 64, COUNT - 1):
+            assert rec.snapshot(i) == snapshots[i]
+
+
+def test_times_end_and_peak(recording, snapshots):
+    with open_recording(str(recording)) as rec:
+        assert rec.index_at("end") == COUNT - 1
+        assert rec.index_at("start") == 0
+        assert rec.index_at(0) == 0
+        assert rec.index_at("12.5") == 12  # last snapshot at or before 12.5 s
+        assert rec.index_at("12.5s") == 12
+        assert rec.index_at(10_000) == COUNT - 1
+        rss = [s.process.rss_bytes for s in snapshots]
+        assert rec.index_at("peak") == rss.index(max(rss))
+        index, s = rec.snapshot_at("peak")
+        assert s == snapshots[index]
+
+
+def test_peak_falls_back_to_heap_live_without_rss(tmp_path, snapshots):
+    snaps = [dataclasses.replace(s, process=dataclasses.replace(s.process, rss_bytes=0)) for s in snapshots[:40]]
+    with open_recording(str(record(tmp_path / "r.rec", snaps))) as rec:
+        live = [s.heap.live_bytes for s in snaps]
+        assert rec.index_at("peak") == live.index(max(live))
+
+
+@pytest.mark.parametrize("text", ["soon", "-1", "nan", "inf", ""])
+def test_bad_times_are_refused(text):
+    with pytest.raises(MemtraceError, match="invalid time"):
+        parse_when(text)
+
+
+def test_metadata_is_kept_and_completed(recording, tmp_path, snapshots):
+    with open_recording(str(recording)) as rec:
+        meta = rec.metadata
+    assert meta["command_line"] == ["java", "-jar", "app.jar"] and meta["pid"] == 4242
+    for key in ("host", "kernel", "memtrace_version", "start_time", "glibc"):
+        assert key in meta
+    # The caller's values win; values JSON lacks are kept as text.
+    path = record(tmp_path / "m.rec", snapshots[:2], {"glibc": "2.31", "options": {"out": tmp_path}})
+    with open_recording(str(path)) as rec:
+        assert rec.metadata["glibc"] == "2.31"
+        assert rec.metadata["options"] == {"out": str(tmp_path)}
+
+
+def test_file_is_private_from_creation(tmp_path, snapshots):
+    old = os.umask(0)
+    try:
+        path = record(tmp_path / "p.rec", snapshots[:2])
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_existing_file_is_not_overwritten_unless_asked(tmp_path, snapshots):
+    path = record(tmp_path / "x.rec", snapshots[:2])
+    with pytest.raises(MemtraceError, match="already exists"):
+        Recorder(str(path), {})
+    record_again = Recorder(str(path), {}, overwrite=True)
+    record_again.write(snapshots[5])
+    record_again.close()
+    with open_recording(str(path)) as rec:
+        assert list(rec) == [snapshots[5]]
+
+
+def test_unwritable_place_is_a_clear_error(tmp_path):
+    with pytest.raises(MemtraceError, match="cannot create recording"):
+        Recorder(str(tmp_path / "no" / "such" / "dir.rec"), {})
+
+
+def test_write_after_close_is_an_error(tmp_path, snapshots):
+    rec = Recorder(str(tmp_path / "c.rec"), {})
+    rec.close()
+    rec.close()  # twice is fine
+    with pytest.raises(MemtraceError, match="closed"):
+        rec.write(snapshots[0])
+
+
+def test_a_failed_write_stops_the_recorder_and_keeps_what_was_committed(tmp_path, snapshots, monkeypatch):
+    from memtrace.record import changes
+
+    path = tmp_path / "full.rec"
+    rec = Recorder(str(path), {})
+    rec.write(snapshots[0])
+    rec.write(snapshots[1])
+    real = changes.encode_stacks
+
+    def disk_full(*args):
+        real(*args)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(changes, "encode_stacks", disk_full)
+    with pytest.raises(MemtraceError, match="disk is full"):
+        rec.write(snapshots[2])
+    monkeypatch.setattr(changes, "encode_stacks", real)
+    with pytest.raises(MemtraceError, match="stopped after an earlier error"):
+        rec.write(snapshots[3])
+    rec.close()
+    with open_recording(str(path)) as back:
+        assert list(back) == snapshots[:2]
+
+
+def test_only_changes_are_stored(tmp_path, snapshots):
+    s = snapshots[20]
+    path = record(tmp_path / "same.rec", [s, dataclasses.replace(s, elapsed_s=s.elapsed_s + 1)])
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM changes WHERE snapshot_id = 2").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM sections WHERE snapshot_id = 2").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM stacks").fetchone()[0] == len(s.stacks)
+
+
+def test_keyframes_make_every_jump_short(recording):
+    db = sqlite3.connect(recording)
+    full = [sid for (sid,) in db.execute("SELECT id FROM snapshots WHERE full = 1")]
+    assert full == list(range(1, COUNT + 1, schema.KEYFRAME_EVERY))
+
+
+def test_unusual_order_and_repeated_identities_survive(tmp_path, snapshots):
+    s = snapshots[30]
+    reordered = dataclasses.replace(s, stacks=tuple(reversed(s.stacks)), threads=tuple(reversed(s.threads)))
+    twin = StackStats(("same",), (1,), Counters(10, 0, 1, 0))
+    dup = dataclasses.replace(
+        s,
+        stacks=(twin, dataclasses.replace(twin, counters=Counters(5, 0, 1, 0))),
+        threads=(ThreadStats(7, "a", Counters(1, 0, 1, 0)), ThreadStats(7, "b", Counters(2, 0, 1, 0))),
+    )
+    snaps = [reordered, dup, s]
+    with open_recording(str(record(tmp_path / "o.rec", snaps))) as rec:
+        assert list(rec) == snaps
+
+
+def test_events_round_trip(tmp_path, snapshots):
+    path = tmp_path / "e.rec"
+    events = [
+        {"ts": 0.5, "tid": 10, "kind": "mmap", "addr": 0x7F00_0000_0000, "length": 1 << 26, "prot": 3,
+         "flags": 0x22, "result": 0x7F00_0000_0000, "in_malloc": 1, "frames": ["new_heap", "arena_get2"]},
+        {"ts": 1.5, "tid": 11, "kind": "munmap", "addr": 2**64 - 4096, "length": 4096, "reason": "trim"},
+    ]
+    with Recorder(str(path), {}) as rec:
+        rec.write_events(events[:1])
+        rec.write(snapshots[0])
+        rec.write_events(events[1:])
+    with open_recording(str(path)) as rec:
+        got = list(rec.events())
+        assert got[0] == {**events[0], "frames": ("new_heap", "arena_get2")}
+        assert got[1] == events[1]
+        assert [e["kind"] for e in rec.events(start_s=1.0)] == ["munmap"]
+
+
+def busy_session(count: int, stacks: int, changes: int, threads: int = 50):
+    """A process moving `changes` of its `stacks` call sites per interval,
+    built directly (the model's aggregation would be the slow part)."""
+    rng = random.Random(3)
+    frames = [tuple(f"Java_java_util_zip_Inflater_init_{i}_{d}+0x1a [libzip.so]" for d in range(16)) for i in range(stacks)]
+    stats = [StackStats(frames[i], (1000 + i % threads,), Counters(1 << 30, (1 << 30) - (1 << 20), 10**6, 10**6 - 999)) for i in range(stacks)]
+    for k in range(count):
+        for i in rng.sample(range(stacks), changes):
+            a = rng.randint(1, 1 << 17)
+            f = rng.randint(0, a)
+            old = stats[i]
+            stats[i] = StackStats(old.frames, old.tids, old.counters + Counters(a, f, 3, 2), False, a - f)
+        yield Snapshot(4242, "java", float(k), 1.0, stacks=tuple(sorted(stats, key=lambda s: (-s.counters.live_bytes, -s.counters.alloc_bytes, s.frames))))
+
+
+def test_a_busy_hour_stays_small(tmp_path):
+    # A minute of a process whose 2000 call sites see 500 counter changes a
+    # second, scaled to an hour, must stay under the 100 MB target with room.
+    minute = tmp_path / "busy.rec"
+    record(minute, busy_session(60, stacks=2000, changes=500))
+    db = sqlite3.connect(minute)
+    stacks_once = db.execute("SELECT sum(length(frames)) FROM stacks").fetchone()[0]
+    per_interval = (minute.stat().st_size - stacks_once) / 60
+    assert stacks_once + per_interval * 3600 < 100e6 * 0.6
+
+
+# ---------------------------------------------------------------- list deltas
+
+
+def test_list_delta_rebuilds_the_list():
+    old = [{"id": 1, "v": 1}, {"id": 2, "v": 2}, {"id": 3, "v": 3}]
+    new = [{"id": 3, "v": 30}, {"id": 1, "v": 1}, {"id": 4, "v": 4}]
+    delta = listdelta.list_delta(old, new, ("id",))
+    assert delta is not None and listdelta.apply_list_delta(old, delta) == new
+    assert listdelta.list_delta(old, [{"id": 1}, {"id": 1}], ("id",)) is None
+
+
+# ---------------------------------------------------------------- bad files
+
+
+def test_missing_empty_and_foreign_files(tmp_path):
+    with pytest.raises(MemtraceError, match="no such file"):
+        open_recording(str(tmp_path / "nope.rec"))
+    empty = tmp_path / "empty.rec"
+    empty.write_bytes(b"")
+    with pytest.raises(MemtraceError, match="empty"):
+        open_recording(str(empty))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n" * 100)
+    with pytest.raises(MemtraceError, match="not a memtrace recording"):
+        open_recording(str(text))
+    other = tmp_path / "other.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(MemtraceError, match="not a memtrace recording"):
+        open_recording(str(other))
+
+
+def test_newer_format_is_refused(tmp_path, snapshots):
+    path = record(tmp_path / "new.rec", snapshots[:2])
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (json.dumps(schema.SCHEMA_VERSION + 1),))
+    db.commit()
+    db.close()
+    with pytest.raises(MemtraceError, match="newer memtrace .*upgrade"):
+        open_recording(str(path))
+
+
+def open_damaged(path: Path) -> tuple[list[Snapshot], list[str]] | str:
+    """The snapshots and warnings, or the error message."""
+    warnings = Warnings()
+    try:
+        with open_recording(str(path), warn=warnings) as rec:
+            return list(rec), warnings
+    except MemtraceError as e:
+        return str(e)
+
+
+def test_truncated_file_gives_the_readable_part_or_a_clear_error(tmp_path, recording, snapshots):
+    data = recording.read_bytes()
+    cut = tmp_path / "cut.rec"
+    cut.write_bytes(data[: len(data) * 95 // 100])
+    got, warnings = open_damaged(cut)
+    assert 0 < len(got) < COUNT and got == snapshots[: len(got)]
+    assert len(warnings) == 1 and "cut short" in warnings[0] and "\n" not in warnings[0]
+    cut.write_bytes(data[:1000])
+    error = open_damaged(cut)
+    assert isinstance(error, str) and "damaged" in error and "\n" not in error
+
+
+def test_corrupted_pages_give_the_readable_part_or_a_clear_error(tmp_path, recording, snapshots):
+    data = recording.read_bytes()
+    page = 4096
+    rng = random.Random(5)
+    recovered = 0
+    for victim in range(1, len(data) // page, 9):
+        bad = bytearray(data)
+        bad[victim * page : (victim + 1) * page] = bytes(rng.randrange(256) for _ in range(page))
+        path = tmp_path / f"bad{victim}.rec"
+        path.write_bytes(bytes(bad))
+        result = open_damaged(path)
+        if isinstance(result, str):
+            assert "\n" not in result and "bad" in result
+            continue
+        got, warnings = result
+        assert got == snapshots[: len(got)]
+        assert all("\n" not in w for w in warnings)
+        recovered += bool(warnings)
+    assert recovered > 0
+
+
+def test_tampered_change_records_cut_the_recording_there(tmp_path, snapshots):
+    path = record(tmp_path / "t.rec", snapshots[:30])
+    db = sqlite3.connect(path)
+    db.execute(
+        "UPDATE changes SET data = ? WHERE snapshot_id = 20 AND kind = 'stacks'",
+        (zlib.compress(b'[[1,"x","y",0,0]]'),),
+    )
+    db.commit()
+    db.close()
+    warnings = Warnings()
+    with open_recording(str(path), warn=warnings) as rec:
+        assert rec.snapshot_at("end")[1] == snapshots[18]
+        assert len(rec) == 19
+        assert list(rec) == snapshots[:19]
+    assert len(warnings) == 1 and "snapshot 20" in warnings[0]
+
+
+def test_a_killed_recorder_leaves_a_readable_file(tmp_path, snapshots):
+    # Commits reach the WAL file; a process that dies without close() leaves
+    # it there, and the reader takes it in.
+    path = tmp_path / "k.rec"
+    code = (
+        "import os, sys\n"
+        "from memtrace.record.recorder import Recorder\n"
+        "from memtrace.record.synthetic import session\n"
+        "rec = Recorder(sys.argv[1], {})\n"
+        "for s in session(10): rec.write(s)\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
+    assert Path(str(path) + "-wal").exists()
+    with open_recording(str(path)) as rec:
+        assert list(rec) == list(session(10))
+        assert not rec.complete
+
+
+# ---------------------------------------------------------------- replay
+
+
+def player(times=(0.0, 1.0, 2.0, 3.0, 10.0), peak=3):
+    from memtrace.commands.replay import Player
+
+    return Player(times=list(times), peak=peak)
+
+
+def test_player_keys():
+    from memtrace.commands.replay import QUIT
+
+    p = player()
+    assert p.playing and p.wait_s() == 1.0
+    p.handle(" ")
+    assert not p.playing and p.wait_s() is None
+    p.handle("right")
+    p.handle("n")
+    assert p.index == 2
+    p.handle("left")
+    assert p.index == 1
+    p.handle("p")
+    p.handle("p")
+    assert p.index == 0
+    p.handle("P")
+    assert p.index == 3 and "peak" in p.status()
+    for key in "g2.5":
+        p.handle(key)
+    assert "go to: 2.5_" in p.status()
+    p.handle("\r")
+    assert p.index == 2 and p.entry is None
+    p.handle("g")
+    p.handle("9")
+    p.handle("esc")
+    assert p.index == 2 and p.entry is None
+    p.handle("g")
+    p.handle("end")  # any other key ends typing and does its own thing
+    assert p.index == 4 and p.entry is None
+    assert p.handle("q") == QUIT
+
+
+def test_player_speed_and_end():
+    p = player()
+    p.handle("+")
+    p.handle("+")
+    assert p.wait_s() == 0.25 and "x4" in p.status()
+    for _ in range(10):
+        p.handle("-")
+    assert "x1/16" in p.status()
+    p.index = 3
+    p.playing = True
+    assert p.wait_s() == 5.0  # a 7 s gap at 1/16 is capped
+    p.advance()
+    assert p.index == 4 and not p.playing and "end of the recording" in p.status()
+    p.handle(" ")
+    assert p.index == 0 and p.playing  # plays again from the start
+
+
+def replay_args(path, *extra):
+    from memtrace.commands.replay import ReplayCommand
+
+    parser = argparse.ArgumentParser()
+    ReplayCommand().prepare_parser(parser)
+    return parser.parse_args([str(path), *extra])
+
+
+def test_replay_without_a_terminal_prints_plain_snapshots(recording, capsys):
+    from memtrace.commands.replay import ReplayCommand
+
+    assert ReplayCommand().run(replay_args(recording, "--at", "140")) == 0
+    out = capsys.readouterr().out
+    with open_recording(str(recording)) as rec:
+        start = rec.index_at(140)
+    assert out.count("=== replay ") == COUNT - start
+    assert "\x1b[" not in out and "STACKS" in out
+
+
+def test_replay_on_a_terminal_takes_keys(recording):
+    # The real loop on a pseudo-terminal: it must draw, obey P and q, and
+    # leave promptly with exit status 0.
+    code = (
+        "import sys, argparse\n"
+        "from memtrace.commands.replay import ReplayCommand\n"
+        "p = argparse.ArgumentParser(); ReplayCommand().prepare_parser(p)\n"
+        "sys.exit(ReplayCommand().run(p.parse_args(sys.argv[1:])))\n"
+    )
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.environ.update(COLUMNS="120", LINES="40", TERM="xterm")
+        os.execv(sys.executable, [sys.executable, "-c", code, str(recording), "--speed", "4"])
+    out = b""
+
+    def read_for(seconds: float) -> None:
+        nonlocal out
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            if ready:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:
+                    return
+
+    try:
+        read_for(2.0)
+        assert b"replay" in out and b"playing" in out
+        os.write(fd, b"P")
+        read_for(0.7)
+        assert b"at the peak" in out
+        os.write(fd, b"q")
+        read_for(1.0)
+    finally:
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not done:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert done and os.waitstatus_to_exitcode(status) == 0

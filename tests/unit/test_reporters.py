@@ -1,0 +1,265 @@
+"""Reports from recordings: text, json, folded, pprof and html, and the
+`memtrace report` command around them. Built from synthetic sessions."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memtrace.errors import MemtraceError
+from memtrace.model import Counters, Snapshot, StackStats
+from memtrace.record.recorder import Recorder
+from memtrace.record.synthetic import session
+from memtrace.reporters import reporter_class
+from memtrace.reporters.common import ReportData, frame_label
+from memtrace.reporters.folded import folded_lines
+from memtrace.reporters.html import flame_tree, render_html
+from memtrace.reporters.text import render_text
+
+COUNT = 40
+
+
+@pytest.fixture(scope="module")
+def snapshots() -> list[Snapshot]:
+    return list(session(COUNT))
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory, snapshots) -> Path:
+    path = tmp_path_factory.mktemp("rep") / "app.rec"
+    with Recorder(str(path), {"command_line": ["java", "-Xmx1g", "-jar", "app.jar"], "pid": 4242}) as rec:
+        for s in snapshots:
+            rec.write(s)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_recording(tmp_path_factory) -> Path:
+    """No address-space sections: what a trace without them records."""
+    path = tmp_path_factory.mktemp("rep") / "plain.rec"
+    with Recorder(str(path), {}) as rec:
+        for s in session(10, sections=False):
+            rec.write(s)
+    return path
+
+
+def report(path: Path, *args: str) -> str:
+    """`memtrace report` through the CLI's own entry point."""
+    from memtrace.commands import main
+
+    out = io.StringIO()
+    old = sys.stdout
+    sys.stdout = out
+    try:
+        code = main(["report", str(path), *args])
+    finally:
+        sys.stdout = old
+    assert code == 0
+    return out.getvalue()
+
+
+def data_for(s: Snapshot, by: str = "live", **kw) -> ReportData:
+    return ReportData(snapshot=s, by=by, **kw)
+
+
+# ---------------------------------------------------------------- text
+
+
+def test_text_report_answers_the_main_questions(recording, snapshots):
+    text = report(recording, "--at", "peak")
+    rss = [s.process.rss_bytes for s in snapshots]
+    peak = snapshots[rss.index(max(rss))]
+    assert text.startswith(f"memtrace report: pid 4242 (java) at {peak.elapsed_s:.1f}s (peak)")
+    assert "command: java -Xmx1g -jar app.jar" in text
+    for heading in ("gap at", "address space:", "allocator (glibc)", "top 10 of", "stacks by live bytes",
+                    "stacks by allocated bytes", "threads:", "arenas:", "regions not given back:", "hints:"):
+        assert heading in text, heading
+    assert "\x1b[" not in text
+
+
+def test_text_report_shows_the_gap_at_the_end_and_at_the_peak(recording):
+    text = report(recording)
+    assert re.search(r"gap at [\d.]+s \(end\): anon RSS .* = heap live .* \+ allocator retained", text)
+    assert "gap at the peak" in text
+
+
+def test_text_report_without_sections(plain_recording):
+    text = report(plain_recording)
+    assert "gap" not in text and "arenas" not in text
+    assert "top " in text and "threads:" in text
+
+
+def test_retained_needs_arena_data(plain_recording, recording):
+    from memtrace.commands import main
+
+    assert main(["report", str(plain_recording), "--by", "retained"]) == 2
+    assert "stacks by retained bytes" in report(recording, "--by", "retained")
+
+
+def test_light_mode_is_flagged(snapshots):
+    assert "estimated" in render_text(data_for(dataclasses.replace(snapshots[-1], light=True)))
+
+
+# ---------------------------------------------------------------- json
+
+
+def test_json_report_is_the_snapshot(recording, snapshots):
+    assert json.loads(report(recording, "--format", "json")) == snapshots[-1].to_json()
+    assert json.loads(report(recording, "--format", "json", "--at", "5.5")) == snapshots[5].to_json()
+
+
+# ---------------------------------------------------------------- folded
+
+
+def test_folded_is_root_first_sanitized_and_summed():
+    stacks = (
+        StackStats(("leaf;x+0x10 [libapp.so]", "mid+0x1 [libapp.so]", "start_thread+0x7d [libc.so.6]"), (1,), Counters(100, 40, 2, 1)),
+        StackStats(("leaf;x+0x99 [libapp.so]", "mid+0x1 [libapp.so]", "start_thread+0x7d [libc.so.6]"), (2,), Counters(10, 0, 1, 0)),
+        StackStats(("0x7f0012 [libz.so.1]",), (1,), Counters(5, 0, 1, 0)),
+        StackStats(("freed+0x1 [a.so]",), (1,), Counters(5, 5, 1, 1)),
+    )
+    s = Snapshot(1, "x", 1.0, stacks=stacks)
+    assert folded_lines(data_for(s)) == ["[libz.so.1] 5", "start_thread;mid;leaf:x 70"]
+    assert folded_lines(data_for(s, "allocated"))[-1] == "start_thread;mid;leaf:x 110"
+
+
+def test_folded_weights_add_up(recording, snapshots):
+    lines = report(recording, "--format", "folded").splitlines()
+    total = sum(int(line.rsplit(" ", 1)[1]) for line in lines)
+    assert total == sum(s.counters.live_bytes for s in snapshots[-1].stacks if s.counters.live_bytes > 0)
+    assert all(line.startswith("start_thread;") or "fn_" in line for line in lines)
+
+
+# ---------------------------------------------------------------- pprof
+
+
+def parse_pprof(blob: bytes):
+    from memtrace.reporters.profile_proto import Profile
+
+    profile = Profile()
+    profile.ParseFromString(gzip.decompress(blob))
+    return profile
+
+
+def test_pprof_parses_back(recording, snapshots, tmp_path):
+    out = tmp_path / "heap.pb.gz"
+    report(recording, "--format", "pprof", "-o", str(out))
+    p = parse_pprof(out.read_bytes())
+    strings = list(p.string_table)
+    types = [(strings[t.type], strings[t.unit]) for t in p.sample_type]
+    assert types[:4] == [("alloc_objects", "count"), ("alloc_space", "bytes"), ("inuse_objects", "count"), ("inuse_space", "bytes")]
+    assert strings[p.default_sample_type] == "inuse_space"
+    last = snapshots[-1]
+    assert sum(s.value[3] for s in p.sample) == sum(s.counters.live_bytes for s in last.stacks)
+    assert sum(s.value[1] for s in p.sample) == sum(s.counters.alloc_bytes for s in last.stacks)
+    functions = {f.id: strings[f.name] for f in p.function}
+    locations = {loc.id: functions[loc.line[0].function_id] for loc in p.location}
+    first = max(last.stacks, key=lambda s: s.counters.alloc_count)
+    sample = next(s for s in p.sample if list(s.value[:2]) == [first.counters.alloc_count, first.counters.alloc_bytes])
+    assert [locations[i] for i in sample.location_id] == [frame_label(f) for f in first.frames]
+
+
+def test_pprof_default_follows_by(recording, tmp_path):
+    out = tmp_path / "alloc.pb.gz"
+    report(recording, "--format", "pprof", "--by", "allocated", "-o", str(out))
+    p = parse_pprof(out.read_bytes())
+    assert p.string_table[p.default_sample_type] == "alloc_space"
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="go not installed (apt-get install golang-go)")
+def test_go_tool_pprof_reads_it(recording, tmp_path):
+    out = tmp_path / "heap.pb.gz"
+    report(recording, "--format", "pprof", "-o", str(out))
+    env = {"HOME": str(tmp_path), "GOPATH": str(tmp_path / "go"), "GOCACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(["go", "tool", "pprof", "-top", str(out)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Type: inuse_space" in result.stdout and "fn_" in result.stdout
+
+
+def test_binary_output_refuses_a_terminal(recording, monkeypatch, capsys):
+    from memtrace.commands import main
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    assert main(["report", str(recording), "--format", "pprof"]) == 2
+    assert "binary" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- html
+
+
+def test_flame_tree_is_root_first_and_consistent(snapshots):
+    tree = flame_tree(data_for(snapshots[-1]))
+    assert tree["n"] == "all"
+    assert tree["v"] == sum(s.counters.live_bytes for s in snapshots[-1].stacks if s.counters.live_bytes > 0)
+
+    def check(node):
+        kids = node.get("c", [])
+        assert sum(k["v"] for k in kids) <= node["v"]
+        for k in kids:
+            check(k)
+
+    check(tree)
+    assert "start_thread" in {c["n"] for c in tree["c"]}
+
+
+def test_html_is_self_contained_and_escaped(snapshots):
+    evil = StackStats(('</script><script>alert(1)</script>+0x1 [x.so]', "start_thread+0x1 [libc.so.6]"), (1,), Counters(10**6, 0, 1, 0))
+    s = dataclasses.replace(snapshots[-1], stacks=snapshots[-1].stacks + (evil,), notes=("<b>note</b>",))
+    page = render_html(data_for(s, metadata={"command_line": ["x", "<y>"]}))
+    assert "<script>alert(1)" not in page and "<b>note</b>" not in page
+    # No fetch of anything: no external sources, and a policy that forbids them.
+    assert not re.search(r'(src|href)\s*=\s*["\']?(https?:|//)', page)
+    assert "default-src 'none'" in page
+    assert page.count("<script") == 2  # the data block and the renderer
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (apt-get install chromium)")
+def test_html_draws_in_a_browser_without_errors(recording, tmp_path):
+    page = tmp_path / "report.html"
+    report(recording, "--format", "html", "-o", str(page))
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    boxes = re.search(r'id="flame-svg"[^>]*data-boxes="(\d+)"', result.stdout) or re.search(
+        r'data-boxes="(\d+)"', result.stdout
+    )
+    assert boxes and int(boxes.group(1)) > 10
+    assert "<rect" in result.stdout.split('id="flame"', 1)[1]
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+
+
+# ---------------------------------------------------------------- command
+
+
+def test_output_file_and_errors(recording, tmp_path, capsys):
+    from memtrace.commands import main
+
+    out = tmp_path / "r.txt"
+    assert main(["report", str(recording), "-o", str(out)]) == 0
+    assert out.read_text().startswith("memtrace report:")
+    assert main(["report", str(tmp_path / "missing.rec")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such file" in err
+    with pytest.raises(SystemExit):
+        main(["report", str(recording), "--at", "yesterday"])
+
+
+def test_every_format_is_registered():
+    for fmt in ("text", "json", "folded", "pprof", "html"):
+        assert hasattr(reporter_class(fmt), "render")
+    with pytest.raises(MemtraceError):
+        reporter_class("pdf")

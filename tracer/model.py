@@ -247,6 +247,10 @@ class Snapshot:
     trim: Optional[TrimStats] = None
     gap: Optional[Gap] = None
     hints: tuple[str, ...] = ()
+    # Address-space syscalls since the previous snapshot, for the recorder
+    # (ts, tid, kind, addr, length, prot, flags, result, in_malloc, frames);
+    # not part of the JSON snapshot.
+    vm_events: tuple[dict, ...] = ()
 
     @property
     def truncated_stack_count(self) -> int:

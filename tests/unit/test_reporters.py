@@ -175,8 +175,9 @@ def test_pprof_default_follows_by(recording, tmp_path):
     assert p.string_table[p.default_sample_type] == "alloc_space"
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="go not installed (apt-get install golang-go)")
 def test_go_tool_pprof_reads_it(recording, tmp_path):
+    if shutil.which("go") is None:
+        pytest.fail("go is not installed: sudo ./install.sh --test-tools (apt-get install golang-go)")
     out = tmp_path / "heap.pb.gz"
     report(recording, "--format", "pprof", "-o", str(out))
     env = {"HOME": str(tmp_path), "GOPATH": str(tmp_path / "go"), "GOCACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
@@ -222,8 +223,9 @@ def test_html_is_self_contained_and_escaped(snapshots):
     assert page.count("<script") == 2  # the data block and the renderer
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (apt-get install chromium)")
 def test_html_draws_in_a_browser_without_errors(recording, tmp_path):
+    if shutil.which("chromium") is None:
+        pytest.fail("chromium is not installed: sudo ./install.sh --test-tools (apt-get install chromium)")
     page = tmp_path / "report.html"
     report(recording, "--format", "html", "-o", str(page))
     result = subprocess.run(

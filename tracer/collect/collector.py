@@ -211,9 +211,23 @@ class Collector:
                            tuple(self.vm.trims)),
             gap=accounting.gap(process.rss_anon_bytes, heap_live, account.allocator.retained_bytes),
             hints=accounting.hints(account.arenas, trim_estimate, process.rss_anon_bytes),
+            vm_events=self._recent_events(),
         )
         self.previous = snap
         return snap
+
+    def _recent_events(self) -> tuple[dict, ...]:
+        started_ns = self.vm.started_ns
+        out = []
+        for e in self.vm.take_recent():
+            key = e.malloc_stack_key if e.in_malloc and e.malloc_stack_key else e.stack_key
+            out.append({
+                "ts": (e.ts_ns - started_ns) / 1e9, "tid": e.tid, "kind": e.kind,
+                "addr": e.addr, "length": e.length, "prot": e.prot, "flags": e.flags,
+                "result": e.result, "in_malloc": e.in_malloc,
+                "frames": list(self.frames_of(key)) if key else [],
+            })
+        return tuple(out)
 
     def _threads(self, rows, live_tids) -> tuple[ThreadStats, ...]:
         if not self.light:

@@ -33,6 +33,8 @@ class VmTracker:
         self.trims: list[TrimCall] = []
         self.trim_returned_bytes = 0
         self.events = 0
+        self.keep_events = False  # a recorder wants each event
+        self.recent: list[VmEvent] = []
 
     def seed(self) -> None:
         """From /proc/PID/maps, before the first event is applied."""
@@ -76,7 +78,14 @@ class VmTracker:
             malloc_stack_key=malloc_key,
         )
         self.space.apply(event)
+        if self.keep_events:
+            self.recent.append(event)
         if (kind == "mmap" and raw.prot & PROT_EXEC and not raw.flags & MAP_ANONYMOUS
                 and not event.failed and self.on_code_mapped):
             # A library arrived: learn where it is while the process lives.
             self.on_code_mapped()
+
+
+    def take_recent(self) -> list[VmEvent]:
+        events, self.recent = self.recent, []
+        return events

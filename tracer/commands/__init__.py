@@ -5,6 +5,7 @@ subcommands. Each subcommand is a class with a docstring (its help),
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from typing import Optional, Protocol
@@ -55,7 +56,7 @@ def get_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"memtrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in _commands():
-        doc = (type(command).__doc__ or "").strip()
+        doc = inspect.cleandoc(type(command).__doc__ or "")
         sp = sub.add_parser(
             command.name,
             help=doc.splitlines()[0] if doc else None,

@@ -76,9 +76,9 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
                                       mode="arenas" if args.light else "stacks")
         sinks.extend(console)
     if args.record:
-        from memtrace.record.recorder import Recorder
+        from memtrace.sinks.record import RecordSink
 
-        sinks.append(Recorder(args.record, metadata))
+        sinks.append(RecordSink(args.record, metadata))
     return sinks, view
 
 
@@ -141,13 +141,14 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
     interactive = sys.stdout.isatty() and not args.json
     read_keys = interactive and sys.stdin.isatty() and keys_allowed and not args.batch
     metadata = {
-        "command_line": sys.argv,
+        "command_line": ["memtrace", *sys.argv[1:]],
         "pid": pid,
         "comm": comm,
         "launched": launched is not None,
         "options": {k: v for k, v in vars(args).items() if k not in ("entrypoint",)},
     }
     sinks, view = make_sinks(args, interactive, metadata)
+    collector.vm.keep_events = bool(args.record)
     keys = None
     if read_keys:
         from memtrace.view.keys import KeyReader

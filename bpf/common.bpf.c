@@ -5,10 +5,12 @@
 #include "memtrace.h"
 
 #ifndef MAX_STACKS
-/* Distinct user stacks; each entry preallocates 127 frames * 8 B, so 16 Ki
- * stacks cost 16 MiB of kernel memory. A full map or a hash collision loses
- * the deep frames only: the heap layer keeps the immediate caller apart. */
-#define MAX_STACKS 16384
+/* Distinct user stacks, 1 KiB each, allocated as they appear (a JVM start
+ * sees a few thousand). Not bpf_get_stackid's stack map: that one keeps a
+ * single stack per hash bucket and refuses colliding ones, which lost 18 %
+ * of a JVM's stacks at a third full. A full map loses the deep frames
+ * only: the heap layer keeps the immediate caller apart. */
+#define MAX_STACKS 65536
 #endif
 #ifndef MAX_THREADS
 /* Calls in flight: one per thread inside malloc or a syscall at a time. */
@@ -31,7 +33,8 @@ struct pending_call {
 /* Shared with the address-space layer: a syscall made while its thread has
  * a call here open was made by the allocator, for that caller. */
 BPF_HASH(pending, u32, struct pending_call, MAX_THREADS);
-BPF_STACK_TRACE(stacks, MAX_STACKS);
+BPF_F_TABLE("hash", u64, struct stack_frames, stacks, MAX_STACKS, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(stack_scratch, struct stack_frames, 1);
 BPF_PERCPU_ARRAY(counters, u64, CNT_MAX);
 
 static __always_inline void count(u32 which)
@@ -47,4 +50,30 @@ static __always_inline void count(u32 which)
 static __always_inline int traced(u64 id)
 {
     return (id >> 32) == TARGET_TGID;
+}
+
+/* The current user stack, stored once; returns its key (0: none). */
+static __always_inline u64 user_stack(void *ctx)
+{
+    u32 zero = 0;
+    struct stack_frames *frames = stack_scratch.lookup(&zero);
+    if (!frames)
+        return 0;
+    /* bpf_get_stack zeroes what it does not fill: equal stacks are equal
+     * buffers, and the walk ends at the first zero. The bound stays a
+     * constant for the verifier. */
+    long size = bpf_get_stack(ctx, frames->ip, sizeof(frames->ip), BPF_F_USER_STACK);
+    if (size <= 0)
+        return 0;
+    u64 hash = 0xcbf29ce484222325ULL; /* FNV-1a over whole frames */
+    for (int i = 0; i < MAX_STACK_DEPTH; i++) {
+        u64 ip = frames->ip[i];
+        if (!ip)
+            break;
+        hash = (hash ^ ip) * 0x100000001b3ULL;
+    }
+    hash |= 1; /* never 0 */
+    if (!stacks.lookup(&hash) && stacks.insert(&hash, frames) != 0 && !stacks.lookup(&hash))
+        count(CNT_STACK_LOST);
+    return hash;
 }

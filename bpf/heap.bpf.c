@@ -15,15 +15,10 @@
 /* (thread, stack) pairs: a few hundred threads times a few hundred sites. */
 #define MAX_STATS 65536
 #endif
-#ifndef MAX_FLOWS
-/* (thread, stack, 64 MiB bucket) triples: arenas a key allocated into. */
-#define MAX_FLOWS (4 * MAX_STATS)
-#endif
 #define BUCKET_SHIFT 26 /* glibc's HEAP_MAX_SIZE: 64 MiB on 64-bit */
 
 BPF_F_TABLE("hash", u64, struct alloc_info, allocs, MAX_ALLOCS, BPF_F_NO_PREALLOC);
 BPF_HASH(heap_stats, struct heap_key, struct heap_counts, MAX_STATS);
-BPF_HASH(arena_flows, struct flow_key, struct flow_counts, MAX_FLOWS);
 /* Names of threads caught at their first allocation, so a thread that ends
  * between two snapshots still has a name. */
 BPF_HASH(thread_names, u32, struct thread_name, MAX_THREADS);
@@ -34,11 +29,10 @@ static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 entry_sp,
                                      struct heap_key *key)
 {
     key->tid = tid;
+    key->bucket = 0; /* known when the block's address is */
     key->caller = 0;
     bpf_probe_read_user(&key->caller, sizeof(key->caller), (void *)entry_sp);
-    key->stack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
-    if (key->stack_id < 0)
-        count(CNT_STACK_LOST);
+    key->stack = user_stack(ctx);
 }
 
 static __always_inline struct heap_counts *stats_for(struct heap_key *key)
@@ -57,25 +51,6 @@ static __always_inline struct heap_counts *stats_for(struct heap_key *key)
     return heap_stats.lookup(key);
 }
 
-static __always_inline void flow(struct heap_key *key, u64 addr, u64 size, int freed)
-{
-    struct flow_key fk = {.key = *key, .bucket = addr >> BUCKET_SHIFT};
-    struct flow_counts *c = arena_flows.lookup(&fk);
-    if (!c) {
-        struct flow_counts zero = {};
-        arena_flows.insert(&fk, &zero);
-        c = arena_flows.lookup(&fk);
-        if (!c) {
-            count(CNT_DROP_FLOWS);
-            return;
-        }
-    }
-    if (freed)
-        __sync_fetch_and_add(&c->free_bytes, size);
-    else
-        __sync_fetch_and_add(&c->alloc_bytes, size);
-}
-
 static __always_inline void charge_free(u64 addr, struct alloc_info *info)
 {
     struct heap_counts *c = heap_stats.lookup(&info->key);
@@ -83,7 +58,6 @@ static __always_inline void charge_free(u64 addr, struct alloc_info *info)
         return;
     __sync_fetch_and_add(&c->free_bytes, info->size);
     __sync_fetch_and_add(&c->free_count, 1);
-    flow(&info->key, addr, info->size, 1);
 }
 
 static __always_inline void forget_block(u64 addr)
@@ -100,6 +74,7 @@ static __always_inline void forget_block(u64 addr)
 
 static __always_inline void record_block(u64 addr, u64 size, struct heap_key *key)
 {
+    key->bucket = addr >> BUCKET_SHIFT;
     struct heap_counts *c = stats_for(key);
     if (!c)
         return;
@@ -119,7 +94,6 @@ static __always_inline void record_block(u64 addr, u64 size, struct heap_key *ke
     }
     __sync_fetch_and_add(&c->alloc_bytes, size);
     __sync_fetch_and_add(&c->alloc_count, 1);
-    flow(key, addr, size, 0);
 }
 
 static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 arg, u64 sp_adjust)
@@ -183,6 +157,10 @@ int calloc_enter(struct pt_regs *ctx)
 
 int realloc_enter(struct pt_regs *ctx)
 {
+    /* realloc(p, 0) is free(p) in glibc, through free() itself: left to the
+     * free probe, so that free needs no look at calls in flight. */
+    if (PT_REGS_PARM2(ctx) == 0 && PT_REGS_PARM1(ctx) != 0)
+        return 0;
     return enter(ctx, CALL_REALLOC, PT_REGS_PARM2(ctx), PT_REGS_PARM1(ctx), REALLOC_SP_ADJUST);
 }
 
@@ -230,9 +208,9 @@ int alloc_return(struct pt_regs *ctx)
             return 0;
         bpf_probe_read_user(&addr, sizeof(addr), (void *)done.arg);
     } else if (done.kind == CALL_REALLOC) {
-        /* glibc frees the old block when it returns a new one, and when
-         * asked for 0 bytes; on failure the old block stays. */
-        if (done.arg && (addr || done.size == 0))
+        /* glibc frees the old block when it returns a new one; on
+         * failure the old block stays. */
+        if (done.arg && addr)
             forget_block(done.arg);
     }
     if (addr)
@@ -248,10 +226,6 @@ int free_enter(struct pt_regs *ctx)
     u64 id = bpf_get_current_pid_tgid();
     if (!traced(id))
         return 0;
-    u32 tid = id;
-    struct pending_call *open = pending.lookup(&tid);
-    if (open && open->entry_sp >= PT_REGS_SP(ctx) + FREE_SP_ADJUST)
-        return 0; /* realloc(p, 0) frees through free(): realloc accounts */
     forget_block(addr);
     return 0;
 }

@@ -4,14 +4,29 @@
 #ifndef MEMTRACE_H
 #define MEMTRACE_H
 
-/* Key of the heap aggregates: one row per thread and user call stack.
- * stack_id comes from the frame-pointer walk, which at a malloc entry
- * skips the immediate caller; caller is the return address read at the
- * stack pointer, so the pair names the caller even without frame pointers. */
+#ifndef MAX_STACK_DEPTH
+/* Frames kept per stack: perf's own default limit (kernel.perf_event_max_stack). */
+#define MAX_STACK_DEPTH 127
+#endif
+
+/* Key of the heap aggregates: one row per thread, user call stack and
+ * 64 MiB bucket of the address space.
+ *
+ * stack is a hash of the frame-pointer walk (0: no stack), which at a malloc
+ * entry skips the immediate caller; caller is the return address read at
+ * the stack pointer, so the pair names the caller even without frame
+ * pointers. A glibc thread-arena heap fills exactly one bucket, so the
+ * buckets give per-arena live bytes without walking the allocs map. */
 struct heap_key {
-    u32 tid;
-    s32 stack_id; /* negative: the walk failed (counted in CNT_STACK_LOST) */
+    u64 stack;
     u64 caller;
+    u32 tid;
+    u32 bucket; /* block address >> BUCKET_SHIFT */
+};
+
+/* One user stack, innermost first, zero-padded. */
+struct stack_frames {
+    u64 ip[MAX_STACK_DEPTH];
 };
 
 struct heap_counts {
@@ -32,19 +47,6 @@ struct thread_name {
     char comm[16];
 };
 
-/* Heap bytes a (thread, stack) key put into one 64 MiB-aligned bucket of
- * the address space. A non-main glibc arena heap fills exactly one bucket,
- * so buckets give per-arena live bytes without walking the allocs map. */
-struct flow_key {
-    struct heap_key key;
-    u64 bucket; /* address >> 26 */
-};
-
-struct flow_counts {
-    u64 alloc_bytes;
-    u64 free_bytes;
-};
-
 enum vm_kind { VM_MMAP = 1, VM_MUNMAP, VM_BRK, VM_MPROTECT, VM_MREMAP, VM_MADVISE, VM_TRIM };
 
 /* One address-space syscall, sent at its exit with its result. VM_TRIM
@@ -60,7 +62,7 @@ struct vm_event {
     u64 new_len;   /* mremap new length; trim: anon RSS before */
     u64 new_addr;  /* mremap requested new address; trim: anon RSS after */
     s64 result;    /* the syscall's return (brk: the new break) */
-    s32 stack_id;  /* the syscall's own user stack */
+    u64 stack;     /* the syscall's own user stack (hash; 0: none) */
     u32 in_malloc; /* inside a malloc-family call: then malloc_key is its caller */
     struct heap_key malloc_key;
 };
@@ -71,10 +73,9 @@ enum counter {
     CNT_DROP_ALLOCS,        /* allocs map full: allocation not tracked */
     CNT_DROP_STATS,         /* heap_stats map full: allocation not tracked */
     CNT_DROP_PENDING,       /* pending map full: call not tracked */
-    CNT_STACK_LOST,         /* stack map full or hash collision */
+    CNT_STACK_LOST,         /* stack map full: frames past the caller lost */
     CNT_TRIM_CALLS,
     CNT_TRIM_RELEASED,      /* malloc_trim calls that returned 1 */
-    CNT_DROP_FLOWS,         /* arena_flows map full: per-arena bytes inexact */
     CNT_VM_LOST,            /* ring buffer full: address-space events lost */
     CNT_MAX,
 };

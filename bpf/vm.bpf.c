@@ -78,7 +78,7 @@ static __always_inline int vm_exit(void *ctx, s64 ret)
         e->flags = call->a3;
         e->new_addr = call->a4;
     }
-    e->stack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    e->stack = user_stack(ctx);
     struct pending_call *open = pending.lookup(&tid);
     e->in_malloc = open != 0;
     if (open)
@@ -190,7 +190,7 @@ static __always_inline void emit_trim(struct pending_call *call, s64 ret)
     e->result = ret;
     e->new_len = call->rss_anon_before;
     e->new_addr = current_rss_anon();
-    e->stack_id = call->key.stack_id;
+    e->stack = call->key.stack;
     e->in_malloc = 1;
     e->malloc_key = call->key;
     vm_events.ringbuf_submit(e, 0);

@@ -72,6 +72,8 @@ class Flow:
     bucket: int  # address >> BUCKET_SHIFT
     alloc_bytes: int
     free_bytes: int
+    alloc_count: int = 0
+    free_count: int = 0
 
 
 BUCKET_SHIFT = 26  # glibc's HEAP_MAX_SIZE on 64-bit: 64 MiB

@@ -175,7 +175,7 @@ class Collector:
         chunks = self.vm.space.regions(MMAPPED_CHUNK)
         account = accounting.account_allocator(
             self._arena_inputs,
-            None if self.light else self.probes.read_flows(),
+            None if self.light else reading.flows,
             heap.live_bytes,
             (len(chunks), sum(r.committed_bytes for r in chunks), sum(r.resident_bytes for r in chunks)),
         )

@@ -7,16 +7,17 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
 from memtrace.collect.bpfsource import bpf_dir, program_text
+from memtrace.collect.probesite import ProbeSite, choose_site
 from memtrace.errors import MemtraceError
 from memtrace.model import Counters, DropStats, Flow, HeapRow
 
 # Counter indexes: keep in step with enum counter in bpf/memtrace.h.
 (CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
- CNT_TRIM_CALLS, CNT_TRIM_RELEASED, CNT_DROP_FLOWS, CNT_VM_LOST) = range(9)
+ CNT_TRIM_CALLS, CNT_TRIM_RELEASED, CNT_VM_LOST) = range(8)
 
 LAYERS = ["common", "vm", "heap"]
 
@@ -46,20 +47,11 @@ HOOKS = (
 )
 
 
-@dataclass(frozen=True)
-class ProbeSite:
-    symbol: str
-    address: int  # symbol's address in the ELF file
-    offset: int = 0  # bytes past the symbol where the probe sits
-    sp_adjust: int = 0  # bytes pushed before the site: return address at sp + this
-    note: str = ""
-
-
 @dataclass
 class Limits:
     max_allocs: int = 1 << 20
     max_stats: int = 65536
-    max_stacks: int = 16384
+    max_stacks: int = 65536
     max_threads: int = 16384
 
 
@@ -69,6 +61,7 @@ VM_KINDS = {1: "mmap", 2: "munmap", 3: "brk", 4: "mprotect", 5: "mremap", 6: "ma
 @dataclass
 class HeapReading:
     rows: list[HeapRow]
+    flows: list[Flow]
     untracked_free_count: int
     trim_calls: int
     trim_released_calls: int
@@ -112,7 +105,15 @@ def resolve_sites(libc_path: str) -> list[ProbeSite]:
         if addr is None or addr in seen:
             continue
         seen.add(addr)
-        sites.append(ProbeSite(hook.symbol, addr))
+        site = choose_site(libc_path, hook.symbol)
+        if hook.ret and site.offset:
+            # A uretprobe traps at +0 and swaps the return address for its
+            # trampoline there: an entry probe further in would read the
+            # trampoline as the caller. Sharing the +0 trap costs nothing
+            # more, since the uretprobe's trap is paid anyway.
+            site = replace(site, offset=0, sp_adjust=0, emulated=False,
+                           note=f"+0: shares the uretprobe's trap (+{site.offset} would be emulated)")
+        sites.append(site)
     if not any(s.symbol == "malloc" for s in sites):
         raise MemtraceError(f"{libc_path} has no malloc symbol: is it glibc? trace a glibc program")
     return sites
@@ -213,15 +214,20 @@ class Probes:
     # ---------------------------------------------------------- reading
 
     def read(self) -> HeapReading:
+        """One pass over the aggregates: per (thread, stack), and per 64 MiB
+        bucket for the arena accounting."""
         b = self._bpf
-        rows = [
-            HeapRow(
-                tid=k.tid,
-                stack_key=(k.stack_id, k.caller),
-                counters=Counters(v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count),
-            )
+        flows = [
+            Flow(k.tid, (k.stack, k.caller), k.bucket,
+                 v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count)
             for k, v in b["heap_stats"].items()
         ]
+        per_key: dict[tuple[int, tuple[int, int]], Counters] = {}
+        for f in flows:
+            key = (f.tid, f.stack_key)
+            per_key[key] = per_key.get(key, Counters()) + Counters(
+                f.alloc_bytes, f.free_bytes, f.alloc_count, f.free_count)
+        rows = [HeapRow(tid, stack_key, c) for (tid, stack_key), c in per_key.items()]
         counters = b["counters"]
         total = lambda i: int(counters.sum(i).value)  # noqa: E731
         names = {
@@ -229,6 +235,7 @@ class Probes:
         }
         return HeapReading(
             rows=rows,
+            flows=flows,
             untracked_free_count=total(CNT_UNTRACKED_FREE),
             trim_calls=total(CNT_TRIM_CALLS),
             trim_released_calls=total(CNT_TRIM_RELEASED),
@@ -240,12 +247,6 @@ class Probes:
             ),
             thread_names=names,
         )
-
-    def read_flows(self) -> list[Flow]:
-        return [
-            Flow(k.key.tid, (k.key.stack_id, k.key.caller), k.bucket, v.alloc_bytes, v.free_bytes)
-            for k, v in self._bpf["arena_flows"].items()
-        ]
 
     def vm_lost(self) -> int:
         return int(self._bpf["counters"].sum(CNT_VM_LOST).value)
@@ -276,13 +277,21 @@ class Probes:
         if self._bpf is not None:
             self._bpf.ring_buffer_consume()
 
-    def stack_addresses(self, stack_id: int) -> list[int]:
-        if stack_id < 0:
+    def stack_addresses(self, stack: int) -> list[int]:
+        if not stack:
             return []
+        import ctypes
+
         try:
-            return list(self._bpf["stacks"].walk(stack_id))
+            frames = self._bpf["stacks"][ctypes.c_ulonglong(stack)]
         except KeyError:
             return []
+        out = []
+        for ip in frames.ip:
+            if not ip:
+                break
+            out.append(ip)
+        return out
 
 
 def _ring_buffer_fd(bpf) -> Optional[int]:

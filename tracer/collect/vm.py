@@ -50,7 +50,7 @@ class VmTracker:
     def handle(self, raw) -> None:
         """One `struct vm_event` from the ring buffer."""
         self.events += 1
-        malloc_key = (raw.malloc_key.stack_id, raw.malloc_key.caller) if raw.in_malloc else None
+        malloc_key = (raw.malloc_key.stack, raw.malloc_key.caller) if raw.in_malloc else None
         if raw.kind == VM_TRIM:
             before, after = _signed(raw.new_len), _signed(raw.new_addr)
             returned = max(0, before - after) if before > 0 and after > 0 else 0
@@ -73,7 +73,7 @@ class VmTracker:
             new_addr=raw.new_addr,
             new_length=raw.new_len,
             result=_signed(raw.result),
-            stack_key=(raw.stack_id, 0),
+            stack_key=(raw.stack, 0),
             in_malloc=bool(raw.in_malloc),
             malloc_stack_key=malloc_key,
         )

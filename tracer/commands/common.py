@@ -58,8 +58,9 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                       help="live allocations tracked at once (default 1048576)")
     maps.add_argument("--max-stats", type=positive_int, default=65536, metavar="N",
                       help="(thread, stack) pairs (default 65536)")
-    maps.add_argument("--stack-storage-size", type=positive_int, default=16384, metavar="N",
-                      help="distinct call stacks kept (default 16384)")
+    maps.add_argument("--stack-storage-size", type=positive_int, default=65536, metavar="N",
+                      help="distinct call stacks kept, 1 KiB of kernel memory each as they "
+                      "appear (default 65536)")
 
 
 def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> tuple[list, object]:
@@ -133,8 +134,11 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
     if launched is not None:
         launched.release()
     if args.verbose:
-        where = ", ".join(f"{s.symbol}+{s.offset}" for s in sites)
-        print(f"memtrace: attached to pid {pid} in {libc}: {where}", file=sys.stderr)
+        from memtrace.collect.probesite import format_sites
+
+        print(f"memtrace: attached to pid {pid} in {libc}", file=sys.stderr)
+        for line in format_sites(probes.sites):
+            print(f"memtrace:   {line}", file=sys.stderr)
         print(f"memtrace: probes attached {time.monotonic() - started:.2f} s after start",
               file=sys.stderr)
 

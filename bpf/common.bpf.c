@@ -28,11 +28,52 @@ struct pending_call {
     u32 kind;
     u32 nested;   /* inner hooked calls (memalign -> malloc) still open */
     s64 rss_anon_before; /* malloc_trim: anonymous RSS at entry */
+    u32 active;   /* a call is open (task storage keeps the slot between calls) */
 };
 
-/* Shared with the address-space layer: a syscall made while its thread has
- * a call here open was made by the allocator, for that caller. */
+/* The call each thread has open. Shared with the address-space layer: a
+ * syscall made while its thread has a call open was made by the allocator,
+ * for that caller. Task storage makes it a pointer away, where a hash map
+ * costs an insert, two lookups and a delete on every malloc; kernels that
+ * refuse task storage in uprobe programs get the hash map (the collector
+ * retries without CALLS_IN_TASK_STORAGE). */
+#ifdef CALLS_IN_TASK_STORAGE
+BPF_TASK_STORAGE(calls_by_task, struct pending_call);
+
+static __always_inline struct pending_call *call_slot(u32 tid, int create)
+{
+    return calls_by_task.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
+                                          create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+
+static __always_inline void close_call(u32 tid, struct pending_call *call)
+{
+    call->active = 0;
+}
+#else
 BPF_HASH(pending, u32, struct pending_call, MAX_THREADS);
+
+static __always_inline struct pending_call *call_slot(u32 tid, int create)
+{
+    struct pending_call *call = pending.lookup(&tid);
+    if (call || !create)
+        return call;
+    struct pending_call fresh = {};
+    pending.insert(&tid, &fresh);
+    return pending.lookup(&tid);
+}
+
+static __always_inline void close_call(u32 tid, struct pending_call *call)
+{
+    pending.delete(&tid);
+}
+#endif
+
+static __always_inline struct pending_call *open_call(u32 tid)
+{
+    struct pending_call *call = call_slot(tid, 0);
+    return call && call->active ? call : 0;
+}
 BPF_F_TABLE("hash", u64, struct stack_frames, stacks, MAX_STACKS, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(stack_scratch, struct stack_frames, 1);
 BPF_PERCPU_ARRAY(counters, u64, CNT_MAX);
@@ -52,9 +93,55 @@ static __always_inline int traced(u64 id)
     return (id >> 32) == TARGET_TGID;
 }
 
-/* The current user stack, stored once; returns its key (0: none). */
+static __always_inline u64 store_stack(struct stack_frames *frames, u64 hash)
+{
+    hash |= 1; /* never 0 */
+    if (!stacks.lookup(&hash) && stacks.insert(&hash, frames) != 0 && !stacks.lookup(&hash))
+        count(CNT_STACK_LOST);
+    return hash;
+}
+
+/* The user stack at a uprobe, from its registers: the frame-pointer walk
+ * done here, one read per frame. bpf_get_stack walks the same chain but
+ * costs ~1 us more per call through perf's callchain machinery, on the
+ * malloc hot path. Frames past the walk's end are left as they were:
+ * readers stop at the zero that ends it. */
+static __always_inline u64 probe_stack(struct pt_regs *ctx)
+{
+#ifdef NO_STACKS /* benchmarks only: what the stack walk costs */
+    return 0;
+#endif
+    u32 zero = 0;
+    struct stack_frames *frames = stack_scratch.lookup(&zero);
+    if (!frames)
+        return 0;
+    u64 ip = PT_REGS_IP(ctx);
+    u64 fp = PT_REGS_FP(ctx);
+    u64 hash = (0xcbf29ce484222325ULL ^ ip) * 0x100000001b3ULL; /* FNV-1a */
+    frames->ip[0] = ip;
+    int i;
+    for (i = 1; i < MAX_STACK_DEPTH; i++) {
+        u64 frame[2]; /* saved frame pointer, return address */
+        if (!fp || bpf_probe_read_user(frame, sizeof(frame), (void *)fp) != 0 || !frame[1])
+            break;
+        frames->ip[i] = frame[1];
+        hash = (hash ^ frame[1]) * 0x100000001b3ULL;
+        /* Frames live higher up the stack; a saved value that is not is
+         * no frame pointer (code built without them): end after this one. */
+        fp = frame[0] > fp ? frame[0] : 0;
+    }
+    if (i < MAX_STACK_DEPTH)
+        frames->ip[i] = 0;
+    return store_stack(frames, hash);
+}
+
+/* The current user stack anywhere (syscall tracepoints too), stored once;
+ * returns its key (0: none). */
 static __always_inline u64 user_stack(void *ctx)
 {
+#ifdef NO_STACKS /* benchmarks only: what the stack walk costs */
+    return 0;
+#endif
     u32 zero = 0;
     struct stack_frames *frames = stack_scratch.lookup(&zero);
     if (!frames)
@@ -72,8 +159,5 @@ static __always_inline u64 user_stack(void *ctx)
             break;
         hash = (hash ^ ip) * 0x100000001b3ULL;
     }
-    hash |= 1; /* never 0 */
-    if (!stacks.lookup(&hash) && stacks.insert(&hash, frames) != 0 && !stacks.lookup(&hash))
-        count(CNT_STACK_LOST);
-    return hash;
+    return store_stack(frames, hash);
 }

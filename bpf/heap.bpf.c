@@ -32,7 +32,7 @@ static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 entry_sp,
     key->bucket = 0; /* known when the block's address is */
     key->caller = 0;
     bpf_probe_read_user(&key->caller, sizeof(key->caller), (void *)entry_sp);
-    key->stack = user_stack(ctx);
+    key->stack = probe_stack(ctx);
 }
 
 static __always_inline struct heap_counts *stats_for(struct heap_key *key)
@@ -103,19 +103,28 @@ static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ar
         return 0;
     u32 tid = id;
     u64 sp = PT_REGS_SP(ctx) + sp_adjust;
-    struct pending_call *open = pending.lookup(&tid);
-    if (open && open->entry_sp >= sp) {
+    struct pending_call *call = call_slot(tid, 1);
+    if (!call) {
+        count(CNT_DROP_PENDING);
+        return 0;
+    }
+    if (call->active && call->entry_sp >= sp) {
         /* glibc calls its own public entry points (memalign and realloc
          * relay to malloc), often as a tail call at the same sp, where the
          * return address is already the uretprobe trampoline: the outer
-         * call, which read the real caller, accounts for the block. */
-        open->nested++;
+         * call, which read the real caller, accounts for the block. An
+         * open call at a lower sp is one whose return was lost: replaced. */
+        call->nested++;
         return 0;
     }
-    struct pending_call call = {.size = size, .arg = arg, .entry_sp = sp, .kind = kind};
-    make_key(ctx, tid, sp, &call.key);
-    if (pending.update(&tid, &call) != 0)
-        count(CNT_DROP_PENDING);
+    call->size = size;
+    call->arg = arg;
+    call->entry_sp = sp;
+    call->kind = kind;
+    call->nested = 0;
+    call->rss_anon_before = 0;
+    make_key(ctx, tid, sp, &call->key);
+    call->active = 1;
     return 0;
 }
 
@@ -126,7 +135,7 @@ static __always_inline struct pending_call *leave(u32 *tid)
     if (!traced(id))
         return 0;
     *tid = id;
-    struct pending_call *open = pending.lookup(tid);
+    struct pending_call *open = open_call(*tid);
     if (!open)
         return 0;
     if (open->nested) {
@@ -201,7 +210,7 @@ int alloc_return(struct pt_regs *ctx)
     if (!call)
         return 0;
     struct pending_call done = *call;
-    pending.delete(&tid);
+    close_call(tid, call);
     u64 addr = PT_REGS_RC(ctx);
     if (done.kind == CALL_POSIX_MEMALIGN) {
         if (addr != 0) /* an error number, nothing allocated */
@@ -238,9 +247,8 @@ int trim_enter(struct pt_regs *ctx)
         return 0;
     count(CNT_TRIM_CALLS);
     enter(ctx, CALL_TRIM, 0, 0, TRIM_SP_ADJUST);
-    u32 tid = bpf_get_current_pid_tgid();
-    struct pending_call *call = pending.lookup(&tid);
-    if (call)
+    struct pending_call *call = open_call(bpf_get_current_pid_tgid());
+    if (call && call->kind == CALL_TRIM)
         call->rss_anon_before = current_rss_anon();
     return 0;
 }
@@ -256,6 +264,6 @@ int trim_return(struct pt_regs *ctx)
             count(CNT_TRIM_RELEASED);
         emit_trim(call, PT_REGS_RC(ctx));
     }
-    pending.delete(&tid);
+    close_call(tid, call);
     return 0;
 }

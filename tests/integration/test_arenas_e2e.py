@@ -5,8 +5,10 @@ tests/programs/retention.c runs 4 workers, each in its own glibc arena
 blocks and free 90 % in a shuffled order. It writes, per worker, the arena's
 address, the bytes it still holds (as requested), its heaps' heap_info sizes
 and the arena's resident bytes by mincore(); with --trim, the anonymous RSS
-right before and after its malloc_trim(0). memtrace launches it, so it sees
-every allocation: its per-arena live bytes must be exact.
+right before and after its malloc_trim(0). memtrace attaches before the
+workers start, so it sees every allocation: its per-arena live bytes must be
+exact. The last tests launch it instead, and check the final snapshot of a
+program that exits while memtrace is reading its arenas.
 """
 
 from __future__ import annotations
@@ -171,3 +173,52 @@ def test_retained_falls_after_trim(trimmed, fragmented):
         assert arena["committed_bytes"] == before[thread["name"]]["committed_bytes"], label
     assert doc["allocator"]["retained_bytes"] < fragmented.doc["allocator"]["retained_bytes"] // 4
     assert not any("MALLOC_ARENA_MAX" in h for h in doc["hints"]), doc["hints"]
+
+
+# ---------------------------------------------------------------- launch mode
+
+# Arenas that take long to read: each worker also leaves ~20,000 small free
+# chunks, so one read of the arenas takes a few hundred ms, longer than the
+# interval. memtrace is reading them most of the time, and the program's
+# exit lands in a read.
+BUSY_ARGS = ["--mib", "2", "--chunks", "40000", "--hold-ms", "1500"]
+
+
+@pytest.fixture(scope="module")
+def launched_busy(retention_binary, memtrace_json, tmp_path_factory):
+    truth_path = tmp_path_factory.mktemp("launched") / "truth.json"
+    doc = memtrace_json(["--json", "--interval", "0.1", "--",
+                         str(retention_binary), str(truth_path), *BUSY_ARGS])
+    return doc, json.loads(truth_path.read_text())
+
+
+def test_launch_counts_arena_live_bytes_exactly(launched_busy):
+    doc, truth = launched_busy
+    assert doc["heap"]["dropped_count"] == 0, doc["heap"]
+    assert doc["allocator"]["arena_count"] == THREADS + 1, doc["allocator"]
+    for thread, arena in worker_arenas(doc, truth):
+        assert arena["live_bytes"] == thread["live_bytes"], (thread, arena)
+        assert arena["tids"] == [thread["tid"]], (thread, arena)
+
+
+def test_final_snapshot_keeps_arenas_read_before_the_exit(launched_busy):
+    """The final snapshot of a launched program is its last sample while it
+    lived. A read of the arenas cut short by the exit must not replace the
+    last complete one: the program was idle, nothing changed."""
+    doc, truth = launched_busy
+    for thread, arena in worker_arenas(doc, truth):
+        heap_bytes = sum(h["size"] for h in thread["heaps"])
+        assert arena["reliable"] and arena["system_mem_bytes"] == heap_bytes, (
+            f"{thread['name']} arena {arena['id']} in the final snapshot: reliable="
+            f"{arena['reliable']} system_mem_bytes={arena['system_mem_bytes']} "
+            f"free_bytes={arena['free_bytes']} trimmable_bytes={arena['trimmable_bytes']}; "
+            f"heap_info says {heap_bytes} (trim estimate_bytes {doc['trim']['estimate_bytes']})"
+        )
+
+
+def test_no_address_space_event_lost_while_arenas_are_read(launched_busy):
+    """Heap growth is one mprotect per few pages; while memtrace reads slow
+    arenas, those events must still reach the address-space model."""
+    doc, _ = launched_busy
+    lost = [n for n in doc["notes"] if "events were lost" in n]
+    assert not lost, lost

@@ -16,9 +16,7 @@ freed them. Both saw every Inflater allocation.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -31,68 +29,13 @@ INTERVAL = 0.5
 THREADS = 4
 PER_THREAD = 250
 WINDOW_BYTES = 32 * 1024  # zlib's window for the default 15 window bits
-ATTACH_TIMEOUT_S = 60.0
-ATTACH_SETTLE_S = 0.5
 JAVA_FLAGS = ["-XX:+PreserveFramePointer", "-XX:+UseSerialGC", "-Xmx256m"]
 
 LIBZ_FRAME = re.compile(r"\[libz\.so[\d.]*\]$")
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        found.add(p)
-        todo.extend(children.get(p, []))
-    return found
-
-
-def _wait_attached(tracers: list[subprocess.Popen], probes) -> None:
-    """Until every tracer's uprobes are attached (their count stable)."""
-    deadline = time.monotonic() + ATTACH_TIMEOUT_S
-    counts: dict[int, int] = {}
-    stable_since: dict[int, float] = {}
-    while time.monotonic() < deadline:
-        now, done = time.monotonic(), True
-        for t in tracers:
-            if t.poll() is not None:
-                pytest.fail(f"memtrace exited (rc={t.returncode}) before attaching: "
-                            f"{t.stderr.read()[-2000:]}", pytrace=False)
-            n = len(probes.perf(list(_descendants(t.pid))))
-            if n != counts.get(t.pid):
-                counts[t.pid], stable_since[t.pid] = n, now
-            if not n or now - stable_since[t.pid] < ATTACH_SETTLE_S:
-                done = False
-        if done:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"memtrace attached no uprobe within {ATTACH_TIMEOUT_S}s", pytrace=False)
-
-
-def _stop(tracer: subprocess.Popen, what: str) -> dict:
-    tracer.send_signal(signal.SIGINT)
-    try:
-        out, err = tracer.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        tracer.kill()
-        out, err = tracer.communicate()
-        pytest.fail(f"{what} still running 60 s after SIGINT: {err[-2000:]}", pytrace=False)
-    if tracer.returncode != 0 or not out.strip():
-        pytest.fail(f"{what}: rc={tracer.returncode}, stderr: {err[-2000:]}", pytrace=False)
-    return json.loads(out)
-
-
 @pytest.fixture(scope="module")
-def inflater_run(java_tools, inflate_classpath, memtrace_cmd, probes, wait_file, _prerequisites,
+def inflater_run(java_tools, inflate_classpath, tracers, wait_attached, wait_file, _prerequisites,
                  tmp_path_factory):
     """{"before": doc, "after": doc, "ready"/"phase1"/"gc": truth}."""
     if _prerequisites:
@@ -103,34 +46,26 @@ def inflater_run(java_tools, inflate_classpath, memtrace_cmd, probes, wait_file,
          "--threads", str(THREADS), "--per-thread", str(PER_THREAD)],
         stdin=subprocess.DEVNULL,
     )
-    tracers: list[subprocess.Popen] = []
+    running: list[subprocess.Popen] = []
     out: dict = {}
     try:
         out["ready"] = json.loads(wait_file(work / "ready.json", java))
         pid = out["ready"]["pid"]
-        for _ in ("before", "after"):
-            tracers.append(subprocess.Popen(
-                [*memtrace_cmd, "--json", "--interval", str(INTERVAL), "-p", str(pid),
-                 "--duration", "300"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True,
-            ))
-        _wait_attached(tracers, probes)
+        args = ["--json", "--interval", str(INTERVAL), "-p", str(pid), "--duration", "300"]
+        running += [tracers.start(args), tracers.start(args)]
+        wait_attached(running)
         (work / "ready.go").touch()
         out["phase1"] = json.loads(wait_file(work / "phase1.json", java))
         time.sleep(INTERVAL)
-        out["before"] = _stop(tracers[0], "memtrace -p (before GC)")
+        out["before"] = tracers.finish(running[0], "memtrace -p (before GC)")
         (work / "phase1.go").touch()
         out["gc"] = json.loads(wait_file(work / "gc.json", java, timeout=90))
         time.sleep(INTERVAL)
-        out["after"] = _stop(tracers[1], "memtrace -p (after GC)")
+        out["after"] = tracers.finish(running[1], "memtrace -p (after GC)")
         (work / "gc.go").touch()
         assert java.wait(30) == 0
     finally:
-        for proc in (*tracers, java):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        tracers.kill_all([*running, java])
     return out
 
 

@@ -16,13 +16,17 @@
  * program's own view of what each arena holds in memory is mincore() over
  * its heaps (the whole 64 MiB reservation).
  *
- * usage: retention OUT [--threads N] [--mib M] [--trim] [--hold-ms MS] [--wait]
+ * usage: retention OUT [--threads N] [--mib M] [--chunks N] [--trim] [--hold-ms MS] [--wait]
  *   OUT        ground truth (JSON), written once every worker is done
+ *   --chunks   then each worker also leaves N/2 small free chunks (see
+ *              scatter_chunks): an arena that takes long to read
  *   --trim     then run malloc_trim(0), measuring anonymous RSS (statm
  *              resident - shared) right before and right after
  *   --hold-ms  stay alive MS ms after OUT is written (launch mode: a sampling
  *              tracer sees the final state), then exit 0
- *   --wait     after OUT, wait for SIGUSR1 instead (attach mode)
+ *   --wait     attach mode: write OUT.ready (our pid) and start the workers
+ *              only after SIGUSR1; after OUT, wait for a second SIGUSR1,
+ *              then exit 0
  */
 #include "common.h"
 
@@ -45,7 +49,7 @@ struct worker {
     pthread_t thread;
     long tid;
     char name[16];
-    size_t target;
+    size_t target, chunks;
     uint64_t seed;
     struct tally tally;
     uintptr_t arena; /* 0: the chunk was main_arena's */
@@ -153,6 +157,25 @@ static void fill_and_fragment(struct worker *w)
     munmap(order, cap * sizeof *order);
 }
 
+/* Then --chunks N: N blocks of 256-1023 bytes (past the tcache and the
+ * fastbins once each size's tcache is full), every other one freed, so the
+ * arena's bins hold ~N/2 free chunks that cannot coalesce: slow to walk. */
+static void scatter_chunks(struct worker *w, size_t count)
+{
+    if (!count)
+        return;
+    char **blocks = map_array(count * sizeof *blocks);
+    size_t *sizes = map_array(count * sizeof *sizes);
+    for (size_t i = 0; i < count; i++) {
+        sizes[i] = 256 + next_random(&w->seed) % 768;
+        blocks[i] = retain_alloc(w, sizes[i]);
+    }
+    for (size_t i = 0; i < count; i += 2)
+        retain_free(w, blocks[i], sizes[i]);
+    munmap(blocks, count * sizeof *blocks);
+    munmap(sizes, count * sizeof *sizes);
+}
+
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
@@ -160,6 +183,7 @@ static void *worker_main(void *arg)
     w->tid = current_tid();
     pthread_setname_np(pthread_self(), w->name);
     fill_and_fragment(w);
+    scatter_chunks(w, w->chunks);
     pthread_mutex_lock(&step_lock);
     workers_done++;
     pthread_cond_signal(&step_done);
@@ -229,18 +253,20 @@ static void sleep_ms(long ms)
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: retention OUT [--threads N] [--mib M] [--trim] "
+        fprintf(stderr, "usage: retention OUT [--threads N] [--mib M] [--chunks N] [--trim] "
                         "[--hold-ms MS] [--wait]\n");
         return 2;
     }
     const char *out = argv[1];
     int threads = 4, trim = 0, wait_mode = 0;
-    long mib = 40, hold_ms = 0;
+    long mib = 40, hold_ms = 0, chunks = 0;
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc)
             threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--mib") && i + 1 < argc)
             mib = atol(argv[++i]);
+        else if (!strcmp(argv[i], "--chunks") && i + 1 < argc)
+            chunks = atol(argv[++i]);
         else if (!strcmp(argv[i], "--hold-ms") && i + 1 < argc)
             hold_ms = atol(argv[++i]);
         else if (!strcmp(argv[i], "--trim"))
@@ -252,18 +278,27 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (threads < 1 || threads > MAX_WORKERS || mib < 1 || mib > 60) {
-        fprintf(stderr, "retention: THREADS must be 1..%d and MIB 1..60 (one heap each)\n",
-                MAX_WORKERS);
+    if (threads < 1 || threads > MAX_WORKERS || mib < 1 || mib + chunks / 1024 > 56) {
+        fprintf(stderr, "retention: THREADS must be 1..%d and MIB 1..56 with the chunks "
+                        "(one heap each)\n", MAX_WORKERS);
         return 2;
     }
     block_sigusr1();
+    if (wait_mode) {
+        char tmp[4096], ready[4096];
+        snprintf(ready, sizeof ready, "%s.ready", out);
+        FILE *f = open_truth(ready, tmp, sizeof tmp);
+        fprintf(f, "%d\n", getpid());
+        publish_file(f, tmp, ready);
+        wait_sigusr1();
+    }
 
     pthread_mutex_lock(&hold);
     for (int i = 0; i < threads; i++) {
         struct worker *w = &workers[i];
         w->index = i;
         w->target = (size_t)mib << 20;
+        w->chunks = chunks > 0 ? (size_t)chunks : 0;
         w->seed = 1000 + i;
         snprintf(w->name, sizeof w->name, "retain-%d", i);
         if (pthread_create(&w->thread, NULL, worker_main, w) != 0)

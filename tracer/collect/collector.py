@@ -125,6 +125,9 @@ class Collector:
         with memory:
             report = inspect_arenas(self.pid, memory, smaps,
                                     max_chunks=200_000 if self.light else 50_000)
+        self.consume_events()  # the read can take a while: keep the ring buffer drained
+        if procfs.memory(self.pid) is None:
+            return  # it exited while we read: keep the last whole reading
         self._arena_problem = report.error
         self._arena_inputs = [
             accounting.ArenaInput(

@@ -148,6 +148,8 @@ class Probes:
         ]
         if self.vm_probes == "kprobe":
             flags.append("-DVM_KPROBES")
+        # Experiments and benchmarks only (e.g. -DNO_STACKS): never needed to trace.
+        flags += os.environ.get("MEMTRACE_BPF_CFLAGS", "").split()
         by_symbol = {s.symbol: s for s in self.sites}
         for hook in HOOKS:
             site = by_symbol.get(hook.symbol)
@@ -157,9 +159,17 @@ class Probes:
     def load(self) -> None:
         from bcc import BPF
 
+        text = program_text(LAYERS)
         try:
             with _quiet_compile():
-                self._bpf = BPF(text=program_text(LAYERS), cflags=self.cflags())
+                try:
+                    self._bpf = BPF(text=text, cflags=self.cflags() + ["-DCALLS_IN_TASK_STORAGE"])
+                    self.calls_in = "task storage"
+                except Exception:
+                    # Before task storage was allowed in uprobe programs
+                    # (Linux 5.19 era kernels): the hash map.
+                    self._bpf = BPF(text=text, cflags=self.cflags())
+                    self.calls_in = "hash map"
         except Exception as e:  # bcc raises bare Exceptions on compile/load errors
             raise MemtraceError(
                 f"the BPF program failed to load ({str(e).splitlines()[0]}): "

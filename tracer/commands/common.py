@@ -136,7 +136,8 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
     if args.verbose:
         from memtrace.collect.probesite import format_sites
 
-        print(f"memtrace: attached to pid {pid} in {libc}", file=sys.stderr)
+        print(f"memtrace: attached to pid {pid} in {libc} (calls in flight kept in "
+              f"{probes.calls_in})", file=sys.stderr)
         for line in format_sites(probes.sites):
             print(f"memtrace:   {line}", file=sys.stderr)
         print(f"memtrace: probes attached {time.monotonic() - started:.2f} s after start",

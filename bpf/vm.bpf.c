@@ -79,7 +79,9 @@ static __always_inline int vm_exit(void *ctx, s64 ret)
         e->flags = call->a3;
         e->new_addr = call->a4;
     }
-    e->stack = user_stack(ctx);
+    /* Who made a region matters; who unmapped or advised it does not,
+     * and a stack walk is most of an event's cost. */
+    e->stack = (call->kind == VM_MUNMAP || call->kind == VM_MADVISE) ? 0 : user_stack(ctx);
     struct pending_call *open = open_call(tid);
     e->in_malloc = open != 0;
     if (open)

@@ -177,7 +177,7 @@ class Session:
                     sink.update(snap)
                 # Keep the cadence; after a stall, skip the missed ticks.
                 next_tick += self.interval_s * max(1, int((now - next_tick) / self.interval_s) + 1)
-        return Outcome(self.snapshot(), reason)
+        return Outcome(self.snapshot(fresh=True), reason)
 
     def _handle_signals(self, grace_until: Optional[float]) -> tuple[Optional[str], Optional[float]]:
         reason = None

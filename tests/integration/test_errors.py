@@ -99,6 +99,25 @@ def test_missing_kernel_facility(variable, idle_target, run_memtrace, tmp_path):
     assert_untouched(idle_target)
 
 
+def test_kprobe_vm_probes(idle_target, run_memtrace, programs, tmp_path):
+    """--vm-probes kprobe: where the kernel has kprobes (the Vagrant VM), it
+    traces the address space; where it has none (CONFIG_KPROBES off, as on
+    the development machines), it refuses clearly, names the default, and
+    leaves the target alone."""
+    if os.path.exists("/sys/kernel/tracing/kprobe_events"):
+        rc, doc, stderr = run_memtrace(["--json", "--vm-probes", "kprobe", "--interval", "0.2",
+                                        "--", programs["threads"], tmp_path / "truth.json",
+                                        "--hold-ms", "600"])
+        assert rc == 0, stderr
+        assert doc["os"]["mapped_bytes"] > 0 and doc["allocator"]["arena_count"] >= 1, doc
+        return
+    result = run_memtrace(["--json", "--vm-probes", "kprobe", "-p", str(idle_target.pid),
+                           "--duration", "1"])
+    assert_refused(result, "kprobe")
+    assert "tracepoint" in result[2]
+    assert_untouched(idle_target)
+
+
 @pytest.fixture(scope="module")
 def python_without_bcc(tmp_path_factory) -> Path:
     """A venv like a Debian system without python3-bpfcc: every system

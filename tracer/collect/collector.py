@@ -27,6 +27,7 @@ from memtrace.symbols import Symbolizer
 
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
+ARENA_READ_SHARE = 0.05  # of wall time spent reading arenas, at most
 
 
 class Collector:
@@ -44,6 +45,7 @@ class Collector:
         self._process = ProcessStats()
         self._arena_inputs: list[accounting.ArenaInput] = []
         self._arena_problem: Optional[str] = None
+        self._next_arena_read = 0.0
         self.watch = None  # netlink.ProcessWatch, when it could be opened
         self._execs: list[str] = []
 
@@ -114,8 +116,16 @@ class Collector:
         return smaps
 
     def _read_arenas(self, smaps) -> None:
+        """At most ARENA_READ_SHARE of our time: walking free lists of a
+        fragmented heap can take a good part of a second, which a busy
+        target would feel on a small machine. Between reads the last one
+        stands."""
         from memtrace.glibc_arenas import inspect_arenas
         from memtrace.glibc.procfs import ProcessMemory
+
+        now = time.monotonic()
+        if now < self._next_arena_read:
+            return
 
         try:
             memory = ProcessMemory(self.pid)
@@ -126,6 +136,8 @@ class Collector:
             report = inspect_arenas(self.pid, memory, smaps,
                                     max_chunks=200_000 if self.light else 50_000)
         self.consume_events()  # the read can take a while: keep the ring buffer drained
+        took = time.monotonic() - now
+        self._next_arena_read = now + took / ARENA_READ_SHARE
         if procfs.memory(self.pid) is None:
             return  # it exited while we read: keep the last whole reading
         self._arena_problem = report.error
@@ -149,7 +161,8 @@ class Collector:
 
     # ---------------------------------------------------------- snapshot
 
-    def snapshot(self, target_alive: bool = True, exit_status: Optional[int] = None) -> Snapshot:
+    def snapshot(self, target_alive: bool = True, exit_status: Optional[int] = None,
+                 fresh: bool = False) -> Snapshot:
         """Read everything once. With the target gone, /proc figures keep
         their last values and names stay as they were."""
         self.consume_events()
@@ -162,6 +175,8 @@ class Collector:
         alive = smaps is not None
         if alive:
             self.vm.space.update_resident(smaps)
+            if fresh:
+                self._next_arena_read = 0.0  # the last word is a whole reading
             self._read_arenas(smaps)
         live_tids = procfs.thread_ids(self.pid) if alive else []
         for tid, name in reading.thread_names.items():

@@ -151,10 +151,9 @@ class _Screen:
     """The live view and keyboard, the only part touching the terminal."""
 
     def __init__(self) -> None:
-        from memtrace.view.keys import KEY_BINDINGS, KeyReader
+        from memtrace.view.keys import KeyReader
         from memtrace.view.live import LiveView
 
-        self.bindings = KEY_BINDINGS
         self.keys = KeyReader()
         self.view = LiveView()
         self.resized = False
@@ -183,10 +182,6 @@ class _Screen:
 
     def show(self, snapshot: Snapshot) -> None:
         self.view.update(snapshot)
-
-    def mode_for(self, key: str) -> Optional[str]:
-        action = self.bindings.get(key)
-        return action if action not in (None, QUIT, "quit") else None
 
     def wait_keys(self, timeout: float) -> list[str]:
         try:
@@ -227,9 +222,7 @@ def play(recording: Recording, player: Player, screen: _Screen) -> None:
             return
         for key in keys:
             if player.entry is None and key not in PLAYER_KEYS:
-                mode = screen.mode_for(key)
-                if mode is not None:
-                    screen.view.set_mode(mode)
+                screen.view.handle_key(key)  # view keys: s t a r
                 continue
             before = (player.index, player.playing, player.speed)
             if player.handle(key) == QUIT:

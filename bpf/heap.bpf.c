@@ -32,7 +32,7 @@ static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 entry_sp,
     key->bucket = 0; /* known when the block's address is */
     key->caller = 0;
     bpf_probe_read_user(&key->caller, sizeof(key->caller), (void *)entry_sp);
-    key->stack = probe_stack(ctx);
+    key->stack = user_stack(ctx);
 }
 
 static __always_inline struct heap_counts *stats_for(struct heap_key *key)

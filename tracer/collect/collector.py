@@ -27,7 +27,7 @@ from memtrace.symbols import Symbolizer
 
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
-ARENA_READ_SHARE = 0.05  # of wall time spent reading arenas, at most
+ARENA_WALK_SHARE = 0.05  # of wall time spent walking free lists, at most
 
 
 class Collector:
@@ -45,7 +45,8 @@ class Collector:
         self._process = ProcessStats()
         self._arena_inputs: list[accounting.ArenaInput] = []
         self._arena_problem: Optional[str] = None
-        self._next_arena_read = 0.0
+        self._next_walk = 0.0
+        self._walked: dict = {}  # arena address -> its last free-list walk
         self.watch = None  # netlink.ProcessWatch, when it could be opened
         self._execs: list[str] = []
 
@@ -116,48 +117,53 @@ class Collector:
         return smaps
 
     def _read_arenas(self, smaps) -> None:
-        """At most ARENA_READ_SHARE of our time: walking free lists of a
-        fragmented heap can take a good part of a second, which a busy
-        target would feel on a small machine. Between reads the last one
-        stands."""
+        """Arenas and their heaps every interval: cheap, and a heap made
+        just before the process exits must be known. Their free lists, which
+        can take a good part of a second to walk in a fragmented heap, only
+        with at most ARENA_WALK_SHARE of our time: in between, each arena
+        keeps the free-list figures of its last walk."""
         from memtrace.glibc_arenas import inspect_arenas
         from memtrace.glibc.procfs import ProcessMemory
 
         now = time.monotonic()
-        if now < self._next_arena_read:
-            return
-
+        walk = now >= self._next_walk
         try:
             memory = ProcessMemory(self.pid)
         except OSError as e:
             self._arena_problem = f"cannot read the arenas: /proc/{self.pid}/mem: {e.strerror}"
             return
         with memory:
-            report = inspect_arenas(self.pid, memory, smaps,
-                                    max_chunks=200_000 if self.light else 50_000)
+            report = inspect_arenas(self.pid, memory, smaps, max_chunks=(
+                (200_000 if self.light else 50_000) if walk else 0))
         self.consume_events()  # the read can take a while: keep the ring buffer drained
-        took = time.monotonic() - now
-        self._next_arena_read = now + took / ARENA_READ_SHARE
+        if walk:
+            self._next_walk = now + (time.monotonic() - now) / ARENA_WALK_SHARE
         if procfs.memory(self.pid) is None:
             return  # it exited while we read: keep the last whole reading
+        if walk:
+            self._walked = {a.address: a for a in report.arenas}
+        elif any(a.address not in self._walked for a in report.arenas):
+            self._next_walk = 0.0  # a new arena: walk it at the next interval
         self._arena_problem = report.error
-        self._arena_inputs = [
-            accounting.ArenaInput(
-                address=a.address,
-                kind=a.kind,
-                heaps=tuple(
-                    accounting.HeapSpan(h.address, h.reserved_size, h.mprotect_size,
-                                        h.resident_bytes or 0)
-                    for h in a.heaps
-                ),
-                system_mem_bytes=a.system_mem,
-                free_bytes=a.top_bytes + a.fastbin_bytes + a.unsorted_bytes
-                + a.smallbin_bytes + a.largebin_bytes,
-                trimmable_bytes=a.trimmable_bytes,
-                reliable=a.reliable,
-            )
-            for a in report.arenas
-        ]
+        self._arena_inputs = [self._arena_input(a, self._walked.get(a.address, a))
+                              for a in report.arenas]
+
+    @staticmethod
+    def _arena_input(arena, walked) -> accounting.ArenaInput:
+        return accounting.ArenaInput(
+            address=arena.address,
+            kind=arena.kind,
+            heaps=tuple(
+                accounting.HeapSpan(h.address, h.reserved_size, h.mprotect_size,
+                                    h.resident_bytes or 0)
+                for h in arena.heaps
+            ),
+            system_mem_bytes=arena.system_mem,
+            free_bytes=walked.top_bytes + walked.fastbin_bytes + walked.unsorted_bytes
+            + walked.smallbin_bytes + walked.largebin_bytes,
+            trimmable_bytes=walked.trimmable_bytes,
+            reliable=walked.reliable,
+        )
 
     # ---------------------------------------------------------- snapshot
 
@@ -176,7 +182,7 @@ class Collector:
         if alive:
             self.vm.space.update_resident(smaps)
             if fresh:
-                self._next_arena_read = 0.0  # the last word is a whole reading
+                self._next_walk = 0.0  # the last word is a whole reading
             self._read_arenas(smaps)
         live_tids = procfs.thread_ids(self.pid) if alive else []
         for tid, name in reading.thread_names.items():

@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from memtrace.errors import MemtraceError
 from memtrace.model import Snapshot
-from memtrace.record.reader import Recording, open_recording, parse_when
+from memtrace.record.reader import Recording, open_recording, when_arg
 
 QUIT = "quit"
 SPEEDS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -252,12 +251,6 @@ def print_batch(recording: Recording, start: int, out: Any = None) -> None:
     view.close()
 
 
-def _when(text: str) -> str:
-    try:
-        parse_when(text)
-    except MemtraceError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 def _speed(text: str) -> float:
@@ -289,7 +282,7 @@ class ReplayCommand:
 
     def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("file", metavar="FILE", help="a recording made with --record")
-        parser.add_argument("--at", type=_when, metavar="T|end|peak",
+        parser.add_argument("--at", type=when_arg, metavar="T|end|peak",
                             help="start here, paused: seconds since the start, 'end' or 'peak'")
         parser.add_argument("--speed", type=_speed, default=1.0, metavar="X",
                             help="playback speed, 1/16 to 64 (default 1: as recorded)")

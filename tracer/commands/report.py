@@ -11,17 +11,11 @@ import sys
 from typing import IO, Iterator, Union
 
 from memtrace.errors import MemtraceError
-from memtrace.record.reader import open_recording, parse_when
+from memtrace.record.reader import open_recording, parse_when, when_arg
 from memtrace.reporters import FORMATS, reporter_class
 from memtrace.reporters.common import BY_CHOICES, ReportData, check_by
 
 
-def _when(text: str) -> str:
-    try:
-        parse_when(text)
-    except MemtraceError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 def load_report_data(path: str, when: str, by: str) -> ReportData:
@@ -86,7 +80,7 @@ class ReportCommand:
 
     def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("file", metavar="FILE", help="a recording made with --record")
-        parser.add_argument("--at", type=_when, default="end", metavar="T|end|peak",
+        parser.add_argument("--at", type=when_arg, default="end", metavar="T|end|peak",
                             help="the moment: seconds since the start, 'end' (default) or 'peak' (highest RSS)")
         parser.add_argument("--by", choices=BY_CHOICES, default="live",
                             help="weight of a stack: live bytes (default), retained or allocated bytes")

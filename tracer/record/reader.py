@@ -60,6 +60,17 @@ def parse_when(text: When) -> Union[str, float]:
     return seconds
 
 
+def when_arg(text: str) -> str:
+    """argparse type for --at: checked here, kept as text for parse_when."""
+    import argparse
+
+    try:
+        parse_when(text)
+    except MemtraceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 class _Damage(Exception):
     """A part of the file that cannot be read: (what, index of the first
     snapshot it spoils)."""

@@ -76,11 +76,35 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def _command_first(options: list[str], names: set[str]) -> list[str]:
+    """`memtrace --record F demo NAME` means `memtrace demo --record F NAME`:
+    trace options may come before the subcommand."""
+    takes_value = set()
+    for action in _trace_actions():
+        if action.nargs != 0:
+            takes_value.update(action.option_strings)
+    i = 0
+    while i < len(options) and options[i].startswith("-"):
+        i += 2 if options[i] in takes_value else 1
+    if 0 < i < len(options) and options[i] in names:
+        return [options[i], *options[:i], *options[i + 1 :]]
+    return options
+
+
+def _trace_actions() -> list[argparse.Action]:
+    from memtrace.commands.trace import TraceCommand
+
+    trace = argparse.ArgumentParser(add_help=False)
+    TraceCommand().prepare_parser(trace)
+    return list(trace._actions)  # argparse lists its actions nowhere public
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     options, command_line = _split_command(argv)
     parser = get_argument_parser()
     names = {c.name for c in _commands()}
+    options = _command_first(options, names)
     # `memtrace -p PID` and `memtrace -- CMD` mean `memtrace trace ...`
     if not options or (options[0] not in names and options[0] not in ("-h", "--help", "--version")):
         options = ["trace"] + options

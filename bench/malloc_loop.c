@@ -12,6 +12,8 @@
  *            tracer (most calls per second)
  *   mixed    16 B - 4 KiB, 64 blocks live per thread, freed in random order
  *   large    32 KiB - 512 KiB, 10 % kept live (ring of 32 per thread)
+ *   deep     fixed64 under DEEP_FRAMES frames built with frame pointers:
+ *            what a stack walk costs per frame (bench/prog_cost.py)
  *
  * Built by bench/overhead.py with -O2 -fno-builtin so the compiler cannot
  * drop a malloc/free pair. */
@@ -28,8 +30,9 @@
 #define MAX_THREADS 64
 #define MIXED_SLOTS 64
 #define LARGE_KEPT 32
+#define DEEP_FRAMES 24
 
-enum mode { FIXED64, MIXED, LARGE };
+enum mode { FIXED64, MIXED, LARGE, DEEP };
 
 static atomic_int stop;
 
@@ -102,6 +105,25 @@ static void run_large(struct worker *w)
 	w->ops = ops;
 }
 
+/* Frame pointers here only: the other modes keep the build's defaults. */
+__attribute__((noinline, optimize("no-omit-frame-pointer")))
+static void run_deep(struct worker *w, int depth)
+{
+	if (depth > 0) {
+		run_deep(w, depth - 1);
+		__asm__ volatile("" ::: "memory"); /* no tail call: keep the frame */
+		return;
+	}
+	uint64_t ops = 0;
+	while (!atomic_load_explicit(&stop, memory_order_relaxed)) {
+		volatile char *p = malloc(64);
+		p[0] = (char)ops;
+		free((void *)p);
+		ops++;
+	}
+	w->ops = ops;
+}
+
 static void *work(void *arg)
 {
 	struct worker *w = arg;
@@ -114,6 +136,9 @@ static void *work(void *arg)
 		break;
 	case LARGE:
 		run_large(w);
+		break;
+	case DEEP:
+		run_deep(w, DEEP_FRAMES);
 		break;
 	}
 	return NULL;
@@ -137,6 +162,8 @@ static int run(const char *mode_name, int threads, double seconds)
 		mode = MIXED;
 	else if (!strcmp(mode_name, "large"))
 		mode = LARGE;
+	else if (!strcmp(mode_name, "deep"))
+		mode = DEEP;
 	else
 		return -1;
 	if (threads < 1 || threads > MAX_THREADS || seconds <= 0)

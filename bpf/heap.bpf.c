@@ -26,13 +26,22 @@ BPF_HASH(thread_names, u32, struct thread_name, MAX_THREADS);
 /* entry_sp: the stack pointer at the function's first instruction, where
  * the return address is, whatever the probe site skipped. */
 static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 entry_sp,
-                                     struct heap_key *key)
+                                     struct heap_key *key, int hot)
 {
     key->tid = tid;
     key->bucket = 0; /* known when the block's address is */
-    key->caller = 0;
-    bpf_probe_read_user(&key->caller, sizeof(key->caller), (void *)entry_sp);
-    key->stack = user_stack(ctx);
+    if (hot) {
+        u64 caller;
+        key->stack = user_stack_at(ctx, entry_sp, &caller);
+        key->caller = caller;
+    } else {
+        /* Rare calls: the kernel's walk, which the verifier checks in a
+         * fraction of the time (each copy of the fast walk costs ~0.06 s
+         * of load time). */
+        key->caller = 0;
+        bpf_probe_read_user(&key->caller, sizeof(key->caller), (void *)entry_sp);
+        key->stack = user_stack(ctx);
+    }
 }
 
 static __always_inline struct heap_counts *stats_for(struct heap_key *key)
@@ -96,7 +105,9 @@ static __always_inline void record_block(u64 addr, u64 size, struct heap_key *ke
     __sync_fetch_and_add(&c->alloc_count, 1);
 }
 
-static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 arg, u64 sp_adjust)
+/* hot: malloc, calloc and realloc, which get the fast stack walk. */
+static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 arg, u64 sp_adjust,
+                                 int hot)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (!traced(id))
@@ -123,7 +134,7 @@ static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ar
     call->kind = kind;
     call->nested = 0;
     call->rss_anon_before = 0;
-    make_key(ctx, tid, sp, &call->key);
+    make_key(ctx, tid, sp, &call->key, hot);
     call->active = 1;
     return 0;
 }
@@ -147,7 +158,7 @@ static __always_inline struct pending_call *leave(u32 *tid)
 
 int malloc_enter(struct pt_regs *ctx)
 {
-    return enter(ctx, CALL_ALLOC, PT_REGS_PARM1(ctx), 0, MALLOC_SP_ADJUST);
+    return enter(ctx, CALL_ALLOC, PT_REGS_PARM1(ctx), 0, MALLOC_SP_ADJUST, 1);
 }
 
 int calloc_enter(struct pt_regs *ctx)
@@ -161,7 +172,7 @@ int calloc_enter(struct pt_regs *ctx)
         if (n > limit)
             return 0; /* overflow: calloc fails without allocating */
     }
-    return enter(ctx, CALL_ALLOC, n * size, 0, CALLOC_SP_ADJUST);
+    return enter(ctx, CALL_ALLOC, n * size, 0, CALLOC_SP_ADJUST, 1);
 }
 
 int realloc_enter(struct pt_regs *ctx)
@@ -170,37 +181,37 @@ int realloc_enter(struct pt_regs *ctx)
      * free probe, so that free needs no look at calls in flight. */
     if (PT_REGS_PARM2(ctx) == 0 && PT_REGS_PARM1(ctx) != 0)
         return 0;
-    return enter(ctx, CALL_REALLOC, PT_REGS_PARM2(ctx), PT_REGS_PARM1(ctx), REALLOC_SP_ADJUST);
+    return enter(ctx, CALL_REALLOC, PT_REGS_PARM2(ctx), PT_REGS_PARM1(ctx), REALLOC_SP_ADJUST, 1);
 }
 
 /* memalign and aligned_alloc (one address in glibc 2.36): (alignment, size) */
 int memalign_enter(struct pt_regs *ctx)
 {
-    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, MEMALIGN_SP_ADJUST);
+    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, MEMALIGN_SP_ADJUST, 0);
 }
 
 /* A function of its own from glibc 2.38 on. */
 int aligned_alloc_enter(struct pt_regs *ctx)
 {
-    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, ALIGNED_ALLOC_SP_ADJUST);
+    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, ALIGNED_ALLOC_SP_ADJUST, 0);
 }
 
 int valloc_enter(struct pt_regs *ctx)
 {
-    return enter(ctx, CALL_ALLOC, PT_REGS_PARM1(ctx), 0, VALLOC_SP_ADJUST);
+    return enter(ctx, CALL_ALLOC, PT_REGS_PARM1(ctx), 0, VALLOC_SP_ADJUST, 0);
 }
 
 /* pvalloc promises whole pages: the program owns the rounded size. */
 int pvalloc_enter(struct pt_regs *ctx)
 {
     u64 size = (PT_REGS_PARM1(ctx) + TARGET_PAGE_SIZE - 1) & ~(u64)(TARGET_PAGE_SIZE - 1);
-    return enter(ctx, CALL_ALLOC, size ? size : TARGET_PAGE_SIZE, 0, PVALLOC_SP_ADJUST);
+    return enter(ctx, CALL_ALLOC, size ? size : TARGET_PAGE_SIZE, 0, PVALLOC_SP_ADJUST, 0);
 }
 
 int posix_memalign_enter(struct pt_regs *ctx)
 {
     return enter(ctx, CALL_POSIX_MEMALIGN, PT_REGS_PARM3(ctx), PT_REGS_PARM1(ctx),
-                 POSIX_MEMALIGN_SP_ADJUST);
+                 POSIX_MEMALIGN_SP_ADJUST, 0);
 }
 
 int alloc_return(struct pt_regs *ctx)
@@ -246,7 +257,7 @@ int trim_enter(struct pt_regs *ctx)
     if (!traced(bpf_get_current_pid_tgid()))
         return 0;
     count(CNT_TRIM_CALLS);
-    enter(ctx, CALL_TRIM, 0, 0, TRIM_SP_ADJUST);
+    enter(ctx, CALL_TRIM, 0, 0, TRIM_SP_ADJUST, 0);
     struct pending_call *call = open_call(bpf_get_current_pid_tgid());
     if (call && call->kind == CALL_TRIM)
         call->rss_anon_before = current_rss_anon();

@@ -47,6 +47,8 @@ class Collector:
         self._arena_problem: Optional[str] = None
         self._next_walk = 0.0
         self._walked: dict = {}  # arena address -> its last free-list walk
+        self._rewalk_when_idle = False
+        self._activity = None  # what changes when the heap does, at the last snapshot
         self.watch = None  # netlink.ProcessWatch, when it could be opened
         self._execs: list[str] = []
 
@@ -116,7 +118,7 @@ class Collector:
         self._names.update(procfs.thread_names(self.pid))
         return smaps
 
-    def _read_arenas(self, smaps) -> None:
+    def _read_arenas(self, smaps, idle: bool) -> None:
         """Arenas and their heaps every interval: cheap, and a heap made
         just before the process exits must be known. Their free lists, which
         can take a good part of a second to walk in a fragmented heap, only
@@ -126,7 +128,9 @@ class Collector:
         from memtrace.glibc.procfs import ProcessMemory
 
         now = time.monotonic()
-        walk = now >= self._next_walk
+        # A walk that raced with a busy target is unreliable; once the target
+        # is idle one more walk gives a steady answer, whatever the budget.
+        walk = now >= self._next_walk or (idle and self._rewalk_when_idle)
         try:
             memory = ProcessMemory(self.pid)
         except OSError as e:
@@ -142,6 +146,7 @@ class Collector:
             return  # it exited while we read: keep the last whole reading
         if walk:
             self._walked = {a.address: a for a in report.arenas}
+            self._rewalk_when_idle = not idle and not all(a.reliable for a in report.arenas)
         elif any(a.address not in self._walked for a in report.arenas):
             self._next_walk = 0.0  # a new arena: walk it at the next interval
         self._arena_problem = report.error
@@ -183,7 +188,10 @@ class Collector:
             self.vm.space.update_resident(smaps)
             if fresh:
                 self._next_walk = 0.0  # the last word is a whole reading
-            self._read_arenas(smaps)
+            activity = (sum(r.counters.alloc_count + r.counters.free_count for r in reading.rows),
+                        self.vm.events)
+            self._read_arenas(smaps, idle=activity == self._activity)
+            self._activity = activity
         live_tids = procfs.thread_ids(self.pid) if alive else []
         for tid, name in reading.thread_names.items():
             self._names.setdefault(tid, name)

@@ -26,7 +26,6 @@ import java.util.List;
 import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
 import java.util.concurrent.Future;
-import java.util.concurrent.Semaphore;
 import java.util.concurrent.atomic.AtomicInteger;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.zip.DataFormatException;
@@ -51,7 +50,7 @@ public final class InflaterDemo {
     final AtomicInteger unreachable = new AtomicInteger();
     final AtomicLong inflatedBytes = new AtomicLong();
     final Cleaner watcher = Cleaner.create();
-    final Semaphore resume = new Semaphore(0);
+    final Phases phases = new Phases(InflaterDemo::say);
 
     public static void main(String[] args) throws Exception {
         InflaterDemo demo = new InflaterDemo();
@@ -117,7 +116,7 @@ public final class InflaterDemo {
 
     void run() throws Exception {
         if (pause) {
-            installResumers();
+            phases.pauseBetweenPhases();
         }
         say("pid " + ProcessHandle.current().pid() + ": " + threads + " threads x "
             + perThread + " Inflaters, end() " + (end ? "called" : "never called"));
@@ -265,32 +264,7 @@ public final class InflaterDemo {
         return new long[] {resident, resident - shared};
     }
 
-    // --pause: Enter on stdin or SIGUSR1 lets the next phase start.
-    void installResumers() {
-        sun.misc.Signal.handle(new sun.misc.Signal("USR1"), s -> resume.release());
-        Thread reader = new Thread(() -> {
-            try {
-                int c;
-                while ((c = System.in.read()) >= 0) {
-                    if (c == '\n') {
-                        resume.release();
-                    }
-                }
-            } catch (IOException e) {
-                // stdin gone: SIGUSR1 still works
-            }
-        }, "stdin-reader");
-        reader.setDaemon(true);
-        reader.start();
-    }
-
     void phase(String name, String what) throws InterruptedException {
-        if (pause) {
-            resume.drainPermits();
-            say("paused before phase " + name + ": press Enter or run 'kill -USR1 "
-                + ProcessHandle.current().pid() + "'");
-            resume.acquire();
-        }
-        say("phase " + name + ": " + what);
+        phases.phase(name, what);
     }
 }

@@ -29,7 +29,6 @@ import java.util.HashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.Properties;
-import java.util.concurrent.Semaphore;
 import java.util.jar.JarEntry;
 import java.util.jar.JarFile;
 import java.util.zip.ZipEntry;
@@ -41,7 +40,7 @@ public final class StartupDemo {
     int rounds = 1;
     double holdSeconds = 0.5;
     boolean pause = false;
-    final Semaphore resume = new Semaphore(0);
+    final Phases phases = new Phases(StartupDemo::say);
 
     // What the service keeps after its start: descriptors and templates.
     final Map<String, Properties> services = new HashMap<>();
@@ -107,7 +106,7 @@ public final class StartupDemo {
     void run() throws Exception {
         long started = System.nanoTime();
         if (pause) {
-            installResumers();
+            phases.pauseBetweenPhases();
         }
         phase("boot", "find the jars on the class path");
         List<Path> jars = ownJars();
@@ -230,32 +229,7 @@ public final class StartupDemo {
         return Long.parseLong(f[1]) * 4096; // 4 KiB pages: x86-64, Debian's arm64
     }
 
-    // --pause: Enter on stdin or SIGUSR1 lets the next phase start.
-    void installResumers() {
-        sun.misc.Signal.handle(new sun.misc.Signal("USR1"), s -> resume.release());
-        Thread reader = new Thread(() -> {
-            try {
-                int c;
-                while ((c = System.in.read()) >= 0) {
-                    if (c == '\n') {
-                        resume.release();
-                    }
-                }
-            } catch (IOException e) {
-                // stdin gone: SIGUSR1 still works
-            }
-        }, "stdin-reader");
-        reader.setDaemon(true);
-        reader.start();
-    }
-
     void phase(String name, String what) throws InterruptedException {
-        if (pause) {
-            resume.drainPermits();
-            say("paused before phase " + name + ": press Enter or run 'kill -USR1 "
-                + ProcessHandle.current().pid() + "'");
-            resume.acquire();
-        }
-        say("phase " + name + ": " + what);
+        phases.phase(name, what);
     }
 }

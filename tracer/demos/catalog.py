@@ -107,6 +107,9 @@ class CDemo(Demo):
 # Java frames; serial GC keeps the JVM's own thread count (and noise) low.
 JVM_OPTIONS = ("-XX:+PreserveFramePointer", "-XX:+UseSerialGC", "-Xmx256m")
 
+# Shared by the Java demos: their phases and --pause.
+JAVA_SUPPORT = "Phases.java"
+
 # Class files for Java 11 run on any JDK the install script may bring.
 JAVAC_RELEASE = "11"
 
@@ -120,7 +123,8 @@ class JavaDemo(Demo):
         return "java"
 
     def _recipe(self) -> list[bytes]:
-        return [_RECIPE_VERSION, JAVAC_RELEASE.encode(), self._source_bytes()]
+        return [_RECIPE_VERSION, JAVAC_RELEASE.encode(), self._source_bytes(),
+                self._source_bytes(SOURCE_DIR / JAVA_SUPPORT)]
 
     def _build(self, folder: Path) -> None:
         self._compile(folder / "classes")
@@ -136,6 +140,7 @@ class JavaDemo(Demo):
                 "-nowarn",
                 "-d", str(classes),
                 str(self.source_path()),
+                str(SOURCE_DIR / JAVA_SUPPORT),
             ],
             f"demo '{self.name}'",
             classes.parent.parent / f"{self.name}.build.log",

@@ -27,7 +27,7 @@ from memtrace.symbols import Symbolizer
 
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
-ARENA_WALK_SHARE = 0.05  # of wall time spent walking free lists, at most
+ARENA_WALK_SHARE = 0.02  # of wall time spent walking free lists, at most
 
 
 class Collector:

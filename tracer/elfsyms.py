@@ -15,11 +15,20 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-SHT_SYMTAB, SHT_DYNSYM, SHT_NOTE = 2, 11, 7
+SHT_SYMTAB, SHT_DYNSYM, SHT_NOTE, SHT_GNU_VERSYM = 2, 11, 7, 0x6FFFFFFF
 STT_FUNC, STT_GNU_IFUNC = 2, 10
 PT_LOAD = 1
 NT_GNU_BUILD_ID = 3
 DEBUG_ROOT = "/usr/lib/debug/.build-id"
+
+
+@dataclass(frozen=True)
+class FunctionSymbol:
+    name: str
+    address: int  # st_value: its virtual address in the file
+    size: int
+    kind: int  # STT_FUNC or STT_GNU_IFUNC (a resolver, chosen at run time)
+    default_version: bool  # what the dynamic linker binds the name to
 
 
 @dataclass(frozen=True)
@@ -34,8 +43,10 @@ class ElfSymbols:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.machine = 0
         self.segments: list[Segment] = []
         self.build_id: Optional[str] = None
+        self.functions: list[FunctionSymbol] = []  # of the file itself, for probing
         self._starts: list[int] = []
         self._ends: list[int] = []
         self._names: list[str] = []
@@ -47,22 +58,40 @@ class ElfSymbols:
         parsed = _parse(data)
         if parsed is None:
             return
-        self.segments, self.build_id, symbols = parsed
+        self.machine, self.segments, self.build_id, self.functions = parsed
+        named = self.functions
         if self.build_id:
             debug = f"{DEBUG_ROOT}/{self.build_id[:2]}/{self.build_id[2:]}.debug"
             if os.path.exists(debug):
                 try:
                     with open(debug, "rb") as f:
                         extra = _parse(f.read())
-                    if extra and extra[2]:
-                        symbols = extra[2]
+                    if extra and extra[3]:
+                        named = extra[3]
                 except OSError:
                     pass
-        symbols.sort()
-        for start, size, name in symbols:
-            self._starts.append(start)
-            self._ends.append(start + max(size, 1))
-            self._names.append(name)
+        for fn in sorted(named, key=lambda f: (f.address, f.size, f.name)):
+            self._starts.append(fn.address)
+            self._ends.append(fn.address + max(fn.size, 1))
+            self._names.append(fn.name)
+
+    def find(self, name: str) -> Optional[FunctionSymbol]:
+        """The function the dynamic linker would bind `name` to."""
+        matches = [f for f in self.functions if f.name == name]
+        matches.sort(key=lambda f: (not f.default_version, f.size == 0))
+        return matches[0] if matches else None
+
+    def read(self, vaddr: int, size: int) -> Optional[bytes]:
+        """Bytes at a virtual address, as the file holds them."""
+        for seg in self.segments:
+            if seg.vaddr <= vaddr < seg.vaddr + seg.filesz:
+                try:
+                    with open(self.path, "rb") as f:
+                        f.seek(seg.offset + vaddr - seg.vaddr)
+                        return f.read(min(size, seg.vaddr + seg.filesz - vaddr))
+                except OSError:
+                    return None
+        return None
 
     def vaddr_of_offset(self, file_offset: int) -> Optional[int]:
         for seg in self.segments:
@@ -81,10 +110,13 @@ class ElfSymbols:
 
 
 def _parse(data: bytes):
+    """(machine, load segments, build id, function symbols) of a 64-bit ELF
+    file: .symtab's when present, else .dynsym's with their versions."""
     if data[:4] != b"\x7fELF" or data[4] != 2:  # 64-bit only
         return None
     end = "<" if data[5] == 1 else ">"
     try:
+        machine, = struct.unpack_from(end + "H", data, 0x12)
         (phoff, shoff) = struct.unpack_from(end + "QQ", data, 0x20)
         (phentsize, phnum, shentsize, shnum, shstrndx) = struct.unpack_from(end + "HHHHH", data, 0x36)
         segments = []
@@ -103,19 +135,28 @@ def _parse(data: bytes):
     for sh in sections:
         if sh[1] == SHT_NOTE:
             build_id = build_id or _build_id(data[sh[4] : sh[4] + sh[5]], end)
-    tables = {sh[1]: sh for sh in sections if sh[1] in (SHT_SYMTAB, SHT_DYNSYM)}
-    table = tables.get(SHT_SYMTAB) or tables.get(SHT_DYNSYM)
-    symbols: list[tuple[int, int, str]] = []
+    tables = {sh[1]: (i, sh) for i, sh in enumerate(sections) if sh[1] in (SHT_SYMTAB, SHT_DYNSYM)}
+    index, table = tables.get(SHT_SYMTAB) or tables.get(SHT_DYNSYM) or (None, None)
+    # Version of each dynamic symbol: bit 15 marks a hidden (non-default) one.
+    versym = next((sh for sh in sections if sh[1] == SHT_GNU_VERSYM and sh[6] == index), None)
+    functions: list[FunctionSymbol] = []
     if table is not None and table[6] < len(sections):
         strtab = sections[table[6]]
         strings = data[strtab[4] : strtab[4] + strtab[5]]
         raw = data[table[4] : table[4] + table[5]]
-        for name_off, info, _other, shndx, value, size in struct.iter_unpack(end + "IBBHQQ", raw[: len(raw) // 24 * 24]):
-            if (info & 0xF) not in (STT_FUNC, STT_GNU_IFUNC) or value == 0 or shndx == 0:
+        for n, (name_off, info, _other, shndx, value, size) in enumerate(
+            struct.iter_unpack(end + "IBBHQQ", raw[: len(raw) // 24 * 24])
+        ):
+            kind = info & 0xF
+            if kind not in (STT_FUNC, STT_GNU_IFUNC) or value == 0 or shndx == 0:
                 continue
             stop = strings.find(b"\0", name_off)
-            symbols.append((value, size, strings[name_off:stop].decode(errors="replace")))
-    return segments, build_id, symbols
+            hidden = False
+            if versym is not None and versym[4] + 2 * n + 2 <= len(data):
+                hidden = bool(struct.unpack_from(end + "H", data, versym[4] + 2 * n)[0] & 0x8000)
+            functions.append(FunctionSymbol(strings[name_off:stop].decode(errors="replace"),
+                                            value, size, kind, not hidden))
+    return machine, segments, build_id, functions
 
 
 def _build_id(notes: bytes, end: str) -> Optional[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from memtrace import elfsyms
 from memtrace.collect import probesite
 from memtrace.collect.probesite import (
     ProbeSite,
@@ -217,7 +218,7 @@ def test_glibc_ifunc_symbol_is_left_at_its_entry(libc):
 def test_elf_image_is_parsed_once_per_file(libc, monkeypatch):
     choose_site(libc, "malloc")
     calls = []
-    monkeypatch.setattr(probesite._ElfImage, "__init__",
+    monkeypatch.setattr(elfsyms.ElfSymbols, "__init__",
                         lambda self, path: calls.append(path))
     assert choose_site(libc, "free").emulated
     assert calls == []

@@ -27,11 +27,11 @@ always correct.
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 from itertools import takewhile
 from typing import Iterable, Optional, Sequence, Union
 
+from memtrace.elfsyms import ElfSymbols, FunctionSymbol, symbols_of
 from memtrace.errors import MemtraceError
 
 # Argument registers the malloc family's probes read: size or pointer
@@ -297,133 +297,44 @@ def choose_site_in_code(
 
 # -- reading functions out of an ELF file -------------------------------------
 
-_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
-_SHDR = struct.Struct("<IIQQQQIIQQ")
-_PHDR = struct.Struct("<IIQQQQQQ")
-_SYM = struct.Struct("<IBBHQQ")
-_SHT_SYMTAB, _SHT_DYNSYM, _SHT_GNU_VERSYM = 2, 11, 0x6FFFFFFF
-_PT_LOAD = 1
-_STT_FUNC, _STT_GNU_IFUNC = 2, 10
+_STT_GNU_IFUNC = 10
 _EM_X86_64 = 62
 
 
-@dataclass(frozen=True)
-class _Function:
-    name: str
-    address: int
-    size: int
-    kind: int  # STT_*
-    default_version: bool
-
-
-class _ElfImage:
-    """The little of an ELF64 file we need: function symbols and the bytes
-    at a virtual address."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                self._data = f.read()
-        except OSError as e:
-            raise MemtraceError(f"cannot read {path}: {e.strerror}; "
-                                "check the path of the traced library") from None
-        data = self._data
-        if len(data) < _EHDR.size or data[:4] != b"\x7fELF":
-            raise MemtraceError(f"{path} is not an ELF file; give the path of a "
-                                "shared library or executable")
-        if data[4] != 2 or data[5] != 1:
-            raise MemtraceError(f"{path} is not a 64-bit little-endian ELF file")
-        hdr = _EHDR.unpack_from(data)
-        self.machine = hdr[2]
-        phoff, shoff = hdr[5], hdr[6]
-        phentsize, phnum, shentsize, shnum = hdr[9], hdr[10], hdr[11], hdr[12]
-        self._loads = []
-        for i in range(phnum):
-            p = _PHDR.unpack_from(data, phoff + i * phentsize)
-            if p[0] == _PT_LOAD:
-                self._loads.append((p[3], p[2], p[5]))  # vaddr, offset, filesz
-        self._sections = [_SHDR.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
-        self.functions = self._read_functions()
-
-    def _read_functions(self) -> list[_Function]:
-        data, sections = self._data, self._sections
-        versym_at = {
-            s[6]: s for s in sections if s[1] == _SHT_GNU_VERSYM  # keyed by linked dynsym
-        }
-        functions = []
-        for index, sec in enumerate(sections):
-            if sec[1] not in (_SHT_SYMTAB, _SHT_DYNSYM) or not sec[9]:
-                continue
-            strtab = sections[sec[6]]
-            versym = versym_at.get(index)
-            for n in range(sec[5] // sec[9]):
-                st_name, st_info, _, st_shndx, st_value, st_size = _SYM.unpack_from(
-                    data, sec[4] + n * sec[9])
-                kind = st_info & 0xF
-                if kind not in (_STT_FUNC, _STT_GNU_IFUNC) or st_shndx == 0 or not st_value:
-                    continue
-                start = strtab[4] + st_name
-                name = data[start:data.index(b"\0", start)].decode("utf-8", "replace")
-                hidden = False
-                if versym is not None:
-                    hidden = bool(struct.unpack_from("<H", data, versym[4] + 2 * n)[0] & 0x8000)
-                functions.append(_Function(name, st_value, st_size, kind, not hidden))
-        return functions
-
-    def find(self, name: str) -> _Function:
-        matches = [f for f in self.functions if f.name == name]
-        if not matches:
-            raise SymbolNotFound(f"{self.path} defines no function {name!r}; "
-                                 "that probe is left out")
-        # The default symbol version is what the dynamic linker binds to.
-        matches.sort(key=lambda f: (not f.default_version, f.size == 0))
-        return matches[0]
-
-    def at(self, vaddr: int) -> _Function:
-        for f in self.functions:
-            if f.address == vaddr:
-                return f
-        return _Function(f"0x{vaddr:x}", vaddr, 0, _STT_FUNC, True)
-
-    def read(self, vaddr: int, size: int) -> bytes:
-        for seg_vaddr, seg_offset, filesz in self._loads:
-            if seg_vaddr <= vaddr < seg_vaddr + filesz:
-                start = seg_offset + vaddr - seg_vaddr
-                end = seg_offset + min(filesz, vaddr - seg_vaddr + size)
-                return self._data[start:end]
-        raise MemtraceError(f"address 0x{vaddr:x} is not in a loaded segment of "
-                            f"{self.path}; the symbol table looks damaged")
-
-
-_images: dict[tuple[str, int, int], _ElfImage] = {}
-
-
-def _image(path: str) -> _ElfImage:
+def _lookup(elf_path: str, symbol_vaddr_or_name: Union[str, int]) -> tuple[ElfSymbols, FunctionSymbol]:
     try:
-        st = os.stat(path)
+        mtime = os.stat(elf_path).st_mtime_ns
     except OSError as e:
-        raise MemtraceError(f"cannot read {path}: {e.strerror}; "
+        raise MemtraceError(f"cannot read {elf_path}: {e.strerror}; "
                             "check the path of the traced library") from None
-    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
-    if key not in _images:
-        _images.clear()  # one library at a time is what the collector asks about
-        _images[key] = _ElfImage(path)
-    return _images[key]
-
-
-def _lookup(elf_path: str, symbol_vaddr_or_name: Union[str, int]) -> tuple[_ElfImage, _Function]:
-    image = _image(elf_path)
+    image = symbols_of(os.path.realpath(elf_path), mtime)
+    if not image.segments:
+        raise MemtraceError(f"{elf_path} is not an ELF file (64-bit expected); give the path of a "
+                            "shared library or executable")
     if isinstance(symbol_vaddr_or_name, int):
-        return image, image.at(symbol_vaddr_or_name)
-    return image, image.find(symbol_vaddr_or_name)
+        found = next((f for f in image.functions if f.address == symbol_vaddr_or_name), None)
+        return image, found or FunctionSymbol(f"0x{symbol_vaddr_or_name:x}",
+                                              symbol_vaddr_or_name, 0, 2, True)
+    found = image.find(symbol_vaddr_or_name)
+    if found is None:
+        raise SymbolNotFound(f"{elf_path} defines no function {symbol_vaddr_or_name!r}; "
+                             "that probe is left out")
+    return image, found
+
+
+def _code(image: ElfSymbols, function: FunctionSymbol, size: int) -> bytes:
+    code = image.read(function.address, size)
+    if code is None:
+        raise MemtraceError(f"address 0x{function.address:x} is not in a loaded segment of "
+                            f"{image.path}; the symbol table looks damaged")
+    return code
 
 
 def function_code(elf_path: str, symbol_vaddr_or_name: Union[str, int],
                   max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """The first bytes of a function as the ELF file holds them."""
     image, function = _lookup(elf_path, symbol_vaddr_or_name)
-    return image.read(function.address, min(function.size or max_bytes, max_bytes))
+    return _code(image, function, min(function.size or max_bytes, max_bytes))
 
 
 def choose_site(
@@ -444,7 +355,7 @@ def choose_site(
         return ProbeSite(0, 0, False, "GNU ifunc: the resolver's entry", (),
                          function.name, function.address)
     size = function.size or max_bytes
-    code = image.read(function.address, min(size, _MAX_FUNCTION_SCAN))
+    code = _code(image, function, min(size, _MAX_FUNCTION_SCAN))
     return choose_site_in_code(code, function.address, arg_regs, max_bytes, function.name)
 
 

@@ -211,6 +211,8 @@ class AddressSpace:
         self, page_size: Optional[int] = None, arena_heap_bytes: int = ARENA_HEAP_BYTES
     ) -> None:
         self.page_size = page_size or os.sysconf("SC_PAGE_SIZE")
+        # False in light mode: events never say they were made inside malloc.
+        self.malloc_seen = True
         self.arena_heap_bytes = arena_heap_bytes
         self._reset()
 
@@ -303,7 +305,7 @@ class AddressSpace:
         if heap is not None:
             self._insert(Region(start, end, prot, heap.flags, ARENA_HEAP, heap.origin, heap.mapping_id))
         else:
-            kind, mapping_id = _kind_of_mmap(ev), self._new_mapping_id()
+            kind, mapping_id = _kind_of_mmap(ev, self.malloc_seen), self._new_mapping_id()
             self._insert(Region(start, end, prot, ev.flags, kind, _origin_of(ev), mapping_id))
         self._merge_range(start, end)
 
@@ -629,11 +631,15 @@ def _resized(r: Region, start: int, end: int) -> Region:
     )
 
 
-def _kind_of_mmap(ev: VmEvent) -> str:
+def _kind_of_mmap(ev: VmEvent, malloc_seen: bool = True) -> str:
     if not ev.flags & MAP_ANONYMOUS:
         return FILE
     if ev.flags & (MAP_STACK | MAP_GROWSDOWN):
         return STACK
+    if not malloc_seen and ev.flags & MAP_NORESERVE and ev.prot & _PROT_MASK == PROT_NONE \
+            and ev.length in (HEAP_MAX_SIZE, 2 * HEAP_MAX_SIZE):
+        # Light mode sees no malloc calls: new_heap's reservation by its shape.
+        return ARENA_HEAP
     if ev.in_malloc:
         # glibc's new_heap is malloc's only NORESERVE mapping; it maps twice
         # the heap size and unmaps the ends to reach 64 MiB alignment.

@@ -16,7 +16,7 @@ report with `error` set, for the caller to turn into a MemtraceError.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .glibc.arena import Memory, inspect_arena
 from .glibc.layout import HEAP_MAX_SIZE, HeapInfo
@@ -69,9 +69,12 @@ def read_arenas(
 
 
 def inspect_arenas(
-    pid: int, memory: Memory, maps: Sequence[Mapping], *, max_chunks: int = DEFAULT_MAX_CHUNKS
+    pid: int, memory: Memory, maps: Sequence[Mapping], *, max_chunks: int = DEFAULT_MAX_CHUNKS,
+    between: Optional[Callable[[], None]] = None,
 ) -> ArenaReport:
-    """`read_arenas` over an already open memory reader (tests pass a fake)."""
+    """`read_arenas` over an already open memory reader (tests pass a fake).
+    `between` runs after each arena: walks can be long, and the caller may
+    have a ring buffer to drain meanwhile."""
     maps = sorted(maps, key=lambda m: m.start)
     heaps = find_heaps(memory, maps)
     ring = find_arenas(memory, maps, heaps)
@@ -83,6 +86,8 @@ def inspect_arenas(
         else:
             own = _thread_heaps(heaps, address, maps)
             arenas.append(inspect_arena(memory, address, "thread", own, maps, max_chunks))
+        if between is not None:
+            between()
     return ArenaReport(
         pid=pid,
         arenas=tuple(arenas),

@@ -38,6 +38,7 @@ class Collector:
         self.light = light
         self.symbols = Symbolizer(pid)
         self.vm = VmTracker(pid, on_code_mapped=self.symbols.refresh)
+        self.vm.space.malloc_seen = not light
         self.started = time.monotonic()
         self.previous: Optional[Snapshot] = None
         self._frames: dict[StackKey, tuple[str, ...]] = {}
@@ -134,11 +135,13 @@ class Collector:
         try:
             memory = ProcessMemory(self.pid)
         except OSError as e:
-            self._arena_problem = f"cannot read the arenas: /proc/{self.pid}/mem: {e.strerror}"
+            if procfs.memory(self.pid) is not None:  # gone: the last reading stands
+                self._arena_problem = f"cannot read the arenas: /proc/{self.pid}/mem: {e.strerror}"
             return
         with memory:
             report = inspect_arenas(self.pid, memory, smaps, max_chunks=(
-                (200_000 if self.light else 50_000) if walk else 0))
+                (200_000 if self.light else 50_000) if walk else 0),
+                between=self.consume_events)
         self.consume_events()  # the read can take a while: keep the ring buffer drained
         if walk:
             self._next_walk = now + (time.monotonic() - now) / ARENA_WALK_SHARE
@@ -305,7 +308,8 @@ class Collector:
             notes.append("some deep stacks were lost (immediate callers kept); raise --stack-storage-size")
         lost = self.probes.vm_lost()
         if lost:
-            notes.append(f"{lost} address-space events were lost: the ring buffer was full")
+            notes.append(f"{lost} address-space events were lost: the ring buffer was full; "
+                         "raise --event-buffer")
         if self._arena_problem:
             notes.append(self._arena_problem)
         notes += [f"the process exec'd: {argv}" for argv in self._execs[-3:]]

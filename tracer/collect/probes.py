@@ -53,6 +53,7 @@ class Limits:
     max_stats: int = 65536
     max_stacks: int = 65536
     max_threads: int = 16384
+    event_buffer_bytes: int = 16 << 20
 
 
 VM_KINDS = {1: "mmap", 2: "munmap", 3: "brk", 4: "mprotect", 5: "mremap", 6: "madvise", 7: "trim"}
@@ -145,6 +146,7 @@ class Probes:
             f"-DMAX_STATS={self.limits.max_stats}",
             f"-DMAX_STACKS={self.limits.max_stacks}",
             f"-DMAX_THREADS={self.limits.max_threads}",
+            f"-DVM_RINGBUF_PAGES={_ring_pages(self.limits.event_buffer_bytes)}",
         ]
         if self.vm_probes == "kprobe":
             flags.append("-DVM_KPROBES")
@@ -303,6 +305,12 @@ class Probes:
                 break
             out.append(ip)
         return out
+
+
+def _ring_pages(size_bytes: int) -> int:
+    """A ring buffer is a power of two of pages."""
+    pages = max(1, size_bytes // os.sysconf("SC_PAGE_SIZE"))
+    return 1 << (pages.bit_length() - 1)
 
 
 def _give_back_compiler_memory() -> None:

@@ -58,6 +58,8 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                       help="live allocations tracked at once (default 1048576)")
     maps.add_argument("--max-stats", type=positive_int, default=65536, metavar="N",
                       help="(thread, stack) pairs (default 65536)")
+    maps.add_argument("--event-buffer", type=positive_int, default=16, metavar="MIB",
+                      help="ring buffer for address-space events, in MiB (default 16)")
     maps.add_argument("--stack-storage-size", type=positive_int, default=65536, metavar="N",
                       help="distinct call stacks kept, 1 KiB of kernel memory each as they "
                       "appear (default 65536)")
@@ -118,7 +120,8 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
     try:
         sites = resolve_sites(libc)
         limits = Limits(max_allocs=args.max_allocs, max_stats=args.max_stats,
-                        max_stacks=args.stack_storage_size)
+                        max_stacks=args.stack_storage_size,
+                        event_buffer_bytes=args.event_buffer << 20)
         probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes)
         probes.load()
         probes.attach()

@@ -67,6 +67,17 @@ struct vm_event {
     struct heap_key malloc_key;
 };
 
+#define STACK_SCAN_WORDS 64
+
+/* Light mode's mmap events carry the top of the user stack: without malloc
+ * probes, and with glibc built without frame pointers, a scan for return
+ * addresses (checked against call instructions by the collector) is how
+ * the malloc caller of a new arena heap is found. */
+struct vm_scan {
+    struct vm_event event;
+    u64 words[STACK_SCAN_WORDS];
+};
+
 /* Per-CPU counters, summed by Python. */
 enum counter {
     CNT_UNTRACKED_FREE = 0, /* free of a block allocated before the trace */

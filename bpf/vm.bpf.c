@@ -25,6 +25,7 @@ BPF_RINGBUF_OUTPUT(vm_events, VM_RINGBUF_PAGES);
 /* Never written: gives Python the layout of struct vm_event (bcc decodes
  * map values, nested structs included, but not ring buffer records). */
 BPF_ARRAY(vm_event_layout, struct vm_event, 1);
+BPF_ARRAY(vm_scan_layout, struct vm_scan, 1);
 /* The target's anonymous RSS, as kmem:rss_stat last reported it: read at
  * malloc_trim's entry and exit to measure what the trim gave back. */
 BPF_ARRAY(rss_anon, s64, 1);
@@ -74,12 +75,29 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
     struct vm_call *call = vm_calls.lookup(&tid);
     if (!call)
         return 0;
-    struct vm_event *e = vm_events.ringbuf_reserve(sizeof(struct vm_event));
+    struct vm_event *e;
+    int scan = 0;
+#if defined(LIGHT_SCAN) && defined(CALLS_IN_TASK_STORAGE)
+    scan = with_stack && call->kind == VM_MMAP;
+#endif
+    if (scan)
+        e = vm_events.ringbuf_reserve(sizeof(struct vm_scan));
+    else
+        e = vm_events.ringbuf_reserve(sizeof(struct vm_event));
     if (!e) {
         count(CNT_VM_LOST);
         vm_calls.delete(&tid);
         return 0;
     }
+#if defined(LIGHT_SCAN) && defined(CALLS_IN_TASK_STORAGE)
+    if (scan) {
+        struct pt_regs *regs =
+            (struct pt_regs *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
+        struct vm_scan *s = (struct vm_scan *)e;
+        if (bpf_probe_read_user(s->words, sizeof(s->words), (void *)PT_REGS_SP(regs)) != 0)
+            __builtin_memset(s->words, 0, sizeof(s->words));
+    }
+#endif
     e->ts_ns = bpf_ktime_get_ns();
     e->tid = tid;
     e->kind = call->kind;

@@ -104,6 +104,7 @@ class VmEvent:
     stack_key: Optional[StackKey] = None
     in_malloc: bool = False  # made from inside a malloc-family call
     malloc_stack_key: Optional[StackKey] = None  # that call's stack
+    scanned: tuple[int, ...] = ()  # light mode: top of the user stack, raw words
 
     @property
     def failed(self) -> bool:
@@ -119,6 +120,7 @@ class Origin:
     in_malloc: bool = False
     malloc_stack_key: Optional[StackKey] = None
     ts_ns: Optional[int] = None
+    scanned: tuple[int, ...] = ()
 
     @property
     def pre_existing(self) -> bool:
@@ -134,7 +136,8 @@ PRE_EXISTING = Origin()
 
 
 def _origin_of(event: VmEvent) -> Origin:
-    return Origin(event.tid, event.stack_key, event.in_malloc, event.malloc_stack_key, event.ts_ns)
+    return Origin(event.tid, event.stack_key, event.in_malloc, event.malloc_stack_key, event.ts_ns,
+                  event.scanned)
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,6 +87,24 @@ class Symbolizer:
     def frames(self, addrs: Iterable[int]) -> tuple[str, ...]:
         return tuple(self.frame(a) for a in addrs)
 
+    def return_addresses(self, words: Iterable[int]) -> list[int]:
+        """The words of a raw stack that are return addresses: inside a
+        module's code, right after a call instruction. A scan, for code
+        without frame pointers: it can also find stale ones of returned
+        calls, so callers label the result."""
+        out = []
+        for word in words:
+            if word < 4096 or not self.is_code(word):
+                continue
+            module = self._module_of(word)
+            if module is not None and _follows_call(_code_before(module, word, 7)):
+                out.append(word)
+        return out
+
+    def module_name(self, addr: int) -> str:
+        module = self._module_of(addr)
+        return os.path.basename(module.path) if module else ""
+
 
 def _describe(module: Module, addr: int) -> str:
     base = os.path.basename(module.path)
@@ -108,3 +126,31 @@ def _describe(module: Module, addr: int) -> str:
         return f"0x{file_offset:x} [{base}]"
     name, offset = found
     return f"{demangle(name)}+0x{offset:x} [{base}]"
+
+
+def _code_before(module: Module, addr: int, n: int) -> bytes:
+    file_offset = addr - module.start + module.file_offset
+    for path in dict.fromkeys((module.open_path, module.path)):
+        try:
+            elf = symbols_of(path, os.stat(path).st_mtime_ns)
+        except OSError:
+            continue
+        vaddr = elf.vaddr_of_offset(file_offset)
+        if vaddr is None or vaddr < n:
+            return b""
+        return elf.read(vaddr - n, n) or b""
+    return b""
+
+
+def _follows_call(before: bytes) -> bool:
+    """Whether the bytes before an address end with a call instruction:
+    call rel32 (e8), or call through a register or memory (ff /2) with no,
+    8-bit or 32-bit displacement."""
+    if len(before) < 7:
+        return False
+
+    def call_modrm(at: int, mod: tuple[int, ...]) -> bool:
+        return before[at] == 0xFF and (before[at + 1] >> 3) & 7 == 2 and before[at + 1] >> 6 in mod
+
+    return (before[-5] == 0xE8 or call_modrm(-2, (3, 0)) or call_modrm(-3, (1,))
+            or call_modrm(-6, (0, 2)) or call_modrm(-7, (2,)))

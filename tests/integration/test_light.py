@@ -68,3 +68,17 @@ def test_light_live_estimate_is_close_to_the_truth(full_and_light):
         # chunk headers and rounding: ~16 bytes on each of ~250 blocks
         assert arena["live_bytes"] == pytest.approx(thread["live_bytes"], rel=0.05), (thread, arena)
     assert any("MALLOC_ARENA_MAX" in h for h in light["hints"]), light["hints"]
+
+
+def test_light_names_the_stack_that_made_each_arena_heap(run_memtrace):
+    """No malloc probe, and glibc has no frame pointers: the stack's top,
+    scanned for return addresses after call instructions, still names the
+    function whose malloc made glibc map each new arena heap."""
+    rc, doc, stderr = run_memtrace(["--light", "--json", "--interval", str(INTERVAL),
+                                    "demo", "arena-retention", "--",
+                                    "--threads", "2", "--mib", "16", "--hold", "1"])
+    assert rc == 0, stderr
+    heaps = [r for r in doc["regions"] if r["kind"] == "glibc-arena-heap" and r["origin_tid"]]
+    assert heaps, doc["regions"]
+    for region in heaps:
+        assert any(f.startswith("inflate_block+") for f in region["origin_frames"]), region

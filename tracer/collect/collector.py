@@ -264,6 +264,14 @@ class Collector:
             })
         return tuple(out)
 
+    def _scanned_frames(self, words: tuple[int, ...]) -> tuple[str, ...]:
+        """Light mode: the callers found by scanning the stack, from the
+        first one outside libc (the allocator's own frames say little)."""
+        found = self.symbols.return_addresses(words)
+        while len(found) > 1 and self.symbols.module_name(found[0]).startswith("libc."):
+            found.pop(0)
+        return self.symbols.frames(found)
+
     def _threads(self, rows, live_tids) -> tuple[ThreadStats, ...]:
         if not self.light:
             return aggregate_threads(rows, self._names, live_tids)
@@ -289,9 +297,12 @@ class Collector:
         for r in self.vm.space.largest_unreturned(TOP_REGIONS):
             o = r.origin
             key = o.malloc_stack_key if o.in_malloc and o.malloc_stack_key else o.stack_key
+            frames = self.frames_of(key) if key else ()
+            if o.scanned:
+                frames = self._scanned_frames(o.scanned) or frames
             out.append(RegionStats(
                 start=r.start, end=r.end, kind=r.kind,
-                origin_frames=self.frames_of(key) if key else (),
+                origin_frames=frames,
                 origin_tid=o.tid, in_malloc=o.in_malloc,
                 committed_bytes=r.committed_bytes, resident_bytes=r.resident_bytes,
             ))

@@ -150,6 +150,8 @@ class Probes:
         ]
         if self.vm_probes == "kprobe":
             flags.append("-DVM_KPROBES")
+        if self.light:
+            flags.append("-DLIGHT_SCAN")
         # Experiments and benchmarks only (e.g. -DNO_STACKS): never needed to trace.
         flags += os.environ.get("MEMTRACE_BPF_CFLAGS", "").split()
         by_symbol = {s.symbol: s for s in self.sites}
@@ -272,12 +274,18 @@ class Probes:
 
         layout = self._bpf["vm_event_layout"].Leaf
         pointer = ctypes.POINTER(layout)
+        scan_pointer = ctypes.POINTER(self._bpf["vm_scan_layout"].Leaf)
+        event_size = ctypes.sizeof(layout)
 
         def callback(ctx, data, size):
             # An exception here would only be printed by ctypes: keep the
             # first one for the caller, and keep consuming.
             try:
-                handle(ctypes.cast(data, pointer).contents)
+                if size > event_size:  # light mode's mmap, with the stack's top
+                    scan = ctypes.cast(data, scan_pointer).contents
+                    handle(scan.event, tuple(scan.words))
+                else:
+                    handle(ctypes.cast(data, pointer).contents)
             except Exception as e:  # noqa: BLE001
                 if self.event_error is None:
                     self.event_error = e

@@ -47,8 +47,9 @@ class VmTracker:
             return
         self.space.seed_from_maps(maps_text, start_brk=start_brk)
 
-    def handle(self, raw) -> None:
-        """One `struct vm_event` from the ring buffer."""
+    def handle(self, raw, scanned: tuple[int, ...] = ()) -> None:
+        """One `struct vm_event` from the ring buffer (light mode's mmaps
+        come with the raw words at the top of the user stack)."""
         self.events += 1
         malloc_key = (raw.malloc_key.stack, raw.malloc_key.caller) if raw.in_malloc else None
         if raw.kind == VM_TRIM:
@@ -76,6 +77,7 @@ class VmTracker:
             stack_key=(raw.stack, 0),
             in_malloc=bool(raw.in_malloc),
             malloc_stack_key=malloc_key,
+            scanned=scanned,
         )
         self.space.apply(event)
         if self.keep_events:

@@ -44,6 +44,7 @@ class Collector:
         self._frames: dict[StackKey, tuple[str, ...]] = {}
         self._names: dict[int, str] = {}
         self._process = ProcessStats()
+        self._live_tids: list[int] = []
         self._arena_inputs: list[accounting.ArenaInput] = []
         self._arena_problem: Optional[str] = None
         self._next_walk = 0.0
@@ -116,7 +117,9 @@ class Collector:
             rss_anon_bytes=mem.get("rss_anon_bytes", 0),
             peak_rss_bytes=mem.get("peak_rss_bytes"),
         )
-        self._names.update(procfs.thread_names(self.pid))
+        current = procfs.thread_names(self.pid)
+        self._names.update(current)
+        self._live_tids = list(current)
         return smaps
 
     def _read_arenas(self, smaps, idle: bool) -> None:
@@ -195,7 +198,7 @@ class Collector:
                         self.vm.events)
             self._read_arenas(smaps, idle=activity == self._activity)
             self._activity = activity
-        live_tids = procfs.thread_ids(self.pid) if alive else []
+        live_tids = self._live_tids if alive else []
         for tid, name in reading.thread_names.items():
             self._names.setdefault(tid, name)
         self.symbols.new_round()

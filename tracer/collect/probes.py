@@ -56,9 +56,6 @@ class Limits:
     event_buffer_bytes: int = 16 << 20
 
 
-VM_KINDS = {1: "mmap", 2: "munmap", 3: "brk", 4: "mprotect", 5: "mremap", 6: "madvise", 7: "trim"}
-
-
 @dataclass
 class HeapReading:
     rows: list[HeapRow]
@@ -215,10 +212,6 @@ class Probes:
                     f"--vm-probes kprobe: cannot attach to {event.decode()} ({e}); "
                     "use the default --vm-probes tracepoint"
                 ) from None
-
-    @property
-    def bpf(self):
-        return self._bpf
 
     def detach(self) -> None:
         """Remove every probe. Safe to call more than once."""

@@ -50,7 +50,7 @@ public final class InflaterDemo {
     final AtomicInteger unreachable = new AtomicInteger();
     final AtomicLong inflatedBytes = new AtomicLong();
     final Cleaner watcher = Cleaner.create();
-    final Phases phases = new Phases(InflaterDemo::say);
+    final DemoSupport phases = new DemoSupport(InflaterDemo::say);
 
     public static void main(String[] args) throws Exception {
         InflaterDemo demo = new InflaterDemo();
@@ -67,10 +67,10 @@ public final class InflaterDemo {
     boolean parse(String[] args) {
         for (int i = 0; i < args.length; i++) {
             switch (args[i]) {
-                case "--threads": threads = (int) number(args, ++i, 1, 1024); break;
-                case "--per-thread": perThread = (int) number(args, ++i, 1, 1_000_000); break;
+                case "--threads": threads = (int) DemoSupport.number(args, ++i, 1, 1024, InflaterDemo::say); break;
+                case "--per-thread": perThread = (int) DemoSupport.number(args, ++i, 1, 1_000_000, InflaterDemo::say); break;
                 case "--end": end = true; break;
-                case "--hold": holdSeconds = number(args, ++i, 0, 86400); break;
+                case "--hold": holdSeconds = DemoSupport.number(args, ++i, 0, 86400, InflaterDemo::say); break;
                 case "--pause": pause = true; break;
                 case "-h":
                 case "--help":
@@ -92,22 +92,6 @@ public final class InflaterDemo {
         + "  --end           call end() on each Inflater (the fix)\n"
         + "  --hold S        seconds to stay in the hold phases (default 1)\n"
         + "  --pause         wait for Enter or SIGUSR1 before each phase\n";
-
-    static double number(String[] args, int i, double min, double max) {
-        if (i >= args.length) {
-            fail(args[i - 1] + " needs a value (see --help)");
-        }
-        try {
-            double value = Double.parseDouble(args[i]);
-            if (value >= min && value <= max) {
-                return value;
-            }
-        } catch (NumberFormatException e) {
-            // reported below
-        }
-        fail(args[i - 1] + ": '" + args[i] + "' is not a number from " + min + " to " + max);
-        return 0;
-    }
 
     static void fail(String message) {
         say(message);

@@ -40,7 +40,7 @@ public final class StartupDemo {
     int rounds = 1;
     double holdSeconds = 0.5;
     boolean pause = false;
-    final Phases phases = new Phases(StartupDemo::say);
+    final DemoSupport phases = new DemoSupport(StartupDemo::say);
 
     // What the service keeps after its start: descriptors and templates.
     final Map<String, Properties> services = new HashMap<>();
@@ -68,8 +68,8 @@ public final class StartupDemo {
     boolean parse(String[] args) {
         for (int i = 0; i < args.length; i++) {
             switch (args[i]) {
-                case "--rounds": rounds = (int) number(args, ++i, 1, 100_000); break;
-                case "--hold": holdSeconds = number(args, ++i, 0, 86400); break;
+                case "--rounds": rounds = (int) DemoSupport.number(args, ++i, 1, 100_000, StartupDemo::say); break;
+                case "--hold": holdSeconds = DemoSupport.number(args, ++i, 0, 86400, StartupDemo::say); break;
                 case "--pause": pause = true; break;
                 case "-h":
                 case "--help":
@@ -80,22 +80,6 @@ public final class StartupDemo {
             }
         }
         return true;
-    }
-
-    static double number(String[] args, int i, double min, double max) {
-        if (i >= args.length) {
-            fail(args[i - 1] + " needs a value (see --help)");
-        }
-        try {
-            double value = Double.parseDouble(args[i]);
-            if (value >= min && value <= max) {
-                return value;
-            }
-        } catch (NumberFormatException e) {
-            // reported below
-        }
-        fail(args[i - 1] + ": '" + args[i] + "' is not a number from " + min + " to " + max);
-        return 0;
     }
 
     static void fail(String message) {

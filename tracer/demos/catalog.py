@@ -108,7 +108,7 @@ class CDemo(Demo):
 JVM_OPTIONS = ("-XX:+PreserveFramePointer", "-XX:+UseSerialGC", "-Xmx256m")
 
 # Shared by the Java demos: their phases and --pause.
-JAVA_SUPPORT = "Phases.java"
+JAVA_SUPPORT = "DemoSupport.java"
 
 # Class files for Java 11 run on any JDK the install script may bring.
 JAVAC_RELEASE = "11"

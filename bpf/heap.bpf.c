@@ -4,21 +4,52 @@
  * interval and never sees a single malloc. Knobs come from Python as -D
  * flags (see memtrace/collect/heap.py). */
 
-#ifndef MAX_ALLOCS
-/* One entry per live tracked block (40 B key+value, allocated on demand
- * thanks to BPF_F_NO_PREALLOC, so an idle trace costs nothing). 1 Mi live
- * blocks is a large service; beyond that inserts fail and are counted as
- * drops, and the CLI names --max-allocs. */
-#define MAX_ALLOCS (1 << 20)
+#ifndef ALLOC_BUCKET_BITS
+/* log2 of the buckets of the live-block table; Python sizes it for twice
+ * --max-allocs slots (see below). */
+#define ALLOC_BUCKET_BITS 18
 #endif
+#define ALLOC_BUCKETS (1U << ALLOC_BUCKET_BITS)
+/* Eight 16-byte slots: a bucket is two cache lines. */
+#define ALLOC_WAYS 8
+/* A block goes in the first bucket with a free slot among its home bucket
+ * and the next ones. At half load (twice --max-allocs slots) four full
+ * buckets in a row do not happen in practice; if they do, a drop is
+ * counted. */
+#define ALLOC_PROBE 4
 #ifndef MAX_STATS
 /* (thread, stack) pairs: a few hundred threads times a few hundred sites. */
 #define MAX_STATS 65536
 #endif
+/* A slot's meta word: the block's size above its stats index. */
+#define STATS_INDEX_BITS 20 /* --max-stats is at most 1 Mi */
+#define MAX_BLOCK_SIZE ((1ULL << (64 - STATS_INDEX_BITS)) - 1) /* 16 TiB */
 #define BUCKET_SHIFT 26 /* glibc's HEAP_MAX_SIZE: 64 MiB on 64-bit */
 
-BPF_F_TABLE("hash", u64, struct alloc_info, allocs, MAX_ALLOCS, BPF_F_NO_PREALLOC);
-BPF_HASH(heap_stats, struct heap_key, struct heap_counts, MAX_STATS);
+/* Live blocks, so that a free from any thread is charged back to the
+ * thread and stack that allocated. Not a BPF hash map: its insert and its
+ * lookup plus delete (bucket lock, element allocation, RCU free) were most
+ * of what memtrace cost per malloc beyond the probes themselves. An array
+ * of buckets is found by index (inlined by the verifier), and a slot is
+ * claimed and released with one compare-and-swap on its address: no lock,
+ * no allocation. The price is memory allocated up front: 32 bytes per
+ * --max-allocs (32 MiB at the default), less than memleak's preallocated
+ * hash. Address 0 marks a free slot. */
+struct alloc_slot {
+    u64 addr;
+    u64 meta;
+};
+struct alloc_bucket {
+    struct alloc_slot slot[ALLOC_WAYS];
+};
+BPF_ARRAY(allocs, struct alloc_bucket, ALLOC_BUCKETS);
+
+/* Aggregates, split in two so that a free needs no hash lookup: the key
+ * (thread, stack, bucket) names an index once, at its first allocation,
+ * and blocks carry the index. Python reads heap_counts by mmap. */
+BPF_HASH(heap_index, struct heap_key, u32, MAX_STATS);
+BPF_F_TABLE("array", u32, struct heap_counts, heap_counts, MAX_STATS, BPF_F_MMAPABLE);
+BPF_ARRAY(heap_next_index, u64, 1);
 /* Names of threads caught at their first allocation, so a thread that ends
  * between two snapshots still has a name. */
 BPF_HASH(thread_names, u32, struct thread_name, MAX_THREADS);
@@ -44,63 +75,134 @@ static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 entry_sp,
     }
 }
 
-static __always_inline struct heap_counts *stats_for(struct heap_key *key)
+/* The counters' index of key, given at its first allocation; -1: none
+ * left. */
+static __always_inline s64 stats_index(struct heap_key *key)
 {
-    struct heap_counts *c = heap_stats.lookup(key);
-    if (c)
-        return c;
-    struct heap_counts zero = {};
-    if (heap_stats.insert(key, &zero) != 0 && heap_stats.lookup(key) == 0) {
+    u32 *found = heap_index.lookup(key);
+    if (found)
+        return *found;
+    u32 zero = 0;
+    u64 *next = heap_next_index.lookup(&zero);
+    if (!next)
+        return -1;
+    u64 fresh = __sync_fetch_and_add(next, 1);
+    if (fresh >= MAX_STATS) {
         count(CNT_DROP_STATS);
-        return 0;
+        return -1;
+    }
+    u32 index = fresh;
+    if (heap_index.insert(key, &index) != 0) {
+        /* Another CPU named it first (its index wasted, never read), or
+         * the map is full. */
+        found = heap_index.lookup(key);
+        if (!found) {
+            count(CNT_DROP_STATS);
+            return -1;
+        }
+        return *found;
     }
     struct thread_name name = {};
     bpf_get_current_comm(&name.comm, sizeof(name.comm));
     thread_names.update(&key->tid, &name);
-    return heap_stats.lookup(key);
+    return index;
 }
 
-static __always_inline void charge_free(u64 addr, struct alloc_info *info)
+static __always_inline struct heap_counts *counts_at(u64 index)
 {
-    struct heap_counts *c = heap_stats.lookup(&info->key);
+    u32 i = index;
+    if (index >= MAX_STATS)
+        return 0;
+    return heap_counts.lookup(&i);
+}
+
+static __always_inline void charge_free(u64 meta)
+{
+    struct heap_counts *c = counts_at(meta & ((1U << STATS_INDEX_BITS) - 1));
     if (!c)
         return;
-    __sync_fetch_and_add(&c->free_bytes, info->size);
+    __sync_fetch_and_add(&c->free_bytes, meta >> STATS_INDEX_BITS);
     __sync_fetch_and_add(&c->free_count, 1);
+}
+
+static __always_inline u32 home_bucket(u64 addr)
+{
+    /* Blocks are 16-byte aligned: the low bits carry nothing. */
+    return ((addr >> 4) * 0x9E3779B97F4A7C15ULL) >> (64 - ALLOC_BUCKET_BITS);
 }
 
 static __always_inline void forget_block(u64 addr)
 {
-    struct alloc_info *found = allocs.lookup(&addr);
-    if (!found) {
-        count(CNT_UNTRACKED_FREE);
-        return;
+    u32 home = home_bucket(addr);
+    for (u32 i = 0; i < ALLOC_PROBE; i++) {
+        u32 b = (home + i) & (ALLOC_BUCKETS - 1);
+        struct alloc_bucket *bucket = allocs.lookup(&b);
+        if (!bucket)
+            return;
+        for (u32 j = 0; j < ALLOC_WAYS; j++) {
+            struct alloc_slot *slot = &bucket->slot[j];
+            if (slot->addr != addr)
+                continue;
+            /* The meta word first: once the address is cleared, an
+             * allocation on another CPU may take the slot. */
+            u64 meta = slot->meta;
+            if (__sync_val_compare_and_swap(&slot->addr, addr, 0) == addr)
+                charge_free(meta);
+            return; /* else a second free of the block raced this one */
+        }
     }
-    struct alloc_info info = *found;
-    if (allocs.delete(&addr) == 0)
-        charge_free(addr, &info);
+    count(CNT_UNTRACKED_FREE);
+}
+
+/* 1: kept; 0: dropped. */
+static __always_inline int keep_block(u64 addr, u64 meta)
+{
+    u32 home = home_bucket(addr);
+    for (u32 i = 0; i < ALLOC_PROBE; i++) {
+        u32 b = (home + i) & (ALLOC_BUCKETS - 1);
+        struct alloc_bucket *bucket = allocs.lookup(&b);
+        if (!bucket)
+            return 0;
+        for (u32 j = 0; j < ALLOC_WAYS; j++) {
+            struct alloc_slot *slot = &bucket->slot[j];
+            if (slot->addr == addr) {
+                /* Still live in our table: its free was missed (a block
+                 * released by a path we do not hook). Retire it. (One in
+                 * a later bucket than this, after a full home bucket,
+                 * goes unseen: a missed free and a full bucket at once.) */
+                u64 old = slot->meta;
+                slot->meta = meta;
+                charge_free(old);
+                return 1;
+            }
+        }
+        for (u32 j = 0; j < ALLOC_WAYS; j++) {
+            struct alloc_slot *slot = &bucket->slot[j];
+            if (slot->addr == 0 && __sync_val_compare_and_swap(&slot->addr, 0, addr) == 0) {
+                /* No other CPU can free the block before malloc returns
+                 * it, so the meta word may follow the address. */
+                slot->meta = meta;
+                return 1;
+            }
+        }
+    }
+    count(CNT_DROP_ALLOCS);
+    return 0;
 }
 
 static __always_inline void record_block(u64 addr, u64 size, struct heap_key *key)
 {
+    if (size > MAX_BLOCK_SIZE) {
+        count(CNT_DROP_ALLOCS);
+        return;
+    }
     key->bucket = addr >> BUCKET_SHIFT;
-    struct heap_counts *c = stats_for(key);
+    s64 index = stats_index(key);
+    struct heap_counts *c = counts_at(index);
     if (!c)
         return;
-    struct alloc_info info = {.size = size, .key = *key};
-    if (allocs.insert(&addr, &info) != 0) {
-        /* The address is live in our map: its free was missed (a block
-         * released by a path we do not hook). Retire it, then record. */
-        struct alloc_info *stale = allocs.lookup(&addr);
-        if (stale) {
-            struct alloc_info old = *stale;
-            charge_free(addr, &old);
-        }
-        if (allocs.update(&addr, &info) != 0) {
-            count(CNT_DROP_ALLOCS);
-            return;
-        }
-    }
+    if (!keep_block(addr, (size << STATS_INDEX_BITS) | index))
+        return;
     __sync_fetch_and_add(&c->alloc_bytes, size);
     __sync_fetch_and_add(&c->alloc_count, 1);
 }

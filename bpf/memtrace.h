@@ -36,13 +36,6 @@ struct heap_counts {
     u64 free_count;
 };
 
-/* One live allocation, so that a free from any thread is charged back to
- * the thread and stack that allocated. */
-struct alloc_info {
-    u64 size;
-    struct heap_key key;
-};
-
 struct thread_name {
     char comm[16];
 };
@@ -88,6 +81,7 @@ enum counter {
     CNT_TRIM_CALLS,
     CNT_TRIM_RELEASED,      /* malloc_trim calls that returned 1 */
     CNT_VM_LOST,            /* ring buffer full: address-space events lost */
+    CNT_VM_SENT,            /* address-space events sent (paces the reader's wakeups) */
     CNT_MAX,
 };
 

@@ -15,12 +15,21 @@
 
 #define MM_ANONPAGES 1 /* the kernel's rss counter index for anonymous pages */
 
+#ifndef VM_WAKE_EVERY
+/* Waking the reader at each event cost ~15 us per event in a VM guest (the
+ * ring buffer's wakeup is an interrupt, and the guest's self-IPI exits to
+ * the host): 16 us added to every madvise glibc makes when a thread heap
+ * shrinks. The reader is woken once per VM_WAKE_EVERY events of a CPU
+ * (~110 KiB) and otherwise reads every 100 ms. */
+#define VM_WAKE_EVERY 1024
+#endif
+
 struct vm_call {
     u32 kind;
+    u32 active; /* task storage keeps the slot between calls */
     u64 a0, a1, a2, a3, a4;
 };
 
-BPF_HASH(vm_calls, u32, struct vm_call, MAX_THREADS);
 BPF_RINGBUF_OUTPUT(vm_events, VM_RINGBUF_PAGES);
 /* Never written: gives Python the layout of struct vm_event (bcc decodes
  * map values, nested structs included, but not ring buffer records). */
@@ -30,6 +39,42 @@ BPF_ARRAY(vm_scan_layout, struct vm_scan, 1);
  * malloc_trim's entry and exit to measure what the trim gave back. */
 BPF_ARRAY(rss_anon, s64, 1);
 
+/* The syscall each thread is in, from its entry to its exit, where the
+ * result is known. Task storage where the kernel allows it, as for the
+ * heap layer's calls: a hash map's update and delete were most of the
+ * cost of an event. */
+#ifdef CALLS_IN_TASK_STORAGE
+BPF_TASK_STORAGE(vm_calls_by_task, struct vm_call);
+
+static __always_inline struct vm_call *vm_call_slot(u32 tid, int create)
+{
+    return vm_calls_by_task.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
+                                             create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+
+static __always_inline void vm_call_done(u32 tid, struct vm_call *call)
+{
+    call->active = 0;
+}
+#else
+BPF_HASH(vm_calls, u32, struct vm_call, MAX_THREADS);
+
+static __always_inline struct vm_call *vm_call_slot(u32 tid, int create)
+{
+    struct vm_call *call = vm_calls.lookup(&tid);
+    if (call || !create)
+        return call;
+    struct vm_call fresh = {};
+    vm_calls.insert(&tid, &fresh);
+    return vm_calls.lookup(&tid);
+}
+
+static __always_inline void vm_call_done(u32 tid, struct vm_call *call)
+{
+    vm_calls.delete(&tid);
+}
+#endif
+
 static __always_inline s64 current_rss_anon(void)
 {
     u32 zero = 0;
@@ -37,14 +82,32 @@ static __always_inline s64 current_rss_anon(void)
     return v ? *v : 0;
 }
 
+/* The flag for ringbuf_submit: see VM_WAKE_EVERY. */
+static __always_inline u64 wake_flag(void)
+{
+    u32 which = CNT_VM_SENT;
+    u64 *sent = counters.lookup(&which);
+    if (!sent)
+        return 0;
+    u64 n = ++*sent;
+    return n % VM_WAKE_EVERY ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
+}
+
 static __always_inline int vm_enter(u32 kind, u64 a0, u64 a1, u64 a2, u64 a3, u64 a4)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (!traced(id))
         return 0;
-    u32 tid = id;
-    struct vm_call call = {.kind = kind, .a0 = a0, .a1 = a1, .a2 = a2, .a3 = a3, .a4 = a4};
-    vm_calls.update(&tid, &call);
+    struct vm_call *call = vm_call_slot(id, 1);
+    if (!call)
+        return 0;
+    call->kind = kind;
+    call->a0 = a0;
+    call->a1 = a1;
+    call->a2 = a2;
+    call->a3 = a3;
+    call->a4 = a4;
+    call->active = 1;
     return 0;
 }
 
@@ -72,8 +135,8 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
     if (!traced(id))
         return 0;
     u32 tid = id;
-    struct vm_call *call = vm_calls.lookup(&tid);
-    if (!call)
+    struct vm_call *call = vm_call_slot(tid, 0);
+    if (!call || !call->active)
         return 0;
     struct vm_event *e;
     int scan = 0;
@@ -86,7 +149,7 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
         e = vm_events.ringbuf_reserve(sizeof(struct vm_event));
     if (!e) {
         count(CNT_VM_LOST);
-        vm_calls.delete(&tid);
+        vm_call_done(tid, call);
         return 0;
     }
 #if defined(LIGHT_SCAN) && defined(CALLS_IN_TASK_STORAGE)
@@ -124,8 +187,8 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
         e->malloc_key = open->key;
     else
         __builtin_memset(&e->malloc_key, 0, sizeof(e->malloc_key));
-    vm_events.ringbuf_submit(e, 0);
-    vm_calls.delete(&tid);
+    vm_events.ringbuf_submit(e, wake_flag());
+    vm_call_done(tid, call);
     return 0;
 }
 
@@ -232,5 +295,5 @@ static __always_inline void emit_trim(struct pending_call *call, s64 ret)
     e->stack = call->key.stack;
     e->in_malloc = 1;
     e->malloc_key = call->key;
-    vm_events.ringbuf_submit(e, 0);
+    vm_events.ringbuf_submit(e, wake_flag());
 }

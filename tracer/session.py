@@ -21,6 +21,8 @@ from memtrace.model import Snapshot
 # How long a launched command may take to exit after Ctrl-C or SIGTERM
 # while we keep tracing its shutdown.
 LAUNCH_GRACE_S = 3.0
+# Address-space events waiting in the ring buffer are read at least this often.
+EVENT_POLL_S = 0.1
 
 
 class Sink(Protocol):
@@ -133,8 +135,9 @@ class Session:
         if self.events_fd is not None:
             watched.append(self.events_fd)
         watched += self.watch_fds
-        # Without an fd to wait on, events are read at this pace.
-        event_poll_s = None if self.events_fd is not None or not self.on_events else 0.1
+        # The kernel wakes the fd only once per many events (an interrupt
+        # per event costs the target); the rest are read at this pace.
+        event_poll_s = EVENT_POLL_S if self.on_events else None
         if self.keys is not None:
             watched.append(self.keys.fileno())
         reason = None

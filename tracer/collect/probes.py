@@ -17,7 +17,7 @@ from memtrace.model import Counters, DropStats, Flow, HeapRow
 
 # Counter indexes: keep in step with enum counter in bpf/memtrace.h.
 (CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
- CNT_TRIM_CALLS, CNT_TRIM_RELEASED, CNT_VM_LOST) = range(8)
+ CNT_TRIM_CALLS, CNT_TRIM_RELEASED, CNT_VM_LOST, CNT_VM_SENT) = range(9)
 
 LAYERS = ["common", "vm", "heap"]
 
@@ -133,13 +133,14 @@ class Probes:
         self.event_error: Optional[Exception] = None
         self.attached: list[str] = []
         self._bpf = None
+        self._counts_map = None
 
     def cflags(self) -> list[str]:
         flags = [
             f"-I{bpf_dir()}",
             f"-DTARGET_TGID={self.pid}",
             f"-DTARGET_PAGE_SIZE={os.sysconf('SC_PAGE_SIZE')}",
-            f"-DMAX_ALLOCS={self.limits.max_allocs}",
+            f"-DALLOC_BUCKET_BITS={alloc_bucket_bits(self.limits.max_allocs)}",
             f"-DMAX_STATS={self.limits.max_stats}",
             f"-DMAX_STACKS={self.limits.max_stacks}",
             f"-DMAX_THREADS={self.limits.max_threads}",
@@ -215,6 +216,9 @@ class Probes:
 
     def detach(self) -> None:
         """Remove every probe. Safe to call more than once."""
+        if self._counts_map is not None:
+            self._counts_map.close()
+            self._counts_map = None
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
             bpf.cleanup()
@@ -225,11 +229,12 @@ class Probes:
         """One pass over the aggregates: per (thread, stack), and per 64 MiB
         bucket for the arena accounting."""
         b = self._bpf
-        flows = [
-            Flow(k.tid, (k.stack, k.caller), k.bucket,
-                 v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count)
-            for k, v in b["heap_stats"].items()
-        ]
+        counts = self._heap_counts()
+        flows = []
+        for k, index in b["heap_index"].items():
+            v = counts[index.value]
+            flows.append(Flow(k.tid, (k.stack, k.caller), k.bucket,
+                              v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count))
         per_key: dict[tuple[int, tuple[int, int]], Counters] = {}
         for f in flows:
             key = (f.tid, f.stack_key)
@@ -255,6 +260,20 @@ class Probes:
             ),
             thread_names=names,
         )
+
+    def _heap_counts(self):
+        """The counters array, copied in one go from its mmap (a lookup per
+        index would be a syscall each)."""
+        if self._counts_map is None:
+            import ctypes
+            import mmap
+
+            table = self._bpf["heap_counts"]
+            size = ctypes.sizeof(table.Leaf) * self.limits.max_stats
+            length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._counts_map = mmap.mmap(table.map_fd, length, mmap.MAP_SHARED, mmap.PROT_READ)
+            self._counts_type = table.Leaf * self.limits.max_stats
+        return self._counts_type.from_buffer_copy(self._counts_map)
 
     def vm_lost(self) -> int:
         return int(self._bpf["counters"].sum(CNT_VM_LOST).value)
@@ -306,6 +325,13 @@ class Probes:
                 break
             out.append(ip)
         return out
+
+
+def alloc_bucket_bits(max_allocs: int) -> int:
+    """log2 of the live-block table's buckets: 8 slots each, twice max_allocs
+    slots in all, so that the table is at most half full."""
+    slots = 2 * max_allocs
+    return max(1, (slots - 1).bit_length() - 3)
 
 
 def _ring_pages(size_bytes: int) -> int:

@@ -32,6 +32,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def stats_count(text: str) -> int:
+    """--max-stats: blocks carry the counters' index in 20 bits."""
+    value = positive_int(text)
+    if value > 1 << 20:
+        raise argparse.ArgumentTypeError(f"at most 1048576: {text!r}")
+    return value
+
+
 def add_trace_options(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--interval", type=positive_float, default=1.0, metavar="S",
@@ -55,9 +63,11 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                       "syscall tracepoints; kprobe needs a kernel with kprobes)")
     maps = parser.add_argument_group("kernel map sizes (drops are counted and shown)")
     maps.add_argument("--max-allocs", type=positive_int, default=1 << 20, metavar="N",
-                      help="live allocations tracked at once (default 1048576)")
-    maps.add_argument("--max-stats", type=positive_int, default=65536, metavar="N",
-                      help="(thread, stack) pairs (default 65536)")
+                      help="live allocations tracked at once, 32 bytes of kernel memory "
+                      "each, allocated at start (default 1048576)")
+    maps.add_argument("--max-stats", type=stats_count, default=65536, metavar="N",
+                      help="(thread, stack, 64 MiB bucket) rows, at most 1048576 "
+                      "(default 65536)")
     maps.add_argument("--event-buffer", type=positive_int, default=16, metavar="MIB",
                       help="ring buffer for address-space events, in MiB (default 16)")
     maps.add_argument("--stack-storage-size", type=positive_int, default=65536, metavar="N",

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     tracer = Tracer(config.argv(loop.pid))
     was = STATS_SYSCTL.read_text().strip()
     per_prog: dict[str, list[float]] = {}
+    runs_per_op: dict[str, list[float]] = {}
     ops: list[float] = []
     try:
         tracer.wait_attached()
@@ -73,13 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.reps):
             STATS_SYSCTL.write_text("1\n")
             before = program_stats(pids)
-            ops.append(loop.run(args.mode, args.threads, args.seconds))
+            done = loop.run(args.mode, args.threads, args.seconds)
+            ops.append(done)
             after = program_stats(pids)
             STATS_SYSCTL.write_text("0\n")
             for name, (ns, runs) in after.items():
                 ns0, runs0 = before.get(name, (0, 0))
                 if runs > runs0:
                     per_prog.setdefault(name, []).append((ns - ns0) / (runs - runs0))
+                    runs_per_op.setdefault(name, []).append(
+                        (runs - runs0) / max(done * args.seconds, 1))
     finally:
         STATS_SYSCTL.write_text(was + "\n")
         tracer.stop()
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.config}, {args.mode} x{args.threads}: {statistics.median(ops) / 1e6:.3f} M ops/s "
           f"(median of {args.reps}; bpf_stats on)")
     for name, values in sorted(per_prog.items()):
-        print(f"  {name:24s} {statistics.median(values):8.0f} ns/run")
+        print(f"  {name:40s} {statistics.median(values):8.0f} ns/run "
+              f"{statistics.median(runs_per_op[name]):9.4f} runs/op")
     return 0
 
 

@@ -29,6 +29,7 @@ struct pending_call {
     u32 nested;   /* inner hooked calls (memalign -> malloc) still open */
     s64 rss_anon_before; /* malloc_trim: anonymous RSS at entry */
     u32 active;   /* a call is open (task storage keeps the slot between calls) */
+    u32 caller_follows; /* syscalls were sent without the caller: send it at return */
 };
 
 /* The call each thread has open. Shared with the address-space layer: a
@@ -196,7 +197,9 @@ static __always_inline long walk_step(u32 i, void *data)
 }
 
 /* At a uprobe at a function's entry: the return address at entry_sp
- * (*caller, 0 when unreadable) and the key of the frame-pointer walk, in
+ * (*caller) when the walk's first read brings it, else 0 (read alone, it
+ * cost ~150 ns: the heap layer takes it at return instead), and the key
+ * of the frame-pointer walk, in
  * the layout of user_stack (ip[0] the probed instruction, then one return
  * address per frame). Stored once; returns 0 for none.
  *
@@ -222,11 +225,6 @@ static __always_inline u64 user_stack_at(struct pt_regs *regs, u64 entry_sp, u64
         bpf_probe_read_user(chunk->b, STACK_CHUNK, (void *)base) == 0) {
         have = STACK_CHUNK; /* the caller and the first frame in one read */
         *caller = *(u64 *)chunk->b;
-    } else {
-        /* No frame near: 8 bytes into the BPF stack cost less. */
-        u64 ret = 0;
-        bpf_probe_read_user(&ret, sizeof(ret), (void *)entry_sp);
-        *caller = ret;
     }
 #ifdef NO_STACKS /* benchmarks only: what the stack walk costs */
     return 0;

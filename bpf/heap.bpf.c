@@ -62,6 +62,8 @@ static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 entry_sp,
     key->tid = tid;
     key->bucket = 0; /* known when the block's address is */
     if (hot) {
+        /* caller stays 0 unless the walk's read brought it: reading it
+         * alone cost ~150 ns a call, and alloc_return gets it for free. */
         u64 caller;
         key->stack = user_stack_at(ctx, entry_sp, &caller);
         key->caller = caller;
@@ -236,6 +238,7 @@ static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ar
     call->kind = kind;
     call->nested = 0;
     call->rss_anon_before = 0;
+    call->caller_follows = 0;
     make_key(ctx, tid, sp, &call->key, hot);
     call->active = 1;
     return 0;
@@ -324,6 +327,13 @@ int alloc_return(struct pt_regs *ctx)
         return 0;
     struct pending_call done = *call;
     close_call(tid, call);
+    if (!done.key.caller) {
+        /* The uretprobe runs with ip set back to the return address: the
+         * caller, at no cost. */
+        done.key.caller = PT_REGS_IP(ctx);
+        if (done.caller_follows)
+            emit_caller(tid, &done.key);
+    }
     u64 addr = PT_REGS_RC(ctx);
     if (done.kind == CALL_POSIX_MEMALIGN) {
         if (addr != 0) /* an error number, nothing allocated */

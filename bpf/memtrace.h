@@ -40,10 +40,19 @@ struct thread_name {
     char comm[16];
 };
 
-enum vm_kind { VM_MMAP = 1, VM_MUNMAP, VM_BRK, VM_MPROTECT, VM_MREMAP, VM_MADVISE, VM_TRIM };
+enum vm_kind {
+    VM_MMAP = 1, VM_MUNMAP, VM_BRK, VM_MPROTECT, VM_MREMAP, VM_MADVISE, VM_TRIM, VM_CALLER
+};
+
+/* in_malloc of an event made inside a malloc-family call whose caller is
+ * not known yet: a VM_CALLER event with the caller follows when the call
+ * returns (see alloc_return). */
+#define IN_MALLOC_CALLER_FOLLOWS 2
 
 /* One address-space syscall, sent at its exit with its result. VM_TRIM
- * marks the end of a malloc_trim call with the anonymous RSS around it. */
+ * marks the end of a malloc_trim call with the anonymous RSS around it;
+ * VM_CALLER the return of a malloc-family call that made syscalls, with
+ * its caller in malloc_key. */
 struct vm_event {
     u64 ts_ns;
     u32 tid;
@@ -56,7 +65,8 @@ struct vm_event {
     u64 new_addr;  /* mremap requested new address; trim: anon RSS after */
     s64 result;    /* the syscall's return (brk: the new break) */
     u64 stack;     /* the syscall's own user stack (hash; 0: none) */
-    u32 in_malloc; /* inside a malloc-family call: then malloc_key is its caller */
+    u32 in_malloc; /* inside a malloc-family call: then malloc_key is its caller
+                    * (or IN_MALLOC_CALLER_FOLLOWS) */
     struct heap_key malloc_key;
 };
 

@@ -183,10 +183,15 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
     e->stack = with_stack ? syscall_stack(ctx) : 0;
     struct pending_call *open = open_call(tid);
     e->in_malloc = open != 0;
-    if (open)
+    if (open) {
         e->malloc_key = open->key;
-    else
+        if (!open->key.caller) {
+            e->in_malloc = IN_MALLOC_CALLER_FOLLOWS;
+            open->caller_follows = 1;
+        }
+    } else {
         __builtin_memset(&e->malloc_key, 0, sizeof(e->malloc_key));
+    }
     vm_events.ringbuf_submit(e, wake_flag());
     vm_call_done(tid, call);
     return 0;
@@ -295,5 +300,23 @@ static __always_inline void emit_trim(struct pending_call *call, s64 ret)
     e->stack = call->key.stack;
     e->in_malloc = 1;
     e->malloc_key = call->key;
+    vm_events.ringbuf_submit(e, wake_flag());
+}
+
+/* Called by the heap layer when a call that sent events without its
+ * caller returns, the caller known at last. */
+static __always_inline void emit_caller(u32 tid, struct heap_key *key)
+{
+    struct vm_event *e = vm_events.ringbuf_reserve(sizeof(struct vm_event));
+    if (!e) {
+        count(CNT_VM_LOST);
+        return;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->ts_ns = bpf_ktime_get_ns();
+    e->tid = tid;
+    e->kind = VM_CALLER;
+    e->in_malloc = 1;
+    e->malloc_key = *key;
     vm_events.ringbuf_submit(e, wake_flag());
 }

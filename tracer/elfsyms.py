@@ -172,6 +172,39 @@ def _build_id(notes: bytes, end: str) -> Optional[str]:
     return None
 
 
+@lru_cache(maxsize=256)
+def imported_names(path: str, mtime_ns: int = 0) -> frozenset[str]:
+    """The names a 64-bit ELF file takes from other objects (undefined
+    .dynsym entries); empty when unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return frozenset()
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        return frozenset()
+    end = "<" if data[5] == 1 else ">"
+    try:
+        shoff, = struct.unpack_from(end + "Q", data, 0x28)
+        shentsize, shnum = struct.unpack_from(end + "HH", data, 0x3A)
+        sections = [struct.unpack_from(end + "IIQQQQIIQQ", data, shoff + i * shentsize)
+                    for i in range(shnum)]
+    except struct.error:
+        return frozenset()
+    names = set()
+    for sh in sections:
+        if sh[1] != SHT_DYNSYM or sh[6] >= len(sections):
+            continue
+        strtab = sections[sh[6]]
+        strings = data[strtab[4] : strtab[4] + strtab[5]]
+        raw = data[sh[4] : sh[4] + sh[5]]
+        for name_off, _info, _other, shndx, _value, _size in struct.iter_unpack(
+                end + "IBBHQQ", raw[: len(raw) // 24 * 24]):
+            if shndx == 0 and name_off:
+                names.add(strings[name_off : strings.find(b"\0", name_off)].decode(errors="replace"))
+    return frozenset(names)
+
+
 @lru_cache(maxsize=64)
 def symbols_of(path: str, mtime_ns: int = 0) -> ElfSymbols:
     return ElfSymbols(path)

@@ -207,6 +207,9 @@ class TrimCall:
     elapsed_s: float
     returned_bytes: int  # anonymous RSS before minus after
     result: int  # malloc_trim's return: 1 if it released memory
+    # False: the RSS was not watched yet (a program that reaches malloc_trim
+    # through dlsym, as Python's ctypes does: watched from its first call on)
+    measured: bool = True
 
 
 @dataclass(frozen=True)

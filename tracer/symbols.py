@@ -55,6 +55,11 @@ class Symbolizer:
         self._starts = [m.start for m in modules]
         return True
 
+    def code_files(self) -> set[str]:
+        """The files the process runs code from, as we can open them."""
+        return {m.open_path for m in self._modules
+                if any(start <= m.start < end for start, end in self._code)}
+
     def _module_of(self, addr: int) -> Optional[Module]:
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0 and addr < self._modules[i].end:

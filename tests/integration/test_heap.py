@@ -95,6 +95,21 @@ def test_launch_counts_every_thread_and_stack(program, programs, run_memtrace, t
             assert set(stack["tids"]) <= worker_tids, stack
     # release() only frees: it must never be taken for an allocating caller
     assert not called_from(doc, "release"), callers_seen(doc)
+    assert_arena_heaps_name_their_malloc(doc, worker_tids)
+
+
+def assert_arena_heaps_name_their_malloc(doc: dict, worker_tids: set[int]) -> None:
+    """Each worker's first malloc makes glibc map the heap of its arena: the
+    region names that malloc's caller. Without frame pointers the caller is
+    known only when malloc returns, after the mmap event was sent (the
+    event waits for it: IN_MALLOC_CALLER_FOLLOWS)."""
+    heaps = [r for r in doc["regions"]
+             if r["kind"] == "glibc-arena-heap" and r["origin_tid"] in worker_tids]
+    assert heaps, doc["regions"]
+    for region in heaps:
+        assert region["in_malloc"], region
+        assert region["origin_frames"] and region["origin_frames"][0].startswith(
+            ("alloc_small+", "alloc_large+")), region
 
 
 def test_attach_counts_threads_started_before_attach(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
 from memtrace import accounting, procfs
 from memtrace.collect.probes import Probes
-from memtrace.collect.vm import VmTracker
+from memtrace.elfsyms import imported_names
+from memtrace.collect.vm import HOLD_LIMIT_NS, VmTracker
 from memtrace.addrspace import MMAPPED_CHUNK
 from memtrace.model import (
     Counters,
@@ -37,7 +39,8 @@ class Collector:
         self.probes = probes
         self.light = light
         self.symbols = Symbolizer(pid)
-        self.vm = VmTracker(pid, on_code_mapped=self.symbols.refresh)
+        self.vm = VmTracker(pid, on_code_mapped=self._code_mapped,
+                            on_unwatched_trim=self.probes.watch_rss)
         self.vm.space.malloc_seen = not light
         self.started = time.monotonic()
         self.previous: Optional[Snapshot] = None
@@ -53,16 +56,31 @@ class Collector:
         self._activity = None  # what changes when the heap does, at the last snapshot
         self.watch = None  # netlink.ProcessWatch, when it could be opened
         self._execs: list[str] = []
+        self._checked_files: set[str] = set()  # for a malloc_trim import
 
     def start(self) -> Optional[int]:
         """Before the probes fire: the address space as it is, and where the
         process's code lives. Returns an fd that wakes the loop for events."""
         self.vm.seed()
-        self.symbols.refresh()
+        self._code_mapped()
         return self.probes.open_events(self.vm.handle)
 
     def consume_events(self) -> None:
         self.probes.consume_events()
+
+    def _code_mapped(self) -> None:
+        """New code in the process: learn where it lives, and whether it
+        can call malloc_trim, whose effect needs the RSS counter watched (a
+        tracepoint on every page fault of every process, not paid for a
+        program that never trims)."""
+        self.symbols.refresh()
+        if self.probes.watching_rss:
+            return
+        for path in self.symbols.code_files() - self._checked_files:
+            self._checked_files.add(path)
+            if "malloc_trim" in imported_names(path, _mtime_ns(path)):
+                self.probes.watch_rss()
+                return
 
     def read_watch(self) -> None:
         """Netlink news of the process. An exec brings a new address space
@@ -73,7 +91,7 @@ class Collector:
             if event.kind != "exec":
                 continue
             self.vm.seed()
-            self.symbols.refresh()
+            self._code_mapped()
             if event.argv:
                 self.comm = (event.argv[0].rsplit("/", 1)[-1] or self.comm)[:15]
                 self._execs.append(" ".join(event.argv))
@@ -183,6 +201,8 @@ class Collector:
         """Read everything once. With the target gone, /proc figures keep
         their last values and names stay as they were."""
         self.consume_events()
+        last = fresh or not target_alive
+        self.vm.release(before_ns=None if last else time.monotonic_ns() - HOLD_LIMIT_NS)
         self.read_watch()
         if not target_alive and self.watch is not None:
             self._await_exit_record()
@@ -332,3 +352,9 @@ class Collector:
                          "from glibc's own arena structures")
         return tuple(notes)
 
+
+def _mtime_ns(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
+from memtrace import procfs
 from memtrace.collect.bpfsource import bpf_dir, program_text
 from memtrace.collect.probesite import ProbeSite, choose_site
 from memtrace.errors import MemtraceError
@@ -20,6 +21,10 @@ from memtrace.model import Counters, DropStats, Flow, HeapRow
  CNT_TRIM_CALLS, CNT_TRIM_RELEASED, CNT_VM_LOST, CNT_VM_SENT) = range(9)
 
 LAYERS = ["common", "vm", "heap"]
+
+# bcc's compiler, in the shared libraries bcc is linked with.
+COMPILER_LIBRARIES = ("libLLVM", "libclang")
+MADV_DONTNEED = 4
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,7 @@ class Probes:
         self.attached: list[str] = []
         self._bpf = None
         self._counts_map = None
+        self.watching_rss = False
 
     def cflags(self) -> list[str]:
         flags = [
@@ -172,6 +178,8 @@ class Probes:
                     # (Linux 5.19 era kernels): the hash map.
                     self._bpf = BPF(text=text, cflags=self.cflags())
                     self.calls_in = "hash map"
+            # kmem:rss_stat waits for watch_rss(): bcc attached it with the rest.
+            self._bpf.detach_tracepoint(b"kmem:rss_stat")
             _give_back_compiler_memory()
         except Exception as e:  # bcc raises bare Exceptions on compile/load errors
             raise MemtraceError(
@@ -201,6 +209,20 @@ class Probes:
                     "check that the process still runs and the kernel supports uprobes"
                 ) from None
             self.attached.append(site.symbol)
+
+    def watch_rss(self) -> None:
+        """Follow the target's anonymous RSS (kmem:rss_stat), which
+        malloc_trim's measure needs. It fires on every page fault of every
+        process, so it is attached only for a target that can call
+        malloc_trim."""
+        if self.watching_rss or self._bpf is None:
+            return
+        try:
+            self._bpf.attach_tracepoint(tp=b"kmem:rss_stat", fn_name=b"tracepoint__kmem__rss_stat")
+        except Exception as e:  # bcc raises bare Exceptions
+            raise MemtraceError(f"cannot attach to the tracepoint kmem:rss_stat ({e}): "
+                                "check that tracefs is mounted") from None
+        self.watching_rss = True
 
     def _attach_vm_kprobes(self) -> None:
         for call in ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise"):
@@ -342,13 +364,25 @@ def _ring_pages(size_bytes: int) -> int:
 
 def _give_back_compiler_memory() -> None:
     """clang frees ~30 MB after compiling, and glibc keeps it resident: the
-    very retention memtrace shows others. Hand it back once, here."""
+    very retention memtrace shows others. Hand it back once, here. And
+    LLVM's and clang's code, ~75 MB resident after one compile and not run
+    again: unmapped from this process (the page cache keeps it, and a later
+    call faults it back in). Code pages only: never written, nothing lost."""
     import ctypes
 
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim(0)
     except (OSError, AttributeError):
-        pass
+        return
+    try:
+        mappings = procfs.read_smaps(os.getpid())
+    except OSError:
+        return
+    for m in mappings:
+        if (m.perms == "r-xp" and m.anonymous_bytes == 0
+                and os.path.basename(m.path).startswith(COMPILER_LIBRARIES)):
+            libc.madvise(ctypes.c_void_p(m.start), ctypes.c_size_t(m.size), MADV_DONTNEED)
 
 
 def _ring_buffer_fd(bpf) -> Optional[int]:

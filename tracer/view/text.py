@@ -343,8 +343,9 @@ def _summary_gap(s: Snapshot) -> list[str]:
             f" malloc_trim(0) would return about {fmt_bytes(t.estimate_bytes)} now (estimate)"
         )
         for call in t.recent:
+            returned = fmt_bytes(call.returned_bytes) if call.measured else "? (not measured)"
             lines.append(
-                f"  at {fmt_duration(call.elapsed_s)} thread {call.tid}: returned {fmt_bytes(call.returned_bytes)}"
+                f"  at {fmt_duration(call.elapsed_s)} thread {call.tid}: returned {returned}"
                 f" (malloc_trim returned {call.result})"
             )
     if s.hints:

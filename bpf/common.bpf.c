@@ -30,6 +30,12 @@ struct pending_call {
     s64 rss_anon_before; /* malloc_trim: anonymous RSS at entry */
     u32 active;   /* a call is open (task storage keeps the slot between calls) */
     u32 caller_follows; /* syscalls were sent without the caller: send it at return */
+    /* What this thread's last call found, kept between calls (task
+     * storage only): a loop that mallocs from one site skips the stack
+     * store's lookup and the counters' hash lookup. */
+    u64 last_stack;          /* the stack it stored */
+    struct heap_key last_key; /* the counters it charged, */
+    u64 last_index;          /* at this index + 1 (0: none) */
 };
 
 /* The call each thread has open. Shared with the address-space layer: a
@@ -199,7 +205,8 @@ static __always_inline long walk_step(u32 i, void *data)
 /* At a uprobe at a function's entry: the return address at entry_sp
  * (*caller) when the walk's first read brings it, else 0 (read alone, it
  * cost ~150 ns: the heap layer takes it at return instead), and the key
- * of the frame-pointer walk, in
+ * of the frame-pointer walk (*last_stored: the key this thread stored
+ * last, not looked up again; updated), in
  * the layout of user_stack (ip[0] the probed instruction, then one return
  * address per frame). Stored once; returns 0 for none.
  *
@@ -212,7 +219,8 @@ static __always_inline long walk_step(u32 i, void *data)
  * Every frame it reads goes into the hash, so distinct walks never share
  * a key; it stops only where no real frame can be, or at MAX_STACK_DEPTH
  * as bpf_get_stack does. */
-static __always_inline u64 user_stack_at(struct pt_regs *regs, u64 entry_sp, u64 *caller)
+static __always_inline u64 user_stack_at(struct pt_regs *regs, u64 entry_sp, u64 *caller,
+                                         u64 *last_stored)
 {
     *caller = 0;
     u32 zero = 0;
@@ -242,6 +250,10 @@ static __always_inline u64 user_stack_at(struct pt_regs *regs, u64 entry_sp, u64
     for (u32 i = 0; i < MAX_STACK_DEPTH - 1; i++)
         if (walk_step(i, &walk))
             break;
+    /* The thread stored this very stack last time: it is in the map. */
+    if ((walk.hash | 1) == *last_stored)
+        return *last_stored;
     /* What lies past the end mark is stale and never read. */
-    return store_stack(frames, walk.hash);
+    *last_stored = store_stack(frames, walk.hash);
+    return *last_stored;
 }

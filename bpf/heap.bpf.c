@@ -57,15 +57,16 @@ BPF_HASH(thread_names, u32, struct thread_name, MAX_THREADS);
 /* entry_sp: the stack pointer at the function's first instruction, where
  * the return address is, whatever the probe site skipped. */
 static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 entry_sp,
-                                     struct heap_key *key, int hot)
+                                     struct pending_call *call, int hot)
 {
+    struct heap_key *key = &call->key;
     key->tid = tid;
     key->bucket = 0; /* known when the block's address is */
     if (hot) {
         /* caller stays 0 unless the walk's read brought it: reading it
          * alone cost ~150 ns a call, and alloc_return gets it for free. */
         u64 caller;
-        key->stack = user_stack_at(ctx, entry_sp, &caller);
+        key->stack = user_stack_at(ctx, entry_sp, &caller, &call->last_stack);
         key->caller = caller;
     } else {
         /* Rare calls: the kernel's walk, which the verifier checks in a
@@ -192,14 +193,31 @@ static __always_inline int keep_block(u64 addr, u64 meta)
     return 0;
 }
 
-static __always_inline void record_block(u64 addr, u64 size, struct heap_key *key)
+static __always_inline int same_key(struct heap_key *a, struct heap_key *b)
+{
+    return a->stack == b->stack && a->caller == b->caller && a->tid == b->tid &&
+           a->bucket == b->bucket;
+}
+
+/* cache: the thread's call slot, which remembers the last key's index. */
+static __always_inline void record_block(u64 addr, u64 size, struct heap_key *key,
+                                         struct pending_call *cache)
 {
     if (size > MAX_BLOCK_SIZE) {
         count(CNT_DROP_ALLOCS);
         return;
     }
     key->bucket = addr >> BUCKET_SHIFT;
-    s64 index = stats_index(key);
+    s64 index;
+    if (cache->last_index && same_key(&cache->last_key, key)) {
+        index = cache->last_index - 1;
+    } else {
+        index = stats_index(key);
+        if (index >= 0) {
+            cache->last_key = *key;
+            cache->last_index = index + 1;
+        }
+    }
     struct heap_counts *c = counts_at(index);
     if (!c)
         return;
@@ -239,7 +257,7 @@ static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ar
     call->nested = 0;
     call->rss_anon_before = 0;
     call->caller_follows = 0;
-    make_key(ctx, tid, sp, &call->key, hot);
+    make_key(ctx, tid, sp, call, hot);
     call->active = 1;
     return 0;
 }
@@ -325,28 +343,30 @@ int alloc_return(struct pt_regs *ctx)
     struct pending_call *call = leave(&tid);
     if (!call)
         return 0;
-    struct pending_call done = *call;
-    close_call(tid, call);
-    if (!done.key.caller) {
+    struct heap_key key = call->key;
+    if (!key.caller) {
         /* The uretprobe runs with ip set back to the return address: the
          * caller, at no cost. */
-        done.key.caller = PT_REGS_IP(ctx);
-        if (done.caller_follows)
-            emit_caller(tid, &done.key);
+        key.caller = PT_REGS_IP(ctx);
+        if (call->caller_follows)
+            emit_caller(tid, &key);
     }
     u64 addr = PT_REGS_RC(ctx);
-    if (done.kind == CALL_POSIX_MEMALIGN) {
-        if (addr != 0) /* an error number, nothing allocated */
-            return 0;
-        bpf_probe_read_user(&addr, sizeof(addr), (void *)done.arg);
-    } else if (done.kind == CALL_REALLOC) {
+    if (call->kind == CALL_POSIX_MEMALIGN) {
+        u64 block = 0;
+        if (addr == 0) /* else an error number, nothing allocated */
+            bpf_probe_read_user(&block, sizeof(block), (void *)call->arg);
+        addr = block;
+    } else if (call->kind == CALL_REALLOC) {
         /* glibc frees the old block when it returns a new one; on
          * failure the old block stays. */
-        if (done.arg && addr)
-            forget_block(done.arg);
+        if (call->arg && addr)
+            forget_block(call->arg);
     }
     if (addr)
-        record_block(addr, done.size, &done.key);
+        record_block(addr, call->size, &key, call);
+    /* Last: with the hash-map fallback, closing deletes the slot. */
+    close_call(tid, call);
     return 0;
 }
 

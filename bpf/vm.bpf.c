@@ -120,8 +120,8 @@ static __always_inline u64 syscall_stack(void *ctx)
 #ifdef CALLS_IN_TASK_STORAGE
     struct pt_regs *regs =
         (struct pt_regs *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
-    u64 caller;
-    return user_stack_at(regs, PT_REGS_SP(regs), &caller);
+    u64 caller, stored = 0;
+    return user_stack_at(regs, PT_REGS_SP(regs), &caller, &stored);
 #else
     return user_stack(ctx);
 #endif

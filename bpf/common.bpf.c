@@ -223,11 +223,16 @@ static __always_inline u64 user_stack_at(struct pt_regs *regs, u64 entry_sp, u64
                                          u64 *last_stored)
 {
     *caller = 0;
+    u64 fp = PT_REGS_FP(regs);
+    u64 ip = PT_REGS_IP(regs);
+    u64 first = (0xcbf29ce484222325ULL ^ ip) * 0x100000001b3ULL; /* as in user_stack */
+    if ((fp < PT_REGS_SP(regs) || fp - PT_REGS_SP(regs) > STACK_SPAN) &&
+        (first | 1) == *last_stored)
+        return *last_stored; /* no frame to walk (as in walk_step): stored last time */
     u32 zero = 0;
     struct stack_chunk *chunk = chunk_scratch.lookup(&zero);
     if (!chunk)
         return 0;
-    u64 fp = PT_REGS_FP(regs);
     u64 base = entry_sp, have = 0;
     if (fp >= entry_sp && fp - entry_sp <= STACK_CHUNK - 16 &&
         bpf_probe_read_user(chunk->b, STACK_CHUNK, (void *)base) == 0) {
@@ -240,12 +245,10 @@ static __always_inline u64 user_stack_at(struct pt_regs *regs, u64 entry_sp, u64
     struct stack_frames *frames = stack_scratch.lookup(&zero);
     if (!frames)
         return 0;
-    u64 ip = PT_REGS_IP(regs);
     frames->ip[0] = ip;
     struct frame_walk walk = {
         .frames = frames, .chunk = chunk, .base = base, .have = have,
-        .low = PT_REGS_SP(regs), .fp = fp,
-        .hash = (0xcbf29ce484222325ULL ^ ip) * 0x100000001b3ULL, /* as in user_stack */
+        .low = PT_REGS_SP(regs), .fp = fp, .hash = first,
     };
     for (u32 i = 0; i < MAX_STACK_DEPTH - 1; i++)
         if (walk_step(i, &walk))

@@ -29,11 +29,15 @@ struct stack_frames {
     u64 ip[MAX_STACK_DEPTH];
 };
 
+/* 64 bytes, a cache line of the mmapable (page-aligned) array: the rows
+ * of two threads get neighbouring indexes, and both add to theirs on every
+ * malloc and free. */
 struct heap_counts {
     u64 alloc_bytes;
     u64 free_bytes;
     u64 alloc_count;
     u64 free_count;
+    u64 unused[4];
 };
 
 struct thread_name {

@@ -251,10 +251,11 @@ class Probes:
         """One pass over the aggregates: per (thread, stack), and per 64 MiB
         bucket for the arena accounting."""
         b = self._bpf
-        counts = self._heap_counts()
+        named = [(k, index.value) for k, index in b["heap_index"].items()]
+        counts = self._heap_counts(1 + max((i for _, i in named), default=-1))
         flows = []
-        for k, index in b["heap_index"].items():
-            v = counts[index.value]
+        for k, index in named:
+            v = counts[index]
             flows.append(Flow(k.tid, (k.stack, k.caller), k.bucket,
                               v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count))
         per_key: dict[tuple[int, tuple[int, int]], Counters] = {}
@@ -283,19 +284,18 @@ class Probes:
             thread_names=names,
         )
 
-    def _heap_counts(self):
-        """The counters array, copied in one go from its mmap (a lookup per
-        index would be a syscall each)."""
+    def _heap_counts(self, used: int):
+        """The first `used` counters, copied in one go from the array's mmap
+        (a lookup per index would be a syscall each)."""
+        table = self._bpf["heap_counts"]
         if self._counts_map is None:
             import ctypes
             import mmap
 
-            table = self._bpf["heap_counts"]
             size = ctypes.sizeof(table.Leaf) * self.limits.max_stats
             length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
             self._counts_map = mmap.mmap(table.map_fd, length, mmap.MAP_SHARED, mmap.PROT_READ)
-            self._counts_type = table.Leaf * self.limits.max_stats
-        return self._counts_type.from_buffer_copy(self._counts_map)
+        return (table.Leaf * min(used, self.limits.max_stats)).from_buffer_copy(self._counts_map)
 
     def vm_lost(self) -> int:
         return int(self._bpf["counters"].sum(CNT_VM_LOST).value)

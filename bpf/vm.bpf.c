@@ -282,24 +282,34 @@ TRACEPOINT_PROBE(kmem, rss_stat)
     return 0;
 }
 
-/* Called by the heap layer when malloc_trim returns. */
-static __always_inline void emit_trim(struct pending_call *call, s64 ret)
+/* A zeroed event of the heap layer's, about a call with this key; 0 when
+ * the buffer is full (counted). */
+static __always_inline struct vm_event *call_event(u32 tid, u32 kind, struct heap_key *key)
 {
     struct vm_event *e = vm_events.ringbuf_reserve(sizeof(struct vm_event));
     if (!e) {
         count(CNT_VM_LOST);
-        return;
+        return 0;
     }
     __builtin_memset(e, 0, sizeof(*e));
     e->ts_ns = bpf_ktime_get_ns();
-    e->tid = bpf_get_current_pid_tgid();
-    e->kind = VM_TRIM;
+    e->tid = tid;
+    e->kind = kind;
+    e->in_malloc = 1;
+    e->malloc_key = *key;
+    return e;
+}
+
+/* Called by the heap layer when malloc_trim returns. */
+static __always_inline void emit_trim(struct pending_call *call, s64 ret)
+{
+    struct vm_event *e = call_event(bpf_get_current_pid_tgid(), VM_TRIM, &call->key);
+    if (!e)
+        return;
     e->result = ret;
     e->new_len = call->rss_anon_before;
     e->new_addr = current_rss_anon();
     e->stack = call->key.stack;
-    e->in_malloc = 1;
-    e->malloc_key = call->key;
     vm_events.ringbuf_submit(e, wake_flag());
 }
 
@@ -307,16 +317,7 @@ static __always_inline void emit_trim(struct pending_call *call, s64 ret)
  * caller returns, the caller known at last. */
 static __always_inline void emit_caller(u32 tid, struct heap_key *key)
 {
-    struct vm_event *e = vm_events.ringbuf_reserve(sizeof(struct vm_event));
-    if (!e) {
-        count(CNT_VM_LOST);
-        return;
-    }
-    __builtin_memset(e, 0, sizeof(*e));
-    e->ts_ns = bpf_ktime_get_ns();
-    e->tid = tid;
-    e->kind = VM_CALLER;
-    e->in_malloc = 1;
-    e->malloc_key = *key;
-    vm_events.ringbuf_submit(e, wake_flag());
+    struct vm_event *e = call_event(tid, VM_CALLER, key);
+    if (e)
+        vm_events.ringbuf_submit(e, wake_flag());
 }

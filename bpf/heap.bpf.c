@@ -2,7 +2,7 @@
  *
  * Every event is folded into kernel maps; Python reads aggregates once per
  * interval and never sees a single malloc. Knobs come from Python as -D
- * flags (see memtrace/collect/heap.py). */
+ * flags (Probes.cflags in tracer/collect/probes.py). */
 
 #ifndef ALLOC_BUCKET_BITS
 /* log2 of the buckets of the live-block table; Python sizes it for twice

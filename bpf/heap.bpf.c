@@ -46,9 +46,13 @@ BPF_ARRAY(allocs, struct alloc_bucket, ALLOC_BUCKETS);
 
 /* Aggregates, split in two so that a free needs no hash lookup: the key
  * (thread, stack, bucket) names an index once, at its first allocation,
- * and blocks carry the index. Python reads heap_counts by mmap. */
+ * and blocks carry the index. Python reads the counters by mmap. */
 BPF_HASH(heap_index, struct heap_key, u32, MAX_STATS);
 BPF_F_TABLE("array", u32, struct heap_counts, heap_counts, MAX_STATS, BPF_F_MMAPABLE);
+/* The key of each index, so that Python reads two arrays up to
+ * heap_next_index instead of walking the hash (two syscalls per key). A
+ * zero tid: not named yet, or an index lost to a race. */
+BPF_F_TABLE("array", u32, struct heap_key, heap_keys, MAX_STATS, BPF_F_MMAPABLE);
 BPF_ARRAY(heap_next_index, u64, 1);
 /* Names of threads caught at their first allocation, so a thread that ends
  * between two snapshots still has a name. */
@@ -105,6 +109,9 @@ static __always_inline s64 stats_index(struct heap_key *key)
         }
         return *found;
     }
+    struct heap_key *named = heap_keys.lookup(&index);
+    if (named)
+        *named = *key;
     struct thread_name name = {};
     bpf_get_current_comm(&name.comm, sizeof(name.comm));
     thread_names.update(&key->tid, &name);

@@ -168,6 +168,11 @@ class Probes:
             and (pids is None or e.get("pid") in pids)
         ]
 
+    @staticmethod
+    def below(pid: int) -> list[int]:
+        """pid and every process below it: whose probes are a tracer's."""
+        return _descendants(pid)
+
     def tracepoints(self, pids: Sequence[int]) -> set[str]:
         """Names of the tracepoints with a BPF program held by `pids`."""
         return {e.get("tracepoint", "") for e in self._bpftool("perf", "list")
@@ -204,10 +209,6 @@ class Tracer:
         )
         self.pid = self.proc.pid
         self.attached_probes: list[dict] = []
-
-    def pids(self) -> list[int]:
-        """memtrace's process and its children."""
-        return _descendants(self.pid)
 
     def stderr_so_far(self) -> str:
         self._err.seek(0)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from memtrace import procfs
-from memtrace.elfsyms import demangle, symbols_of
+from memtrace.elfsyms import demangle, imported_names, symbols_of
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Symbolizer:
         self._starts: list[int] = []
         self._names: dict[int, str] = {}
         self._code: list[tuple[int, int]] = []  # executable ranges, JIT code included
+        self._code_files: set[str] = set()
         self._refreshed_this_round = False
 
     def new_round(self) -> None:
@@ -43,7 +44,7 @@ class Symbolizer:
         if not mappings:
             return False  # gone: keep what we knew
         root = f"/proc/{self.pid}/root"
-        modules = []
+        modules, file_code = [], []
         self._code = [(m.start, m.end) for m in mappings if "x" in m.perms]
         for m in mappings:
             if not m.path.startswith("/") or m.path.endswith(" (deleted)"):
@@ -51,14 +52,22 @@ class Symbolizer:
             inside = root + m.path
             modules.append(Module(m.start, m.end, m.offset, m.path,
                                   inside if os.path.exists(inside) else m.path))
+            file_code.append("x" in m.perms)
         self._modules = modules
         self._starts = [m.start for m in modules]
+        self._code_files = {m.open_path for m, code in zip(modules, file_code) if code}
         return True
 
-    def code_files(self) -> set[str]:
-        """The files the process runs code from, as we can open them."""
-        return {m.open_path for m in self._modules
-                if any(start <= m.start < end for start, end in self._code)}
+    def code_imports(self, name: str) -> bool:
+        """Whether a file the process runs code from takes `name` from
+        another object (read once per file and version)."""
+        for path in self._code_files:
+            try:
+                if name in imported_names(path, os.stat(path).st_mtime_ns):
+                    return True
+            except OSError:
+                continue
+        return False
 
     def _module_of(self, addr: int) -> Optional[Module]:
         i = bisect.bisect_right(self._starts, addr) - 1

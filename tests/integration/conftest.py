@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -74,24 +73,6 @@ def inflate_classpath(java_tools, tmp_path_factory: pytest.TempPathFactory) -> P
 # ---------------------------------------------------------------- memtrace
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo.extend(children.get(p, []))
-    return found
-
-
 @pytest.fixture(scope="session")
 def wait_attached(probes) -> Callable[[Sequence[subprocess.Popen]], None]:
     """wait_attached(tracers): until each memtrace's uprobes are attached
@@ -108,7 +89,7 @@ def wait_attached(probes) -> Callable[[Sequence[subprocess.Popen]], None]:
                     err = t.stderr.read() if t.stderr else ""
                     pytest.fail(f"memtrace exited (rc={t.returncode}) before attaching: "
                                 f"{err[-2000:]}", pytrace=False)
-                n = len(probes.perf(_descendants(t.pid)))
+                n = len(probes.perf(probes.below(t.pid)))
                 if n != counts.get(t.pid):
                     counts[t.pid], since[t.pid] = n, now
                 if not n or now - since[t.pid] < ATTACH_SETTLE_S:

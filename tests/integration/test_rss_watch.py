@@ -12,7 +12,7 @@ import time
 def _tracepoints_while_attached(tracer, probes) -> set[str]:
     tracer.wait_attached(probes)
     time.sleep(0.5)  # the import check runs at start, before the first snapshot
-    return probes.tracepoints(tracer.pids())
+    return probes.tracepoints(probes.below(tracer.pid))
 
 
 def test_no_rss_tracepoint_for_a_target_that_cannot_trim(programs, spawn, start_memtrace, probes):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Optional
 
 from memtrace import accounting, procfs
 from memtrace.collect.probes import Probes
-from memtrace.elfsyms import imported_names
 from memtrace.collect.vm import HOLD_LIMIT_NS, VmTracker
 from memtrace.addrspace import MMAPPED_CHUNK
 from memtrace.model import (
@@ -56,7 +54,6 @@ class Collector:
         self._activity = None  # what changes when the heap does, at the last snapshot
         self.watch = None  # netlink.ProcessWatch, when it could be opened
         self._execs: list[str] = []
-        self._checked_files: set[str] = set()  # for a malloc_trim import
 
     def start(self) -> Optional[int]:
         """Before the probes fire: the address space as it is, and where the
@@ -74,13 +71,8 @@ class Collector:
         tracepoint on every page fault of every process, not paid for a
         program that never trims)."""
         self.symbols.refresh()
-        if self.probes.watching_rss:
-            return
-        for path in self.symbols.code_files() - self._checked_files:
-            self._checked_files.add(path)
-            if "malloc_trim" in imported_names(path, _mtime_ns(path)):
-                self.probes.watch_rss()
-                return
+        if not self.probes.watching_rss and self.symbols.code_imports("malloc_trim"):
+            self.probes.watch_rss()
 
     def read_watch(self) -> None:
         """Netlink news of the process. An exec brings a new address space
@@ -352,9 +344,3 @@ class Collector:
                          "from glibc's own arena structures")
         return tuple(notes)
 
-
-def _mtime_ns(path: str) -> int:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return 0

@@ -138,7 +138,7 @@ class Probes:
         self.event_error: Optional[Exception] = None
         self.attached: list[str] = []
         self._bpf = None
-        self._counts_map = None
+        self._maps: dict = {}  # name -> mmap of a BPF_F_MMAPABLE array
         self.watching_rss = False
 
     def cflags(self) -> list[str]:
@@ -238,9 +238,9 @@ class Probes:
 
     def detach(self) -> None:
         """Remove every probe. Safe to call more than once."""
-        if self._counts_map is not None:
-            self._counts_map.close()
-            self._counts_map = None
+        for mapping in self._maps.values():
+            mapping.close()
+        self._maps.clear()
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
             bpf.cleanup()
@@ -251,13 +251,13 @@ class Probes:
         """One pass over the aggregates: per (thread, stack), and per 64 MiB
         bucket for the arena accounting."""
         b = self._bpf
-        named = [(k, index.value) for k, index in b["heap_index"].items()]
-        counts = self._heap_counts(1 + max((i for _, i in named), default=-1))
-        flows = []
-        for k, index in named:
-            v = counts[index]
-            flows.append(Flow(k.tid, (k.stack, k.caller), k.bucket,
-                              v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count))
+        used = min(int(b["heap_next_index"][0].value), self.limits.max_stats)
+        flows = [
+            Flow(k.tid, (k.stack, k.caller), k.bucket,
+                 v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count)
+            for k, v in zip(self._mapped("heap_keys", used), self._mapped("heap_counts", used))
+            if k.tid  # 0: an index not named yet, or lost to a race
+        ]
         per_key: dict[tuple[int, tuple[int, int]], Counters] = {}
         for f in flows:
             key = (f.tid, f.stack_key)
@@ -284,18 +284,18 @@ class Probes:
             thread_names=names,
         )
 
-    def _heap_counts(self, used: int):
-        """The first `used` counters, copied in one go from the array's mmap
-        (a lookup per index would be a syscall each)."""
-        table = self._bpf["heap_counts"]
-        if self._counts_map is None:
+    def _mapped(self, name: str, used: int):
+        """The first `used` entries of a BPF_F_MMAPABLE array, copied in one
+        go from its mapping (a lookup per index would be a syscall each)."""
+        table = self._bpf[name]
+        if name not in self._maps:
             import ctypes
             import mmap
 
             size = ctypes.sizeof(table.Leaf) * self.limits.max_stats
             length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-            self._counts_map = mmap.mmap(table.map_fd, length, mmap.MAP_SHARED, mmap.PROT_READ)
-        return (table.Leaf * min(used, self.limits.max_stats)).from_buffer_copy(self._counts_map)
+            self._maps[name] = mmap.mmap(table.map_fd, length, mmap.MAP_SHARED, mmap.PROT_READ)
+        return (table.Leaf * used).from_buffer_copy(self._maps[name])
 
     def vm_lost(self) -> int:
         return int(self._bpf["counters"].sum(CNT_VM_LOST).value)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from memtrace.commands import _command_first, main
+from memtrace.errors import MemtraceError
 
 NAMES = {"trace", "demo", "replay", "report"}
 
@@ -45,3 +48,101 @@ def test_demo_list(capsys):
     out = capsys.readouterr().out
     for name in ("threads", "arena-retention", "inflater", "leak", "startup"):
         assert name in out
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--interval", "nan"), ("--interval", "inf"), ("--interval", "1e-9"), ("--interval", "0"),
+    ("--interval", "-1"), ("--interval", "7200"), ("--interval", "x"),
+    ("--duration", "nan"), ("--duration", "inf"), ("--duration", "-inf"), ("--duration", "0"),
+    ("--duration", "1e300"),
+])
+def test_timing_options_must_be_finite_and_sane(option, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([option, value, "-p", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option, value, limit", [
+    ("--max-allocs", "2147483648", "1073741824"),
+    ("--stack-storage-size", "100000000000", "268435456"),
+    ("--stack-storage-size", "1e11", "whole number"),
+    ("--event-buffer", "4096", "2048"),
+    ("--max-stats", "2000000", "1048576"),
+])
+def test_map_sizes_beyond_the_kernel_name_the_flag_and_its_limit(option, value, limit, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([option, value, "-p", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {option}:" in err and limit in err, err
+
+
+def test_map_sizes_beyond_memory_name_the_flag(monkeypatch):
+    from memtrace.commands import common
+
+    args = get_trace_args(["--max-allocs", str(1 << 30), "-p", "1"])
+    monkeypatch.setattr(common, "_available_memory", lambda: 8 << 30)
+    with pytest.raises(MemtraceError, match=r"^--max-allocs asks for .* of kernel memory"):
+        common.check_kernel_memory(args)
+    args = get_trace_args(["--event-buffer", "2048", "-p", "1"])
+    monkeypatch.setattr(common, "_available_memory", lambda: 3 << 30)
+    with pytest.raises(MemtraceError, match=r"^--event-buffer asks for"):
+        common.check_kernel_memory(args)
+    common.check_kernel_memory(get_trace_args(["-p", "1"]))  # the defaults fit
+
+
+def get_trace_args(argv):
+    from memtrace.commands import get_argument_parser
+
+    return get_argument_parser().parse_args(["trace", *argv])
+
+
+def test_record_path_is_checked_before_anything_starts(tmp_path):
+    from memtrace.commands.common import check_output_paths
+
+    def refused(path):
+        with pytest.raises(MemtraceError) as e:
+            check_output_paths(get_trace_args(["--record", str(path), "-p", "1"]))
+        return str(e.value)
+
+    assert "is a directory" in refused(tmp_path)
+    existing = tmp_path / "old.rec"
+    existing.write_text("keep me")
+    assert "already exists" in refused(existing)
+    assert existing.read_text() == "keep me"
+    assert "does not exist" in refused(tmp_path / "no-such-folder" / "x.rec")
+    dangling = tmp_path / "link.rec"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert "already exists" in refused(dangling)
+    assert "cannot create" in refused(Path("/proc/memtrace-test.rec"))
+    fresh = tmp_path / "new.rec"
+    check_output_paths(get_trace_args(["--record", str(fresh), "-p", "1"]))
+    assert not fresh.exists(), "the check must leave nothing behind"
+
+
+@pytest.mark.parametrize("dropped, attach, named", [
+    ({"CAP_BPF"}, True, "CAP_BPF"),
+    ({"CAP_PERFMON"}, True, "CAP_PERFMON"),
+    ({"CAP_SYS_PTRACE"}, True, "CAP_SYS_PTRACE"),
+    ({"CAP_BPF", "CAP_PERFMON"}, False, "CAP_BPF and CAP_PERFMON"),
+])
+def test_the_missing_capability_is_named(dropped, attach, named):
+    from memtrace import preflight
+
+    caps = {"CAP_BPF": preflight.CAP_BPF, "CAP_PERFMON": preflight.CAP_PERFMON,
+            "CAP_SYS_PTRACE": preflight.CAP_SYS_PTRACE}
+    mask = sum(1 << bit for name, bit in caps.items() if name not in dropped)
+    assert " and ".join(preflight.missing_capabilities(mask, attach)) == named
+
+
+def test_capabilities_enough_for_a_trace():
+    from memtrace import preflight
+
+    minimal = (1 << preflight.CAP_BPF) | (1 << preflight.CAP_PERFMON)
+    assert preflight.missing_capabilities(minimal, attach=False) == []
+    assert preflight.missing_capabilities(minimal | (1 << preflight.CAP_SYS_PTRACE), True) == []
+    assert preflight.missing_capabilities(1 << preflight.CAP_SYS_ADMIN, False) == []
+    # before CAP_BPF existed (Linux < 5.8), only CAP_SYS_ADMIN will do
+    assert preflight.missing_capabilities(minimal, False, last_cap=37) == ["CAP_SYS_ADMIN"]

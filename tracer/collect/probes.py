@@ -167,6 +167,9 @@ class Probes:
     def load(self) -> None:
         from bcc import BPF
 
+        from memtrace.collect.bcccompat import pass_zero_ref_ctr_offset
+
+        pass_zero_ref_ctr_offset()
         text = program_text(LAYERS)
         try:
             with _quiet_compile():

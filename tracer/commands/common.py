@@ -211,7 +211,7 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
         raise MemtraceError(
             "say what to trace: -p PID for a running process, or -- CMD ARGS to launch one"
         )
-    preflight.check_all()
+    preflight.check_all(attach=bool(args.pid))
     if args.vm_probes == "kprobe":
         preflight.check_kprobes()
     check_kernel_memory(args)

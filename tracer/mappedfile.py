@@ -8,7 +8,8 @@ effects), or a file we may read and the process may not. So a file is
 opened first with O_PATH, which never runs a driver's open or blocks, and
 kept only when it is a regular file and the very inode the mapping names
 (st_dev, st_ino from the maps line); /proc/PID/map_files/START-END, where
-we may open it (CAP_SYS_ADMIN), is the mapped file itself.
+we may open it (CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE), is the mapped
+file itself.
 
 The kernel and bcc are then given /proc/self/fd/N of that verified
 descriptor: every later open or uprobe registration through that name
@@ -92,7 +93,7 @@ def open_mapped(pid: int, mapping: Mapping) -> int:
     except NotTheFile:
         raise
     except OSError:
-        pass  # no CAP_SYS_ADMIN, or the mapping or the process is gone
+        pass  # no CAP_SYS_ADMIN nor CAP_CHECKPOINT_RESTORE, or the mapping is gone
     identity = identity_of(mapping)
     path = mapping.path.removesuffix(" (deleted)")
     if identity is None or not path.startswith("/"):

@@ -65,10 +65,10 @@ def check_privileges(attach: bool = True) -> None:
     caps = _effective_caps()
     missing = missing_capabilities(caps, attach, _last_cap())
     if missing:
-        who = "not root" if os.geteuid() != 0 else "root without them"
+        who = "not root" if os.geteuid() != 0 else "root with a reduced capability set"
         raise MemtraceError(
-            f"tracing needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE; missing "
-            f"{' and '.join(missing)} ({who}): run memtrace with sudo"
+            f"tracing needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE: "
+            f"{' and '.join(missing)} missing ({who}); run it with sudo"
         )
     if not caps & (1 << CAP_SYS_ADMIN):
         # Without CAP_SYS_ADMIN the kernel refuses perf's uprobe events, and

@@ -108,7 +108,8 @@ def resolve_pid(pid: int) -> Target:
         raise MemtraceError(
             f"pid {pid} ({name}): {shown} now leads to another file than the libc it maps "
             "(replaced or linked elsewhere since it started); memtrace probes only the mapped "
-            "file itself, which needs CAP_SYS_ADMIN to open: run it as root"
+            "file itself, which needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE to open: run it "
+            "as root"
         ) from None
     except OSError as e:
         if not procfs.exists(pid):

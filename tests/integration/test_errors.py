@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,132 @@ def test_bcc_not_installed(python_without_bcc):
         capture_output=True, text=True, timeout=60,
     )
     assert_refused((done.returncode, done.stdout.strip() or None, done.stderr), "python3-bpfcc")
+
+
+# ---------------------------------------------------------------- item 6, 8
+
+
+def test_musl_and_static_targets_are_named(programs, spawn, run_memtrace):
+    for program, says in (("idle_musl", "musl"), ("idle_static", "statically linked")):
+        target = spawn([programs[program]])
+        line = assert_refused(run_memtrace(["--json", "-p", str(target.pid), "--duration", "1"]),
+                              says)
+        assert "memtrace: memtrace" not in line
+        assert_untouched(target)
+
+
+def test_a_zombie_is_not_called_statically_linked(run_memtrace):
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import os, time\npid = os.fork()\nif pid == 0:\n    os._exit(0)\n"
+         "print(pid, flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        zombie = parent.stdout.readline().strip()
+        line = assert_refused(run_memtrace(["--json", "-p", zombie, "--duration", "1"]), "zombie")
+        assert "static" not in line
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+ONLY = "setpriv --inh-caps=-all,{caps} --bounding-set=-all,{caps}"
+TRACING_CAPS = ["bpf", "perfmon", "sys_ptrace"]
+
+
+def _with_caps(caps: list[str]) -> list[str]:
+    listed = ",".join(f"+{c}" for c in caps)
+    return ONLY.format(caps=listed).split()
+
+
+@pytest.mark.parametrize("dropped", TRACING_CAPS)
+def test_the_missing_capability_is_named(dropped, idle_target, run_memtrace):
+    """Root with CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE but one (and no
+    CAP_SYS_ADMIN, which would stand in for the first two)."""
+    kept = [c for c in TRACING_CAPS if c != dropped]
+    result = run_memtrace(["--json", "-p", str(idle_target.pid), "--duration", "1"],
+                          prefix=_with_caps(kept))
+    line = assert_refused(result, f"CAP_{dropped.upper()}")
+    assert line.count("memtrace") == 1, line  # "memtrace: " once, from the CLI
+    assert_untouched(idle_target)
+
+
+def test_exactly_the_documented_capabilities_trace(run_memtrace, programs, tmp_path):
+    """CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE as root: a trace works (the
+    uprobes are made through tracefs, which root's uid may write)."""
+    rc, doc, stderr = run_memtrace(
+        ["--json", "--interval", "0.2", "--", programs["threads"], tmp_path / "truth.json",
+         "--hold-ms", "300"], prefix=_with_caps(TRACING_CAPS))
+    assert rc == 0, stderr
+    assert doc["heap"]["alloc_count"] > 0, doc["heap"]
+
+
+# ---------------------------------------------------------------- item 5
+
+
+@pytest.mark.parametrize("delay_s", [0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.2, 1.6, 2.0])
+def test_target_killed_during_the_attach(delay_s, programs, spawn, start_memtrace, probes):
+    """Whenever the target dies, memtrace exits 0 with what it saw, or 2 with
+    one line; never 70, never a traceback; no probe left behind."""
+    for _ in range(2):
+        target = spawn([programs["idle"]])
+        tracer = start_memtrace(["--json", "--interval", "0.2", "-p", str(target.pid)])
+        time.sleep(delay_s)
+        target.kill()
+        target.wait()
+        rc, doc, stderr = tracer.wait()
+        assert "Traceback" not in stderr and "internal error" not in stderr, stderr
+        assert rc in (0, 2), (rc, stderr)
+        if rc == 2:
+            assert len(stderr.strip().splitlines()) == 1, stderr
+        assert not probes.perf(probes.below(tracer.pid))
+
+
+# ---------------------------------------------------------------- issue 10 item 7
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    subprocess.run(["mount", "--bind", folder, folder], check=True)
+    subprocess.run(["mount", "-o", "remount,ro,bind", folder], check=True)
+    yield folder
+    subprocess.run(["umount", folder], check=True)
+
+
+@pytest.mark.parametrize("case", ["existing", "directory", "read-only"])
+def test_a_refused_start_leaves_nothing_behind(case, tmp_path, read_only_folder, run_memtrace,
+                                               spawn, probes):
+    existing = tmp_path / "old.rec"
+    existing.write_text("keep")
+    record = {"existing": existing, "directory": tmp_path,
+              "read-only": read_only_folder / "new.rec"}[case]
+    hint = {"existing": "already exists", "directory": "is a directory",
+            "read-only": "cannot create"}[case]
+    marker = tmp_path / "ran"
+    started = time.monotonic()
+    result = run_memtrace(["--json", "--record", str(record), "--",
+                           "/bin/sh", "-c", f"touch {marker}; sleep 30"])
+    took = time.monotonic() - started
+    assert_refused(result, hint)
+    assert took < 3, f"refused after {took:.1f} s"
+    assert not marker.exists(), "the command ran"
+    assert not subprocess.run(["pgrep", "-f", f"touch {marker}"]).returncode == 0, \
+        "the command's process is still there"
+    assert existing.read_text() == "keep"
+    # attach mode: the same refusal, and the target is untouched
+    target = spawn(["/bin/sleep", "30"])
+    started = time.monotonic()
+    assert_refused(run_memtrace(["--json", "--record", str(record), "-p", str(target.pid)]), hint)
+    assert time.monotonic() - started < 3
+    assert target.poll() is None
+
+
+def test_a_failed_attach_kills_the_launched_command(run_memtrace, tmp_path, probes):
+    """A failure after the launch (here the BPF program does not compile):
+    the command never ran an instruction and is gone."""
+    marker = tmp_path / "ran"
+    env = {**os.environ, "MEMTRACE_BPF_CFLAGS": "-DMEMTRACE_TEST_BROKEN=( -include /nonexistent.h"}
+    result = run_memtrace(["--json", "--", "/bin/sh", "-c", f"touch {marker}; sleep 30"], env=env)
+    assert_refused(result, "failed to load")
+    assert not marker.exists(), "the command ran"
+    assert subprocess.run(["pgrep", "-f", f"touch {marker}"]).returncode != 0

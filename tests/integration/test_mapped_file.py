@@ -8,9 +8,9 @@ appended to /proc/PID/root) becomes a symlink to the host's libc, a FIFO,
 (its mapping then reads "(deleted)"). memtrace must either probe the
 copy's inode and count the target's calls, or refuse with one line; never
 hang, never probe the host's libc (uprobes are per inode: every process
-mapping it would trap). Without CAP_SYS_ADMIN /proc/PID/map_files cannot
-be opened, so the same cases run again without it: then the path is
-opened and the inode compared with the mapping's.
+mapping it would trap). Without CAP_SYS_ADMIN and CAP_CHECKPOINT_RESTORE
+/proc/PID/map_files cannot be opened, so the same cases run again without
+them: then the path is opened and the inode compared with the mapping's.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ pytestmark = pytest.mark.bpf
 
 HOST_LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
 LOADER = "/lib64/ld-linux-x86-64.so.2"
-NO_SYS_ADMIN = ["setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin"]
+# /proc/PID/map_files opens with CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE
+NO_MAP_FILES = ["setpriv", "--inh-caps=-sys_admin,-checkpoint_restore",
+                "--bounding-set=-sys_admin,-checkpoint_restore"]
 SWAPS = ["host-libc", "fifo", "dev-zero", "shadow"]
 
 
@@ -150,12 +152,12 @@ def test_swapped_libc_path_as_root(where, how, chrooted, memtrace_cmd, probes):
 
 @pytest.mark.parametrize("how", SWAPS)
 @pytest.mark.parametrize("where", ["mirror", "copy"])
-def test_swapped_libc_path_without_sys_admin(where, how, chrooted, memtrace_cmd, probes):
-    """Without CAP_SYS_ADMIN the path is opened and its inode compared with
+def test_swapped_libc_path_without_map_files(where, how, chrooted, memtrace_cmd, probes):
+    """Without CAP_SYS_ADMIN and CAP_CHECKPOINT_RESTORE the path is opened and its inode compared with
     the mapping's. The mirror path is not the one opened (a chroot's maps
     path is seen from our root): traced. The copy's own name now leads
     elsewhere: refused, naming the file."""
-    outcome = trace_or_refuse(chrooted, memtrace_cmd, probes, where, how, prefix=NO_SYS_ADMIN)
+    outcome = trace_or_refuse(chrooted, memtrace_cmd, probes, where, how, prefix=NO_MAP_FILES)
     if where == "mirror":
         assert outcome == "traced"
     else:

@@ -77,21 +77,23 @@ def _quiet_compile():
     for --verbose only."""
     if os.environ.get("MEMTRACE_BPF_VERBOSE"):
         return contextlib.nullcontext()
-    return _redirect_fd2()
+    return redirect_fd2()
 
 
 @contextlib.contextmanager
-def _redirect_fd2() -> Iterator[None]:
+def redirect_fd2(into: Optional[int] = None) -> Iterator[None]:
+    """fd 2, where libbcc and clang write, sent into the file `into`
+    (default /dev/null) for the duration."""
     sys.stderr.flush()
     saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+    sink = os.open(os.devnull, os.O_WRONLY) if into is None else os.dup(into)
+    os.dup2(sink, 2)
     try:
         yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-        os.close(devnull)
+        os.close(sink)
 
 
 def resolve_sites(libc_path: str) -> list[ProbeSite]:

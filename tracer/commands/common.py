@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -231,6 +232,12 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
                   keys_allowed=demo)
 
 
+def _first_line(captured) -> str:
+    captured.seek(0)
+    lines = captured.read(4096).decode(errors="replace").strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def _target_gone(pid: int, launched) -> bool:
     if launched is not None:
         return launched.poll() is not None
@@ -242,7 +249,7 @@ def _target_gone(pid: int, launched) -> bool:
 def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, started: float,
            keys_allowed: bool = True) -> int:
     from memtrace.collect.collector import Collector
-    from memtrace.collect.probes import Limits, Probes, resolve_sites
+    from memtrace.collect.probes import Limits, Probes, redirect_fd2, resolve_sites
     from memtrace.session import Session, wait_for_command
 
     interactive = sys.stdout.isatty() and not args.json
@@ -254,14 +261,18 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
         "options": {k: v for k, v in vars(args).items() if k not in ("entrypoint",)},
     }
     probes: Optional[Probes] = None
+    # libbcc writes its reasons to fd 2 itself: kept for the one line
+    bcc_said = tempfile.TemporaryFile()
     try:
-        sites = resolve_sites(libc)
+        with redirect_fd2(bcc_said.fileno()):
+            sites = resolve_sites(libc)
         limits = Limits(max_allocs=args.max_allocs, max_stats=args.max_stats,
                         max_stacks=args.stack_storage_size,
                         event_buffer_bytes=args.event_buffer << 20)
         probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes)
         probes.load()
-        probes.attach()
+        with redirect_fd2(bcc_said.fileno()):
+            probes.attach()
         collector = Collector(pid, comm, probes, light=args.light)
         events_fd = collector.start()
         collector.watch = _open_watch(pid, args.verbose)
@@ -276,7 +287,15 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
         if gone:
             raise MemtraceError(f"pid {pid} ({comm}) exited while memtrace was attaching: "
                                 "nothing was traced") from None
+        detail = _first_line(bcc_said)
+        if isinstance(e, MemtraceError) and detail:
+            raise MemtraceError(f"{e} [bcc: {detail}]", e.exit_code) from None
         raise
+    finally:
+        if args.verbose:
+            bcc_said.seek(0)
+            sys.stderr.write(bcc_said.read().decode(errors="replace"))
+        bcc_said.close()
     if launched is not None:
         launched.release()
     if args.verbose:

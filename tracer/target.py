@@ -128,7 +128,8 @@ def find_executable(name: str) -> str:
     path = name if "/" in name else shutil.which(name)
     if not path or not os.path.exists(path):
         raise MemtraceError(f"command not found: {name}: give a path or a name on PATH")
-    if os.path.isdir(path) or not os.access(path, os.X_OK):
+    # A regular file only: reading a FIFO's "#!" line would block.
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
         raise MemtraceError(f"{path} is not an executable file: check the command")
     return os.path.realpath(path)
 

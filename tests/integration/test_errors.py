@@ -297,3 +297,35 @@ def test_a_failed_attach_kills_the_launched_command(run_memtrace, tmp_path, prob
     assert_refused(result, "failed to load")
     assert not marker.exists(), "the command ran"
     assert subprocess.run(["pgrep", "-f", f"touch {marker}"]).returncode != 0
+
+
+@pytest.fixture
+def memory_limited(tmp_path):
+    """A prefix running memtrace in a memory cgroup of 700 MiB (BPF maps are
+    charged to it): cgroup v2, or v1's memory controller."""
+    name = f"memtrace-test-{os.getpid()}"
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        group = Path("/sys/fs/cgroup") / name
+        group.mkdir()
+        (group / "memory.max").write_text(str(700 << 20))
+    else:
+        group = Path("/sys/fs/cgroup/memory") / name
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(700 << 20))
+    yield ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
+    for _ in range(50):
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def test_a_map_the_kernel_refuses_names_its_option(idle_target, run_memtrace, memory_limited):
+    """A table that fits the machine but not the cgroup: the kernel refuses
+    the map, and the refusal names the option that sizes it."""
+    result = run_memtrace(["--json", "-p", str(idle_target.pid), "--duration", "1",
+                           "--max-allocs", str(1 << 25)], prefix=memory_limited)
+    line = assert_refused(result, "--max-allocs")
+    assert "failed to load" not in line
+    assert_untouched(idle_target)

@@ -146,3 +146,14 @@ def test_capabilities_enough_for_a_trace():
     assert preflight.missing_capabilities(1 << preflight.CAP_SYS_ADMIN, False) == []
     # before CAP_BPF existed (Linux < 5.8), only CAP_SYS_ADMIN will do
     assert preflight.missing_capabilities(minimal, False, last_cap=37) == ["CAP_SYS_ADMIN"]
+
+
+def test_a_map_the_kernel_refuses_names_its_option():
+    from memtrace.collect.probes import refused_map
+
+    said = ("In file included from <built-in>:2:\nwarning: something\n"
+            "could not open bpf map: allocs, error: Cannot allocate memory\n")
+    assert refused_map(said) == ("the kernel refused the BPF map allocs (Cannot allocate memory): "
+                                 "give a smaller --max-allocs")
+    assert "--event-buffer" in refused_map("could not open bpf map: vm_events, error: E2BIG\n")
+    assert refused_map("error: use of undeclared identifier\n") is None

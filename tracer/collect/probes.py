@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
@@ -72,12 +74,35 @@ class HeapReading:
     thread_names: dict[int, str] = field(default_factory=dict)
 
 
-def _quiet_compile():
+def _quiet_compile(into: Optional[int] = None):
     """bcc prints clang's warnings about kernel headers to stderr; keep them
-    for --verbose only."""
+    for MEMTRACE_BPF_VERBOSE only (else into the file `into`)."""
     if os.environ.get("MEMTRACE_BPF_VERBOSE"):
         return contextlib.nullcontext()
-    return redirect_fd2()
+    return redirect_fd2(into)
+
+
+# The option that sizes each map, for a map the kernel refuses.
+MAP_OPTIONS = {
+    "allocs": "--max-allocs",
+    "stacks": "--stack-storage-size",
+    "vm_events": "--event-buffer",
+    "heap_index": "--max-stats",
+    "heap_counts": "--max-stats",
+    "heap_keys": "--max-stats",
+}
+_MAP_REFUSED = re.compile(r"could not open bpf map: (\w+), error: ([^\n]+)")
+
+
+def refused_map(bcc_output: str) -> Optional[str]:
+    """What to say when bcc reports a map the kernel would not create."""
+    found = _MAP_REFUSED.findall(bcc_output)
+    if not found:
+        return None
+    name, reason = found[-1]
+    option = MAP_OPTIONS.get(name)
+    fix = f"give a smaller {option}" if option else "check the kernel's BPF support"
+    return f"the kernel refused the BPF map {name} ({reason.strip()}): {fix}"
 
 
 @contextlib.contextmanager
@@ -173,8 +198,9 @@ class Probes:
 
         pass_zero_ref_ctr_offset()
         text = program_text(LAYERS)
+        said = tempfile.TemporaryFile()
         try:
-            with _quiet_compile():
+            with _quiet_compile(said.fileno()):
                 try:
                     self._bpf = BPF(text=text, cflags=self.cflags() + ["-DCALLS_IN_TASK_STORAGE"])
                     self.calls_in = "task storage"
@@ -187,10 +213,16 @@ class Probes:
             self._bpf.detach_tracepoint(b"kmem:rss_stat")
             _give_back_compiler_memory()
         except Exception as e:  # bcc raises bare Exceptions on compile/load errors
+            said.seek(0)
+            refused = refused_map(said.read(1 << 20).decode(errors="replace"))
+            if refused:
+                raise MemtraceError(refused) from None
             raise MemtraceError(
                 f"the BPF program failed to load ({str(e).splitlines()[0]}): "
                 "run with MEMTRACE_BPF_VERBOSE=1 to see the compiler output"
             ) from None
+        finally:
+            said.close()
 
     def attach(self) -> None:
         if self.vm_probes == "kprobe":

@@ -289,6 +289,9 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
                                 "nothing was traced") from None
         detail = _first_line(bcc_said)
         if isinstance(e, MemtraceError) and detail:
+            if detail.endswith("Invalid argument") and "uprobe" in str(e):
+                detail += ("; if dmesg says 'ref_ctr_offset mismatch', another bcc tool probes "
+                           "the same function: let it finish")
             raise MemtraceError(f"{e} [bcc: {detail}]", e.exit_code) from None
         raise
     finally:

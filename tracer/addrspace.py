@@ -455,6 +455,19 @@ class AddressSpace:
         out = [self._by_start[s] for s in self._starts]
         return out if kind is None else [r for r in out if r.kind == kind]
 
+    def mark_kind(self, start: int, end: int, kind: str) -> None:
+        """What a closer look found [start, end) to be, within one region:
+        that part becomes a region of its own of that kind."""
+        r = self.region_at(start)
+        if r is None or end <= start or end > r.end or r.kind == kind:
+            return
+        self._remove(r)
+        if r.start < start:
+            self._insert(_resized(r, r.start, start))
+        if end < r.end:
+            self._insert(replace(_resized(r, end, r.end), mapping_id=self._new_mapping_id()))
+        self._insert(replace(_resized(r, start, end), kind=kind, mapping_id=self._new_mapping_id()))
+
     def region_at(self, addr: int) -> Optional[Region]:
         i = bisect_right(self._starts, addr) - 1
         if i < 0:

@@ -61,6 +61,29 @@ class Limits:
     event_buffer_bytes: int = 16 << 20
 
 
+# kmem:rss_stat's members: keep in step with enum rss_member in bpf/memtrace.h.
+RSS_MEMBERS = ("file", "anon", "swap", "shmem")
+
+
+@dataclass(frozen=True)
+class PeakReading:
+    """The traced heap's live bytes now and at their highest (kernel-side,
+    at every call), and when that was (bpf_ktime_get_ns, CLOCK_MONOTONIC)."""
+
+    live_bytes: int = 0
+    peak_bytes: int = 0
+    peak_ns: int = 0
+
+
+@dataclass(frozen=True)
+class RssReading:
+    """RSS counters in bytes by member name (only those reported since the
+    attach), and when the last report came (CLOCK_MONOTONIC ns)."""
+
+    bytes_by_member: dict
+    ts_ns: int
+
+
 @dataclass
 class HeapReading:
     rows: list[HeapRow]
@@ -70,6 +93,9 @@ class HeapReading:
     trim_released_calls: int
     drops: DropStats
     thread_names: dict[int, str] = field(default_factory=dict)
+    peak: PeakReading = PeakReading()
+    rss: Optional[RssReading] = None
+    exec_generation: int = 0
 
 
 def _quiet_compile():
@@ -188,27 +214,40 @@ class Probes:
             ) from None
 
     def attach(self) -> None:
+        """Every return probe before any entry probe. The target keeps
+        running while bcc attaches them one by one: an entry seen before its
+        function's return probe was in place would open a call that never
+        closes. This way a call that fires its entry probe always fires its
+        return probe; one already under way when the entry probe came
+        fires only its return, which finds no open call and is ignored."""
         if self.vm_probes == "kprobe":
             self._attach_vm_kprobes()
         hooks = {h.symbol: h for h in HOOKS}
         lib = self.libc_path.encode()
         for site in self.sites:
             hook = hooks[site.symbol]
-            try:
-                self._bpf.attach_uprobe(
-                    name=lib, sym=site.symbol.encode(), sym_off=site.offset,
-                    fn_name=hook.entry.encode(), pid=self.pid,
-                )
-                if hook.ret:
-                    self._bpf.attach_uretprobe(
-                        name=lib, sym=site.symbol.encode(), fn_name=hook.ret.encode(), pid=self.pid
-                    )
-            except Exception as e:
-                raise MemtraceError(
-                    f"cannot attach a uprobe to {site.symbol} in {self.libc_path} ({e}): "
-                    "check that the process still runs and the kernel supports uprobes"
-                ) from None
+            if hook.ret:
+                self._attach_one(site, lambda: self._bpf.attach_uretprobe(
+                    name=lib, sym=site.symbol.encode(), fn_name=hook.ret.encode(), pid=self.pid))
+        for site in self.sites:
+            hook = hooks[site.symbol]
+            self._attach_one(site, lambda: self._bpf.attach_uprobe(
+                name=lib, sym=site.symbol.encode(), sym_off=site.offset,
+                fn_name=hook.entry.encode(), pid=self.pid))
             self.attached.append(site.symbol)
+        if not self.light:
+            # Full mode keeps the RSS counters' last values: the process as
+            # it was at its exit, when /proc has nothing left to say.
+            self.watch_rss()
+
+    def _attach_one(self, site: ProbeSite, attach) -> None:
+        try:
+            attach()
+        except Exception as e:  # bcc raises bare Exceptions
+            raise MemtraceError(
+                f"cannot attach a uprobe to {site.symbol} in {self.libc_path} ({e}): "
+                "check that the process still runs and the kernel supports uprobes"
+            ) from None
 
     def watch_rss(self) -> None:
         """Follow the target's anonymous RSS (kmem:rss_stat), which
@@ -252,17 +291,19 @@ class Probes:
         bucket for the arena accounting."""
         b = self._bpf
         used = min(int(b["heap_next_index"][0].value), self.limits.max_stats)
+        generation = int(b["exec_generation"][0].value)
         flows = [
             Flow(k.tid, (k.stack, k.caller), k.bucket,
-                 v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count)
+                 v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count,
+                 alloc_chunk_bytes=v.alloc_chunk_bytes, free_chunk_bytes=v.free_chunk_bytes,
+                 before_exec=k.generation != generation)
             for k, v in zip(self._mapped("heap_keys", used), self._mapped("heap_counts", used))
             if k.tid  # 0: an index not named yet, or lost to a race
         ]
         per_key: dict[tuple[int, tuple[int, int]], Counters] = {}
         for f in flows:
             key = (f.tid, f.stack_key)
-            per_key[key] = per_key.get(key, Counters()) + Counters(
-                f.alloc_bytes, f.free_bytes, f.alloc_count, f.free_count)
+            per_key[key] = per_key.get(key, Counters()) + f.counters
         rows = [HeapRow(tid, stack_key, c) for (tid, stack_key), c in per_key.items()]
         counters = b["counters"]
         total = lambda i: int(counters.sum(i).value)  # noqa: E731
@@ -282,7 +323,25 @@ class Probes:
                 stack_lost=total(CNT_STACK_LOST),
             ),
             thread_names=names,
+            peak=self._peak(),
+            rss=self._rss(),
+            exec_generation=generation,
         )
+
+    def _peak(self) -> PeakReading:
+        p = self._bpf["heap_peak"][0]
+        return PeakReading(max(0, int(p.live_bytes)), max(0, int(p.peak_bytes)), int(p.peak_ns))
+
+    def _rss(self) -> Optional[RssReading]:
+        """The RSS counters as kmem:rss_stat last gave them; None while it
+        is not watched or has said nothing."""
+        if not self.watching_rss:
+            return None
+        v = self._bpf["rss_last"][0]
+        if not v.seen:
+            return None
+        known = {name: int(v.bytes[i]) for i, name in enumerate(RSS_MEMBERS) if v.seen >> i & 1}
+        return RssReading(known, int(v.ts_ns))
 
     def _mapped(self, name: str, used: int):
         """The first `used` entries of a BPF_F_MMAPABLE array, copied in one

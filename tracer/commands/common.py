@@ -135,7 +135,7 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
         probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes)
         probes.load()
         probes.attach()
-        collector = Collector(pid, comm, probes, light=args.light)
+        collector = Collector(pid, comm, probes, light=args.light, attached=launched is None)
         events_fd = collector.start()
         collector.watch = _open_watch(pid, args.verbose)
     except BaseException:

@@ -170,8 +170,8 @@ def before_trace_note(s: Snapshot) -> Optional[str]:
     before = s.heap.live_before_trace_bytes
     if not before:
         return None
-    return (f"~{fmt_bytes(before)} of the heap was allocated before the attach: it counts as "
-            "live in the gap, but has no stack (stacks hold what was allocated while traced)")
+    return (f"~{fmt_bytes(before)} of the heap is from before the attach: live in the gap, "
+            "in no stack (stacks hold what was allocated while traced)")
 
 
 def exit_note(s: Snapshot) -> Optional[str]:

@@ -12,7 +12,6 @@ the targets' event buffers. Everything a target holds is bounded: at most
 from __future__ import annotations
 
 import os
-import select
 import signal
 import sys
 import time
@@ -23,7 +22,7 @@ from memtrace.collect.probes import Limits
 from memtrace.errors import MemtraceError
 from memtrace.follow import Selector
 from memtrace.serve import Board
-from memtrace.session import EVENT_POLL_S
+from memtrace.session import EVENT_POLL_S, wait_ready
 
 DISCOVER_S = 1.0  # how often the selector is asked for new processes
 
@@ -204,16 +203,7 @@ class Agent:
                                          if t.events_fd is not None)]
             wake_at = min(t for t in (next_tick, next_look, now + EVENT_POLL_S, deadline)
                           if t is not None)
-            try:
-                ready, _, _ = select.select(watched, [], [], max(0.0, wake_at - now))
-            except InterruptedError:
-                ready = []
-            if wake_r in ready:
-                try:
-                    while os.read(wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+            ready = wait_ready(watched, wake_r, wake_at - now)
             for traced in self.targets.values():
                 traced.collector.consume_events()
             for fd in ready:

@@ -35,7 +35,11 @@ class PidList:
     """Given pids, for as long as they live."""
 
     def __init__(self, pids: Iterable[int]) -> None:
+        from memtrace.target import resolve_pid
+
         self.given = sorted(set(pids))
+        for pid in self.given:
+            resolve_pid(pid)  # a pid that cannot be traced is an error now, not a silent skip
 
     def pids(self) -> set[int]:
         return _processes(self.given)

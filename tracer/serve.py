@@ -191,6 +191,9 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     board: Board
 
+    def handle_error(self, request, client_address) -> None:
+        pass  # a scraper that hung up: nothing to print over the live view
+
 
 class _HTTPServer6(_HTTPServer):
     address_family = socket.AF_INET6

@@ -172,6 +172,7 @@ def test_agent_refuses_bad_input(run_memtrace):
         ([*serve, "--cgroup", "no-such-cgroup-here"], "is not a cgroup directory"),
         ([*serve, "--comm", "a/b"], "takes a command name"),
         ([*serve, "-p", "1,x"], "comma-separated list of pids"),
+        ([*serve, "-p", "999999999"], "no process with pid 999999999"),
     ):
         rc, _, stderr = run_memtrace(args)
         assert rc == 2 and message in stderr and "Traceback" not in stderr, (args, stderr)

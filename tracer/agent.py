@@ -48,6 +48,31 @@ def agent_limits(light: bool, max_allocs: int, event_buffer_bytes: int) -> Limit
                   event_buffer_bytes=event_buffer_bytes)
 
 
+def program_image(pid: int) -> Optional[tuple]:
+    """What a process runs: its executable file and its name. Another
+    value later means it exec'd (a wrapper script's `exec java ...`)."""
+    from memtrace import procfs
+
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, procfs.comm(pid))
+
+
+def _give_back_freed_memory() -> None:
+    """A dropped target's maps, caches and model are freed, and glibc would
+    keep most of it resident: the very retention memtrace shows in others.
+    In a loop of attach, snapshot, detach: 370 KiB stayed resident per
+    process without this, 50 KiB with it."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Traced:
     """One followed process, attached."""
 
@@ -58,6 +83,7 @@ class Traced:
         self.collector = collector
         self.events_fd = events_fd
         self.pidfd = os.pidfd_open(pid)
+        self.image: Optional[tuple] = None  # program_image() read before the attach
 
     def close(self) -> None:
         self.probes.detach()
@@ -114,6 +140,12 @@ class Agent:
 
     def discover(self) -> None:
         present = self.selector.pids()
+        # A new program in a traced process: new code, a new address space,
+        # maybe another libc. Its probes are made again, as for a new process.
+        for pid, traced in list(self.targets.items()):
+            image = program_image(pid)
+            if image is not None and image != traced.image:
+                self.drop(pid, f"it exec'd {image[2]}")
         # Forget what we said of processes that are gone: the memory stays bounded.
         self._passed = {p: why for p, why in self._passed.items() if p in present}
         for pid in sorted(present - set(self.targets) - set(self._passed)):
@@ -123,6 +155,7 @@ class Agent:
                 self._pass(pid, f"not traced: --max-targets {self.options.max_targets} reached")
                 continue
             started = time.monotonic()
+            image = program_image(pid)
             try:
                 traced = attach(pid, self.options, self._sites_of)
             except MemtraceError as e:
@@ -136,6 +169,7 @@ class Agent:
                     raise
                 self._pass(pid, f"not traced: internal error ({type(e).__name__}: {e})")
                 continue
+            traced.image = image
             self.targets[pid] = traced
             self.say(f"attached to pid {pid} ({traced.comm}) in {time.monotonic() - started:.1f} s")
 
@@ -149,6 +183,8 @@ class Agent:
         traced.close()
         self.board.forget(pid)
         self.say(f"detached from pid {pid} ({traced.comm}): {why}")
+        del traced
+        _give_back_freed_memory()
 
     def sample(self) -> None:
         for pid, traced in list(self.targets.items()):

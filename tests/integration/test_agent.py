@@ -64,13 +64,15 @@ def start_in(cgroup: Path, argv, spawn) -> subprocess.Popen:
 
 
 def scrape(port: int) -> dict[str, dict[str, float]]:
-    """metric name -> {pid label or '': value}."""
+    """metric name -> {pid label or '': value}; "comm" -> {pid: comm}."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict] = {"comm": {}}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             out.setdefault(s.name, {})[s.labels.get("pid", "")] = s.value
+            if "pid" in s.labels:
+                out["comm"][s.labels["pid"]] = s.labels["comm"]
     return out
 
 
@@ -93,7 +95,10 @@ def wait_until(check, what: str, agent) -> dict:
 
 
 def traced_pids(metrics: dict) -> set[str]:
-    return set(metrics.get("memtrace_rss_bytes", {}))
+    """The pids served, once each runs idle (the shell that started it
+    may be caught before its exec, and is attached again after it)."""
+    pids = set(metrics.get("memtrace_rss_bytes", {}))
+    return pids if all(metrics["comm"][p] == "idle" for p in pids) else {"(not idle yet)"}
 
 
 def test_agent_follows_a_cgroup(cgroup, programs, spawn, start_memtrace, probes):
@@ -135,6 +140,24 @@ def test_agent_follows_a_cgroup(cgroup, programs, spawn, start_memtrace, probes)
     for proc in (second, third, outsider):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, "a process was harmed"
+
+
+def test_agent_follows_an_exec(cgroup, programs, spawn, start_memtrace):
+    """A wrapper script that execs its service: traced as the shell first,
+    then again as the program it became."""
+    port = free_port()
+    agent = start_memtrace(["agent", "--light", "--cgroup", str(cgroup), "--serve", str(port),
+                            "--interval", "0.5"])
+    agent.port = port
+    script = f'echo $$ > {cgroup}/cgroup.procs && sleep 4 && exec "$1"'
+    wrapper = spawn(["sh", "-c", script, "sh", programs["idle"]])
+    wait_until(lambda m: m["comm"].get(str(wrapper.pid)) == "sh", "the shell", agent)
+    wait_until(lambda m: traced_pids(m) == {str(wrapper.pid)}, "the exec'd program", agent)
+    result = agent.stop(signal.SIGTERM)
+    assert result.rc == 0, result.stderr
+    assert f"detached from pid {wrapper.pid} (sh): it exec'd idle" in result.stderr, result.stderr
+    wrapper.send_signal(signal.SIGTERM)
+    assert wrapper.wait(30) == 0
 
 
 def test_agent_caps_the_number_of_targets(cgroup, programs, spawn, start_memtrace):

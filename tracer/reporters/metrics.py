@@ -102,7 +102,9 @@ DROP_REASONS = ("allocs_map_full", "stats_map_full", "pending_map_full", "stack_
 
 def _family(name: str, help: str, kind: str, labels: Sequence[str]) -> Metric:
     cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-    return cls(name, help, labels=list(labels))
+    # The base unit the name ends with, for OpenMetrics' UNIT line.
+    unit = next((u for u in ("bytes", "seconds") if name.removesuffix("_total").endswith(f"_{u}")), "")
+    return cls(name, help, labels=list(labels), unit=unit)
 
 
 def target_families(snapshots: Sequence[Snapshot], host: str) -> Iterator[Metric]:
@@ -151,16 +153,15 @@ class SelfStats:
 
 
 def self_families(stats: SelfStats, host: str) -> Iterator[Metric]:
-    cpu = CounterMetricFamily("memtrace_self_cpu_seconds_total",
-                              "CPU time memtrace itself used (user and system).", labels=["host"])
-    cpu.add_metric([host], stats.cpu_seconds)
-    rss = GaugeMetricFamily("memtrace_self_rss_bytes", "memtrace's own resident set size.",
-                            labels=["host"])
-    rss.add_metric([host], stats.rss_bytes)
-    targets = GaugeMetricFamily("memtrace_targets", "Processes memtrace traces now.",
-                                labels=["host"])
-    targets.add_metric([host], stats.targets)
-    yield from (cpu, rss, targets)
+    for name, help, kind, value in (
+        ("memtrace_self_cpu_seconds_total", "CPU time memtrace itself used (user and system).",
+         "counter", stats.cpu_seconds),
+        ("memtrace_self_rss_bytes", "memtrace's own resident set size.", "gauge", stats.rss_bytes),
+        ("memtrace_targets", "Processes memtrace traces now.", "gauge", stats.targets),
+    ):
+        family = _family(name, help, kind, ("host",))
+        family.add_metric([host], value)
+        yield family
 
 
 class _Families:

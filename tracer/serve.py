@@ -43,8 +43,8 @@ class ServeAddress:
 
 
 def parse_address(text: str) -> ServeAddress:
-    """'9100' and ':9100' mean loopback; '0.0.0.0:9100', 'host:9100' and
-    '[::1]:9100' name the address. Raises ValueError with the reason."""
+    """'9480' and ':9480' mean loopback; '0.0.0.0:9480', 'host:9480' and
+    '[::1]:9480' name the address. Raises ValueError with the reason."""
     host, sep, port_text = text.rpartition(":")
     if not sep:
         host, port_text = "", text

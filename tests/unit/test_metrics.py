@@ -117,12 +117,12 @@ def test_promtool_accepts_the_exposition(snaps):
 
 
 def test_addresses_default_to_loopback():
-    assert parse_address("9100") == ServeAddress("127.0.0.1", 9100)
-    assert parse_address(":9100") == ServeAddress("127.0.0.1", 9100)
-    assert parse_address("0.0.0.0:9100") == ServeAddress("0.0.0.0", 9100)
-    assert parse_address("[::1]:9100") == ServeAddress("::1", 9100)
-    assert str(ServeAddress("::1", 9100)) == "[::1]:9100"
-    for bad in ("http", "1.2.3.4:", "::1:9100", "70000", "host:0"):
+    assert parse_address("9480") == ServeAddress("127.0.0.1", 9480)
+    assert parse_address(":9480") == ServeAddress("127.0.0.1", 9480)
+    assert parse_address("0.0.0.0:9480") == ServeAddress("0.0.0.0", 9480)
+    assert parse_address("[::1]:9480") == ServeAddress("::1", 9480)
+    assert str(ServeAddress("::1", 9480)) == "[::1]:9480"
+    for bad in ("http", "1.2.3.4:", "::1:9480", "70000", "host:0"):
         with pytest.raises(ValueError):
             parse_address(bad)
 

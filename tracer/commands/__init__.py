@@ -43,7 +43,7 @@ EPILOG = """examples:
   sudo memtrace -- java -jar app.jar     trace a service from its first instruction
   sudo memtrace --json --duration 30 -p 1234 > snapshot.json
   sudo memtrace demo                     a built-in multi-threaded demo
-  sudo memtrace agent --light --cgroup system.slice/app.service --serve 9100
+  sudo memtrace agent --light --cgroup system.slice/app.service --serve 9480
 """
 
 

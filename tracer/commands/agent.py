@@ -26,9 +26,9 @@ class AgentCommand:
     for it: ~1.5 s of CPU) and detached when it exits.
 
     examples:
-      sudo memtrace agent --light --cgroup system.slice/app.service --serve 9100
-      sudo memtrace agent --light --comm java --serve 0.0.0.0:9100
-      sudo memtrace agent --light -p 1234,5678 --serve 9100
+      sudo memtrace agent --light --cgroup system.slice/app.service --serve 9480
+      sudo memtrace agent --light --comm java --serve 0.0.0.0:9480
+      sudo memtrace agent --light -p 1234,5678 --serve 9480
     """
 
     name = "agent"

@@ -120,6 +120,7 @@ class Agent:
         self.log = log
         self.targets: dict[int, Traced] = {}
         self._passed: dict[int, str] = {}  # pid -> why it is not traced (said once)
+        self._waiting: set[int] = set()  # pids beyond --max-targets
         self._sites: dict[tuple[int, int], list] = {}
         self._stop = False
 
@@ -148,12 +149,17 @@ class Agent:
                 self.drop(pid, f"it exec'd {image[2]}")
         # Forget what we said of processes that are gone: the memory stays bounded.
         self._passed = {p: why for p, why in self._passed.items() if p in present}
+        self._waiting &= present
         for pid in sorted(present - set(self.targets) - set(self._passed)):
             if self._stop:
                 return
             if len(self.targets) >= self.options.max_targets:
-                self._pass(pid, f"not traced: --max-targets {self.options.max_targets} reached")
+                if pid not in self._waiting:  # said once; attached when a target exits
+                    self._waiting.add(pid)
+                    self.say(f"pid {pid}: waits for a free slot "
+                             f"(--max-targets {self.options.max_targets})")
                 continue
+            self._waiting.discard(pid)
             started = time.monotonic()
             image = program_image(pid)
             try:

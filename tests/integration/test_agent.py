@@ -166,14 +166,20 @@ def test_agent_caps_the_number_of_targets(cgroup, programs, spawn, start_memtrac
                             "--interval", "0.5", "--max-targets", "1"])
     agent.port = port
     procs = [start_in(cgroup, [programs["idle"]], spawn) for _ in range(2)]
-    wait_until(lambda m: len(traced_pids(m)) == 1, "one process", agent)
+    first = wait_until(lambda m: len(traced_pids(m)) == 1, "one process", agent)
     time.sleep(2)  # a second look at the cgroup
-    assert len(traced_pids(scrape(port))) == 1
+    assert traced_pids(scrape(port)) == traced_pids(first)
+    # the one traced exits: the other takes its place
+    traced = next(p for p in procs if str(p.pid) in traced_pids(first))
+    other = next(p for p in procs if p is not traced)
+    traced.send_signal(signal.SIGTERM)
+    assert traced.wait(30) == 0
+    wait_until(lambda m: traced_pids(m) == {str(other.pid)}, "the other process", agent)
     result = agent.stop(signal.SIGTERM)
-    assert result.rc == 0 and "--max-targets 1 reached" in result.stderr, result.stderr
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+    assert result.rc == 0, result.stderr
+    assert f"pid {other.pid}: waits for a free slot (--max-targets 1)" in result.stderr, result.stderr
+    other.send_signal(signal.SIGTERM)
+    assert other.wait(30) == 0
 
 
 def test_agent_with_pids_ends_when_they_exit(programs, spawn, start_memtrace):

@@ -57,8 +57,8 @@ class AgentCommand:
         mode.add_argument("--vm-probes", choices=("tracepoint", "kprobe"), default="tracepoint",
                           help="how address-space syscalls are traced (default tracepoint)")
         mode.add_argument("--max-targets", type=positive_int, default=16, metavar="N",
-                          help="processes traced at once, at most (default 16); others are "
-                          "named on stderr and skipped")
+                          help="processes traced at once, at most (default 16); others "
+                          "wait, named on stderr, until one exits")
         mode.add_argument("--max-allocs", type=positive_int, default=65536, metavar="N",
                           help="without --light: live allocations tracked per process, 32 bytes "
                           "of kernel memory each (default 65536)")

@@ -119,6 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: "_HTTPServer"
     server_version = "memtrace"
     protocol_version = "HTTP/1.1"
+    timeout = 60  # a connection left idle this long is closed, and its thread ends
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._answer(body=True)

@@ -6,7 +6,7 @@ every BPF program is compiled for one target (-DTARGET_TGID), which costs
 about 1.5 s of CPU per process that starts. The loop sleeps in select() on
 a self-pipe for signals, a pidfd per target (readable once it exits) and
 the targets' event buffers. Everything a target holds is bounded: at most
---max-targets of them, each with small kernel maps (AgentLimits).
+--max-targets of them, each with small kernel maps (agent_limits).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class AgentOptions:
     limits: Limits
     duration_s: Optional[float] = None
     vm_probes: str = "tracepoint"
-    verbose: bool = False
 
 
 def agent_limits(light: bool, max_allocs: int, event_buffer_bytes: int) -> Limits:
@@ -119,7 +118,9 @@ class Agent:
         self.board = board
         self.log = log
         self.targets: dict[int, Traced] = {}
-        self._passed: dict[int, str] = {}  # pid -> why it is not traced (said once)
+        # pid -> the program it ran when it was refused (said once; tried
+        # again if it execs another: a static wrapper's `exec java`)
+        self._passed: dict[int, Optional[tuple]] = {}
         self._waiting: set[int] = set()  # pids beyond --max-targets
         self._sites: dict[tuple[int, int], list] = {}
         self._stop = False
@@ -148,7 +149,8 @@ class Agent:
             if image is not None and image != traced.image:
                 self.drop(pid, f"it exec'd {image[2]}")
         # Forget what we said of processes that are gone: the memory stays bounded.
-        self._passed = {p: why for p, why in self._passed.items() if p in present}
+        self._passed = {p: image for p, image in self._passed.items()
+                        if p in present and program_image(p) == image}
         self._waiting &= present
         for pid in sorted(present - set(self.targets) - set(self._passed)):
             if self._stop:
@@ -165,22 +167,22 @@ class Agent:
             try:
                 traced = attach(pid, self.options, self._sites_of)
             except MemtraceError as e:
-                self._pass(pid, f"not traced: {e}")
+                self._pass(pid, image, f"not traced: {e}")
                 continue
             except OSError as e:  # it exited between the look and the attach
-                self._pass(pid, f"not traced: {e.strerror or e}")
+                self._pass(pid, image, f"not traced: {e.strerror or e}")
                 continue
             except Exception as e:  # noqa: BLE001 - a bug of ours on one target
                 if os.environ.get("MEMTRACE_DEBUG"):
                     raise
-                self._pass(pid, f"not traced: internal error ({type(e).__name__}: {e})")
+                self._pass(pid, image, f"not traced: internal error ({type(e).__name__}: {e})")
                 continue
             traced.image = image
             self.targets[pid] = traced
             self.say(f"attached to pid {pid} ({traced.comm}) in {time.monotonic() - started:.1f} s")
 
-    def _pass(self, pid: int, why: str) -> None:
-        self._passed[pid] = why
+    def _pass(self, pid: int, image: Optional[tuple], why: str) -> None:
+        self._passed[pid] = image
         if os.path.exists(f"/proc/{pid}"):
             self.say(f"pid {pid}: {why}")
 

@@ -108,6 +108,7 @@ def test_agent_follows_a_cgroup(cgroup, programs, spawn, start_memtrace, probes)
     agent.port = port
     idle = programs["idle"]
     outsider = spawn([idle])
+    static = start_in(cgroup, [programs["idle_static"]], spawn)  # refused, once
     first = start_in(cgroup, [idle], spawn)
     metrics = wait_until(lambda m: traced_pids(m) == {str(first.pid)}, "the first process", agent)
     assert metrics["memtrace_light_mode"][str(first.pid)] == 1
@@ -137,7 +138,9 @@ def test_agent_follows_a_cgroup(cgroup, programs, spawn, start_memtrace, probes)
     for line in (f"attached to pid {first.pid} (idle)", f"detached from pid {first.pid} (idle): "
                  "it exited", f"attached to pid {third.pid} (idle)"):
         assert line in result.stderr, result.stderr
-    for proc in (second, third, outsider):
+    assert result.stderr.count(f"pid {static.pid} (idle_static) is statically linked") == 1, \
+        result.stderr
+    for proc in (second, third, outsider, static):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, "a process was harmed"
 

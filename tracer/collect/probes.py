@@ -4,6 +4,7 @@ module that talks to bcc."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -283,6 +284,8 @@ class Probes:
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
             bpf.cleanup()
+            # bcc's exit hook holds the object: a long-lived agent drops many.
+            atexit.unregister(bpf.cleanup)
 
     # ---------------------------------------------------------- reading
 

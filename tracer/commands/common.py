@@ -10,6 +10,7 @@ from typing import Optional
 
 from memtrace import preflight
 from memtrace.errors import MemtraceError
+from memtrace.serve import serve_address
 
 
 def positive_float(text: str) -> float:
@@ -52,6 +53,9 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                      help="plain-text snapshots every interval, as without a terminal")
     out.add_argument("--record", metavar="FILE",
                      help="keep the session in FILE for `memtrace replay` and `memtrace report`")
+    out.add_argument("--serve", type=serve_address, metavar="[HOST:]PORT",
+                     help="serve /metrics (Prometheus) and /debug/pprof/heap (pprof) while "
+                     "tracing; loopback unless HOST is given")
     out.add_argument("-v", "--verbose", action="store_true",
                      help="say what is attached where, and how long it took")
     mode = parser.add_argument_group("what to trace")
@@ -92,6 +96,10 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
         from memtrace.sinks.record import RecordSink
 
         sinks.append(RecordSink(args.record, metadata))
+    if args.serve:
+        from memtrace.sinks.serve import ServeSink
+
+        sinks.append(ServeSink(args.serve))
     return sinks, view
 
 

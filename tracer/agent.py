@@ -102,7 +102,7 @@ def attach(pid: int, options: AgentOptions, sites_of: Callable[[str], list]) -> 
     try:
         probes.load()
         probes.attach()
-        collector = Collector(pid, target.comm, probes, light=options.light)
+        collector = Collector(pid, target.comm, probes, light=options.light, attached=True)
         events_fd = collector.start()
         return Traced(pid, target.comm, probes, collector, events_fd)
     except BaseException:

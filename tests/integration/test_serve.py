@@ -34,7 +34,7 @@ WAIT_S = 60.0
 SERIES = {
     "memtrace_rss_bytes": ("process", "rss_bytes"),
     "memtrace_rss_anon_bytes": ("process", "rss_anon_bytes"),
-    "memtrace_heap_live_bytes": ("heap", "live_bytes"),
+    "memtrace_heap_live_bytes": ("gap", "heap_live_bytes"),
     "memtrace_heap_allocated_bytes_total": ("heap", "alloc_bytes"),
     "memtrace_heap_freed_bytes_total": ("heap", "free_bytes"),
     "memtrace_heap_allocations_total": ("heap", "alloc_count"),

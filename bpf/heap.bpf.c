@@ -63,13 +63,61 @@ BPF_ARRAY(heap_peak, struct heap_peak, 1);
  * are gone with it. */
 BPF_ARRAY(exec_generation, u32, 1);
 
-/* glibc's chunk for a request: the size word and 16-byte rounding, at
- * least 32 bytes (MINSIZE). Large blocks are mmapped chunks, outside every
- * arena, where Python does not use this. */
+#ifndef ALLOCATOR_KIND
+#define ALLOCATOR_KIND ALLOCATOR_GLIBC
+#endif
+
+static __always_inline u32 log2_floor(u64 v)
+{
+    u32 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8) { v >>= 8; r += 8; }
+    if (v >> 4) { v >>= 4; r += 4; }
+    if (v >> 2) { v >>= 2; r += 2; }
+    if (v >> 1) r += 1;
+    return r;
+}
+
+/* A size rounded up to the class that holds it, where classes are
+ * 2^(1/per_doubling) apart: step 2^(lg - log2(per_doubling)). */
+static __always_inline u64 round_class(u64 size, u32 lg_per_doubling, u64 min_step)
+{
+    u32 lg = log2_floor(size - 1);
+    u64 step = lg > lg_per_doubling ? 1ULL << (lg - lg_per_doubling) : 1;
+    if (step < min_step)
+        step = min_step;
+    return (size + step - 1) & ~(step - 1);
+}
+
+/* The block as the allocator holds it. glibc: the chunk, with its size
+ * word and 16-byte rounding, at least 32 bytes (MINSIZE), what the arenas'
+ * books count (large blocks are mmapped chunks, outside every arena, where
+ * Python does not use this). jemalloc: its size class (what
+ * malloc_usable_size says, and what Redis's used_memory counts): 8, then
+ * multiples of 16 to 128, then four classes per doubling. mimalloc: words,
+ * then four bins per doubling. tcmalloc: its classes come from a table;
+ * eight per doubling is close. */
 static __always_inline u64 chunk_of(u64 size)
 {
+#if ALLOCATOR_KIND == ALLOCATOR_JEMALLOC
+    if (size <= 8)
+        return 8;
+    if (size <= 128)
+        return (size + 15) & ~15ULL;
+    return round_class(size, 2, 16);
+#elif ALLOCATOR_KIND == ALLOCATOR_MIMALLOC
+    if (size <= 64)
+        return size ? (size + 7) & ~7ULL : 8;
+    return round_class(size, 2, 8);
+#elif ALLOCATOR_KIND == ALLOCATOR_TCMALLOC
+    if (size <= 128)
+        return size ? (size + 15) & ~15ULL : 8;
+    return round_class(size, 3, 16);
+#else
     u64 chunk = (size + 8 + 15) & ~15ULL;
     return chunk < 32 ? 32 : chunk;
+#endif
 }
 
 static __always_inline u32 current_generation(void)
@@ -384,13 +432,42 @@ int calloc_enter(struct pt_regs *ctx)
     return enter(ctx, CALL_ALLOC, n * size, 0, CALLOC_SP_ADJUST, 1, 0);
 }
 
+static __always_inline int realloc_of(struct pt_regs *ctx, u64 old, u64 size)
+{
+    if (size == 0 && old != 0) {
+#ifdef REALLOC_ZERO_FREES
+        /* jemalloc, tcmalloc and mimalloc free the block inside, without
+         * their public free(); mimalloc then returns a fresh empty block. */
+        if (traced(bpf_get_current_pid_tgid()))
+            forget_block(old);
+        return enter(ctx, CALL_ALLOC, 0, 0, REALLOC_SP_ADJUST, 1, 1);
+#else
+        /* realloc(p, 0) is free(p) in glibc, through free() itself: left
+         * to the free probe, so that free needs no look at calls in flight. */
+        return 0;
+#endif
+    }
+    return enter(ctx, CALL_REALLOC, size, old, REALLOC_SP_ADJUST, 1, 1);
+}
+
+/* realloc, and jemalloc's rallocx (p, size, flags) */
 int realloc_enter(struct pt_regs *ctx)
 {
-    /* realloc(p, 0) is free(p) in glibc, through free() itself: left to the
-     * free probe, so that free needs no look at calls in flight. */
-    if (PT_REGS_PARM2(ctx) == 0 && PT_REGS_PARM1(ctx) != 0)
-        return 0;
-    return enter(ctx, CALL_REALLOC, PT_REGS_PARM2(ctx), PT_REGS_PARM1(ctx), REALLOC_SP_ADJUST, 1, 1);
+    return realloc_of(ctx, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+}
+
+/* reallocarray (p, n, size), a function of its own in mimalloc (glibc's
+ * goes through realloc, probed there). */
+int reallocarray_enter(struct pt_regs *ctx)
+{
+    u64 n = PT_REGS_PARM2(ctx), size = PT_REGS_PARM3(ctx);
+    if (size) {
+        u64 limit = ~0ULL / size;
+        asm volatile("" : "+r"(limit)); /* as in calloc_enter */
+        if (n > limit)
+            return 0; /* overflow: fails without allocating */
+    }
+    return realloc_of(ctx, PT_REGS_PARM1(ctx), n * size);
 }
 
 /* memalign and aligned_alloc (one address in glibc 2.36): (alignment, size) */

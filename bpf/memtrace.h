@@ -28,6 +28,13 @@ struct heap_key {
     u32 unused;
 };
 
+/* The allocator probed (-DALLOCATOR_KIND): how a block's size is rounded
+ * to what the allocator holds for it (heap_counts' *_chunk_bytes). */
+#define ALLOCATOR_GLIBC 0
+#define ALLOCATOR_JEMALLOC 1
+#define ALLOCATOR_TCMALLOC 2
+#define ALLOCATOR_MIMALLOC 3
+
 /* One user stack, innermost first, zero-padded. */
 struct stack_frames {
     u64 ip[MAX_STACK_DEPTH];
@@ -41,9 +48,10 @@ struct heap_counts {
     u64 free_bytes;
     u64 alloc_count;
     u64 free_count;
-    /* The same blocks as glibc's chunks (header and rounding included):
-     * what the arenas' own books count, so that Python can tell the blocks
-     * allocated before an attach from those it traced. */
+    /* The same blocks as the allocator holds them (glibc: chunks, header
+     * and rounding included, what the arenas' own books count, so that
+     * Python can tell the blocks allocated before an attach from those it
+     * traced; jemalloc, mimalloc, tcmalloc: size classes). */
     u64 alloc_chunk_bytes;
     u64 free_chunk_bytes;
     u64 unused[2];

@@ -174,6 +174,26 @@ def account_allocator(
     return AllocatorAccount(tuple(stats), allocator, stack_retained)
 
 
+def account_mappings(kind: str, committed_bytes: int, resident_bytes: int,
+                     heap_live_bytes: int) -> AllocatorAccount:
+    """An allocator whose books cannot be read from outside (jemalloc,
+    tcmalloc, mimalloc keep theirs in structures only their own code
+    walks): what it holds is the anonymous memory it mapped inside its
+    calls, and retained is the resident part of that less the live heap.
+    Its blocks are all inside those mappings, so the live heap counts as
+    resident up to what they hold."""
+    live_resident = min(heap_live_bytes, resident_bytes)
+    allocator = AllocatorStats(
+        kind=kind,
+        committed_bytes=committed_bytes,
+        resident_bytes=resident_bytes,
+        live_bytes=heap_live_bytes,
+        retained_bytes=max(0, resident_bytes - heap_live_bytes),
+        live_not_resident_bytes=heap_live_bytes - live_resident,
+    )
+    return AllocatorAccount((), allocator, {})
+
+
 def gap(rss_anon_bytes: int, allocator: AllocatorStats) -> Gap:
     """The equation, to the byte. The live heap counts in it with its
     resident part only; what was never touched is shown apart. Figures read

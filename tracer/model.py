@@ -138,6 +138,11 @@ class HeapTotals:
     drops: DropStats = DropStats()
     peak_live_bytes: int = 0  # the traced heap's high-water mark, kept at every call
     peak_live_elapsed_s: Optional[float] = None  # when it was reached
+    # The live blocks as the allocator holds them: glibc's chunks (size
+    # word and rounding), jemalloc's and mimalloc's size classes (what
+    # malloc_usable_size says; Redis's used_memory counts these), tcmalloc's
+    # classes approximately.
+    live_allocator_bytes: int = 0
     # Attach mode: live blocks allocated before the attach (an estimate:
     # the arenas' in-use bytes less what was traced into them, and large
     # blocks mmapped before). None where it does not apply (launch, light).
@@ -429,6 +434,7 @@ def snapshot_to_json(s: Snapshot) -> dict:
             "drops": asdict(drops),
             "trim_calls": s.heap.trim_calls,
             "trim_released_calls": s.heap.trim_released_calls,
+            "live_allocator_bytes": s.heap.live_allocator_bytes,
             "peak_live_bytes": s.heap.peak_live_bytes,
             "peak_live_elapsed_s": s.heap.peak_live_elapsed_s,
             **_before_trace_json(s.heap),

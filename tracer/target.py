@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from memtrace import procfs
+from memtrace.allocators import Allocator, first_definer, link_map_paths, parse_loader_list
 from memtrace.errors import MemtraceError
 
 _GLIBC_NAME = re.compile(r"/libc(\.so\.6|-2\.\d+\.so)$")
@@ -29,8 +30,9 @@ PT_INTERP = 3
 class Target:
     pid: int
     comm: str
-    libc_path: str  # a path this process can open: through /proc/PID/root when attaching
+    libc_path: str  # the allocator's object, at a path this process can open
     launched: bool = False
+    allocator: Optional[Allocator] = None
 
 
 # ------------------------------------------------------------ running process
@@ -48,6 +50,10 @@ def resolve_pid(pid: int) -> Target:
         raise MemtraceError(f"pid {pid} is a thread of process {owner}: use -p {owner}")
     name = procfs.comm(pid) or "?"
     mappings = procfs.maps(pid)
+    in_root = lambda path: _in_root(pid, path)  # noqa: E731
+    allocator = first_definer(_lookup_order(pid, mappings), in_root)
+    if allocator is not None and not _MUSL_NAME.search(allocator.path):
+        return Target(pid=pid, comm=name, libc_path=in_root(allocator.path), allocator=allocator)
     libc = next((m.path for m in mappings if _GLIBC_NAME.search(m.path)), None)
     if libc is None:
         if any(_MUSL_NAME.search(m.path) for m in mappings):
@@ -60,8 +66,29 @@ def resolve_pid(pid: int) -> Target:
             f"pid {pid} ({name}) {kind}: memtrace traces glibc's malloc; "
             "trace a dynamically linked glibc program"
         )
-    root_path = f"/proc/{pid}/root{libc}"
-    return Target(pid=pid, comm=name, libc_path=root_path if os.path.exists(root_path) else libc)
+    return Target(pid=pid, comm=name, libc_path=in_root(libc),
+                  allocator=Allocator("glibc", libc))
+
+
+def _in_root(pid: int, path: str) -> str:
+    """The process's file at `path`, through its root (a container's)."""
+    root_path = f"/proc/{pid}/root{path}"
+    return root_path if os.path.exists(root_path) else path
+
+
+def _lookup_order(pid: int, mappings) -> list[str]:
+    """The objects in the order the dynamic linker searches them; where its
+    list cannot be read, the executable and then what is mapped."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = ""
+    order = link_map_paths(pid)
+    if order is None:
+        order = [""] + [m.path for m in mappings if m.path.startswith("/")]
+    paths = [exe if i == 0 and not p else p for i, p in enumerate(order)]
+    seen: set[str] = set()
+    return [p for p in paths if p.startswith("/") and not (p in seen or seen.add(p))]
 
 
 # ------------------------------------------------------------ a command to launch
@@ -127,6 +154,59 @@ def program_binary(argv0: str) -> str:
             interp = next((w for w in words[1:] if not w.startswith("-")), interp)
         path = find_executable(interp)
     return path
+
+
+def allocator_of_command(argv: list[str]) -> tuple[str, Allocator]:
+    """The object whose malloc the command's calls will reach (its path,
+    and what it is): glibc's libc, or an allocator that replaces it (by
+    LD_PRELOAD, a library it links, or its own copy). `env VAR=... CMD`
+    is seen through: CMD, with env's LD_PRELOAD, is what allocates (the
+    probes, on the allocator's file, take hold when CMD maps it)."""
+    argv, preload = _through_env(argv)
+    binary = program_binary(argv[0])
+    libc = libc_of_command(argv[0])
+    order = [binary] + parse_loader_list(_loader_list(binary, preload))
+    allocator = first_definer(order)
+    if allocator is None or _MUSL_NAME.search(allocator.path):
+        return libc, Allocator("glibc", libc)
+    return os.path.realpath(allocator.path), allocator
+
+
+def _through_env(argv: list[str]) -> tuple[list[str], Optional[str]]:
+    """(the command env runs, the LD_PRELOAD it sets) for `env [-i]
+    VAR=VALUE... CMD ARGS`; argv itself otherwise."""
+    if not argv or os.path.basename(argv[0]) != "env":
+        return argv, None
+    preload = None
+    for i, word in enumerate(argv[1:], start=1):
+        if word == "-i" or word == "--ignore-environment":
+            continue
+        if word.startswith("-"):
+            return argv, None  # an option we do not follow: trace env itself
+        if "=" in word:
+            name, _, value = word.partition("=")
+            if name == "LD_PRELOAD":
+                preload = value
+            continue
+        return argv[i:], preload
+    return argv, None
+
+
+def _loader_list(binary: str, preload: Optional[str] = None) -> str:
+    try:
+        interp = _elf_interpreter(binary)
+    except (ValueError, struct.error, OSError):
+        return ""
+    if interp is None:
+        return ""
+    env = dict(os.environ)
+    if preload is not None:
+        env["LD_PRELOAD"] = preload
+    try:
+        return subprocess.run([interp, "--list", binary], capture_output=True, text=True,
+                              timeout=10, env=env).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def libc_of_command(argv0: str) -> str:

@@ -48,3 +48,8 @@ def test_bucket_shift():
 
     heap = (Path(__file__).resolve().parents[2] / "bpf" / "heap.bpf.c").read_text()
     assert int(re.search(r"#define BUCKET_SHIFT (\d+)", heap).group(1)) == BUCKET_SHIFT
+
+
+def test_allocator_kinds():
+    for kind, value in probes.ALLOCATOR_KINDS.items():
+        assert _define(f"ALLOCATOR_{kind.upper()}") == value

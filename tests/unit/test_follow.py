@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
+import time
 
 import pytest
 
@@ -38,6 +40,11 @@ def test_cgroup_members_walk_the_subtree(tmp_path):
 def test_command_name_and_pid_list():
     child = subprocess.Popen(["sleep", "30"])
     try:
+        # Until the child has exec'd, it still bears our name.
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/comm").read_text().strip() != "sleep":
+            assert time.monotonic() < deadline, "sleep never started"
+            time.sleep(0.01)
         assert child.pid in CommandName("sleep").pids()
         assert CommandName("a-much-longer-name-than-15").name == "a-much-longer-n"
         with pytest.raises(MemtraceError):

@@ -9,7 +9,7 @@ from typing import Optional
 from memtrace import accounting, procfs
 from memtrace.collect.probes import Probes
 from memtrace.collect.vm import HOLD_LIMIT_NS, VmTracker
-from memtrace.addrspace import MMAPPED_CHUNK
+from memtrace.addrspace import ALLOCATOR_MAPPING, HEAP, MMAPPED_CHUNK
 from memtrace.model import (
     Counters,
     HeapTotals,
@@ -45,6 +45,9 @@ class Collector:
         self.vm = VmTracker(pid, on_code_mapped=self._code_mapped,
                             on_unwatched_trim=self.probes.watch_rss)
         self.vm.space.malloc_seen = not light
+        self.allocator_kind = probes.allocator_kind
+        self.glibc = self.allocator_kind == "glibc"
+        self.vm.space.glibc = self.glibc
         self.started = time.monotonic()
         self.previous: Optional[Snapshot] = None
         self._frames: dict[StackKey, tuple[str, ...]] = {}
@@ -74,7 +77,8 @@ class Collector:
         from memtrace.glibc.chunks import mark_mmapped_chunks
 
         self.vm.seed()
-        mark_mmapped_chunks(self.pid, self.vm.space)
+        if self.glibc:
+            mark_mmapped_chunks(self.pid, self.vm.space)
         self._code_mapped()
 
     def consume_events(self) -> None:
@@ -233,7 +237,8 @@ class Collector:
                 self._next_walk = 0.0  # the last word is a whole reading
             activity = (sum(r.counters.alloc_count + r.counters.free_count for r in reading.rows),
                         self.vm.events)
-            self._read_arenas(smaps, idle=activity == self._activity)
+            if self.glibc:
+                self._read_arenas(smaps, idle=activity == self._activity)
             self._activity = activity
             self._memory_read_s = time.monotonic() - self.started
         live_tids = self._live_tids if alive else []
@@ -242,13 +247,22 @@ class Collector:
         self.symbols.new_round()
         elapsed = time.monotonic() - self.started
         heap = self._heap_totals(rows, reading)
-        account = accounting.account_allocator(
-            self._arena_inputs,
-            None if self.light else reading.flows,
-            heap.live_bytes,
-            self._chunk_spans(),
-            attached=self.attached,
-        )
+        if self.glibc:
+            account = accounting.account_allocator(
+                self._arena_inputs,
+                None if self.light else reading.flows,
+                heap.live_bytes,
+                self._chunk_spans(),
+                attached=self.attached,
+            )
+        else:
+            # What it mapped inside its calls, and the brk heap (tcmalloc
+            # grows it with sbrk; glibc's malloc, which would share it, is
+            # not the one called).
+            mapped = [self.vm.space.totals(k) for k in (ALLOCATOR_MAPPING, HEAP)]
+            account = accounting.account_mappings(
+                self.allocator_kind, sum(m.committed_bytes for m in mapped),
+                sum(m.anon_bytes for m in mapped), heap.live_bytes)
         if self.attached and not self.light:
             heap = replace(heap, live_before_trace_bytes=account.allocator.live_before_trace_bytes)
         process = self._process if alive else self._process_at_exit(reading)
@@ -296,6 +310,7 @@ class Collector:
             trim_released_calls=reading.trim_released_calls,
             drops=reading.drops,
             peak_live_bytes=0 if self.light else peak.peak_bytes,
+            live_allocator_bytes=0 if self.light else sum(f.live_chunk_bytes for f in reading.flows),
             peak_live_elapsed_s=None if self.light else peak_at,
         )
 
@@ -405,8 +420,17 @@ class Collector:
         if self._arena_problem:
             notes.append(self._arena_problem)
         notes += [f"the process exec'd: {argv}" for argv in self._execs[-3:]]
-        if self.light:
+        if self.light and self.glibc:
             notes.append("light mode: no malloc probes; heap live and retained are estimates "
                          "from glibc's own arena structures")
+        elif self.light:
+            notes.append(f"light mode: no malloc probes, and {self.allocator_kind}'s own books "
+                         "cannot be read from outside: no heap figures")
+        if not self.glibc:
+            notes.append(f"{self.allocator_kind}: its statistics are kept where only its own code "
+                         "reads them, so arenas and trim estimates are not available; retained is "
+                         "the resident memory it mapped while traced, less the live heap"
+                         + ("" if not self.attached else
+                            " (mappings made before the attach are not known)"))
         return tuple(notes)
 

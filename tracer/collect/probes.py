@@ -36,10 +36,11 @@ class Hook:
     macro: str  # prefix of the -D<MACRO>_SP_ADJUST knob
 
 
-# Order matters: where glibc aliases two names to one address (memalign and
-# aligned_alloc in 2.36), the first name is probed and the others skipped,
-# so a call is never counted twice.
-HOOKS = (
+# Order matters: where an allocator aliases two names to one address
+# (memalign and aligned_alloc in glibc 2.36, malloc and tc_malloc in
+# tcmalloc), the first name is probed and the others skipped, so a call is
+# never counted twice.
+COMMON_HOOKS = (
     Hook("malloc", "malloc_enter", "alloc_return", "MALLOC"),
     Hook("calloc", "calloc_enter", "alloc_return", "CALLOC"),
     Hook("realloc", "realloc_enter", "alloc_return", "REALLOC"),
@@ -49,8 +50,43 @@ HOOKS = (
     Hook("aligned_alloc", "aligned_alloc_enter", "alloc_return", "ALIGNED_ALLOC"),
     Hook("valloc", "valloc_enter", "alloc_return", "VALLOC"),
     Hook("pvalloc", "pvalloc_enter", "alloc_return", "PVALLOC"),
-    Hook("malloc_trim", "trim_enter", "trim_return", "TRIM"),
 )
+GLIBC_HOOKS = COMMON_HOOKS + (Hook("malloc_trim", "trim_enter", "trim_return", "TRIM"),)
+
+# The other allocators' own entry points: their sized and flagged calls,
+# and C++'s operators, which they define themselves (libstdc++'s go through
+# malloc, theirs do not). A block's size comes first in every new, its
+# address first in every delete and free. Functions with a return probe
+# are probed at +0 (see resolve_sites), so sharing malloc_enter's
+# MALLOC_SP_ADJUST (0) is right; free_enter reads no stack.
+_NEW = ("_Znwm", "_Znam", "_ZnwmRKSt9nothrow_t", "_ZnamRKSt9nothrow_t", "_ZnwmSt11align_val_t",
+        "_ZnamSt11align_val_t", "_ZnwmSt11align_val_tRKSt9nothrow_t",
+        "_ZnamSt11align_val_tRKSt9nothrow_t")
+_DELETE = ("_ZdlPv", "_ZdaPv", "_ZdlPvRKSt9nothrow_t", "_ZdaPvRKSt9nothrow_t", "_ZdlPvm", "_ZdaPvm",
+           "_ZdlPvSt11align_val_t", "_ZdaPvSt11align_val_t",
+           "_ZdlPvSt11align_val_tRKSt9nothrow_t", "_ZdaPvSt11align_val_tRKSt9nothrow_t",
+           "_ZdlPvmSt11align_val_t", "_ZdaPvmSt11align_val_t")
+OTHER_HOOKS = COMMON_HOOKS + (
+    Hook("mallocx", "malloc_enter", "alloc_return", "MALLOC"),  # jemalloc (size, flags)
+    Hook("rallocx", "realloc_enter", "alloc_return", "REALLOC"),  # jemalloc (p, size, flags)
+    Hook("reallocarray", "reallocarray_enter", "alloc_return", "REALLOC"),  # mimalloc
+    Hook("dallocx", "free_enter", None, "FREE"),  # jemalloc (p, flags)
+    Hook("sdallocx", "free_enter", None, "FREE"),  # jemalloc (p, size, flags)
+    Hook("free_sized", "free_enter", None, "FREE"),  # C23
+    Hook("free_aligned_sized", "free_enter", None, "FREE"),
+    Hook("cfree", "free_enter", None, "FREE"),
+) + tuple(Hook(n, "malloc_enter", "alloc_return", "MALLOC") for n in _NEW) \
+  + tuple(Hook(n, "free_enter", None, "FREE") for n in _DELETE)
+
+
+def hooks_for(kind: str, prefix: str = "") -> tuple[Hook, ...]:
+    """prefix: a copy linked into the program under its own names (je_):
+    C++'s operators keep theirs."""
+    hooks = GLIBC_HOOKS if kind == "glibc" else OTHER_HOOKS
+    if not prefix:
+        return hooks
+    return tuple(h if h.symbol.startswith("_Z") else replace(h, symbol=prefix + h.symbol)
+                 for h in hooks)
 
 
 @dataclass
@@ -61,6 +97,9 @@ class Limits:
     max_threads: int = 16384
     event_buffer_bytes: int = 16 << 20
 
+
+# -DALLOCATOR_KIND: keep in step with ALLOCATOR_* in bpf/memtrace.h.
+ALLOCATOR_KINDS = {"glibc": 0, "jemalloc": 1, "tcmalloc": 2, "mimalloc": 3}
 
 # kmem:rss_stat's members: keep in step with enum rss_member in bpf/memtrace.h.
 RSS_MEMBERS = ("file", "anon", "swap", "shmem")
@@ -121,16 +160,18 @@ def _redirect_fd2() -> Iterator[None]:
         os.close(devnull)
 
 
-def resolve_sites(libc_path: str) -> list[ProbeSite]:
-    """One site per distinct address: aliases are probed once."""
+def resolve_sites(libc_path: str, kind: str = "glibc", prefix: str = "") -> list[ProbeSite]:
+    """One site per distinct address of the allocator's entry points:
+    aliases are probed once."""
     from bcc import BPF
 
-    pattern = "^(" + "|".join(h.symbol for h in HOOKS) + ")$"
+    hooks = hooks_for(kind, prefix)
+    pattern = "^(" + "|".join(h.symbol for h in hooks) + ")$"
     found: dict[str, int] = {}
     for name, addr in BPF.get_user_functions_and_addresses(libc_path, pattern):
         found.setdefault(name.decode(), addr)
     sites, seen = [], set()
-    for hook in HOOKS:
+    for hook in hooks:
         addr = found.get(hook.symbol)
         if addr is None or addr in seen:
             continue
@@ -144,8 +185,9 @@ def resolve_sites(libc_path: str) -> list[ProbeSite]:
             site = replace(site, offset=0, sp_adjust=0, emulated=False,
                            note=f"+0: shares the uretprobe's trap (+{site.offset} would be emulated)")
         sites.append(site)
-    if not any(s.symbol == "malloc" for s in sites):
-        raise MemtraceError(f"{libc_path} has no malloc symbol: is it glibc? trace a glibc program")
+    if not any(s.symbol == prefix + "malloc" for s in sites):
+        raise MemtraceError(f"{libc_path} defines no malloc: memtrace probes the object that "
+                            "defines the process's malloc; trace a program that has one")
     return sites
 
 
@@ -155,9 +197,14 @@ class Probes:
     RSS counter are always on."""
 
     def __init__(self, pid: int, libc_path: str, limits: Limits, sites: list[ProbeSite],
-                 light: bool = False, vm_probes: str = "tracepoint") -> None:
+                 light: bool = False, vm_probes: str = "tracepoint",
+                 allocator_kind: str = "glibc", allocator_prefix: str = "") -> None:
+        """libc_path: the object that defines the process's malloc (glibc's
+        libc, or the allocator that replaces it), allocator_kind its kind."""
         self.pid = pid
         self.libc_path = libc_path
+        self.allocator_kind = allocator_kind
+        self.hooks = hooks_for(allocator_kind, allocator_prefix)
         self.limits = limits
         self.sites = [s for s in sites if s.symbol == "malloc_trim"] if light else sites
         self.light = light
@@ -185,10 +232,20 @@ class Probes:
             flags.append("-DLIGHT_SCAN")
         # Experiments and benchmarks only (e.g. -DNO_STACKS): never needed to trace.
         flags += os.environ.get("MEMTRACE_BPF_CFLAGS", "").split()
+        if self.allocator_kind != "glibc":
+            flags.append("-DREALLOC_ZERO_FREES")
+        flags.append(f"-DALLOCATOR_KIND={ALLOCATOR_KINDS.get(self.allocator_kind, 0)}")
+        # One knob per entry program: hooks that share a program share its
+        # site's shape (return-probed ones are all at +0).
         by_symbol = {s.symbol: s for s in self.sites}
-        for hook in HOOKS:
+        adjust: dict[str, int] = {}
+        for hook in GLIBC_HOOKS + self.hooks:  # every macro the BPF text uses
             site = by_symbol.get(hook.symbol)
-            flags.append(f"-D{hook.macro}_SP_ADJUST={site.sp_adjust if site else 0}")
+            if site is not None and hook.macro not in adjust:
+                adjust[hook.macro] = site.sp_adjust
+        for hook in GLIBC_HOOKS + self.hooks:
+            adjust.setdefault(hook.macro, 0)
+        flags += [f"-D{macro}_SP_ADJUST={value}" for macro, value in adjust.items()]
         return flags
 
     def load(self) -> None:
@@ -223,7 +280,7 @@ class Probes:
         fires only its return, which finds no open call and is ignored."""
         if self.vm_probes == "kprobe":
             self._attach_vm_kprobes()
-        hooks = {h.symbol: h for h in HOOKS}
+        hooks = {h.symbol: h for h in self.hooks}
         lib = self.libc_path.encode()
         for site in self.sites:
             hook = hooks[site.symbol]

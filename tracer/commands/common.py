@@ -116,31 +116,36 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
     started = time.monotonic()
     if args.pid:
         target = targets.resolve_pid(args.pid)
-        return _trace(args, target.pid, target.comm, target.libc_path, None, started)
+        return _trace(args, target.pid, target.comm, target.libc_path, None, started,
+                      allocator=target.allocator)
     executable = targets.find_executable(command_line[0])
-    libc = targets.libc_of_command(command_line[0])
+    libc, allocator = targets.allocator_of_command(command_line)
     from memtrace.launch import Launched
 
     launched = Launched(command_line, executable)
     import os
 
     comm = os.path.basename(executable)[:15]
-    return _trace(args, launched.pid, comm, libc, launched, started, keys_allowed=demo)
+    return _trace(args, launched.pid, comm, libc, launched, started, keys_allowed=demo,
+                  allocator=allocator)
 
 
 def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
-           keys_allowed: bool = True) -> int:
+           keys_allowed: bool = True, allocator=None) -> int:
     from memtrace.collect.collector import Collector
     from memtrace.collect.probes import Limits, Probes, resolve_sites
     from memtrace.session import Session, wait_for_command
 
     probes: Optional[Probes] = None
     try:
-        sites = resolve_sites(libc)
+        kind = allocator.kind if allocator is not None else "glibc"
+        prefix = allocator.prefix if allocator is not None else ""
+        sites = resolve_sites(libc, kind, prefix)
         limits = Limits(max_allocs=args.max_allocs, max_stats=args.max_stats,
                         max_stacks=args.stack_storage_size,
                         event_buffer_bytes=args.event_buffer << 20)
-        probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes)
+        probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes,
+                        allocator_kind=kind, allocator_prefix=prefix)
         probes.load()
         probes.attach()
         collector = Collector(pid, comm, probes, light=args.light, attached=launched is None)

@@ -89,6 +89,7 @@ def _heap_from_json(d: Mapping[str, Any]) -> HeapTotals:
         trim_released_calls=d["trim_released_calls"],
         drops=DropStats(**d["drops"]),
         peak_live_bytes=d.get("peak_live_bytes", 0),
+        live_allocator_bytes=d.get("live_allocator_bytes", 0),
         peak_live_elapsed_s=d.get("peak_live_elapsed_s"),
         live_before_trace_bytes=d.get("live_before_trace_bytes"),
     )

@@ -438,6 +438,7 @@ def retained_percent(a: ArenaStats) -> str:
 _REGION_KINDS = {
     "glibc-arena-heap": "arena heap",
     "glibc-mmapped-chunk": "mmapped chunk",
+    "allocator-mapping": "allocator",
     "heap": "brk heap",
     "anonymous": "anonymous",
 }

@@ -160,6 +160,32 @@ def _redirect_fd2() -> Iterator[None]:
         os.close(devnull)
 
 
+def _relays(path: str, addr: int, probed: set[int]) -> bool:
+    """The function at addr only jumps on: to another function we probe,
+    or through the PLT (jemalloc's operator delete calls free that way).
+    Probing it too would see each call twice (a free of an unknown block
+    the second time)."""
+    from memtrace.collect.probesite import function_code
+    from memtrace.elfsyms import symbols_of
+
+    try:
+        code = function_code(path, addr, 9)
+    except MemtraceError:
+        return False
+    if code[:4] == b"\xf3\x0f\x1e\xfa":  # endbr64
+        code, addr = code[4:], addr + 4
+    if code[:1] == b"\xe9" and len(code) >= 5:
+        target = addr + 5 + int.from_bytes(code[1:5], "little", signed=True)
+    elif code[:1] == b"\xeb" and len(code) >= 2:
+        target = addr + 2 + int.from_bytes(code[1:2], "little", signed=True)
+    else:
+        return False
+    if target in probed:
+        return True
+    image = symbols_of(os.path.realpath(path), os.stat(path).st_mtime_ns)
+    return image.lookup(target) is None  # no function there: a PLT stub
+
+
 def resolve_sites(libc_path: str, kind: str = "glibc", prefix: str = "") -> list[ProbeSite]:
     """One site per distinct address of the allocator's entry points:
     aliases are probed once."""
@@ -171,9 +197,10 @@ def resolve_sites(libc_path: str, kind: str = "glibc", prefix: str = "") -> list
     for name, addr in BPF.get_user_functions_and_addresses(libc_path, pattern):
         found.setdefault(name.decode(), addr)
     sites, seen = [], set()
+    probed = set(found.values())
     for hook in hooks:
         addr = found.get(hook.symbol)
-        if addr is None or addr in seen:
+        if addr is None or addr in seen or _relays(libc_path, addr, probed):
             continue
         seen.add(addr)
         site = choose_site(libc_path, hook.symbol)

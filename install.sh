@@ -32,7 +32,9 @@ arch=$(dpkg --print-architecture)
 # ---------------------------------------------------------------- packages
 packages=(bpfcc-tools python3-bpfcc python3-venv gcc libc6-dev default-jdk-headless)
 if [ "$test_tools" -eq 1 ]; then
-    packages+=(bpftool shellcheck musl-tools tmux chromium golang-go)
+    packages+=(bpftool shellcheck musl-tools tmux chromium golang-go prometheus)
+    # the other allocators and a real service that uses one (issue 12)
+    packages+=(libjemalloc2 libtcmalloc-minimal4 libmimalloc2.0 redis-server redis-tools)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -27,6 +27,8 @@ struct pending_call {
     struct heap_key key;
     u32 kind;
     u32 nested;   /* inner hooked calls (memalign -> malloc) still open */
+    u32 may_nest; /* realloc and the aligned allocators relay to malloc */
+    u64 entry_ns; /* when a call that may nest was entered */
     s64 rss_anon_before; /* malloc_trim: anonymous RSS at entry */
     u32 active;   /* a call is open (task storage keeps the slot between calls) */
     u32 caller_follows; /* syscalls were sent without the caller: send it at return */

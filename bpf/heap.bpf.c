@@ -57,6 +57,104 @@ BPF_ARRAY(heap_next_index, u64, 1);
 /* Names of threads caught at their first allocation, so a thread that ends
  * between two snapshots still has a name. */
 BPF_HASH(thread_names, u32, struct thread_name, MAX_THREADS);
+BPF_ARRAY(heap_peak, struct heap_peak, 1);
+/* The target's execs since the attach: blocks carry the generation they
+ * were allocated in (in their counters' key), and the old image's blocks
+ * are gone with it. */
+BPF_ARRAY(exec_generation, u32, 1);
+
+#ifndef ALLOCATOR_KIND
+#define ALLOCATOR_KIND ALLOCATOR_GLIBC
+#endif
+
+static __always_inline u32 log2_floor(u64 v)
+{
+    u32 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8) { v >>= 8; r += 8; }
+    if (v >> 4) { v >>= 4; r += 4; }
+    if (v >> 2) { v >>= 2; r += 2; }
+    if (v >> 1) r += 1;
+    return r;
+}
+
+/* A size rounded up to the class that holds it, where classes are
+ * 2^(1/per_doubling) apart: step 2^(lg - log2(per_doubling)). */
+static __always_inline u64 round_class(u64 size, u32 lg_per_doubling, u64 min_step)
+{
+    u32 lg = log2_floor(size - 1);
+    u64 step = lg > lg_per_doubling ? 1ULL << (lg - lg_per_doubling) : 1;
+    if (step < min_step)
+        step = min_step;
+    return (size + step - 1) & ~(step - 1);
+}
+
+/* The block as the allocator holds it. glibc: the chunk, with its size
+ * word and 16-byte rounding, at least 32 bytes (MINSIZE), what the arenas'
+ * books count (large blocks are mmapped chunks, outside every arena, where
+ * Python does not use this). jemalloc: its size class (what
+ * malloc_usable_size says, and what Redis's used_memory counts): 8, then
+ * multiples of 16 to 128, then four classes per doubling. mimalloc: words,
+ * then four bins per doubling. tcmalloc: its classes come from a table;
+ * eight per doubling is close. */
+static __always_inline u64 chunk_of(u64 size)
+{
+#if ALLOCATOR_KIND == ALLOCATOR_JEMALLOC
+    if (size <= 8)
+        return 8;
+    if (size <= 128)
+        return (size + 15) & ~15ULL;
+    return round_class(size, 2, 16);
+#elif ALLOCATOR_KIND == ALLOCATOR_MIMALLOC
+    if (size <= 64)
+        return size ? (size + 7) & ~7ULL : 8;
+    return round_class(size, 2, 8);
+#elif ALLOCATOR_KIND == ALLOCATOR_TCMALLOC
+    if (size <= 128)
+        return size ? (size + 15) & ~15ULL : 8;
+    return round_class(size, 3, 16);
+#else
+    u64 chunk = (size + 8 + 15) & ~15ULL;
+    return chunk < 32 ? 32 : chunk;
+#endif
+}
+
+static __always_inline u32 current_generation(void)
+{
+    u32 zero = 0;
+    u32 *gen = exec_generation.lookup(&zero);
+    return gen ? *gen : 0;
+}
+
+static __always_inline void add_live(s64 bytes)
+{
+    u32 zero = 0;
+    struct heap_peak *p = heap_peak.lookup(&zero);
+    if (!p)
+        return;
+    s64 now = __sync_fetch_and_add(&p->live_bytes, bytes) + bytes;
+    if (bytes > 0 && now > p->peak_bytes) {
+        /* Two CPUs may race here; the loser's peak is at most one block
+         * off, and the next call past it corrects it. */
+        p->peak_bytes = now;
+        p->peak_ns = bpf_ktime_get_ns();
+    }
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    if (!traced(bpf_get_current_pid_tgid()))
+        return 0;
+    u32 zero = 0;
+    u32 *gen = exec_generation.lookup(&zero);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
+    struct heap_peak *p = heap_peak.lookup(&zero);
+    if (p)
+        p->live_bytes = 0; /* the old image's blocks are gone */
+    return 0;
+}
 
 /* entry_sp: the stack pointer at the function's first instruction, where
  * the return address is, whatever the probe site skipped. */
@@ -128,11 +226,18 @@ static __always_inline struct heap_counts *counts_at(u64 index)
 
 static __always_inline void charge_free(u64 meta)
 {
-    struct heap_counts *c = counts_at(meta & ((1U << STATS_INDEX_BITS) - 1));
+    u32 index = meta & ((1U << STATS_INDEX_BITS) - 1);
+    struct heap_counts *c = counts_at(index);
     if (!c)
         return;
-    __sync_fetch_and_add(&c->free_bytes, meta >> STATS_INDEX_BITS);
+    u64 size = meta >> STATS_INDEX_BITS;
+    __sync_fetch_and_add(&c->free_bytes, size);
     __sync_fetch_and_add(&c->free_count, 1);
+    __sync_fetch_and_add(&c->free_chunk_bytes, chunk_of(size));
+    /* A block of an image before the last exec left the live total then. */
+    struct heap_key *named = heap_keys.lookup(&index);
+    if (named && named->generation == current_generation())
+        add_live(-(s64)size);
 }
 
 static __always_inline u32 home_bucket(u64 addr)
@@ -203,7 +308,7 @@ static __always_inline int keep_block(u64 addr, u64 meta)
 static __always_inline int same_key(struct heap_key *a, struct heap_key *b)
 {
     return a->stack == b->stack && a->caller == b->caller && a->tid == b->tid &&
-           a->bucket == b->bucket;
+           a->bucket == b->bucket && a->generation == b->generation;
 }
 
 /* cache: the thread's call slot, which remembers the last key's index. */
@@ -215,6 +320,7 @@ static __always_inline void record_block(u64 addr, u64 size, struct heap_key *ke
         return;
     }
     key->bucket = addr >> BUCKET_SHIFT;
+    key->generation = current_generation();
     s64 index;
     if (cache->last_index && same_key(&cache->last_key, key)) {
         index = cache->last_index - 1;
@@ -232,11 +338,35 @@ static __always_inline void record_block(u64 addr, u64 size, struct heap_key *ke
         return;
     __sync_fetch_and_add(&c->alloc_bytes, size);
     __sync_fetch_and_add(&c->alloc_count, 1);
+    __sync_fetch_and_add(&c->alloc_chunk_bytes, chunk_of(size));
+    add_live(size);
 }
 
-/* hot: malloc, calloc and realloc, which get the fast stack walk. */
+#ifndef NEST_WINDOW_NS
+/* glibc's relays call malloc at their very start (realloc of NULL, an
+ * alignment malloc already gives): an open call older than this cannot be
+ * the outer call of a new entry; its return was lost. */
+#define NEST_WINDOW_NS 100000000ULL /* 100 ms */
+#endif
+
+/* A call open in the thread's slot that a new entry at sp is nested in.
+ * glibc calls its own public entry points (memalign and realloc relay to
+ * malloc), often as a tail call at the same sp, where the return address
+ * is already the uretprobe trampoline: the outer call, which read the real
+ * caller, accounts for the block. Anything else is an open call whose
+ * return was lost, which must not swallow the thread's later calls: it is
+ * replaced. */
+static __always_inline int nested_in(struct pending_call *call, u64 sp)
+{
+    if (!call->active || !call->may_nest || call->entry_sp < sp)
+        return 0;
+    return bpf_ktime_get_ns() - call->entry_ns < NEST_WINDOW_NS;
+}
+
+/* hot: malloc, calloc and realloc, which get the fast stack walk.
+ * may_nest: the function may call another hooked one (see nested_in). */
 static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 arg, u64 sp_adjust,
-                                 int hot)
+                                 int hot, int may_nest)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (!traced(id))
@@ -248,12 +378,7 @@ static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ar
         count(CNT_DROP_PENDING);
         return 0;
     }
-    if (call->active && call->entry_sp >= sp) {
-        /* glibc calls its own public entry points (memalign and realloc
-         * relay to malloc), often as a tail call at the same sp, where the
-         * return address is already the uretprobe trampoline: the outer
-         * call, which read the real caller, accounts for the block. An
-         * open call at a lower sp is one whose return was lost: replaced. */
+    if (nested_in(call, sp)) {
         call->nested++;
         return 0;
     }
@@ -261,6 +386,8 @@ static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ar
     call->arg = arg;
     call->entry_sp = sp;
     call->kind = kind;
+    call->may_nest = may_nest;
+    call->entry_ns = may_nest ? bpf_ktime_get_ns() : 0;
     call->nested = 0;
     call->rss_anon_before = 0;
     call->caller_follows = 0;
@@ -288,7 +415,7 @@ static __always_inline struct pending_call *leave(u32 *tid)
 
 int malloc_enter(struct pt_regs *ctx)
 {
-    return enter(ctx, CALL_ALLOC, PT_REGS_PARM1(ctx), 0, MALLOC_SP_ADJUST, 1);
+    return enter(ctx, CALL_ALLOC, PT_REGS_PARM1(ctx), 0, MALLOC_SP_ADJUST, 1, 0);
 }
 
 int calloc_enter(struct pt_regs *ctx)
@@ -302,46 +429,75 @@ int calloc_enter(struct pt_regs *ctx)
         if (n > limit)
             return 0; /* overflow: calloc fails without allocating */
     }
-    return enter(ctx, CALL_ALLOC, n * size, 0, CALLOC_SP_ADJUST, 1);
+    return enter(ctx, CALL_ALLOC, n * size, 0, CALLOC_SP_ADJUST, 1, 0);
 }
 
+static __always_inline int realloc_of(struct pt_regs *ctx, u64 old, u64 size)
+{
+    if (size == 0 && old != 0) {
+#ifdef REALLOC_ZERO_FREES
+        /* jemalloc, tcmalloc and mimalloc free the block inside, without
+         * their public free(); mimalloc then returns a fresh empty block. */
+        if (traced(bpf_get_current_pid_tgid()))
+            forget_block(old);
+        return enter(ctx, CALL_ALLOC, 0, 0, REALLOC_SP_ADJUST, 1, 1);
+#else
+        /* realloc(p, 0) is free(p) in glibc, through free() itself: left
+         * to the free probe, so that free needs no look at calls in flight. */
+        return 0;
+#endif
+    }
+    return enter(ctx, CALL_REALLOC, size, old, REALLOC_SP_ADJUST, 1, 1);
+}
+
+/* realloc, and jemalloc's rallocx (p, size, flags) */
 int realloc_enter(struct pt_regs *ctx)
 {
-    /* realloc(p, 0) is free(p) in glibc, through free() itself: left to the
-     * free probe, so that free needs no look at calls in flight. */
-    if (PT_REGS_PARM2(ctx) == 0 && PT_REGS_PARM1(ctx) != 0)
-        return 0;
-    return enter(ctx, CALL_REALLOC, PT_REGS_PARM2(ctx), PT_REGS_PARM1(ctx), REALLOC_SP_ADJUST, 1);
+    return realloc_of(ctx, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+}
+
+/* reallocarray (p, n, size), a function of its own in mimalloc (glibc's
+ * goes through realloc, probed there). */
+int reallocarray_enter(struct pt_regs *ctx)
+{
+    u64 n = PT_REGS_PARM2(ctx), size = PT_REGS_PARM3(ctx);
+    if (size) {
+        u64 limit = ~0ULL / size;
+        asm volatile("" : "+r"(limit)); /* as in calloc_enter */
+        if (n > limit)
+            return 0; /* overflow: fails without allocating */
+    }
+    return realloc_of(ctx, PT_REGS_PARM1(ctx), n * size);
 }
 
 /* memalign and aligned_alloc (one address in glibc 2.36): (alignment, size) */
 int memalign_enter(struct pt_regs *ctx)
 {
-    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, MEMALIGN_SP_ADJUST, 0);
+    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, MEMALIGN_SP_ADJUST, 0, 1);
 }
 
 /* A function of its own from glibc 2.38 on. */
 int aligned_alloc_enter(struct pt_regs *ctx)
 {
-    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, ALIGNED_ALLOC_SP_ADJUST, 0);
+    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, ALIGNED_ALLOC_SP_ADJUST, 0, 1);
 }
 
 int valloc_enter(struct pt_regs *ctx)
 {
-    return enter(ctx, CALL_ALLOC, PT_REGS_PARM1(ctx), 0, VALLOC_SP_ADJUST, 0);
+    return enter(ctx, CALL_ALLOC, PT_REGS_PARM1(ctx), 0, VALLOC_SP_ADJUST, 0, 1);
 }
 
 /* pvalloc promises whole pages: the program owns the rounded size. */
 int pvalloc_enter(struct pt_regs *ctx)
 {
     u64 size = (PT_REGS_PARM1(ctx) + TARGET_PAGE_SIZE - 1) & ~(u64)(TARGET_PAGE_SIZE - 1);
-    return enter(ctx, CALL_ALLOC, size ? size : TARGET_PAGE_SIZE, 0, PVALLOC_SP_ADJUST, 0);
+    return enter(ctx, CALL_ALLOC, size ? size : TARGET_PAGE_SIZE, 0, PVALLOC_SP_ADJUST, 0, 1);
 }
 
 int posix_memalign_enter(struct pt_regs *ctx)
 {
     return enter(ctx, CALL_POSIX_MEMALIGN, PT_REGS_PARM3(ctx), PT_REGS_PARM1(ctx),
-                 POSIX_MEMALIGN_SP_ADJUST, 0);
+                 POSIX_MEMALIGN_SP_ADJUST, 0, 1);
 }
 
 int alloc_return(struct pt_regs *ctx)
@@ -396,7 +552,7 @@ int trim_enter(struct pt_regs *ctx)
     if (!traced(bpf_get_current_pid_tgid()))
         return 0;
     count(CNT_TRIM_CALLS);
-    enter(ctx, CALL_TRIM, 0, 0, TRIM_SP_ADJUST, 0);
+    enter(ctx, CALL_TRIM, 0, 0, TRIM_SP_ADJUST, 0, 0);
     struct pending_call *call = open_call(bpf_get_current_pid_tgid());
     if (call && call->kind == CALL_TRIM)
         call->rss_anon_before = current_rss_anon();

@@ -21,8 +21,19 @@ struct heap_key {
     u64 stack;
     u64 caller;
     u32 tid;
-    u32 bucket; /* block address >> BUCKET_SHIFT */
+    u32 bucket;     /* block address >> BUCKET_SHIFT */
+    u32 generation; /* execs of the target before the allocation: an exec
+                     * drops the old image's blocks, and Python tells them
+                     * apart by this */
+    u32 unused;
 };
+
+/* The allocator probed (-DALLOCATOR_KIND): how a block's size is rounded
+ * to what the allocator holds for it (heap_counts' *_chunk_bytes). */
+#define ALLOCATOR_GLIBC 0
+#define ALLOCATOR_JEMALLOC 1
+#define ALLOCATOR_TCMALLOC 2
+#define ALLOCATOR_MIMALLOC 3
 
 /* One user stack, innermost first, zero-padded. */
 struct stack_frames {
@@ -37,7 +48,31 @@ struct heap_counts {
     u64 free_bytes;
     u64 alloc_count;
     u64 free_count;
-    u64 unused[4];
+    /* The same blocks as the allocator holds them (glibc: chunks, header
+     * and rounding included, what the arenas' own books count, so that
+     * Python can tell the blocks allocated before an attach from those it
+     * traced; jemalloc, mimalloc, tcmalloc: size classes). */
+    u64 alloc_chunk_bytes;
+    u64 free_chunk_bytes;
+    u64 unused[2];
+};
+
+/* The traced heap's live bytes as a whole, and their high-water mark, kept
+ * at every call: a peak between two snapshots is not lost. */
+struct heap_peak {
+    s64 live_bytes;
+    s64 peak_bytes;
+    u64 peak_ns; /* bpf_ktime_get_ns() when the peak was reached */
+};
+
+/* The kernel's RSS counters (kmem:rss_stat's member), in bytes, as last
+ * reported while the target's mm was current: its last values before the
+ * address space is torn down at exit. */
+enum rss_member { RSS_FILE = 0, RSS_ANON, RSS_SWAP, RSS_SHMEM, RSS_MEMBERS };
+struct rss_now {
+    s64 bytes[RSS_MEMBERS];
+    u64 seen;   /* bit i: member i reported since the attach */
+    u64 ts_ns;  /* the last report */
 };
 
 struct thread_name {

@@ -13,8 +13,6 @@
 #define VM_RINGBUF_PAGES 4096
 #endif
 
-#define MM_ANONPAGES 1 /* the kernel's rss counter index for anonymous pages */
-
 #ifndef VM_WAKE_EVERY
 /* Waking the reader at each event cost ~15 us per event in a VM guest (the
  * ring buffer's wakeup is an interrupt, and the guest's self-IPI exits to
@@ -35,9 +33,10 @@ BPF_RINGBUF_OUTPUT(vm_events, VM_RINGBUF_PAGES);
  * map values, nested structs included, but not ring buffer records). */
 BPF_ARRAY(vm_event_layout, struct vm_event, 1);
 BPF_ARRAY(vm_scan_layout, struct vm_scan, 1);
-/* The target's anonymous RSS, as kmem:rss_stat last reported it: read at
- * malloc_trim's entry and exit to measure what the trim gave back. */
-BPF_ARRAY(rss_anon, s64, 1);
+/* The target's RSS counters, as kmem:rss_stat last reported them: read at
+ * malloc_trim's entry and exit to measure what the trim gave back, and by
+ * Python for the process as it was at its exit. */
+BPF_ARRAY(rss_last, struct rss_now, 1);
 
 /* The syscall each thread is in, from its entry to its exit, where the
  * result is known. Task storage where the kernel allows it, as for the
@@ -78,8 +77,8 @@ static __always_inline void vm_call_done(u32 tid, struct vm_call *call)
 static __always_inline s64 current_rss_anon(void)
 {
     u32 zero = 0;
-    s64 *v = rss_anon.lookup(&zero);
-    return v ? *v : 0;
+    struct rss_now *v = rss_last.lookup(&zero);
+    return v ? v->bytes[RSS_ANON] : 0;
 }
 
 /* The flag for ringbuf_submit: see VM_WAKE_EVERY. */
@@ -271,14 +270,20 @@ TRACEPOINT_PROBE(syscalls, sys_exit_madvise) { return vm_exit(args, args->ret, 0
 #endif
 
 /* Fires on every change of an RSS counter: keep only the target's own
- * anonymous count, one store, no event. */
+ * counts, one store, no event. Only while its mm is current (curr): at
+ * exit the task lets go of its mm before tearing it down, so the values
+ * kept are those of the process's last moment. */
 TRACEPOINT_PROBE(kmem, rss_stat)
 {
-    if (!args->curr || args->member != MM_ANONPAGES || !traced(bpf_get_current_pid_tgid()))
+    if (!args->curr || !traced(bpf_get_current_pid_tgid()))
         return 0;
-    u32 zero = 0;
-    s64 size = args->size;
-    rss_anon.update(&zero, &size);
+    u32 zero = 0, member = args->member;
+    struct rss_now *v = rss_last.lookup(&zero);
+    if (!v || member >= RSS_MEMBERS)
+        return 0;
+    v->bytes[member] = args->size;
+    v->seen |= 1ULL << member;
+    v->ts_ns = bpf_ktime_get_ns();
     return 0;
 }
 

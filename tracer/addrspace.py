@@ -77,8 +77,11 @@ HEAP = "heap"  # the brk heap, [heap]
 STACK = "stack"
 ARENA_HEAP = "glibc-arena-heap"  # a non-main arena's 64 MiB aligned NORESERVE heap
 MMAPPED_CHUNK = "glibc-mmapped-chunk"  # one large malloc served by its own mmap
+# Mapped inside a malloc-family call of an allocator other than glibc's
+# (jemalloc's extents, tcmalloc's spans, mimalloc's segments).
+ALLOCATOR_MAPPING = "allocator-mapping"
 OTHER = "other"  # [vdso], [vvar], anon_inode:..., ...
-REGION_KINDS = (ANONYMOUS, FILE, HEAP, STACK, ARENA_HEAP, MMAPPED_CHUNK, OTHER)
+REGION_KINDS = (ANONYMOUS, FILE, HEAP, STACK, ARENA_HEAP, MMAPPED_CHUNK, ALLOCATOR_MAPPING, OTHER)
 
 # glibc's HEAP_MAX_SIZE on 64-bit: 2 * DEFAULT_MMAP_THRESHOLD_MAX.
 ARENA_HEAP_BYTES = HEAP_MAX_SIZE
@@ -216,6 +219,9 @@ class AddressSpace:
         self.page_size = page_size or os.sysconf("SC_PAGE_SIZE")
         # False in light mode: events never say they were made inside malloc.
         self.malloc_seen = True
+        # glibc's heaps and chunks have shapes of their own; another
+        # allocator's mappings are known by being made inside its calls.
+        self.glibc = True
         self.arena_heap_bytes = arena_heap_bytes
         self._reset()
 
@@ -308,7 +314,7 @@ class AddressSpace:
         if heap is not None:
             self._insert(Region(start, end, prot, heap.flags, ARENA_HEAP, heap.origin, heap.mapping_id))
         else:
-            kind, mapping_id = _kind_of_mmap(ev, self.malloc_seen), self._new_mapping_id()
+            kind, mapping_id = _kind_of_mmap(ev, self.malloc_seen, self.glibc), self._new_mapping_id()
             self._insert(Region(start, end, prot, ev.flags, kind, _origin_of(ev), mapping_id))
         self._merge_range(start, end)
 
@@ -454,6 +460,19 @@ class AddressSpace:
         """Regions in address order, optionally of one kind."""
         out = [self._by_start[s] for s in self._starts]
         return out if kind is None else [r for r in out if r.kind == kind]
+
+    def mark_kind(self, start: int, end: int, kind: str) -> None:
+        """What a closer look found [start, end) to be, within one region:
+        that part becomes a region of its own of that kind."""
+        r = self.region_at(start)
+        if r is None or end <= start or end > r.end or r.kind == kind:
+            return
+        self._remove(r)
+        if r.start < start:
+            self._insert(_resized(r, r.start, start))
+        if end < r.end:
+            self._insert(replace(_resized(r, end, r.end), mapping_id=self._new_mapping_id()))
+        self._insert(replace(_resized(r, start, end), kind=kind, mapping_id=self._new_mapping_id()))
 
     def region_at(self, addr: int) -> Optional[Region]:
         i = bisect_right(self._starts, addr) - 1
@@ -638,7 +657,7 @@ def _resized(r: Region, start: int, end: int) -> Region:
     )
 
 
-def _kind_of_mmap(ev: VmEvent, malloc_seen: bool = True) -> str:
+def _kind_of_mmap(ev: VmEvent, malloc_seen: bool = True, glibc: bool = True) -> str:
     if not ev.flags & MAP_ANONYMOUS:
         return FILE
     if ev.flags & (MAP_STACK | MAP_GROWSDOWN):
@@ -647,6 +666,8 @@ def _kind_of_mmap(ev: VmEvent, malloc_seen: bool = True) -> str:
             and ev.length in (HEAP_MAX_SIZE, 2 * HEAP_MAX_SIZE):
         # Light mode sees no malloc calls: new_heap's reservation by its shape.
         return ARENA_HEAP
+    if ev.in_malloc and not glibc:
+        return ALLOCATOR_MAPPING
     if ev.in_malloc:
         # glibc's new_heap is malloc's only NORESERVE mapping; it maps twice
         # the heap size and unmaps the ends to reach 64 MiB alignment.

@@ -238,8 +238,9 @@ def _per_file(cache: OrderedDict, size: int, path: str, build, unreadable):
         os.close(fd)
 
 
-def symbols_of(path: str) -> ElfSymbols:
-    """The parsed image of the file at `path`, once per file version."""
+def symbols_of(path: str, mtime_ns: int = 0) -> ElfSymbols:
+    """The parsed image of the file at `path`, once per file version (the
+    version is read from the file itself: mtime_ns is not needed)."""
     return _per_file(_symbols_cache, 64, path, ElfSymbols, None) or ElfSymbols(path)
 
 

@@ -74,6 +74,26 @@ def read_regular(path: str, limit: int = MAX_FILE_BYTES):
     return f, data
 
 
+class HeldFile:
+    """A descriptor kept open while its holder lives: the name
+    /proc/self/fd/N stays that file's (and no other's) until then."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @property
+    def path(self) -> str:
+        return fd_path(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
 def identity_of(mapping: Mapping) -> Optional[tuple[int, int]]:
     if mapping.device is None or not mapping.inode:
         return None

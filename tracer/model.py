@@ -74,6 +74,28 @@ class Flow:
     free_bytes: int
     alloc_count: int = 0
     free_count: int = 0
+    # The same blocks as glibc's chunks (size word and rounding included),
+    # comparable with what the arenas' own books say is in use.
+    alloc_chunk_bytes: int = 0
+    free_chunk_bytes: int = 0
+    # Allocated by an image the process has since replaced by exec: those
+    # blocks are gone with it.
+    before_exec: bool = False
+
+    @property
+    def counters(self) -> Counters:
+        """Blocks of an image before an exec count as freed by the exec."""
+        freed = self.alloc_bytes if self.before_exec else self.free_bytes
+        count = self.alloc_count if self.before_exec else self.free_count
+        return Counters(self.alloc_bytes, freed, self.alloc_count, count)
+
+    @property
+    def live_bytes(self) -> int:
+        return self.counters.live_bytes
+
+    @property
+    def live_chunk_bytes(self) -> int:
+        return 0 if self.before_exec else self.alloc_chunk_bytes - self.free_chunk_bytes
 
 
 BUCKET_SHIFT = 26  # glibc's HEAP_MAX_SIZE on 64-bit: 64 MiB
@@ -83,7 +105,10 @@ BUCKET_SHIFT = 26  # glibc's HEAP_MAX_SIZE on 64-bit: 64 MiB
 class ProcessStats:
     rss_bytes: int = 0
     rss_anon_bytes: int = 0
-    peak_rss_bytes: Optional[int] = None
+    peak_rss_bytes: Optional[int] = None  # the kernel's high-water mark
+    # The figures are the kernel's last values before the process's exit
+    # (its RSS counters, as kmem:rss_stat reported them), not a /proc read.
+    at_exit: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,11 +127,26 @@ class DropStats:
 
 @dataclass(frozen=True)
 class HeapTotals:
+    """What the probes traced. Blocks allocated before an attach are not in
+    the counters: live_before_trace_bytes estimates them from the
+    allocator's own books."""
+
     counters: Counters = Counters()
     untracked_free_count: int = 0
     trim_calls: int = 0
     trim_released_calls: int = 0  # malloc_trim calls that returned 1
     drops: DropStats = DropStats()
+    peak_live_bytes: int = 0  # the traced heap's high-water mark, kept at every call
+    peak_live_elapsed_s: Optional[float] = None  # when it was reached
+    # The live blocks as the allocator holds them: glibc's chunks (size
+    # word and rounding), jemalloc's and mimalloc's size classes (what
+    # malloc_usable_size says; Redis's used_memory counts these), tcmalloc's
+    # classes approximately.
+    live_allocator_bytes: int = 0
+    # Attach mode: live blocks allocated before the attach (an estimate:
+    # the arenas' in-use bytes less what was traced into them, and large
+    # blocks mmapped before). None where it does not apply (launch, light).
+    live_before_trace_bytes: Optional[int] = None
 
     @property
     def live_bytes(self) -> int:
@@ -161,17 +201,24 @@ class ArenaStats:
     reserved_bytes: int
     committed_bytes: int
     resident_bytes: int
-    live_bytes: int  # heap bytes the program holds inside it
+    live_bytes: int  # heap bytes the program holds inside it (traced; light mode: estimated)
     system_mem_bytes: int = 0  # what glibc says it took from the OS
     free_bytes: int = 0  # in bins and the top chunk, per glibc's own lists
     trimmable_bytes: int = 0  # estimate of what malloc_trim(0) would return now
     live_is_estimate: bool = False  # light mode: from glibc's structures, not probes
     reliable: bool = True
+    # Besides live_bytes: blocks allocated before an attach (estimate).
+    live_before_trace_bytes: int = 0
+
+    @property
+    def all_live_bytes(self) -> int:
+        """Traced blocks and, after an attach, those from before."""
+        return self.live_bytes + self.live_before_trace_bytes
 
     @property
     def retained_bytes(self) -> int:
         """Resident but not live: freed memory the allocator keeps."""
-        return max(0, self.resident_bytes - self.live_bytes)
+        return max(0, self.resident_bytes - self.all_live_bytes)
 
 
 @dataclass(frozen=True)
@@ -185,6 +232,11 @@ class AllocatorStats:
     mmapped_chunk_count: int = 0
     mmapped_chunk_bytes: int = 0
     estimate: bool = False  # light mode
+    # Part of live_bytes allocated before an attach (estimate, full mode).
+    live_before_trace_bytes: int = 0
+    # Part of live_bytes in pages never touched (large blocks not written):
+    # neither resident nor in the gap.
+    live_not_resident_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -222,12 +274,16 @@ class TrimStats:
 
 @dataclass(frozen=True)
 class Gap:
-    """rss_anon = heap live + allocator retained + other anonymous memory."""
+    """rss_anon = heap live + allocator retained + other anonymous memory,
+    to the byte, every part >= 0. heap live is the resident part of every
+    live block, traced or from before the attach; the live bytes in pages
+    never touched are apart (heap_live_not_resident_bytes), outside the sum."""
 
     rss_anon_bytes: int = 0
     heap_live_bytes: int = 0
     allocator_retained_bytes: int = 0
     other_anon_bytes: int = 0  # JVM heap, thread stacks, direct mmaps, chunk overheads
+    heap_live_not_resident_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -252,6 +308,9 @@ class Snapshot:
     trim: Optional[TrimStats] = None
     gap: Optional[Gap] = None
     hints: tuple[str, ...] = ()
+    # When smaps and the arenas were last read (seconds since the start):
+    # after the process's exit, the regions and arenas are as of then.
+    memory_read_elapsed_s: Optional[float] = None
     # Address-space syscalls since the previous snapshot, for the recorder
     # (ts, tid, kind, addr, length, prot, flags, result, in_malloc, frames);
     # not part of the JSON snapshot.
@@ -375,6 +434,10 @@ def snapshot_to_json(s: Snapshot) -> dict:
             "drops": asdict(drops),
             "trim_calls": s.heap.trim_calls,
             "trim_released_calls": s.heap.trim_released_calls,
+            "live_allocator_bytes": s.heap.live_allocator_bytes,
+            "peak_live_bytes": s.heap.peak_live_bytes,
+            "peak_live_elapsed_s": s.heap.peak_live_elapsed_s,
+            **_before_trace_json(s.heap),
             "rates": asdict(s.rates),
         },
         "threads": [
@@ -395,8 +458,17 @@ def snapshot_to_json(s: Snapshot) -> dict:
         "truncated_stack_count": s.truncated_stack_count,
         "notes": list(s.notes),
         "light": s.light,
+        **({"memory_read_elapsed_s": round(s.memory_read_elapsed_s, 3)}
+           if s.memory_read_elapsed_s is not None else {}),
         **_address_space_json(s),
     }
+
+
+def _before_trace_json(heap: HeapTotals) -> dict:
+    if heap.live_before_trace_bytes is None:
+        return {}
+    return {"live_before_trace_bytes": heap.live_before_trace_bytes,
+            "live_before_trace_is_estimate": True}
 
 
 def _address_space_json(s: Snapshot) -> dict:

@@ -52,7 +52,8 @@ def memory(pid: int) -> Optional[dict[str, int]]:
     text = _read(f"/proc/{pid}/status")
     if text is None:
         return None
-    wanted = {"VmRSS": "rss_bytes", "RssAnon": "rss_anon_bytes", "VmHWM": "peak_rss_bytes"}
+    wanted = {"VmRSS": "rss_bytes", "RssAnon": "rss_anon_bytes", "RssFile": "rss_file_bytes",
+              "RssShmem": "rss_shmem_bytes", "VmHWM": "peak_rss_bytes"}
     out: dict[str, int] = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")

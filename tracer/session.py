@@ -145,16 +145,7 @@ class Session:
             now = time.monotonic()
             poll_at = now + event_poll_s if event_poll_s else None
             wake_at = min(t for t in (next_tick, deadline, grace_until, poll_at) if t is not None)
-            try:
-                ready, _, _ = select.select(watched, [], [], max(0.0, wake_at - now))
-            except InterruptedError:
-                ready = []
-            if wake_r in ready:
-                try:
-                    while os.read(wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+            ready = wait_ready(watched, wake_r, wake_at - now)
             if self.on_events and (event_poll_s or self.events_fd in ready):
                 self.on_events()
             if self.on_watch and any(fd in ready for fd in self.watch_fds):
@@ -202,6 +193,22 @@ class Session:
                     self.launched.signal(sig)
                 grace_until = time.monotonic() + LAUNCH_GRACE_S
         return reason, grace_until
+
+
+def wait_ready(watched: list[int], wake_r: int, timeout_s: float) -> list[int]:
+    """select() on watched for up to timeout_s; the signal self-pipe
+    (wake_r) is emptied when it woke us."""
+    try:
+        ready, _, _ = select.select(watched, [], [], max(0.0, timeout_s))
+    except InterruptedError:
+        return []
+    if wake_r in ready:
+        try:
+            while os.read(wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+    return ready
 
 
 def wait_for_command(launched) -> int:

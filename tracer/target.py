@@ -1,11 +1,11 @@
-"""Which process to trace and which glibc it runs on.
+"""Which process to trace and which allocator it runs on.
 
-The uprobes go on the libc file the target really maps: for a running
-process, the inode its mapping names, opened through mappedfile (never a
-path that may have been swapped for a link since the process started);
-for a command, the dynamic loader named by the executable resolves it
-before the command runs. Either way the file is held open, and bcc and
-the kernel are given /proc/self/fd/N: every probe lands on that inode.
+The uprobes go on the file the target really maps: for a running process,
+the inode its mapping names, opened through mappedfile (never a path that
+may have been swapped for a link since the process started); for a
+command, the dynamic loader named by the executable resolves it before the
+command runs. Either way the file is held open, and bcc and the kernel are
+given /proc/self/fd/N: every probe lands on that inode.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import re
 import shutil
 import struct
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from memtrace import mappedfile, procfs
+from memtrace.allocators import Allocator, first_definer, link_map_paths, parse_loader_list
 from memtrace.errors import MemtraceError
 
 _GLIBC_NAME = re.compile(r"/libc(\.so\.6|-2\.\d+\.so)$")
@@ -31,12 +32,24 @@ PT_INTERP = 3
 class Target:
     pid: int
     comm: str
-    libc_path: str  # /proc/self/fd/N of the verified libc, held open for the whole run
+    libc_path: str  # /proc/self/fd/N of the allocator's verified object, open while held is
     libc_shown: str  # its name, for messages
     launched: bool = False
+    allocator: Optional[Allocator] = None
+    held: Optional[mappedfile.HeldFile] = field(default=None, repr=False, compare=False)
 
 
 # ------------------------------------------------------------ running process
+
+
+def _without_glibc(mappings) -> str:
+    """What a process that maps no glibc is, in words."""
+    musl = next((m.path for m in mappings if _MUSL_NAME.search(m.path)), None)
+    if musl:
+        return f"is linked with musl ({musl})"
+    if not any(m.path.endswith(".so") or ".so." in m.path for m in mappings):
+        return "is statically linked (it maps no shared library)"
+    return "does not map glibc (libc.so.6)"
 
 
 def _state(pid: int) -> str:
@@ -87,38 +100,89 @@ def resolve_pid(pid: int) -> Target:
         if process_ended(pid):
             raise gone
         raise MemtraceError(f"pid {pid} ({name}) maps no memory (it is exiting): nothing to trace")
-    libc = next((m for m in mappings
-                 if _GLIBC_NAME.search(m.path.removesuffix(" (deleted)"))), None)
-    if libc is None:
-        musl = next((m.path for m in mappings if _MUSL_NAME.search(m.path)), None)
-        if musl:
-            kind = f"is linked with musl ({musl})"
-        elif not any(m.path.endswith(".so") or ".so." in m.path for m in mappings):
-            kind = "is statically linked (it maps no shared library)"
-        else:
-            kind = "does not map glibc (libc.so.6)"
-        raise MemtraceError(
-            f"pid {pid} ({name}) {kind}: memtrace traces glibc's malloc; "
-            "trace a dynamically linked glibc program"
-        )
-    shown = libc.path.removesuffix(" (deleted)")
+    opener = _MappedOpener(pid, mappings)
+    allocator = first_definer(_lookup_order(pid, mappings), opener.path_of)
+    if allocator is None or _MUSL_NAME.search(allocator.path):
+        libc = next((m for m in mappings
+                     if _GLIBC_NAME.search(m.path.removesuffix(" (deleted)"))), None)
+        if libc is None:
+            raise MemtraceError(
+                f"pid {pid} ({name}) {_without_glibc(mappings)}: memtrace traces glibc's "
+                "malloc and the allocators that replace it; trace a dynamically linked program"
+            )
+        allocator = Allocator("glibc", libc.path.removesuffix(" (deleted)"))
     try:
-        fd = mappedfile.open_mapped(pid, libc)
+        held = opener.keep(allocator.path)
     except mappedfile.NotTheFile:
         raise MemtraceError(
-            f"pid {pid} ({name}): {shown} now leads to another file than the libc it maps "
-            "(replaced or linked elsewhere since it started); memtrace probes only the mapped "
-            "file itself, which needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE to open: run it "
-            "as root"
+            f"pid {pid} ({name}): {allocator.path} now leads to another file than the one it "
+            "maps (replaced or linked elsewhere since it started); memtrace probes only the "
+            "mapped file itself, which needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE to open: "
+            "run it as root"
         ) from None
     except OSError as e:
-        if not procfs.exists(pid):
+        if process_ended(pid):
             raise gone from None
         raise MemtraceError(
-            f"cannot open the libc pid {pid} ({name}) maps, {shown} ({e.strerror or e}): "
-            "run memtrace as root"
+            f"cannot open {allocator.path}, which pid {pid} ({name}) maps "
+            f"({e.strerror or e}): run memtrace as root"
         ) from None
-    return Target(pid=pid, comm=name, libc_path=mappedfile.fd_path(fd), libc_shown=shown)
+    return Target(pid=pid, comm=name, libc_path=held.path, libc_shown=allocator.path,
+                  allocator=allocator, held=held)
+
+
+def _lookup_order(pid: int, mappings) -> list[str]:
+    """The objects in the order the dynamic linker searches them; where its
+    list cannot be read, the executable and then what is mapped."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = ""
+    order = link_map_paths(pid)
+    if order is None:
+        order = [""] + [m.path for m in mappings if m.path.startswith("/")]
+    paths = [exe if i == 0 and not p else p for i, p in enumerate(order)]
+    seen: set[str] = set()
+    return [p for p in paths if p.startswith("/") and not (p in seen or seen.add(p))]
+
+
+class _MappedOpener:
+    """Files of one process by the names it gives them (its maps, its
+    dynamic linker's list), opened only as the very files it maps
+    (mappedfile): a name that leads elsewhere is not read."""
+
+    def __init__(self, pid: int, mappings) -> None:
+        self.pid = pid
+        self.mappings = [m for m in mappings if m.inode and m.path.startswith("/")]
+        self.identities = {mappedfile.identity_of(m) for m in self.mappings}
+        self._held: dict[str, mappedfile.HeldFile] = {}
+
+    def _open(self, path: str) -> int:
+        named = next((m for m in self.mappings if m.path.removesuffix(" (deleted)") == path),
+                     None)
+        if named is not None:
+            return mappedfile.open_mapped(self.pid, named)
+        # A name the linker keeps (not canonical): the file it leads to
+        # inside the process's root, if the process maps that file.
+        fd = mappedfile.open_path(f"/proc/{self.pid}/root{path}")
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) not in self.identities:
+            os.close(fd)
+            raise mappedfile.NotTheFile(f"{path} is not a file the process maps")
+        return fd
+
+    def keep(self, path: str) -> mappedfile.HeldFile:
+        """The file for good (the others close when the opener goes)."""
+        if path not in self._held:
+            self._held[path] = mappedfile.HeldFile(self._open(path))
+        return self._held.pop(path)
+
+    def path_of(self, path: str) -> str:
+        """For first_definer: a name to read it by; OSError when the name is
+        not to be read."""
+        if path not in self._held:
+            self._held[path] = mappedfile.HeldFile(self._open(path))
+        return self._held[path].path
 
 
 # ------------------------------------------------------------ a command to launch
@@ -192,8 +256,61 @@ def _hold(path: str) -> str:
     try:
         return mappedfile.fd_path(mappedfile.open_path(path))
     except OSError as e:
-        raise MemtraceError(f"cannot open the libc {path} ({e.strerror or e}): "
-                            "check the glibc installation") from None
+        raise MemtraceError(f"cannot open {path} ({e.strerror or e}): check the command's "
+                            "libraries") from None
+
+
+def allocator_of_command(argv: list[str]) -> tuple[str, Allocator]:
+    """The object whose malloc the command's calls will reach (its path,
+    and what it is): glibc's libc, or an allocator that replaces it (by
+    LD_PRELOAD, a library it links, or its own copy). `env VAR=... CMD`
+    is seen through: CMD, with env's LD_PRELOAD, is what allocates (the
+    probes, on the allocator's file, take hold when CMD maps it)."""
+    argv, preload = _through_env(argv)
+    binary = program_binary(argv[0])
+    libc = libc_of_command(argv[0])
+    order = [binary] + parse_loader_list(_loader_list(binary, preload))
+    allocator = first_definer(order)
+    if allocator is None or _MUSL_NAME.search(allocator.path):
+        return libc, Allocator("glibc", os.readlink(libc))
+    return _hold(os.path.realpath(allocator.path)), allocator
+
+
+def _through_env(argv: list[str]) -> tuple[list[str], Optional[str]]:
+    """(the command env runs, the LD_PRELOAD it sets) for `env [-i]
+    VAR=VALUE... CMD ARGS`; argv itself otherwise."""
+    if not argv or os.path.basename(argv[0]) != "env":
+        return argv, None
+    preload = None
+    for i, word in enumerate(argv[1:], start=1):
+        if word == "-i" or word == "--ignore-environment":
+            continue
+        if word.startswith("-"):
+            return argv, None  # an option we do not follow: trace env itself
+        if "=" in word:
+            name, _, value = word.partition("=")
+            if name == "LD_PRELOAD":
+                preload = value
+            continue
+        return argv[i:], preload
+    return argv, None
+
+
+def _loader_list(binary: str, preload: Optional[str] = None) -> str:
+    try:
+        interp = _elf_interpreter(binary)
+    except (ValueError, struct.error, OSError):
+        return ""
+    if interp is None:
+        return ""
+    env = dict(os.environ)
+    if preload is not None:
+        env["LD_PRELOAD"] = preload
+    try:
+        return subprocess.run([interp, "--list", binary], capture_output=True, text=True,
+                              timeout=10, env=env).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def libc_of_command(argv0: str) -> str:

@@ -1,7 +1,8 @@
-"""kmem:rss_stat fires on every page fault of every process. memtrace needs
-it only to measure what malloc_trim gives back, so it is attached only when
-the target runs code that imports malloc_trim (at start, or when such a
-library is mapped later)."""
+"""kmem:rss_stat fires on every page fault of every process. Full mode keeps
+it for every target (the RSS at the process's exit). Light mode, built for
+a low cost, needs it only to measure what malloc_trim gives back, so there
+it is attached only when the target runs code that imports malloc_trim (at
+start, or when such a library is mapped later)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,19 @@ def _tracepoints_while_attached(tracer, probes) -> set[str]:
     return probes.tracepoints(probes.below(tracer.pid))
 
 
-def test_no_rss_tracepoint_for_a_target_that_cannot_trim(programs, spawn, start_memtrace, probes):
+def test_full_mode_watches_the_rss_of_every_target(programs, spawn, start_memtrace, probes):
     target = spawn([programs["idle"]])
     tracer = start_memtrace(["--json", "-p", str(target.pid), "--duration", "60"])
+    names = _tracepoints_while_attached(tracer, probes)
+    rc, _, stderr = tracer.stop(signal.SIGINT)
+    assert rc == 0, stderr
+    assert "rss_stat" in names, names
+
+
+def test_light_no_rss_tracepoint_for_a_target_that_cannot_trim(programs, spawn, start_memtrace,
+                                                               probes):
+    target = spawn([programs["idle"]])
+    tracer = start_memtrace(["--json", "--light", "-p", str(target.pid), "--duration", "60"])
     names = _tracepoints_while_attached(tracer, probes)
     rc, _, stderr = tracer.stop(signal.SIGINT)
     assert rc == 0, stderr
@@ -25,10 +36,10 @@ def test_no_rss_tracepoint_for_a_target_that_cannot_trim(programs, spawn, start_
     assert "rss_stat" not in names, names
 
 
-def test_rss_tracepoint_for_a_target_that_imports_malloc_trim(retention_binary, spawn,
-                                                              start_memtrace, probes, tmp_path):
+def test_light_rss_tracepoint_for_a_target_that_imports_malloc_trim(
+        retention_binary, spawn, start_memtrace, probes, tmp_path):
     target = spawn([retention_binary, tmp_path / "truth.json", "--wait"])
-    tracer = start_memtrace(["--json", "-p", str(target.pid), "--duration", "60"])
+    tracer = start_memtrace(["--json", "--light", "-p", str(target.pid), "--duration", "60"])
     names = _tracepoints_while_attached(tracer, probes)
     rc, _, stderr = tracer.stop(signal.SIGINT)
     assert rc == 0, stderr
@@ -54,8 +65,8 @@ libc.malloc_trim(0)
 """
 
 
-def test_a_trim_through_dlsym_starts_the_rss_watch(run_memtrace):
-    rc, doc, stderr = run_memtrace(["--json", "--interval", "0.2", "--",
+def test_light_a_trim_through_dlsym_starts_the_rss_watch(run_memtrace):
+    rc, doc, stderr = run_memtrace(["--json", "--light", "--interval", "0.2", "--",
                                     "/usr/bin/python3", "-c", TRIM_BY_DLSYM])
     assert rc == 0, stderr
     calls = doc["trim"]["recent"]

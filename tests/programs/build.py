@@ -29,6 +29,8 @@ PROGRAMS: dict[str, tuple[str, str, list[str]]] = {
     "crossfree": ("crossfree.c", "gcc", WITH_FP),
     "pretrace": ("pretrace.c", "gcc", WITH_FP),
     "idle": ("idle.c", "gcc", WITH_FP),
+    "busy": ("busy.c", "gcc", WITH_FP),
+    "heapstates": ("heapstates.c", "gcc", WITH_FP),
     # no libc.so at all: memtrace must refuse it
     "idle_static": ("idle.c", "gcc", ["-O1", "-g", "-static"]),
     # dynamically linked, but against musl (Debian package musl-tools)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Optional
 
 from memtrace import accounting, procfs
 from memtrace.collect.probes import Probes
 from memtrace.collect.vm import HOLD_LIMIT_NS, VmTracker
-from memtrace.addrspace import MMAPPED_CHUNK
+from memtrace.addrspace import ALLOCATOR_MAPPING, HEAP, MMAPPED_CHUNK
 from memtrace.model import (
     Counters,
     HeapTotals,
@@ -31,20 +32,29 @@ ARENA_WALK_SHARE = 0.02  # of wall time spent walking free lists, at most
 
 
 class Collector:
-    def __init__(self, pid: int, comm: str, probes: Probes, light: bool = False) -> None:
+    def __init__(self, pid: int, comm: str, probes: Probes, light: bool = False,
+                 attached: bool = False) -> None:
+        """attached: the process was running before the trace (-p), so its
+        heap holds blocks no probe saw allocated."""
         self.pid = pid
         self.comm = comm
         self.probes = probes
         self.light = light
+        self.attached = attached
         self.symbols = Symbolizer(pid)
         self.vm = VmTracker(pid, on_code_mapped=self._code_mapped,
                             on_unwatched_trim=self.probes.watch_rss)
         self.vm.space.malloc_seen = not light
+        self.allocator_kind = probes.allocator_kind
+        self.glibc = self.allocator_kind == "glibc"
+        self.vm.space.glibc = self.glibc
         self.started = time.monotonic()
         self.previous: Optional[Snapshot] = None
         self._frames: dict[StackKey, tuple[str, ...]] = {}
         self._names: dict[int, str] = {}
         self._process = ProcessStats()
+        self._rss_by_member: dict[str, int] = {}  # of the last /proc read
+        self._memory_read_s: Optional[float] = None  # when smaps and arenas were
         self._live_tids: list[int] = []
         self._arena_inputs: list[accounting.ArenaInput] = []
         self._arena_problem: Optional[str] = None
@@ -58,9 +68,18 @@ class Collector:
     def start(self) -> Optional[int]:
         """Before the probes fire: the address space as it is, and where the
         process's code lives. Returns an fd that wakes the loop for events."""
-        self.vm.seed()
-        self._code_mapped()
+        self._seed()
         return self.probes.open_events(self.vm.handle)
+
+    def _seed(self) -> None:
+        """The address space as it is now: from the maps, and glibc's large
+        blocks already mapped, found by their chunk headers."""
+        from memtrace.glibc.chunks import mark_mmapped_chunks
+
+        self.vm.seed()
+        if self.glibc:
+            mark_mmapped_chunks(self.pid, self.vm.space)
+        self._code_mapped()
 
     def consume_events(self) -> None:
         self.probes.consume_events()
@@ -82,8 +101,8 @@ class Collector:
         for event in self.watch.read():
             if event.kind != "exec":
                 continue
-            self.vm.seed()
-            self._code_mapped()
+            self._seed()
+            self._arena_inputs, self._walked = [], {}  # the old image's arenas are gone
             if event.argv:
                 self.comm = (event.argv[0].rsplit("/", 1)[-1] or self.comm)[:15]
                 self._execs.append(" ".join(event.argv))
@@ -116,7 +135,9 @@ class Collector:
         from memtrace.procfs import read_smaps
 
         mem = procfs.memory(self.pid)
-        if mem is None:
+        # No RSS (a zombie), or none left (its address space being torn
+        # down): gone, as far as figures go. The last reading stands.
+        if mem is None or not mem.get("rss_bytes"):
             return None
         try:
             smaps = read_smaps(self.pid)
@@ -127,6 +148,8 @@ class Collector:
             rss_anon_bytes=mem.get("rss_anon_bytes", 0),
             peak_rss_bytes=mem.get("peak_rss_bytes"),
         )
+        self._rss_by_member = {name: mem.get(f"rss_{name}_bytes", 0)
+                               for name in ("file", "anon", "shmem")}
         current = procfs.thread_names(self.pid)
         self._names.update(current)
         self._live_tids = list(current)
@@ -169,8 +192,7 @@ class Collector:
         self._arena_inputs = [self._arena_input(a, self._walked.get(a.address, a))
                               for a in report.arenas]
 
-    @staticmethod
-    def _arena_input(arena, walked) -> accounting.ArenaInput:
+    def _arena_input(self, arena, walked) -> accounting.ArenaInput:
         return accounting.ArenaInput(
             address=arena.address,
             kind=arena.kind,
@@ -184,14 +206,21 @@ class Collector:
             + walked.smallbin_bytes + walked.largebin_bytes,
             trimmable_bytes=walked.trimmable_bytes,
             reliable=walked.reliable,
+            existed_before_trace=arena.kind == "main" or any(
+                self._mapped_before_trace(h.address) for h in arena.heaps),
         )
+
+    def _mapped_before_trace(self, address: int) -> bool:
+        region = self.vm.space.region_at(address)
+        return region is None or region.origin.pre_existing
 
     # ---------------------------------------------------------- snapshot
 
     def snapshot(self, target_alive: bool = True, exit_status: Optional[int] = None,
                  fresh: bool = False) -> Snapshot:
-        """Read everything once. With the target gone, /proc figures keep
-        their last values and names stay as they were."""
+        """Read everything once. With the target gone, the process is as
+        the kernel last saw it before the exit (RSS counters, heap counters),
+        its arenas and regions as last read, and names as they were."""
         self.consume_events()
         last = fresh or not target_alive
         self.vm.release(before_ns=None if last else time.monotonic_ns() - HOLD_LIMIT_NS)
@@ -208,33 +237,35 @@ class Collector:
                 self._next_walk = 0.0  # the last word is a whole reading
             activity = (sum(r.counters.alloc_count + r.counters.free_count for r in reading.rows),
                         self.vm.events)
-            self._read_arenas(smaps, idle=activity == self._activity)
+            if self.glibc:
+                self._read_arenas(smaps, idle=activity == self._activity)
             self._activity = activity
+            self._memory_read_s = time.monotonic() - self.started
         live_tids = self._live_tids if alive else []
         for tid, name in reading.thread_names.items():
             self._names.setdefault(tid, name)
         self.symbols.new_round()
         elapsed = time.monotonic() - self.started
-        heap = HeapTotals(
-            counters=sum((r.counters for r in rows), start=Counters()),
-            untracked_free_count=reading.untracked_free_count,
-            trim_calls=reading.trim_calls,
-            trim_released_calls=reading.trim_released_calls,
-            drops=reading.drops,
-        )
-        chunks = self.vm.space.regions(MMAPPED_CHUNK)
-        account = accounting.account_allocator(
-            self._arena_inputs,
-            None if self.light else reading.flows,
-            heap.live_bytes,
-            (len(chunks), sum(r.committed_bytes for r in chunks), sum(r.resident_bytes for r in chunks)),
-        )
-        heap_live = account.allocator.live_bytes if self.light else heap.live_bytes
-        process = self._process
-        peak = self.watch.peak_rss_bytes if self.watch is not None else None
-        if peak and not alive:
-            # taskstats' figure at exit: /proc has nothing left to say
-            process = ProcessStats(process.rss_bytes, process.rss_anon_bytes, peak)
+        heap = self._heap_totals(rows, reading)
+        if self.glibc:
+            account = accounting.account_allocator(
+                self._arena_inputs,
+                None if self.light else reading.flows,
+                heap.live_bytes,
+                self._chunk_spans(),
+                attached=self.attached,
+            )
+        else:
+            # What it mapped inside its calls, and the brk heap (tcmalloc
+            # grows it with sbrk; glibc's malloc, which would share it, is
+            # not the one called).
+            mapped = [self.vm.space.totals(k) for k in (ALLOCATOR_MAPPING, HEAP)]
+            account = accounting.account_mappings(
+                self.allocator_kind, sum(m.committed_bytes for m in mapped),
+                sum(m.anon_bytes for m in mapped), heap.live_bytes)
+        if self.attached and not self.light:
+            heap = replace(heap, live_before_trace_bytes=account.allocator.live_before_trace_bytes)
+        process = self._process if alive else self._process_at_exit(reading)
         trim_estimate = sum(a.trimmable_bytes for a in account.arenas)
         totals = self.vm.space.totals()
         snap = Snapshot(
@@ -259,12 +290,62 @@ class Collector:
             regions=self._regions(),
             trim=TrimStats(heap.trim_calls, self.vm.trim_returned_bytes, trim_estimate,
                            tuple(self.vm.trims)),
-            gap=accounting.gap(process.rss_anon_bytes, heap_live, account.allocator.retained_bytes),
+            gap=accounting.gap(process.rss_anon_bytes, account.allocator),
             hints=accounting.hints(account.arenas, trim_estimate, process.rss_anon_bytes),
+            memory_read_elapsed_s=self._memory_read_s,
             vm_events=self._recent_events(),
         )
         self.previous = snap
         return snap
+
+    def _heap_totals(self, rows, reading) -> HeapTotals:
+        peak = reading.peak
+        peak_at = None
+        if peak.peak_ns:
+            peak_at = max(0.0, peak.peak_ns / 1e9 - self.started)
+        return HeapTotals(
+            counters=sum((r.counters for r in rows), start=Counters()),
+            untracked_free_count=reading.untracked_free_count,
+            trim_calls=reading.trim_calls,
+            trim_released_calls=reading.trim_released_calls,
+            drops=reading.drops,
+            peak_live_bytes=0 if self.light else peak.peak_bytes,
+            live_allocator_bytes=0 if self.light else sum(f.live_chunk_bytes for f in reading.flows),
+            peak_live_elapsed_s=None if self.light else peak_at,
+        )
+
+    def _process_at_exit(self, reading) -> ProcessStats:
+        """The process at its last moment: the RSS counters the kernel
+        reported while its address space was still whole (each one not
+        reported since the attach keeps its last /proc value), and the
+        peak taskstats gave at exit."""
+        process = self._process
+        peak = self.watch.peak_rss_bytes if self.watch is not None else None
+        if reading.rss is not None and "anon" in reading.rss.bytes_by_member:
+            by = dict(self._rss_by_member)
+            by.update(reading.rss.bytes_by_member)
+            process = ProcessStats(
+                rss_bytes=by.get("file", 0) + by.get("anon", 0) + by.get("shmem", 0),
+                rss_anon_bytes=by.get("anon", 0),
+                peak_rss_bytes=process.peak_rss_bytes,
+                at_exit=True,
+            )
+        # The high-water mark is at least the last RSS (taskstats' figure
+        # may not have come, and /proc's is as of the last read).
+        peak = max(peak or 0, process.peak_rss_bytes or 0, process.rss_bytes)
+        return replace(process, peak_rss_bytes=peak or None)
+
+    def _chunk_spans(self) -> accounting.ChunkSpans:
+        traced = [r for r in self.vm.space.regions(MMAPPED_CHUNK) if not r.origin.pre_existing]
+        before = [r for r in self.vm.space.regions(MMAPPED_CHUNK) if r.origin.pre_existing]
+        return accounting.ChunkSpans(
+            count=len(traced),
+            committed_bytes=sum(r.committed_bytes for r in traced),
+            resident_bytes=sum(r.resident_bytes for r in traced),
+            before_trace_count=len(before),
+            before_trace_bytes=sum(r.committed_bytes for r in before),
+            before_trace_resident_bytes=sum(r.resident_bytes for r in before),
+        )
 
     def _recent_events(self) -> tuple[dict, ...]:
         started_ns = self.vm.started_ns
@@ -339,8 +420,17 @@ class Collector:
         if self._arena_problem:
             notes.append(self._arena_problem)
         notes += [f"the process exec'd: {argv}" for argv in self._execs[-3:]]
-        if self.light:
+        if self.light and self.glibc:
             notes.append("light mode: no malloc probes; heap live and retained are estimates "
                          "from glibc's own arena structures")
+        elif self.light:
+            notes.append(f"light mode: no malloc probes, and {self.allocator_kind}'s own books "
+                         "cannot be read from outside: no heap figures")
+        if not self.glibc:
+            notes.append(f"{self.allocator_kind}: its statistics are kept where only its own code "
+                         "reads them, so arenas and trim estimates are not available; retained is "
+                         "the resident memory it mapped while traced, less the live heap"
+                         + ("" if not self.attached else
+                            " (mappings made before the attach are not known)"))
         return tuple(notes)
 

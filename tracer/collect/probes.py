@@ -4,6 +4,7 @@ module that talks to bcc."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -37,10 +38,11 @@ class Hook:
     macro: str  # prefix of the -D<MACRO>_SP_ADJUST knob
 
 
-# Order matters: where glibc aliases two names to one address (memalign and
-# aligned_alloc in 2.36), the first name is probed and the others skipped,
-# so a call is never counted twice.
-HOOKS = (
+# Order matters: where an allocator aliases two names to one address
+# (memalign and aligned_alloc in glibc 2.36, malloc and tc_malloc in
+# tcmalloc), the first name is probed and the others skipped, so a call is
+# never counted twice.
+COMMON_HOOKS = (
     Hook("malloc", "malloc_enter", "alloc_return", "MALLOC"),
     Hook("calloc", "calloc_enter", "alloc_return", "CALLOC"),
     Hook("realloc", "realloc_enter", "alloc_return", "REALLOC"),
@@ -50,8 +52,43 @@ HOOKS = (
     Hook("aligned_alloc", "aligned_alloc_enter", "alloc_return", "ALIGNED_ALLOC"),
     Hook("valloc", "valloc_enter", "alloc_return", "VALLOC"),
     Hook("pvalloc", "pvalloc_enter", "alloc_return", "PVALLOC"),
-    Hook("malloc_trim", "trim_enter", "trim_return", "TRIM"),
 )
+GLIBC_HOOKS = COMMON_HOOKS + (Hook("malloc_trim", "trim_enter", "trim_return", "TRIM"),)
+
+# The other allocators' own entry points: their sized and flagged calls,
+# and C++'s operators, which they define themselves (libstdc++'s go through
+# malloc, theirs do not). A block's size comes first in every new, its
+# address first in every delete and free. Functions with a return probe
+# are probed at +0 (see resolve_sites), so sharing malloc_enter's
+# MALLOC_SP_ADJUST (0) is right; free_enter reads no stack.
+_NEW = ("_Znwm", "_Znam", "_ZnwmRKSt9nothrow_t", "_ZnamRKSt9nothrow_t", "_ZnwmSt11align_val_t",
+        "_ZnamSt11align_val_t", "_ZnwmSt11align_val_tRKSt9nothrow_t",
+        "_ZnamSt11align_val_tRKSt9nothrow_t")
+_DELETE = ("_ZdlPv", "_ZdaPv", "_ZdlPvRKSt9nothrow_t", "_ZdaPvRKSt9nothrow_t", "_ZdlPvm", "_ZdaPvm",
+           "_ZdlPvSt11align_val_t", "_ZdaPvSt11align_val_t",
+           "_ZdlPvSt11align_val_tRKSt9nothrow_t", "_ZdaPvSt11align_val_tRKSt9nothrow_t",
+           "_ZdlPvmSt11align_val_t", "_ZdaPvmSt11align_val_t")
+OTHER_HOOKS = COMMON_HOOKS + (
+    Hook("mallocx", "malloc_enter", "alloc_return", "MALLOC"),  # jemalloc (size, flags)
+    Hook("rallocx", "realloc_enter", "alloc_return", "REALLOC"),  # jemalloc (p, size, flags)
+    Hook("reallocarray", "reallocarray_enter", "alloc_return", "REALLOC"),  # mimalloc
+    Hook("dallocx", "free_enter", None, "FREE"),  # jemalloc (p, flags)
+    Hook("sdallocx", "free_enter", None, "FREE"),  # jemalloc (p, size, flags)
+    Hook("free_sized", "free_enter", None, "FREE"),  # C23
+    Hook("free_aligned_sized", "free_enter", None, "FREE"),
+    Hook("cfree", "free_enter", None, "FREE"),
+) + tuple(Hook(n, "malloc_enter", "alloc_return", "MALLOC") for n in _NEW) \
+  + tuple(Hook(n, "free_enter", None, "FREE") for n in _DELETE)
+
+
+def hooks_for(kind: str, prefix: str = "") -> tuple[Hook, ...]:
+    """prefix: a copy linked into the program under its own names (je_):
+    C++'s operators keep theirs."""
+    hooks = GLIBC_HOOKS if kind == "glibc" else OTHER_HOOKS
+    if not prefix:
+        return hooks
+    return tuple(h if h.symbol.startswith("_Z") else replace(h, symbol=prefix + h.symbol)
+                 for h in hooks)
 
 
 @dataclass
@@ -63,6 +100,32 @@ class Limits:
     event_buffer_bytes: int = 16 << 20
 
 
+# -DALLOCATOR_KIND: keep in step with ALLOCATOR_* in bpf/memtrace.h.
+ALLOCATOR_KINDS = {"glibc": 0, "jemalloc": 1, "tcmalloc": 2, "mimalloc": 3}
+
+# kmem:rss_stat's members: keep in step with enum rss_member in bpf/memtrace.h.
+RSS_MEMBERS = ("file", "anon", "swap", "shmem")
+
+
+@dataclass(frozen=True)
+class PeakReading:
+    """The traced heap's live bytes now and at their highest (kernel-side,
+    at every call), and when that was (bpf_ktime_get_ns, CLOCK_MONOTONIC)."""
+
+    live_bytes: int = 0
+    peak_bytes: int = 0
+    peak_ns: int = 0
+
+
+@dataclass(frozen=True)
+class RssReading:
+    """RSS counters in bytes by member name (only those reported since the
+    attach), and when the last report came (CLOCK_MONOTONIC ns)."""
+
+    bytes_by_member: dict
+    ts_ns: int
+
+
 @dataclass
 class HeapReading:
     rows: list[HeapRow]
@@ -72,6 +135,9 @@ class HeapReading:
     trim_released_calls: int
     drops: DropStats
     thread_names: dict[int, str] = field(default_factory=dict)
+    peak: PeakReading = PeakReading()
+    rss: Optional[RssReading] = None
+    exec_generation: int = 0
 
 
 def _quiet_compile(into: Optional[int] = None):
@@ -121,18 +187,47 @@ def redirect_fd2(into: Optional[int] = None) -> Iterator[None]:
         os.close(sink)
 
 
-def resolve_sites(libc_path: str) -> list[ProbeSite]:
-    """One site per distinct address: aliases are probed once."""
+def _relays(path: str, addr: int, probed: set[int]) -> bool:
+    """The function at addr only jumps on: to another function we probe,
+    or through the PLT (jemalloc's operator delete calls free that way).
+    Probing it too would see each call twice (a free of an unknown block
+    the second time)."""
+    from memtrace.collect.probesite import function_code
+    from memtrace.elfsyms import symbols_of
+
+    try:
+        code = function_code(path, addr, 9)
+    except MemtraceError:
+        return False
+    if code[:4] == b"\xf3\x0f\x1e\xfa":  # endbr64
+        code, addr = code[4:], addr + 4
+    if code[:1] == b"\xe9" and len(code) >= 5:
+        target = addr + 5 + int.from_bytes(code[1:5], "little", signed=True)
+    elif code[:1] == b"\xeb" and len(code) >= 2:
+        target = addr + 2 + int.from_bytes(code[1:2], "little", signed=True)
+    else:
+        return False
+    if target in probed:
+        return True
+    image = symbols_of(path)  # never realpath: /proc/self/fd/N names the verified file
+    return image.lookup(target) is None  # no function there: a PLT stub
+
+
+def resolve_sites(libc_path: str, kind: str = "glibc", prefix: str = "") -> list[ProbeSite]:
+    """One site per distinct address of the allocator's entry points:
+    aliases are probed once."""
     from bcc import BPF
 
-    pattern = "^(" + "|".join(h.symbol for h in HOOKS) + ")$"
+    hooks = hooks_for(kind, prefix)
+    pattern = "^(" + "|".join(h.symbol for h in hooks) + ")$"
     found: dict[str, int] = {}
     for name, addr in BPF.get_user_functions_and_addresses(libc_path, pattern):
         found.setdefault(name.decode(), addr)
     sites, seen = [], set()
-    for hook in HOOKS:
+    probed = set(found.values())
+    for hook in hooks:
         addr = found.get(hook.symbol)
-        if addr is None or addr in seen:
+        if addr is None or addr in seen or _relays(libc_path, addr, probed):
             continue
         seen.add(addr)
         site = choose_site(libc_path, hook.symbol)
@@ -144,8 +239,9 @@ def resolve_sites(libc_path: str) -> list[ProbeSite]:
             site = replace(site, offset=0, sp_adjust=0, emulated=False,
                            note=f"+0: shares the uretprobe's trap (+{site.offset} would be emulated)")
         sites.append(site)
-    if not any(s.symbol == "malloc" for s in sites):
-        raise MemtraceError(f"{libc_path} has no malloc symbol: is it glibc? trace a glibc program")
+    if not any(s.symbol == prefix + "malloc" for s in sites):
+        raise MemtraceError(f"{libc_path} defines no malloc: memtrace probes the object that "
+                            "defines the process's malloc; trace a program that has one")
     return sites
 
 
@@ -155,9 +251,14 @@ class Probes:
     RSS counter are always on."""
 
     def __init__(self, pid: int, libc_path: str, limits: Limits, sites: list[ProbeSite],
-                 light: bool = False, vm_probes: str = "tracepoint") -> None:
+                 light: bool = False, vm_probes: str = "tracepoint",
+                 allocator_kind: str = "glibc", allocator_prefix: str = "") -> None:
+        """libc_path: the object that defines the process's malloc (glibc's
+        libc, or the allocator that replaces it), allocator_kind its kind."""
         self.pid = pid
         self.libc_path = libc_path
+        self.allocator_kind = allocator_kind
+        self.hooks = hooks_for(allocator_kind, allocator_prefix)
         self.limits = limits
         self.sites = [s for s in sites if s.symbol == "malloc_trim"] if light else sites
         self.light = light
@@ -185,10 +286,20 @@ class Probes:
             flags.append("-DLIGHT_SCAN")
         # Experiments and benchmarks only (e.g. -DNO_STACKS): never needed to trace.
         flags += os.environ.get("MEMTRACE_BPF_CFLAGS", "").split()
+        if self.allocator_kind != "glibc":
+            flags.append("-DREALLOC_ZERO_FREES")
+        flags.append(f"-DALLOCATOR_KIND={ALLOCATOR_KINDS.get(self.allocator_kind, 0)}")
+        # One knob per entry program: hooks that share a program share its
+        # site's shape (return-probed ones are all at +0).
         by_symbol = {s.symbol: s for s in self.sites}
-        for hook in HOOKS:
+        adjust: dict[str, int] = {}
+        for hook in GLIBC_HOOKS + self.hooks:  # every macro the BPF text uses
             site = by_symbol.get(hook.symbol)
-            flags.append(f"-D{hook.macro}_SP_ADJUST={site.sp_adjust if site else 0}")
+            if site is not None and hook.macro not in adjust:
+                adjust[hook.macro] = site.sp_adjust
+        for hook in GLIBC_HOOKS + self.hooks:
+            adjust.setdefault(hook.macro, 0)
+        flags += [f"-D{macro}_SP_ADJUST={value}" for macro, value in adjust.items()]
         return flags
 
     def load(self) -> None:
@@ -225,27 +336,40 @@ class Probes:
             said.close()
 
     def attach(self) -> None:
+        """Every return probe before any entry probe. The target keeps
+        running while bcc attaches them one by one: an entry seen before its
+        function's return probe was in place would open a call that never
+        closes. This way a call that fires its entry probe always fires its
+        return probe; one already under way when the entry probe came
+        fires only its return, which finds no open call and is ignored."""
         if self.vm_probes == "kprobe":
             self._attach_vm_kprobes()
-        hooks = {h.symbol: h for h in HOOKS}
+        hooks = {h.symbol: h for h in self.hooks}
         lib = self.libc_path.encode()
         for site in self.sites:
             hook = hooks[site.symbol]
-            try:
-                self._bpf.attach_uprobe(
-                    name=lib, sym=site.symbol.encode(), sym_off=site.offset,
-                    fn_name=hook.entry.encode(), pid=self.pid,
-                )
-                if hook.ret:
-                    self._bpf.attach_uretprobe(
-                        name=lib, sym=site.symbol.encode(), fn_name=hook.ret.encode(), pid=self.pid
-                    )
-            except Exception as e:
-                raise MemtraceError(
-                    f"cannot attach a uprobe to {site.symbol} in {self.libc_path} ({e}): "
-                    "check that the process still runs and the kernel supports uprobes"
-                ) from None
+            if hook.ret:
+                self._attach_one(site, lambda: self._bpf.attach_uretprobe(
+                    name=lib, sym=site.symbol.encode(), fn_name=hook.ret.encode(), pid=self.pid))
+        for site in self.sites:
+            hook = hooks[site.symbol]
+            self._attach_one(site, lambda: self._bpf.attach_uprobe(
+                name=lib, sym=site.symbol.encode(), sym_off=site.offset,
+                fn_name=hook.entry.encode(), pid=self.pid))
             self.attached.append(site.symbol)
+        if not self.light:
+            # Full mode keeps the RSS counters' last values: the process as
+            # it was at its exit, when /proc has nothing left to say.
+            self.watch_rss()
+
+    def _attach_one(self, site: ProbeSite, attach) -> None:
+        try:
+            attach()
+        except Exception as e:  # bcc raises bare Exceptions
+            raise MemtraceError(
+                f"cannot attach a uprobe to {site.symbol} in {self.libc_path} ({e}): "
+                "check that the process still runs and the kernel supports uprobes"
+            ) from None
 
     def watch_rss(self) -> None:
         """Follow the target's anonymous RSS (kmem:rss_stat), which
@@ -280,7 +404,10 @@ class Probes:
         self._maps.clear()
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
-            bpf.cleanup()
+            _detach_at_once(bpf)
+            bpf.cleanup()  # whatever is left, and the maps and programs
+            # bcc's exit hook holds the object: a long-lived agent drops many.
+            atexit.unregister(bpf.cleanup)
 
     # ---------------------------------------------------------- reading
 
@@ -289,17 +416,19 @@ class Probes:
         bucket for the arena accounting."""
         b = self._bpf
         used = min(int(b["heap_next_index"][0].value), self.limits.max_stats)
+        generation = int(b["exec_generation"][0].value)
         flows = [
             Flow(k.tid, (k.stack, k.caller), k.bucket,
-                 v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count)
+                 v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count,
+                 alloc_chunk_bytes=v.alloc_chunk_bytes, free_chunk_bytes=v.free_chunk_bytes,
+                 before_exec=k.generation != generation)
             for k, v in zip(self._mapped("heap_keys", used), self._mapped("heap_counts", used))
             if k.tid  # 0: an index not named yet, or lost to a race
         ]
         per_key: dict[tuple[int, tuple[int, int]], Counters] = {}
         for f in flows:
             key = (f.tid, f.stack_key)
-            per_key[key] = per_key.get(key, Counters()) + Counters(
-                f.alloc_bytes, f.free_bytes, f.alloc_count, f.free_count)
+            per_key[key] = per_key.get(key, Counters()) + f.counters
         rows = [HeapRow(tid, stack_key, c) for (tid, stack_key), c in per_key.items()]
         counters = b["counters"]
         total = lambda i: int(counters.sum(i).value)  # noqa: E731
@@ -319,7 +448,25 @@ class Probes:
                 stack_lost=total(CNT_STACK_LOST),
             ),
             thread_names=names,
+            peak=self._peak(),
+            rss=self._rss(),
+            exec_generation=generation,
         )
+
+    def _peak(self) -> PeakReading:
+        p = self._bpf["heap_peak"][0]
+        return PeakReading(max(0, int(p.live_bytes)), max(0, int(p.peak_bytes)), int(p.peak_ns))
+
+    def _rss(self) -> Optional[RssReading]:
+        """The RSS counters as kmem:rss_stat last gave them; None while it
+        is not watched or has said nothing."""
+        if not self.watching_rss:
+            return None
+        v = self._bpf["rss_last"][0]
+        if not v.seen:
+            return None
+        known = {name: int(v.bytes[i]) for i, name in enumerate(RSS_MEMBERS) if v.seen >> i & 1}
+        return RssReading(known, int(v.ts_ns))
 
     def _mapped(self, name: str, used: int):
         """The first `used` entries of a BPF_F_MMAPABLE array, copied in one
@@ -384,6 +531,23 @@ class Probes:
                 break
             out.append(ip)
         return out
+
+
+def _detach_at_once(bpf) -> None:
+    """Every probe's removal waits out a grace period in the kernel (~0.2 s
+    a uprobe, ~0.07 s a tracepoint: 4 s for all of ours one by one, most
+    of a short command's trace). Removed side by side, the waits overlap;
+    bcc's calls release the GIL. What fails here is left to cleanup()."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = ([(bpf.detach_uprobe_event, k) for k in list(bpf.uprobe_fds)]
+            + [(bpf.detach_kprobe_event, k) for k in list(bpf.kprobe_fds)]
+            + [(bpf.detach_tracepoint, k) for k in list(bpf.tracepoint_fds)])
+    if not jobs:
+        return
+    with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as pool:
+        for future in [pool.submit(detach, key) for detach, key in jobs]:
+            future.exception()  # waited for; a failure is retried by cleanup()
 
 
 def alloc_bucket_bits(max_allocs: int) -> int:

@@ -23,10 +23,11 @@ class Command(Protocol):
 
 
 def _commands() -> list[Command]:
+    from memtrace.commands.agent import AgentCommand
     from memtrace.commands.demo import DemoCommand
     from memtrace.commands.trace import TraceCommand
 
-    commands: list[Command] = [TraceCommand(), DemoCommand()]
+    commands: list[Command] = [TraceCommand(), DemoCommand(), AgentCommand()]
     try:
         from memtrace.commands.replay import ReplayCommand
         from memtrace.commands.report import ReportCommand
@@ -42,6 +43,7 @@ EPILOG = """examples:
   sudo memtrace -- java -jar app.jar     trace a service from its first instruction
   sudo memtrace --json --duration 30 -p 1234 > snapshot.json
   sudo memtrace demo                     a built-in multi-threaded demo
+  sudo memtrace agent --light --cgroup system.slice/app.service --serve 9480
 """
 
 

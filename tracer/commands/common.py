@@ -13,6 +13,7 @@ from typing import Optional
 
 from memtrace import preflight
 from memtrace.errors import MemtraceError
+from memtrace.serve import serve_address
 
 
 # Snapshots faster than this cost the target more than they tell; slower
@@ -39,6 +40,10 @@ def seconds(low: float, high: float, inclusive_low: bool = True):
         return value
 
     return parse
+
+
+interval_seconds = seconds(MIN_INTERVAL_S, MAX_INTERVAL_S)
+duration_seconds = seconds(0.0, MAX_DURATION_S, inclusive_low=False)
 
 
 def positive_int(text: str) -> int:
@@ -146,10 +151,10 @@ def check_output_paths(args: argparse.Namespace) -> None:
 
 def add_trace_options(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
-    out.add_argument("--interval", type=seconds(MIN_INTERVAL_S, MAX_INTERVAL_S), default=1.0,
+    out.add_argument("--interval", type=interval_seconds, default=1.0,
                      metavar="S", help=f"seconds between snapshots, {MIN_INTERVAL_S:g} to "
                      f"{MAX_INTERVAL_S:g} (default 1)")
-    out.add_argument("--duration", type=seconds(0.0, MAX_DURATION_S, inclusive_low=False),
+    out.add_argument("--duration", type=duration_seconds,
                      metavar="S", help="stop tracing after S seconds")
     out.add_argument("--json", action="store_true",
                      help="print the final snapshot as JSON on stdout instead of the view")
@@ -157,6 +162,9 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                      help="plain-text snapshots every interval, as without a terminal")
     out.add_argument("--record", metavar="FILE",
                      help="keep the session in FILE for `memtrace replay` and `memtrace report`")
+    out.add_argument("--serve", type=serve_address, metavar="[HOST:]PORT",
+                     help="serve /metrics (Prometheus) and /debug/pprof/heap (pprof) while "
+                     "tracing; loopback unless HOST is given")
     out.add_argument("-v", "--verbose", action="store_true",
                      help="say what is attached where, and how long it took")
     mode = parser.add_argument_group("what to trace")
@@ -198,10 +206,21 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
         console, view = console_sinks(interactive=interactive and not args.batch,
                                       mode="arenas" if args.light else "stacks")
         sinks.extend(console)
-    if args.record:
-        from memtrace.sinks.record import RecordSink
+    try:
+        if args.serve:
+            from memtrace.sinks.serve import ServeSink
 
-        sinks.append(RecordSink(args.record, metadata))
+            sinks.append(ServeSink(args.serve))
+        if args.record:  # last: nothing after it can fail and leave its file behind
+            from memtrace.sinks.record import RecordSink
+
+            sinks.append(RecordSink(args.record, metadata))
+    except BaseException:
+        for sink in sinks:
+            abort = getattr(sink, "abort", None)
+            if abort:
+                abort()
+        raise
     return sinks, view
 
 
@@ -221,15 +240,15 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
     if args.pid:
         target = targets.resolve_pid(args.pid)
         return _trace(args, target.pid, target.comm, target.libc_path, target.libc_shown, None,
-                      started)
+                      started, allocator=target.allocator)
     executable = targets.find_executable(command_line[0])
-    libc = targets.libc_of_command(command_line[0])
+    libc, allocator = targets.allocator_of_command(command_line)
     from memtrace.launch import Launched
 
     launched = Launched(command_line, executable)
     comm = os.path.basename(executable)[:15]
-    return _trace(args, launched.pid, comm, libc, os.readlink(libc), launched, started,
-                  keys_allowed=demo)
+    return _trace(args, launched.pid, comm, libc, allocator.path, launched, started,
+                  keys_allowed=demo, allocator=allocator)
 
 
 def _first_line(captured) -> str:
@@ -247,7 +266,7 @@ def _target_gone(pid: int, launched) -> bool:
 
 
 def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, started: float,
-           keys_allowed: bool = True) -> int:
+           keys_allowed: bool = True, allocator=None) -> int:
     from memtrace.collect.collector import Collector
     from memtrace.collect.probes import Limits, Probes, redirect_fd2, resolve_sites
     from memtrace.session import Session, wait_for_command
@@ -264,16 +283,19 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
     # libbcc writes its reasons to fd 2 itself: kept for the one line
     bcc_said = tempfile.TemporaryFile()
     try:
+        kind = allocator.kind if allocator is not None else "glibc"
+        prefix = allocator.prefix if allocator is not None else ""
         with redirect_fd2(bcc_said.fileno()):
-            sites = resolve_sites(libc)
+            sites = resolve_sites(libc, kind, prefix)
         limits = Limits(max_allocs=args.max_allocs, max_stats=args.max_stats,
                         max_stacks=args.stack_storage_size,
                         event_buffer_bytes=args.event_buffer << 20)
-        probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes)
+        probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes,
+                        allocator_kind=kind, allocator_prefix=prefix)
         probes.load()
         with redirect_fd2(bcc_said.fileno()):
             probes.attach()
-        collector = Collector(pid, comm, probes, light=args.light)
+        collector = Collector(pid, comm, probes, light=args.light, attached=launched is None)
         events_fd = collector.start()
         collector.watch = _open_watch(pid, args.verbose)
         # Before the command runs: a file that cannot be written stops it unrun.

@@ -23,6 +23,7 @@ def load_report_data(path: str, when: str, by: str) -> ReportData:
         index, snapshot = rec.snapshot_at(when)
         check_by(snapshot, by)
         peak_index, peak = rec.snapshot_at("peak")
+        _, final = rec.snapshot_at("end")
         if index >= len(rec):
             # Reading up to the peak found damage and cut the recording.
             index, snapshot = rec.snapshot_at(when)
@@ -37,6 +38,7 @@ def load_report_data(path: str, when: str, by: str) -> ReportData:
             metadata=rec.metadata,
             complete=rec.complete,
             source=path,
+            final=final,
         )
 
 

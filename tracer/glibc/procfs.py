@@ -110,11 +110,11 @@ class ProcessMemory:
             parts.append(data)
         return b"".join(parts)[skip : skip + size]
 
-    def resident_bytes(self, start: int, end: int) -> Optional[int]:
-        """Bytes of [start, end) whose pages are in RAM now (pagemap bit 63),
-        or None when pagemap cannot be read."""
+    def present_pages(self, start: int, end: int) -> Optional[bytes]:
+        """One byte per page of [start, end): 1 where the page is in RAM
+        (pagemap bit 63), or None when pagemap cannot be read."""
         if end <= start:
-            return 0
+            return b""
         if self._pagemap_fd is None and not self._pagemap_failed:
             try:
                 self._pagemap_fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -127,5 +127,10 @@ class ProcessMemory:
         if entries is None:
             return None
         # Little-endian entries: bit 63 is the top bit of each entry's last byte.
-        present = entries[7::8].translate(_PRESENT_BYTE).count(1)
-        return present * PAGE_SIZE
+        return entries[7::8].translate(_PRESENT_BYTE)
+
+    def resident_bytes(self, start: int, end: int) -> Optional[int]:
+        """Bytes of [start, end) whose pages are in RAM now (pagemap bit 63),
+        or None when pagemap cannot be read."""
+        present = self.present_pages(start, end)
+        return None if present is None else present.count(1) * PAGE_SIZE

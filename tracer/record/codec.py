@@ -88,6 +88,10 @@ def _heap_from_json(d: Mapping[str, Any]) -> HeapTotals:
         trim_calls=d["trim_calls"],
         trim_released_calls=d["trim_released_calls"],
         drops=DropStats(**d["drops"]),
+        peak_live_bytes=d.get("peak_live_bytes", 0),
+        live_allocator_bytes=d.get("live_allocator_bytes", 0),
+        peak_live_elapsed_s=d.get("peak_live_elapsed_s"),
+        live_before_trace_bytes=d.get("live_before_trace_bytes"),
     )
 
 
@@ -106,6 +110,7 @@ _SECTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "elapsed_s": lambda v: {"elapsed_s": v},
     "target_alive": lambda v: {"target_alive": v},
     "exit_status": lambda v: {"exit_status": v},
+    "memory_read_elapsed_s": lambda v: {"memory_read_elapsed_s": v},
     "process": lambda v: {"process": _process_from_json(v)},
     # Rates travel inside the heap section.
     "heap": lambda v: {"heap": _heap_from_json(v), "rates": Rates(**v["rates"])},

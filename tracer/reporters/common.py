@@ -30,6 +30,50 @@ class ReportData:
     metadata: dict[str, Any] = field(default_factory=dict)
     complete: bool = True  # the recorder closed the file
     source: str = ""  # the recording's path
+    # The recording's last word on the kernel's peak RSS and the heap's peak.
+    final: Optional[Snapshot] = None
+
+
+@dataclass(frozen=True)
+class Peak:
+    """One peak for every report: the kernel's high-water mark of the RSS,
+    the snapshot nearest to it (the highest RSS sampled) and how far below
+    it that snapshot is; and the heap's own peak, kept at every call."""
+
+    rss_bytes: Optional[int]
+    nearest: Optional[Snapshot]
+    below_bytes: int
+    heap_live_bytes: int
+    heap_live_elapsed_s: Optional[float]
+
+
+def peak_of(data: ReportData) -> Peak:
+    last = data.final or data.snapshot
+    nearest = data.peak
+    sampled = nearest.process.rss_bytes if nearest is not None else 0
+    kernel = max((x for x in (last.process.peak_rss_bytes, sampled) if x), default=None)
+    return Peak(kernel, nearest, max(0, (kernel or 0) - (sampled or 0)),
+                last.heap.peak_live_bytes, last.heap.peak_live_elapsed_s)
+
+
+def peak_texts(data: ReportData) -> list[str]:
+    """'peak RSS 842.0 MiB (the kernel's high-water mark); the nearest
+    snapshot, at 1.6s, had 102.1 MiB (739.9 MiB below)', and the heap's."""
+    from memtrace.view.fmt import fmt_bytes
+
+    p = peak_of(data)
+    out = []
+    if p.rss_bytes:
+        text = f"peak RSS {fmt_bytes(p.rss_bytes)} (the kernel's high-water mark)"
+        if p.nearest is not None and p.nearest.process.rss_bytes:
+            text += (f"; the nearest snapshot, at {p.nearest.elapsed_s:.1f}s, had "
+                     f"{fmt_bytes(p.nearest.process.rss_bytes)}")
+            text += f" ({fmt_bytes(p.below_bytes)} below)" if p.below_bytes else " (the same)"
+        out.append(text)
+    if p.heap_live_bytes:
+        at = f" at {p.heap_live_elapsed_s:.1f}s" if p.heap_live_elapsed_s is not None else ""
+        out.append(f"peak heap live {fmt_bytes(p.heap_live_bytes)}{at}")
+    return out
 
 
 def stack_weight(stack: StackStats, by: str) -> int:

@@ -16,6 +16,7 @@ from typing import Any, Sequence, TextIO
 from memtrace.record.timeline import TimePoint
 from memtrace.reporters.common import (
     ReportData,
+    peak_of,
     command_line,
     frame_label,
     gap_at,
@@ -273,10 +274,15 @@ def _facts(d: ReportData) -> str:
     gap = gap_at(s)
     if gap is not None:
         facts.append(_fact(fmt_bytes(gap), "gap (held, not live)"))
+    p = peak_of(d)
+    if p.rss_bytes:
+        near = (f", nearest snapshot {fmt_bytes(p.nearest.process.rss_bytes)} at "
+                f"{p.nearest.elapsed_s:.1f}s" if p.nearest is not None and p.below_bytes else "")
+        facts.append(_fact(fmt_bytes(p.rss_bytes), f"peak RSS (kernel high-water mark{near})"))
+    if p.heap_live_bytes:
+        at = f" at {p.heap_live_elapsed_s:.1f}s" if p.heap_live_elapsed_s is not None else ""
+        facts.append(_fact(fmt_bytes(p.heap_live_bytes), f"peak heap live{at}"))
     if d.peak is not None:
-        value = d.peak.process.rss_bytes or d.peak.heap.live_bytes
-        what = "RSS" if d.peak.process.rss_bytes else "heap live"
-        facts.append(_fact(fmt_bytes(value), f"peak {what} at {d.peak.elapsed_s:.1f}s"))
         peak_gap = gap_at(d.peak)
         if peak_gap is not None and d.peak is not s:
             facts.append(_fact(fmt_bytes(peak_gap), "gap at the peak"))

@@ -1,27 +1,34 @@
 """The pprof report: a gzip-compressed profile.proto, for `go tool pprof`
-and the tools that read it (Pyroscope, Speedscope, Grafana).
+and the tools that read it (Pyroscope, Parca, Speedscope, Grafana).
 
-The profile carries the four values Go's own heap profiles have, so pprof's
-usual flags work (`-sample_index=alloc_space`); the default is the one
+The profile carries the four values Go's own heap profiles have, under
+Go's names, so pprof's usual flags work (`-sample_index=alloc_space`), and
+retained_space where the arenas were measured; the default is the one
 `--by` names. One Location per distinct frame (the full frame string as it
 was symbolized), one Function per function and module.
+
+`report --format pprof` and `--serve`'s /debug/pprof/heap are both this
+profile: the server passes the snapshots of its targets, each sample
+labelled with its pid and comm.
 """
 
 from __future__ import annotations
 
 import gzip
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Optional, Sequence
 
-from memtrace.reporters.common import ReportData, check_by, command_line, stack_weight
+from memtrace.model import Snapshot
+from memtrace.reporters.common import ReportData, check_by, command_line, has_retained
 from memtrace.view.fmt import split_frame
 
-# (type, unit) in sample order; --by picks the default.
+# (type, unit) in sample order, as Go writes a heap profile.
 SAMPLE_TYPES = (
     ("alloc_objects", "count"),
     ("alloc_space", "bytes"),
     ("inuse_objects", "count"),
     ("inuse_space", "bytes"),
 )
+RETAINED = ("retained_space", "bytes")
 _DEFAULT_FOR = {"live": "inuse_space", "allocated": "alloc_space", "retained": "retained_space"}
 
 
@@ -42,72 +49,111 @@ class _Strings:
         return i
 
 
-def build_profile(data: ReportData):  # -> profile_proto.Profile
-    from memtrace.reporters.profile_proto import Profile
+class _Builder:
+    """One profile from one or more snapshots, sharing the tables."""
 
-    check_by(data.snapshot, data.by)
-    s = data.snapshot
-    strings = _Strings()
-    profile = Profile()
-    sample_types = list(SAMPLE_TYPES)
-    if data.by == "retained":
-        sample_types.append(("retained_space", "bytes"))
-    for type_name, unit in sample_types:
-        profile.sample_type.add(type=strings(type_name), unit=strings(unit))
-    profile.default_sample_type = strings(_DEFAULT_FOR[data.by])
-    profile.period_type.type = strings("space")
-    profile.period_type.unit = strings("bytes")
-    profile.period = 1
+    def __init__(self, retained: bool, by: str) -> None:
+        from memtrace.reporters.profile_proto import Profile
 
-    mappings: dict[str, int] = {}
-    functions: dict[tuple[str, str], int] = {}
-    locations: dict[str, int] = {}
+        self.strings = _Strings()
+        self.profile = Profile()
+        self.retained = retained
+        for type_name, unit in SAMPLE_TYPES + ((RETAINED,) if retained else ()):
+            self.profile.sample_type.add(type=self.strings(type_name), unit=self.strings(unit))
+        self.profile.default_sample_type = self.strings(_DEFAULT_FOR[by])
+        self.profile.period_type.type = self.strings("space")
+        self.profile.period_type.unit = self.strings("bytes")
+        self.profile.period = 1
+        self._mappings: dict[str, int] = {}
+        self._functions: dict[tuple[str, str], int] = {}
+        self._locations: dict[str, int] = {}
 
-    def mapping_id(module: Optional[str]) -> int:
+    def _mapping_id(self, module: Optional[str]) -> int:
         if not module:
             return 0
-        mid = mappings.get(module)
+        mid = self._mappings.get(module)
         if mid is None:
-            mid = mappings[module] = len(mappings) + 1
-            profile.mapping.add(id=mid, filename=strings(module), has_functions=True)
+            mid = self._mappings[module] = len(self._mappings) + 1
+            self.profile.mapping.add(id=mid, filename=self.strings(module), has_functions=True)
         return mid
 
-    def location_id(frame: str) -> int:
-        lid = locations.get(frame)
+    def _location_id(self, frame: str) -> int:
+        lid = self._locations.get(frame)
         if lid is None:
             func, module = split_frame(frame)
             name = func or (f"[{module}]" if module else frame.strip() or "[unknown]")
             fkey = (name, module or "")
-            fid = functions.get(fkey)
+            fid = self._functions.get(fkey)
             if fid is None:
-                fid = functions[fkey] = len(functions) + 1
-                profile.function.add(id=fid, name=strings(name), system_name=strings(frame), filename=strings(module))
-            lid = locations[frame] = len(locations) + 1
-            loc = profile.location.add(id=lid, mapping_id=mapping_id(module))
+                fid = self._functions[fkey] = len(self._functions) + 1
+                self.profile.function.add(id=fid, name=self.strings(name),
+                                          system_name=self.strings(frame),
+                                          filename=self.strings(module))
+            lid = self._locations[frame] = len(self._locations) + 1
+            loc = self.profile.location.add(id=lid, mapping_id=self._mapping_id(module))
             loc.line.add(function_id=fid)
         return lid
 
-    for st in s.stacks:
-        c = st.counters
-        values = [c.alloc_count, c.alloc_bytes, c.live_count, c.live_bytes]
-        if data.by == "retained":
-            values.append(stack_weight(st, "retained"))
-        if not any(values):
-            continue
-        sample = profile.sample.add(location_id=[location_id(f) for f in st.frames], value=values)
-        if st.tids:
-            lab = sample.label.add(key=strings("threads"))
-            lab.str = strings(",".join(str(t) for t in st.tids))
+    def add(self, s: Snapshot, labels: Sequence[tuple[str, str]] = ()) -> None:
+        for st in s.stacks:
+            c = st.counters
+            values = [c.alloc_count, c.alloc_bytes, c.live_count, c.live_bytes]
+            if self.retained:
+                values.append(st.retained_bytes)
+            if not any(values):
+                continue
+            sample = self.profile.sample.add(
+                location_id=[self._location_id(f) for f in st.frames], value=values)
+            for key, text in labels:
+                sample.label.add(key=self.strings(key), str=self.strings(text))
+            if st.tids:
+                sample.label.add(key=self.strings("threads"),
+                                 str=self.strings(",".join(str(t) for t in st.tids)))
+
+    def comment(self, text: str) -> None:
+        self.profile.comment.append(self.strings(text))
+
+    def finish(self):  # -> profile_proto.Profile
+        self.profile.string_table.extend(self.strings.table)
+        return self.profile
+
+
+def _target_labels(s: Snapshot) -> tuple[tuple[str, str], ...]:
+    return (("pid", str(s.pid)), ("comm", s.comm))
+
+
+def build_profile(data: ReportData):  # -> profile_proto.Profile
+    check_by(data.snapshot, data.by)
+    s = data.snapshot
+    builder = _Builder(has_retained(s), data.by)
+    builder.add(s, _target_labels(s))
+    profile = builder.profile
     start = data.metadata.get("start_time")
     if isinstance(start, (int, float)):
         profile.time_nanos = int((start + s.elapsed_s) * 1e9)
     profile.duration_nanos = int(s.elapsed_s * 1e9)
-    profile.comment.append(strings(f"memtrace: pid {s.pid} ({s.comm}) at {s.elapsed_s:.1f}s"))
+    builder.comment(f"memtrace: pid {s.pid} ({s.comm}) at {s.elapsed_s:.1f}s")
     cmd = command_line(data.metadata)
     if cmd:
-        profile.comment.append(strings(f"command: {cmd}"))
-    profile.string_table.extend(strings.table)
-    return profile
+        builder.comment(f"command: {cmd}")
+    return builder.finish()
+
+
+def build_fleet_profile(snapshots: Sequence[Snapshot], time_nanos: int):
+    """The live profile of several targets at once, each sample labelled
+    with its target's pid and comm (`go tool pprof -tagfocus pid=1234`)."""
+    builder = _Builder(any(has_retained(s) for s in snapshots), "live")
+    for s in snapshots:
+        builder.add(s, _target_labels(s))
+        builder.comment(f"memtrace: pid {s.pid} ({s.comm}) at {s.elapsed_s:.1f}s")
+    builder.profile.time_nanos = time_nanos
+    builder.profile.duration_nanos = int(max((s.elapsed_s for s in snapshots), default=0) * 1e9)
+    return builder.finish()
+
+
+def gzipped(profile) -> bytes:
+    # mtime=0: the same snapshot gives the same bytes.
+    return gzip.compress(profile.SerializeToString(), mtime=0)
 
 
 class PprofReporter:
@@ -117,6 +163,4 @@ class PprofReporter:
         self.data = data
 
     def render(self, out: BinaryIO) -> None:
-        payload = build_profile(self.data).SerializeToString()
-        # mtime=0: the same recording gives the same bytes.
-        out.write(gzip.compress(payload, mtime=0))
+        out.write(gzipped(build_profile(self.data)))

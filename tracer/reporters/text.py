@@ -12,6 +12,7 @@ from typing import Callable, TextIO
 from memtrace.model import Gap, StackStats
 from memtrace.reporters.common import (
     ReportData,
+    peak_texts,
     command_line,
     has_retained,
     moment,
@@ -59,10 +60,7 @@ def _memory(d: ReportData) -> list[str]:
     lines = [""]
     if p.rss_bytes:
         lines.append(f"RSS {fmt_bytes(p.rss_bytes)} (anon {fmt_bytes(p.rss_anon_bytes)})")
-    if d.peak is not None and d.peak_index is not None:
-        what = "RSS" if d.peak.process.rss_bytes else "heap live"
-        value = d.peak.process.rss_bytes or d.peak.heap.live_bytes
-        lines.append(f"peak {what} {fmt_bytes(value)} at {d.peak.elapsed_s:.1f}s")
+    lines += peak_texts(d)
     estimate = " (estimated: recorded without malloc probes)" if s.light else ""
     lines.append(f"heap live {fmt_bytes(c.live_bytes)} in {fmt_count(c.live_count)} blocks{estimate}")
     lines.append(
@@ -135,7 +133,7 @@ def _arenas(d: ReportData) -> list[str]:
             str(a.heap_count),
             fmt_bytes(a.committed_bytes),
             fmt_bytes(a.resident_bytes),
-            fmt_bytes(a.live_bytes) + ("~" if a.live_is_estimate else ""),
+            status.arena_live(a),
             fmt_bytes(a.retained_bytes),
             ",".join(str(t) for t in a.tids[:_TIDS_SHOWN]) + ("..." if len(a.tids) > _TIDS_SHOWN else ""),
         ]

@@ -237,7 +237,7 @@ def _arena_rows(s: Snapshot, arenas: Sequence[ArenaStats], width: int) -> Table:
         ]
 
     def live(a: ArenaStats) -> str:
-        return ("~" if a.live_is_estimate else "") + fmt_bytes(a.live_bytes)
+        return status.arena_live(a)
 
     cols = [
         Col("ARENA", [Text(a.id, style="dim") for a in arenas], justify="left", drop_rank=6),

@@ -117,6 +117,13 @@ def is_estimate(s: Snapshot) -> bool:
     return s.light or (s.allocator is not None and s.allocator.estimate)
 
 
+def arena_live(a: ArenaStats) -> str:
+    """An arena's live bytes, those from before an attach included; '~'
+    where any part is an estimate."""
+    estimate = a.live_is_estimate or a.live_before_trace_bytes
+    return ("~" if estimate else "") + fmt_bytes(a.all_live_bytes)
+
+
 def estimated(s: Snapshot, n: int) -> str:
     """A heap figure, '~'-prefixed when it is an estimate."""
     return ("~" if is_estimate(s) else "") + fmt_bytes(n)
@@ -142,12 +149,43 @@ def _gap_fields(s: Snapshot, compact: bool) -> tuple[Field, ...]:
     g = s.gap
     if g is None:
         return ()
-    return (
+    # Blocks from before an attach are counted from glibc's books: estimated.
+    before = bool(s.heap.live_before_trace_bytes)
+    live = ("~" if before and not is_estimate(s) else "") + estimated(s, g.heap_live_bytes)
+    fields = [
         Field("anon RSS", fmt_bytes(g.rss_anon_bytes), TITLE),
-        Field("= heap live", estimated(s, g.heap_live_bytes)),
+        Field("= heap live", live),
         Field("+ retained" if compact else "+ allocator retained", estimated(s, g.allocator_retained_bytes)),
         Field("+ other", fmt_bytes(g.other_anon_bytes)),
-    )
+    ]
+    if g.heap_live_not_resident_bytes:
+        fields.append(Field("(live, never touched:" if not compact else "(untouched:",
+                            fmt_bytes(g.heap_live_not_resident_bytes) + ")"))
+    return tuple(fields)
+
+
+def before_trace_note(s: Snapshot) -> Optional[str]:
+    """Said once wherever stacks are shown: the heap from before an attach
+    has no stacks."""
+    before = s.heap.live_before_trace_bytes
+    if not before:
+        return None
+    return (f"~{fmt_bytes(before)} of the heap is from before the attach: live in the gap, "
+            "in no stack (stacks hold what was allocated while traced)")
+
+
+def exit_note(s: Snapshot) -> Optional[str]:
+    """After the process's exit: which figures are from when."""
+    if s.target_alive:
+        return None
+    parts = []
+    if s.process.at_exit:
+        parts.append("RSS as the kernel counted it at the exit")
+    if s.memory_read_elapsed_s is not None and s.memory_read_elapsed_s < s.elapsed_s - 0.05:
+        parts.append(f"arenas and regions as read at {fmt_duration(s.memory_read_elapsed_s)}")
+    if not parts:
+        return None
+    return "the process has exited: heap live at the exit; " + "; ".join(parts)
 
 
 def gap_text(s: Snapshot) -> Optional[str]:
@@ -228,6 +266,8 @@ def _memory(s: Snapshot) -> list[Field]:
         fields.append(Field("anon", fmt_bytes(p.rss_anon_bytes)))
     if p.peak_rss_bytes is not None:
         fields.append(Field("peak", fmt_bytes(p.peak_rss_bytes)))
+    if s.heap.peak_live_bytes and not s.light:
+        fields.append(Field("heap peak", fmt_bytes(s.heap.peak_live_bytes)))
     return fields
 
 
@@ -324,7 +364,8 @@ def _hints(s: Snapshot) -> list[HeaderLine]:
 
 
 def _notes(s: Snapshot) -> list[HeaderLine]:
-    return [HeaderLine(NOTES_RANK, NOTE, text=n) for n in s.notes]
+    derived = [n for n in (exit_note(s), before_trace_note(s)) if n]
+    return [HeaderLine(NOTES_RANK, NOTE, text=n) for n in (*derived, *s.notes)]
 
 
 # The header in display order; each entry gives [] when its section is
@@ -397,6 +438,7 @@ def retained_percent(a: ArenaStats) -> str:
 _REGION_KINDS = {
     "glibc-arena-heap": "arena heap",
     "glibc-mmapped-chunk": "mmapped chunk",
+    "allocator-mapping": "allocator",
     "heap": "brk heap",
     "anonymous": "anonymous",
 }

@@ -85,7 +85,7 @@ def _arena_table(s: Snapshot, arenas: Sequence[ArenaStats], threads_width: int =
             fmt_bytes(a.reserved_bytes),
             fmt_bytes(a.committed_bytes),
             fmt_bytes(a.resident_bytes),
-            ("~" if a.live_is_estimate else "") + fmt_bytes(a.live_bytes),
+            status.arena_live(a),
             fmt_bytes(a.retained_bytes),
             status.retained_percent(a),
             fmt_bytes(a.trimmable_bytes),
@@ -232,22 +232,30 @@ def _summary_totals(s: Snapshot) -> list[str]:
     c = h.counters
     rss = f"RSS {fmt_bytes(p.rss_bytes)}, anon {fmt_bytes(p.rss_anon_bytes)}"
     if p.peak_rss_bytes is not None:
-        rss += f", peak {fmt_bytes(p.peak_rss_bytes)}"
+        rss += f", peak {fmt_bytes(p.peak_rss_bytes)} (the kernel's high-water mark)"
+    when = "at its exit" if p.at_exit else "at the end"
     lines = [
         f"memtrace summary: pid {s.pid} ({s.comm}), traced for {fmt_duration(s.elapsed_s)}",
         target,
-        f"process at the end: {rss}",
+        f"process {when}: {rss}",
     ]
+    for note in (status.exit_note(s), status.before_trace_note(s)):
+        if note:
+            lines.append(f"  {note}")
     if s.light:
         # No malloc probes: no blocks or calls to count, only glibc's view.
         live = f"~{fmt_bytes(s.gap.heap_live_bytes)} (estimate)" if s.gap is not None else "unknown"
         lines.append(f"heap live at the end: {live}; light mode: no malloc probes")
     else:
         lines += [
-            f"heap live at the end: {fmt_bytes(c.live_bytes)} in {fmt_count(c.live_count)} blocks",
+            f"heap live {when}: {fmt_bytes(c.live_bytes)} in {fmt_count(c.live_count)} blocks",
             f"  allocated {fmt_bytes(c.alloc_bytes)} in {fmt_count(c.alloc_count)} calls,"
             f" freed {fmt_bytes(c.free_bytes)} in {fmt_count(c.free_count)} calls",
         ]
+        if h.peak_live_bytes:
+            at = (f" at {fmt_duration(h.peak_live_elapsed_s)}"
+                  if h.peak_live_elapsed_s is not None else "")
+            lines.append(f"  heap peak: {fmt_bytes(h.peak_live_bytes)} live{at}")
     if h.untracked_free_count:
         lines.append(
             f"  untracked frees: {fmt_count(h.untracked_free_count)} (blocks allocated before tracing began)"

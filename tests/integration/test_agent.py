@@ -1,0 +1,210 @@
+"""`memtrace agent --light` following a cgroup whose processes come and go.
+
+The test makes its own cgroup in the cgroup v2 hierarchy and starts idle.c
+in it (a shell writes itself into cgroup.procs, then execs the program).
+The agent must attach to each process that appears, serve all of them on
+one /metrics, detach from one that exits (its probes gone from the kernel),
+leave alone a process outside the cgroup, and harm none of them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from memtrace.follow import cgroup2_root
+
+pytestmark = pytest.mark.bpf
+
+WAIT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cgroup():
+    path = Path(cgroup2_root()) / f"memtrace-test-{os.getpid()}"
+    try:
+        path.mkdir()
+    except OSError as e:
+        pytest.fail(f"cannot make a test cgroup {path}: {e}", pytrace=False)
+    yield path
+    for pid in (path / "cgroup.procs").read_text().split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            path.rmdir()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def start_in(cgroup: Path, argv, spawn) -> subprocess.Popen:
+    """argv started inside the cgroup: the shell joins it, then execs."""
+    script = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"'
+    return spawn(["sh", "-c", script, "sh", *argv])
+
+
+def scrape(port: int) -> dict[str, dict[str, float]]:
+    """metric name -> {pid label or '': value}; "comm" -> {pid: comm}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, dict] = {"comm": {}}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[s.labels.get("pid", "")] = s.value
+            if "pid" in s.labels:
+                out["comm"][s.labels["pid"]] = s.labels["comm"]
+    return out
+
+
+def wait_until(check, what: str, agent) -> dict:
+    deadline = time.monotonic() + WAIT_S
+    last = None
+    while time.monotonic() < deadline:
+        if agent.proc.poll() is not None:
+            pytest.fail(f"the agent exited (rc={agent.proc.returncode}): "
+                        f"{agent.stderr_so_far()}", pytrace=False)
+        try:
+            last = scrape(agent.port)
+            if check(last):
+                return last
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.2)
+    pytest.fail(f"{what} not seen within {WAIT_S}s; last scrape: {last}; "
+                f"agent: {agent.stderr_so_far()}", pytrace=False)
+
+
+def traced_pids(metrics: dict) -> set[str]:
+    """The pids served, once each runs idle (the shell that started it
+    may be caught before its exec, and is attached again after it)."""
+    pids = set(metrics.get("memtrace_rss_bytes", {}))
+    return pids if all(metrics["comm"][p] == "idle" for p in pids) else {"(not idle yet)"}
+
+
+def test_agent_follows_a_cgroup(cgroup, programs, spawn, start_memtrace, probes):
+    port = free_port()
+    agent = start_memtrace(["agent", "--light", "--cgroup", str(cgroup), "--serve", str(port),
+                            "--interval", "0.5"])
+    agent.port = port
+    idle = programs["idle"]
+    outsider = spawn([idle])
+    static = start_in(cgroup, [programs["idle_static"]], spawn)  # refused, once
+    first = start_in(cgroup, [idle], spawn)
+    metrics = wait_until(lambda m: traced_pids(m) == {str(first.pid)}, "the first process", agent)
+    assert metrics["memtrace_light_mode"][str(first.pid)] == 1
+    assert metrics["memtrace_rss_bytes"][str(first.pid)] > 0
+    held_by_one = len(probes.perf(probes.below(agent.pid)))
+    assert held_by_one > 0, "light mode still probes malloc_trim"
+
+    second = start_in(cgroup, [idle], spawn)
+    both = {str(first.pid), str(second.pid)}
+    metrics = wait_until(lambda m: traced_pids(m) == both, "both processes", agent)
+    assert metrics["memtrace_targets"][""] == 2
+    assert metrics["memtrace_self_rss_bytes"][""] > 0
+    assert len(probes.perf(probes.below(agent.pid))) == 2 * held_by_one
+    assert str(outsider.pid) not in traced_pids(metrics)
+
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(30) == 0, "a followed process was harmed"
+    wait_until(lambda m: traced_pids(m) == {str(second.pid)}, "the first one's exit", agent)
+    assert len(probes.perf(probes.below(agent.pid))) == held_by_one, "its probes stay attached"
+
+    third = start_in(cgroup, [idle], spawn)
+    wait_until(lambda m: traced_pids(m) == {str(second.pid), str(third.pid)},
+               "a process started later", agent)
+
+    result = agent.stop(signal.SIGTERM)
+    assert result.rc == 0, result.stderr
+    for line in (f"attached to pid {first.pid} (idle)", f"detached from pid {first.pid} (idle): "
+                 "it exited", f"attached to pid {third.pid} (idle)"):
+        assert line in result.stderr, result.stderr
+    assert result.stderr.count(f"pid {static.pid} (idle_static) is statically linked") == 1, \
+        result.stderr
+    for proc in (second, third, outsider, static):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, "a process was harmed"
+
+
+def test_agent_follows_an_exec(cgroup, programs, spawn, start_memtrace):
+    """A wrapper script that execs its service: traced as the shell first,
+    then again as the program it became."""
+    port = free_port()
+    agent = start_memtrace(["agent", "--light", "--cgroup", str(cgroup), "--serve", str(port),
+                            "--interval", "0.5"])
+    agent.port = port
+    script = f'echo $$ > {cgroup}/cgroup.procs && sleep 4 && exec "$1"'
+    wrapper = spawn(["sh", "-c", script, "sh", programs["idle"]])
+    wait_until(lambda m: m["comm"].get(str(wrapper.pid)) == "sh", "the shell", agent)
+    wait_until(lambda m: traced_pids(m) == {str(wrapper.pid)}, "the exec'd program", agent)
+    result = agent.stop(signal.SIGTERM)
+    assert result.rc == 0, result.stderr
+    assert f"detached from pid {wrapper.pid} (sh): it exec'd idle" in result.stderr, result.stderr
+    wrapper.send_signal(signal.SIGTERM)
+    assert wrapper.wait(30) == 0
+
+
+def test_agent_caps_the_number_of_targets(cgroup, programs, spawn, start_memtrace):
+    port = free_port()
+    agent = start_memtrace(["agent", "--light", "--cgroup", str(cgroup), "--serve", str(port),
+                            "--interval", "0.5", "--max-targets", "1"])
+    agent.port = port
+    procs = [start_in(cgroup, [programs["idle"]], spawn) for _ in range(2)]
+    first = wait_until(lambda m: len(traced_pids(m)) == 1, "one process", agent)
+    time.sleep(2)  # a second look at the cgroup
+    assert traced_pids(scrape(port)) == traced_pids(first)
+    # the one traced exits: the other takes its place
+    traced = next(p for p in procs if str(p.pid) in traced_pids(first))
+    other = next(p for p in procs if p is not traced)
+    traced.send_signal(signal.SIGTERM)
+    assert traced.wait(30) == 0
+    wait_until(lambda m: traced_pids(m) == {str(other.pid)}, "the other process", agent)
+    result = agent.stop(signal.SIGTERM)
+    assert result.rc == 0, result.stderr
+    assert f"pid {other.pid}: waits for a free slot (--max-targets 1)" in result.stderr, result.stderr
+    other.send_signal(signal.SIGTERM)
+    assert other.wait(30) == 0
+
+
+def test_agent_with_pids_ends_when_they_exit(programs, spawn, start_memtrace):
+    port = free_port()
+    target = spawn([programs["idle"]])
+    agent = start_memtrace(["agent", "--light", "-p", str(target.pid), "--serve", str(port)])
+    agent.port = port
+    wait_until(lambda m: traced_pids(m) == {str(target.pid)}, "the process", agent)
+    target.send_signal(signal.SIGTERM)
+    assert target.wait(30) == 0
+    result = agent.wait()
+    assert result.rc == 0 and "nothing left to follow" in result.stderr, result.stderr
+
+
+def test_agent_refuses_bad_input(run_memtrace):
+    serve = ["agent", "--serve", str(free_port())]
+    for args, message in (
+        (serve, "say what to follow"),
+        ([*serve, "--cgroup", "no-such-cgroup-here"], "is not a cgroup directory"),
+        ([*serve, "--comm", "a/b"], "takes a command name"),
+        ([*serve, "-p", "1,x"], "comma-separated list of pids"),
+        ([*serve, "-p", "999999999"], "no process with pid 999999999"),
+    ):
+        rc, _, stderr = run_memtrace(args)
+        assert rc == 2 and message in stderr and "Traceback" not in stderr, (args, stderr)

@@ -1,0 +1,112 @@
+"""The pure accounting rules of issue 10: the heap from before an attach is
+live, never retained; the gap adds up with every part >= 0; the untouched
+part of the live heap is apart; hints never exceed what is resident and
+never contradict each other."""
+
+from __future__ import annotations
+
+from memtrace import accounting
+from memtrace.accounting import ArenaInput, ChunkSpans, HeapSpan
+from memtrace.model import BUCKET_SHIFT, AllocatorStats, Flow
+
+MiB = 1 << 20
+
+
+def _main_arena(resident: int, system_mem: int, free: int, trimmable: int = 0) -> ArenaInput:
+    return ArenaInput(address=0x7F00_0000_0000, kind="main",
+                      heaps=(HeapSpan(0x5555_0000_0000, 0, system_mem, resident),),
+                      system_mem_bytes=system_mem, free_bytes=free, trimmable_bytes=trimmable)
+
+
+def _flow(live: int, chunk_overhead: int = 16, bucket: int = 0x5555_0000_0000 >> BUCKET_SHIFT,
+          before_exec: bool = False) -> Flow:
+    blocks = live // 4096
+    return Flow(1, (1, 2), bucket, live, 0, blocks, 0,
+                alloc_chunk_bytes=live + blocks * chunk_overhead, before_exec=before_exec)
+
+
+def test_blocks_from_before_the_attach_are_live_not_retained():
+    # 100 MiB in use by glibc's books, 100 MiB free in its bins, all resident;
+    # nothing traced yet.
+    arena = _main_arena(resident=200 * MiB, system_mem=200 * MiB, free=100 * MiB)
+    account = accounting.account_allocator([arena], [], 0, attached=True)
+    a = account.arenas[0]
+    assert a.live_before_trace_bytes == 100 * MiB
+    assert a.live_bytes == 0  # traced: exact
+    assert a.all_live_bytes == 100 * MiB
+    assert a.retained_bytes == 100 * MiB
+    assert account.allocator.live_before_trace_bytes == 100 * MiB
+    # Launched from the first instruction: there is no "before".
+    launched = accounting.account_allocator([arena], [], 0, attached=False)
+    assert launched.arenas[0].live_before_trace_bytes == 0
+
+
+def test_traced_chunks_are_not_counted_twice_as_from_before():
+    arena = _main_arena(resident=200 * MiB, system_mem=200 * MiB, free=100 * MiB)
+    flow = _flow(40 * MiB)  # traced: 40 MiB requested, its chunks a little more
+    in_use = 100 * MiB
+    account = accounting.account_allocator([arena], [flow], flow.live_bytes, attached=True)
+    a = account.arenas[0]
+    assert a.live_before_trace_bytes == in_use - flow.live_chunk_bytes
+    assert a.all_live_bytes == flow.live_bytes + a.live_before_trace_bytes
+
+
+def test_an_arena_made_while_traced_has_nothing_from_before():
+    arena = _main_arena(resident=200 * MiB, system_mem=200 * MiB, free=100 * MiB)
+    arena = ArenaInput(**{**arena.__dict__, "kind": "thread", "existed_before_trace": False})
+    account = accounting.account_allocator([arena], [_flow(40 * MiB)], 40 * MiB, attached=True)
+    assert account.arenas[0].live_before_trace_bytes == 0
+
+
+def test_an_exec_drops_the_old_images_blocks():
+    old = _flow(4 * MiB, before_exec=True)
+    assert old.counters.live_bytes == 0 and old.live_chunk_bytes == 0
+    assert old.counters.alloc_bytes == 4 * MiB
+
+
+def test_the_gap_adds_up_and_untouched_live_is_apart():
+    allocator = AllocatorStats(live_bytes=700 * MiB, retained_bytes=10 * MiB,
+                               live_not_resident_bytes=690 * MiB)
+    g = accounting.gap(526 * MiB, allocator)
+    assert g.heap_live_bytes == 10 * MiB
+    assert g.heap_live_not_resident_bytes == 690 * MiB
+    assert g.heap_live_bytes + g.allocator_retained_bytes + g.other_anon_bytes == g.rss_anon_bytes
+    assert min(g.heap_live_bytes, g.allocator_retained_bytes, g.other_anon_bytes) >= 0
+
+
+def test_the_gap_is_clipped_when_reads_disagree():
+    allocator = AllocatorStats(live_bytes=30 * MiB, retained_bytes=300 * MiB)
+    g = accounting.gap(100 * MiB, allocator)
+    assert (g.heap_live_bytes, g.allocator_retained_bytes, g.other_anon_bytes) == (30 * MiB, 70 * MiB, 0)
+
+
+def test_untouched_mmapped_chunks_are_live_but_not_resident():
+    chunks = ChunkSpans(count=4, committed_bytes=256 * MiB, resident_bytes=4 * 4096)
+    account = accounting.account_allocator([], [], 256 * MiB, chunks)
+    assert account.allocator.live_not_resident_bytes == 256 * MiB - 4 * 4096
+
+
+def test_trim_estimate_never_exceeds_what_is_retained():
+    # The free lists hold 44 MiB of free pages, but only 2 MiB of them are resident.
+    arena = _main_arena(resident=11 * MiB, system_mem=60 * MiB, free=50 * MiB, trimmable=44 * MiB)
+    account = accounting.account_allocator([arena], None, 0)
+    a = account.arenas[0]
+    assert a.trimmable_bytes <= a.retained_bytes <= a.resident_bytes
+    hints = accounting.hints(account.arenas, 44 * MiB, 11 * MiB)
+    assert not any("44" in h for h in hints), hints
+
+
+def test_fragmented_main_arena_gets_no_call_to_trim():
+    arena = _main_arena(resident=200 * MiB, system_mem=200 * MiB, free=100 * MiB, trimmable=0)
+    account = accounting.account_allocator([arena], None, 0)
+    hints = accounting.hints(account.arenas, 0, 200 * MiB)
+    assert len(hints) == 1 and "fragmentation" in hints[0], hints
+    assert "call malloc_trim" not in hints[0]
+
+
+def test_one_hint_about_trimming_not_two():
+    arena = _main_arena(resident=200 * MiB, system_mem=200 * MiB, free=150 * MiB,
+                        trimmable=140 * MiB)
+    account = accounting.account_allocator([arena], None, 0)
+    hints = accounting.hints(account.arenas, 140 * MiB, 200 * MiB)
+    assert sum("malloc_trim" in h for h in hints) == 1, hints

@@ -1,0 +1,55 @@
+"""bcc cannot hand bpf/memtrace.h to Python: the constants Python repeats
+are checked against the header here, so the two sides never drift."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from memtrace.collect import probes, vm
+
+HEADER = (Path(__file__).resolve().parents[2] / "bpf" / "memtrace.h").read_text()
+
+
+def _enum(name: str) -> list[str]:
+    body = re.search(r"enum %s \{(.*?)\};" % name, HEADER, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    return [m.group(1) for m in re.finditer(r"([A-Z_]+)\s*(?:=\s*\d+)?\s*,", body + ",")]
+
+
+def _define(name: str) -> int:
+    return int(re.search(r"#define %s (\d+)" % name, HEADER).group(1))
+
+
+def test_counter_indexes():
+    names = _enum("counter")
+    assert names[-1] == "CNT_MAX"
+    for index, name in enumerate(names[:-1]):
+        assert getattr(probes, name) == index, name
+
+
+def test_rss_members():
+    names = _enum("rss_member")
+    assert names[-1] == "RSS_MEMBERS"
+    assert [n.removeprefix("RSS_").lower() for n in names[:-1]] == list(probes.RSS_MEMBERS)
+
+
+def test_vm_kinds():
+    names = _enum("vm_kind")
+    kinds = {i + 1: n for i, n in enumerate(names)}  # VM_MMAP = 1, then in order
+    for value, kind in vm.VM_KINDS.items():
+        assert kinds[value] == "VM_" + kind.upper()
+    assert kinds[vm.VM_TRIM] == "VM_TRIM" and kinds[vm.VM_CALLER] == "VM_CALLER"
+    assert _define("IN_MALLOC_CALLER_FOLLOWS") == vm.IN_MALLOC_CALLER_FOLLOWS
+
+
+def test_bucket_shift():
+    from memtrace.model import BUCKET_SHIFT
+
+    heap = (Path(__file__).resolve().parents[2] / "bpf" / "heap.bpf.c").read_text()
+    assert int(re.search(r"#define BUCKET_SHIFT (\d+)", heap).group(1)) == BUCKET_SHIFT
+
+
+def test_allocator_kinds():
+    for kind, value in probes.ALLOCATOR_KINDS.items():
+        assert _define(f"ALLOCATOR_{kind.upper()}") == value

@@ -42,12 +42,16 @@ class Target:
 # ------------------------------------------------------------ running process
 
 
+def _is_shared_object(path: str) -> bool:
+    return path.endswith(".so") or ".so." in path
+
+
 def _without_glibc(mappings) -> str:
     """What a process that maps no glibc is, in words."""
     musl = next((m.path for m in mappings if _MUSL_NAME.search(m.path)), None)
     if musl:
         return f"is linked with musl ({musl})"
-    if not any(m.path.endswith(".so") or ".so." in m.path for m in mappings):
+    if not any(_is_shared_object(m.path) for m in mappings):
         return "is statically linked (it maps no shared library)"
     return "does not map glibc (libc.so.6)"
 
@@ -100,6 +104,11 @@ def resolve_pid(pid: int) -> Target:
         if process_ended(pid):
             raise gone
         raise MemtraceError(f"pid {pid} ({name}) maps no memory (it is exiting): nothing to trace")
+    if not any(_is_shared_object(m.path) for m in mappings):
+        raise MemtraceError(
+            f"pid {pid} ({name}) {_without_glibc(mappings)}: memtrace traces the malloc of "
+            "dynamically linked programs"
+        )
     opener = _MappedOpener(pid, mappings)
     allocator = first_definer(_lookup_order(pid, mappings), opener.path_of)
     if allocator is None or _MUSL_NAME.search(allocator.path):

@@ -153,10 +153,10 @@ def test_swapped_libc_path_as_root(where, how, chrooted, memtrace_cmd, probes):
 @pytest.mark.parametrize("how", SWAPS)
 @pytest.mark.parametrize("where", ["mirror", "copy"])
 def test_swapped_libc_path_without_map_files(where, how, chrooted, memtrace_cmd, probes):
-    """Without CAP_SYS_ADMIN and CAP_CHECKPOINT_RESTORE the path is opened and its inode compared with
-    the mapping's. The mirror path is not the one opened (a chroot's maps
-    path is seen from our root): traced. The copy's own name now leads
-    elsewhere: refused, naming the file."""
+    """Without CAP_SYS_ADMIN and CAP_CHECKPOINT_RESTORE the path is opened
+    and its inode compared with the mapping's. The mirror path is not the
+    one opened (a chroot's maps path is seen from our root): traced. The
+    copy's own name now leads elsewhere: refused, naming the file."""
     outcome = trace_or_refuse(chrooted, memtrace_cmd, probes, where, how, prefix=NO_MAP_FILES)
     if where == "mirror":
         assert outcome == "traced"

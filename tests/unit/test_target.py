@@ -51,7 +51,8 @@ def _maps_of(paths):
 
 
 @pytest.mark.parametrize("paths, says", [
-    (["/usr/bin/app", "/usr/lib/x86_64-linux-musl/libc.so"], "musl (/usr/lib/x86_64-linux-musl/libc.so)"),
+    (["/usr/bin/app", "/usr/lib/x86_64-linux-musl/libc.so"],
+     "musl (/usr/lib/x86_64-linux-musl/libc.so)"),
     (["/usr/bin/app", "/lib/ld-musl-x86_64.so.1"], "musl"),
     (["/usr/bin/app", "[heap]", "[stack]"], "statically linked"),
     (["/usr/bin/app", "/usr/lib/libjemalloc.so.2"], "does not map glibc"),

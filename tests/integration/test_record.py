@@ -140,3 +140,35 @@ def test_recording_is_not_readable_by_others():
         assert read_as_nobody(path) != 0
     finally:
         shutil.rmtree(folder)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to another user")
+def test_a_read_only_copy_reads_as_another_user_and_nothing_appears_beside_it(tmp_path):
+    from memtrace.record.recorder import Recorder
+
+    snaps = list(session(30))
+    original = tmp_path / "r.rec"
+    with Recorder(str(original), {}) as rec:
+        for s in snaps:
+            rec.write(s)
+    folder = Path(tempfile.mkdtemp(prefix="memtrace-test-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        path = folder / "copy.rec"
+        shutil.copyfile(original, path)  # the file alone: nothing beside it
+        path.chmod(0o444)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        for prefix in (as_nobody, []):
+            for command in (["report", "--format", "json"], ["replay"]):
+                result = subprocess.run(
+                    [*prefix, sys.executable, "-m", "memtrace", command[0], str(path), *command[1:]],
+                    capture_output=True, text=True, timeout=120,
+                )
+                assert result.returncode == 0 and result.stderr == "", (prefix, command, result.stderr)
+                if command[0] == "report":
+                    assert json.loads(result.stdout) == snaps[-1].to_json()
+                else:
+                    assert result.stdout.count("=== replay ") == len(snaps)
+                assert sorted(p.name for p in folder.iterdir()) == ["copy.rec"]
+    finally:
+        shutil.rmtree(folder)

@@ -370,23 +370,81 @@ def test_tampered_change_records_cut_the_recording_there(tmp_path, snapshots):
     assert len(warnings) == 1 and "snapshot 20" in warnings[0]
 
 
+def files_in(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_a_closed_recording_is_one_file(tmp_path, snapshots):
+    path = record(tmp_path / "one.rec", snapshots[:20])
+    assert [p.name for p in tmp_path.iterdir()] == ["one.rec"]
+    assert path.read_bytes()[18:20] == b"\x01\x01"  # a rollback journal: no WAL to carry
+    alone = tmp_path / "elsewhere"
+    alone.mkdir()
+    (alone / "copy.rec").write_bytes(path.read_bytes())
+    with open_recording(str(alone / "copy.rec")) as rec:
+        assert list(rec) == snapshots[:20] and rec.complete
+
+
+def test_reading_creates_and_changes_nothing_beside_the_recording(tmp_path, recording, snapshots, capsys):
+    from memtrace.commands import main
+
+    (tmp_path / "r.rec").write_bytes(recording.read_bytes())
+    before = files_in(tmp_path)
+    with open_recording(str(tmp_path / "r.rec")) as rec:
+        assert list(rec) == snapshots
+        list(rec.events())
+    assert main(["report", str(tmp_path / "r.rec"), "--at", "peak"]) == 0
+    assert main(["replay", str(tmp_path / "r.rec"), "--at", "145"]) == 0
+    capsys.readouterr()
+    assert files_in(tmp_path) == before
+
+
+KILLED_WRITER = (
+    "import os, sys\n"
+    "from memtrace.record import recorder\n"
+    "from memtrace.record.synthetic import session\n"
+    "recorder.CHECKPOINT_EVERY_S = float(sys.argv[2])\n"
+    "rec = recorder.Recorder(sys.argv[1], {})\n"
+    "for s in session(10): rec.write(s)\n"
+    "os._exit(0)\n"
+)
+
+
 def test_a_killed_recorder_leaves_a_readable_file(tmp_path, snapshots):
     # Commits reach the WAL file; a process that dies without close() leaves
-    # it there, and the reader takes it in.
+    # it there, and the reader takes it in, without touching either file.
     path = tmp_path / "k.rec"
-    code = (
-        "import os, sys\n"
-        "from memtrace.record.recorder import Recorder\n"
-        "from memtrace.record.synthetic import session\n"
-        "rec = Recorder(sys.argv[1], {})\n"
-        "for s in session(10): rec.write(s)\n"
-        "os._exit(0)\n"
-    )
-    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
-    assert Path(str(path) + "-wal").exists()
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), "3600"], check=True, timeout=60)
+    before = files_in(tmp_path)
+    assert set(before) == {"k.rec", "k.rec-wal"}  # no -shm: the WAL index was private
     with open_recording(str(path)) as rec:
         assert list(rec) == list(session(10))
         assert not rec.complete
+    assert files_in(tmp_path) == before
+
+
+def test_a_killed_recorder_left_most_of_it_in_the_file_itself(tmp_path):
+    # Checkpoints fold the WAL in as the recording goes (here after every
+    # interval): the file copied without its -wal still holds them.
+    path = tmp_path / "k.rec"
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), "0"], check=True, timeout=60)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "k.rec").write_bytes(path.read_bytes())
+    with open_recording(str(alone / "k.rec")) as rec:
+        assert list(rec) == list(session(10))[: len(rec)] and len(rec) >= 9
+
+
+def test_an_unreadable_wal_leaves_what_the_file_holds_with_a_warning(tmp_path, snapshots):
+    path = tmp_path / "k.rec"
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), "0"], check=True, timeout=60)
+    wal = Path(str(path) + "-wal")
+    wal.unlink()
+    wal.mkdir()  # cannot be copied
+    warnings = Warnings()
+    with open_recording(str(path), warn=warnings) as rec:
+        assert len(rec) >= 9
+    assert len(warnings) == 1 and "k.rec-wal" in warnings[0] and "missing" in warnings[0]
 
 
 # ---------------------------------------------------------------- replay

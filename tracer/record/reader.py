@@ -10,6 +10,11 @@ records after that keyframe; reading forward reuses the previous state, so a
 replay decodes each snapshot once. Nothing read from the file is executed:
 values are JSON or plain SQLite integers and text, and the connection is
 read-only with SQLite's untrusted-schema protection on.
+
+Reading never creates or changes a file beside the recording. A finished
+recording is one file, opened immutable. One with a `-wal` file beside it
+(being written, or its recorder was killed) is read from a private copy of
+both, so the intervals only the WAL holds are read without touching either.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -118,8 +124,11 @@ class Recording:
     def __init__(self, path: str, *, warn: Callable[[str], None] = stderr_warning) -> None:
         self.path = os.fspath(path)
         self._warn = warn
-        self._copy: Optional[str] = None  # a repaired copy of a truncated file
-        self._db: Optional[sqlite3.Connection] = _connect(self.path)
+        # Private copies (of a file with a -wal, of a truncated file) live
+        # here; removed on close(), or when the object goes.
+        self._workdir: Optional[str] = None
+        self._db: Optional[sqlite3.Connection] = None
+        self._db = self._connect()
         self._frames: dict[int, tuple[str, ...]] = {}
         self._tids: dict[int, int] = {}
         self._state = _State()
@@ -132,13 +141,11 @@ class Recording:
                 # SQLite refuses a file shorter than its header says. A copy
                 # whose header is made to agree with the file's length opens,
                 # and the pages that are left can be read.
-                self._copy = _header_fixed_copy(self.path)
-                if self._copy is None:
+                fixed = _header_fixed_copy(self._main_file, self._private_dir())
+                if fixed is None:
                     raise MemtraceError(f"{self.path} is damaged and cannot be read ({e})") from None
-                # Removed on close(), or when the object goes, whichever is first.
-                weakref.finalize(self, _remove, self._copy)
                 self._conn().close()
-                self._db = _connect(self._copy)
+                self._db = _connect_file(fixed, immutable=False)
                 self._open("the file is cut short")
         except sqlite3.DatabaseError as e:
             self.close()
@@ -247,9 +254,9 @@ class Recording:
         db, self._db = self._db, None
         if db is not None:
             db.close()
-        copy, self._copy = self._copy, None
-        if copy is not None:
-            _remove(copy)
+        workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def __enter__(self) -> "Recording":
         return self
@@ -258,6 +265,37 @@ class Recording:
         self.close()
 
     # ------------------------------------------------------------ opening
+
+    def _connect(self) -> sqlite3.Connection:
+        _check_header(self.path)
+        self._main_file = self.path
+        wal = self.path + "-wal"
+        try:
+            has_wal = os.path.getsize(wal) > 0
+        except OSError:
+            has_wal = False
+        if not has_wal:
+            return _connect_file(self.path, immutable=True)
+        try:
+            workdir = self._private_dir()
+            copy = os.path.join(workdir, "recording")
+            # The file before its WAL: a checkpoint in between only moves
+            # pages the WAL copy still holds.
+            shutil.copyfile(self.path, copy)
+            shutil.copyfile(wal, copy + "-wal")
+        except OSError as e:
+            self._warn(
+                f"cannot read {wal} ({e.strerror or e}): its last intervals may be missing"
+            )
+            return _connect_file(self.path, immutable=True)
+        self._main_file = copy
+        return _connect_file(copy, immutable=False)
+
+    def _private_dir(self) -> str:
+        if self._workdir is None:
+            self._workdir = tempfile.mkdtemp(prefix="memtrace-")  # mode 0700
+            weakref.finalize(self, shutil.rmtree, self._workdir, ignore_errors=True)
+        return self._workdir
 
     def _validate(self) -> None:
         db = self._conn()
@@ -478,7 +516,7 @@ def _ordered(entities: dict[int, Any], order: Optional[str], key: Callable[[Any]
     return tuple(entities[eid] for eid in json.loads(order))
 
 
-def _connect(path: str) -> sqlite3.Connection:
+def _check_header(path: str) -> None:
     try:
         with open(path, "rb") as f:
             head = f.read(len(_SQLITE_MAGIC))
@@ -492,7 +530,15 @@ def _connect(path: str) -> sqlite3.Connection:
         raise MemtraceError(f"{path} is empty: the recording was cut off before its first write")
     if head != _SQLITE_MAGIC:
         raise MemtraceError(f"{path} is not a memtrace recording (not an SQLite file)")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+
+
+def _connect_file(path: str, *, immutable: bool) -> sqlite3.Connection:
+    """Read-only; `immutable` for a file nobody writes, which SQLite then
+    reads without locks, journals or a -wal/-shm file of any kind. A
+    private copy is opened normally so SQLite can take its WAL in."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path))
+    if immutable:
+        uri += "?mode=ro&immutable=1"
     try:
         db = sqlite3.connect(uri, uri=True, check_same_thread=False)
         # Views or triggers in a crafted file must not reach functions with
@@ -510,9 +556,9 @@ def _one_line(text: str) -> str:
     return lines[0] if lines else text.strip()
 
 
-def _header_fixed_copy(path: str) -> Optional[str]:
-    """A private temporary copy of a truncated SQLite file with its header's
-    page count set to the pages actually there; None if not truncated."""
+def _header_fixed_copy(path: str, workdir: str) -> Optional[str]:
+    """A copy in `workdir` of a truncated SQLite file with its header's page
+    count set to the pages actually there; None if not truncated."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -531,18 +577,10 @@ def _header_fixed_copy(path: str) -> Optional[str]:
     header = bytearray(data[: pages * page_size])
     header[28:32] = pages.to_bytes(4, "big")
     header[92:96] = header[24:28]  # marks the page count as valid
-    fd, copy = tempfile.mkstemp(prefix="memtrace-", suffix=".rec")  # mode 0600
-    with os.fdopen(fd, "wb") as f:
+    copy = os.path.join(workdir, "cut-short")
+    with open(copy, "wb") as f:
         f.write(header)
     return copy
-
-
-def _remove(path: str) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            os.unlink(path + suffix)
-        except OSError:
-            pass
 
 
 def open_recording(path: str, *, warn: Callable[[str], None] = stderr_warning) -> Recording:

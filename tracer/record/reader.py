@@ -77,6 +77,17 @@ def when_arg(text: str) -> str:
     return text
 
 
+# SQLite's errors. One whose message quotes damaged bytes (a broken schema
+# entry) reaches us as the UnicodeDecodeError of decoding that message.
+_SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
+
+
+def _sqlite_message(e: BaseException) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return bytes(e.object).decode("utf-8", errors="replace")
+    return str(e)
+
+
 class _Damage(Exception):
     """A part of the file that cannot be read: (what, index of the first
     snapshot it spoils)."""
@@ -137,19 +148,21 @@ class Recording:
         try:
             try:
                 self._open()
-            except sqlite3.DatabaseError as e:
+            except _SQLITE_ERRORS as e:
                 # SQLite refuses a file shorter than its header says. A copy
                 # whose header is made to agree with the file's length opens,
                 # and the pages that are left can be read.
                 fixed = _header_fixed_copy(self._main_file, self._private_dir())
                 if fixed is None:
-                    raise MemtraceError(f"{self.path} is damaged and cannot be read ({e})") from None
+                    raise MemtraceError(
+                        f"{self.path} is damaged and cannot be read ({_sqlite_message(e)})"
+                    ) from None
                 self._conn().close()
                 self._db = _connect_file(fixed, immutable=False)
                 self._open("the file is cut short")
-        except sqlite3.DatabaseError as e:
+        except _SQLITE_ERRORS as e:
             self.close()
-            raise MemtraceError(f"{self.path} is damaged and cannot be read ({e})") from None
+            raise MemtraceError(f"{self.path} is damaged and cannot be read ({_sqlite_message(e)})") from None
         except BaseException:
             self.close()
             raise
@@ -199,14 +212,22 @@ class Recording:
         """Snapshot `index`. Should damage show up on the way there, the
         recording is cut before it (with a warning) and the last readable
         snapshot is returned: check len() afterwards."""
+        if not 0 <= index < len(self._rows):
+            raise IndexError(index)
+        damage: Optional[_Damage] = None
         while True:
-            if not 0 <= index < len(self._rows):
-                raise IndexError(index)
             try:
-                return self._snapshot(index)
+                built = self._snapshot(index)
+                break
             except _Damage as e:
-                self._cut(e)
+                # Going back can find more damage (snapshots on the way were
+                # applied, not built): one warning, for where the cut ends.
+                damage = e
+                self._truncate_at(e)
                 index = min(index, len(self._rows) - 1)
+        if damage is not None:
+            self._warn_cut(damage)
+        return built
 
     def snapshot_at(self, when: When) -> tuple[int, Snapshot]:
         """(index, snapshot) for a time; see `index_at`."""
@@ -333,8 +354,8 @@ class Recording:
         # up front instead of in the middle of a replay.
         try:
             rows = self._conn().execute("PRAGMA quick_check(1)").fetchall()
-        except sqlite3.DatabaseError as e:
-            return str(e)
+        except _SQLITE_ERRORS as e:
+            return _sqlite_message(e)
         first = str(rows[0][0]) if rows else "ok"
         return None if first == "ok" else _one_line(first)
 
@@ -350,8 +371,8 @@ class Recording:
                 if not self._add_row(row):
                     return f"snapshot {len(self._rows) + 1} is missing or malformed"
             return None
-        except sqlite3.DatabaseError as e:
-            problem = str(e)
+        except _SQLITE_ERRORS as e:
+            problem = _sqlite_message(e)
         # A broken page stopped the scan: look the next rows up one by one,
         # which only touches the pages on the way to each.
         while True:
@@ -359,7 +380,7 @@ class Recording:
                 row = db.execute(
                     f"SELECT {self._INDEX_COLUMNS} FROM snapshots WHERE id = ?", (len(self._rows) + 1,)
                 ).fetchone()
-            except sqlite3.DatabaseError:
+            except _SQLITE_ERRORS:
                 return problem
             if row is None or not self._add_row(row):
                 return problem
@@ -395,13 +416,17 @@ class Recording:
             f" up to {self.points[-1].elapsed_s:.1f}s"
         )
 
-    def _cut(self, damage: _Damage) -> None:
+    def _truncate_at(self, damage: _Damage) -> None:
         what, bad = damage.args
         if bad == 0:
             raise MemtraceError(f"{self.path} is damaged and holds no readable snapshot ({what})")
         self._truncate(bad)
+
+    def _warn_cut(self, damage: _Damage) -> None:
+        what = damage.args[0]
         self._warn(
-            f"{self.path} is damaged ({what}); using the first {bad} snapshot(s), up to {self.points[-1].elapsed_s:.1f}s"
+            f"{self.path} is damaged ({what}); using the first {len(self._rows)} snapshot(s),"
+            f" up to {self.points[-1].elapsed_s:.1f}s"
         )
 
     def _truncate(self, count: int) -> None:
@@ -541,13 +566,21 @@ def _connect_file(path: str, *, immutable: bool) -> sqlite3.Connection:
         uri += "?mode=ro&immutable=1"
     try:
         db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        # Damage can put any bytes where text was: read them as text with
+        # U+FFFD in place of the bad ones. Names then fail to match, JSON to
+        # parse, and the damage is reported as such.
+        db.text_factory = _text
         # Views or triggers in a crafted file must not reach functions with
         # side effects; we only ever read.
         db.execute("PRAGMA trusted_schema = OFF")
         db.execute("PRAGMA query_only = ON")
-    except sqlite3.DatabaseError as e:
-        raise MemtraceError(f"cannot open {path}: {e}") from None
+    except _SQLITE_ERRORS as e:
+        raise MemtraceError(f"cannot open {path}: {_sqlite_message(e)}") from None
     return db
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", errors="replace")
 
 
 def _one_line(text: str) -> str:

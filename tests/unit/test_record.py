@@ -193,6 +193,59 @@ def test_a_failed_write_stops_the_recorder_and_keeps_what_was_committed(tmp_path
         assert list(back) == snapshots[:2]
 
 
+class Collected:
+    def __init__(self) -> None:
+        self.updates: list[Snapshot] = []
+        self.final: Snapshot | None = None
+
+    def update(self, snapshot: Snapshot) -> None:
+        self.updates.append(snapshot)
+
+    def close(self, final: Snapshot) -> None:
+        self.final = final
+
+
+def test_a_failing_recording_stops_with_a_note_and_the_snapshots_go_on(tmp_path, snapshots, monkeypatch):
+    from memtrace.sinks.record import RecordSink
+
+    path = tmp_path / "stops.rec"
+    after = Collected()
+    sink = RecordSink(str(path), {}, then=[after])
+    for s in snapshots[:3]:
+        sink.update(s)
+    assert after.updates == snapshots[:3]
+
+    def disk_full(*args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Recorder, "_write_sections", disk_full)
+    for s in snapshots[3:6]:
+        sink.update(s)
+    sink.close(snapshots[6])
+    note = f"the recording stopped at {snapshots[3].elapsed_s:.1f} s (cannot write to recording {path}: " \
+        "database or disk is full); it holds the 3 snapshot(s) before"
+    assert [s.notes for s in after.updates[3:]] == [(*s.notes, note) for s in snapshots[3:6]]
+    assert after.final is not None and after.final.notes == (*snapshots[6].notes, note)
+    assert [s.elapsed_s for s in after.updates] == [s.elapsed_s for s in snapshots[:6]]
+    with open_recording(str(path)) as rec:
+        assert list(rec) == snapshots[:3] and not rec.complete
+
+
+def test_a_recording_sink_closes_the_file_whole(tmp_path, snapshots):
+    from memtrace.sinks.record import RecordSink
+
+    path = tmp_path / "whole.rec"
+    after = Collected()
+    sink = RecordSink(str(path), {}, then=[after])
+    for s in snapshots[:5]:
+        sink.update(s)
+    sink.close(snapshots[5])
+    assert after.final == snapshots[5] and after.updates == snapshots[:5]
+    assert [p.name for p in tmp_path.iterdir()] == ["whole.rec"]
+    with open_recording(str(path)) as rec:
+        assert list(rec) == snapshots[:6] and rec.complete
+
+
 def test_only_changes_are_stored(tmp_path, snapshots):
     s = snapshots[20]
     path = record(tmp_path / "same.rec", [s, dataclasses.replace(s, elapsed_s=s.elapsed_s + 1)])

@@ -83,9 +83,13 @@ _SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
 
 
 def _sqlite_message(e: BaseException) -> str:
-    if isinstance(e, UnicodeDecodeError):
-        return bytes(e.object).decode("utf-8", errors="replace")
-    return str(e)
+    """One short line: SQLite quotes a broken schema entry whole."""
+    if isinstance(e, UnicodeDecodeError) and isinstance(e.object, bytes) and e.object.startswith(b"malformed"):
+        text = e.object.decode("utf-8", errors="replace")
+    else:
+        text = str(e) or type(e).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 class _Damage(Exception):
@@ -269,7 +273,7 @@ class Recording:
                     event.update(json.loads(row[-1]))
                 yield event
         except _DECODE_ERRORS as e:
-            self._warn(f"{self.path}: the event table is damaged ({e}); later events are lost")
+            self._warn(f"{self.path}: the event table is damaged ({_sqlite_message(e)}); later events are lost")
 
     def close(self) -> None:
         db, self._db = self._db, None
@@ -443,7 +447,7 @@ class Recording:
             try:
                 state.built = self._build(index, state)
             except _DECODE_ERRORS as e:
-                raise _Damage(f"snapshot {index + 1} is unreadable: {e}", index) from None
+                raise _Damage(f"snapshot {index + 1} is unreadable: {_sqlite_message(e)}", index) from None
         return state.built
 
     def _advance_to(self, index: int) -> _State:
@@ -458,7 +462,7 @@ class Recording:
             except _DECODE_ERRORS as e:
                 # The state may be half-applied: start over next time.
                 self._state = _State()
-                raise _Damage(f"snapshot {nxt + 1} is unreadable: {e}", nxt) from None
+                raise _Damage(f"snapshot {nxt + 1} is unreadable: {_sqlite_message(e)}", nxt) from None
             state.index = nxt
         return state
 

@@ -204,8 +204,11 @@ class Recorder:
             self._in_txn = False
             self._next_snapshot_id += 1
             if time.monotonic() - self._checkpointed_at >= CHECKPOINT_EVERY_S:
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 self._checkpointed_at = time.monotonic()
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass  # the interval is committed; the WAL keeps it until a checkpoint succeeds
 
     def write_events(self, events: Iterable[Mapping[str, Any]]) -> None:
         """Address-space events as dicts: ts, tid, kind, addr, length, prot,

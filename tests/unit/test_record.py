@@ -488,6 +488,44 @@ def test_a_killed_recorder_left_most_of_it_in_the_file_itself(tmp_path):
         assert list(rec) == list(session(10))[: len(rec)] and len(rec) >= 9
 
 
+def test_a_recording_being_written_reads_from_a_copy(tmp_path):
+    # Checkpoints every interval: the reader's copy of file and WAL must not
+    # mix two moments, and the writer must not notice the reader.
+    path = tmp_path / "live.rec"
+    code = (
+        "import sys, time\n"
+        "from memtrace.record import recorder\n"
+        "from memtrace.record.synthetic import session\n"
+        "recorder.CHECKPOINT_EVERY_S = 0\n"
+        "rec = recorder.Recorder(sys.argv[1], {})\n"
+        "for n, s in enumerate(session(150), start=1):\n"
+        "    rec.write(s)\n"
+        "    print(n, flush=True)\n"
+        "    time.sleep(0.01)\n"
+        "rec.close()\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    expected = list(session(150))
+    try:
+        assert writer.stdout.readline()
+        reads = 0
+        while writer.poll() is None and reads < 20:
+            warnings = Warnings()
+            with open_recording(str(path), warn=warnings) as rec:
+                got = list(rec)
+            assert not warnings and got == expected[: len(got)] and got
+            reads += 1
+        assert reads >= 3
+        assert writer.wait(60) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert [p.name for p in tmp_path.iterdir()] == ["live.rec"]
+    with open_recording(str(path)) as rec:
+        assert list(rec) == expected and rec.complete
+
+
 def test_an_unreadable_wal_leaves_what_the_file_holds_with_a_warning(tmp_path, snapshots):
     path = tmp_path / "k.rec"
     subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), "0"], check=True, timeout=60)

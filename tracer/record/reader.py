@@ -302,12 +302,8 @@ class Recording:
         if not has_wal:
             return _connect_file(self.path, immutable=True)
         try:
-            workdir = self._private_dir()
-            copy = os.path.join(workdir, "recording")
-            # The file before its WAL: a checkpoint in between only moves
-            # pages the WAL copy still holds.
-            shutil.copyfile(self.path, copy)
-            shutil.copyfile(wal, copy + "-wal")
+            copy = os.path.join(self._private_dir(), "recording")
+            _copy_with_wal(self.path, copy)
         except OSError as e:
             self._warn(
                 f"cannot read {wal} ({e.strerror or e}): its last intervals may be missing"
@@ -543,6 +539,24 @@ def _ordered(entities: dict[int, Any], order: Optional[str], key: Callable[[Any]
     if order is None:
         return tuple(sorted(entities.values(), key=key))
     return tuple(entities[eid] for eid in json.loads(order))
+
+
+def _wal_salts(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(32)[16:24]
+
+
+def _copy_with_wal(path: str, copy: str) -> None:
+    """Copy a file and its -wal that a recorder may be writing. The file
+    first: a checkpoint meanwhile only moves pages into it that the WAL
+    still holds. Unless the WAL started over (new salts in its header):
+    then the copy mixes two moments, and it is made again."""
+    for _ in range(5):
+        salts = _wal_salts(path + "-wal")
+        shutil.copyfile(path, copy)
+        shutil.copyfile(path + "-wal", copy + "-wal")
+        if _wal_salts(copy + "-wal") == salts:
+            return
 
 
 def _check_header(path: str) -> None:

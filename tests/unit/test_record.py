@@ -136,6 +136,18 @@ def test_metadata_is_kept_and_completed(recording, tmp_path, snapshots):
         assert rec.metadata["options"] == {"out": str(tmp_path)}
 
 
+def test_names_that_are_not_utf8_are_kept(tmp_path, snapshots):
+    # Python decodes a non-UTF-8 argv or path with lone surrogates.
+    odd = "caf\udce9"
+    s = snapshots[1]
+    stack = dataclasses.replace(s.stacks[0], frames=(f"{odd}+0x1 [lib{odd}.so]",) + s.stacks[0].frames[1:])
+    s = dataclasses.replace(s, comm=odd, stacks=(stack,) + s.stacks[1:])
+    path = record(tmp_path / "odd.rec", [snapshots[0], s], {"command_line": ["prog", odd]})
+    with open_recording(str(path)) as rec:
+        assert rec.metadata["command_line"] == ["prog", odd]
+        assert list(rec) == [snapshots[0], s]
+
+
 def test_file_is_private_from_creation(tmp_path, snapshots):
     old = os.umask(0)
     try:

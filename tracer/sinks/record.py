@@ -29,15 +29,18 @@ class RecordSink:
             sink.update(snapshot)
 
     def close(self, final: Snapshot) -> None:
-        self._record(final)
-        if self.note is None:
-            try:
-                self.recorder.close()
-            except MemtraceError as e:
-                self.note = f"the recording was not finished ({e}); what it holds stays readable"
-        final = self._noted(final)
-        for sink in self.then:
-            sink.close(final)
+        try:
+            self._record(final)
+            if self.note is None:
+                try:
+                    self.recorder.close()
+                except MemtraceError as e:
+                    self.note = f"the recording was not finished ({e}); what it holds stays readable"
+        finally:
+            # The summary and the JSON come out whatever happened here.
+            final = self._noted(final)
+            for sink in self.then:
+                sink.close(final)
 
     def abort(self) -> None:
         try:

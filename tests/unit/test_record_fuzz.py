@@ -124,7 +124,11 @@ def run(argv: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-@settings(max_examples=int(os.environ.get("MEMTRACE_FUZZ_EXAMPLES", "400")), deadline=timedelta(seconds=HANG_S), database=None,
+# Some 7 s in the suite; MEMTRACE_FUZZ_EXAMPLES=5000 for a longer hunt.
+EXAMPLES = int(os.environ.get("MEMTRACE_FUZZ_EXAMPLES", "400"))
+
+
+@settings(max_examples=EXAMPLES, deadline=timedelta(seconds=HANG_S), database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(which=st.sampled_from(("closed", "killed", "killed-wal")), kind=st.sampled_from(KINDS), data=st.data())
 def test_damaged_recordings_never_crash_the_reader(which, kind, data):

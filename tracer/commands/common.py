@@ -92,14 +92,15 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
         console, view = console_sinks(interactive=interactive and not args.batch,
                                       mode="arenas" if args.light else "stacks")
         sinks.extend(console)
-    if args.record:
-        from memtrace.sinks.record import RecordSink
-
-        sinks.append(RecordSink(args.record, metadata))
     if args.serve:
         from memtrace.sinks.serve import ServeSink
 
         sinks.append(ServeSink(args.serve))
+    if args.record:
+        from memtrace.sinks.record import RecordSink
+
+        # First, passing snapshots on: a recording that fails adds its note.
+        sinks = [RecordSink(args.record, metadata, then=sinks)]
     return sinks, view
 
 

@@ -339,8 +339,15 @@ def looks_truncated(frames: Sequence[str], max_depth: int) -> bool:
     return name not in _ROOT_FUNCTIONS
 
 
+# Exited threads that hold nothing any more are kept one by one up to this
+# many (the latest tids); the rest become one row (tid 0): a service whose
+# pool threads come and go would otherwise carry every one of them forever.
+EXITED_THREADS_KEPT = 64
+
+
 def aggregate_threads(
-    rows: Iterable[HeapRow], names: Mapping[int, str], alive: Iterable[int]
+    rows: Iterable[HeapRow], names: Mapping[int, str], alive: Iterable[int],
+    exited_kept: int = EXITED_THREADS_KEPT,
 ) -> tuple[ThreadStats, ...]:
     per_tid: dict[int, Counters] = {}
     for row in rows:
@@ -350,6 +357,14 @@ def aggregate_threads(
         ThreadStats(tid, names.get(tid, "?"), c, tid in alive_set)
         for tid, c in per_tid.items()
     ]
+    done = sorted((t for t in threads if not t.alive and t.counters.live_bytes == 0),
+                  key=lambda t: t.tid)
+    if len(done) > exited_kept:
+        folded = done[: len(done) - exited_kept]
+        gone = {t.tid for t in folded}
+        threads = [t for t in threads if t.tid not in gone]
+        threads.append(ThreadStats(0, f"{len(folded)} exited threads",
+                                   sum((t.counters for t in folded), start=Counters()), False))
     threads.sort(key=lambda t: (-t.counters.live_bytes, -t.counters.alloc_bytes, t.tid))
     return tuple(threads)
 

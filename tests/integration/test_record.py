@@ -39,6 +39,15 @@ def memtrace(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )
 
 
+def write_recording(path: Path, snaps) -> Path:
+    from memtrace.record.recorder import Recorder
+
+    with Recorder(str(path), {}) as rec:
+        for s in snaps:
+            rec.write(s)
+    return path
+
+
 def test_sigkill_mid_recording_keeps_every_committed_interval(tmp_path):
     path = tmp_path / "killed.rec"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
@@ -71,13 +80,8 @@ def test_sigkill_mid_recording_keeps_every_committed_interval(tmp_path):
 
 
 def test_json_round_trip_through_the_cli(tmp_path):
-    from memtrace.record.recorder import Recorder
-
     snaps = list(session(25))
-    path = tmp_path / "r.rec"
-    with Recorder(str(path), {}) as rec:
-        for s in snaps:
-            rec.write(s)
+    path = write_recording(tmp_path / "r.rec", snaps)
     for at, index in (("end", 24), ("0", 0), ("10.5", 10)):
         result = memtrace("report", str(path), "--format", "json", "--at", at)
         assert result.returncode == 0, result.stderr
@@ -85,13 +89,7 @@ def test_json_round_trip_through_the_cli(tmp_path):
 
 
 def test_damaged_files_give_one_line_or_the_readable_part(tmp_path):
-    from memtrace.record.recorder import Recorder
-
-    path = tmp_path / "good.rec"
-    with Recorder(str(path), {}) as rec:
-        for s in session(150):
-            rec.write(s)
-    data = path.read_bytes()
+    data = write_recording(tmp_path / "good.rec", session(150)).read_bytes()
 
     cut = tmp_path / "cut.rec"
     cut.write_bytes(data[: len(data) * 95 // 100])
@@ -138,5 +136,32 @@ def test_recording_is_not_readable_by_others():
 
         assert read_as_nobody(control) == 0
         assert read_as_nobody(path) != 0
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to another user")
+def test_a_read_only_copy_reads_as_another_user_and_nothing_appears_beside_it(tmp_path):
+    snaps = list(session(30))
+    original = write_recording(tmp_path / "r.rec", snaps)
+    folder = Path(tempfile.mkdtemp(prefix="memtrace-test-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        path = folder / "copy.rec"
+        shutil.copyfile(original, path)  # the file alone: nothing beside it
+        path.chmod(0o444)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        for prefix in (as_nobody, []):
+            for command in (["report", "--format", "json"], ["replay"]):
+                result = subprocess.run(
+                    [*prefix, sys.executable, "-m", "memtrace", command[0], str(path), *command[1:]],
+                    capture_output=True, text=True, timeout=120,
+                )
+                assert result.returncode == 0 and result.stderr == "", (prefix, command, result.stderr)
+                if command[0] == "report":
+                    assert json.loads(result.stdout) == snaps[-1].to_json()
+                else:
+                    assert result.stdout.count("=== replay ") == len(snaps)
+                assert sorted(p.name for p in folder.iterdir()) == ["copy.rec"]
     finally:
         shutil.rmtree(folder)

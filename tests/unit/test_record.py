@@ -136,6 +136,18 @@ def test_metadata_is_kept_and_completed(recording, tmp_path, snapshots):
         assert rec.metadata["options"] == {"out": str(tmp_path)}
 
 
+def test_names_that_are_not_utf8_are_kept(tmp_path, snapshots):
+    # Python decodes a non-UTF-8 argv or path with lone surrogates.
+    odd = "caf\udce9"
+    s = snapshots[1]
+    stack = dataclasses.replace(s.stacks[0], frames=(f"{odd}+0x1 [lib{odd}.so]",) + s.stacks[0].frames[1:])
+    s = dataclasses.replace(s, comm=odd, stacks=(stack,) + s.stacks[1:])
+    path = record(tmp_path / "odd.rec", [snapshots[0], s], {"command_line": ["prog", odd]})
+    with open_recording(str(path)) as rec:
+        assert rec.metadata["command_line"] == ["prog", odd]
+        assert list(rec) == [snapshots[0], s]
+
+
 def test_file_is_private_from_creation(tmp_path, snapshots):
     old = os.umask(0)
     try:
@@ -191,6 +203,59 @@ def test_a_failed_write_stops_the_recorder_and_keeps_what_was_committed(tmp_path
     rec.close()
     with open_recording(str(path)) as back:
         assert list(back) == snapshots[:2]
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.updates: list[Snapshot] = []
+        self.final: Snapshot | None = None
+
+    def update(self, snapshot: Snapshot) -> None:
+        self.updates.append(snapshot)
+
+    def close(self, final: Snapshot) -> None:
+        self.final = final
+
+
+def test_a_failing_recording_stops_with_a_note_and_the_snapshots_go_on(tmp_path, snapshots, monkeypatch):
+    from memtrace.sinks.record import RecordSink
+
+    path = tmp_path / "stops.rec"
+    after = Collected()
+    sink = RecordSink(str(path), {}, then=[after])
+    for s in snapshots[:3]:
+        sink.update(s)
+    assert after.updates == snapshots[:3]
+
+    def disk_full(*args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Recorder, "_write_sections", disk_full)
+    for s in snapshots[3:6]:
+        sink.update(s)
+    sink.close(snapshots[6])
+    note = f"the recording stopped at {snapshots[3].elapsed_s:.1f} s (cannot write to recording {path}: " \
+        "database or disk is full); it holds the 3 snapshot(s) before"
+    assert [s.notes for s in after.updates[3:]] == [(*s.notes, note) for s in snapshots[3:6]]
+    assert after.final is not None and after.final.notes == (*snapshots[6].notes, note)
+    assert [s.elapsed_s for s in after.updates] == [s.elapsed_s for s in snapshots[:6]]
+    with open_recording(str(path)) as rec:
+        assert list(rec) == snapshots[:3] and not rec.complete
+
+
+def test_a_recording_sink_closes_the_file_whole(tmp_path, snapshots):
+    from memtrace.sinks.record import RecordSink
+
+    path = tmp_path / "whole.rec"
+    after = Collected()
+    sink = RecordSink(str(path), {}, then=[after])
+    for s in snapshots[:5]:
+        sink.update(s)
+    sink.close(snapshots[5])
+    assert after.final == snapshots[5] and after.updates == snapshots[:5]
+    assert [p.name for p in tmp_path.iterdir()] == ["whole.rec"]
+    with open_recording(str(path)) as rec:
+        assert list(rec) == snapshots[:6] and rec.complete
 
 
 def test_only_changes_are_stored(tmp_path, snapshots):
@@ -370,23 +435,119 @@ def test_tampered_change_records_cut_the_recording_there(tmp_path, snapshots):
     assert len(warnings) == 1 and "snapshot 20" in warnings[0]
 
 
+def files_in(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_a_closed_recording_is_one_file(tmp_path, snapshots):
+    path = record(tmp_path / "one.rec", snapshots[:20])
+    assert [p.name for p in tmp_path.iterdir()] == ["one.rec"]
+    assert path.read_bytes()[18:20] == b"\x01\x01"  # a rollback journal: no WAL to carry
+    alone = tmp_path / "elsewhere"
+    alone.mkdir()
+    (alone / "copy.rec").write_bytes(path.read_bytes())
+    with open_recording(str(alone / "copy.rec")) as rec:
+        assert list(rec) == snapshots[:20] and rec.complete
+
+
+def test_reading_creates_and_changes_nothing_beside_the_recording(tmp_path, recording, snapshots, capsys):
+    from memtrace.commands import main
+
+    (tmp_path / "r.rec").write_bytes(recording.read_bytes())
+    before = files_in(tmp_path)
+    with open_recording(str(tmp_path / "r.rec")) as rec:
+        assert list(rec) == snapshots
+        list(rec.events())
+    assert main(["report", str(tmp_path / "r.rec"), "--at", "peak"]) == 0
+    assert main(["replay", str(tmp_path / "r.rec"), "--at", "145"]) == 0
+    capsys.readouterr()
+    assert files_in(tmp_path) == before
+
+
+KILLED_WRITER = (
+    "import os, sys\n"
+    "from memtrace.record import recorder\n"
+    "from memtrace.record.synthetic import session\n"
+    "recorder.CHECKPOINT_EVERY_S = float(sys.argv[2])\n"
+    "rec = recorder.Recorder(sys.argv[1], {})\n"
+    "for s in session(10): rec.write(s)\n"
+    "os._exit(0)\n"
+)
+
+
 def test_a_killed_recorder_leaves_a_readable_file(tmp_path, snapshots):
     # Commits reach the WAL file; a process that dies without close() leaves
-    # it there, and the reader takes it in.
+    # it there, and the reader takes it in, without touching either file.
     path = tmp_path / "k.rec"
-    code = (
-        "import os, sys\n"
-        "from memtrace.record.recorder import Recorder\n"
-        "from memtrace.record.synthetic import session\n"
-        "rec = Recorder(sys.argv[1], {})\n"
-        "for s in session(10): rec.write(s)\n"
-        "os._exit(0)\n"
-    )
-    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
-    assert Path(str(path) + "-wal").exists()
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), "3600"], check=True, timeout=60)
+    before = files_in(tmp_path)
+    assert set(before) == {"k.rec", "k.rec-wal"}  # no -shm: the WAL index was private
     with open_recording(str(path)) as rec:
         assert list(rec) == list(session(10))
         assert not rec.complete
+    assert files_in(tmp_path) == before
+
+
+def test_a_killed_recorder_left_most_of_it_in_the_file_itself(tmp_path):
+    # Checkpoints fold the WAL in as the recording goes (here after every
+    # interval): the file copied without its -wal still holds them.
+    path = tmp_path / "k.rec"
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), "0"], check=True, timeout=60)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "k.rec").write_bytes(path.read_bytes())
+    with open_recording(str(alone / "k.rec")) as rec:
+        assert list(rec) == list(session(10))[: len(rec)] and len(rec) >= 9
+
+
+def test_a_recording_being_written_reads_from_a_copy(tmp_path):
+    # Checkpoints every interval: the reader's copy of file and WAL must not
+    # mix two moments, and the writer must not notice the reader.
+    path = tmp_path / "live.rec"
+    code = (
+        "import sys, time\n"
+        "from memtrace.record import recorder\n"
+        "from memtrace.record.synthetic import session\n"
+        "recorder.CHECKPOINT_EVERY_S = 0\n"
+        "rec = recorder.Recorder(sys.argv[1], {})\n"
+        "for n, s in enumerate(session(150), start=1):\n"
+        "    rec.write(s)\n"
+        "    print(n, flush=True)\n"
+        "    time.sleep(0.01)\n"
+        "rec.close()\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    expected = list(session(150))
+    try:
+        assert writer.stdout.readline()
+        reads = 0
+        while writer.poll() is None and reads < 20:
+            warnings = Warnings()
+            with open_recording(str(path), warn=warnings) as rec:
+                got = list(rec)
+            assert not warnings and got == expected[: len(got)] and got
+            reads += 1
+        assert reads >= 3
+        assert writer.wait(60) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert [p.name for p in tmp_path.iterdir()] == ["live.rec"]
+    with open_recording(str(path)) as rec:
+        assert list(rec) == expected and rec.complete
+
+
+def test_an_unreadable_wal_leaves_what_the_file_holds_with_a_warning(tmp_path, snapshots):
+    path = tmp_path / "k.rec"
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), "0"], check=True, timeout=60)
+    wal = Path(str(path) + "-wal")
+    wal.unlink()
+    wal.mkdir()  # cannot be copied
+    warnings = Warnings()
+    with open_recording(str(path), warn=warnings) as rec:
+        assert len(rec) >= 9
+    assert len(warnings) == 1 and "k.rec-wal" in warnings[0] and "missing" in warnings[0]
 
 
 # ---------------------------------------------------------------- replay

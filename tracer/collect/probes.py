@@ -267,6 +267,9 @@ class Probes:
         self.attached: list[str] = []
         self._bpf = None
         self._maps: dict = {}  # name -> mmap of a BPF_F_MMAPABLE array
+        self._flow_cache: dict[int, tuple[bytes, Optional[Flow]]] = {}  # row -> its bytes, Flow
+        self._flow_generation = 0
+        self._names: dict[int, str] = {}  # tid -> name caught at its first allocation
         self.watching_rss = False
 
     def cflags(self) -> list[str]:
@@ -417,14 +420,7 @@ class Probes:
         b = self._bpf
         used = min(int(b["heap_next_index"][0].value), self.limits.max_stats)
         generation = int(b["exec_generation"][0].value)
-        flows = [
-            Flow(k.tid, (k.stack, k.caller), k.bucket,
-                 v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count,
-                 alloc_chunk_bytes=v.alloc_chunk_bytes, free_chunk_bytes=v.free_chunk_bytes,
-                 before_exec=k.generation != generation)
-            for k, v in zip(self._mapped("heap_keys", used), self._mapped("heap_counts", used))
-            if k.tid  # 0: an index not named yet, or lost to a race
-        ]
+        flows = self._flows(used, generation)
         per_key: dict[tuple[int, tuple[int, int]], Counters] = {}
         for f in flows:
             key = (f.tid, f.stack_key)
@@ -432,9 +428,7 @@ class Probes:
         rows = [HeapRow(tid, stack_key, c) for (tid, stack_key), c in per_key.items()]
         counters = b["counters"]
         total = lambda i: int(counters.sum(i).value)  # noqa: E731
-        names = {
-            k.value: v.comm.decode(errors="replace") for k, v in b["thread_names"].items()
-        }
+        names = self._thread_names(per_key)
         return HeapReading(
             rows=rows,
             flows=flows,
@@ -453,6 +447,54 @@ class Probes:
             exec_generation=generation,
         )
 
+    def _flows(self, used: int, generation: int) -> list[Flow]:
+        """The rows up to `used`, a Flow each. Only rows whose bytes changed
+        since the last read are decoded again: a service whose threads come
+        and go leaves many rows that never change."""
+        import ctypes
+
+        keys_type, counts_type = self._bpf["heap_keys"].Leaf, self._bpf["heap_counts"].Leaf
+        ks, cs = ctypes.sizeof(keys_type), ctypes.sizeof(counts_type)
+        keys, counts = self._mapped_bytes("heap_keys", used), self._mapped_bytes("heap_counts", used)
+        if generation != self._flow_generation:
+            self._flow_cache.clear()  # before_exec changes with it
+            self._flow_generation = generation
+        cache = self._flow_cache
+        flows = []
+        for i in range(used):
+            raw = keys[i * ks:(i + 1) * ks] + counts[i * cs:(i + 1) * cs]
+            hit = cache.get(i)
+            if hit is not None and hit[0] == raw:
+                if hit[1] is not None:
+                    flows.append(hit[1])
+                continue
+            k = keys_type.from_buffer_copy(raw, 0)
+            v = counts_type.from_buffer_copy(raw, ks)
+            flow = None
+            if k.tid:  # 0: an index not named yet, or lost to a race
+                flow = Flow(k.tid, (k.stack, k.caller), k.bucket,
+                            v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count,
+                            alloc_chunk_bytes=v.alloc_chunk_bytes,
+                            free_chunk_bytes=v.free_chunk_bytes,
+                            before_exec=k.generation != generation)
+                flows.append(flow)
+            cache[i] = (raw, flow)
+        return flows
+
+    def _thread_names(self, per_key) -> dict[int, str]:
+        """Names of the threads in the rows, each looked up once (the map
+        holds every thread ever seen: walking it is two syscalls a key)."""
+        import ctypes
+
+        table = self._bpf["thread_names"]
+        for tid, _ in per_key:
+            if tid not in self._names:
+                try:
+                    self._names[tid] = table[ctypes.c_uint(tid)].comm.decode(errors="replace")
+                except KeyError:
+                    continue
+        return self._names
+
     def _peak(self) -> PeakReading:
         p = self._bpf["heap_peak"][0]
         return PeakReading(max(0, int(p.live_bytes)), max(0, int(p.peak_bytes)), int(p.peak_ns))
@@ -468,18 +510,18 @@ class Probes:
         known = {name: int(v.bytes[i]) for i, name in enumerate(RSS_MEMBERS) if v.seen >> i & 1}
         return RssReading(known, int(v.ts_ns))
 
-    def _mapped(self, name: str, used: int):
+    def _mapped_bytes(self, name: str, used: int) -> bytes:
         """The first `used` entries of a BPF_F_MMAPABLE array, copied in one
         go from its mapping (a lookup per index would be a syscall each)."""
+        import ctypes
+        import mmap
+
         table = self._bpf[name]
         if name not in self._maps:
-            import ctypes
-            import mmap
-
             size = ctypes.sizeof(table.Leaf) * self.limits.max_stats
             length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
             self._maps[name] = mmap.mmap(table.map_fd, length, mmap.MAP_SHARED, mmap.PROT_READ)
-        return (table.Leaf * used).from_buffer_copy(self._maps[name])
+        return self._maps[name][: ctypes.sizeof(table.Leaf) * used]
 
     def vm_lost(self) -> int:
         return int(self._bpf["counters"].sum(CNT_VM_LOST).value)

@@ -214,7 +214,8 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
         if args.record:  # last: nothing after it can fail and leave its file behind
             from memtrace.sinks.record import RecordSink
 
-            sinks.append(RecordSink(args.record, metadata))
+            # First, passing snapshots on: a recording that fails adds its note.
+            sinks = [RecordSink(args.record, metadata, then=sinks)]
     except BaseException:
         for sink in sinks:
             abort = getattr(sink, "abort", None)

@@ -10,6 +10,11 @@ records after that keyframe; reading forward reuses the previous state, so a
 replay decodes each snapshot once. Nothing read from the file is executed:
 values are JSON or plain SQLite integers and text, and the connection is
 read-only with SQLite's untrusted-schema protection on.
+
+Reading never creates or changes a file beside the recording. A finished
+recording is one file, opened immutable. One with a `-wal` file beside it
+(being written, or its recorder was killed) is read from a private copy of
+both, so the intervals only the WAL holds are read without touching either.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -71,6 +77,21 @@ def when_arg(text: str) -> str:
     return text
 
 
+# SQLite's errors. One whose message quotes damaged bytes (a broken schema
+# entry) reaches us as the UnicodeDecodeError of decoding that message.
+_SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
+
+
+def _sqlite_message(e: BaseException) -> str:
+    """One short line: SQLite quotes a broken schema entry whole."""
+    if isinstance(e, UnicodeDecodeError) and isinstance(e.object, bytes) and e.object.startswith(b"malformed"):
+        text = e.object.decode("utf-8", errors="replace")
+    else:
+        text = str(e) or type(e).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 class _Damage(Exception):
     """A part of the file that cannot be read: (what, index of the first
     snapshot it spoils)."""
@@ -118,8 +139,11 @@ class Recording:
     def __init__(self, path: str, *, warn: Callable[[str], None] = stderr_warning) -> None:
         self.path = os.fspath(path)
         self._warn = warn
-        self._copy: Optional[str] = None  # a repaired copy of a truncated file
-        self._db: Optional[sqlite3.Connection] = _connect(self.path)
+        # Private copies (of a file with a -wal, of a truncated file) live
+        # here; removed on close(), or when the object goes.
+        self._workdir: Optional[str] = None
+        self._db: Optional[sqlite3.Connection] = None
+        self._db = self._connect()
         self._frames: dict[int, tuple[str, ...]] = {}
         self._tids: dict[int, int] = {}
         self._state = _State()
@@ -128,21 +152,21 @@ class Recording:
         try:
             try:
                 self._open()
-            except sqlite3.DatabaseError as e:
+            except _SQLITE_ERRORS as e:
                 # SQLite refuses a file shorter than its header says. A copy
                 # whose header is made to agree with the file's length opens,
                 # and the pages that are left can be read.
-                self._copy = _header_fixed_copy(self.path)
-                if self._copy is None:
-                    raise MemtraceError(f"{self.path} is damaged and cannot be read ({e})") from None
-                # Removed on close(), or when the object goes, whichever is first.
-                weakref.finalize(self, _remove, self._copy)
+                fixed = _header_fixed_copy(self._main_file, self._private_dir())
+                if fixed is None:
+                    raise MemtraceError(
+                        f"{self.path} is damaged and cannot be read ({_sqlite_message(e)})"
+                    ) from None
                 self._conn().close()
-                self._db = _connect(self._copy)
+                self._db = _connect_file(fixed, immutable=False)
                 self._open("the file is cut short")
-        except sqlite3.DatabaseError as e:
+        except _SQLITE_ERRORS as e:
             self.close()
-            raise MemtraceError(f"{self.path} is damaged and cannot be read ({e})") from None
+            raise MemtraceError(f"{self.path} is damaged and cannot be read ({_sqlite_message(e)})") from None
         except BaseException:
             self.close()
             raise
@@ -192,14 +216,22 @@ class Recording:
         """Snapshot `index`. Should damage show up on the way there, the
         recording is cut before it (with a warning) and the last readable
         snapshot is returned: check len() afterwards."""
+        if not 0 <= index < len(self._rows):
+            raise IndexError(index)
+        damage: Optional[_Damage] = None
         while True:
-            if not 0 <= index < len(self._rows):
-                raise IndexError(index)
             try:
-                return self._snapshot(index)
+                built = self._snapshot(index)
+                break
             except _Damage as e:
-                self._cut(e)
+                # Going back can find more damage (snapshots on the way were
+                # applied, not built): one warning, for where the cut ends.
+                damage = e
+                self._truncate_at(e)
                 index = min(index, len(self._rows) - 1)
+        if damage is not None:
+            self._warn_cut(damage)
+        return built
 
     def snapshot_at(self, when: When) -> tuple[int, Snapshot]:
         """(index, snapshot) for a time; see `index_at`."""
@@ -241,15 +273,15 @@ class Recording:
                     event.update(json.loads(row[-1]))
                 yield event
         except _DECODE_ERRORS as e:
-            self._warn(f"{self.path}: the event table is damaged ({e}); later events are lost")
+            self._warn(f"{self.path}: the event table is damaged ({_sqlite_message(e)}); later events are lost")
 
     def close(self) -> None:
         db, self._db = self._db, None
         if db is not None:
             db.close()
-        copy, self._copy = self._copy, None
-        if copy is not None:
-            _remove(copy)
+        workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def __enter__(self) -> "Recording":
         return self
@@ -258,6 +290,33 @@ class Recording:
         self.close()
 
     # ------------------------------------------------------------ opening
+
+    def _connect(self) -> sqlite3.Connection:
+        _check_header(self.path)
+        self._main_file = self.path
+        wal = self.path + "-wal"
+        try:
+            has_wal = os.path.getsize(wal) > 0
+        except OSError:
+            has_wal = False
+        if not has_wal:
+            return _connect_file(self.path, immutable=True)
+        try:
+            copy = os.path.join(self._private_dir(), "recording")
+            _copy_with_wal(self.path, copy)
+        except OSError as e:
+            self._warn(
+                f"cannot read {wal} ({e.strerror or e}): its last intervals may be missing"
+            )
+            return _connect_file(self.path, immutable=True)
+        self._main_file = copy
+        return _connect_file(copy, immutable=False)
+
+    def _private_dir(self) -> str:
+        if self._workdir is None:
+            self._workdir = tempfile.mkdtemp(prefix="memtrace-")  # mode 0700
+            weakref.finalize(self, shutil.rmtree, self._workdir, ignore_errors=True)
+        return self._workdir
 
     def _validate(self) -> None:
         db = self._conn()
@@ -295,8 +354,8 @@ class Recording:
         # up front instead of in the middle of a replay.
         try:
             rows = self._conn().execute("PRAGMA quick_check(1)").fetchall()
-        except sqlite3.DatabaseError as e:
-            return str(e)
+        except _SQLITE_ERRORS as e:
+            return _sqlite_message(e)
         first = str(rows[0][0]) if rows else "ok"
         return None if first == "ok" else _one_line(first)
 
@@ -312,8 +371,8 @@ class Recording:
                 if not self._add_row(row):
                     return f"snapshot {len(self._rows) + 1} is missing or malformed"
             return None
-        except sqlite3.DatabaseError as e:
-            problem = str(e)
+        except _SQLITE_ERRORS as e:
+            problem = _sqlite_message(e)
         # A broken page stopped the scan: look the next rows up one by one,
         # which only touches the pages on the way to each.
         while True:
@@ -321,7 +380,7 @@ class Recording:
                 row = db.execute(
                     f"SELECT {self._INDEX_COLUMNS} FROM snapshots WHERE id = ?", (len(self._rows) + 1,)
                 ).fetchone()
-            except sqlite3.DatabaseError:
+            except _SQLITE_ERRORS:
                 return problem
             if row is None or not self._add_row(row):
                 return problem
@@ -357,13 +416,17 @@ class Recording:
             f" up to {self.points[-1].elapsed_s:.1f}s"
         )
 
-    def _cut(self, damage: _Damage) -> None:
+    def _truncate_at(self, damage: _Damage) -> None:
         what, bad = damage.args
         if bad == 0:
             raise MemtraceError(f"{self.path} is damaged and holds no readable snapshot ({what})")
         self._truncate(bad)
+
+    def _warn_cut(self, damage: _Damage) -> None:
+        what = damage.args[0]
         self._warn(
-            f"{self.path} is damaged ({what}); using the first {bad} snapshot(s), up to {self.points[-1].elapsed_s:.1f}s"
+            f"{self.path} is damaged ({what}); using the first {len(self._rows)} snapshot(s),"
+            f" up to {self.points[-1].elapsed_s:.1f}s"
         )
 
     def _truncate(self, count: int) -> None:
@@ -380,7 +443,7 @@ class Recording:
             try:
                 state.built = self._build(index, state)
             except _DECODE_ERRORS as e:
-                raise _Damage(f"snapshot {index + 1} is unreadable: {e}", index) from None
+                raise _Damage(f"snapshot {index + 1} is unreadable: {_sqlite_message(e)}", index) from None
         return state.built
 
     def _advance_to(self, index: int) -> _State:
@@ -395,7 +458,7 @@ class Recording:
             except _DECODE_ERRORS as e:
                 # The state may be half-applied: start over next time.
                 self._state = _State()
-                raise _Damage(f"snapshot {nxt + 1} is unreadable: {e}", nxt) from None
+                raise _Damage(f"snapshot {nxt + 1} is unreadable: {_sqlite_message(e)}", nxt) from None
             state.index = nxt
         return state
 
@@ -478,7 +541,25 @@ def _ordered(entities: dict[int, Any], order: Optional[str], key: Callable[[Any]
     return tuple(entities[eid] for eid in json.loads(order))
 
 
-def _connect(path: str) -> sqlite3.Connection:
+def _wal_salts(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(32)[16:24]
+
+
+def _copy_with_wal(path: str, copy: str) -> None:
+    """Copy a file and its -wal that a recorder may be writing. The file
+    first: a checkpoint meanwhile only moves pages into it that the WAL
+    still holds. Unless the WAL started over (new salts in its header):
+    then the copy mixes two moments, and it is made again."""
+    for _ in range(5):
+        salts = _wal_salts(path + "-wal")
+        shutil.copyfile(path, copy)
+        shutil.copyfile(path + "-wal", copy + "-wal")
+        if _wal_salts(copy + "-wal") == salts:
+            return
+
+
+def _check_header(path: str) -> None:
     try:
         with open(path, "rb") as f:
             head = f.read(len(_SQLITE_MAGIC))
@@ -492,16 +573,32 @@ def _connect(path: str) -> sqlite3.Connection:
         raise MemtraceError(f"{path} is empty: the recording was cut off before its first write")
     if head != _SQLITE_MAGIC:
         raise MemtraceError(f"{path} is not a memtrace recording (not an SQLite file)")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+
+
+def _connect_file(path: str, *, immutable: bool) -> sqlite3.Connection:
+    """Read-only; `immutable` for a file nobody writes, which SQLite then
+    reads without locks, journals or a -wal/-shm file of any kind. A
+    private copy is opened normally so SQLite can take its WAL in."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path))
+    if immutable:
+        uri += "?mode=ro&immutable=1"
     try:
         db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        # Damage can put any bytes where text was: read them as text with
+        # U+FFFD in place of the bad ones. Names then fail to match, JSON to
+        # parse, and the damage is reported as such.
+        db.text_factory = _text
         # Views or triggers in a crafted file must not reach functions with
         # side effects; we only ever read.
         db.execute("PRAGMA trusted_schema = OFF")
         db.execute("PRAGMA query_only = ON")
-    except sqlite3.DatabaseError as e:
-        raise MemtraceError(f"cannot open {path}: {e}") from None
+    except _SQLITE_ERRORS as e:
+        raise MemtraceError(f"cannot open {path}: {_sqlite_message(e)}") from None
     return db
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", errors="replace")
 
 
 def _one_line(text: str) -> str:
@@ -510,9 +607,9 @@ def _one_line(text: str) -> str:
     return lines[0] if lines else text.strip()
 
 
-def _header_fixed_copy(path: str) -> Optional[str]:
-    """A private temporary copy of a truncated SQLite file with its header's
-    page count set to the pages actually there; None if not truncated."""
+def _header_fixed_copy(path: str, workdir: str) -> Optional[str]:
+    """A copy in `workdir` of a truncated SQLite file with its header's page
+    count set to the pages actually there; None if not truncated."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -531,18 +628,10 @@ def _header_fixed_copy(path: str) -> Optional[str]:
     header = bytearray(data[: pages * page_size])
     header[28:32] = pages.to_bytes(4, "big")
     header[92:96] = header[24:28]  # marks the page count as valid
-    fd, copy = tempfile.mkstemp(prefix="memtrace-", suffix=".rec")  # mode 0600
-    with os.fdopen(fd, "wb") as f:
+    copy = os.path.join(workdir, "cut-short")
+    with open(copy, "wb") as f:
         f.write(header)
     return copy
-
-
-def _remove(path: str) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            os.unlink(path + suffix)
-        except OSError:
-            pass
 
 
 def open_recording(path: str, *, warn: Callable[[str], None] = stderr_warning) -> Recording:

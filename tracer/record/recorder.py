@@ -1,8 +1,12 @@
 """The recorder sink: snapshots into an SQLite file, one transaction each.
 
-WAL mode with a commit per interval means a recorder killed with SIGKILL
-leaves a file holding every interval it committed; the reader needs nothing
-else. Only what changed since the previous snapshot is written (see
+While recording, the file is in WAL mode with a commit per interval: a
+recorder killed with SIGKILL leaves every interval it committed in the file
+and its `-wal` beside it, and the reader takes both. The WAL is folded into
+the file every `CHECKPOINT_EVERY_S`, so the file alone holds nearly all of
+it, and on close the file leaves WAL mode: a finished recording is one
+self-contained file that can be copied, made read-only and read by anyone.
+Only what changed since the previous snapshot is written (see
 `memtrace.record.schema`), which keeps an hour of a busy process at 1 s well
 under 100 MB.
 """
@@ -29,13 +33,25 @@ from memtrace.record.timeline import time_point
 # Parts of to_json() that are stored elsewhere than the `sections` table.
 _NOT_SECTIONS = frozenset({"threads", "stacks", "elapsed_s"}) | DERIVED_KEYS
 
+# A recorder killed mid-session leaves at most this much of it only in the
+# -wal file (a checkpoint costs two fsyncs).
+CHECKPOINT_EVERY_S = 10.0
+
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _REPEAT = object()  # marks the key of an identity repeated in one snapshot
 
 
 def dumps(value: Any) -> str:
     # default=str: metadata may hold values JSON lacks (paths, enums).
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (a non-UTF-8 argv or path, decoded by Python)
+            # cannot be stored as text; escaped, it reads back the same.
+            text = json.dumps(value, separators=(",", ":"), default=str)
+    return text
 
 
 def encode_section(text: str) -> str | bytes:
@@ -124,6 +140,7 @@ class Recorder:
         self._in_txn = False
         self._failed: Optional[str] = None
         self._next_snapshot_id = 1
+        self._checkpointed_at = time.monotonic()
         # identity (frames, tid) -> entity id; repeats within a snapshot
         # are keyed (_REPEAT, identity, n).
         self._stack_ids: dict[Any, int] = {}
@@ -138,6 +155,11 @@ class Recorder:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db = db
             db.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
+            # Exclusive before WAL: the WAL index lives in our memory, not in
+            # a -shm file beside the recording, and no other process can
+            # write to it or checkpoint it while we record. Readers read a
+            # copy of a file being written (memtrace.record.reader).
+            db.execute("PRAGMA locking_mode = EXCLUSIVE")
             db.execute("PRAGMA journal_mode = WAL")
             # NORMAL in WAL mode: a commit survives the process being killed
             # (not a power cut), without an fsync per interval.
@@ -181,6 +203,12 @@ class Recorder:
             db.execute("COMMIT")
             self._in_txn = False
             self._next_snapshot_id += 1
+            if time.monotonic() - self._checkpointed_at >= CHECKPOINT_EVERY_S:
+                self._checkpointed_at = time.monotonic()
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass  # the interval is committed; the WAL keeps it until a checkpoint succeeds
 
     def write_events(self, events: Iterable[Mapping[str, Any]]) -> None:
         """Address-space events as dicts: ts, tid, kind, addr, length, prot,
@@ -198,20 +226,26 @@ class Recorder:
             )
 
     def close(self) -> None:
+        """Mark the recording finished and make it one file. Raises (after
+        closing) if that fails; what was committed stays readable."""
         db, self._db = self._db, None
         if db is None:
             return  # closed already, or stopped by a failed write
         with self._errors("finish"):
-            if not self._in_txn:
-                db.execute("BEGIN")
-            db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('end_time', ?)", (dumps(time.time()),)
-            )
-            db.execute("COMMIT")
-            self._in_txn = False
-            # Fold the WAL back in so the recording is one self-contained file.
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            db.close()
+            try:
+                if not self._in_txn:
+                    db.execute("BEGIN")
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('end_time', ?)", (dumps(time.time()),)
+                )
+                db.execute("COMMIT")
+                self._in_txn = False
+                # Folds the WAL in and removes it: no file beside the recording.
+                mode = db.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+                if str(mode).lower() != "delete":
+                    raise sqlite3.OperationalError(f"its -wal file could not be folded in; keep it beside {self.path}")
+            finally:
+                _close_quietly(db)
 
     def __enter__(self) -> "Recorder":
         return self
@@ -239,11 +273,7 @@ class Recorder:
             self._failed = str(e) or type(e).__name__
             db, self._db = self._db, None
             if db is not None:
-                try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # no transaction was open
-                db.close()
+                _close_quietly(db)
             raise
 
     def _begin(self) -> None:
@@ -344,6 +374,20 @@ class Recorder:
             if stack_id is None:
                 stack_id = self._stack_ids[frames] = self._new_stack(db, frames, 0)
         return (*values, stack_id, dumps(extra) if extra else None)
+
+
+def _close_quietly(db: sqlite3.Connection) -> None:
+    """Roll back what is open, and try to leave the file whole and alone.
+    On a full disk folding the WAL in fails: the -wal file stays, holding
+    the last commits, and the reader takes it in."""
+    try:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        db.execute("PRAGMA journal_mode = DELETE")
+    except sqlite3.Error:
+        pass
+    finally:
+        db.close()
 
 
 def _rowid(cursor: sqlite3.Cursor) -> int:

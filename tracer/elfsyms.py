@@ -12,8 +12,10 @@ import ctypes.util
 import os
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
+from collections import OrderedDict
 from typing import Optional
+
+from memtrace.mappedfile import fd_path, open_path, read_regular
 
 SHT_SYMTAB, SHT_DYNSYM, SHT_NOTE, SHT_GNU_VERSYM = 2, 11, 7, 0x6FFFFFFF
 STT_FUNC, STT_GNU_IFUNC = 2, 10
@@ -50,26 +52,27 @@ class ElfSymbols:
         self._starts: list[int] = []
         self._ends: list[int] = []
         self._names: list[str] = []
+        self._file = None  # kept open: read() must reach the same inode
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            self._file, data = read_regular(path)
         except OSError:
             return
         parsed = _parse(data)
+        del data
         if parsed is None:
             return
         self.machine, self.segments, self.build_id, self.functions = parsed
         named = self.functions
         if self.build_id:
             debug = f"{DEBUG_ROOT}/{self.build_id[:2]}/{self.build_id[2:]}.debug"
-            if os.path.exists(debug):
-                try:
-                    with open(debug, "rb") as f:
-                        extra = _parse(f.read())
-                    if extra and extra[3]:
-                        named = extra[3]
-                except OSError:
-                    pass
+            try:
+                debug_file, debug_data = read_regular(debug)
+                debug_file.close()
+                extra = _parse(debug_data)
+                if extra and extra[3]:
+                    named = extra[3]
+            except OSError:
+                pass
         for fn in sorted(named, key=lambda f: (f.address, f.size, f.name)):
             self._starts.append(fn.address)
             self._ends.append(fn.address + max(fn.size, 1))
@@ -85,11 +88,12 @@ class ElfSymbols:
         """Bytes at a virtual address, as the file holds them."""
         for seg in self.segments:
             if seg.vaddr <= vaddr < seg.vaddr + seg.filesz:
+                if self._file is None:
+                    return None
                 try:
-                    with open(self.path, "rb") as f:
-                        f.seek(seg.offset + vaddr - seg.vaddr)
-                        return f.read(min(size, seg.vaddr + seg.filesz - vaddr))
-                except OSError:
+                    return os.pread(self._file.fileno(), min(size, seg.vaddr + seg.filesz - vaddr),
+                                    seg.offset + vaddr - seg.vaddr)
+                except (OSError, ValueError):
                     return None
         return None
 
@@ -112,7 +116,7 @@ class ElfSymbols:
 def _parse(data: bytes):
     """(machine, load segments, build id, function symbols) of a 64-bit ELF
     file: .symtab's when present, else .dynsym's with their versions."""
-    if data[:4] != b"\x7fELF" or data[4] != 2:  # 64-bit only
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2:  # 64-bit only
         return None
     end = "<" if data[5] == 1 else ">"
     try:
@@ -172,16 +176,19 @@ def _build_id(notes: bytes, end: str) -> Optional[str]:
     return None
 
 
-@lru_cache(maxsize=256)
-def imported_names(path: str, mtime_ns: int = 0) -> frozenset[str]:
+def imported_names(path: str) -> frozenset[str]:
     """The names a 64-bit ELF file takes from other objects (undefined
-    .dynsym entries); empty when unreadable."""
+    .dynsym entries); empty when unreadable. Read once per file version."""
+    return _per_file(_imported_cache, 256, path, _read_imported_names, frozenset())
+
+
+def _read_imported_names(path: str) -> frozenset[str]:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f, data = read_regular(path)
+        f.close()
     except OSError:
         return frozenset()
-    if data[:4] != b"\x7fELF" or data[4] != 2:
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2:
         return frozenset()
     end = "<" if data[5] == 1 else ">"
     try:
@@ -205,9 +212,35 @@ def imported_names(path: str, mtime_ns: int = 0) -> frozenset[str]:
     return frozenset(names)
 
 
-@lru_cache(maxsize=64)
-def symbols_of(path: str, mtime_ns: int = 0) -> ElfSymbols:
-    return ElfSymbols(path)
+_symbols_cache: OrderedDict = OrderedDict()
+_imported_cache: OrderedDict = OrderedDict()
+
+
+def _per_file(cache: OrderedDict, size: int, path: str, build, unreadable):
+    """build(name) once per file version (device, inode, mtime, size),
+    whatever name leads to it: a mapping's path and a descriptor's share it.
+    The name given to build reaches the very inode identified."""
+    try:
+        fd = open_path(path)
+    except OSError:
+        return unreadable
+    try:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        value = cache[key] = build(fd_path(fd))
+        if len(cache) > size:
+            cache.popitem(last=False)
+        return value
+    finally:
+        os.close(fd)
+
+
+def symbols_of(path: str) -> ElfSymbols:
+    """The parsed image of the file at `path`, once per file version."""
+    return _per_file(_symbols_cache, 64, path, ElfSymbols, None) or ElfSymbols(path)
 
 
 def _load_demangler():

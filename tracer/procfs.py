@@ -79,7 +79,7 @@ def thread_names(pid: int) -> dict[int, str]:
 
 
 _HEADER = re.compile(
-    r"^([0-9a-f]+)-([0-9a-f]+)\s+(\S+)\s+([0-9a-f]+)\s+\S+\s+(\d+)\s*(.*)$"
+    r"^([0-9a-f]+)-([0-9a-f]+)\s+(\S+)\s+([0-9a-f]+)\s+([0-9a-f]+):([0-9a-f]+)\s+(\d+)\s*(.*)$"
 )
 # smaps fields we keep, by their /proc name.
 _SMAPS_FIELDS = {"Rss": "rss_bytes", "Anonymous": "anonymous_bytes", "Swap": "swap_bytes"}
@@ -98,6 +98,7 @@ class Mapping:
     rss_bytes: Optional[int] = None
     anonymous_bytes: Optional[int] = None
     swap_bytes: Optional[int] = None
+    device: Optional[int] = None  # st_dev of the mapped file, as os.makedev builds it
 
     @property
     def size(self) -> int:
@@ -117,8 +118,9 @@ def _parse_header(line: str) -> Optional[Mapping]:
     m = _HEADER.match(line)
     if m is None:
         return None
-    start, end, perms, offset, inode, path = m.groups()
-    return Mapping(int(start, 16), int(end, 16), perms, int(offset, 16), int(inode), path.strip())
+    start, end, perms, offset, major, minor, inode, path = m.groups()
+    return Mapping(int(start, 16), int(end, 16), perms, int(offset, 16), int(inode), path.strip(),
+                   device=os.makedev(int(major, 16), int(minor, 16)))
 
 
 def parse_maps(text: str) -> list[Mapping]:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from memtrace import procfs
-from memtrace.elfsyms import demangle, imported_names, symbols_of
+from memtrace.elfsyms import ElfSymbols, demangle, imported_names, symbols_of
+from memtrace.mappedfile import fd_path, open_mapped
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,8 @@ class Module:
     start: int
     end: int
     file_offset: int
-    path: str  # as the process sees it
-    open_path: str  # as we can open it
+    path: str  # as the process sees it: a name, not what we open
+    mapping: procfs.Mapping  # what opening it checks against
 
 
 class Symbolizer:
@@ -32,7 +33,8 @@ class Symbolizer:
         self._starts: list[int] = []
         self._names: dict[int, str] = {}
         self._code: list[tuple[int, int]] = []  # executable ranges, JIT code included
-        self._code_files: set[str] = set()
+        self._code_files: list[Module] = []
+        self._images: dict[tuple, Optional[ElfSymbols]] = {}  # by the mapping's (device, inode)
         self._refreshed_this_round = False
 
     def new_round(self) -> None:
@@ -43,31 +45,41 @@ class Symbolizer:
         mappings = procfs.maps(self.pid)
         if not mappings:
             return False  # gone: keep what we knew
-        root = f"/proc/{self.pid}/root"
-        modules, file_code = [], []
+        modules = []
         self._code = [(m.start, m.end) for m in mappings if "x" in m.perms]
         for m in mappings:
-            if not m.path.startswith("/") or m.path.endswith(" (deleted)"):
+            if not m.path.startswith("/") or not m.inode:
                 continue
-            inside = root + m.path
-            modules.append(Module(m.start, m.end, m.offset, m.path,
-                                  inside if os.path.exists(inside) else m.path))
-            file_code.append("x" in m.perms)
+            modules.append(Module(m.start, m.end, m.offset, m.path.removesuffix(" (deleted)"), m))
         self._modules = modules
         self._starts = [m.start for m in modules]
-        self._code_files = {m.open_path for m, code in zip(modules, file_code) if code}
+        code = {(m.mapping.device, m.mapping.inode): m for m in modules if "x" in m.mapping.perms}
+        self._code_files = list(code.values())
         return True
+
+    def image(self, module: Module) -> Optional[ElfSymbols]:
+        """The ELF image of the file a module maps: only ever that inode
+        (mappedfile), parsed once; None when it cannot be opened."""
+        key = (module.mapping.device, module.mapping.inode)
+        if key not in self._images:
+            self._images[key] = self._read_mapped(module, symbols_of)
+        return self._images[key]
+
+    def _read_mapped(self, module: Module, read):
+        try:
+            fd = open_mapped(self.pid, module.mapping)
+        except OSError:
+            return None
+        try:
+            return read(fd_path(fd))
+        finally:
+            os.close(fd)
 
     def code_imports(self, name: str) -> bool:
         """Whether a file the process runs code from takes `name` from
         another object (read once per file and version)."""
-        for path in self._code_files:
-            try:
-                if name in imported_names(path, os.stat(path).st_mtime_ns):
-                    return True
-            except OSError:
-                continue
-        return False
+        return any(name in (self._read_mapped(module, imported_names) or ())
+                   for module in self._code_files)
 
     def _module_of(self, addr: int) -> Optional[Module]:
         i = bisect.bisect_right(self._starts, addr) - 1
@@ -94,7 +106,7 @@ class Symbolizer:
                 module = self._module_of(addr)
         if module is None:
             return f"0x{addr:x}"  # JIT code or a region we never saw: not cached
-        text = _describe(module, addr)
+        text = _describe(module, self.image(module), addr)
         self._names[addr] = text
         return text
 
@@ -111,7 +123,8 @@ class Symbolizer:
             if word < 4096 or not self.is_code(word):
                 continue
             module = self._module_of(word)
-            if module is not None and _follows_call(_code_before(module, word, 7)):
+            if module is not None and _follows_call(_code_before(module, self.image(module),
+                                                                  word, 7)):
                 out.append(word)
         return out
 
@@ -120,21 +133,10 @@ class Symbolizer:
         return os.path.basename(module.path) if module else ""
 
 
-def _describe(module: Module, addr: int) -> str:
+def _describe(module: Module, elf: Optional[ElfSymbols], addr: int) -> str:
     base = os.path.basename(module.path)
     file_offset = addr - module.start + module.file_offset
-    # Through /proc/PID/root while the process lives (containers); after
-    # it has exited, the same path seen from here.
-    for path in dict.fromkeys((module.open_path, module.path)):
-        try:
-            mtime = os.stat(path).st_mtime_ns
-            break
-        except OSError:
-            continue
-    else:
-        return f"0x{file_offset:x} [{base}]"
-    elf = symbols_of(path, mtime)
-    vaddr = elf.vaddr_of_offset(file_offset)
+    vaddr = elf.vaddr_of_offset(file_offset) if elf is not None else None
     found = elf.lookup(vaddr) if vaddr is not None else None
     if found is None:
         return f"0x{file_offset:x} [{base}]"
@@ -142,18 +144,13 @@ def _describe(module: Module, addr: int) -> str:
     return f"{demangle(name)}+0x{offset:x} [{base}]"
 
 
-def _code_before(module: Module, addr: int, n: int) -> bytes:
-    file_offset = addr - module.start + module.file_offset
-    for path in dict.fromkeys((module.open_path, module.path)):
-        try:
-            elf = symbols_of(path, os.stat(path).st_mtime_ns)
-        except OSError:
-            continue
-        vaddr = elf.vaddr_of_offset(file_offset)
-        if vaddr is None or vaddr < n:
-            return b""
-        return elf.read(vaddr - n, n) or b""
-    return b""
+def _code_before(module: Module, elf: Optional[ElfSymbols], addr: int, n: int) -> bytes:
+    if elf is None:
+        return b""
+    vaddr = elf.vaddr_of_offset(addr - module.start + module.file_offset)
+    if vaddr is None or vaddr < n:
+        return b""
+    return elf.read(vaddr - n, n) or b""
 
 
 def _follows_call(before: bytes) -> bool:

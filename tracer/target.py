@@ -1,9 +1,11 @@
 """Which process to trace and which glibc it runs on.
 
 The uprobes go on the libc file the target really maps: for a running
-process it is read from /proc/PID/maps and opened through /proc/PID/root,
-so a process in a container is probed in its own libc; for a command, the
-dynamic loader named by the executable resolves it before the command runs.
+process, the inode its mapping names, opened through mappedfile (never a
+path that may have been swapped for a link since the process started);
+for a command, the dynamic loader named by the executable resolves it
+before the command runs. Either way the file is held open, and bcc and
+the kernel are given /proc/self/fd/N: every probe lands on that inode.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
-from memtrace import procfs
+from memtrace import mappedfile, procfs
 from memtrace.errors import MemtraceError
 
 _GLIBC_NAME = re.compile(r"/libc(\.so\.6|-2\.\d+\.so)$")
-_MUSL_NAME = re.compile(r"(ld-musl|libc\.musl)")
+_MUSL_NAME = re.compile(r"musl")
 
 PT_INTERP = 3
 
@@ -29,11 +31,28 @@ PT_INTERP = 3
 class Target:
     pid: int
     comm: str
-    libc_path: str  # a path this process can open: through /proc/PID/root when attaching
+    libc_path: str  # /proc/self/fd/N of the verified libc, held open for the whole run
+    libc_shown: str  # its name, for messages
     launched: bool = False
 
 
 # ------------------------------------------------------------ running process
+
+
+def _state(pid: int) -> str:
+    """The one-letter state of /proc/PID/stat ("" when unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[0] if fields else ""
+
+
+def process_ended(pid: int) -> bool:
+    """Gone, or a zombie: nothing of it runs any more."""
+    return not procfs.exists(pid) or _state(pid) in ("Z", "X", "")
 
 
 def resolve_pid(pid: int) -> Target:
@@ -47,21 +66,58 @@ def resolve_pid(pid: int) -> Target:
     if owner is not None and owner != pid:
         raise MemtraceError(f"pid {pid} is a thread of process {owner}: use -p {owner}")
     name = procfs.comm(pid) or "?"
-    mappings = procfs.maps(pid)
-    libc = next((m.path for m in mappings if _GLIBC_NAME.search(m.path)), None)
+    gone = MemtraceError(f"pid {pid} ({name}) has exited: nothing left to trace")
+    if process_ended(pid):
+        if not procfs.exists(pid):
+            raise gone
+        raise MemtraceError(
+            f"pid {pid} ({name}) is a zombie: it has exited and waits for its parent to reap it; "
+            "there is no heap left to trace"
+        )
+    try:
+        mappings = procfs.read_maps(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        raise gone from None
+    except OSError as e:
+        raise MemtraceError(
+            f"cannot read /proc/{pid}/maps ({e.strerror}): memtrace needs root, or "
+            f"CAP_SYS_PTRACE and the right to trace pid {pid} ({name})"
+        ) from None
+    if not mappings:
+        if process_ended(pid):
+            raise gone
+        raise MemtraceError(f"pid {pid} ({name}) maps no memory (it is exiting): nothing to trace")
+    libc = next((m for m in mappings
+                 if _GLIBC_NAME.search(m.path.removesuffix(" (deleted)"))), None)
     if libc is None:
-        if any(_MUSL_NAME.search(m.path) for m in mappings):
-            kind = "is linked with musl"
+        musl = next((m.path for m in mappings if _MUSL_NAME.search(m.path)), None)
+        if musl:
+            kind = f"is linked with musl ({musl})"
         elif not any(m.path.endswith(".so") or ".so." in m.path for m in mappings):
-            kind = "is statically linked"
+            kind = "is statically linked (it maps no shared library)"
         else:
-            kind = "does not map glibc"
+            kind = "does not map glibc (libc.so.6)"
         raise MemtraceError(
             f"pid {pid} ({name}) {kind}: memtrace traces glibc's malloc; "
             "trace a dynamically linked glibc program"
         )
-    root_path = f"/proc/{pid}/root{libc}"
-    return Target(pid=pid, comm=name, libc_path=root_path if os.path.exists(root_path) else libc)
+    shown = libc.path.removesuffix(" (deleted)")
+    try:
+        fd = mappedfile.open_mapped(pid, libc)
+    except mappedfile.NotTheFile:
+        raise MemtraceError(
+            f"pid {pid} ({name}): {shown} now leads to another file than the libc it maps "
+            "(replaced or linked elsewhere since it started); memtrace probes only the mapped "
+            "file itself, which needs CAP_SYS_ADMIN to open: run it as root"
+        ) from None
+    except OSError as e:
+        if not procfs.exists(pid):
+            raise gone from None
+        raise MemtraceError(
+            f"cannot open the libc pid {pid} ({name}) maps, {shown} ({e.strerror or e}): "
+            "run memtrace as root"
+        ) from None
+    return Target(pid=pid, comm=name, libc_path=mappedfile.fd_path(fd), libc_shown=shown)
 
 
 # ------------------------------------------------------------ a command to launch
@@ -129,7 +185,17 @@ def program_binary(argv0: str) -> str:
     return path
 
 
+def _hold(path: str) -> str:
+    """/proc/self/fd/N of the regular file at `path`, held open for the run."""
+    try:
+        return mappedfile.fd_path(mappedfile.open_path(path))
+    except OSError as e:
+        raise MemtraceError(f"cannot open the libc {path} ({e.strerror or e}): "
+                            "check the glibc installation") from None
+
+
 def libc_of_command(argv0: str) -> str:
+    """/proc/self/fd/N of the libc the command will load (see _hold)."""
     binary = program_binary(argv0)
     try:
         interp = _elf_interpreter(binary)
@@ -154,7 +220,7 @@ def libc_of_command(argv0: str) -> str:
     for line in out.splitlines():
         m = re.search(r"=>\s*(\S+)", line)
         if m and _GLIBC_NAME.search(m.group(1)):
-            return os.path.realpath(m.group(1))
+            return _hold(os.path.realpath(m.group(1)))
     raise MemtraceError(
         f"{binary} does not load glibc (libc.so.6) through {interp}: "
         "memtrace traces glibc's malloc"

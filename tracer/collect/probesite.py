@@ -33,6 +33,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 from memtrace.elfsyms import ElfSymbols, FunctionSymbol, symbols_of
 from memtrace.errors import MemtraceError
+from memtrace.mappedfile import open_path
 
 # Argument registers the malloc family's probes read: size or pointer
 # (rdi), size or count (rsi), out-pointer of posix_memalign (rdx).
@@ -303,11 +304,11 @@ _EM_X86_64 = 62
 
 def _lookup(elf_path: str, symbol_vaddr_or_name: Union[str, int]) -> tuple[ElfSymbols, FunctionSymbol]:
     try:
-        mtime = os.stat(elf_path).st_mtime_ns
+        os.close(open_path(elf_path))
     except OSError as e:
-        raise MemtraceError(f"cannot read {elf_path}: {e.strerror}; "
+        raise MemtraceError(f"cannot read {elf_path}: {e.strerror or e}; "
                             "check the path of the traced library") from None
-    image = symbols_of(os.path.realpath(elf_path), mtime)
+    image = symbols_of(elf_path)
     if not image.segments:
         raise MemtraceError(f"{elf_path} is not an ELF file (64-bit expected); give the path of a "
                             "shared library or executable")
@@ -326,7 +327,7 @@ def _code(image: ElfSymbols, function: FunctionSymbol, size: int) -> bytes:
     code = image.read(function.address, size)
     if code is None:
         raise MemtraceError(f"address 0x{function.address:x} is not in a loaded segment of "
-                            f"{image.path}; the symbol table looks damaged")
+                            f"{function.name}'s file; the symbol table looks damaged")
     return code
 
 

@@ -4,6 +4,8 @@ machine, find the target, load and attach, run the session, report."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from typing import Optional
@@ -13,14 +15,30 @@ from memtrace.errors import MemtraceError
 from memtrace.serve import serve_address
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
-    return value
+# Snapshots faster than this cost the target more than they tell; slower
+# than an hour, a live view is not live.
+MIN_INTERVAL_S = 0.05
+MAX_INTERVAL_S = 3600.0
+# A year: a finite end that no trace reaches by accident.
+MAX_DURATION_S = 365 * 24 * 3600.0
+
+
+def seconds(low: float, high: float, inclusive_low: bool = True):
+    """An argparse type: a finite number of seconds within [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number of seconds: {text!r}")
+        if value < low or (value == low and not inclusive_low) or value > high:
+            lowest = f"at least {low:g}" if inclusive_low else f"more than {low:g}"
+            raise argparse.ArgumentTypeError(f"{lowest} and at most {high:g} seconds: {text!r}")
+        return value
+
+    return parse
 
 
 def positive_int(text: str) -> int:
@@ -33,20 +51,106 @@ def positive_int(text: str) -> int:
     return value
 
 
-def stats_count(text: str) -> int:
-    """--max-stats: blocks carry the counters' index in 20 bits."""
-    value = positive_int(text)
-    if value > 1 << 20:
-        raise argparse.ArgumentTypeError(f"at most 1048576: {text!r}")
-    return value
+def count_up_to(limit: int, why: str):
+    """An argparse type: a whole number in 1..limit (`why` says where the
+    limit comes from)."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"at most {limit} ({why}): {text!r}")
+        return value
+
+    return parse
+
+
+# The kernel's own limits on the maps these options size (memory is
+# checked at start, check_kernel_memory).
+MAX_STATS_LIMIT = 1 << 20  # blocks carry the counters' index in 20 bits
+MAX_ALLOCS_LIMIT = 1 << 30  # a 32 GiB table; the kernel indexes buckets in 32 bits
+MAX_STACKS_LIMIT = 1 << 28  # a BPF hash holds at most 2^28 buckets
+MAX_EVENT_BUFFER_MIB = 2048  # a BPF ring buffer's size is a 32-bit power of two
+STACK_ENTRY_BYTES = 1024 + 64  # 127 frames, key and the hash's element header
+BUCKET_BYTES = 16  # a BPF hash's bucket, allocated up front per entry
+
+
+def kernel_memory_needs(args: argparse.Namespace) -> dict[str, tuple[int, str]]:
+    """Kernel memory each sizing option takes: (bytes, when)."""
+    from memtrace.collect.probes import alloc_bucket_bits
+
+    ring = 1 << (args.event_buffer.bit_length() - 1) << 20  # as probes._ring_pages rounds it
+    needs = {
+        "--event-buffer": (ring, "allocated at start"),
+        "--stack-storage-size": (args.stack_storage_size * STACK_ENTRY_BYTES,
+                                 "when that many distinct stacks are seen"),
+    }
+    if not args.light:
+        table = (1 << alloc_bucket_bits(args.max_allocs)) * 128
+        needs["--max-allocs"] = (table, "allocated at start")
+    return needs
+
+
+def _available_memory() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_kernel_memory(args: argparse.Namespace) -> None:
+    """Refuse sizes the machine cannot hold, naming the flag, before
+    anything is compiled: the kernel would only say that the map failed."""
+    available = _available_memory()
+    if available is None:
+        return
+    from memtrace.view.fmt import fmt_bytes
+
+    for flag, (size, when) in kernel_memory_needs(args).items():
+        if size > available // 2:
+            raise MemtraceError(
+                f"{flag} asks for {fmt_bytes(size)} of kernel memory ({when}), more than half "
+                f"of the {fmt_bytes(available)} available: give a smaller {flag}"
+            )
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Every file the trace will write, checked before anything is launched
+    or attached: a refusal then leaves nothing behind."""
+    path = getattr(args, "record", None)
+    if not path:
+        return
+    shown = f"--record {path}"
+    if os.path.isdir(path):
+        raise MemtraceError(f"{shown}: is a directory; give the name of a new file in it")
+    if os.path.lexists(path):
+        raise MemtraceError(f"{shown}: already exists; choose another file name or remove it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MemtraceError(f"{shown}: the folder {folder} does not exist; create it first")
+    # Creating a file is the only true test (read-only mounts, immutable
+    # folders, quotas): the name itself, removed at once.
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise MemtraceError(f"{shown}: already exists; choose another file name or remove it") from None
+    except OSError as e:
+        raise MemtraceError(f"{shown}: cannot create a file in {folder} ({e.strerror}); "
+                            "choose a writable folder") from None
+    os.close(fd)
+    os.unlink(path)
 
 
 def add_trace_options(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
-    out.add_argument("--interval", type=positive_float, default=1.0, metavar="S",
-                     help="seconds between snapshots (default 1)")
-    out.add_argument("--duration", type=positive_float, metavar="S",
-                     help="stop tracing after S seconds")
+    out.add_argument("--interval", type=seconds(MIN_INTERVAL_S, MAX_INTERVAL_S), default=1.0,
+                     metavar="S", help=f"seconds between snapshots, {MIN_INTERVAL_S:g} to "
+                     f"{MAX_INTERVAL_S:g} (default 1)")
+    out.add_argument("--duration", type=seconds(0.0, MAX_DURATION_S, inclusive_low=False),
+                     metavar="S", help="stop tracing after S seconds")
     out.add_argument("--json", action="store_true",
                      help="print the final snapshot as JSON on stdout instead of the view")
     out.add_argument("--batch", action="store_true",
@@ -66,15 +170,20 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                       help="how address-space syscalls are traced (default: the stable "
                       "syscall tracepoints; kprobe needs a kernel with kprobes)")
     maps = parser.add_argument_group("kernel map sizes (drops are counted and shown)")
-    maps.add_argument("--max-allocs", type=positive_int, default=1 << 20, metavar="N",
+    maps.add_argument("--max-allocs", type=count_up_to(MAX_ALLOCS_LIMIT, "a 32 GiB table"),
+                      default=1 << 20, metavar="N",
                       help="live allocations tracked at once, 32 bytes of kernel memory "
                       "each, allocated at start (default 1048576)")
-    maps.add_argument("--max-stats", type=stats_count, default=65536, metavar="N",
+    maps.add_argument("--max-stats", type=count_up_to(MAX_STATS_LIMIT, "20 bits per block"),
+                      default=65536, metavar="N",
                       help="(thread, stack, 64 MiB bucket) rows, at most 1048576 "
                       "(default 65536)")
-    maps.add_argument("--event-buffer", type=positive_int, default=16, metavar="MIB",
-                      help="ring buffer for address-space events, in MiB (default 16)")
-    maps.add_argument("--stack-storage-size", type=positive_int, default=65536, metavar="N",
+    maps.add_argument("--event-buffer", type=count_up_to(MAX_EVENT_BUFFER_MIB, "MiB, the kernel's "
+                      "largest ring buffer"), default=16, metavar="MIB",
+                      help="ring buffer for address-space events, in MiB, rounded down to a "
+                      "power of two (default 16)")
+    maps.add_argument("--stack-storage-size", type=count_up_to(MAX_STACKS_LIMIT, "the kernel's "
+                      "largest BPF hash"), default=65536, metavar="N",
                       help="distinct call stacks kept, 1 KiB of kernel memory each as they "
                       "appear (default 65536)")
 
@@ -113,27 +222,45 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
     preflight.check_all()
     if args.vm_probes == "kprobe":
         preflight.check_kprobes()
+    check_kernel_memory(args)
+    check_output_paths(args)
     started = time.monotonic()
     if args.pid:
         target = targets.resolve_pid(args.pid)
-        return _trace(args, target.pid, target.comm, target.libc_path, None, started)
+        return _trace(args, target.pid, target.comm, target.libc_path, target.libc_shown, None,
+                      started)
     executable = targets.find_executable(command_line[0])
     libc = targets.libc_of_command(command_line[0])
     from memtrace.launch import Launched
 
     launched = Launched(command_line, executable)
-    import os
-
     comm = os.path.basename(executable)[:15]
-    return _trace(args, launched.pid, comm, libc, launched, started, keys_allowed=demo)
+    return _trace(args, launched.pid, comm, libc, os.readlink(libc), launched, started,
+                  keys_allowed=demo)
 
 
-def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
+def _target_gone(pid: int, launched) -> bool:
+    if launched is not None:
+        return launched.poll() is not None
+    from memtrace.target import process_ended
+
+    return process_ended(pid)
+
+
+def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, started: float,
            keys_allowed: bool = True) -> int:
     from memtrace.collect.collector import Collector
     from memtrace.collect.probes import Limits, Probes, resolve_sites
     from memtrace.session import Session, wait_for_command
 
+    interactive = sys.stdout.isatty() and not args.json
+    metadata = {
+        "command_line": ["memtrace", *sys.argv[1:]],
+        "pid": pid,
+        "comm": comm,
+        "launched": launched is not None,
+        "options": {k: v for k, v in vars(args).items() if k not in ("entrypoint",)},
+    }
     probes: Optional[Probes] = None
     try:
         sites = resolve_sites(libc)
@@ -146,34 +273,31 @@ def _trace(args, pid: int, comm: str, libc: str, launched, started: float,
         collector = Collector(pid, comm, probes, light=args.light, attached=launched is None)
         events_fd = collector.start()
         collector.watch = _open_watch(pid, args.verbose)
-    except BaseException:
+        # Before the command runs: a file that cannot be written stops it unrun.
+        sinks, view = make_sinks(args, interactive, metadata)
+    except BaseException as e:
         if probes is not None:
             probes.detach()
+        gone = isinstance(e, Exception) and _target_gone(pid, launched)
         if launched is not None:
             launched.kill()  # it never ran a single instruction
+        if gone:
+            raise MemtraceError(f"pid {pid} ({comm}) exited while memtrace was attaching: "
+                                "nothing was traced") from None
         raise
     if launched is not None:
         launched.release()
     if args.verbose:
         from memtrace.collect.probesite import format_sites
 
-        print(f"memtrace: attached to pid {pid} in {libc} (calls in flight kept in "
+        print(f"memtrace: attached to pid {pid} in {libc_shown} (calls in flight kept in "
               f"{probes.calls_in})", file=sys.stderr)
         for line in format_sites(probes.sites):
             print(f"memtrace:   {line}", file=sys.stderr)
         print(f"memtrace: probes attached {time.monotonic() - started:.2f} s after start",
               file=sys.stderr)
 
-    interactive = sys.stdout.isatty() and not args.json
     read_keys = interactive and sys.stdin.isatty() and keys_allowed and not args.batch
-    metadata = {
-        "command_line": ["memtrace", *sys.argv[1:]],
-        "pid": pid,
-        "comm": comm,
-        "launched": launched is not None,
-        "options": {k: v for k, v in vars(args).items() if k not in ("entrypoint",)},
-    }
-    sinks, view = make_sinks(args, interactive, metadata)
     collector.vm.keep_events = bool(args.record)
     keys = None
     if read_keys:

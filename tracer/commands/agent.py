@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from memtrace.commands.common import positive_float, positive_int
+from memtrace.commands.common import (MAX_DURATION_S, MAX_INTERVAL_S, MIN_INTERVAL_S,
+                                      positive_int, seconds)
 from memtrace.errors import MemtraceError
 from memtrace.serve import serve_address
 
@@ -46,9 +47,9 @@ class AgentCommand:
         out.add_argument("--serve", type=serve_address, required=True, metavar="[HOST:]PORT",
                          help="serve /metrics and /debug/pprof/heap here; loopback unless "
                          "HOST is given")
-        out.add_argument("--interval", type=positive_float, default=1.0, metavar="S",
+        out.add_argument("--interval", type=seconds(MIN_INTERVAL_S, MAX_INTERVAL_S), default=1.0, metavar="S",
                          help="seconds between snapshots (default 1)")
-        out.add_argument("--duration", type=positive_float, metavar="S",
+        out.add_argument("--duration", type=seconds(0.0, MAX_DURATION_S, inclusive_low=False), metavar="S",
                          help="stop after S seconds")
         mode = parser.add_argument_group("how")
         mode.add_argument("--light", action="store_true",

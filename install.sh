@@ -32,7 +32,8 @@ arch=$(dpkg --print-architecture)
 # ---------------------------------------------------------------- packages
 packages=(bpfcc-tools python3-bpfcc python3-venv gcc libc6-dev default-jdk-headless)
 if [ "$test_tools" -eq 1 ]; then
-    packages+=(bpftool shellcheck musl-tools tmux chromium golang-go prometheus)
+    packages+=(bpftool shellcheck musl-tools tmux chromium golang-go prometheus
+               sqlite3 debuginfod elfutils binutils xz-utils)
 fi
 missing=()
 for p in "${packages[@]}"; do

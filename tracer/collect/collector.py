@@ -48,6 +48,7 @@ class Collector:
         self.started = time.monotonic()
         self.previous: Optional[Snapshot] = None
         self._frames: dict[StackKey, tuple[str, ...]] = {}
+        self._frames_generation = 0
         self._names: dict[int, str] = {}
         self._process = ProcessStats()
         self._rss_by_member: dict[str, int] = {}  # of the last /proc read
@@ -106,6 +107,9 @@ class Collector:
     # ---------------------------------------------------------- stacks
 
     def frames_of(self, key: StackKey) -> tuple[str, ...]:
+        if self._frames_generation != self.symbols.generation:
+            self._frames.clear()  # names came for some frames (symbols.Symbolizer)
+            self._frames_generation = self.symbols.generation
         frames = self._frames.get(key)
         if frames is None:
             stack_id, caller = key

@@ -40,7 +40,7 @@ def method_name(text: str) -> str:
     text = text.strip()[:MAX_NAME_CHARS]
     paren = text.find("(")
     head = text if paren < 0 else text[:paren]
-    if paren > 0 and " " in head:
+    if paren > 0 and " " in head and not head.endswith(" "):  # not 'StubRoutines (1)'
         return text[head.rindex(" ") + 1 :]
     return text
 

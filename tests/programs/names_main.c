@@ -1,7 +1,8 @@
-/* Allocates COUNT blocks of 4000 bytes through libnames.so's static
- * functions and keeps them. With "wait", prints "ready" and waits for stdin
- * to close (tests that read the process's maps); else sleeps 300 ms and
- * exits (traced launches). */
+/* names_main [COUNT [wait|MS]]: allocates COUNT blocks of 4000 bytes
+ * through libnames.so's static functions and keeps them. With "wait",
+ * prints "ready" and waits for stdin to close (tests that read the
+ * process's maps); else sleeps MS milliseconds (300) and exits (traced
+ * launches). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,8 +23,7 @@ int main(int argc, char **argv)
         while (read(0, buf, sizeof buf) > 0)
             ;
     } else {
-        usleep(300 * 1000);
+        usleep((argc > 2 ? atoi(argv[2]) : 300) * 1000);
     }
-    printf("%p\n", kept[count - 1]);
-    return 0;
+    return kept[count - 1] == NULL;
 }

@@ -5,7 +5,6 @@ JIT-compiled code, named from its perf map."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -22,9 +21,6 @@ from memtrace.view.fmt import split_frame
 pytestmark = pytest.mark.bpf
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
-_spec = importlib.util.spec_from_file_location("names_build", PROGRAMS / "names_build.py")
-names_build = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(names_build)
 SERVER_START_S = 60.0
 
 
@@ -40,11 +36,8 @@ def _bare(frames) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    try:
-        return names_build.build(tmp_path_factory.mktemp("names"))
-    except RuntimeError as e:
-        pytest.fail(str(e), pytrace=False)
+def built(names_library):
+    return names_library
 
 
 def test_sqlite3_frames_are_functions(run_memtrace, tmp_path):

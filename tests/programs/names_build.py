@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 SOURCE_DIR = Path(__file__).resolve().parent
 FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-Wl,--build-id"]
-STATIC_FUNCTIONS = ("names_static_grow", "names_static_outer")
 VARIANTS = ("full", "stripped", "debuglink", "mini", "buildid")
 
 

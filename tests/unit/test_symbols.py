@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import http.server
-import importlib.util
 import os
 import re
 import shutil
@@ -29,22 +28,13 @@ from memtrace.view.fmt import short_frame, split_frame
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 
 
-def _names_build_module():
-    spec = importlib.util.spec_from_file_location("names_build", PROGRAMS / "names_build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-names_build = _names_build_module()
+# The library's static functions (tests/programs/names_lib.c).
+STATIC_FUNCTIONS = ("names_static_grow", "names_static_outer")
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    try:
-        return names_build.build(tmp_path_factory.mktemp("names"))
-    except RuntimeError as e:
-        pytest.fail(str(e), pytrace=False)
+def built(names_library):
+    return names_library
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +80,7 @@ def test_stripped_library_names_static_functions_by_their_start(built, truth):
 def test_mini_debuginfo_names_static_functions(built, truth):
     elf = symbols_of(str(built.library("mini")))
     assert ".gnu_debugdata" in elf.names_from
-    for name in names_build.STATIC_FUNCTIONS:
+    for name in STATIC_FUNCTIONS:
         start, _ = truth[name]
         assert elf.lookup(start + 1).name == name
 

@@ -297,3 +297,12 @@ def test_truncated_shares_in_count_and_bytes():
     snapshot = Snapshot(pid=1, comm="x", elapsed_s=1.0, stacks=stacks)
     assert snapshot.to_json()["truncated"] == {"stack_count": 1, "stack_share": 0.3333,
                                                "live_bytes_share": 0.6667, "alloc_bytes_share": 0.3}
+
+
+def test_summary_tells_the_truncated_shares():
+    from memtrace.view.text import render_summary
+
+    stacks = (StackStats(("f [a]",), (), Counters(alloc_bytes=300), truncated=True),
+              StackStats(("g [a]", "start_thread [libc.so.6]"), (), Counters(alloc_bytes=100)))
+    text = render_summary(Snapshot(pid=1, comm="x", elapsed_s=1.0, stacks=stacks))
+    assert "in truncated stacks: 50% of stacks, 75% of live bytes, 75% of allocated bytes" in text

@@ -165,7 +165,7 @@ class Debuginfod:
             return build_id in self._done, self._state.get(build_id)
 
     def wait(self, build_id: str, timeout: float) -> bool:
-        """For tests: whether the fetch ended within `timeout`."""
+        """Whether the fetch of `build_id` ended within `timeout`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.result(build_id)[0]:

@@ -127,7 +127,7 @@ class PerfMap:
         return updated
 
     def wait(self, timeout: float) -> None:
-        """For tests and the end of a trace: let a refresh under way end."""
+        """Let a refresh under way end (the end of a trace)."""
         if self._thread is not None:
             self._thread.join(timeout)
 

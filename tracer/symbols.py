@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -96,6 +97,17 @@ class Symbolizer:
             elf.add_names(debuginfo.read_fetched(path, elf.build_id), path)
         else:
             self._fetching.setdefault(elf.build_id, []).append(elf)
+
+    def settle(self, timeout_s: float) -> None:
+        """Before the last snapshot: let fetches and a perf-map refresh
+        under way end, within `timeout_s` in all."""
+        deadline = time.monotonic() + timeout_s
+        if self.perf_map is not None:
+            self.perf_map.wait(timeout_s)
+        fetcher = debuginfo.client()
+        for build_id in list(self._fetching):
+            if fetcher is not None:
+                fetcher.wait(build_id, max(0.0, deadline - time.monotonic()))
 
     def _names_came(self) -> None:
         """Debug files fetched and perf maps rewritten since the last look:

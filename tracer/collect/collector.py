@@ -28,6 +28,7 @@ from memtrace.symbols import Symbolizer
 
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
+FINAL_NAMES_WAIT_S = 5.0  # for a debug file or perf map under way, at the end
 ARENA_WALK_SHARE = 0.02  # of wall time spent walking free lists, at most
 
 
@@ -223,6 +224,8 @@ class Collector:
         its arenas and regions as last read, and names as they were."""
         self.consume_events()
         last = fresh or not target_alive
+        if last:
+            self.symbols.settle(FINAL_NAMES_WAIT_S)  # the last word: names under way may come
         self.vm.release(before_ns=None if last else time.monotonic_ns() - HOLD_LIMIT_NS)
         self.read_watch()
         if not target_alive and self.watch is not None:

@@ -91,7 +91,10 @@ class ElfSymbols:
         if len(self._named) > before:
             self.names_from.append(source)
         named_starts = {start for start, _ in self._named}
-        entries = [(start, end, name) for (start, name), end in self._named.items()]
+        # A symbol without a size (hand-written assembly) spans its FDE.
+        fde_ends = dict(self._unnamed)
+        entries = [(start, end if end > start + 1 else max(end, fde_ends.get(start, end)), name)
+                   for (start, name), end in self._named.items()]
         entries += [(start, end, None) for start, end in self._unnamed if start not in named_starts]
         entries.sort(key=lambda e: (e[0], e[1], e[2] or ""))
         self._index = entries

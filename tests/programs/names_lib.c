@@ -25,3 +25,14 @@ void *names_exported(size_t n)
     __asm__ volatile("" ::: "memory");
     return p;
 }
+
+/* Hand-written, as assembly often is: a symbol without a size, whose extent
+ * only its FDE (.cfi_startproc) gives. */
+__asm__(".text\n"
+        ".globl names_asm_sizeless\n"
+        ".type names_asm_sizeless, @function\n"
+        "names_asm_sizeless:\n"
+        ".cfi_startproc\n"
+        "nop\nnop\nnop\nnop\nnop\nnop\nnop\nnop\n"
+        "ret\n"
+        ".cfi_endproc\n");

@@ -306,3 +306,9 @@ def test_summary_tells_the_truncated_shares():
               StackStats(("g [a]", "start_thread [libc.so.6]"), (), Counters(alloc_bytes=100)))
     text = render_summary(Snapshot(pid=1, comm="x", elapsed_s=1.0, stacks=stacks))
     assert "in truncated stacks: 50% of stacks, 75% of live bytes, 75% of allocated bytes" in text
+
+
+def test_a_symbol_without_size_spans_its_fde(built, truth):
+    start, size = truth["names_asm_sizeless"]
+    assert size == 1  # st_size 0
+    assert symbols_of(str(built.library("full"))).lookup(start + 6).name == "names_asm_sizeless"

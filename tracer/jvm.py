@@ -27,7 +27,9 @@ REFRESH_S = 5.0  # between two jcmd runs, at least
 JCMD_TIMEOUT_S = 30.0
 MAX_MAP_BYTES = 64 << 20
 MAX_NAME_CHARS = 1000
-MODULE = "java"  # what frames named from the map show as their module
+# What frames of generated code show as their module, as perf shows them:
+# not a file name ("java" is the launcher's).
+MODULE = "JIT"
 
 
 def is_hotspot(module_paths: Iterable[str]) -> bool:

@@ -137,4 +137,4 @@ def test_jit_frames_are_named_from_the_perf_map(java_tools, start_memtrace, tmp_
     assert libz, [st["frames"][:3] for st in result.doc["stacks"]]
     frames = [f for st in libz for f in st["frames"]]
     assert _bare(frames) == [], frames
-    assert any(f.startswith("InflaterLoop.") and f.endswith(" [java]") for f in frames), frames
+    assert any(f.startswith("InflaterLoop.") and f.endswith(" [JIT]") for f in frames), frames

@@ -287,7 +287,7 @@ def test_unnamed_functions_group_by_their_start_and_module():
     assert split_frame(a)[0] == split_frame(b)[0] == "function at 0x3a40"
     assert frame_label(a) == frame_label(b) == "function at 0x3a40 [libz.so.1.2.13]"
     assert short_frame(a) == "function at 0x3a40 [libz]"
-    assert short_frame("java.util.zip.Inflater.<init>(boolean)+0x40 [java]") == "java.util.zip.Inflater.<init>"
+    assert short_frame("java.util.zip.Inflater.<init>(boolean)+0x40 [JIT]") == "java.util.zip.Inflater.<init>"
 
 
 def test_truncated_shares_in_count_and_bytes():

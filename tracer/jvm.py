@@ -16,6 +16,8 @@ from __future__ import annotations
 import bisect
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import threading
 import time
@@ -133,7 +135,34 @@ class PerfMap:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def attach_is_safe(self) -> bool:
+        """Whether jcmd may attach: it connects to the JVM's attach socket,
+        else it first sends SIGQUIT, which a JVM that does not catch it
+        (-Xrs) dies of, and one without the attach mechanism answers with a
+        thread dump on its output."""
+        root = f"/proc/{self.pid}/root/tmp/.java_pid{self.nspid}"
+        try:
+            if stat.S_ISSOCK(os.lstat(root).st_mode):
+                return True
+        except OSError:
+            pass
+        status = _status_fields(self.pid)
+        try:
+            catches_quit = bool(int(status["SigCgt"], 16) & (1 << (signal.SIGQUIT - 1)))
+        except (KeyError, ValueError):
+            catches_quit = False
+        if not catches_quit:
+            self.problem = "the JVM does not catch SIGQUIT (-Xrs): jcmd cannot attach, JIT frames stay unnamed"
+            return False
+        if _attach_disabled(self.pid):
+            self.problem = "-XX:+DisableAttachMechanism: jcmd cannot attach, JIT frames stay unnamed"
+            return False
+        return True
+
     def _refresh(self) -> None:
+        if not self.attach_is_safe():
+            self.load()  # a map the JVM wrote itself (-XX:+DumpPerfMapAtExit) may still be there
+            return
         try:
             subprocess.run([self.jcmd, str(self.pid), "Compiler.perfmap"], stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -159,6 +188,23 @@ class PerfMap:
             self._entries, self._starts = entries, [e[0] for e in entries]
             self._updated = True
         return True
+
+
+def _attach_disabled(pid: int) -> bool:
+    """Whether the JVM's options, on its command line or in the variables
+    the launcher reads them from, turn the attach mechanism off."""
+    texts = []
+    for name in ("cmdline", "environ"):
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                texts.append(f.read(1 << 20))
+        except OSError:
+            return True  # unknown: do not risk it
+    for text in texts:
+        for word in text.split(b"\0"):
+            if b"-XX:+DisableAttachMechanism" in word:
+                return True
+    return False
 
 
 def _jdk_tool(name: str) -> Optional[str]:

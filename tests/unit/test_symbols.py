@@ -312,3 +312,24 @@ def test_a_symbol_without_size_spans_its_fde(built, truth):
     start, size = truth["names_asm_sizeless"]
     assert size == 1  # st_size 0
     assert symbols_of(str(built.library("full"))).lookup(start + 6).name == "names_asm_sizeless"
+
+
+def test_jcmd_never_sends_sigquit_to_a_process_that_would_die_of_it(monkeypatch):
+    perf, _ = _own_perf_map(monkeypatch)
+    assert not perf.attach_is_safe()  # Python does not catch SIGQUIT
+    assert "SIGQUIT" in perf.problem
+
+
+def test_jcmd_never_attaches_to_a_jvm_without_the_attach_mechanism():
+    # A shell that catches SIGQUIT, with the JVM's option on its command line.
+    child = subprocess.Popen(["sh", "-c", 'trap "echo" QUIT; echo ready; read x', "sh",
+                              "-XX:+DisableAttachMechanism"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        perf = jvm.PerfMap(child.pid)
+        assert not perf.attach_is_safe()
+        assert "DisableAttachMechanism" in perf.problem
+    finally:
+        child.stdin.close()
+        child.wait(10)

@@ -240,7 +240,6 @@ def _describe(module: Module, elf: Optional[ElfSymbols], addr: int) -> tuple[str
     return f"{demangle(found.name)}+0x{found.offset:x} [{base}]", True
 
 
-
 def _code_before(module: Module, elf: Optional[ElfSymbols], addr: int, n: int) -> bytes:
     if elf is None:
         return b""

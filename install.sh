@@ -35,6 +35,8 @@ if [ "$test_tools" -eq 1 ]; then
     packages+=(bpftool shellcheck musl-tools tmux chromium golang-go prometheus)
     # the other allocators and a real service that uses one (issue 12)
     packages+=(libjemalloc2 libtcmalloc-minimal4 libmimalloc2.0 redis-server redis-tools)
+    # programs nobody here wrote, and the tools that name their frames (issue 11)
+    packages+=(sqlite3 debuginfod elfutils binutils xz-utils)
 fi
 missing=()
 for p in "${packages[@]}"; do

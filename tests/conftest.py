@@ -33,9 +33,9 @@ DEFAULT_TIMEOUT_S = 60.0
 ATTACH_SETTLE_S = 0.5
 
 
-def _load_build_helper():
+def _load_build_helper(name: str = "build.py"):
     spec = importlib.util.spec_from_file_location(
-        "memtrace_test_programs", TESTS_DIR / "programs" / "build.py"
+        "memtrace_test_" + name.removesuffix(".py"), TESTS_DIR / "programs" / name
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -95,6 +95,16 @@ def programs(tmp_path_factory: pytest.TempPathFactory):
                 pytest.fail(str(e), pytrace=False)
 
     return _BuiltOrFail()
+
+
+@pytest.fixture(scope="session")
+def names_library(tmp_path_factory: pytest.TempPathFactory):
+    """libnames.so built in every way a library loses its function names
+    (tests/programs/names_build.py): a NamesBuild."""
+    try:
+        return _load_build_helper("names_build.py").build(tmp_path_factory.mktemp("names"))
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 # ---------------------------------------------------------------- memtrace

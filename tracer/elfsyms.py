@@ -1,27 +1,32 @@
 """Function symbols of an ELF file, for turning addresses into names.
 
-Read straight from the file (.symtab, else .dynsym; a separate debug file
-found by build id is preferred when installed), so that stacks can be named
-after the process has exited, and on another machine from a recording."""
+Read straight from the file (and from its debug files: memtrace.debuginfo),
+so that stacks can be named after the process has exited, and on another
+machine from a recording. Only the parts needed are read, within bounds."""
 
 from __future__ import annotations
 
 import bisect
 import ctypes
 import ctypes.util
+import lzma
 import os
 import struct
 from dataclasses import dataclass
 from collections import OrderedDict
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
-from memtrace.mappedfile import fd_path, open_path, read_regular
+from memtrace.ehframe import function_ranges
+from memtrace.mappedfile import fd_path, open_path, open_regular, read_regular
 
-SHT_SYMTAB, SHT_DYNSYM, SHT_NOTE, SHT_GNU_VERSYM = 2, 11, 7, 0x6FFFFFFF
+SHT_SYMTAB, SHT_DYNSYM, SHT_NOTE, SHT_NOBITS, SHT_GNU_VERSYM = 2, 11, 7, 8, 0x6FFFFFFF
 STT_FUNC, STT_GNU_IFUNC = 2, 10
 PT_LOAD = 1
 NT_GNU_BUILD_ID = 3
-DEBUG_ROOT = "/usr/lib/debug/.build-id"
+# Bounds on what is read on the target's behalf: a section (a debug file's
+# .symtab can be tens of MiB) and MiniDebugInfo, compressed.
+MAX_SECTION_BYTES = 256 << 20
+MAX_DEBUGDATA_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,10 @@ class Segment:
 
 
 class ElfSymbols:
-    """Sorted function symbols and load segments of one ELF file."""
+    """Function symbols and load segments of one ELF file, and the names
+    of its functions from wherever they can be found: its .symtab and
+    .dynsym, its MiniDebugInfo (.gnu_debugdata), a separate debug file
+    (add_names), and the start of every function from .eh_frame."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -49,34 +57,48 @@ class ElfSymbols:
         self.segments: list[Segment] = []
         self.build_id: Optional[str] = None
         self.functions: list[FunctionSymbol] = []  # of the file itself, for probing
+        self.has_symtab = False  # not stripped: a debug file would add little
+        self.debuglink: Optional[tuple[str, int]] = None  # (file name, CRC-32)
+        self.debug_checked = False  # a separate debug file was looked for
+        self.names_from: list[str] = []  # where the names came from, for people
+        self._named: dict[tuple[int, str], int] = {}  # (start, name) -> end
+        self._unnamed: list[tuple[int, int]] = []  # (start, end), from .eh_frame
+        self._index: list[tuple[int, int, Optional[str]]] = []
         self._starts: list[int] = []
-        self._ends: list[int] = []
-        self._names: list[str] = []
         self._file = None  # kept open: read() must reach the same inode
         try:
-            self._file, data = read_regular(path)
+            self._file = open_regular(path)
         except OSError:
             return
-        parsed = _parse(data)
-        del data
+        parsed = _parse(_file_reader(self._file), os.fstat(self._file.fileno()).st_size)
         if parsed is None:
             return
-        self.machine, self.segments, self.build_id, self.functions = parsed
-        named = self.functions
-        if self.build_id:
-            debug = f"{DEBUG_ROOT}/{self.build_id[:2]}/{self.build_id[2:]}.debug"
-            try:
-                debug_file, debug_data = read_regular(debug)
-                debug_file.close()
-                extra = _parse(debug_data)
-                if extra and extra[3]:
-                    named = extra[3]
-            except OSError:
-                pass
-        for fn in sorted(named, key=lambda f: (f.address, f.size, f.name)):
-            self._starts.append(fn.address)
-            self._ends.append(fn.address + max(fn.size, 1))
-            self._names.append(fn.name)
+        self.machine, self.segments, self.build_id = parsed.machine, parsed.segments, parsed.build_id
+        self.functions = parsed.functions
+        self.has_symtab = parsed.has_symtab
+        self.debuglink = parsed.debuglink
+        self._unnamed = parsed.eh_frame_ranges
+        self.add_names(parsed.named, ".symtab" if parsed.has_symtab else ".dynsym")
+        if parsed.debugdata:
+            self.add_names(_mini_debug_names(parsed.debugdata), ".gnu_debugdata")
+
+    def add_names(self, functions: Iterable[FunctionSymbol], source: str) -> None:
+        """More names for the file's functions: a debug file's, once found."""
+        before = len(self._named)
+        for fn in functions:
+            key = (fn.address, fn.name)
+            self._named[key] = max(self._named.get(key, 0), fn.address + max(fn.size, 1))
+        if len(self._named) > before:
+            self.names_from.append(source)
+        named_starts = {start for start, _ in self._named}
+        # A symbol without a size (hand-written assembly) spans its FDE.
+        fde_ends = dict(self._unnamed)
+        entries = [(start, end if end > start + 1 else max(end, fde_ends.get(start, end)), name)
+                   for (start, name), end in self._named.items()]
+        entries += [(start, end, None) for start, end in self._unnamed if start not in named_starts]
+        entries.sort(key=lambda e: (e[0], e[1], e[2] or ""))
+        self._index = entries
+        self._starts = [e[0] for e in entries]
 
     def find(self, name: str) -> Optional[FunctionSymbol]:
         """The function the dynamic linker would bind `name` to."""
@@ -103,64 +125,163 @@ class ElfSymbols:
                 return file_offset - seg.offset + seg.vaddr
         return None
 
-    def lookup(self, vaddr: int) -> Optional[tuple[str, int]]:
-        """(name, offset into it) for an address inside a known function."""
+    def lookup(self, vaddr: int) -> Optional[Found]:
+        """The function an address is in: named when any source names it,
+        else known by its start alone (.eh_frame)."""
         i = bisect.bisect_right(self._starts, vaddr) - 1
+        unnamed = None
         # Aliases share a start; symbols may nest: look back a few entries.
         for j in range(i, max(i - 8, -1), -1):
-            if self._starts[j] <= vaddr < self._ends[j]:
-                return self._names[j], vaddr - self._starts[j]
-        return None
+            start, end, name = self._index[j]
+            if start <= vaddr < end:
+                if name is not None:
+                    return Found(name, start, vaddr - start)
+                unnamed = unnamed or Found(None, start, vaddr - start)
+        return unnamed
 
 
-def _parse(data: bytes):
-    """(machine, load segments, build id, function symbols) of a 64-bit ELF
-    file: .symtab's when present, else .dynsym's with their versions."""
-    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2:  # 64-bit only
+@dataclass(frozen=True)
+class Found:
+    name: Optional[str]  # None: a function known by its start only
+    start: int  # its virtual address in the file
+    offset: int  # of the address looked up, into the function
+
+
+@dataclass
+class _Parsed:
+    machine: int
+    segments: list[Segment]
+    build_id: Optional[str]
+    functions: list[FunctionSymbol]  # .symtab's, else .dynsym's
+    named: list[FunctionSymbol]  # .symtab's and .dynsym's
+    has_symtab: bool
+    debuglink: Optional[tuple[str, int]]
+    debugdata: Optional[bytes]
+    eh_frame_ranges: list[tuple[int, int]]
+
+
+def _file_reader(f) -> Callable[[int, int], bytes]:
+    def read(offset: int, size: int) -> bytes:
+        try:
+            return os.pread(f.fileno(), min(size, MAX_SECTION_BYTES), offset)
+        except (OSError, OverflowError, ValueError):
+            return b""
+    return read
+
+
+def _bytes_reader(data: bytes) -> Callable[[int, int], bytes]:
+    return lambda offset, size: data[offset : offset + min(size, MAX_SECTION_BYTES)]
+
+
+def _parse(read: Callable[[int, int], bytes], file_size: int, symbols_only: bool = False) -> Optional[_Parsed]:
+    """What a 64-bit ELF file (read through `read(offset, size)`, only the
+    parts needed) says about its functions. symbols_only: a debug file,
+    whose symbols are all that is wanted from it."""
+    head = read(0, 64)
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit only
         return None
-    end = "<" if data[5] == 1 else ">"
+    end = "<" if head[5] == 1 else ">"
     try:
-        machine, = struct.unpack_from(end + "H", data, 0x12)
-        (phoff, shoff) = struct.unpack_from(end + "QQ", data, 0x20)
-        (phentsize, phnum, shentsize, shnum, shstrndx) = struct.unpack_from(end + "HHHHH", data, 0x36)
+        machine, = struct.unpack_from(end + "H", head, 0x12)
+        (phoff, shoff) = struct.unpack_from(end + "QQ", head, 0x20)
+        (phentsize, phnum, shentsize, shnum, shstrndx) = struct.unpack_from(end + "HHHHH", head, 0x36)
         segments = []
-        for i in range(phnum):
+        table = read(phoff, phentsize * phnum) if phentsize >= 56 else b""
+        for i in range(len(table) // phentsize if phentsize else 0):
             p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
-                end + "IIQQQQ", data, phoff + i * phentsize
-            )
+                end + "IIQQQQ", table, i * phentsize)
             if p_type == PT_LOAD:
                 segments.append(Segment(p_offset, p_vaddr, p_filesz))
-        sections = [
-            struct.unpack_from(end + "IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)
-        ]
+        table = read(shoff, shentsize * shnum) if shentsize >= 64 else b""
+        sections = [struct.unpack_from(end + "IIQQQQIIQQ", table, i * shentsize)
+                    for i in range(len(table) // shentsize if shentsize else 0)]
     except struct.error:
         return None
+
+    def body(sh) -> bytes:
+        if sh[1] == SHT_NOBITS or sh[4] + sh[5] > file_size:
+            return b""
+        return read(sh[4], sh[5])
+
+    names = body(sections[shstrndx]) if shstrndx < len(sections) else b""
+
+    def name_of(sh) -> bytes:
+        return names[sh[0] : names.find(b"\0", sh[0])] if sh[0] < len(names) else b""
+
+    by_name = {name_of(sh): sh for sh in sections}
     build_id = None
     for sh in sections:
-        if sh[1] == SHT_NOTE:
-            build_id = build_id or _build_id(data[sh[4] : sh[4] + sh[5]], end)
+        if sh[1] == SHT_NOTE and not build_id:
+            build_id = _build_id(body(sh), end)
     tables = {sh[1]: (i, sh) for i, sh in enumerate(sections) if sh[1] in (SHT_SYMTAB, SHT_DYNSYM)}
-    index, table = tables.get(SHT_SYMTAB) or tables.get(SHT_DYNSYM) or (None, None)
-    # Version of each dynamic symbol: bit 15 marks a hidden (non-default) one.
-    versym = next((sh for sh in sections if sh[1] == SHT_GNU_VERSYM and sh[6] == index), None)
+    symtab = _functions(read, body, sections, tables.get(SHT_SYMTAB), end)
+    dynsym = [] if symbols_only else _functions(read, body, sections, tables.get(SHT_DYNSYM), end)
+    parsed = _Parsed(machine, segments, build_id, symtab or dynsym, symtab + dynsym,
+                     SHT_SYMTAB in tables, None, None, [])
+    if symbols_only:
+        return parsed
+    link = by_name.get(b".gnu_debuglink")
+    if link is not None:
+        raw = body(link)
+        stop = raw.find(b"\0")
+        crc_at = (stop + 4) & ~3
+        if stop > 0 and crc_at + 4 <= len(raw):
+            parsed.debuglink = (raw[:stop].decode(errors="replace"),
+                                struct.unpack_from(end + "I", raw, crc_at)[0])
+    mini = by_name.get(b".gnu_debugdata")
+    if mini is not None and mini[5] <= MAX_DEBUGDATA_BYTES:
+        parsed.debugdata = body(mini)
+    eh = by_name.get(b".eh_frame")
+    if eh is not None and eh[1] != SHT_NOBITS:
+        parsed.eh_frame_ranges = function_ranges(body(eh), eh[3], end == "<")
+    return parsed
+
+
+def _functions(read, body, sections, entry, end: str) -> list[FunctionSymbol]:
+    """The function symbols of one symbol table (index, header), with the
+    version of each dynamic one: bit 15 marks a hidden (non-default) one."""
+    if entry is None:
+        return []
+    index, table = entry
+    if table[6] >= len(sections):
+        return []
+    versym_sh = next((sh for sh in sections if sh[1] == SHT_GNU_VERSYM and sh[6] == index), None)
+    versym = body(versym_sh) if versym_sh is not None else b""
+    strings = body(sections[table[6]])
+    raw = body(table)
     functions: list[FunctionSymbol] = []
-    if table is not None and table[6] < len(sections):
-        strtab = sections[table[6]]
-        strings = data[strtab[4] : strtab[4] + strtab[5]]
-        raw = data[table[4] : table[4] + table[5]]
-        for n, (name_off, info, _other, shndx, value, size) in enumerate(
-            struct.iter_unpack(end + "IBBHQQ", raw[: len(raw) // 24 * 24])
-        ):
-            kind = info & 0xF
-            if kind not in (STT_FUNC, STT_GNU_IFUNC) or value == 0 or shndx == 0:
-                continue
-            stop = strings.find(b"\0", name_off)
-            hidden = False
-            if versym is not None and versym[4] + 2 * n + 2 <= len(data):
-                hidden = bool(struct.unpack_from(end + "H", data, versym[4] + 2 * n)[0] & 0x8000)
-            functions.append(FunctionSymbol(strings[name_off:stop].decode(errors="replace"),
-                                            value, size, kind, not hidden))
-    return machine, segments, build_id, functions
+    for n, (name_off, info, _other, shndx, value, size) in enumerate(
+        struct.iter_unpack(end + "IBBHQQ", raw[: len(raw) // 24 * 24])
+    ):
+        kind = info & 0xF
+        if kind not in (STT_FUNC, STT_GNU_IFUNC) or value == 0 or shndx == 0:
+            continue
+        stop = strings.find(b"\0", name_off)
+        hidden = False
+        if 2 * n + 2 <= len(versym):
+            hidden = bool(struct.unpack_from(end + "H", versym, 2 * n)[0] & 0x8000)
+        functions.append(FunctionSymbol(strings[name_off:stop].decode(errors="replace"),
+                                        value, size, kind, not hidden))
+    return functions
+
+
+def debug_file_names(f) -> tuple[Optional[str], list[FunctionSymbol]]:
+    """(build id, function symbols) of a separate debug file, open for
+    reading: its .symtab, read alone however large the file."""
+    parsed = _parse(_file_reader(f), os.fstat(f.fileno()).st_size, symbols_only=True)
+    return (parsed.build_id, parsed.functions) if parsed else (None, [])
+
+
+def _mini_debug_names(compressed: bytes) -> list[FunctionSymbol]:
+    """The .symtab of MiniDebugInfo: an xz-compressed ELF file inside
+    .gnu_debugdata (Fedora's way of naming static functions of stripped
+    files), decompressed up to a bound."""
+    try:
+        inner = lzma.LZMADecompressor().decompress(compressed, max_length=MAX_DEBUGDATA_BYTES * 8)
+    except lzma.LZMAError:
+        return []
+    parsed = _parse(_bytes_reader(inner), len(inner), symbols_only=True)
+    return parsed.functions if parsed else []
 
 
 def _build_id(notes: bytes, end: str) -> Optional[str]:

@@ -17,6 +17,7 @@ reaches the same inode, whatever the process does to its paths."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 from typing import Optional
@@ -53,20 +54,28 @@ def fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def read_regular(path: str, limit: int = MAX_FILE_BYTES):
-    """(open binary file, its bytes) of a regular file of at most `limit`
-    bytes, opened without following it anywhere unsafe; OSError otherwise.
-    The file stays open for later reads of the same inode."""
+def open_regular(path: str, limit: int = MAX_FILE_BYTES):
+    """A binary file open for reading: the regular file at `path`, of at
+    most `limit` bytes, opened without following it anywhere unsafe;
+    OSError otherwise. Nothing is read: callers read the parts they need."""
     pfd = open_path(path)
     try:
         fd = os.open(fd_path(pfd), os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     finally:
         os.close(pfd)
     f = os.fdopen(fd, "rb")
+    size = os.fstat(fd).st_size
+    if size > limit:
+        f.close()
+        raise OSError(f"{path} is {size} bytes, over the {limit}-byte limit")
+    return f
+
+
+def read_regular(path: str, limit: int = MAX_FILE_BYTES):
+    """(open binary file, its bytes) of a regular file (open_regular).
+    The file stays open for later reads of the same inode."""
+    f = open_regular(path, limit)
     try:
-        size = os.fstat(fd).st_size
-        if size > limit:
-            raise OSError(f"{path} is {size} bytes, over the {limit}-byte limit")
         data = f.read(limit + 1)[:limit]
     except BaseException:
         f.close()
@@ -129,3 +138,58 @@ def open_mapped(pid: int, mapping: Mapping) -> int:
     if mismatch is not None:
         raise mismatch
     raise FileNotFoundError(f"{path} is gone")
+
+
+# ------------------------------------------------- files the process names
+
+# openat2(2): names resolved as if the process's root were "/", so no
+# symlink or ".." it planted leads outside it (Linux 5.6 and later).
+_SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_IN_ROOT = 0x02, 0x04, 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = None
+
+
+def _openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    how = _OpenHow(flags, 0, resolve)
+    fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), ctypes.byref(how),
+                       ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+def open_in_root(root: str, path: str, no_symlinks: bool = False,
+                 limit: int = MAX_FILE_BYTES, owner: Optional[int] = None):
+    """A binary file open for reading: `path` inside the directory `root`
+    (/proc/PID/root: the process's view), never leaving it, only a regular
+    file of at most `limit` bytes, owned by `owner` when given. OSError
+    otherwise. Nothing is read."""
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        pfd = _openat2(rootfd, path.lstrip("/") or ".", os.O_PATH | os.O_CLOEXEC,
+                       RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
+                       | (RESOLVE_NO_SYMLINKS if no_symlinks else 0))
+    finally:
+        os.close(rootfd)
+    try:
+        st = os.fstat(pfd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotTheFile(f"{path} is not a regular file")
+        if owner is not None and st.st_uid != owner:
+            raise NotTheFile(f"{path} is not owned by uid {owner}")
+        if st.st_size > limit:
+            raise OSError(f"{path} is {st.st_size} bytes, over the {limit}-byte limit")
+        fd = os.open(fd_path(pfd), os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    finally:
+        os.close(pfd)
+    return os.fdopen(fd, "rb")

@@ -320,6 +320,24 @@ class Snapshot:
     def truncated_stack_count(self) -> int:
         return sum(1 for s in self.stacks if s.truncated)
 
+    def truncated_shares(self) -> dict:
+        """The truncated stacks' count, and their shares (0..1) of the
+        stacks, of the live bytes and of the allocated bytes."""
+        def share(part: int, whole: int) -> float:
+            return round(part / whole, 4) if whole > 0 else 0.0
+
+        def live(st: StackStats) -> int:
+            return max(0, st.counters.live_bytes)
+
+        cut = [st for st in self.stacks if st.truncated]
+        return {
+            "stack_count": len(cut),
+            "stack_share": share(len(cut), len(self.stacks)),
+            "live_bytes_share": share(sum(map(live, cut)), sum(map(live, self.stacks))),
+            "alloc_bytes_share": share(sum(st.counters.alloc_bytes for st in cut),
+                                       sum(st.counters.alloc_bytes for st in self.stacks)),
+        }
+
     def to_json(self) -> dict:
         return snapshot_to_json(self)
 
@@ -471,6 +489,7 @@ def snapshot_to_json(s: Snapshot) -> dict:
             for st in s.stacks
         ],
         "truncated_stack_count": s.truncated_stack_count,
+        "truncated": s.truncated_shares(),
         "notes": list(s.notes),
         "light": s.light,
         **({"memory_read_elapsed_s": round(s.memory_read_elapsed_s, 3)}

@@ -3,18 +3,24 @@
 The module map comes from /proc/PID/maps, re-read when an address falls
 outside it (a library loaded late: the JVM loads libz long after start)
 and kept after the process exits, so stacks seen in the last interval are
-still named. Names are cached per address."""
+still named. Names are cached per address; a name that may still come
+(a debug file being fetched, generated code not in the JVM's perf map
+yet) is provisional: when it comes, `generation` moves on and those
+addresses are named again."""
 
 from __future__ import annotations
 
 import bisect
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from memtrace import procfs
+from memtrace import debuginfo, procfs
 from memtrace.elfsyms import ElfSymbols, demangle, imported_names, symbols_of
+from memtrace.jvm import MODULE as JVM_MODULE, PerfMap, is_hotspot
 from memtrace.mappedfile import fd_path, open_mapped
+from memtrace.view.fmt import UNNAMED_FUNCTION
 
 
 @dataclass(frozen=True)
@@ -36,10 +42,17 @@ class Symbolizer:
         self._code_files: list[Module] = []
         self._images: dict[tuple, Optional[ElfSymbols]] = {}  # by the mapping's (device, inode)
         self._refreshed_this_round = False
+        self.generation = 0  # moves on when names came for provisional frames
+        self._provisional: set[int] = set()  # addresses whose name may still come
+        self._fetching: dict[str, list[ElfSymbols]] = {}  # build id -> images waiting for it
+        self.perf_map: Optional[PerfMap] = None  # when the process is a HotSpot JVM
+        self._jit_asked: set[int] = set()  # generated code the perf map was asked for
 
     def new_round(self) -> None:
-        """Once per snapshot: allows one re-read of the module map."""
+        """Once per snapshot: allows one re-read of the module map, and
+        takes the names that came in the background."""
         self._refreshed_this_round = False
+        self._names_came()
 
     def refresh(self) -> bool:
         mappings = procfs.maps(self.pid)
@@ -55,6 +68,8 @@ class Symbolizer:
         self._starts = [m.start for m in modules]
         code = {(m.mapping.device, m.mapping.inode): m for m in modules if "x" in m.mapping.perms}
         self._code_files = list(code.values())
+        if self.perf_map is None and is_hotspot(m.path for m in modules):
+            self.perf_map = PerfMap(self.pid)
         return True
 
     def image(self, module: Module) -> Optional[ElfSymbols]:
@@ -62,8 +77,62 @@ class Symbolizer:
         (mappedfile), parsed once; None when it cannot be opened."""
         key = (module.mapping.device, module.mapping.inode)
         if key not in self._images:
-            self._images[key] = self._read_mapped(module, symbols_of)
+            elf = self._images[key] = self._read_mapped(module, symbols_of)
+            if elf is not None:
+                self._find_names(elf, module)
         return self._images[key]
+
+    def _find_names(self, elf: ElfSymbols, module: Module) -> None:
+        """Names from a debug file: a local one now, else from debuginfod
+        in the background, for a stripped file only."""
+        if elf.debug_checked or elf.has_symtab:
+            return
+        if debuginfo.attach_debug_names(elf, module.path, f"/proc/{self.pid}/root"):
+            return
+        fetcher = debuginfo.client()
+        if fetcher is None or not elf.build_id or ".gnu_debugdata" in elf.names_from:
+            return
+        path = fetcher.request(elf.build_id)
+        if path is not None:
+            elf.add_names(debuginfo.read_fetched(path, elf.build_id), path)
+        else:
+            self._fetching.setdefault(elf.build_id, []).append(elf)
+
+    def settle(self, timeout_s: float) -> None:
+        """Before the last snapshot: let fetches and a perf-map refresh
+        under way end, within `timeout_s` in all."""
+        deadline = time.monotonic() + timeout_s
+        if self.perf_map is not None:
+            self.perf_map.wait(timeout_s)
+        fetcher = debuginfo.client()
+        for build_id in list(self._fetching):
+            if fetcher is not None:
+                fetcher.wait(build_id, max(0.0, deadline - time.monotonic()))
+
+    def _names_came(self) -> None:
+        """Debug files fetched and perf maps rewritten since the last look:
+        provisional names are made again."""
+        came = False
+        fetcher = debuginfo.client()
+        if self._fetching and fetcher is not None:
+            for build_id in list(self._fetching):
+                done, path = fetcher.result(build_id)
+                if not done:
+                    continue
+                images = self._fetching.pop(build_id)
+                if path is not None:
+                    names = debuginfo.read_fetched(path, build_id)
+                    for elf in images:
+                        elf.add_names(names, path)
+                    came = came or bool(names)
+        if self.perf_map is not None:
+            self.perf_map.tick()
+            came = self.perf_map.take_update() or came
+        if came:
+            for addr in self._provisional:
+                self._names.pop(addr, None)
+            self._provisional.clear()
+            self.generation += 1
 
     def _read_mapped(self, module: Module, read):
         try:
@@ -105,8 +174,30 @@ class Symbolizer:
             if self.refresh():
                 module = self._module_of(addr)
         if module is None:
-            return f"0x{addr:x}"  # JIT code or a region we never saw: not cached
-        text = _describe(module, self.image(module), addr)
+            return self._generated_code(addr)
+        elf = self.image(module)
+        text, named = _describe(module, elf, addr)
+        self._names[addr] = text
+        if not named and elf is not None and elf.build_id in self._fetching:
+            self._provisional.add(addr)
+        return text
+
+    def _generated_code(self, addr: int) -> str:
+        """An address outside every mapped file: the JVM's generated code
+        when its perf map names it; else a bare address, not cached (a
+        region we never saw)."""
+        if self.perf_map is None:
+            return f"0x{addr:x}"
+        found = self.perf_map.lookup(addr)
+        if found is None:
+            if addr not in self._jit_asked:  # new code: once per address
+                self._jit_asked.add(addr)
+                self.perf_map.want_refresh()
+            text = f"0x{addr:x} [{JVM_MODULE}]"
+            self._provisional.add(addr)
+        else:
+            name, offset = found
+            text = f"{name}+0x{offset:x} [{JVM_MODULE}]"
         self._names[addr] = text
         return text
 
@@ -133,15 +224,20 @@ class Symbolizer:
         return os.path.basename(module.path) if module else ""
 
 
-def _describe(module: Module, elf: Optional[ElfSymbols], addr: int) -> str:
+def _describe(module: Module, elf: Optional[ElfSymbols], addr: int) -> tuple[str, bool]:
+    """The frame's text, and whether it names its function. A function
+    known only by where it starts (.eh_frame of a stripped file) shows as
+    `function at 0x<start>+0x<offset> [module]`: one name per function,
+    as reports group frames, with the start as `nm` and `objdump` show it."""
     base = os.path.basename(module.path)
     file_offset = addr - module.start + module.file_offset
     vaddr = elf.vaddr_of_offset(file_offset) if elf is not None else None
     found = elf.lookup(vaddr) if vaddr is not None else None
     if found is None:
-        return f"0x{file_offset:x} [{base}]"
-    name, offset = found
-    return f"{demangle(name)}+0x{offset:x} [{base}]"
+        return f"0x{file_offset:x} [{base}]", False
+    if found.name is None:
+        return f"{UNNAMED_FUNCTION}0x{found.start:x}+0x{found.offset:x} [{base}]", False
+    return f"{demangle(found.name)}+0x{found.offset:x} [{base}]", True
 
 
 def _code_before(module: Module, elf: Optional[ElfSymbols], addr: int, n: int) -> bytes:

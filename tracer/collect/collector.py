@@ -28,6 +28,7 @@ from memtrace.symbols import Symbolizer
 
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
+FINAL_NAMES_WAIT_S = 5.0  # for a debug file or perf map under way, at the end
 ARENA_WALK_SHARE = 0.02  # of wall time spent walking free lists, at most
 
 
@@ -51,6 +52,7 @@ class Collector:
         self.started = time.monotonic()
         self.previous: Optional[Snapshot] = None
         self._frames: dict[StackKey, tuple[str, ...]] = {}
+        self._frames_generation = 0
         self._names: dict[int, str] = {}
         self._process = ProcessStats()
         self._rss_by_member: dict[str, int] = {}  # of the last /proc read
@@ -110,6 +112,9 @@ class Collector:
     # ---------------------------------------------------------- stacks
 
     def frames_of(self, key: StackKey) -> tuple[str, ...]:
+        if self._frames_generation != self.symbols.generation:
+            self._frames.clear()  # names came for some frames (symbols.Symbolizer)
+            self._frames_generation = self.symbols.generation
         frames = self._frames.get(key)
         if frames is None:
             stack_id, caller = key
@@ -223,6 +228,8 @@ class Collector:
         its arenas and regions as last read, and names as they were."""
         self.consume_events()
         last = fresh or not target_alive
+        if last:
+            self.symbols.settle(FINAL_NAMES_WAIT_S)  # the last word: names under way may come
         self.vm.release(before_ns=None if last else time.monotonic_ns() - HOLD_LIMIT_NS)
         self.read_watch()
         if not target_alive and self.watch is not None:

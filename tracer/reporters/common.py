@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 from memtrace.errors import MemtraceError
 from memtrace.model import Snapshot, StackStats
 from memtrace.record.timeline import TimePoint, gap_bytes
-from memtrace.view.fmt import split_frame
+from memtrace.view.fmt import UNNAMED_FUNCTION, split_frame
 
 # --by: what a stack's weight is.
 BY_CHOICES = ("live", "retained", "allocated")
@@ -116,6 +116,8 @@ def frame_label(frame: str) -> str:
     """A frame as a flame-graph box: the function without its offset, so
     one function is one box; an unsymbolized address becomes its module."""
     func, module = split_frame(frame)
+    if func is not None and func.startswith(UNNAMED_FUNCTION) and module:
+        return f"{func} [{module}]"  # two files' starts can be equal
     if func is not None:
         return func
     if module:

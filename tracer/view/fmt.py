@@ -103,12 +103,16 @@ def fit_list(items: Sequence[str], width: int, empty: str = "-", mark: str = "â€
 
 # ---------------------------------------------------------------- frames
 
-# The collector writes 'func+0x1a [libc.so.6]' or, unsymbolized,
-# '0x7f12 [libfoo.so]'. Either part may be missing.
+# The collector writes 'func+0x1a [libc.so.6]'; for a function of a
+# stripped file known only by where it starts (.eh_frame),
+# 'function at 0x3a40+0x1a [libz.so.1]', whose function part is
+# 'function at 0x3a40', one per function; unsymbolized, '0x7f12 [libfoo.so]'.
+# Either part may be missing.
 _FRAME = re.compile(r"^(?P<sym>.*?)(?:\s+\[(?P<module>[^\]]*)\])?\s*$")
 _OFFSET = re.compile(r"\+0x[0-9a-fA-F]+$")
 _ADDRESS = re.compile(r"^(?:0x)?[0-9a-fA-F]+$")
 _SONAME_TAIL = re.compile(r"\.so(?:\.[0-9.]+)?$")
+UNNAMED_FUNCTION = "function at "
 
 
 def split_frame(frame: str) -> tuple[Optional[str], Optional[str]]:
@@ -149,6 +153,8 @@ def short_frame(frame: str, max_len: int = 40, mark: str = "â€¦") -> str:
     func, module = split_frame(frame)
     if func is None:
         text = f"[{short_module(module)}]" if module else frame.strip()
+    elif func.startswith(UNNAMED_FUNCTION) and module:
+        text = f"{func} [{short_module(module)}]"  # the start alone says little
     else:
         text = _drop_arguments(func)
     return ellipsize(text, max_len, mark)

@@ -273,6 +273,10 @@ def _summary_quality(s: Snapshot) -> list[str]:
     advice = status.truncation_advice(s)
     if advice:
         lines.append(f"truncated stacks: {advice}")
+        cut = s.truncated_shares()
+        lines.append(f"  in truncated stacks: {cut['stack_share']:.0%} of stacks,"
+                     f" {cut['live_bytes_share']:.0%} of live bytes,"
+                     f" {cut['alloc_bytes_share']:.0%} of allocated bytes")
     return lines
 
 

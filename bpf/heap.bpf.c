@@ -246,6 +246,12 @@ static __always_inline u32 home_bucket(u64 addr)
     return ((addr >> 4) * 0x9E3779B97F4A7C15ULL) >> (64 - ALLOC_BUCKET_BITS);
 }
 
+/* The block this CPU freed last. Some allocators' delete calls their own
+ * free, both probed (C++'s sized delete in jemalloc and mimalloc): the
+ * inner call finds the block gone, and is the same free, not an untracked
+ * one. Cleared when the address is handed out again. */
+BPF_PERCPU_ARRAY(last_freed, u64, 1);
+
 static __always_inline void forget_block(u64 addr)
 {
     u32 home = home_bucket(addr);
@@ -261,11 +267,20 @@ static __always_inline void forget_block(u64 addr)
             /* The meta word first: once the address is cleared, an
              * allocation on another CPU may take the slot. */
             u64 meta = slot->meta;
-            if (__sync_val_compare_and_swap(&slot->addr, addr, 0) == addr)
+            if (__sync_val_compare_and_swap(&slot->addr, addr, 0) == addr) {
                 charge_free(meta);
+                u32 zero = 0;
+                u64 *last = last_freed.lookup(&zero);
+                if (last)
+                    *last = addr;
+            }
             return; /* else a second free of the block raced this one */
         }
     }
+    u32 zero = 0;
+    u64 *last = last_freed.lookup(&zero);
+    if (last && *last == addr)
+        return; /* the same free, seen again by an inner probe */
     count(CNT_UNTRACKED_FREE);
 }
 
@@ -334,6 +349,10 @@ static __always_inline void record_block(u64 addr, u64 size, struct heap_key *ke
     struct heap_counts *c = counts_at(index);
     if (!c)
         return;
+    u32 zero = 0;
+    u64 *last = last_freed.lookup(&zero);
+    if (last && *last == addr)
+        *last = 0; /* handed out again: a free of it is a new one */
     if (!keep_block(addr, (size << STATS_INDEX_BITS) | index))
         return;
     __sync_fetch_and_add(&c->alloc_bytes, size);

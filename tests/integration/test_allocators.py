@@ -82,6 +82,26 @@ def test_attach_under_ld_preload_is_exact(kind, programs, spawn, start_memtrace,
     assert target.wait(30) == 0
 
 
+@pytest.mark.parametrize("kind", list(LIBRARIES))
+def test_cpp_operators_are_counted_once(kind, programs, run_memtrace, tmp_path):
+    """new and delete of these allocators do not go through malloc: they
+    are probed themselves (and relays are not probed twice)."""
+    truth_path = tmp_path / "truth.json"
+    rc, doc, stderr = run_memtrace([
+        "--json", "--interval", "0.2", "--",
+        "env", f"LD_PRELOAD={_library(kind)}", programs["cppnew"], truth_path, "--hold-ms", "300"])
+    assert rc == 0, stderr
+    truth = json.loads(truth_path.read_text())
+    assert doc["allocator"]["kind"] == kind
+    for function, want in truth["functions"].items():
+        # 'alloc_with_new_array(unsigned long)+0x9 [cppnew]': C++ names carry their arguments
+        stacks = [s for s in doc["stacks"]
+                  if s["frames"] and s["frames"][0].split("(")[0].split("+")[0] == function]
+        assert CHECKS.summed(stacks) == CHECKS.counters(want), (function, stacks)
+    # A delete that calls the allocator's own probed free is one free.
+    assert doc["heap"]["untracked_free_count"] < 50, doc["heap"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -103,7 +103,7 @@ def account_allocator(
                 continue  # an mmapped chunk, outside every arena
             live[i] += f.live_bytes
             live_chunks[i] += f.live_chunk_bytes
-            if f.alloc_bytes and not f.before_exec:
+            if f.alloc_bytes and f.tid and not f.before_exec:  # tid 0: exited threads, folded
                 tids[i].add(f.tid)
             if f.free_bytes and not f.before_exec:
                 freed_by_stack[i][f.stack_key] = freed_by_stack[i].get(f.stack_key, 0) + f.free_bytes

@@ -361,6 +361,7 @@ def looks_truncated(frames: Sequence[str], max_depth: int) -> bool:
 # many (the latest tids); the rest become one row (tid 0): a service whose
 # pool threads come and go would otherwise carry every one of them forever.
 EXITED_THREADS_KEPT = 64
+EXITED_THREADS_NAME = "(exited threads)"
 
 
 def aggregate_threads(
@@ -375,13 +376,14 @@ def aggregate_threads(
         ThreadStats(tid, names.get(tid, "?"), c, tid in alive_set)
         for tid, c in per_tid.items()
     ]
-    done = sorted((t for t in threads if not t.alive and t.counters.live_bytes == 0),
+    done = sorted((t for t in threads if t.tid and not t.alive and t.counters.live_bytes == 0),
                   key=lambda t: t.tid)
     if len(done) > exited_kept:
-        folded = done[: len(done) - exited_kept]
+        # With the threads the collector already folded (tid 0), if any.
+        folded = done[: len(done) - exited_kept] + [t for t in threads if t.tid == 0]
         gone = {t.tid for t in folded}
         threads = [t for t in threads if t.tid not in gone]
-        threads.append(ThreadStats(0, f"{len(folded)} exited threads",
+        threads.append(ThreadStats(0, EXITED_THREADS_NAME,
                                    sum((t.counters for t in folded), start=Counters()), False))
     threads.sort(key=lambda t: (-t.counters.live_bytes, -t.counters.alloc_bytes, t.tid))
     return tuple(threads)

@@ -218,3 +218,23 @@ def test_python_attached_while_busy_has_its_heap_counted(spawn, start_memtrace, 
     assert doc["heap"]["alloc_count"] > 1000, doc["heap"]
     assert doc["allocator"]["mmapped_chunk_count"] >= 100, doc["allocator"]
     assert not any("retained" in h for h in doc["hints"]), doc["hints"]
+
+
+def test_threads_that_come_and_go_are_folded_and_still_counted(programs, run_memtrace, tmp_path):
+    """A pool's threads come and go: past the latest 64 that exited, their
+    rows are folded into one "(exited threads)" row (tid 0), so the work per
+    interval follows the threads alive; every block is still counted."""
+    truth_path = tmp_path / "truth.json"
+    rc, doc, stderr = run_memtrace(["--json", "--interval", "0.2", "--",
+                                    programs["churn"], truth_path, "200", "--hold-ms", "600"])
+    assert rc == 0, stderr
+    truth = json.loads(truth_path.read_text())
+    workers = [s for s in doc["stacks"] if s["frames"] and s["frames"][0].startswith("thread_alloc")]
+    assert sum(s["live_bytes"] for s in workers) == truth["live_bytes"], workers
+    assert sum(s["alloc_count"] for s in workers) == truth["alloc_count"], workers
+    threads = doc["threads"]
+    assert len(threads) <= 64 + 3, [t["name"] for t in threads]
+    folded = [t for t in threads if t["tid"] == 0]
+    assert folded and folded[0]["name"] == "(exited threads)", threads[:3]
+    for field in ("live_bytes", "alloc_bytes", "free_bytes", "alloc_count", "free_count"):
+        assert sum(t[field] for t in threads) == doc["heap"][field], field

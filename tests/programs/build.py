@@ -32,6 +32,7 @@ PROGRAMS: dict[str, tuple[str, str, list[str]]] = {
     "busy": ("busy.c", "gcc", WITH_FP),
     "heapstates": ("heapstates.c", "gcc", WITH_FP),
     "cppnew": ("cppnew.cc", "g++", WITH_FP),
+    "churn": ("churn.c", "gcc", WITH_FP),
     # no libc.so at all: memtrace must refuse it
     "idle_static": ("idle.c", "gcc", ["-O1", "-g", "-static"]),
     # dynamically linked, but against musl (Debian package musl-tools)

@@ -110,3 +110,17 @@ def test_one_hint_about_trimming_not_two():
     account = accounting.account_allocator([arena], None, 0)
     hints = accounting.hints(account.arenas, 140 * MiB, 200 * MiB)
     assert sum("malloc_trim" in h for h in hints) == 1, hints
+
+
+def test_exited_threads_past_the_latest_are_one_row():
+    from memtrace.model import Counters, HeapRow, aggregate_threads
+
+    rows = [HeapRow(tid, (1, 2), Counters(100, 100, 1, 1)) for tid in range(100, 200)]
+    rows.append(HeapRow(0, (1, 2), Counters(5000, 5000, 50, 50)))  # folded by the reader
+    rows.append(HeapRow(7, (1, 2), Counters(300, 0, 3, 0)))  # alive
+    threads = aggregate_threads(rows, {0: "(exited threads)"}, alive=[7], exited_kept=10)
+    zero = [t for t in threads if t.tid == 0]
+    assert len(zero) == 1 and zero[0].counters.alloc_count == 50 + 90
+    assert len(threads) == 1 + 10 + 1
+    total = sum((t.counters for t in threads), start=Counters())
+    assert total == sum((r.counters for r in rows), start=Counters())

@@ -20,6 +20,8 @@ from memtrace.model import (
     StackKey,
     ThreadStats,
     TrimStats,
+    EXITED_THREADS_KEPT,
+    EXITED_THREADS_NAME,
     aggregate_stacks,
     aggregate_threads,
     rates_between,
@@ -377,10 +379,23 @@ class Collector:
 
     def _threads(self, rows, live_tids) -> tuple[ThreadStats, ...]:
         if not self.light:
+            self._retire_threads(rows, live_tids)
             return aggregate_threads(rows, self._names, live_tids)
         # No heap counts without probes; names still label arenas and regions.
         return tuple(ThreadStats(tid, self._names.get(tid, "?"), Counters(), True)
                      for tid in sorted(live_tids))
+
+    def _retire_threads(self, rows, live_tids) -> None:
+        """Past the EXITED_THREADS_KEPT latest exited threads, the rows of
+        the others are folded by the probes' reader (tid 0), so an
+        interval's work follows the threads alive, not all there ever were."""
+        if not live_tids:
+            return  # the process is gone: nothing changes any more
+        alive = set(live_tids)
+        exited = sorted({r.tid for r in rows if r.tid and r.tid not in alive})
+        if len(exited) > EXITED_THREADS_KEPT:
+            self.probes.retire(exited[: len(exited) - EXITED_THREADS_KEPT])
+        self._names.setdefault(0, EXITED_THREADS_NAME)
 
     def _await_exit_record(self, timeout_s: float = 0.3) -> None:
         """taskstats sends the peak RSS as the last thread exits, a moment

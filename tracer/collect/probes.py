@@ -267,7 +267,10 @@ class Probes:
         self.attached: list[str] = []
         self._bpf = None
         self._maps: dict = {}  # name -> mmap of a BPF_F_MMAPABLE array
-        self._flow_cache: dict[int, tuple[bytes, Optional[Flow]]] = {}  # row -> its bytes, Flow
+        # row -> its bytes, its Flow, whether it is folded into _folded
+        self._flow_cache: dict[int, tuple[bytes, Optional[Flow], bool]] = {}
+        self._retired: set[int] = set()  # tids whose rows are folded
+        self._folded: dict[tuple, list[int]] = {}  # (stack key, bucket) -> sums under tid 0
         self._flow_generation = 0
         self._names: dict[int, str] = {}  # tid -> name caught at its first allocation
         self.watching_rss = False
@@ -458,28 +461,58 @@ class Probes:
         keys, counts = self._mapped_bytes("heap_keys", used), self._mapped_bytes("heap_counts", used)
         if generation != self._flow_generation:
             self._flow_cache.clear()  # before_exec changes with it
+            self._folded.clear()
             self._flow_generation = generation
-        cache = self._flow_cache
+        cache, retired = self._flow_cache, self._retired
         flows = []
         for i in range(used):
             raw = keys[i * ks:(i + 1) * ks] + counts[i * cs:(i + 1) * cs]
             hit = cache.get(i)
             if hit is not None and hit[0] == raw:
-                if hit[1] is not None:
-                    flows.append(hit[1])
+                flow, folded = hit[1], hit[2]
+                if flow is None or folded:
+                    continue
+                if flow.tid in retired:
+                    self._fold(flow, 1)
+                    cache[i] = (raw, flow, True)
+                else:
+                    flows.append(flow)
                 continue
+            if hit is not None and hit[2]:
+                self._fold(hit[1], -1)  # changed: taken out, put back as it is now
             k = keys_type.from_buffer_copy(raw, 0)
             v = counts_type.from_buffer_copy(raw, ks)
-            flow = None
+            flow, folded = None, False
             if k.tid:  # 0: an index not named yet, or lost to a race
                 flow = Flow(k.tid, (k.stack, k.caller), k.bucket,
                             v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count,
                             alloc_chunk_bytes=v.alloc_chunk_bytes,
                             free_chunk_bytes=v.free_chunk_bytes,
                             before_exec=k.generation != generation)
-                flows.append(flow)
-            cache[i] = (raw, flow)
+                folded = flow.tid in retired
+                if folded:
+                    self._fold(flow, 1)
+                else:
+                    flows.append(flow)
+            cache[i] = (raw, flow, folded)
+        flows += [Flow(0, stack_key, bucket, a, f, ac, fc, alloc_chunk_bytes=chunk)
+                  for (stack_key, bucket), (a, f, ac, fc, chunk) in self._folded.items()]
         return flows
+
+    def retire(self, tids) -> None:
+        """From the next read on, these threads' rows (threads that exited)
+        are added into one row per stack and bucket under tid 0: a service
+        whose threads come and go would otherwise have every row it ever
+        had handled at every interval."""
+        self._retired.update(tids)
+
+    def _fold(self, flow: Flow, sign: int) -> None:
+        c = flow.counters
+        key = (flow.stack_key, flow.bucket)
+        sums = self._folded.setdefault(key, [0, 0, 0, 0, 0])
+        for j, value in enumerate((c.alloc_bytes, c.free_bytes, c.alloc_count, c.free_count,
+                                   flow.live_chunk_bytes)):
+            sums[j] += sign * value
 
     def _thread_names(self, per_key) -> dict[int, str]:
         """Names of the threads in the rows, each looked up once (the map

@@ -40,11 +40,12 @@ CACHE = Path(os.environ.get("MEMTRACE_BOX_CACHE", "/var/cache/memtrace-box"))
 BOX_FILE = CACHE / "memtrace-debian12-local.box"
 LIBVIRT = "qemu:///system"
 
-# As in test_demos.py: small, so a run takes seconds natively (minutes
-# emulated), and each worker has an arena of its own.
+# As in test_demos.py, small, and each worker has an arena of its own; but
+# held longer: emulated, the phases take about 3 s before memtrace's first
+# sample, and a program gone before it leaves no arenas to compare.
 ARENA_THREADS = 4
 ARENA_MIB = 16
-ARENA_OPTIONS = ["--threads", str(ARENA_THREADS), "--mib", str(ARENA_MIB), "--hold", "1"]
+ARENA_OPTIONS = ["--threads", str(ARENA_THREADS), "--mib", str(ARENA_MIB), "--hold", "6"]
 TRACE_OPTIONS = ["--interval", "0.25"]
 
 BUILD_TIMEOUT_S = 60 * 60
@@ -246,6 +247,20 @@ def test_the_guest_is_debians_kernel_with_kprobes(vm: dict, lab_log: Path) -> No
     for option in ("CONFIG_KPROBES=y", "CONFIG_UPROBES=y", "CONFIG_DEBUG_INFO_BTF=y", "btf"):
         assert option in lines, out
 
+    # Facts for the README, not conditions: how libvirt runs the guest (the
+    # Vagrantfile's driver choice), and which registries the guest reaches
+    # through libvirt's NAT (the box installs memtrace without them).
+    domain = (Path(vm["VAGRANT_DOTFILE_PATH"]) / "machines/memtrace/libvirt/id").read_text().strip()
+    xml = subprocess.run(["virsh", "-c", LIBVIRT, "dumpxml", domain], capture_output=True,
+                         text=True, timeout=60).stdout
+    _say("libvirt domain type: " + xml.split("'", 2)[1] if xml.startswith("<domain type=") else xml[:80])
+    reach = _run(["vagrant", "ssh", "--no-tty", "-c",
+                  "sudo apt-get update -qq >/dev/null 2>&1 && echo debian=yes || echo debian=no; "
+                  "python3 -m pip download --isolated --no-deps -q -d /tmp/pip-probe pip "
+                  ">/dev/null 2>&1 && echo pypi=yes || echo pypi=no"],
+                 "guest registries", 600, env=vm, log=lab_log).stdout
+    _say("guest reaches: " + " ".join(reach.split()))
+
 
 def test_kprobe_recording_shows_arena_retention(recorded) -> None:
     run = recorded("kprobe")
@@ -279,13 +294,21 @@ def test_kprobe_recording_shows_arena_retention(recorded) -> None:
     assert top["retained_bytes"] >= 0.5 * allocator["retained_bytes"], top
 
 
-# The same program twice; the two paths see the same system calls, so the
-# address-space model they build must agree. What may differ between two
-# runs of the program is what the kernel decides, not what it was asked:
-# how many pages are resident at the last sample (page cache readahead on
-# the binaries, the moment smaps is read), never the mapped, reserved or
-# committed sizes, which follow from the calls alone.
-RESIDENT_SLACK = 0.02  # of the figure, plus one MiB
+# The same program twice, once per path. Both paths catch the same system
+# calls, so the address-space model built from them must agree: the mapped,
+# reserved, committed and returned bytes, the arenas and the regions follow
+# from the calls alone and are compared exactly. What may differ between two
+# runs is what the kernel decides, not what it was asked:
+# - munmap counts: glibc maps a new arena heap at twice its size and unmaps
+#   the unaligned head and tail, one call or two depending on where the
+#   kernel put the mapping (ASLR): at most one more per thread arena;
+# - resident bytes of file mappings (page cache), and when smaps was read:
+#   2 % plus one MiB (the runs measured differ by 12 KiB);
+# - the regions listed are the 12 holding the most resident bytes, so the
+#   small ones (library pages, the 132 KiB [heap] and [stack]) enter the
+#   list by the kernel's page cache; those holding at least 1 MiB (the arena
+#   heaps, 16 MiB each here) are compared.
+RESIDENT_SLACK = 0.02
 RESIDENT_SLACK_BYTES = 1 << 20
 
 
@@ -294,9 +317,9 @@ def _close(a: int, b: int) -> bool:
 
 
 def _region_shape(doc: dict) -> list[tuple]:
-    """Regions without their addresses (the layout differs run to run)."""
+    """The large regions, without their addresses (ASLR)."""
     return sorted((r["kind"], r["in_malloc"], r["end"] - r["start"], r["committed_bytes"])
-                  for r in doc["regions"])
+                  for r in doc["regions"] if r["resident_bytes"] >= RESIDENT_SLACK_BYTES)
 
 
 def _arena_shape(doc: dict) -> list[tuple]:
@@ -309,19 +332,21 @@ def test_kprobe_and_tracepoint_paths_agree(recorded) -> None:
     assert tracepoint.metadata()["options"]["vm_probes"] == "tracepoint"
     k_events, t_events = kprobe.event_counts(), tracepoint.event_counts()
     k, t = kprobe.doc(), tracepoint.doc()
-    _say(f"events kprobe {k_events} tracepoint {t_events}")
-    _say(f"os kprobe {k['os']} tracepoint {t['os']}")
+    _say(f"events: kprobe {k_events}, tracepoint {t_events}")
+    _say(f"os: kprobe {k['os']}, tracepoint {t['os']}")
 
     # the same calls were seen, kind by kind
-    assert k_events == t_events, (k_events, t_events)
+    assert set(k_events) == set(t_events), (k_events, t_events)
+    for kind in k_events:
+        slack = ARENA_THREADS if kind == "munmap" else 0
+        assert abs(k_events[kind] - t_events[kind]) <= slack, (kind, k_events, t_events)
     # the figures that follow from the calls alone are equal
     for key in ("mapped_bytes", "reserved_bytes", "committed_bytes", "returned_bytes"):
         assert k["os"][key] == t["os"][key], (key, k["os"], t["os"])
-    assert _region_shape(k) == _region_shape(t)
     assert _arena_shape(k) == _arena_shape(t)
+    assert len(_region_shape(k)) >= ARENA_THREADS, k["regions"]
+    assert _region_shape(k) == _region_shape(t)
     # residency is the kernel's, within the slack above
     assert _close(k["os"]["resident_bytes"], t["os"]["resident_bytes"]), (k["os"], t["os"])
-    assert _close(k["allocator"]["resident_bytes"], t["allocator"]["resident_bytes"]), (
-        k["allocator"], t["allocator"])
-    assert _close(k["allocator"]["retained_bytes"], t["allocator"]["retained_bytes"]), (
-        k["allocator"], t["allocator"])
+    for key in ("resident_bytes", "retained_bytes", "live_bytes"):
+        assert _close(k["allocator"][key], t["allocator"][key]), (key, k["allocator"], t["allocator"])

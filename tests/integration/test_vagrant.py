@@ -96,6 +96,14 @@ def test_vagrantfile_rejects_a_bad_setting_by_name(tmp_path: Path, name: str, va
     assert f"{name}={value}" in done.stderr
 
 
+def test_box_build_answers_help_and_refuses_an_unknown_option() -> None:
+    build = LAB / "box" / "build"
+    done = subprocess.run([str(build), "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "memtrace/debian12-local" in done.stdout, done.stderr
+    done = subprocess.run([str(build), "--fast"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--fast" in done.stderr, done.stderr
+
+
 def test_readme_names_every_reproduction() -> None:
     readme = (LAB / "README.md").read_text()
     missing = [name for name in DEMOS if f"`{name}`" not in readme]

@@ -175,6 +175,19 @@ def vm(libvirt, vagrant_env: dict, lab_log: Path):
         subprocess.run(["vagrant", "destroy", "-f"], env=vagrant_env, capture_output=True,
                        timeout=600)
         _say("vagrant destroy done")
+        _delete_box_volumes()
+
+
+def _delete_box_volumes() -> None:
+    """vagrant-libvirt keeps each box it uploaded in libvirt's pool (1.6 GB
+    a build); the next `vagrant up` uploads the box again in seconds."""
+    listed = subprocess.run(["virsh", "-c", LIBVIRT, "vol-list", "default", "--name"],
+                            capture_output=True, text=True, timeout=60).stdout.split()
+    prefix = BOX_NAME.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image_"
+    for volume in listed:
+        if volume.startswith(prefix):
+            subprocess.run(["virsh", "-c", LIBVIRT, "vol-delete", volume, "--pool", "default"],
+                           capture_output=True, timeout=60)
 
 
 def _guest(vm: dict, command: str, log: Path, what: str) -> str:

@@ -181,10 +181,11 @@ def vm(libvirt, vagrant_env: dict, lab_log: Path):
 def _delete_box_volumes() -> None:
     """vagrant-libvirt keeps each box it uploaded in libvirt's pool (1.6 GB
     a build); the next `vagrant up` uploads the box again in seconds."""
-    listed = subprocess.run(["virsh", "-c", LIBVIRT, "vol-list", "default", "--name"],
-                            capture_output=True, text=True, timeout=60).stdout.split()
+    # A table (name, path): this virsh's vol-list has no --name.
+    table = subprocess.run(["virsh", "-c", LIBVIRT, "vol-list", "default"],
+                           capture_output=True, text=True, timeout=60).stdout
     prefix = BOX_NAME.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image_"
-    for volume in listed:
+    for volume in (line.split()[0] for line in table.splitlines() if line.strip()):
         if volume.startswith(prefix):
             subprocess.run(["virsh", "-c", LIBVIRT, "vol-delete", volume, "--pool", "default"],
                            capture_output=True, timeout=60)

@@ -25,7 +25,7 @@ LAB = REPO / "vagrant"
 RUN = LAB / "run"
 # Folders whose shell scripts are not ours (the venv's packages, VM state).
 FOREIGN_DIRS = {".git", ".venv", "node_modules", ".vagrant", "build", "__pycache__"}
-NAMED_SCRIPTS = ("vagrant/run", "install.sh", ".ci/run", "tests/run")
+NAMED_SCRIPTS = ("vagrant/run", "vagrant/box/build", "install.sh", ".ci/run", "tests/run")
 
 
 def _tool(name: str, package: str) -> str:
@@ -75,8 +75,10 @@ def _validate(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess:
         {},
         {"MEMTRACE_BOX": "debian12", "MEMTRACE_SYNC": "virtualbox",
          "MEMTRACE_VM_MEMORY": "8192", "MEMTRACE_VM_CPUS": "4"},
+        {"MEMTRACE_BOX": "local", "MEMTRACE_VM_DRIVER": "qemu"},
+        {"MEMTRACE_BOX": "local", "MEMTRACE_VM_DRIVER": "kvm"},
     ],
-    ids=["defaults", "debian12-shared-folder"],
+    ids=["defaults", "debian12-shared-folder", "local-box-emulated", "local-box-kvm"],
 )
 def test_vagrantfile_validates(tmp_path: Path, settings: dict) -> None:
     done = _validate(tmp_path, **settings)
@@ -85,12 +87,21 @@ def test_vagrantfile_validates(tmp_path: Path, settings: dict) -> None:
 
 @pytest.mark.parametrize(
     "name, value",
-    [("MEMTRACE_BOX", "fedora"), ("MEMTRACE_VM_MEMORY", "lots"), ("MEMTRACE_SYNC", "ftp")],
+    [("MEMTRACE_BOX", "fedora"), ("MEMTRACE_VM_MEMORY", "lots"), ("MEMTRACE_SYNC", "ftp"),
+     ("MEMTRACE_VM_DRIVER", "xen")],
 )
 def test_vagrantfile_rejects_a_bad_setting_by_name(tmp_path: Path, name: str, value: str) -> None:
     done = _validate(tmp_path, **{name: value})
     assert done.returncode != 0
     assert f"{name}={value}" in done.stderr
+
+
+def test_box_build_answers_help_and_refuses_an_unknown_option() -> None:
+    build = LAB / "box" / "build"
+    done = subprocess.run([str(build), "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "memtrace/debian12-local" in done.stdout, done.stderr
+    done = subprocess.run([str(build), "--fast"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--fast" in done.stderr, done.stderr
 
 
 def test_readme_names_every_reproduction() -> None:

@@ -62,7 +62,7 @@ class HeapRow:
     counters: Counters
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Flow:
     """Heap bytes one (thread, stack) key put into one 64 MiB-aligned bucket
     of the address space (a glibc thread-arena heap fills exactly one)."""

@@ -474,30 +474,35 @@ class Probes:
                     continue
                 if flow.tid in retired:
                     self._fold(flow, 1)
-                    cache[i] = (raw, flow, True)
+                    cache[i] = (raw, None, True)  # its bytes say all it was
                 else:
                     flows.append(flow)
                 continue
             if hit is not None and hit[2]:
-                self._fold(hit[1], -1)  # changed: taken out, put back as it is now
-            k = keys_type.from_buffer_copy(raw, 0)
-            v = counts_type.from_buffer_copy(raw, ks)
-            flow, folded = None, False
-            if k.tid:  # 0: an index not named yet, or lost to a race
-                flow = Flow(k.tid, (k.stack, k.caller), k.bucket,
-                            v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count,
-                            alloc_chunk_bytes=v.alloc_chunk_bytes,
-                            free_chunk_bytes=v.free_chunk_bytes,
-                            before_exec=k.generation != generation)
-                folded = flow.tid in retired
-                if folded:
-                    self._fold(flow, 1)
-                else:
-                    flows.append(flow)
+                # changed: taken out as it was, put back as it is now
+                self._fold(self._decode(hit[0], keys_type, counts_type, ks, generation), -1)
+            flow = self._decode(raw, keys_type, counts_type, ks, generation)
+            folded = flow is not None and flow.tid in retired
+            if folded:
+                self._fold(flow, 1)
+                flow = None
+            elif flow is not None:
+                flows.append(flow)
             cache[i] = (raw, flow, folded)
         flows += [Flow(0, stack_key, bucket, a, f, ac, fc, alloc_chunk_bytes=chunk)
                   for (stack_key, bucket), (a, f, ac, fc, chunk) in self._folded.items()]
         return flows
+
+    @staticmethod
+    def _decode(raw: bytes, keys_type, counts_type, ks: int, generation: int) -> Optional[Flow]:
+        k = keys_type.from_buffer_copy(raw, 0)
+        if not k.tid:  # 0: an index not named yet, or lost to a race
+            return None
+        v = counts_type.from_buffer_copy(raw, ks)
+        return Flow(k.tid, (k.stack, k.caller), k.bucket,
+                    v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count,
+                    alloc_chunk_bytes=v.alloc_chunk_bytes, free_chunk_bytes=v.free_chunk_bytes,
+                    before_exec=k.generation != generation)
 
     def retire(self, tids) -> None:
         """From the next read on, these threads' rows (threads that exited)

@@ -157,3 +157,23 @@ def test_a_map_the_kernel_refuses_names_its_option():
                                  "give a smaller --max-allocs")
     assert "--event-buffer" in refused_map("could not open bpf map: vm_events, error: E2BIG\n")
     assert refused_map("error: use of undeclared identifier\n") is None
+
+
+def test_cli_errors_are_one_line_and_say_where_help_is(capsys):
+    from memtrace.commands import main
+
+    cases = {
+        ("reprot", "x.memtrace"): "did you mean report?",
+        ("-p", "1", "--", "ls"): "both -p 1 and a command (ls) were given",
+        ("--interval", "nan", "-p", "1"): "try 'memtrace trace --help'",
+        ("report",): "try 'memtrace report --help'",
+    }
+    for argv, says in cases.items():
+        try:
+            rc = main(list(argv))
+        except SystemExit as e:  # argparse's own exit
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2, (argv, err)
+        assert says in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, (argv, err)

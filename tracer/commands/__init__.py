@@ -47,8 +47,15 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in one line, saying where the help is."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"memtrace: {message}; try '{self.prog} --help'\n")
+
+
 def get_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="memtrace",
         description="Live memory tracer for glibc processes: heap per thread and call stack, "
         "what the process took from the OS, and the gap between the two.",
@@ -109,6 +116,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     options = _command_first(options, names)
     # `memtrace -p PID` and `memtrace -- CMD` mean `memtrace trace ...`
     if not options or (options[0] not in names and options[0] not in ("-h", "--help", "--version")):
+        if options and not options[0].startswith("-"):
+            import difflib
+
+            close = difflib.get_close_matches(options[0], sorted(names), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            print(f"memtrace: unknown command {options[0]!r}: {hint}"
+                  "(try 'memtrace --help'; a command to trace goes after --)", file=sys.stderr)
+            return 2
         options = ["trace"] + options
     args = parser.parse_args(options)
     args.command_line = command_line

@@ -228,7 +228,10 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
 def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool = False) -> int:
     from memtrace import target as targets
 
-    if bool(args.pid) == bool(command_line):
+    if args.pid and command_line:
+        raise MemtraceError(f"both -p {args.pid} and a command ({command_line[0]}) were given: "
+                            "trace one, -p PID for a running process or -- CMD ARGS to launch one")
+    if not args.pid and not command_line:
         raise MemtraceError(
             "say what to trace: -p PID for a running process, or -- CMD ARGS to launch one"
         )

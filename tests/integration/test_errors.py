@@ -61,6 +61,13 @@ def test_not_root_launch(run_memtrace, programs, tmp_path):
     assert not marker.exists(), "the command ran although memtrace refused to trace it"
 
 
+def test_demo_not_root_says_so_before_building(run_memtrace, tmp_path):
+    cache = tmp_path / "cache"
+    result = run_memtrace(["demo"], prefix=AS_NOBODY, env={**os.environ, "XDG_CACHE_HOME": str(cache)})
+    assert_refused(result, "root", "sudo", "CAP_BPF")
+    assert not cache.exists() or not any(cache.rglob("*")), "the demo was built before the refusal"
+
+
 def test_no_such_pid(run_memtrace):
     gone = subprocess.Popen(["/bin/true"])
     gone.wait()

@@ -31,6 +31,11 @@ class DemoCommand:
                 print(f"{demo.name:18} {demo.summary}")
             return 0
         demo = catalog.get(args.name or catalog.DEFAULT_DEMO)
+        # Before the demo is built into the cache: a user without the
+        # rights to trace learns it first, and leaves nothing behind.
+        from memtrace import preflight
+
+        preflight.check_privileges(attach=False)
         program_args = list(args.command_line)
         argv = demo.argv(catalog.default_cache_dir(), program_args)
         # A paused demo waits for Enter: leave the keyboard to it.

@@ -177,3 +177,11 @@ def test_cli_errors_are_one_line_and_say_where_help_is(capsys):
         assert rc == 2, (argv, err)
         assert says in err, (argv, err)
         assert len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_report_format_follows_the_output_extension():
+    from memtrace.commands.report import format_of
+
+    assert [format_of(p) for p in ("a.json", "a.HTML", "heap.pb.gz", "x.folded", "-", "r.txt",
+                                   "noext")] == ["json", "html", "pprof", "folded", "text", "text",
+                                                 "text"]

@@ -86,13 +86,16 @@ class ReportCommand:
                             help="the moment: seconds since the start, 'end' (default) or 'peak' (highest RSS)")
         parser.add_argument("--by", choices=BY_CHOICES, default="live",
                             help="weight of a stack: live bytes (default), retained or allocated bytes")
-        parser.add_argument("--format", choices=tuple(FORMATS), default="text",
-                            help="text (default), json (the snapshot), folded (flamegraph.pl),"
-                            " pprof (gzipped profile.proto) or html (one offline page)")
+        parser.add_argument("--format", choices=tuple(FORMATS), default=None,
+                            help="text, json (the snapshot), folded (flamegraph.pl),"
+                            " pprof (gzipped profile.proto) or html (one offline page); by default"
+                            " guessed from -o's extension (.json .folded .pb.gz .pprof .html),"
+                            " else text")
         parser.add_argument("-o", "--output", default="-", metavar="FILE",
                             help="write here instead of stdout")
 
     def run(self, args: argparse.Namespace) -> int:
+        args.format = args.format or format_of(args.output)
         reporter_cls = reporter_class(args.format)
         data = load_report_data(os.fspath(args.file), args.at, args.by)
         reporter = reporter_cls(data)
@@ -102,6 +105,17 @@ class ReportCommand:
         except BrokenPipeError:
             quiet_stdout()  # `| head` has read enough: not an error
         return 0
+
+
+# An output file's ending -> the format it asks for.
+_EXTENSIONS = ((".json", "json"), (".folded", "folded"), (".pb.gz", "pprof"), (".pprof", "pprof"),
+               (".pb", "pprof"), (".html", "html"), (".htm", "html"), (".txt", "text"))
+
+
+def format_of(output: str) -> str:
+    """The format -o's extension asks for; text for stdout or anything else."""
+    name = output.lower()
+    return next((fmt for ext, fmt in _EXTENSIONS if name.endswith(ext)), "text")
 
 
 def quiet_stdout() -> None:

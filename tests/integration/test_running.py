@@ -238,3 +238,17 @@ def test_threads_that_come_and_go_are_folded_and_still_counted(programs, run_mem
     assert folded and folded[0]["name"] == "(exited threads)", threads[:3]
     for field in ("live_bytes", "alloc_bytes", "free_bytes", "alloc_count", "free_count"):
         assert sum(t[field] for t in threads) == doc["heap"][field], field
+
+
+def test_json_stream_prints_every_interval(programs, memtrace_cmd, tmp_path):
+    import subprocess
+
+    done = subprocess.run([*memtrace_cmd, "--json-stream", "--interval", "0.3", "--",
+                           str(programs["heapstates"]), str(tmp_path / "t.json"), "untouched"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(lines) >= 3, done.stdout[:2000]
+    times = [doc["elapsed_s"] for doc in lines]
+    assert times == sorted(times)
+    assert lines[-1]["target_alive"] is False and lines[0]["target_alive"] is True

@@ -158,6 +158,9 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                      metavar="S", help="stop tracing after S seconds")
     out.add_argument("--json", action="store_true",
                      help="print the final snapshot as JSON on stdout instead of the view")
+    out.add_argument("--json-stream", action="store_true",
+                     help="print every snapshot as one JSON object per line on stdout "
+                     "(the final one last) instead of the view")
     out.add_argument("--batch", action="store_true",
                      help="plain-text snapshots every interval, as without a terminal")
     out.add_argument("--record", metavar="FILE",
@@ -202,6 +205,10 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
     view = None
     if args.json:
         sinks.append(JsonSink())
+    elif args.json_stream:
+        from memtrace.sinks.jsonout import JsonStreamSink
+
+        sinks.append(JsonStreamSink())
     else:
         console, view = console_sinks(interactive=interactive and not args.batch,
                                       mode="arenas" if args.light else "stacks")
@@ -275,7 +282,7 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
     from memtrace.collect.probes import Limits, Probes, redirect_fd2, resolve_sites
     from memtrace.session import Session, wait_for_command
 
-    interactive = sys.stdout.isatty() and not args.json
+    interactive = sys.stdout.isatty() and not args.json and not args.json_stream
     metadata = {
         "command_line": ["memtrace", *sys.argv[1:]],
         "pid": pid,

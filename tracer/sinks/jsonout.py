@@ -1,4 +1,5 @@
-"""`--json`: the final snapshot as one JSON document on stdout."""
+"""`--json`: the final snapshot as one JSON document on stdout;
+`--json-stream`: every snapshot, one JSON object per line."""
 
 from __future__ import annotations
 
@@ -20,3 +21,21 @@ class JsonSink:
         json.dump(final.to_json(), self.out, indent=1)
         self.out.write("\n")
         self.out.flush()
+
+
+class JsonStreamSink:
+    """One line per interval, and the final snapshot as the last line: for
+    `jq`, a log shipper or a test that watches a trace as it goes."""
+
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        self.out = out
+
+    def _line(self, snapshot: Snapshot) -> None:
+        self.out.write(json.dumps(snapshot.to_json(), separators=(",", ":")) + "\n")
+        self.out.flush()
+
+    def update(self, snapshot: Snapshot) -> None:
+        self._line(snapshot)
+
+    def close(self, final: Snapshot) -> None:
+        self._line(final)

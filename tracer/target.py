@@ -140,6 +140,16 @@ def resolve_pid(pid: int) -> Target:
                   allocator=allocator, held=held)
 
 
+def allocator_now(pid: int) -> Optional[Allocator]:
+    """The allocator a running process's malloc reaches now (after an exec,
+    say), or None where that cannot be told."""
+    try:
+        mappings = procfs.read_maps(pid)
+        return first_definer(_lookup_order(pid, mappings), _MappedOpener(pid, mappings).path_of)
+    except (OSError, MemtraceError):
+        return None
+
+
 def _lookup_order(pid: int, mappings) -> list[str]:
     """The objects in the order the dynamic linker searches them; where its
     list cannot be read, the executable and then what is mapped."""

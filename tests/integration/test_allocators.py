@@ -159,3 +159,14 @@ def test_redis_from_debian_is_traced_in_jemalloc(memtrace_cmd, tmp_path):
     assert doc["allocator"]["kind"] == "jemalloc", doc["allocator"]
     assert heap["alloc_count"] > 30000, heap
     assert abs(heap["live_allocator_bytes"] - used) <= 0.05 * used, (heap, used)
+
+
+def test_an_exec_into_another_allocator_is_said(programs, run_memtrace, tmp_path):
+    """No silent zeros: the shell is glibc's, the program it execs runs on
+    jemalloc, which was not probed."""
+    rc, doc, stderr = run_memtrace([
+        "--json", "--interval", "0.3", "--", "/bin/sh", "-c",
+        f"LD_PRELOAD={_library('jemalloc')} exec {programs['threads']} {tmp_path / 't.json'} "
+        "--hold-ms 800"])
+    assert rc == 0, stderr
+    assert any("after the exec, malloc is jemalloc's" in n for n in doc["notes"]), doc["notes"]

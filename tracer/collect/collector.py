@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from typing import Optional
@@ -49,6 +50,9 @@ class Collector:
                             on_unwatched_trim=self.probes.watch_rss)
         self.vm.space.malloc_seen = not light
         self.allocator_kind = probes.allocator_kind
+        self.allocator_path = ""  # the probed allocator, as the process names it
+        self._check_allocator = False  # after an exec: is it still the one probed?
+        self._allocator_note: Optional[str] = None
         self.glibc = self.allocator_kind == "glibc"
         self.vm.space.glibc = self.glibc
         self.started = time.monotonic()
@@ -107,6 +111,7 @@ class Collector:
                 continue
             self._seed()
             self._arena_inputs, self._walked = [], {}  # the old image's arenas are gone
+            self._check_allocator = True
             if event.argv:
                 self.comm = (event.argv[0].rsplit("/", 1)[-1] or self.comm)[:15]
                 self._execs.append(" ".join(event.argv))
@@ -246,6 +251,8 @@ class Collector:
                 self._next_walk = 0.0  # the last word is a whole reading
             activity = (sum(r.counters.alloc_count + r.counters.free_count for r in reading.rows),
                         self.vm.events)
+            if self._check_allocator:
+                self._after_exec_allocator()
             if self.glibc:
                 self._read_arenas(smaps, idle=activity == self._activity)
             self._activity = activity
@@ -385,6 +392,28 @@ class Collector:
         return tuple(ThreadStats(tid, self._names.get(tid, "?"), Counters(), True)
                      for tid in sorted(live_tids))
 
+    def _after_exec_allocator(self) -> None:
+        """Once the new image's loader has run: a program whose malloc is
+        another allocator's would be traced as all zeros, silently."""
+        from memtrace.allocators import link_map_paths
+        from memtrace.target import allocator_now
+
+        order = link_map_paths(self.pid)
+        if order is None or len(order) < 3:
+            return  # the loader has not mapped the libraries yet
+        self._check_allocator = False
+        now = allocator_now(self.pid)
+        if now is None or not self.allocator_path:
+            return
+        if now.kind != self.allocator_kind or \
+                os.path.basename(now.path) != os.path.basename(self.allocator_path):
+            self._allocator_note = (
+                f"after the exec, malloc is {now.kind}'s ({now.path}), which memtrace did not "
+                f"probe ({self.allocator_path}): its calls are not counted; trace the new "
+                "program itself")
+        else:
+            self._allocator_note = None
+
     def _retire_threads(self, rows, live_tids) -> None:
         """Past the EXITED_THREADS_KEPT latest exited threads, the rows of
         the others are folded by the probes' reader (tid 0), so an
@@ -442,6 +471,8 @@ class Collector:
         if self._arena_problem:
             notes.append(self._arena_problem)
         notes += [f"the process exec'd: {argv}" for argv in self._execs[-3:]]
+        if self._allocator_note:
+            notes.append(self._allocator_note)
         if self.light and self.glibc:
             notes.append("light mode: no malloc probes; heap live and retained are estimates "
                          "from glibc's own arena structures")

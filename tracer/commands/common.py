@@ -307,6 +307,7 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
         with redirect_fd2(bcc_said.fileno()):
             probes.attach()
         collector = Collector(pid, comm, probes, light=args.light, attached=launched is None)
+        collector.allocator_path = allocator.path if allocator is not None else libc
         events_fd = collector.start()
         collector.watch = _open_watch(pid, args.verbose)
         # Before the command runs: a file that cannot be written stops it unrun.

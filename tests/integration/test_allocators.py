@@ -170,3 +170,26 @@ def test_an_exec_into_another_allocator_is_said(programs, run_memtrace, tmp_path
         "--hold-ms 800"])
     assert rc == 0, stderr
     assert any("after the exec, malloc is jemalloc's" in n for n in doc["notes"]), doc["notes"]
+
+
+def test_a_copy_linked_into_the_program_is_found(programs, run_memtrace, tmp_path):
+    """jemalloc linked into the executable itself (libjemalloc-dev's
+    archive): the program defines malloc, so it is the object probed."""
+    archive = LIBDIR / "libjemalloc_pic.a"
+    if not archive.exists():
+        pytest.fail(f"{archive} is missing: install.sh --test-tools installs libjemalloc-dev",
+                    pytrace=False)
+    source = Path(__file__).resolve().parents[1] / "programs" / "threads.c"
+    binary = tmp_path / "threads_jemalloc"
+    build = subprocess.run(["gcc", "-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o",
+                            str(binary), str(source), str(archive), "-lm", "-lstdc++", "-ldl"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    truth_path = tmp_path / "truth.json"
+    rc, doc, stderr = run_memtrace(["--json", "--interval", "0.2", "--", binary, truth_path,
+                                    "--hold-ms", "600"])
+    assert rc == 0, stderr
+    assert doc["allocator"]["kind"] == "jemalloc", doc["allocator"]
+    truth = json.loads(truth_path.read_text())
+    CHECKS.assert_threads_match(doc, truth, names=False)
+    CHECKS.assert_functions_match(doc, truth)

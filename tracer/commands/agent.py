@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from memtrace.commands.common import duration_seconds, interval_seconds, positive_int
+from memtrace.commands.common import (add_mode_options, duration_seconds, interval_seconds,
+                                      positive_int)
 from memtrace.errors import MemtraceError
 from memtrace.serve import serve_address
 
@@ -51,11 +52,7 @@ class AgentCommand:
         out.add_argument("--duration", type=duration_seconds, metavar="S",
                          help="stop after S seconds")
         mode = parser.add_argument_group("how")
-        mode.add_argument("--light", action="store_true",
-                          help="no malloc probes (for production): address-space syscalls and "
-                          "glibc's arenas read from outside; heap figures become estimates")
-        mode.add_argument("--vm-probes", choices=("tracepoint", "kprobe"), default="tracepoint",
-                          help="how address-space syscalls are traced (default tracepoint)")
+        add_mode_options(mode)
         mode.add_argument("--max-targets", type=positive_int, default=16, metavar="N",
                           help="processes traced at once, at most (default 16); others "
                           "wait, named on stderr, until one exits")

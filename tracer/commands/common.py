@@ -149,6 +149,16 @@ def check_output_paths(args: argparse.Namespace) -> None:
     os.unlink(path)
 
 
+def add_mode_options(mode) -> None:
+    """--light and --vm-probes, for a trace and for the agent."""
+    mode.add_argument("--light", action="store_true",
+                      help="no malloc probes (for production): address-space syscalls and "
+                      "glibc's arenas read from outside; heap figures become estimates")
+    mode.add_argument("--vm-probes", choices=("tracepoint", "kprobe"), default="tracepoint",
+                      help="how address-space syscalls are traced (default: the stable "
+                      "syscall tracepoints; kprobe needs a kernel with kprobes)")
+
+
 def add_trace_options(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--interval", type=interval_seconds, default=1.0,
@@ -170,13 +180,7 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                      "tracing; loopback unless HOST is given")
     out.add_argument("-v", "--verbose", action="store_true",
                      help="say what is attached where, and how long it took")
-    mode = parser.add_argument_group("what to trace")
-    mode.add_argument("--light", action="store_true",
-                      help="no malloc probes (for production): address-space syscalls and "
-                      "glibc's arenas read from outside; heap figures become estimates")
-    mode.add_argument("--vm-probes", choices=("tracepoint", "kprobe"), default="tracepoint",
-                      help="how address-space syscalls are traced (default: the stable "
-                      "syscall tracepoints; kprobe needs a kernel with kprobes)")
+    add_mode_options(parser.add_argument_group("what to trace"))
     maps = parser.add_argument_group("kernel map sizes (drops are counted and shown)")
     maps.add_argument("--max-allocs", type=count_up_to(MAX_ALLOCS_LIMIT, "a 32 GiB table"),
                       default=1 << 20, metavar="N",

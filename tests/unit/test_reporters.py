@@ -223,6 +223,32 @@ def test_html_is_self_contained_and_escaped(snapshots):
     assert page.count("<script") == 2  # the data block and the renderer
 
 
+def test_html_shows_threads_arenas_and_regions(snapshots):
+    s = snapshots[-1]
+    assert s.threads and s.arenas and s.regions
+    page = render_html(data_for(s))
+    for heading in ("<h2>Threads</h2>", "<h2>Allocator arenas</h2>", "Address-space regions"):
+        assert heading in page
+    # Every thread has a row, named; the largest region comes first.
+    assert all(f"<td>{t.tid}</td>" in page for t in s.threads)
+    largest = max(s.regions, key=lambda r: r.resident_bytes)
+    regions = page.split("Address-space regions", 1)[1]
+    assert regions.index(f"{largest.start:#x}") < regions.index("</table>")
+    # The top stacks table has a retained column where arenas were measured.
+    stacks = page.split("<h2>Top stacks", 1)[1].split("</table>", 1)[0]
+    assert "<th>retained</th>" in stacks
+    assert "gap (held" not in page  # "gap" is the whole equation, not the retained part
+
+
+def test_html_report_defaults_to_the_peak(recording, tmp_path):
+    page = tmp_path / "r.html"
+    report(recording, "-o", str(page))
+    assert "(peak)" in page.read_text().split("</h1>", 1)[0]
+    report(recording, "--at", "end", "-o", str(page))
+    assert "(end)" in page.read_text().split("</h1>", 1)[0]
+    assert "(end)" in report(recording)  # text: the end, as before
+
+
 def test_html_draws_in_a_browser_without_errors(recording, tmp_path):
     if shutil.which("chromium") is None:
         pytest.fail("chromium is not installed: sudo ./install.sh --test-tools (apt-get install chromium)")

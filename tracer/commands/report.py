@@ -82,8 +82,9 @@ class ReportCommand:
 
     def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("file", metavar="FILE", help="a recording made with --record")
-        parser.add_argument("--at", type=when_arg, default="end", metavar="T|end|peak",
-                            help="the moment: seconds since the start, 'end' (default) or 'peak' (highest RSS)")
+        parser.add_argument("--at", type=when_arg, default=None, metavar="T|end|peak",
+                            help="the moment: seconds since the start, 'end' or 'peak' (highest RSS);"
+                            " by default the end, and the peak for html, whose chart shows the whole run")
         parser.add_argument("--by", choices=BY_CHOICES, default="live",
                             help="weight of a stack: live bytes (default), retained or allocated bytes")
         parser.add_argument("--format", choices=tuple(FORMATS), default=None,
@@ -97,6 +98,10 @@ class ReportCommand:
     def run(self, args: argparse.Namespace) -> int:
         args.format = args.format or format_of(args.output)
         reporter_cls = reporter_class(args.format)
+        if args.at is None:
+            # A page that plots the run is read for its worst moment; after
+            # the exit there is often nothing left to see.
+            args.at = "peak" if args.format == "html" else "end"
         data = load_report_data(os.fspath(args.file), args.at, args.by)
         reporter = reporter_cls(data)
         try:

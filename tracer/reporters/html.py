@@ -20,6 +20,7 @@ from memtrace.reporters.common import (
     command_line,
     frame_label,
     gap_at,
+    has_retained,
     moment,
     recorded_on,
     unit,
@@ -36,8 +37,9 @@ TOP_STACKS = 15
 SERIES = (
     ("RSS", "#4e79a7", "rss_bytes"),
     ("heap live", "#e15759", "heap_live_bytes"),
-    ("gap", "#f28e2b", "gap_bytes"),
+    ("retained by the allocator", "#f28e2b", "gap_bytes"),
 )
+TOP_REGIONS = 20  # the largest regions; a JVM can have thousands
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.2em 2em;color:#222;background:#fff}
@@ -273,7 +275,7 @@ def _facts(d: ReportData) -> str:
     facts.append(_fact(fmt_bytes(c.alloc_bytes), f"allocated, {fmt_count(c.alloc_count)} calls"))
     gap = gap_at(s)
     if gap is not None:
-        facts.append(_fact(fmt_bytes(gap), "gap (held, not live)"))
+        facts.append(_fact(fmt_bytes(gap), "retained by the allocator (freed, not returned)"))
     p = peak_of(d)
     if p.rss_bytes:
         near = (f", nearest snapshot {fmt_bytes(p.nearest.process.rss_bytes)} at "
@@ -285,7 +287,7 @@ def _facts(d: ReportData) -> str:
     if d.peak is not None:
         peak_gap = gap_at(d.peak)
         if peak_gap is not None and d.peak is not s:
-            facts.append(_fact(fmt_bytes(peak_gap), "gap at the peak"))
+            facts.append(_fact(fmt_bytes(peak_gap), "retained at the peak"))
     return '<div class="facts">' + "".join(facts) + "</div>"
 
 
@@ -293,16 +295,75 @@ def _stack_table(d: ReportData) -> str:
     ranked = weighted_stacks(d.snapshot, d.by)[:TOP_STACKS]
     if not ranked:
         return f'<p class="muted">No stack has {_esc(unit(d.by))}.</p>'
-    rows = ['<tr><th>live</th><th>allocated</th><th>blocks</th><th>threads</th><th class="frames">frames (innermost first)</th></tr>']
+    retained = has_retained(d.snapshot)
+    head = ["live", "allocated"] + (["retained"] if retained else []) + ["blocks", "threads"]
+    rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head)
+            + '<th class="frames">frames (innermost first)</th></tr>']
     for st, _ in ranked:
         c = st.counters
         frames = "\n".join(st.frames) + ("\n… (outer frames may be missing)" if st.truncated else "")
-        rows.append(
-            f"<tr><td>{_esc(fmt_bytes(c.live_bytes))}</td><td>{_esc(fmt_bytes(c.alloc_bytes))}</td>"
-            f"<td>{_esc(fmt_count(c.live_count))}</td><td>{len(st.tids)}</td>"
-            f'<td class="frames">{_esc(frames)}</td></tr>'
-        )
+        cells = [fmt_bytes(c.live_bytes), fmt_bytes(c.alloc_bytes)]
+        cells += [fmt_bytes(st.retained_bytes)] if retained else []
+        cells += [fmt_count(c.live_count), str(len(st.tids))]
+        rows.append("<tr>" + "".join(f"<td>{_esc(x)}</td>" for x in cells)
+                    + f'<td class="frames">{_esc(frames)}</td></tr>')
     return "<table>" + "".join(rows) + "</table>"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int = -1) -> str:
+    """A plain table; column `left` (e.g. names, frames) is set left."""
+    def cell(tag: str, i: int, text: str) -> str:
+        cls = ' class="frames"' if i == left else ""
+        return f"<{tag}{cls}>{_esc(text)}</{tag}>"
+
+    out = ["<tr>" + "".join(cell("th", i, h) for i, h in enumerate(head)) + "</tr>"]
+    out += ["<tr>" + "".join(cell("td", i, x) for i, x in enumerate(r)) + "</tr>" for r in rows]
+    return "<table>" + "".join(out) + "</table>"
+
+
+def _threads(d: ReportData) -> str:
+    threads = sorted(d.snapshot.threads, key=lambda t: (-t.counters.live_bytes, t.tid))
+    if not threads:
+        return ""
+    rows = [[str(t.tid), t.name + ("" if t.alive else " (exited)"), fmt_bytes(t.counters.live_bytes),
+             fmt_count(t.counters.live_count), fmt_bytes(t.counters.alloc_bytes),
+             fmt_bytes(t.counters.free_bytes)] for t in threads]
+    return ("<h2>Threads</h2>"
+            + _table(["tid", "name", "live", "blocks", "allocated", "freed"], rows, left=1))
+
+
+def _arenas(d: ReportData) -> str:
+    arenas = sorted(d.snapshot.arenas, key=lambda a: -a.committed_bytes)
+    if not arenas:
+        return ""
+    rows = []
+    for a in arenas:
+        rows.append([a.id, a.kind, fmt_count(len(a.tids)), str(a.heap_count),
+                     fmt_bytes(a.committed_bytes), fmt_bytes(a.resident_bytes),
+                     fmt_bytes(a.all_live_bytes) + (" (est.)" if a.live_is_estimate else ""),
+                     fmt_bytes(a.retained_bytes), fmt_bytes(a.trimmable_bytes)])
+    intro = ('<p class="muted">What each glibc arena took from the OS and what the program holds in it;'
+             " retained is resident less live: freed memory the arena keeps.</p>")
+    head = ["arena", "kind", "threads", "heaps", "committed", "resident", "live", "retained",
+            "malloc_trim would return"]
+    return "<h2>Allocator arenas</h2>" + intro + _table(head, rows)
+
+
+def _regions(d: ReportData) -> str:
+    regions = sorted(d.snapshot.regions, key=lambda r: (-r.resident_bytes, r.start))
+    if not regions:
+        return ""
+    rows = []
+    for r in regions[:TOP_REGIONS]:
+        origin = " <- ".join(r.origin_frames[:3]) or "(before the trace)"
+        rows.append([f"{r.start:#x}-{r.end:#x}", r.kind, fmt_bytes(r.end - r.start),
+                     fmt_bytes(r.committed_bytes), fmt_bytes(r.resident_bytes),
+                     "" if r.origin_tid is None else str(r.origin_tid), origin])
+    more = len(regions) - TOP_REGIONS
+    tail = f'<p class="muted">and {more} smaller {"region" if more == 1 else "regions"}.</p>' if more > 0 else ""
+    head = ["range", "kind", "size", "committed", "resident", "tid", "mapped by"]
+    return ("<h2>Address-space regions, largest resident first</h2>"
+            + _table(head, rows, left=6) + tail)
 
 
 def render_html(d: ReportData) -> str:
@@ -333,6 +394,9 @@ def render_html(d: ReportData) -> str:
         f'<script id="flame-data" type="application/json">{_json_for_script(tree)}</script>',
         f"<h2>Top stacks by {_esc(unit(d.by))}</h2>",
         _stack_table(d),
+        _threads(d),
+        _arenas(d),
+        _regions(d),
     ]
     if notes:
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>")

@@ -119,6 +119,7 @@ class DropStats:
     stats_map_full: int = 0  # allocation not tracked: too many (thread, stack) keys
     pending_map_full: int = 0  # call in flight not tracked: too many threads
     stack_lost: int = 0  # stack id unavailable: raise --stack-storage-size
+    vm_events_lost: int = 0  # address-space events the ring buffer had no room for
 
     @property
     def total(self) -> int:

@@ -324,7 +324,7 @@ class Collector:
             untracked_free_count=reading.untracked_free_count,
             trim_calls=reading.trim_calls,
             trim_released_calls=reading.trim_released_calls,
-            drops=reading.drops,
+            drops=replace(reading.drops, vm_events_lost=self.probes.vm_lost()),
             peak_live_bytes=0 if self.light else peak.peak_bytes,
             live_allocator_bytes=0 if self.light else sum(f.live_chunk_bytes for f in reading.flows),
             peak_live_elapsed_s=None if self.light else peak_at,
@@ -456,18 +456,8 @@ class Collector:
         return tuple(out)
 
     def _notes(self, reading) -> tuple[str, ...]:
+        # Drops are not notes: they travel as heap.drops, worded by the output.
         notes = []
-        d = reading.drops
-        if d.allocs_map_full:
-            notes.append("allocations were dropped: the live-allocation map is full; raise --max-allocs")
-        if d.stats_map_full:
-            notes.append("allocations were dropped: too many (thread, stack) pairs; raise --max-stats")
-        if d.stack_lost:
-            notes.append("some deep stacks were lost (immediate callers kept); raise --stack-storage-size")
-        lost = self.probes.vm_lost()
-        if lost:
-            notes.append(f"{lost} address-space events were lost: the ring buffer was full; "
-                         "raise --event-buffer")
         if self._arena_problem:
             notes.append(self._arena_problem)
         notes += [f"the process exec'd: {argv}" for argv in self._execs[-3:]]

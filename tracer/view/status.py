@@ -73,9 +73,10 @@ class HeaderLine:
 # the CLI has one: then the line says what was lost and stops there).
 _DROP_ADVICE: tuple[tuple[str, str, Optional[str], str], ...] = (
     ("allocs_map_full", "allocations untracked", "raise --max-allocs", "allocs map full"),
-    ("stats_map_full", "allocations untracked", None, "too many thread+stack pairs"),
+    ("stats_map_full", "allocations untracked", "raise --max-stats", "too many thread+stack pairs"),
     ("pending_map_full", "calls untracked", None, "too many threads inside malloc at once"),
     ("stack_lost", "stacks lost", "raise --stack-storage-size", "stack storage full"),
+    ("vm_events_lost", "address-space events lost", "raise --event-buffer", "ring buffer full"),
 )
 
 

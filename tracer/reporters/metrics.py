@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from memtrace import procfs
-from memtrace.model import Snapshot
+from memtrace.model import DropStats, Snapshot
 
 TARGET_LABELS = ("pid", "comm", "host")
 
@@ -106,7 +106,7 @@ FIGURES: tuple[Figure, ...] = (
 )
 
 # DropStats field -> the `reason` label of memtrace_drops_total
-DROP_REASONS = ("allocs_map_full", "stats_map_full", "pending_map_full", "stack_lost")
+DROP_REASONS = tuple(f.name for f in fields(DropStats))
 
 
 def _family(name: str, help: str, kind: str, labels: Sequence[str]) -> Metric:

@@ -291,3 +291,52 @@ def test_every_format_is_registered():
         assert hasattr(reporter_class(fmt), "render")
     with pytest.raises(MemtraceError):
         reporter_class("pdf")
+
+
+# ---------------------------------------------------------------- --since
+
+
+def _stack_live(doc, frames):
+    return sum(s["live_bytes"] for s in doc["stacks"] if tuple(s["frames"]) == tuple(frames))
+
+
+def test_since_reports_what_changed_between_two_moments(recording, snapshots):
+    a, b = snapshots[len(snapshots) // 3], snapshots[-1]
+    doc = json.loads(report(recording, "--at", "end", "--since", str(a.elapsed_s), "--format", "json"))
+    assert doc["since"]["elapsed_s"] == a.elapsed_s
+    assert doc["since"]["heap_live_bytes_change"] == b.heap.live_bytes - a.heap.live_bytes
+    assert doc["heap"]["live_bytes"] == b.heap.live_bytes - a.heap.live_bytes
+    assert doc["heap"]["alloc_bytes"] == b.heap.counters.alloc_bytes - a.heap.counters.alloc_bytes
+    # Every stack's live bytes are its change; unchanged stacks are left out.
+    before = {st.frames: st.counters.live_bytes for st in a.stacks}
+    for st in b.stacks:
+        change = st.counters.live_bytes - before.get(st.frames, 0)
+        if st.counters != next((o.counters for o in a.stacks if o.frames == st.frames), None):
+            assert _stack_live(doc, st.frames) == change, st.frames
+    text = report(recording, "--since", str(a.elapsed_s))
+    assert f"changes since {a.elapsed_s:.1f}s" in text and "stacks grew" in text
+    folded = report(recording, "--since", str(a.elapsed_s), "--format", "folded")
+    assert all(int(line.rsplit(" ", 1)[1]) > 0 for line in folded.splitlines())  # what grew
+
+
+def test_since_another_recording_matches_stacks_by_frames(recording, tmp_path, snapshots):
+    old = tmp_path / "old.rec"
+    with Recorder(str(old), {"pid": 1}) as rec:
+        rec.write(snapshots[0])
+    doc = json.loads(report(recording, "--since", str(old), "--format", "json"))
+    assert doc["since"]["label"].startswith("old.rec at ")
+    assert doc["since"]["heap_live_bytes_change"] == (snapshots[-1].heap.live_bytes
+                                                       - snapshots[0].heap.live_bytes)
+    same = json.loads(report(recording, "--since", f"{old}@end", "--format", "json"))
+    assert same["since"] == doc["since"]
+
+
+def test_since_errors_are_one_line(recording, snapshots, capsys):
+    from memtrace.commands import main
+
+    assert main(["report", str(recording), "--since", "no-such.rec"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "FILE@MOMENT" in err
+    assert main(["report", str(recording), "--at", "1", "--since", "end"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "swap --at and --since" in err

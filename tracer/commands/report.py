@@ -8,17 +8,27 @@ import contextlib
 import io
 import os
 import sys
-from typing import IO, Iterator, Union
+import dataclasses
+from typing import IO, Iterator, Optional, Union
 
 from memtrace.errors import MemtraceError
 from memtrace.record.reader import open_recording, parse_when, when_arg
 from memtrace.reporters import FORMATS, reporter_class
 from memtrace.reporters.common import BY_CHOICES, ReportData, check_by
+from memtrace.reporters.diff import load_baseline
 
 
 
 
-def load_report_data(path: str, when: str, by: str) -> ReportData:
+def load_report_data(path: str, when: str, by: str, since: Optional[str] = None) -> ReportData:
+    data = _load(path, when, by)
+    if since is None:
+        return data
+    diffed, baseline = load_baseline(since, path, data.snapshot)
+    return dataclasses.replace(data, snapshot=diffed, since=baseline)
+
+
+def _load(path: str, when: str, by: str) -> ReportData:
     with open_recording(path) as rec:
         index, snapshot = rec.snapshot_at(when)
         check_by(snapshot, by)
@@ -73,6 +83,8 @@ class ReportCommand:
       memtrace report app.rec                      text summary at the end
       memtrace report app.rec --at peak            ... at the highest RSS
       memtrace report app.rec --at 90              ... 90 s into the recording
+      memtrace report app.rec --at 90 --since 30   what changed from 30 s to 90 s
+      memtrace report new.rec --since old.rec      what the new run holds that the old did not
       memtrace report app.rec --by allocated --format folded | flamegraph.pl > alloc.svg
       memtrace report app.rec --format pprof -o heap.pb.gz && go tool pprof -top heap.pb.gz
       memtrace report app.rec --format html -o report.html
@@ -85,6 +97,10 @@ class ReportCommand:
         parser.add_argument("--at", type=when_arg, default=None, metavar="T|end|peak",
                             help="the moment: seconds since the start, 'end' or 'peak' (highest RSS);"
                             " by default the end, and the peak for html, whose chart shows the whole run")
+        parser.add_argument("--since", metavar="T|FILE[@T]",
+                            help="report changes since this moment (seconds, start, peak, end) or since"
+                            " another recording of the program (its end, or FILE@T): heap, threads and"
+                            " stacks then show what changed; the flame graph what grew")
         parser.add_argument("--by", choices=BY_CHOICES, default="live",
                             help="weight of a stack: live bytes (default), retained or allocated bytes")
         parser.add_argument("--format", choices=tuple(FORMATS), default=None,
@@ -102,7 +118,7 @@ class ReportCommand:
             # A page that plots the run is read for its worst moment; after
             # the exit there is often nothing left to see.
             args.at = "peak" if args.format == "html" else "end"
-        data = load_report_data(os.fspath(args.file), args.at, args.by)
+        data = load_report_data(os.fspath(args.file), args.at, args.by, args.since)
         reporter = reporter_cls(data)
         try:
             with _output(args.output, reporter_cls.binary, args.format) as out:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from memtrace.errors import MemtraceError
 from memtrace.model import Snapshot, StackStats
 from memtrace.record.timeline import TimePoint, gap_bytes
 from memtrace.view.fmt import UNNAMED_FUNCTION, split_frame
+
+if TYPE_CHECKING:
+    from memtrace.reporters.diff import Baseline
 
 # --by: what a stack's weight is.
 BY_CHOICES = ("live", "retained", "allocated")
@@ -32,6 +35,8 @@ class ReportData:
     source: str = ""  # the recording's path
     # The recording's last word on the kernel's peak RSS and the heap's peak.
     final: Optional[Snapshot] = None
+    # --since: snapshot's heap, threads and stacks are changes since this.
+    since: Optional["Baseline"] = None
 
 
 @dataclass(frozen=True)
@@ -131,13 +136,18 @@ def unit(by: str) -> str:
 
 def moment(data: ReportData) -> str:
     """'at 12.0s (end)' and the like."""
-    if data.when in ("end", "peak", "start"):
-        return f"at {data.snapshot.elapsed_s:.1f}s ({data.when})"
+    return moment_words(data.snapshot.elapsed_s, data.when)
+
+
+def moment_words(elapsed_s: float, when: str) -> str:
+    """A snapshot at elapsed_s, chosen by `when` ('end', 'peak', '12.0')."""
+    if when in ("end", "peak", "start"):
+        return f"at {elapsed_s:.1f}s ({when})"
     try:
-        asked = float(data.when)
+        asked = float(when)
     except ValueError:
-        return f"at {data.snapshot.elapsed_s:.1f}s"
-    return f"at {data.snapshot.elapsed_s:.1f}s (the last snapshot by {asked:g}s)"
+        return f"at {elapsed_s:.1f}s"
+    return f"at {elapsed_s:.1f}s (the last snapshot by {asked:g}s)"
 
 
 def command_line(metadata: dict[str, Any]) -> Optional[str]:

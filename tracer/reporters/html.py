@@ -26,7 +26,7 @@ from memtrace.reporters.common import (
     unit,
     weighted_stacks,
 )
-from memtrace.view.fmt import fmt_bytes, fmt_count, fmt_duration
+from memtrace.view.fmt import fmt_bytes, fmt_count, fmt_duration, fmt_signed_bytes
 
 CHART_W, CHART_H = 960, 260
 _PAD_L, _PAD_R, _PAD_T, _PAD_B = 78, 16, 14, 34
@@ -276,6 +276,13 @@ def _facts(d: ReportData) -> str:
     gap = gap_at(s)
     if gap is not None:
         facts.append(_fact(fmt_bytes(gap), "retained by the allocator (freed, not returned)"))
+    if d.since is not None:
+        b = d.since
+        if b.rss_bytes is not None:
+            facts.append(_fact(fmt_signed_bytes(b.rss_bytes), f"RSS since {b.label}"))
+        facts.append(_fact(fmt_signed_bytes(b.heap_live_bytes), f"heap live since {b.label}"))
+        if b.retained_bytes is not None:
+            facts.append(_fact(fmt_signed_bytes(b.retained_bytes), "retained since then"))
     p = peak_of(d)
     if p.rss_bytes:
         near = (f", nearest snapshot {fmt_bytes(p.nearest.process.rss_bytes)} at "
@@ -369,6 +376,8 @@ def _regions(d: ReportData) -> str:
 def render_html(d: ReportData) -> str:
     s = d.snapshot
     title = f"memtrace: {s.comm} (pid {s.pid}) {moment(d)}"
+    if d.since is not None:
+        title += f", changes since {d.since.label}"
     marks: list[tuple[str, float]] = [("report", s.elapsed_s)]
     if d.peak is not None and d.peak.elapsed_s != s.elapsed_s:
         marks.append(("peak", d.peak.elapsed_s))

@@ -47,7 +47,25 @@ def _title(d: ReportData) -> list[str]:
         )
     state, _ = status.target_state(s)
     lines.append(f"target: {state}")
+    if d.since is not None:
+        lines.append(f"changes since {d.since.label}: heap, stacks and threads below are what changed")
     return lines
+
+
+def _since(d: ReportData) -> list[str]:
+    b = d.since
+    if b is None:
+        return []
+    parts = [f"heap live {fmt_signed_bytes(b.heap_live_bytes)}"]
+    if b.rss_bytes is not None:
+        parts.insert(0, f"RSS {fmt_signed_bytes(b.rss_bytes)}")
+    if b.retained_bytes is not None:
+        parts.append(f"allocator retained {fmt_signed_bytes(b.retained_bytes)}")
+    if b.other_anon_bytes is not None:
+        parts.append(f"other {fmt_signed_bytes(b.other_anon_bytes)}")
+    stacks = (f"{fmt_count(b.stacks_grown)} {'stack' if b.stacks_grown == 1 else 'stacks'} grew,"
+              f" {fmt_count(b.stacks_shrunk)} shrank")
+    return ["", f"since {b.label}: " + ", ".join(parts) + f"; {stacks}"]
 
 
 def _duration(d: ReportData) -> float:
@@ -62,7 +80,8 @@ def _memory(d: ReportData) -> list[str]:
         lines.append(f"RSS {fmt_bytes(p.rss_bytes)} (anon {fmt_bytes(p.rss_anon_bytes)})")
     lines += peak_texts(d)
     estimate = " (estimated: recorded without malloc probes)" if s.light else ""
-    lines.append(f"heap live {fmt_bytes(c.live_bytes)} in {fmt_count(c.live_count)} blocks{estimate}")
+    live = fmt_signed_bytes(c.live_bytes) if d.since is not None else fmt_bytes(c.live_bytes)
+    lines.append(f"heap live {live} in {fmt_count(c.live_count)} blocks{estimate}")
     lines.append(
         f"  allocated {fmt_bytes(c.alloc_bytes)} in {fmt_count(c.alloc_count)} calls,"
         f" freed {fmt_bytes(c.free_bytes)} in {fmt_count(c.free_count)} calls"
@@ -175,13 +194,15 @@ def _quality(d: ReportData) -> list[str]:
     return [""] + lines if lines else []
 
 
-def _stack_block(rank: int, st: StackStats, names: dict[int, str], retained: bool) -> list[str]:
+def _stack_block(rank: int, st: StackStats, names: dict[int, str], retained: bool,
+                 change: bool = False) -> list[str]:
     c = st.counters
     tids = ", ".join(f"{t} {names[t]}" if t in names else str(t) for t in st.tids[:_TIDS_SHOWN])
     if len(st.tids) > _TIDS_SHOWN:
         tids += f", +{len(st.tids) - _TIDS_SHOWN} more"
     lines = [
-        f"#{rank}  {fmt_bytes(c.live_bytes)} live in {fmt_count(c.live_count)} blocks;"
+        f"#{rank}  {fmt_signed_bytes(c.live_bytes) if change else fmt_bytes(c.live_bytes)} live"
+        f" in {fmt_count(c.live_count)} blocks;"
         f" allocated {fmt_bytes(c.alloc_bytes)} in {fmt_count(c.alloc_count)} calls;"
         f" last interval {fmt_signed_bytes(st.live_delta_bytes)}"
         + (f"; retained {fmt_bytes(st.retained_bytes)}" if retained else ""),
@@ -202,7 +223,7 @@ def _stacks_by(d: ReportData, by: str) -> list[str]:
     lines = ["", f"top {len(shown)} of {len(ranked)} stacks by {unit(by)} (innermost frame first):"]
     retained = has_retained(d.snapshot)
     for rank, (st, _) in enumerate(shown, start=1):
-        lines += _stack_block(rank, st, names, retained)
+        lines += _stack_block(rank, st, names, retained, change=d.since is not None)
     return lines
 
 
@@ -251,6 +272,7 @@ def _hints(d: ReportData) -> list[str]:
 SECTIONS: list[Callable[[ReportData], list[str]]] = [
     _title,
     _memory,
+    _since,
     _gap,
     _address_space,
     _quality,

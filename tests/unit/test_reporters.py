@@ -81,7 +81,7 @@ def test_text_report_answers_the_main_questions(recording, snapshots):
     assert text.startswith(f"memtrace report: pid 4242 (java) at {peak.elapsed_s:.1f}s (peak)")
     assert "command: java -Xmx1g -jar app.jar" in text
     for heading in ("gap at", "address space:", "allocator (glibc)", "top 10 of", "stacks by live bytes",
-                    "stacks by allocated bytes", "threads:", "arenas:", "regions not given back:", "hints:"):
+                    "stacks by allocated bytes", "threads:", "arenas:", "largest regions never returned", "hints ("):
         assert heading in text, heading
     assert "\x1b[" not in text
 

@@ -300,7 +300,7 @@ def test_truncated_shares_in_count_and_bytes():
 
 
 def test_summary_tells_the_truncated_shares():
-    from memtrace.view.text import render_summary
+    from memtrace.reporters.text import render_summary
 
     stacks = (StackStats(("f [a]",), (), Counters(alloc_bytes=300), truncated=True),
               StackStats(("g [a]", "start_thread [libc.so.6]"), (), Counters(alloc_bytes=100)))

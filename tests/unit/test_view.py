@@ -45,7 +45,8 @@ from memtrace.view.fmt import (
 )
 from memtrace.view.keys import KEY_BINDINGS, KeyReader, split_keys
 from memtrace.view.live import MODES, SORTS, LiveView, bar_cells, render
-from memtrace.view.text import BatchView, render_summary
+from memtrace.reporters.text import render_summary
+from memtrace.view.text import BatchView
 
 MiB = 1 << 20
 ESC = "\x1b"

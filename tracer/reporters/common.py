@@ -37,6 +37,8 @@ class ReportData:
     final: Optional[Snapshot] = None
     # --since: snapshot's heap, threads and stacks are changes since this.
     since: Optional["Baseline"] = None
+    # The end of a live trace (the summary), not a moment of a recording.
+    trace_end: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,55 +1,127 @@
-"""The plain-text report: what a person reads first after a recording.
+"""The plain-text report: what a person reads first, at the end of a trace
+(the summary) and on a recording (`report --format text`). Both are this
+one renderer of (Snapshot, context): the summary is the text report of the
+final snapshot, with no recording around it.
 
 Sections are functions of the report data returning lines ([] when their
-part is absent), in the order a reader asks the questions: what was
-traced, how big did it get, where is the gap, which stacks and threads.
+part is absent: an older recording, or the address-space layer off), in
+the order a reader asks the questions: how big, can the numbers be
+trusted, where did the memory go, who holds it. No ANSI codes: the text
+goes to pipes, logs and CI.
 """
 
 from __future__ import annotations
 
 from typing import Callable, TextIO
 
-from memtrace.model import Gap, StackStats
+from memtrace.model import Snapshot, StackStats
 from memtrace.reporters.common import (
     ReportData,
-    peak_texts,
     command_line,
-    has_retained,
     moment,
+    peak_texts,
     recorded_on,
     unit,
     weighted_stacks,
 )
 from memtrace.view import status
-from memtrace.view.fmt import fmt_bytes, fmt_count, fmt_duration, fmt_signed_bytes, frame_chain
-from memtrace.view.text import plain_table
+from memtrace.view.fmt import fmt_bytes, fmt_count, fmt_duration, fmt_signed_bytes
+from memtrace.view.text import (
+    _arena_table,
+    _arenas_title,
+    _chain,
+    _more,
+    _region_table,
+    _thread_table,
+    plain_table,
+)
 
 STACKS_SHOWN = 10
+RETAINED_STACKS_SHOWN = 5
 THREADS_SHOWN = 20
-ARENAS_SHOWN = 10
-REGIONS_SHOWN = 10
-_TIDS_SHOWN = 6
+ARENAS_SHOWN = 20
+REGIONS_SHOWN = 12
+_TIDS_SHOWN = 8
+_NO_PROBES = "light mode has no malloc probes"
+
+
+def _when(d: ReportData) -> str:
+    """The moment as words in a sentence: 'at the end', 'at its exit', or
+    a recording's 'at 12.0s (peak)'."""
+    if d.trace_end:
+        return "at its exit" if d.snapshot.process.at_exit else "at the end"
+    return moment(d)
 
 
 def _title(d: ReportData) -> list[str]:
     s = d.snapshot
-    lines = [f"memtrace report: pid {s.pid} ({s.comm}) {moment(d)} of a {fmt_duration(_duration(d))} recording"]
-    facts = recorded_on(d.metadata)
-    if facts:
-        lines.append("recorded on " + ", ".join(facts))
-    cmd = command_line(d.metadata)
-    if cmd:
-        lines.append(f"command: {cmd}")
-    if not d.complete:
-        lines.append(
-            "note: the recording was not closed (memtrace was killed or crashed);"
-            " it holds every interval up to its last write"
-        )
+    if d.trace_end:
+        lines = [f"memtrace summary: pid {s.pid} ({s.comm}), traced for {fmt_duration(s.elapsed_s)}"]
+    else:
+        lines = [f"memtrace report: pid {s.pid} ({s.comm}) {moment(d)} of a {fmt_duration(_duration(d))} recording"]
+        facts = recorded_on(d.metadata)
+        if facts:
+            lines.append("recorded on " + ", ".join(facts))
+        cmd = command_line(d.metadata)
+        if cmd:
+            lines.append(f"command: {cmd}")
+        if not d.complete:
+            lines.append("note: the recording was not closed (memtrace was killed or crashed);"
+                         " it holds every interval up to its last write")
     state, _ = status.target_state(s)
-    lines.append(f"target: {state}")
+    lines.append(f"target {state}" if not s.target_alive else
+                 "target still running (trace stopped)" if d.trace_end else "target running")
     if d.since is not None:
         lines.append(f"changes since {d.since.label}: heap, stacks and threads below are what changed")
     return lines
+
+
+def _duration(d: ReportData) -> float:
+    return d.timeline[-1].elapsed_s if d.timeline else d.snapshot.elapsed_s
+
+
+def _totals(d: ReportData) -> list[str]:
+    s = d.snapshot
+    p, h = s.process, s.heap
+    c = h.counters
+    when = _when(d)
+    recording = d.peak is not None or d.final is not None
+    rss = f"RSS {fmt_bytes(p.rss_bytes)}, anon {fmt_bytes(p.rss_anon_bytes)}"
+    if p.peak_rss_bytes is not None and not recording:
+        rss += f", peak {fmt_bytes(p.peak_rss_bytes)} (the kernel's high-water mark)"
+    lines = [f"process {when}: {rss}"]
+    for note in (status.exit_note(s), status.before_trace_note(s)):
+        if note:
+            lines.append(f"  {note}")
+    if recording:
+        lines += peak_texts(d)
+    if s.light:
+        # No malloc probes: no blocks or calls to count, only glibc's view.
+        live = f"~{fmt_bytes(s.gap.heap_live_bytes)} (estimate)" if s.gap is not None else "unknown"
+        lines.append(f"heap live {when}: {live}; light mode: no malloc probes")
+    else:
+        live = fmt_signed_bytes(c.live_bytes) if d.since is not None else fmt_bytes(c.live_bytes)
+        lines += [
+            f"heap live {when}: {live} in {_n(c.live_count, 'block')}",
+            f"  allocated {fmt_bytes(c.alloc_bytes)} in {_n(c.alloc_count, 'call')},"
+            f" freed {fmt_bytes(c.free_bytes)} in {_n(c.free_count, 'call')}",
+        ]
+        if h.peak_live_bytes and not recording:
+            at = (f" at {fmt_duration(h.peak_live_elapsed_s)}"
+                  if h.peak_live_elapsed_s is not None else "")
+            lines.append(f"  heap peak: {fmt_bytes(h.peak_live_bytes)} live{at}")
+    if h.untracked_free_count:
+        lines.append(f"  untracked frees: {fmt_count(h.untracked_free_count)}"
+                     " (blocks allocated before tracing began)")
+    if h.trim_calls and s.trim is None:  # else the gap section tells it, with bytes
+        lines.append(f"  malloc_trim: {_n(h.trim_calls, 'call')},"
+                     f" {fmt_count(h.trim_released_calls)} released memory")
+    return lines
+
+
+def _n(count: int, noun: str) -> str:
+    """'1 block', '3 blocks'."""
+    return f"{fmt_count(count)} {noun}{'' if count == 1 else 's'}"
 
 
 def _since(d: ReportData) -> list[str]:
@@ -63,176 +135,164 @@ def _since(d: ReportData) -> list[str]:
         parts.append(f"allocator retained {fmt_signed_bytes(b.retained_bytes)}")
     if b.other_anon_bytes is not None:
         parts.append(f"other {fmt_signed_bytes(b.other_anon_bytes)}")
-    stacks = (f"{fmt_count(b.stacks_grown)} {'stack' if b.stacks_grown == 1 else 'stacks'} grew,"
-              f" {fmt_count(b.stacks_shrunk)} shrank")
+    stacks = f"{_n(b.stacks_grown, 'stack')} grew, {fmt_count(b.stacks_shrunk)} shrank"
     return ["", f"since {b.label}: " + ", ".join(parts) + f"; {stacks}"]
 
 
-def _duration(d: ReportData) -> float:
-    return d.timeline[-1].elapsed_s if d.timeline else d.snapshot.elapsed_s
-
-
-def _memory(d: ReportData) -> list[str]:
+def _quality(d: ReportData) -> list[str]:
     s = d.snapshot
-    p, c = s.process, s.heap.counters
-    lines = [""]
-    if p.rss_bytes:
-        lines.append(f"RSS {fmt_bytes(p.rss_bytes)} (anon {fmt_bytes(p.rss_anon_bytes)})")
-    lines += peak_texts(d)
-    estimate = " (estimated: recorded without malloc probes)" if s.light else ""
-    live = fmt_signed_bytes(c.live_bytes) if d.since is not None else fmt_bytes(c.live_bytes)
-    lines.append(f"heap live {live} in {fmt_count(c.live_count)} blocks{estimate}")
-    lines.append(
-        f"  allocated {fmt_bytes(c.alloc_bytes)} in {fmt_count(c.alloc_count)} calls,"
-        f" freed {fmt_bytes(c.free_bytes)} in {fmt_count(c.free_count)} calls"
-    )
-    if s.heap.untracked_free_count:
-        lines.append(f"  untracked frees {fmt_count(s.heap.untracked_free_count)} (blocks older than the trace)")
-    if s.heap.trim_calls:
-        lines.append(
-            f"  malloc_trim {fmt_count(s.heap.trim_calls)} calls, {fmt_count(s.heap.trim_released_calls)} released memory"
-        )
-    return lines
-
-
-def _gap_line(g: Gap) -> str:
-    return (
-        f"anon RSS {fmt_bytes(g.rss_anon_bytes)} = heap live {fmt_bytes(g.heap_live_bytes)}"
-        f" + allocator retained {fmt_bytes(g.allocator_retained_bytes)}"
-        f" + other {fmt_bytes(g.other_anon_bytes)}"
-    )
+    drops = status.drop_warnings(s)
+    lines = [f"DROPS: {w}" for w in drops] if drops else ["drops: none"]
+    advice = status.truncation_advice(s)
+    if advice:
+        lines.append(f"truncated stacks: {advice}")
+        cut = s.truncated_shares()
+        lines.append(f"  in truncated stacks: {cut['stack_share']:.0%} of stacks,"
+                     f" {cut['live_bytes_share']:.0%} of live bytes,"
+                     f" {cut['alloc_bytes_share']:.0%} of allocated bytes")
+    return [""] + lines
 
 
 def _gap(d: ReportData) -> list[str]:
-    lines = []
-    if d.snapshot.gap is not None:
-        lines.append(f"gap {moment(d)}: {_gap_line(d.snapshot.gap)}")
-    if d.peak is not None and d.peak.gap is not None and d.peak is not d.snapshot:
-        lines.append(f"gap at the peak ({d.peak.elapsed_s:.1f}s): {_gap_line(d.peak.gap)}")
-    return [""] + lines if lines else []
-
-
-def _address_space(d: ReportData) -> list[str]:
+    """Where the anonymous memory went, what the allocator holds, what
+    malloc_trim did and would do, and what to try."""
     s = d.snapshot
     lines = []
-    if s.os is not None:
-        o = s.os
-        lines.append(
-            f"address space: mapped {fmt_bytes(o.mapped_bytes)}, committed {fmt_bytes(o.committed_bytes)},"
-            f" resident {fmt_bytes(o.resident_bytes)}, reserved only {fmt_bytes(o.reserved_bytes)};"
-            f" given back so far {fmt_bytes(o.returned_bytes)}"
+    gap = status.gap_text(s)
+    if gap:
+        lines += [
+            f"the gap {_when(d)}: {gap}",
+            "  (heap live: blocks the program holds; allocator retained: freed memory the"
+            " arenas keep resident; other: thread stacks, direct mmaps, JVM heap, chunk overheads)",
+        ]
+    if d.peak is not None and d.peak is not s and d.peak.gap is not None:
+        lines.append(f"the gap at the peak ({d.peak.elapsed_s:.1f}s): {status.gap_text(d.peak)}")
+    if status.is_estimate(s):
+        lines.append("  light mode: no malloc probes; ~ marks heap figures estimated from glibc's own structures")
+    a = s.allocator
+    if a is not None:
+        kinds = status.arena_kinds(s.arenas)
+        text = (
+            f"allocator ({a.kind}): {a.arena_count} arenas" + (f" ({kinds})" if kinds else "")
+            + f", committed {fmt_bytes(a.committed_bytes)}, resident {fmt_bytes(a.resident_bytes)},"
+            f" live {status.estimated(s, a.live_bytes)}, retained {status.estimated(s, a.retained_bytes)}"
         )
-    if s.allocator is not None:
-        a = s.allocator
-        estimate = " (estimates)" if a.estimate else ""
+        if a.mmapped_chunk_count:
+            text += f"; {fmt_count(a.mmapped_chunk_count)} mmapped chunks ({fmt_bytes(a.mmapped_chunk_bytes)})"
+        lines.append(text)
+    o = s.os
+    if o is not None:
         lines.append(
-            f"allocator ({a.kind}){estimate}: {a.arena_count} arenas, committed {fmt_bytes(a.committed_bytes)},"
-            f" resident {fmt_bytes(a.resident_bytes)}, live {fmt_bytes(a.live_bytes)},"
-            f" retained {fmt_bytes(a.retained_bytes)}; {fmt_count(a.mmapped_chunk_count)} mmapped chunks"
-            f" ({fmt_bytes(a.mmapped_chunk_bytes)})"
+            f"address space: mapped {fmt_bytes(o.mapped_bytes)}, reserved {fmt_bytes(o.reserved_bytes)},"
+            f" committed {fmt_bytes(o.committed_bytes)}, resident {fmt_bytes(o.resident_bytes)},"
+            f" returned to the OS since the trace began {fmt_bytes(o.returned_bytes)}"
         )
-    if s.trim is not None and (s.trim.calls or s.trim.estimate_bytes):
-        t = s.trim
+    t = s.trim
+    if t is not None:
         lines.append(
-            f"malloc_trim: {fmt_count(t.calls)} calls returned {fmt_bytes(t.returned_bytes)};"
-            f" trimming now would return about {fmt_bytes(t.estimate_bytes)}"
+            f"malloc_trim: {_n(t.calls, 'call')} ({fmt_count(s.heap.trim_released_calls)} released memory)"
+            f" returned {fmt_bytes(t.returned_bytes)} (measured);"
+            f" malloc_trim(0) would return about {fmt_bytes(t.estimate_bytes)} now (estimate)"
         )
+        for call in t.recent:
+            returned = fmt_bytes(call.returned_bytes) if call.measured else "? (not measured)"
+            lines.append(
+                f"  at {fmt_duration(call.elapsed_s)} thread {call.tid}: returned {returned}"
+                f" (malloc_trim returned {call.result})"
+            )
+    if s.hints:
+        lines.append("hints (the allocator's future behaviour is not certain):")
+        lines += [f"  - {h}" for h in s.hints]
     return [""] + lines if lines else []
 
 
 def _arenas(d: ReportData) -> list[str]:
-    arenas = sorted(d.snapshot.arenas, key=lambda a: (-a.retained_bytes, a.id))
-    if not arenas:
+    s = d.snapshot
+    if s.allocator is None and not s.arenas:
         return []
-    shown = arenas[:ARENAS_SHOWN]
-    rows = [
-        [
-            a.id,
-            a.kind,
-            str(a.heap_count),
-            fmt_bytes(a.committed_bytes),
-            fmt_bytes(a.resident_bytes),
-            status.arena_live(a),
-            fmt_bytes(a.retained_bytes),
-            ",".join(str(t) for t in a.tids[:_TIDS_SHOWN]) + ("..." if len(a.tids) > _TIDS_SHOWN else ""),
-        ]
-        for a in shown
-    ]
-    table = plain_table(
-        ["ARENA", "KIND", "HEAPS", "COMMITTED", "RESIDENT", "LIVE", "RETAINED", "THREADS"], rows, "llrrrrrl"
+    if not s.arenas:
+        return ["", "arenas: none read"]
+    shown = status.top_arenas(s)[:ARENAS_SHOWN]
+    return (
+        ["", f"arenas: {_arenas_title(s, len(shown))}"]
+        + ["  " + line for line in _arena_table(s, shown)]
+        + _more(len(shown), len(s.arenas), "arenas")
     )
-    return ["", f"arenas: {len(shown)} of {len(arenas)} by retained bytes"] + ["  " + r for r in table]
 
 
 def _regions(d: ReportData) -> list[str]:
-    regions = sorted(d.snapshot.regions, key=lambda r: (-r.committed_bytes, r.start))
-    if not regions:
+    s = d.snapshot
+    if not s.regions:
         return []
-    shown = regions[:REGIONS_SHOWN]
-    rows = [
-        [
-            f"{r.start:#x}-{r.end:#x}",
-            r.kind + (" (malloc)" if r.in_malloc else ""),
-            fmt_bytes(r.committed_bytes),
-            fmt_bytes(r.resident_bytes),
-            str(r.origin_tid) if r.origin_tid is not None else "-",
-            frame_chain(r.origin_frames, 60, max_frames=4, sep=" <- ", more="..."),
-        ]
-        for r in shown
-    ]
-    table = plain_table(["REGION", "KIND", "COMMITTED", "RESIDENT", "TID", "MAPPED BY"], rows, "llrrrl")
-    return ["", f"regions not given back: {len(shown)} of {len(regions)} by committed bytes"] + [
-        "  " + r for r in table
-    ]
+    shown = status.top_regions(s)[:REGIONS_SHOWN]
+    return (
+        ["", "largest regions never returned to the OS, by resident bytes (VIA malloc: made inside a malloc call):"]
+        + ["  " + line for line in _region_table(s, shown, 100)]
+        + _more(len(shown), len(s.regions), "regions")
+    )
 
 
-def _quality(d: ReportData) -> list[str]:
-    lines = [f"DROPS: {w}" for w in status.drop_warnings(d.snapshot)]
-    advice = status.truncation_advice(d.snapshot)
-    if advice:
-        lines.append(f"truncated stacks: {advice}")
-    return [""] + lines if lines else []
+def _retained_stacks(d: ReportData) -> list[str]:
+    s = d.snapshot
+    if not status.any_retained(s):
+        return []
+    stacks = [st for st, _ in weighted_stacks(s, "retained")][:RETAINED_STACKS_SHOWN]
+    rows = [[fmt_bytes(st.retained_bytes), fmt_bytes(st.counters.live_bytes), _chain(st.frames, 100)]
+            for st in stacks]
+    return (
+        ["", "stacks whose frees the arenas still keep (estimated share of retained bytes):"]
+        + ["  " + line for line in plain_table(["RETAINED", "LIVE", "STACK (caller first)"], rows, "rrl")]
+    )
 
 
-def _stack_block(rank: int, st: StackStats, names: dict[int, str], retained: bool,
-                 change: bool = False) -> list[str]:
+def _tid_list(tids, names: dict[int, str]) -> str:
+    shown = [f"{t} {names[t]}" if t in names else str(t) for t in tids[:_TIDS_SHOWN]]
+    more = f", +{len(tids) - _TIDS_SHOWN} more" if len(tids) > _TIDS_SHOWN else ""
+    return ", ".join(shown) + more
+
+
+def _stack_block(rank: int, st: StackStats, names: dict[int, str], change: bool) -> list[str]:
     c = st.counters
-    tids = ", ".join(f"{t} {names[t]}" if t in names else str(t) for t in st.tids[:_TIDS_SHOWN])
-    if len(st.tids) > _TIDS_SHOWN:
-        tids += f", +{len(st.tids) - _TIDS_SHOWN} more"
+    live = fmt_signed_bytes(c.live_bytes) if change else fmt_bytes(c.live_bytes)
+    delta = "" if change else f"; last interval {fmt_signed_bytes(st.live_delta_bytes)}"
+    retained = f"; retained ~{fmt_bytes(st.retained_bytes)} (estimate)" if st.retained_bytes else ""
     lines = [
-        f"#{rank}  {fmt_signed_bytes(c.live_bytes) if change else fmt_bytes(c.live_bytes)} live"
-        f" in {fmt_count(c.live_count)} blocks;"
-        f" allocated {fmt_bytes(c.alloc_bytes)} in {fmt_count(c.alloc_count)} calls;"
-        f" last interval {fmt_signed_bytes(st.live_delta_bytes)}"
-        + (f"; retained {fmt_bytes(st.retained_bytes)}" if retained else ""),
-        f"    threads: {tids or '-'}",
+        f"#{rank}  {live} live in {_n(c.live_count, 'block')};"
+        f" allocated {fmt_bytes(c.alloc_bytes)} in {_n(c.alloc_count, 'call')}{delta}{retained}",
+        f"    threads: {_tid_list(st.tids, names) or '-'}",
     ]
     lines += [f"      {frame}" for frame in st.frames] or ["      (no frames)"]
     if st.truncated:
-        lines.append("      ... (outer frames may be missing)")
+        lines.append("      ... (stack may be truncated: outer frames missing)")
     return lines
 
 
 def _stacks_by(d: ReportData, by: str) -> list[str]:
-    ranked = weighted_stacks(d.snapshot, by)
+    s = d.snapshot
+    ranked = weighted_stacks(s, by)
     if not ranked:
+        if not s.stacks:
+            return ["", f"stacks: none ({_NO_PROBES})" if s.light else "stacks: no tracked allocations"]
         return ["", f"stacks by {unit(by)}: none"]
-    names = {t.tid: t.name for t in d.snapshot.threads}
+    names = {t.tid: t.name for t in s.threads}
     shown = ranked[:STACKS_SHOWN]
-    lines = ["", f"top {len(shown)} of {len(ranked)} stacks by {unit(by)} (innermost frame first):"]
-    retained = has_retained(d.snapshot)
+    lines = ["", f"top {len(shown)} of {len(s.stacks)} stacks by {unit(by)} (frames innermost first):"]
     for rank, (st, _) in enumerate(shown, start=1):
-        lines += _stack_block(rank, st, names, retained, change=d.since is not None)
+        lines += _stack_block(rank, st, names, change=d.since is not None)
     return lines
 
 
 def _stacks(d: ReportData) -> list[str]:
-    # The chosen weight first, then live and allocated: both always answer.
-    order = [d.by] + [by for by in ("live", "allocated") if by != d.by]
+    # The chosen weight first. A report on a recording then answers by live
+    # and allocated bytes too; the summary keeps to one list.
+    order = [d.by]
+    if not d.trace_end:
+        order += [by for by in ("live", "allocated") if by != d.by]
     lines: list[str] = []
     for by in order:
         lines += _stacks_by(d, by)
+        if not d.snapshot.stacks:
+            break  # "none" said once
     return lines
 
 
@@ -240,47 +300,31 @@ def _threads(d: ReportData) -> list[str]:
     s = d.snapshot
     if not s.threads:
         return []
+    exited = sum(1 for t in s.threads if not t.alive)
+    title = f"threads: {len(s.threads)} seen allocating" + (f", {exited} exited" if exited else "")
     shown = status.top_threads(s)[:THREADS_SHOWN]
-    rows = [
-        [
-            str(t.tid),
-            t.name,
-            fmt_bytes(t.counters.live_bytes),
-            fmt_count(t.counters.live_count),
-            fmt_bytes(t.counters.alloc_bytes),
-            fmt_bytes(t.counters.free_bytes),
-            "alive" if t.alive else "exited",
-        ]
-        for t in shown
-    ]
-    table = plain_table(["TID", "NAME", "LIVE", "BLOCKS", "ALLOCATED", "FREED", "STATE"], rows, "rlrrrrl")
-    lines = ["", f"threads: {len(shown)} of {len(s.threads)} by live bytes"] + ["  " + r for r in table]
-    return lines
+    return ["", title] + ["  " + line for line in _thread_table(shown)] + _more(len(shown), len(s.threads), "threads")
 
 
-def _hints(d: ReportData) -> list[str]:
+def _notes(d: ReportData) -> list[str]:
     s = d.snapshot
-    hints = [str(h) for h in getattr(s, "hints", ()) or ()]
-    lines = []
-    if hints:
-        lines += ["", "hints:"] + [f"  - {h}" for h in hints]
-    if s.notes:
-        lines += ["", "notes:"] + [f"  - {n}" for n in s.notes]
-    return lines
+    if not s.notes:
+        return []
+    return ["", "notes:"] + [f"  - {n}" for n in s.notes]
 
 
 SECTIONS: list[Callable[[ReportData], list[str]]] = [
     _title,
-    _memory,
+    _totals,
     _since,
-    _gap,
-    _address_space,
     _quality,
-    _stacks,
-    _threads,
+    _gap,
     _arenas,
     _regions,
-    _hints,
+    _retained_stacks,
+    _stacks,
+    _threads,
+    _notes,
 ]
 
 
@@ -289,6 +333,12 @@ def render_text(d: ReportData) -> str:
     for section in SECTIONS:
         lines += section(d)
     return "\n".join(lines) + "\n"
+
+
+def render_summary(snapshot: Snapshot) -> str:
+    """What a trace prints when it ends: the text report of its final
+    snapshot."""
+    return render_text(ReportData(snapshot=snapshot, trace_end=True))
 
 
 class TextReporter:

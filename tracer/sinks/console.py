@@ -53,7 +53,7 @@ class SummarySink:
         pass
 
     def close(self, final: Snapshot) -> None:
-        from memtrace.view.text import render_summary
+        from memtrace.reporters.text import render_summary
 
         self.out.write(render_summary(final))
         self.out.flush()

@@ -134,6 +134,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `memtrace --json ... | head` has read enough: not an error.
+        from memtrace.commands.report import quiet_stdout
+
+        quiet_stdout()
+        return 0
     except Exception as e:  # a bug of ours: probes are already removed (finally blocks)
         if os.environ.get("MEMTRACE_DEBUG"):
             raise

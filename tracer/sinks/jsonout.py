@@ -1,13 +1,15 @@
 """`--json`: the final snapshot as one JSON document on stdout;
-`--json-stream`: every snapshot, one JSON object per line."""
+`--json-stream`: every snapshot, one JSON object per line. Both written by
+the one JSON writer, memtrace.reporters.jsonreport."""
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import TextIO
 
 from memtrace.model import Snapshot
+from memtrace.reporters.common import ReportData
+from memtrace.reporters.jsonreport import write_json
 
 
 class JsonSink:
@@ -18,8 +20,7 @@ class JsonSink:
         pass
 
     def close(self, final: Snapshot) -> None:
-        json.dump(final.to_json(), self.out, indent=1)
-        self.out.write("\n")
+        write_json(ReportData(snapshot=final, trace_end=True), self.out)
         self.out.flush()
 
 
@@ -31,7 +32,7 @@ class JsonStreamSink:
         self.out = out
 
     def _line(self, snapshot: Snapshot) -> None:
-        self.out.write(json.dumps(snapshot.to_json(), separators=(",", ":")) + "\n")
+        write_json(ReportData(snapshot=snapshot, trace_end=True), self.out, one_line=True)
         self.out.flush()
 
     def update(self, snapshot: Snapshot) -> None:

@@ -348,3 +348,16 @@ def test_a_map_the_kernel_refuses_names_its_option(idle_target, run_memtrace, me
     line = assert_refused(result, "--max-allocs")
     assert "failed to load" not in line
     assert_untouched(idle_target)
+
+
+def test_a_reader_that_stops_early_is_not_an_error(memtrace_cmd):
+    """`memtrace --json -- CMD | head -2`: the pipe closes before the JSON
+    is written; memtrace ends quietly, like any filter."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run([*memtrace_cmd, "--json", "--", "/bin/true"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0 and "internal error" not in done.stderr, done.stderr

@@ -197,6 +197,7 @@ static __always_inline long walk_step(u32 i, void *data)
     u64 ret = *(u64 *)&chunk->b[off + 8];
     if (!ret)
         return 1;
+    ret = jvm_frame(ret, next_fp); /* an interpreted Java frame: its method (jvm.bpf.c) */
     frames->ip[slot] = ret;
     w->hash = (w->hash ^ ret) * 0x100000001b3ULL;
     w->low = fp + 16;

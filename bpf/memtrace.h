@@ -35,6 +35,19 @@ struct heap_key {
 #define ALLOCATOR_TCMALLOC 2
 #define ALLOCATOR_MIMALLOC 3
 
+/* A HotSpot JVM's template interpreter: its code range, set by Python
+ * once the JVM generated it (0, 0: none). A return address into it is
+ * stored in the stack as the frame's Method* with JVM_METHOD_TAG set (user
+ * addresses never have bit 63), which Python names Class.method. */
+struct jvm_interpreter {
+    u64 start;
+    u64 end;
+};
+#define JVM_METHOD_TAG_BIT 63
+/* The interpreter's frame holds its Method* this many bytes below its
+ * frame pointer (x86-64: frame::interpreter_frame_method_offset, -3 words). */
+#define JVM_METHOD_SLOT 24
+
 /* One user stack, innermost first, zero-padded. */
 struct stack_frames {
     u64 ip[MAX_STACK_DEPTH];

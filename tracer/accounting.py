@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-from memtrace.model import BUCKET_SHIFT, AllocatorStats, ArenaStats, Flow, Gap, StackKey
+from memtrace.model import BUCKET_SHIFT, AllocatorStats, ArenaStats, Flow, Gap, JvmStats, StackKey
 
 MiB = 1 << 20
 
@@ -260,3 +260,12 @@ def hints(arenas: Sequence[ArenaStats], trim_estimate_bytes: int, rss_anon_bytes
             and trim_estimate_bytes >= 0.1 * max(1, rss_anon_bytes):
         out.append(f"malloc_trim(0) would return about {_fmt(trim_estimate_bytes)} now (estimate)")
     return tuple(out)
+
+
+def jvm_hints(jvm: Optional[JvmStats]) -> tuple[str, ...]:
+    """What a JVM's flags keep from the stacks."""
+    if jvm is None or jvm.preserve_frame_pointer is not False:
+        return ()
+    return ("the JVM runs without -XX:+PreserveFramePointer: stacks stop at the first "
+            "JIT-compiled Java method (interpreted methods are still named); restart it with "
+            "that flag to see every Java caller",)

@@ -20,7 +20,7 @@ from memtrace.ehframe import function_ranges
 from memtrace.mappedfile import fd_path, open_path, open_regular, read_regular
 
 SHT_SYMTAB, SHT_DYNSYM, SHT_NOTE, SHT_NOBITS, SHT_GNU_VERSYM = 2, 11, 7, 8, 0x6FFFFFFF
-STT_FUNC, STT_GNU_IFUNC = 2, 10
+STT_OBJECT, STT_FUNC, STT_GNU_IFUNC = 1, 2, 10
 PT_LOAD = 1
 NT_GNU_BUILD_ID = 3
 # Bounds on what is read on the target's behalf: a section (a debug file's
@@ -303,14 +303,32 @@ def imported_names(path: str) -> frozenset[str]:
     return _per_file(_imported_cache, 256, path, _read_imported_names, frozenset())
 
 
+def exported_objects(path: str) -> dict[str, int]:
+    """The data a 64-bit ELF file exports (defined STT_OBJECT .dynsym
+    entries): name -> virtual address in the file. Read once per file
+    version; empty when unreadable."""
+    return _per_file(_objects_cache, 16, path, _read_exported_objects, {})
+
+
 def _read_imported_names(path: str) -> frozenset[str]:
+    return frozenset(name for name, shndx, _info, _value in _dynamic_symbols(path)
+                     if shndx == 0 and name)
+
+
+def _read_exported_objects(path: str) -> dict[str, int]:
+    return {name: value for name, shndx, info, value in _dynamic_symbols(path)
+            if shndx != 0 and info & 0xF == STT_OBJECT and value and name}
+
+
+def _dynamic_symbols(path: str) -> list[tuple[str, int, int, int]]:
+    """(name, section index, st_info, value) of each .dynsym entry."""
     try:
         f, data = read_regular(path)
         f.close()
     except OSError:
-        return frozenset()
+        return []
     if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2:
-        return frozenset()
+        return []
     end = "<" if data[5] == 1 else ">"
     try:
         shoff, = struct.unpack_from(end + "Q", data, 0x28)
@@ -318,23 +336,24 @@ def _read_imported_names(path: str) -> frozenset[str]:
         sections = [struct.unpack_from(end + "IIQQQQIIQQ", data, shoff + i * shentsize)
                     for i in range(shnum)]
     except struct.error:
-        return frozenset()
-    names = set()
+        return []
+    out = []
     for sh in sections:
         if sh[1] != SHT_DYNSYM or sh[6] >= len(sections):
             continue
         strtab = sections[sh[6]]
         strings = data[strtab[4] : strtab[4] + strtab[5]]
         raw = data[sh[4] : sh[4] + sh[5]]
-        for name_off, _info, _other, shndx, _value, _size in struct.iter_unpack(
+        for name_off, info, _other, shndx, value, _size in struct.iter_unpack(
                 end + "IBBHQQ", raw[: len(raw) // 24 * 24]):
-            if shndx == 0 and name_off:
-                names.add(strings[name_off : strings.find(b"\0", name_off)].decode(errors="replace"))
-    return frozenset(names)
+            name = strings[name_off : strings.find(b"\0", name_off)] if name_off else b""
+            out.append((name.decode(errors="replace"), shndx, info, value))
+    return out
 
 
 _symbols_cache: OrderedDict = OrderedDict()
 _imported_cache: OrderedDict = OrderedDict()
+_objects_cache: OrderedDict = OrderedDict()
 
 
 def _per_file(cache: OrderedDict, size: int, path: str, build, unreadable):

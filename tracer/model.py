@@ -288,6 +288,30 @@ class Gap:
 
 
 @dataclass(frozen=True)
+class JvmStats:
+    """A HotSpot JVM's own view, beside ours: whether its compiled frames
+    keep frame pointers, and its Native Memory Tracking malloc total (the
+    mallocs the JVM makes itself; the heap we see adds every other native
+    library's, zlib's Inflaters among them)."""
+
+    preserve_frame_pointer: Optional[bool] = None  # None: not known
+    interpreter_found: bool = False  # interpreted frames name their methods
+    nmt_malloc_bytes: Optional[int] = None  # None: NMT off or not answered
+    nmt_malloc_count: Optional[int] = None
+    nmt_elapsed_s: Optional[float] = None  # when NMT answered (since the start)
+
+    def heap_live_bytes(self, heap: HeapTotals) -> int:
+        """Our heap live, as NMT counts: since the JVM started (blocks
+        from before an attach are an estimate)."""
+        return heap.live_bytes + (heap.live_before_trace_bytes or 0)
+
+    def not_seen_by_nmt_bytes(self, heap: HeapTotals) -> Optional[int]:
+        if self.nmt_malloc_bytes is None:
+            return None
+        return self.heap_live_bytes(heap) - self.nmt_malloc_bytes
+
+
+@dataclass(frozen=True)
 class Snapshot:
     pid: int
     comm: str
@@ -309,6 +333,7 @@ class Snapshot:
     trim: Optional[TrimStats] = None
     gap: Optional[Gap] = None
     hints: tuple[str, ...] = ()
+    jvm: Optional[JvmStats] = None  # a HotSpot JVM's own figures
     # When smaps and the arenas were last read (seconds since the start):
     # after the process's exit, the regions and arenas are as of then.
     memory_read_elapsed_s: Optional[float] = None
@@ -533,4 +558,15 @@ def _address_space_json(s: Snapshot) -> dict:
     if s.gap is not None:
         out["gap"] = asdict(s.gap)
     out["hints"] = list(s.hints)
+    if s.jvm is not None:
+        out["jvm"] = _jvm_json(s)
+    return out
+
+
+def _jvm_json(s: Snapshot) -> dict:
+    """The JVM's figures, with ours beside NMT's (derived: not decoded)."""
+    out = asdict(s.jvm)
+    if s.jvm.nmt_malloc_bytes is not None:
+        out["heap_live_bytes"] = s.jvm.heap_live_bytes(s.heap)
+        out["not_seen_by_nmt_bytes"] = s.jvm.not_seen_by_nmt_bytes(s.heap)
     return out

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from memtrace import debuginfo, procfs
+from memtrace import debuginfo, jvm_methods, procfs
 from memtrace.elfsyms import ElfSymbols, demangle, imported_names, symbols_of
 from memtrace.jvm import MODULE as JVM_MODULE, PerfMap, is_hotspot
 from memtrace.mappedfile import fd_path, open_mapped
@@ -47,6 +47,7 @@ class Symbolizer:
         self._fetching: dict[str, list[ElfSymbols]] = {}  # build id -> images waiting for it
         self.perf_map: Optional[PerfMap] = None  # when the process is a HotSpot JVM
         self._jit_asked: set[int] = set()  # generated code the perf map was asked for
+        self.java: Optional[jvm_methods.JavaMethods] = None  # interpreted frames' methods
 
     def new_round(self) -> None:
         """Once per snapshot: allows one re-read of the module map, and
@@ -70,6 +71,8 @@ class Symbolizer:
         self._code_files = list(code.values())
         if self.perf_map is None and is_hotspot(m.path for m in modules):
             self.perf_map = PerfMap(self.pid)
+        if self.java is None:
+            self.java = jvm_methods.for_process(self.pid, mappings)
         return True
 
     def image(self, module: Module) -> Optional[ElfSymbols]:
@@ -159,6 +162,8 @@ class Symbolizer:
     def is_code(self, addr: int) -> bool:
         """Whether a return address can be real: a frame-pointer walk through
         code built without frame pointers yields data addresses."""
+        if addr & jvm_methods.JVM_METHOD_TAG:
+            return self.java is not None  # an interpreted frame's method (bpf/jvm.bpf.c)
         if not self._code:
             self.refresh()
         i = bisect.bisect_right(self._code, (addr, float("inf"))) - 1
@@ -168,6 +173,8 @@ class Symbolizer:
         known = self._names.get(addr)
         if known is not None:
             return known
+        if addr & jvm_methods.JVM_METHOD_TAG:
+            return self._java_method(addr)
         module = self._module_of(addr)
         if module is None and not self._refreshed_this_round:
             self._refreshed_this_round = True
@@ -199,6 +206,17 @@ class Symbolizer:
             name, offset = found
             text = f"{name}+0x{offset:x} [{JVM_MODULE}]"
         self._names[addr] = text
+        return text
+
+    def _java_method(self, addr: int) -> str:
+        """An interpreted frame: `Class.method(args) [Interpreter]`; a
+        method not readable yet (its class being loaded) is asked again."""
+        method = addr & ~jvm_methods.JVM_METHOD_TAG
+        name = self.java.name(method) if self.java is not None else None
+        if name is None:
+            self._provisional.add(addr)
+            return f"Method* 0x{method:x} [{jvm_methods.MODULE}]"
+        text = self._names[addr] = f"{name} [{jvm_methods.MODULE}]"
         return text
 
     def frames(self, addrs: Iterable[int]) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ from memtrace.model import (
     aggregate_threads,
     rates_between,
 )
+from memtrace.jvm_watch import JvmWatch
 from memtrace.symbols import Symbolizer
 
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
@@ -56,6 +57,7 @@ class Collector:
         self.glibc = self.allocator_kind == "glibc"
         self.vm.space.glibc = self.glibc
         self.started = time.monotonic()
+        self.jvm = JvmWatch(self.symbols, probes, self.started)
         self.previous: Optional[Snapshot] = None
         self._frames: dict[StackKey, tuple[str, ...]] = {}
         self._frames_generation = 0
@@ -98,6 +100,7 @@ class Collector:
         tracepoint on every page fault of every process, not paid for a
         program that never trims)."""
         self.symbols.refresh()
+        self.jvm.tick()  # a JVM's interpreter, for the frame walk, as soon as it exists
         if not self.probes.watching_rss and self.symbols.code_imports("malloc_trim"):
             self.probes.watch_rss()
 
@@ -237,6 +240,8 @@ class Collector:
         last = fresh or not target_alive
         if last:
             self.symbols.settle(FINAL_NAMES_WAIT_S)  # the last word: names under way may come
+            if target_alive:
+                self.jvm.settle(FINAL_NAMES_WAIT_S)
         self.vm.release(before_ns=None if last else time.monotonic_ns() - HOLD_LIMIT_NS)
         self.read_watch()
         if not target_alive and self.watch is not None:
@@ -256,6 +261,7 @@ class Collector:
             if self.glibc:
                 self._read_arenas(smaps, idle=activity == self._activity)
             self._activity = activity
+            self.jvm.tick()
             self._memory_read_s = time.monotonic() - self.started
         live_tids = self._live_tids if alive else []
         for tid, name in reading.thread_names.items():
@@ -284,6 +290,7 @@ class Collector:
         process = self._process if alive else self._process_at_exit(reading)
         trim_estimate = sum(a.trimmable_bytes for a in account.arenas)
         totals = self.vm.space.totals()
+        jvm = self.jvm.stats()
         snap = Snapshot(
             pid=self.pid,
             comm=self.comm,
@@ -307,7 +314,9 @@ class Collector:
             trim=TrimStats(heap.trim_calls, self.vm.trim_returned_bytes, trim_estimate,
                            tuple(self.vm.trims)),
             gap=accounting.gap(process.rss_anon_bytes, account.allocator),
-            hints=accounting.hints(account.arenas, trim_estimate, process.rss_anon_bytes),
+            hints=accounting.hints(account.arenas, trim_estimate, process.rss_anon_bytes)
+            + accounting.jvm_hints(jvm),
+            jvm=jvm,
             memory_read_elapsed_s=self._memory_read_s,
             vm_events=self._recent_events(),
         )

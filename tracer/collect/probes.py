@@ -23,7 +23,7 @@ from memtrace.model import Counters, DropStats, Flow, HeapRow
 (CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
  CNT_TRIM_CALLS, CNT_TRIM_RELEASED, CNT_VM_LOST, CNT_VM_SENT) = range(9)
 
-LAYERS = ["common", "vm", "heap"]
+LAYERS = ["jvm", "common", "vm", "heap"]  # jvm: the frame walk calls into it
 
 # bcc's compiler, in the shared libraries bcc is linked with.
 COMPILER_LIBRARIES = ("libLLVM", "libclang")
@@ -390,6 +390,15 @@ class Probes:
             raise MemtraceError(f"cannot attach to the tracepoint kmem:rss_stat ({e}): "
                                 "check that tracefs is mounted") from None
         self.watching_rss = True
+
+    def set_jvm_interpreter(self, start: int, end: int) -> None:
+        """Where a HotSpot JVM's interpreter is (bpf/jvm.bpf.c): the walk
+        records its frames' methods from now on."""
+        import ctypes
+
+        if self._bpf is not None:
+            table = self._bpf["jvm_interpreter"]
+            table[ctypes.c_int(0)] = table.Leaf(start, end)
 
     def _attach_vm_kprobes(self) -> None:
         for call in ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise"):

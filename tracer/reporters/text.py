@@ -306,6 +306,25 @@ def _threads(d: ReportData) -> list[str]:
     return ["", title] + ["  " + line for line in _thread_table(shown)] + _more(len(shown), len(s.threads), "threads")
 
 
+def _jvm(d: ReportData) -> list[str]:
+    """A JVM's own count of its mallocs (NMT) beside the heap we traced,
+    and what NMT cannot see: the rest is native libraries' (JNI, zlib)."""
+    s = d.snapshot
+    j = s.jvm
+    if j is None or j.nmt_malloc_bytes is None:
+        return []
+    estimate = " (with an estimate of the blocks from before the attach)" \
+        if s.heap.live_before_trace_bytes else ""
+    return [
+        "",
+        f"JVM native memory tracking: malloc {fmt_bytes(j.nmt_malloc_bytes)} in "
+        f"{fmt_count(j.nmt_malloc_count or 0)} blocks; heap live "
+        f"{fmt_bytes(j.heap_live_bytes(s.heap))}{estimate}",
+        f"  not seen by NMT: {fmt_bytes(j.not_seen_by_nmt_bytes(s.heap))}"
+        " (mallocs of native libraries and JNI code, zlib's among them)",
+    ]
+
+
 def _notes(d: ReportData) -> list[str]:
     s = d.snapshot
     if not s.notes:
@@ -324,6 +343,7 @@ SECTIONS: list[Callable[[ReportData], list[str]]] = [
     _retained_stacks,
     _stacks,
     _threads,
+    _jvm,
     _notes,
 ]
 

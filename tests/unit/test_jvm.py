@@ -1,0 +1,226 @@
+"""The JVM readers that need no JVM: VMStructs tables laid out in a fake
+address space, Method* chains, descriptors, NMT summaries, flags."""
+
+from __future__ import annotations
+
+import struct
+
+from memtrace import jvm_diagnostics as diag
+from memtrace.jvm_methods import (
+    Layout,
+    argument_list,
+    interpreter_range,
+    method_text,
+    read_method,
+)
+from memtrace.jvm_vmstructs import SYMBOLS, VMStructs, c_string, read_vmstructs
+
+
+class Memory:
+    """An address space of one mapping from BASE: bytes placed one after
+    the other; reads outside it fail as /proc/PID/mem's do."""
+
+    BASE = 0x10000
+
+    def __init__(self, size: int = 1 << 20) -> None:
+        self.data = bytearray(size)
+        self.used = 0
+
+    def put(self, data: bytes) -> int:
+        at = self.used
+        self.data[at : at + len(data)] = data
+        self.used += (len(data) + 15) // 16 * 16 + 16
+        return self.BASE + at
+
+    def string(self, text: str) -> int:
+        return self.put(text.encode() + b"\0")
+
+    def read(self, address: int, size: int):
+        at = address - self.BASE
+        if at < 0 or at + size > len(self.data):
+            return None
+        return bytes(self.data[at : at + size])
+
+
+STRUCT_STRIDE, TYPE_STRIDE = 48, 48
+# typeName, fieldName, typeString, isStatic, offset, address: HotSpot's own row
+STRUCT_COLUMNS = {"TypeName": 0, "FieldName": 8, "IsStatic": 24, "Offset": 32, "Address": 40}
+TYPE_COLUMNS = {"TypeName": 0, "Size": 40}
+
+
+def vm_tables(mem: Memory, fields, types) -> dict[str, int]:
+    """Lay out the tables as libjvm.so does; returns the exported symbols."""
+    rows = b""
+    for type_name, field_name, is_static, value in fields:
+        row = bytearray(STRUCT_STRIDE)
+        struct.pack_into("<QQ", row, 0, mem.string(type_name), mem.string(field_name))
+        struct.pack_into("<i", row, 24, is_static)
+        struct.pack_into("<QQ", row, 32, 0 if is_static else value, value if is_static else 0)
+        rows += bytes(row)
+    structs = mem.put(rows + bytes(STRUCT_STRIDE))
+    rows = b""
+    for type_name, size in types:
+        row = bytearray(TYPE_STRIDE)
+        struct.pack_into("<Q", row, 0, mem.string(type_name))
+        struct.pack_into("<Q", row, 40, size)
+        rows += bytes(row)
+    types_at = mem.put(rows + bytes(TYPE_STRIDE))
+    values = {"gHotSpotVMStructs": structs, "gHotSpotVMStructEntryArrayStride": STRUCT_STRIDE,
+              "gHotSpotVMTypes": types_at, "gHotSpotVMTypeEntryArrayStride": TYPE_STRIDE}
+    values.update({f"gHotSpotVMStructEntry{k}Offset": v for k, v in STRUCT_COLUMNS.items()})
+    values.update({f"gHotSpotVMTypeEntry{k}Offset": v for k, v in TYPE_COLUMNS.items()})
+    assert set(values) == set(SYMBOLS)
+    return {name: mem.put(struct.pack("<Q", value)) for name, value in values.items()}
+
+
+# JDK 17's offsets (x86-64)
+JDK17_FIELDS = [
+    ("Method", "_constMethod", 0, 8), ("ConstMethod", "_constants", 0, 8),
+    ("ConstMethod", "_name_index", 0, 34), ("ConstMethod", "_signature_index", 0, 36),
+    ("ConstantPool", "_pool_holder", 0, 24), ("ConstantPool", "_length", 0, 64),
+    ("Klass", "_name", 0, 24), ("Symbol", "_length", 0, 4), ("Symbol", "_body", 0, 6),
+    ("StubQueue", "_stub_buffer", 0, 8), ("StubQueue", "_buffer_limit", 0, 20),
+]
+POOL_SIZE = 72
+
+
+def jdk17(mem: Memory, interpreter_code: int = 0) -> VMStructs:
+    fields = JDK17_FIELDS + [("AbstractInterpreter", "_code", 1, interpreter_code)]
+    found = read_vmstructs(mem.read, vm_tables(mem, fields, [("ConstantPool", POOL_SIZE),
+                                                             ("Method", 88)]))
+    assert found is not None
+    return found
+
+
+def test_tables_read_by_their_exported_layout():
+    mem = Memory()
+    structs = jdk17(mem, interpreter_code=0x7000_1234)
+    assert structs.offsets[("ConstMethod", "_name_index")] == 34
+    assert structs.offsets[("Symbol", "_body")] == 6
+    assert structs.addresses[("AbstractInterpreter", "_code")] == 0x7000_1234
+    assert ("AbstractInterpreter", "_code") not in structs.offsets
+    assert structs.sizes == {"ConstantPool": POOL_SIZE, "Method": 88}
+
+
+def test_tables_not_written_yet_or_missing_read_as_none():
+    mem = Memory()
+    symbols = vm_tables(mem, JDK17_FIELDS, [("ConstantPool", POOL_SIZE)])
+    assert read_vmstructs(mem.read, {k: v for k, v in symbols.items() if k != "gHotSpotVMTypes"}) is None
+    assert read_vmstructs(lambda a, n: None, symbols) is None
+    zeroed = Memory()
+    assert read_vmstructs(zeroed.read, {name: zeroed.put(bytes(8)) for name in SYMBOLS}) is None
+
+
+def test_strings_are_bounded():
+    mem = Memory()
+    assert c_string(mem.read, mem.string("Klass")) == "Klass"
+    assert c_string(mem.read, mem.put(b"x" * 600)) is None  # no end within the limit
+    mem.data[-3:] = b"abc"
+    assert c_string(mem.read, Memory.BASE + len(mem.data) - 3) is None  # the mapping's end
+    assert c_string(mem.read, 0) is None
+
+
+def symbol(mem: Memory, text: str) -> int:
+    return mem.put(struct.pack("<IH", 1, len(text)) + text.encode())
+
+
+def method(mem: Memory, klass: str, name: str, signature: str) -> int:
+    """A Method with its ConstMethod, ConstantPool (name at 5, signature
+    at 6) and holder Klass, at JDK 17's offsets."""
+    holder = bytearray(32)
+    struct.pack_into("<Q", holder, 24, symbol(mem, klass))
+    pool = bytearray(POOL_SIZE + 8 * 8)
+    struct.pack_into("<Q", pool, 24, mem.put(bytes(holder)))
+    struct.pack_into("<i", pool, 64, 8)
+    struct.pack_into("<QQ", pool, POOL_SIZE + 5 * 8, symbol(mem, name), symbol(mem, signature))
+    const = bytearray(40)
+    struct.pack_into("<Q", const, 8, mem.put(bytes(pool)))
+    struct.pack_into("<HH", const, 34, 5, 6)
+    return mem.put(struct.pack("<QQ", 0, mem.put(bytes(const))))
+
+
+def test_a_method_is_named_from_its_chain():
+    mem = Memory()
+    layout = Layout(jdk17(mem))
+    m = method(mem, "Inflate$Worker", "inflateOne", "()Ljava/util/zip/Inflater;")
+    assert read_method(mem.read, layout, m) == "Inflate$Worker.inflateOne()"
+    m = method(mem, "java/util/zip/Inflater", "<init>", "(Z)V")
+    assert read_method(mem.read, layout, m) == "java.util.zip.Inflater.<init>(boolean)"
+
+
+def test_what_is_no_method_is_not_named():
+    mem = Memory()
+    layout = Layout(jdk17(mem))
+    assert read_method(mem.read, layout, 0x5555_0000_0000) is None  # unmapped
+    garbage = mem.put(struct.pack("<QQ", 0, mem.put(bytes(40))))  # a null pool
+    assert read_method(mem.read, layout, garbage) is None
+    m = method(mem, "A", "has space", "()V")  # not a Symbol's text
+    assert read_method(mem.read, layout, m) is None
+
+
+def test_layout_names_what_a_jvm_lacks():
+    mem = Memory()
+    structs = jdk17(mem)
+    del structs.offsets[("Symbol", "_body")]
+    try:
+        Layout(structs)
+    except ValueError as e:
+        assert "Symbol::_body" in str(e)
+    else:
+        raise AssertionError("a layout without Symbol::_body")
+
+
+def test_interpreter_range_from_its_stub_queue():
+    mem = Memory()
+    queue = bytearray(24)
+    struct.pack_into("<Q", queue, 8, 0x7F00_0000_0000)
+    struct.pack_into("<i", queue, 20, 0x2_0000)
+    code = mem.put(struct.pack("<Q", mem.put(bytes(queue))))
+    layout = Layout(jdk17(mem, interpreter_code=code))
+    assert interpreter_range(mem.read, layout) == (0x7F00_0000_0000, 0x7F00_0002_0000)
+    not_yet = Layout(jdk17(mem, interpreter_code=mem.put(bytes(8))))
+    assert interpreter_range(mem.read, not_yet) is None
+
+
+def test_descriptors_read_as_the_perf_map_spells_them():
+    assert argument_list("()V") == "()"
+    assert argument_list("(Z[BI[[Ljava/lang/String;J)V") == \
+        "(boolean, byte[], int, java.lang.String[][], long)"
+    assert argument_list("(Q)V") == "" and argument_list("(L;") == "" and argument_list("") == ""
+    assert method_text("a/B$C", "run", "()V") == "a.B$C.run()"
+
+
+NMT_17 = """12345:
+
+Native Memory Tracking:
+
+Total: reserved=8027649244, committed=484250844
+       malloc: 7279836 #3843
+       mmap:   reserved=8020369408, committed=476971008
+
+-                     Class (reserved=1073815239, committed=204487)
+                            (malloc=73415 #524) (at peak)
+"""
+
+
+def test_nmt_summary_malloc_total():
+    assert diag.parse_nmt_summary(NMT_17) == diag.NmtSummary(7279836, 3843)
+    older = NMT_17.replace("       malloc: 7279836 #3843\n", "") + \
+        "-  Thread (reserved=1, committed=1)\n    (malloc=1000 #10)\n"
+    assert diag.parse_nmt_summary(older) == diag.NmtSummary(74415, 534)
+    assert diag.parse_nmt_summary("12345:\nNative memory tracking is not enabled\n") is None
+    assert diag.parse_nmt_summary("garbage") is None
+
+
+def test_frame_pointer_flag_where_the_jvm_reads_it():
+    flag = diag.FRAME_POINTER_FLAG
+    assert diag.launch_flag(["java", "-XX:+PreserveFramePointer", "Main"], {}, flag)
+    assert not diag.launch_flag(["java", "Main"], {}, flag)
+    assert diag.launch_flag(["java", "Main"], {"JAVA_TOOL_OPTIONS": "-Xmx1g -XX:+PreserveFramePointer"}, flag)
+    # the command line comes after JAVA_TOOL_OPTIONS, _JAVA_OPTIONS after both
+    assert not diag.launch_flag(["java", "-XX:-PreserveFramePointer"],
+                                {"JAVA_TOOL_OPTIONS": "-XX:+PreserveFramePointer"}, flag)
+    assert diag.launch_flag(["java", "-XX:-PreserveFramePointer"],
+                            {"_JAVA_OPTIONS": "-XX:+PreserveFramePointer"}, flag)
+    assert diag.vm_flags_flag("123:\n-XX:CICompilerCount=2 -XX:+PreserveFramePointer -XX:+UseG1GC", flag)
+    assert not diag.vm_flags_flag("123:\n-XX:CICompilerCount=2 -XX:+UseG1GC", flag)

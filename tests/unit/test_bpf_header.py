@@ -53,3 +53,10 @@ def test_bucket_shift():
 def test_allocator_kinds():
     for kind, value in probes.ALLOCATOR_KINDS.items():
         assert _define(f"ALLOCATOR_{kind.upper()}") == value
+
+
+def test_jvm_method_tag():
+    from memtrace.jvm_methods import JVM_METHOD_TAG
+
+    assert 1 << _define("JVM_METHOD_TAG_BIT") == JVM_METHOD_TAG
+    assert _define("JVM_METHOD_SLOT") == 3 * 8  # x86-64: interpreter_frame_method_offset

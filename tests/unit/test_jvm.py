@@ -224,3 +224,42 @@ def test_frame_pointer_flag_where_the_jvm_reads_it():
                             {"_JAVA_OPTIONS": "-XX:+PreserveFramePointer"}, flag)
     assert diag.vm_flags_flag("123:\n-XX:CICompilerCount=2 -XX:+PreserveFramePointer -XX:+UseG1GC", flag)
     assert not diag.vm_flags_flag("123:\n-XX:CICompilerCount=2 -XX:+UseG1GC", flag)
+
+
+def jvm_snapshot(**jvm):
+    from memtrace.model import Counters, HeapTotals, JvmStats, Snapshot
+
+    heap = HeapTotals(counters=Counters(alloc_bytes=15 << 20, free_bytes=1 << 20, alloc_count=9,
+                                        free_count=1), live_before_trace_bytes=1 << 20)
+    return Snapshot(pid=1, comm="java", elapsed_s=1.0, heap=heap, jvm=JvmStats(**jvm))
+
+
+def test_nmt_beside_heap_live_in_json_text_and_recordings():
+    import json
+
+    from memtrace.record.codec import snapshot_from_json
+    from memtrace.view.text import jvm_text, render_summary
+
+    s = jvm_snapshot(preserve_frame_pointer=True, interpreter_found=True,
+                     nmt_malloc_bytes=3 << 20, nmt_malloc_count=9052, nmt_elapsed_s=0.5)
+    d = s.to_json()
+    assert d["jvm"]["heap_live_bytes"] == 15 << 20  # 14 MiB traced, 1 MiB from before the attach
+    assert d["jvm"]["not_seen_by_nmt_bytes"] == 12 << 20
+    assert snapshot_from_json(json.loads(json.dumps(d))).to_json() == d
+    lines = jvm_text(s)
+    assert lines[0] == ("JVM native memory tracking: malloc 3.0 MiB in 9,052 blocks; heap live "
+                        "15.0 MiB (with an estimate of the blocks from before the attach)"), lines
+    assert lines[1].startswith("  not seen by NMT: 12.0 MiB"), lines
+    assert "not seen by NMT" in render_summary(s)
+    off = jvm_snapshot(preserve_frame_pointer=True)
+    assert jvm_text(off) == [] and "not_seen_by_nmt_bytes" not in off.to_json()["jvm"]
+
+
+def test_frame_pointer_hint_only_when_the_flag_is_known_off():
+    from memtrace.accounting import jvm_hints
+    from memtrace.model import JvmStats
+
+    assert jvm_hints(None) == () and jvm_hints(JvmStats()) == ()
+    assert jvm_hints(JvmStats(preserve_frame_pointer=True)) == ()
+    (hint,) = jvm_hints(JvmStats(preserve_frame_pointer=False))
+    assert hint.count("-XX:+PreserveFramePointer") == 1

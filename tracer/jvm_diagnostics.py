@@ -5,9 +5,9 @@ summary (NMT counts the mallocs the JVM itself makes; the heap memtrace
 sees is those plus every other native library's).
 
 jcmd runs in a background thread, at most every REFRESH_S, never in the
-live view's path; its answers are parsed as data. The flags come from the
-command line and the environment at once, and from jcmd's VM.flags (which
-also sees @argfiles and -XX:Flags=) once it answers."""
+live view's path, and only for what the command line and the environment
+cannot tell (NMT's figures; flags in @argfiles and -XX:Flags= files); its
+answers are parsed as data."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from memtrace.jvm import JCMD_TIMEOUT_S, PerfMap
 
-REFRESH_S = 5.0
+REFRESH_S = 10.0  # between two NMT summaries, at least
 FRAME_POINTER_FLAG = "PreserveFramePointer"
 NMT_OFF = "Native memory tracking is not enabled"
 MAX_OUTPUT = 1 << 20
@@ -41,16 +41,35 @@ def flag_in(words: Sequence[str], name: str) -> Optional[bool]:
     return value
 
 
-def launch_flag(cmdline: Sequence[str], environ: dict[str, str], name: str) -> bool:
-    """A boolean -XX flag (off by default) as the JVM's command line and
-    option variables set it."""
+def launch_words(cmdline: Sequence[str], environ: dict[str, str]) -> list[str]:
+    """The JVM's options from its command line and the variables the
+    launcher and the JVM read, in the order they apply."""
     words: list[str] = []
     for var in OPTION_VARIABLES:
         words += environ.get(var, "").split()
     words += cmdline
     for var in LATE_OPTION_VARIABLES:
         words += environ.get(var, "").split()
-    return bool(flag_in(words, name))
+    return words
+
+
+def launch_flag(cmdline: Sequence[str], environ: dict[str, str], name: str) -> bool:
+    """A boolean -XX flag (off by default) as the JVM's command line and
+    option variables set it."""
+    return bool(flag_in(launch_words(cmdline, environ), name))
+
+
+def option_value(words: Sequence[str], name: str) -> Optional[str]:
+    """The last -XX:name=value among `words`."""
+    prefix = f"-XX:{name}="
+    found = [w[len(prefix):] for w in words if w.startswith(prefix)]
+    return found[-1] if found else None
+
+
+def options_elsewhere(words: Sequence[str]) -> bool:
+    """Whether options may come from files the command line only names
+    (@argfiles, -XX:Flags=, -XX:VMOptionsFile=): then only jcmd knows."""
+    return any(w.startswith(("@", "-XX:Flags=", "-XX:VMOptionsFile=")) for w in words)
 
 
 def vm_flags_flag(text: str, name: str) -> bool:
@@ -87,15 +106,22 @@ class JvmDiagnostics:
     def __init__(self, perf_map: PerfMap) -> None:
         self.perf_map = perf_map  # its jcmd and its attach checks
         self.pid = perf_map.pid
-        self.preserve_frame_pointer: Optional[bool] = self._launch_flag()
+        words = self._launch_words()
+        self.preserve_frame_pointer: Optional[bool] = (
+            None if words is None else bool(flag_in(words, FRAME_POINTER_FLAG)))
+        hidden = words is None or options_elsewhere(words)
+        # jcmd starts a JVM of its own (about half a second of CPU): asked
+        # only what the command line cannot tell.
+        self._flags_asked = not hidden
+        self.nmt_enabled: Optional[bool] = None  # None: not asked yet
+        if not hidden and option_value(words, "NativeMemoryTracking") in (None, "off"):
+            self.nmt_enabled = False
         self.nmt: Optional[NmtSummary] = None
         self.nmt_elapsed: Optional[float] = None  # time.monotonic() of the summary
-        self.nmt_enabled: Optional[bool] = None  # None: not asked yet
-        self._flags_asked = False
         self._thread: Optional[threading.Thread] = None
         self._last_run = -REFRESH_S
 
-    def _launch_flag(self) -> Optional[bool]:
+    def _launch_words(self) -> Optional[list[str]]:
         try:
             with open(f"/proc/{self.pid}/cmdline", "rb") as f:
                 cmdline = f.read(MAX_OUTPUT).decode(errors="replace").split("\0")
@@ -103,8 +129,7 @@ class JvmDiagnostics:
                 pairs = f.read(MAX_OUTPUT).decode(errors="replace").split("\0")
         except OSError:
             return None
-        environ = dict(p.split("=", 1) for p in pairs if "=" in p)
-        return launch_flag(cmdline, environ, FRAME_POINTER_FLAG)
+        return launch_words(cmdline, dict(p.split("=", 1) for p in pairs if "=" in p))
 
     def tick(self) -> None:
         """Start a jcmd round when one is due; never waits."""

@@ -14,12 +14,14 @@ not named."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
-from typing import Optional
+from typing import Iterator, Optional
 
 from memtrace import procfs
 from memtrace.elfsyms import exported_objects
+from memtrace.mappedfile import fd_path, open_mapped
 from memtrace.jvm_vmstructs import VMStructs, Reader, read_vmstructs, u64
 
 JVM_METHOD_TAG = 1 << 63  # bpf/memtrace.h
@@ -166,30 +168,44 @@ class JavaMethods:
         self.libjvm = libjvm
         self.layout: Optional[Layout] = None
         self.problem: Optional[str] = None
-        self._names: dict[int, Optional[str]] = {}
-        self._fd: Optional[int] = None
+        self._names: dict[int, str] = {}
 
-    def read(self, address: int, size: int) -> Optional[bytes]:
-        if self._fd is None:
-            try:
-                self._fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                self.problem = f"cannot read the JVM's memory ({e.strerror}): interpreted frames stay unnamed"
-                self._fd = -1
-        if self._fd < 0 or not 0 < address < 1 << 56 or size <= 0:
-            return None
+    @contextlib.contextmanager
+    def _memory(self) -> Iterator[Reader]:
+        """A reader of the target's memory, open for one batch of reads."""
         try:
-            data = os.pread(self._fd, size, address)
-        except (OSError, OverflowError, ValueError):
-            return None
-        return data if len(data) == size else None
+            fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            yield lambda address, size: None  # gone, or not ours to read
+            return
 
-    def ready(self) -> bool:
+        def read(address: int, size: int) -> Optional[bytes]:
+            if not 0 < address < 1 << 56 or size <= 0:
+                return None
+            try:
+                data = os.pread(fd, size, address)
+            except (OSError, OverflowError, ValueError):
+                return None
+            return data if len(data) == size else None
+
+        try:
+            yield read
+        finally:
+            os.close(fd)
+
+    def _ready(self, read: Reader) -> bool:
         """Whether the layout is known (the tables are read once)."""
         if self.layout is None and self.problem is None:
-            symbols = {name: self.libjvm.start + value
-                       for name, value in exported_objects(self.libjvm.path).items()}
-            structs = read_vmstructs(self.read, symbols)
+            try:
+                fd = open_mapped(self.pid, self.libjvm)
+            except OSError:
+                return False
+            try:
+                exported = exported_objects(fd_path(fd))
+            finally:
+                os.close(fd)
+            structs = read_vmstructs(read, {name: self.libjvm.start + value
+                                            for name, value in exported.items()})
             if structs is None:
                 return False  # not written yet: ask again later
             try:
@@ -199,24 +215,22 @@ class JavaMethods:
         return self.layout is not None
 
     def interpreter(self) -> Optional[tuple[int, int]]:
-        return interpreter_range(self.read, self.layout) if self.ready() else None
+        """Where the interpreter's code is, once the JVM generated it."""
+        with self._memory() as read:
+            return interpreter_range(read, self.layout) if self._ready(read) else None
 
     def name(self, method: int) -> Optional[str]:
-        """The method's name; a failed read is asked again later (a class
+        """The method's name; a failed read is tried again later (a class
         being loaded), a success is kept."""
         if method in self._names:
             return self._names[method]
-        if not self.ready():
-            return None
-        found = read_method(self.read, self.layout, method)
+        with self._memory() as read:
+            if not self._ready(read):
+                return None
+            found = read_method(read, self.layout, method)
         if found is not None and len(self._names) < MAX_NAMES:
             self._names[method] = found
         return found
-
-    def close(self) -> None:
-        if self._fd is not None and self._fd >= 0:
-            os.close(self._fd)
-        self._fd = None
 
 
 def for_process(pid: int, mappings) -> Optional[JavaMethods]:

@@ -263,3 +263,13 @@ def test_frame_pointer_hint_only_when_the_flag_is_known_off():
     assert jvm_hints(JvmStats(preserve_frame_pointer=True)) == ()
     (hint,) = jvm_hints(JvmStats(preserve_frame_pointer=False))
     assert hint.count("-XX:+PreserveFramePointer") == 1
+
+
+def test_what_only_jcmd_can_tell():
+    words = diag.launch_words(["java", "-XX:NativeMemoryTracking=summary", "Main"],
+                              {"JAVA_TOOL_OPTIONS": "-XX:NativeMemoryTracking=detail"})
+    assert diag.option_value(words, "NativeMemoryTracking") == "summary"
+    assert diag.option_value(["java", "Main"], "NativeMemoryTracking") is None
+    assert not diag.options_elsewhere(words)
+    assert diag.options_elsewhere(["java", "@app.args", "Main"])
+    assert diag.options_elsewhere(["java", "-XX:Flags=.hotspotrc", "Main"])

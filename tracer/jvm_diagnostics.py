@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 from memtrace.jvm import JCMD_TIMEOUT_S, PerfMap
 
 REFRESH_S = 10.0  # between two NMT summaries, at least
+RETRY_S = 1.0  # after jcmd got no answer (a JVM still starting cannot attach yet)
 FRAME_POINTER_FLAG = "PreserveFramePointer"
 NMT_OFF = "Native memory tracking is not enabled"
 MAX_OUTPUT = 1 << 20
@@ -120,6 +121,7 @@ class JvmDiagnostics:
         self.nmt_elapsed: Optional[float] = None  # time.monotonic() of the summary
         self._thread: Optional[threading.Thread] = None
         self._last_run = -REFRESH_S
+        self._pause_s = REFRESH_S  # before the next round
 
     def _launch_words(self) -> Optional[list[str]]:
         try:
@@ -137,7 +139,7 @@ class JvmDiagnostics:
             return
         if self._thread is not None and self._thread.is_alive():
             return
-        if time.monotonic() - self._last_run < REFRESH_S:
+        if time.monotonic() - self._last_run < self._pause_s:
             return
         self._last_run = time.monotonic()
         self._thread = threading.Thread(target=self._refresh, name="memtrace-jcmd", daemon=True)
@@ -147,7 +149,7 @@ class JvmDiagnostics:
         """At the end of a trace: a last NMT summary, within `timeout_s`."""
         if self._thread is not None:
             self._thread.join(timeout_s)
-        if self.nmt_enabled and self.perf_map.jcmd is not None:
+        if self.nmt_enabled is not False and self.perf_map.jcmd is not None:
             self._last_run = -REFRESH_S
             self.tick()
             if self._thread is not None:
@@ -163,6 +165,7 @@ class JvmDiagnostics:
         return done.stdout[:MAX_OUTPUT].decode(errors="replace") if done.returncode == 0 else None
 
     def _refresh(self) -> None:
+        self._pause_s = RETRY_S
         if not self.perf_map.attach_is_safe():
             return
         if not self._flags_asked:
@@ -181,3 +184,4 @@ class JvmDiagnostics:
         summary = parse_nmt_summary(text)
         if summary is not None:
             self.nmt, self.nmt_elapsed, self.nmt_enabled = summary, time.monotonic(), True
+            self._pause_s = REFRESH_S

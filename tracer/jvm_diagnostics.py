@@ -54,12 +54,6 @@ def launch_words(cmdline: Sequence[str], environ: dict[str, str]) -> list[str]:
     return words
 
 
-def launch_flag(cmdline: Sequence[str], environ: dict[str, str], name: str) -> bool:
-    """A boolean -XX flag (off by default) as the JVM's command line and
-    option variables set it."""
-    return bool(flag_in(launch_words(cmdline, environ), name))
-
-
 def option_value(words: Sequence[str], name: str) -> Optional[str]:
     """The last -XX:name=value among `words`."""
     prefix = f"-XX:{name}="

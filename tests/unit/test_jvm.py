@@ -212,15 +212,19 @@ def test_nmt_summary_malloc_total():
     assert diag.parse_nmt_summary("garbage") is None
 
 
+def launch_flag(cmdline, environ, name):
+    return bool(diag.flag_in(diag.launch_words(cmdline, environ), name))
+
+
 def test_frame_pointer_flag_where_the_jvm_reads_it():
     flag = diag.FRAME_POINTER_FLAG
-    assert diag.launch_flag(["java", "-XX:+PreserveFramePointer", "Main"], {}, flag)
-    assert not diag.launch_flag(["java", "Main"], {}, flag)
-    assert diag.launch_flag(["java", "Main"], {"JAVA_TOOL_OPTIONS": "-Xmx1g -XX:+PreserveFramePointer"}, flag)
+    assert launch_flag(["java", "-XX:+PreserveFramePointer", "Main"], {}, flag)
+    assert not launch_flag(["java", "Main"], {}, flag)
+    assert launch_flag(["java", "Main"], {"JAVA_TOOL_OPTIONS": "-Xmx1g -XX:+PreserveFramePointer"}, flag)
     # the command line comes after JAVA_TOOL_OPTIONS, _JAVA_OPTIONS after both
-    assert not diag.launch_flag(["java", "-XX:-PreserveFramePointer"],
+    assert not launch_flag(["java", "-XX:-PreserveFramePointer"],
                                 {"JAVA_TOOL_OPTIONS": "-XX:+PreserveFramePointer"}, flag)
-    assert diag.launch_flag(["java", "-XX:-PreserveFramePointer"],
+    assert launch_flag(["java", "-XX:-PreserveFramePointer"],
                             {"_JAVA_OPTIONS": "-XX:+PreserveFramePointer"}, flag)
     assert diag.vm_flags_flag("123:\n-XX:CICompilerCount=2 -XX:+PreserveFramePointer -XX:+UseG1GC", flag)
     assert not diag.vm_flags_flag("123:\n-XX:CICompilerCount=2 -XX:+UseG1GC", flag)

@@ -40,6 +40,12 @@ class JvmWatch:
         if self.diagnostics is not None:
             self.diagnostics.settle(timeout_s)
 
+    def problems(self) -> list[str]:
+        """Why JVM frames stay unnamed, for the notes."""
+        found = [self.symbols.perf_map.problem if self.symbols.perf_map is not None else None,
+                 self.symbols.java.problem if self.symbols.java is not None else None]
+        return [p for p in found if p]
+
     def stats(self) -> Optional[JvmStats]:
         d = self.diagnostics
         if d is None:

@@ -470,6 +470,7 @@ class Collector:
         if self._arena_problem:
             notes.append(self._arena_problem)
         notes += [f"the process exec'd: {argv}" for argv in self._execs[-3:]]
+        notes += self.jvm.problems()
         if self._allocator_note:
             notes.append(self._allocator_note)
         if self.light and self.glibc:

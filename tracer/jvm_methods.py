@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 from memtrace import procfs
 from memtrace.elfsyms import exported_objects
 from memtrace.mappedfile import fd_path, open_mapped
-from memtrace.jvm_vmstructs import VMStructs, Reader, read_vmstructs, u64
+from memtrace.jvm_vmstructs import SYMBOLS, VMStructs, Reader, read_vmstructs, u64
 
 JVM_METHOD_TAG = 1 << 63  # bpf/memtrace.h
 MODULE = "Interpreter"  # what interpreted frames show as their module
@@ -168,6 +168,7 @@ class JavaMethods:
         self.libjvm = libjvm
         self.layout: Optional[Layout] = None
         self.problem: Optional[str] = None
+        self.hotspot: Optional[bool] = None  # libjvm.so is HotSpot's (None: not read yet)
         self._names: dict[int, str] = {}
 
     @contextlib.contextmanager
@@ -204,6 +205,10 @@ class JavaMethods:
                 exported = exported_objects(fd_path(fd))
             finally:
                 os.close(fd)
+            self.hotspot = all(name in exported for name in SYMBOLS)
+            if not self.hotspot:  # another JVM's libjvm.so (OpenJ9)
+                self.problem = "libjvm.so is not HotSpot's: interpreted frames stay unnamed"
+                return False
             structs = read_vmstructs(read, {name: self.libjvm.start + value
                                             for name, value in exported.items()})
             if structs is None:

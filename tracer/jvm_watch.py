@@ -25,16 +25,17 @@ class JvmWatch:
 
     def tick(self) -> None:
         """Each snapshot while the target runs."""
-        if self.symbols.perf_map is None:
-            return  # not a JVM (yet: libjvm.so is loaded by the launcher)
-        if self.diagnostics is None:
-            self.diagnostics = JvmDiagnostics(self.symbols.perf_map)
-        self.diagnostics.tick()
         java = self.symbols.java
-        if self.interpreter is None and java is not None:
+        if self.symbols.perf_map is None or java is None:
+            return  # not a JVM (yet: libjvm.so is loaded by the launcher)
+        if self.interpreter is None:
             self.interpreter = java.interpreter()
             if self.interpreter is not None:
                 self.probes.set_jvm_interpreter(*self.interpreter)
+        if self.diagnostics is None and java.hotspot:  # its flags and jcmd's commands
+            self.diagnostics = JvmDiagnostics(self.symbols.perf_map)
+        if self.diagnostics is not None:
+            self.diagnostics.tick()
 
     def settle(self, timeout_s: float) -> None:
         if self.diagnostics is not None:

@@ -40,15 +40,14 @@ def run_inflate(flags, threads, per_thread, java_tools, inflate_classpath, trace
     tracer = None
     try:
         pid = json.loads(wait_file(work / "ready.json", java))["pid"]
-        args = ["--interval", str(INTERVAL), "-p", str(pid), "--duration", "300"]
+        args = ["-v", "--interval", str(INTERVAL), "-p", str(pid), "--duration", "300"]
         tracer = tracers.start(args if text else ["--json", *args])
         wait_attached([tracer])
-        if text:
-            # Its first block: the trace's loop runs, and takes Ctrl-C as the end
-            # (between the attach and the loop, a SIGINT interrupts memtrace).
-            for line in tracer.stdout:
-                if line.startswith("--- "):
-                    break
+        # -v's last line before the trace's loop, which takes SIGINT as the
+        # end (one before it interrupts memtrace's start).
+        for line in tracer.stderr:
+            if "probes attached" in line:
+                break
         (work / "ready.go").touch()
         phase1 = json.loads(wait_file(work / "phase1.json", java))
         time.sleep(2 * INTERVAL)

@@ -278,3 +278,21 @@ def test_what_only_jcmd_can_tell():
     assert not diag.options_elsewhere(words)
     assert diag.options_elsewhere(["java", "@app.args", "Main"])
     assert diag.options_elsewhere(["java", "-XX:Flags=.hotspotrc", "Main"])
+
+
+def test_tagged_frames_are_named_as_interpreted_methods():
+    from memtrace.jvm_methods import JVM_METHOD_TAG
+    from memtrace.symbols import Symbolizer
+
+    class Methods:
+        names = {0x7F00_1000: "Inflate$Worker.run()"}
+
+        def name(self, method):
+            return self.names.get(method)
+
+    symbols = Symbolizer(2 ** 22 + 1)  # no such process
+    assert not symbols.is_code(JVM_METHOD_TAG | 0x7F00_1000)  # not a JVM: never a frame
+    symbols.java = Methods()
+    assert symbols.is_code(JVM_METHOD_TAG | 0x7F00_1000)
+    assert symbols.frame(JVM_METHOD_TAG | 0x7F00_1000) == "Inflate$Worker.run() [Interpreter]"
+    assert symbols.frame(JVM_METHOD_TAG | 0x7F00_2000) == "Method* 0x7f002000 [Interpreter]"

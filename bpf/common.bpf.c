@@ -94,12 +94,22 @@ static __always_inline void count(u32 which)
         (*c)++;
 }
 
+#ifndef MAX_TARGETS
+#define MAX_TARGETS 1024
+#endif
+/* The processes traced, by tgid: one for a trace, every process the agent
+ * follows for its shared object. Python adds a process before its probes
+ * and deletes it after them. */
+BPF_HASH(targets, u32, struct target_state, MAX_TARGETS);
+
 /* Uprobes attach per process, but a child forked by the target inherits
  * breakpoints until the kernel drops them, and tracepoints see every
- * process: the thread group decides. */
-static __always_inline int traced(u64 id)
+ * process: the thread group decides. Returns the process's state, 0 for
+ * a process not traced. */
+static __always_inline struct target_state *traced(u64 id)
 {
-    return (id >> 32) == TARGET_TGID;
+    u32 tgid = id >> 32;
+    return targets.lookup(&tgid);
 }
 
 static __always_inline u64 store_stack(struct stack_frames *frames, u64 hash)

@@ -568,9 +568,10 @@ int free_enter(struct pt_regs *ctx)
  * calls it makes are marked as inside malloc, and its RSS effect is known. */
 int trim_enter(struct pt_regs *ctx)
 {
-    if (!traced(bpf_get_current_pid_tgid()))
+    struct target_state *t = traced(bpf_get_current_pid_tgid());
+    if (!t)
         return 0;
-    count(CNT_TRIM_CALLS);
+    __sync_fetch_and_add(&t->trim_calls, 1);
     enter(ctx, CALL_TRIM, 0, 0, TRIM_SP_ADJUST, 0, 0);
     struct pending_call *call = open_call(bpf_get_current_pid_tgid());
     if (call && call->kind == CALL_TRIM)
@@ -584,9 +585,10 @@ int trim_return(struct pt_regs *ctx)
     struct pending_call *call = leave(&tid);
     if (!call)
         return 0;
+    struct target_state *t = traced(bpf_get_current_pid_tgid());
     if (call->kind == CALL_TRIM) {
-        if (PT_REGS_RC(ctx) == 1)
-            count(CNT_TRIM_RELEASED);
+        if (PT_REGS_RC(ctx) == 1 && t)
+            __sync_fetch_and_add(&t->trim_released_calls, 1);
         emit_trim(call, PT_REGS_RC(ctx));
     }
     close_call(tid, call);

@@ -88,6 +88,13 @@ struct rss_now {
     u64 ts_ns;  /* the last report */
 };
 
+/* What the kernel keeps per traced process (the targets map). */
+struct target_state {
+    struct rss_now rss;
+    u64 trim_calls;
+    u64 trim_released_calls; /* malloc_trim calls that returned 1 */
+};
+
 struct thread_name {
     char comm[16];
 };
@@ -119,6 +126,7 @@ struct vm_event {
     u64 stack;     /* the syscall's own user stack (hash; 0: none) */
     u32 in_malloc; /* inside a malloc-family call: then malloc_key is its caller
                     * (or IN_MALLOC_CALLER_FOLLOWS) */
+    u32 tgid;      /* the process: one loaded object may trace several */
     struct heap_key malloc_key;
 };
 
@@ -140,8 +148,6 @@ enum counter {
     CNT_DROP_STATS,         /* heap_stats map full: allocation not tracked */
     CNT_DROP_PENDING,       /* pending map full: call not tracked */
     CNT_STACK_LOST,         /* stack map full: frames past the caller lost */
-    CNT_TRIM_CALLS,
-    CNT_TRIM_RELEASED,      /* malloc_trim calls that returned 1 */
     CNT_VM_LOST,            /* ring buffer full: address-space events lost */
     CNT_VM_SENT,            /* address-space events sent (paces the reader's wakeups) */
     CNT_MAX,

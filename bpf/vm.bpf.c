@@ -33,10 +33,6 @@ BPF_RINGBUF_OUTPUT(vm_events, VM_RINGBUF_PAGES);
  * map values, nested structs included, but not ring buffer records). */
 BPF_ARRAY(vm_event_layout, struct vm_event, 1);
 BPF_ARRAY(vm_scan_layout, struct vm_scan, 1);
-/* The target's RSS counters, as kmem:rss_stat last reported them: read at
- * malloc_trim's entry and exit to measure what the trim gave back, and by
- * Python for the process as it was at its exit. */
-BPF_ARRAY(rss_last, struct rss_now, 1);
 
 /* The syscall each thread is in, from its entry to its exit, where the
  * result is known. Task storage where the kernel allows it, as for the
@@ -74,11 +70,13 @@ static __always_inline void vm_call_done(u32 tid, struct vm_call *call)
 }
 #endif
 
+/* The target's RSS counters (its target_state's rss), as kmem:rss_stat
+ * last reported them: read at malloc_trim's entry and exit to measure what
+ * the trim gave back, and by Python for the process as it was at its exit. */
 static __always_inline s64 current_rss_anon(void)
 {
-    u32 zero = 0;
-    struct rss_now *v = rss_last.lookup(&zero);
-    return v ? v->bytes[RSS_ANON] : 0;
+    struct target_state *t = traced(bpf_get_current_pid_tgid());
+    return t ? t->rss.bytes[RSS_ANON] : 0;
 }
 
 /* The flag for ringbuf_submit: see VM_WAKE_EVERY. */
@@ -162,6 +160,7 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
 #endif
     e->ts_ns = bpf_ktime_get_ns();
     e->tid = tid;
+    e->tgid = id >> 32;
     e->kind = call->kind;
     e->result = ret;
     e->addr = call->a0;
@@ -275,12 +274,13 @@ TRACEPOINT_PROBE(syscalls, sys_exit_madvise) { return vm_exit(args, args->ret, 0
  * kept are those of the process's last moment. */
 TRACEPOINT_PROBE(kmem, rss_stat)
 {
-    if (!args->curr || !traced(bpf_get_current_pid_tgid()))
+    if (!args->curr)
         return 0;
-    u32 zero = 0, member = args->member;
-    struct rss_now *v = rss_last.lookup(&zero);
-    if (!v || member >= RSS_MEMBERS)
+    struct target_state *t = traced(bpf_get_current_pid_tgid());
+    u32 member = args->member;
+    if (!t || member >= RSS_MEMBERS)
         return 0;
+    struct rss_now *v = &t->rss;
     v->bytes[member] = args->size;
     v->seen |= 1ULL << member;
     v->ts_ns = bpf_ktime_get_ns();
@@ -299,6 +299,7 @@ static __always_inline struct vm_event *call_event(u32 tid, u32 kind, struct hea
     __builtin_memset(e, 0, sizeof(*e));
     e->ts_ns = bpf_ktime_get_ns();
     e->tid = tid;
+    e->tgid = bpf_get_current_pid_tgid() >> 32;
     e->kind = kind;
     e->in_malloc = 1;
     e->malloc_key = *key;

@@ -1,12 +1,16 @@
 """`memtrace agent`: follow processes as they start and exit, and put each
 one's snapshot on the board that --serve's server reads.
 
-Each process gets its own Probes and Collector, as a single trace does:
-every BPF program is compiled for one target (-DTARGET_TGID), which costs
-about 1.5 s of CPU per process that starts. The loop sleeps in select() on
-a self-pipe for signals, a pidfd per target (readable once it exits) and
-the targets' event buffers. Everything a target holds is bounded: at most
---max-targets of them, each with small kernel maps (agent_limits).
+Each process gets its own Collector, as a single trace does. In light
+mode one BPF object, loaded when the agent starts, serves them all
+(collect/shared.py): a process that starts costs its uprobes and its
+entry in the targets map, and leaves nothing behind when it exits.
+Without --light each process gets an object of its own (its heap tables
+are per process), compiled for it: ~1.5 s of CPU per process. The loop
+sleeps in select() on a self-pipe for signals, a pidfd per target
+(readable once it exits) and the event buffers. Everything a target holds
+is bounded: at most --max-targets of them, with small kernel maps
+(agent_limits).
 """
 
 from __future__ import annotations
@@ -37,12 +41,18 @@ class AgentOptions:
     vm_probes: str = "tracepoint"
 
 
-def agent_limits(light: bool, max_allocs: int, event_buffer_bytes: int) -> Limits:
-    """Kernel maps per target. Light mode probes no malloc, so its tables
-    of blocks and counters stay tiny; stacks are those of mmap calls."""
+STACKS_PER_TARGET = 4096  # light mode: the stacks of mmap calls
+
+
+def agent_limits(light: bool, max_allocs: int, event_buffer_bytes: int,
+                 max_targets: int = 1) -> Limits:
+    """Kernel maps: of the object every target shares in light mode, of
+    each target's own without. Light mode probes no malloc, so its tables
+    of blocks and counters stay tiny."""
     if light:
-        return Limits(max_allocs=1024, max_stats=1024, max_stacks=4096, max_threads=4096,
-                      event_buffer_bytes=event_buffer_bytes)
+        return Limits(max_allocs=1024, max_stats=1024,
+                      max_stacks=STACKS_PER_TARGET * min(max_targets, 16), max_threads=4096,
+                      event_buffer_bytes=event_buffer_bytes, max_targets=max_targets)
     return Limits(max_allocs=max_allocs, max_stats=16384, max_stacks=16384, max_threads=4096,
                   event_buffer_bytes=event_buffer_bytes)
 
@@ -89,20 +99,30 @@ class Traced:
         os.close(self.pidfd)
 
 
-def attach(pid: int, options: AgentOptions, sites_of: Callable[[str], list]) -> Traced:
-    """Probes on one process, as `memtrace -p PID` puts them; nothing is
-    left attached if any step fails."""
+def attach(pid: int, options: AgentOptions, sites_of: Callable[..., list],
+           shared=None) -> Traced:
+    """Probes on one process, as `memtrace -p PID` puts them (on the shared
+    object, if given); nothing is left attached if any step fails."""
     from memtrace import target as targets
     from memtrace.collect.collector import Collector
     from memtrace.collect.probes import Probes
 
     target = targets.resolve_pid(pid)
-    probes = Probes(pid, target.libc_path, options.limits, sites_of(target.libc_path),
-                    light=options.light, vm_probes=options.vm_probes)
+    allocator = target.allocator
+    kind = allocator.kind if allocator is not None else "glibc"
+    prefix = allocator.prefix if allocator is not None else ""
+    sites = sites_of(target.libc_path, kind, prefix)
+    if shared is not None:
+        probes = shared.target(pid, target.libc_path, sites, kind, prefix)
+    else:
+        probes = Probes(pid, target.libc_path, options.limits, sites, light=options.light,
+                        vm_probes=options.vm_probes, allocator_kind=kind,
+                        allocator_prefix=prefix)
     try:
         probes.load()
         probes.attach()
         collector = Collector(pid, target.comm, probes, light=options.light, attached=True)
+        collector.allocator_path = allocator.path if allocator is not None else target.libc_path
         events_fd = collector.start()
         return Traced(pid, target.comm, probes, collector, events_fd)
     except BaseException:
@@ -122,22 +142,23 @@ class Agent:
         # again if it execs another: a static wrapper's `exec java`)
         self._passed: dict[int, Optional[tuple]] = {}
         self._waiting: set[int] = set()  # pids beyond --max-targets
-        self._sites: dict[tuple[int, int], list] = {}
+        self._sites: dict[tuple, list] = {}
         self._stop = False
+        self.shared = None  # light mode: the one BPF object (SharedProbes)
 
     def say(self, text: str) -> None:
         print(f"memtrace agent: {text}", file=self.log, flush=True)
 
     # ------------------------------------------------------------ targets
 
-    def _sites_of(self, libc_path: str) -> list:
-        """The probe sites of one libc file, found once per file."""
+    def _sites_of(self, libc_path: str, kind: str = "glibc", prefix: str = "") -> list:
+        """The probe sites of one allocator file, found once per file."""
         from memtrace.collect.probes import resolve_sites
 
         st = os.stat(libc_path)
-        key = (st.st_dev, st.st_ino)
+        key = (st.st_dev, st.st_ino, kind, prefix)
         if key not in self._sites:
-            self._sites[key] = resolve_sites(libc_path)
+            self._sites[key] = resolve_sites(libc_path, kind, prefix)
         return self._sites[key]
 
     def discover(self) -> None:
@@ -165,7 +186,7 @@ class Agent:
             started = time.monotonic()
             image = program_image(pid)
             try:
-                traced = attach(pid, self.options, self._sites_of)
+                traced = attach(pid, self.options, self._sites_of, self.shared)
             except MemtraceError as e:
                 self._pass(pid, image, f"not traced: {e}")
                 continue
@@ -211,7 +232,17 @@ class Agent:
     def _handler(self, signum, frame) -> None:
         self._stop = True
 
+    def load(self) -> None:
+        """Light mode: the BPF object every target shares, compiled once."""
+        from memtrace.collect.shared import SharedProbes
+
+        if self.options.light and self.shared is None:
+            shared = SharedProbes(self.options.limits, self.options.vm_probes)
+            shared.load()
+            self.shared = shared
+
     def run(self) -> None:
+        self.load()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         previous = {s: signal.signal(s, self._handler)
                     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -222,6 +253,8 @@ class Agent:
             # Every way out: every probe of every target comes off.
             for pid in list(self.targets):
                 self.drop(pid, "the agent stops")
+            if self.shared is not None:
+                self.shared.close()
             signal.set_wakeup_fd(previous_fd)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -243,8 +276,8 @@ class Agent:
                 next_look = time.monotonic() + DISCOVER_S
                 now = time.monotonic()
             by_fd = {t.pidfd: t.pid for t in self.targets.values()}
-            watched = [wake_r, *by_fd, *(t.events_fd for t in self.targets.values()
-                                         if t.events_fd is not None)]
+            watched = [wake_r, *by_fd, *{t.events_fd for t in self.targets.values()
+                                         if t.events_fd is not None}]
             wake_at = min(t for t in (next_tick, next_look, now + EVENT_POLL_S, deadline)
                           if t is not None)
             ready = wait_ready(watched, wake_r, wake_at - now)

@@ -57,6 +57,19 @@ def cgroup():
             time.sleep(0.1)
 
 
+def start_agent(start_memtrace, args) -> object:
+    """The agent, once it says it follows (its BPF object loaded)."""
+    port = free_port()
+    agent = start_memtrace(["agent", *args, "--serve", str(port)])
+    agent.port = port
+    deadline = time.monotonic() + WAIT_S
+    while "following" not in agent.stderr_so_far():
+        if agent.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the agent did not start: {agent.stderr_so_far()}", pytrace=False)
+        time.sleep(0.1)
+    return agent
+
+
 def start_in(cgroup: Path, argv, spawn) -> subprocess.Popen:
     """argv started inside the cgroup: the shell joins it, then execs."""
     script = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"'
@@ -148,10 +161,7 @@ def test_agent_follows_a_cgroup(cgroup, programs, spawn, start_memtrace, probes)
 def test_agent_follows_an_exec(cgroup, programs, spawn, start_memtrace):
     """A wrapper script that execs its service: traced as the shell first,
     then again as the program it became."""
-    port = free_port()
-    agent = start_memtrace(["agent", "--light", "--cgroup", str(cgroup), "--serve", str(port),
-                            "--interval", "0.5"])
-    agent.port = port
+    agent = start_agent(start_memtrace, ["--light", "--cgroup", str(cgroup), "--interval", "0.5"])
     script = f'echo $$ > {cgroup}/cgroup.procs && sleep 4 && exec "$1"'
     wrapper = spawn(["sh", "-c", script, "sh", programs["idle"]])
     wait_until(lambda m: m["comm"].get(str(wrapper.pid)) == "sh", "the shell", agent)
@@ -208,3 +218,52 @@ def test_agent_refuses_bad_input(run_memtrace):
     ):
         rc, _, stderr = run_memtrace(args)
         assert rc == 2 and message in stderr and "Traceback" not in stderr, (args, stderr)
+
+
+def vm_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+BATCH = 10
+WARM_UP_BATCHES = 2
+MEASURED_BATCHES = 20
+GROWTH_BOUND = 5 << 20  # after 200 starts: ~10 MB with an object compiled per process
+
+
+def test_agent_memory_stays_bounded(cgroup, programs, spawn, start_memtrace):
+    """Processes start and exit in batches; each is attached, served and
+    detached. Past the warm-up, the agent's own memory must not grow with
+    the number of processes it has followed: one BPF object serves all, and
+    a process's share of it goes when it exits. A bound on memory, not
+    time: the batches wait as long as the attaches take."""
+    agent = start_agent(start_memtrace, ["--light", "--cgroup", str(cgroup), "--interval", "0.5"])
+
+    def batch() -> None:
+        procs = [start_in(cgroup, [programs["idle"]], spawn) for _ in range(BATCH)]
+        pids = {str(p.pid) for p in procs}
+        wait_until(lambda m: pids <= set(m.get("memtrace_rss_bytes", {}))
+                   and all(m["comm"][p] == "idle" for p in pids), "a batch", agent)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            assert proc.wait(30) == 0, "a followed process was harmed"
+        wait_until(lambda m: not pids & set(m.get("memtrace_rss_bytes", {})),
+                   "the batch's exit", agent)
+
+    for _ in range(WARM_UP_BATCHES):
+        batch()
+    warm = vm_rss_bytes(agent.proc.pid)
+    for _ in range(MEASURED_BATCHES):
+        batch()
+    grown = vm_rss_bytes(agent.proc.pid) - warm
+    starts = BATCH * MEASURED_BATCHES
+    print(f"agent RSS {warm} B after warm-up, {grown:+} B after {starts} more process starts")
+    assert grown < GROWTH_BOUND, f"the agent grew by {grown} B over {starts} process starts"
+    metrics = scrape(agent.port)
+    assert metrics["memtrace_targets"][""] == 0
+    result = agent.stop(signal.SIGTERM)
+    assert result.rc == 0, result.stderr
+    assert result.stderr.count("detached from pid") >= starts, result.stderr[-2000:]

@@ -21,7 +21,7 @@ from memtrace.model import Counters, DropStats, Flow, HeapRow
 
 # Counter indexes: keep in step with enum counter in bpf/memtrace.h.
 (CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
- CNT_TRIM_CALLS, CNT_TRIM_RELEASED, CNT_VM_LOST, CNT_VM_SENT) = range(9)
+ CNT_VM_LOST, CNT_VM_SENT) = range(7)
 
 LAYERS = ["jvm", "common", "vm", "heap"]  # jvm: the frame walk calls into it
 
@@ -98,6 +98,7 @@ class Limits:
     max_stacks: int = 65536
     max_threads: int = 16384
     event_buffer_bytes: int = 16 << 20
+    max_targets: int = 1  # processes one loaded object traces at once
 
 
 # -DALLOCATOR_KIND: keep in step with ALLOCATOR_* in bpf/memtrace.h.
@@ -278,12 +279,12 @@ class Probes:
     def cflags(self) -> list[str]:
         flags = [
             f"-I{bpf_dir()}",
-            f"-DTARGET_TGID={self.pid}",
             f"-DTARGET_PAGE_SIZE={os.sysconf('SC_PAGE_SIZE')}",
             f"-DALLOC_BUCKET_BITS={alloc_bucket_bits(self.limits.max_allocs)}",
             f"-DMAX_STATS={self.limits.max_stats}",
             f"-DMAX_STACKS={self.limits.max_stacks}",
             f"-DMAX_THREADS={self.limits.max_threads}",
+            f"-DMAX_TARGETS={self.limits.max_targets}",
             f"-DVM_RINGBUF_PAGES={_ring_pages(self.limits.event_buffer_bytes)}",
         ]
         if self.vm_probes == "kprobe":
@@ -350,6 +351,23 @@ class Probes:
         fires only its return, which finds no open call and is ignored."""
         if self.vm_probes == "kprobe":
             self._attach_vm_kprobes()
+        self.follow()
+        self.attach_uprobes()
+        if not self.light:
+            # Full mode keeps the RSS counters' last values: the process as
+            # it was at its exit, when /proc has nothing left to say.
+            self.watch_rss()
+
+    def follow(self) -> None:
+        """The process joins the traced set (the targets map): the programs
+        loaded act for it from now on."""
+        import ctypes
+
+        table = self._bpf["targets"]
+        table[ctypes.c_uint(self.pid)] = table.Leaf()
+
+    def attach_uprobes(self) -> None:
+        """This process's uprobes, on its allocator's file."""
         hooks = {h.symbol: h for h in self.hooks}
         lib = self.libc_path.encode()
         for site in self.sites:
@@ -363,10 +381,6 @@ class Probes:
                 name=lib, sym=site.symbol.encode(), sym_off=site.offset,
                 fn_name=hook.entry.encode(), pid=self.pid))
             self.attached.append(site.symbol)
-        if not self.light:
-            # Full mode keeps the RSS counters' last values: the process as
-            # it was at its exit, when /proc has nothing left to say.
-            self.watch_rss()
 
     def _attach_one(self, site: ProbeSite, attach) -> None:
         try:
@@ -441,12 +455,13 @@ class Probes:
         counters = b["counters"]
         total = lambda i: int(counters.sum(i).value)  # noqa: E731
         names = self._thread_names(per_key)
+        state = self._state()
         return HeapReading(
             rows=rows,
             flows=flows,
             untracked_free_count=total(CNT_UNTRACKED_FREE),
-            trim_calls=total(CNT_TRIM_CALLS),
-            trim_released_calls=total(CNT_TRIM_RELEASED),
+            trim_calls=int(state.trim_calls) if state else 0,
+            trim_released_calls=int(state.trim_released_calls) if state else 0,
             drops=DropStats(
                 allocs_map_full=total(CNT_DROP_ALLOCS),
                 stats_map_full=total(CNT_DROP_STATS),
@@ -455,7 +470,7 @@ class Probes:
             ),
             thread_names=names,
             peak=self._peak(),
-            rss=self._rss(),
+            rss=self._rss(state),
             exec_generation=generation,
         )
 
@@ -546,12 +561,21 @@ class Probes:
         p = self._bpf["heap_peak"][0]
         return PeakReading(max(0, int(p.live_bytes)), max(0, int(p.peak_bytes)), int(p.peak_ns))
 
-    def _rss(self) -> Optional[RssReading]:
+    def _state(self):
+        """The process's struct target_state; None once it left the set."""
+        import ctypes
+
+        try:
+            return self._bpf["targets"][ctypes.c_uint(self.pid)]
+        except KeyError:
+            return None
+
+    def _rss(self, state) -> Optional[RssReading]:
         """The RSS counters as kmem:rss_stat last gave them; None while it
         is not watched or has said nothing."""
-        if not self.watching_rss:
+        if not self.watching_rss or state is None:
             return None
-        v = self._bpf["rss_last"][0]
+        v = state.rss
         if not v.seen:
             return None
         known = {name: int(v.bytes[i]) for i, name in enumerate(RSS_MEMBERS) if v.seen >> i & 1}
@@ -622,16 +646,20 @@ class Probes:
         return out
 
 
-def _detach_at_once(bpf) -> None:
+def _detach_at_once(bpf, uprobes: Optional[list] = None) -> None:
     """Every probe's removal waits out a grace period in the kernel (~0.2 s
     a uprobe, ~0.07 s a tracepoint: 4 s for all of ours one by one, most
     of a short command's trace). Removed side by side, the waits overlap;
-    bcc's calls release the GIL. What fails here is left to cleanup()."""
+    bcc's calls release the GIL. What fails here is left to cleanup().
+    uprobes: only these uprobe events (one process's, of a shared object)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = ([(bpf.detach_uprobe_event, k) for k in list(bpf.uprobe_fds)]
-            + [(bpf.detach_kprobe_event, k) for k in list(bpf.kprobe_fds)]
-            + [(bpf.detach_tracepoint, k) for k in list(bpf.tracepoint_fds)])
+    if uprobes is not None:
+        jobs = [(bpf.detach_uprobe_event, k) for k in uprobes if k in bpf.uprobe_fds]
+    else:
+        jobs = ([(bpf.detach_uprobe_event, k) for k in list(bpf.uprobe_fds)]
+                + [(bpf.detach_kprobe_event, k) for k in list(bpf.kprobe_fds)]
+                + [(bpf.detach_tracepoint, k) for k in list(bpf.tracepoint_fds)])
     if not jobs:
         return
     with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as pool:

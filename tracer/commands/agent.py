@@ -22,9 +22,10 @@ def pid_list(text: str) -> list[int]:
 class AgentCommand:
     """Follow processes as they start and exit; serve them all on one /metrics.
 
-    For production, with --light (no malloc probes). Each process that
-    appears is attached within a second or two (its BPF program is compiled
-    for it: ~1.5 s of CPU) and detached when it exits.
+    For production, with --light (no malloc probes): one BPF program,
+    compiled when the agent starts, serves every process, each attached
+    within a second of its start and detached when it exits. Without
+    --light each process gets a program compiled for it (~1.5 s of CPU).
 
     examples:
       sudo memtrace agent --light --cgroup system.slice/app.service --serve 9480
@@ -60,8 +61,8 @@ class AgentCommand:
                           help="without --light: live allocations tracked per process, 32 bytes "
                           "of kernel memory each (default 65536)")
         mode.add_argument("--event-buffer", type=positive_int, default=2, metavar="MIB",
-                          help="ring buffer for address-space events per process, in MiB "
-                          "(default 2)")
+                          help="ring buffer for address-space events, in MiB: one shared by "
+                          "every process with --light, one per process without (default 2)")
 
     def run(self, args: argparse.Namespace) -> int:
         from memtrace import follow, preflight
@@ -88,16 +89,18 @@ class AgentCommand:
             light=args.light,
             interval_s=args.interval,
             max_targets=args.max_targets,
-            limits=agent_limits(args.light, args.max_allocs, args.event_buffer << 20),
+            limits=agent_limits(args.light, args.max_allocs, args.event_buffer << 20,
+                                args.max_targets),
             duration_s=args.duration,
             vm_probes=args.vm_probes,
         )
         board = Board()
         server = Server(args.serve, board)
         agent = Agent(selector, options, board)
-        agent.say(f"following {selector.describe()}{' (light)' if args.light else ''}; "
-                  f"serving http://{args.serve}/metrics")
         try:
+            agent.load()  # said once it can attach
+            agent.say(f"following {selector.describe()}{' (light)' if args.light else ''}; "
+                      f"serving http://{args.serve}/metrics")
             agent.run()
         finally:
             server.close()

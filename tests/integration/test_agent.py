@@ -267,3 +267,35 @@ def test_agent_memory_stays_bounded(cgroup, programs, spawn, start_memtrace):
     result = agent.stop(signal.SIGTERM)
     assert result.rc == 0, result.stderr
     assert result.stderr.count("detached from pid") >= starts, result.stderr[-2000:]
+
+
+def test_agent_keeps_each_process_figures_apart(cgroup, programs, retention_binary, spawn,
+                                               start_memtrace, tmp_path):
+    """Two processes on the one shared object: the malloc_trim of one, its
+    calls and what it gave back, are its own; the other shows none."""
+    agent = start_agent(start_memtrace, ["--light", "--cgroup", str(cgroup), "--interval", "0.5"])
+    out = tmp_path / "truth.json"
+    trimmer = start_in(cgroup, [retention_binary, out, "--threads", "2", "--mib", "16",
+                                "--trim", "--wait"], spawn)
+    idle = start_in(cgroup, [programs["idle"]], spawn)
+    both = {str(trimmer.pid), str(idle.pid)}
+    wait_until(lambda m: both <= set(m.get("memtrace_rss_bytes", {}))
+               and m["comm"][str(idle.pid)] == "idle"
+               and m["comm"][str(trimmer.pid)] == "retention", "both processes", agent)
+    trimmer.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + WAIT_S
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    metrics = wait_until(lambda m: m["memtrace_trim_calls_total"].get(str(trimmer.pid)) == 1
+                         and m["memtrace_trim_returned_bytes_total"][str(trimmer.pid)] > 0,
+                         "the trim", agent)
+    assert metrics["memtrace_trim_calls_total"][str(idle.pid)] == 0
+    assert metrics["memtrace_trim_returned_bytes_total"][str(idle.pid)] == 0
+    # the workers' arenas are the trimmer's: 2 x 16 MiB mapped, none of it the idle one's
+    assert metrics["memtrace_address_space_committed_bytes"][str(trimmer.pid)] > 16 << 20
+    assert metrics["memtrace_address_space_committed_bytes"][str(idle.pid)] < 4 << 20
+    trimmer.send_signal(signal.SIGUSR1)
+    idle.send_signal(signal.SIGTERM)
+    assert trimmer.wait(30) == 0 and idle.wait(30) == 0, "a followed process was harmed"
+    result = agent.stop(signal.SIGTERM)
+    assert result.rc == 0, result.stderr

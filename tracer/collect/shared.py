@@ -72,6 +72,8 @@ class SharedProbes:
     def remove(self, pid: int) -> None:
         """pid's entry, events and stacks go: a fleet's comings and goings
         leave nothing behind."""
+        # Events under way first: another process's may name a stack too.
+        self.consume()
         self._handlers.pop(pid, None)
         self._early.pop(pid, None)
         mine = self._stacks.pop(pid, set())

@@ -98,15 +98,27 @@ static __always_inline void count(u32 which)
 #define MAX_TARGETS 1024
 #endif
 /* The processes traced, by tgid: one for a trace, every process the agent
- * follows for its shared object. Python adds a process before its probes
- * and deletes it after them. */
+ * follows for its shared object. A bit per possible tgid (PID_MAX_LIMIT,
+ * 4 Mi: a 512 KiB array) is what every probe checks, in a few ns where a
+ * hash lookup cost ~60 ns per malloc; what the kernel keeps for a process
+ * is in the targets hash, looked up on rare paths only. Python sets both
+ * before a process's probes and clears both after them. */
+BPF_ARRAY(traced_tgids, u64, TGID_LIMIT / 64);
 BPF_HASH(targets, u32, struct target_state, MAX_TARGETS);
 
 /* Uprobes attach per process, but a child forked by the target inherits
  * breakpoints until the kernel drops them, and tracepoints see every
- * process: the thread group decides. Returns the process's state, 0 for
- * a process not traced. */
-static __always_inline struct target_state *traced(u64 id)
+ * process: the thread group decides. */
+static __always_inline int traced(u64 id)
+{
+    u32 tgid = id >> 32;
+    u32 word = tgid / 64;
+    u64 *bits = traced_tgids.lookup(&word);
+    return bits && (*bits >> (tgid % 64)) & 1;
+}
+
+/* The state of a traced process; 0 for one not traced. */
+static __always_inline struct target_state *target_state(u64 id)
 {
     u32 tgid = id >> 32;
     return targets.lookup(&tgid);

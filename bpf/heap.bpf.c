@@ -568,7 +568,7 @@ int free_enter(struct pt_regs *ctx)
  * calls it makes are marked as inside malloc, and its RSS effect is known. */
 int trim_enter(struct pt_regs *ctx)
 {
-    struct target_state *t = traced(bpf_get_current_pid_tgid());
+    struct target_state *t = target_state(bpf_get_current_pid_tgid());
     if (!t)
         return 0;
     __sync_fetch_and_add(&t->trim_calls, 1);
@@ -585,7 +585,7 @@ int trim_return(struct pt_regs *ctx)
     struct pending_call *call = leave(&tid);
     if (!call)
         return 0;
-    struct target_state *t = traced(bpf_get_current_pid_tgid());
+    struct target_state *t = target_state(bpf_get_current_pid_tgid());
     if (call->kind == CALL_TRIM) {
         if (PT_REGS_RC(ctx) == 1 && t)
             __sync_fetch_and_add(&t->trim_released_calls, 1);

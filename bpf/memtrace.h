@@ -88,6 +88,9 @@ struct rss_now {
     u64 ts_ns;  /* the last report */
 };
 
+/* Tgids are below the kernel's PID_MAX_LIMIT (the traced_tgids bitmap). */
+#define TGID_LIMIT 4194304
+
 /* What the kernel keeps per traced process (the targets map). */
 struct target_state {
     struct rss_now rss;

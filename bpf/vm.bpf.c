@@ -75,7 +75,7 @@ static __always_inline void vm_call_done(u32 tid, struct vm_call *call)
  * the trim gave back, and by Python for the process as it was at its exit. */
 static __always_inline s64 current_rss_anon(void)
 {
-    struct target_state *t = traced(bpf_get_current_pid_tgid());
+    struct target_state *t = target_state(bpf_get_current_pid_tgid());
     return t ? t->rss.bytes[RSS_ANON] : 0;
 }
 
@@ -274,9 +274,10 @@ TRACEPOINT_PROBE(syscalls, sys_exit_madvise) { return vm_exit(args, args->ret, 0
  * kept are those of the process's last moment. */
 TRACEPOINT_PROBE(kmem, rss_stat)
 {
-    if (!args->curr)
+    u64 id = bpf_get_current_pid_tgid();
+    if (!args->curr || !traced(id))
         return 0;
-    struct target_state *t = traced(bpf_get_current_pid_tgid());
+    struct target_state *t = target_state(id);
     u32 member = args->member;
     if (!t || member >= RSS_MEMBERS)
         return 0;

@@ -60,3 +60,7 @@ def test_jvm_method_tag():
 
     assert 1 << _define("JVM_METHOD_TAG_BIT") == JVM_METHOD_TAG
     assert _define("JVM_METHOD_SLOT") == 3 * 8  # x86-64: interpreter_frame_method_offset
+
+
+def test_tgid_limit():
+    assert probes.TGID_LIMIT == _define("TGID_LIMIT")

@@ -104,6 +104,8 @@ class Limits:
 # -DALLOCATOR_KIND: keep in step with ALLOCATOR_* in bpf/memtrace.h.
 ALLOCATOR_KINDS = {"glibc": 0, "jemalloc": 1, "tcmalloc": 2, "mimalloc": 3}
 
+TGID_LIMIT = 1 << 22  # keep in step with bpf/memtrace.h
+
 # kmem:rss_stat's members: keep in step with enum rss_member in bpf/memtrace.h.
 RSS_MEMBERS = ("file", "anon", "swap", "shmem")
 
@@ -359,12 +361,9 @@ class Probes:
             self.watch_rss()
 
     def follow(self) -> None:
-        """The process joins the traced set (the targets map): the programs
-        loaded act for it from now on."""
-        import ctypes
-
-        table = self._bpf["targets"]
-        table[ctypes.c_uint(self.pid)] = table.Leaf()
+        """The process joins the traced set: the programs loaded act for it
+        from now on."""
+        set_traced(self._bpf, self.pid, True)
 
     def attach_uprobes(self) -> None:
         """This process's uprobes, on its allocator's file."""
@@ -644,6 +643,27 @@ class Probes:
                 break
             out.append(ip)
         return out
+
+
+def set_traced(bpf, pid: int, traced: bool) -> None:
+    """pid in or out of the traced set: its bit in traced_tgids and its
+    entry in targets, the entry there whenever the bit is."""
+    import ctypes
+
+    if not 0 < pid < TGID_LIMIT:
+        raise MemtraceError(f"pid {pid} is beyond what memtrace can trace (below {TGID_LIMIT})")
+    bits, targets = bpf["traced_tgids"], bpf["targets"]
+    word, bit = ctypes.c_uint(pid // 64), 1 << pid % 64
+    value = int(bits[word].value)
+    if traced:
+        targets[ctypes.c_uint(pid)] = targets.Leaf()
+        bits[word] = ctypes.c_ulonglong(value | bit)
+        return
+    bits[word] = ctypes.c_ulonglong(value & ~bit)
+    try:
+        del targets[ctypes.c_uint(pid)]
+    except KeyError:
+        pass
 
 
 def _detach_at_once(bpf, uprobes: Optional[list] = None) -> None:

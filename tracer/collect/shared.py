@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 from typing import Callable, Optional
 
-from memtrace.collect.probes import Limits, Probes, _detach_at_once
+from memtrace.collect.probes import Limits, Probes, _detach_at_once, set_traced
 from memtrace.collect.probesite import ProbeSite
 
 
@@ -80,10 +80,7 @@ class SharedProbes:
         bpf = self.bpf
         if bpf is None:
             return
-        try:
-            del bpf["targets"][ctypes.c_uint(pid)]
-        except KeyError:
-            pass
+        set_traced(bpf, pid, False)
         stacks = bpf["stacks"]
         if not self._handlers:
             stacks.clear()  # also those whose events were lost

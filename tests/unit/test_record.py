@@ -273,6 +273,59 @@ def test_keyframes_make_every_jump_short(recording):
     assert full == list(range(1, COUNT + 1, schema.KEYFRAME_EVERY))
 
 
+def test_keyframes_of_a_large_quiet_state_come_when_the_changes_weigh_as_much(tmp_path):
+    # 3000 stacks of which 20 move a second: a keyframe every 64 snapshots
+    # would be most of the file. The changes since a keyframe weigh at
+    # least KEYFRAME_WEIGHT of it before the next, unless KEYFRAME_MAX_EVERY.
+    path = record(tmp_path / "quiet.rec", busy_session(200, stacks=3000, changes=20))
+    db = sqlite3.connect(path)
+    full = [sid for (sid,) in db.execute("SELECT id FROM snapshots WHERE full = 1")]
+    assert full[0] == 1 and len(full) < 200 // schema.KEYFRAME_EVERY
+    weight = dict(db.execute("SELECT snapshot_id, sum(length(data)) FROM changes GROUP BY snapshot_id"))
+    for a, b in zip(full, full[1:]):
+        between = sum(weight.get(i, 0) for i in range(a + 1, b))
+        assert between >= schema.KEYFRAME_WEIGHT * weight[a] or b - a >= schema.KEYFRAME_MAX_EVERY
+    with open_recording(str(path)) as rec:
+        last = list(busy_session(200, stacks=3000, changes=20))[-1]
+        assert rec.snapshot(199).stacks == last.stacks
+
+
+def test_each_frame_is_stored_once_and_stacks_name_them_by_id(tmp_path):
+    snaps = list(busy_session(3, stacks=300, changes=10))
+    db = sqlite3.connect(record(tmp_path / "ids.rec", snaps))
+    distinct = {f for st in snaps[-1].stacks for f in st.frames}
+    assert db.execute("SELECT count(*) FROM frames").fetchone()[0] == len(distinct)
+    assert db.execute("SELECT count(*) FROM stacks").fetchone()[0] == 300
+    # The view for the sqlite3 shell gives a stack's frames back, in order.
+    sid, ids = db.execute("SELECT id, frame_ids FROM stacks LIMIT 1").fetchone()
+    texts = [t for (t,) in db.execute("SELECT frame FROM stack_frames WHERE stack_id = ? ORDER BY depth", (sid,))]
+    assert len(texts) == len(json.loads(ids)) and texts[0] in distinct
+
+
+def as_format_1(path: Path) -> None:
+    """Rewrite a recording the way format 1 stored stacks: frames as text
+    in stacks.frames, no frames table."""
+    db = sqlite3.connect(path)
+    texts = dict(db.execute("SELECT id, text FROM frames"))
+    rows = [(sid, json.dumps([texts[i] for i in json.loads(ids)]), dup)
+            for sid, ids, dup in db.execute("SELECT id, frame_ids, dup FROM stacks")]
+    db.executescript("DROP VIEW stack_frames; DROP TABLE stacks; DROP TABLE frames;"
+                     "CREATE TABLE stacks (id INTEGER PRIMARY KEY, frames TEXT NOT NULL,"
+                     " dup INTEGER NOT NULL DEFAULT 0);")
+    db.executemany("INSERT INTO stacks VALUES (?, ?, ?)", rows)
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+
+
+def test_a_format_1_recording_is_still_read(tmp_path, snapshots):
+    path = record(tmp_path / "v1.rec", snapshots[:70])
+    as_format_1(path)
+    with open_recording(str(path)) as rec:
+        assert rec.schema_version == 1
+        assert list(rec) == snapshots[:70]
+
+
 def test_unusual_order_and_repeated_identities_survive(tmp_path, snapshots):
     s = snapshots[30]
     reordered = dataclasses.replace(s, stacks=tuple(reversed(s.stacks)), threads=tuple(reversed(s.threads)))
@@ -326,7 +379,8 @@ def test_a_busy_hour_stays_small(tmp_path):
     minute = tmp_path / "busy.rec"
     record(minute, busy_session(60, stacks=2000, changes=500))
     db = sqlite3.connect(minute)
-    stacks_once = db.execute("SELECT sum(length(frames)) FROM stacks").fetchone()[0]
+    stacks_once = (db.execute("SELECT sum(length(frame_ids)) FROM stacks").fetchone()[0]
+                   + db.execute("SELECT sum(length(text)) FROM frames").fetchone()[0])
     per_interval = (minute.stat().st_size - stacks_once) / 60
     assert stacks_once + per_interval * 3600 < 100e6 * 0.6
 

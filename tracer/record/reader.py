@@ -145,6 +145,7 @@ class Recording:
         self._db: Optional[sqlite3.Connection] = None
         self._db = self._connect()
         self._frames: dict[int, tuple[str, ...]] = {}
+        self._frame_text: Optional[dict[int, str]] = None
         self._tids: dict[int, int] = {}
         self._state = _State()
         self._rows: list[_Row] = []
@@ -340,7 +341,7 @@ class Recording:
                 f"{self.path} was written by a newer memtrace (format {version}; this one reads up to "
                 f"{schema.SCHEMA_VERSION}): upgrade memtrace to read it"
             )
-        missing = [t for t in schema.TABLES if t not in tables]
+        missing = [t for t in schema.tables(version) if t not in tables]
         if missing:
             raise MemtraceError(f"{self.path} is damaged: its table {missing[0]!r} is missing")
         self.schema_version: int = version
@@ -511,14 +512,46 @@ class Recording:
     def _frames_of(self, eid: int) -> tuple[str, ...]:
         frames = self._frames.get(eid)
         if frames is None:
-            row = self._conn().execute("SELECT frames FROM stacks WHERE id = ?", (eid,)).fetchone()
-            if row is None:
-                raise ValueError(f"stack {eid} is missing")
-            value = json.loads(row[0])
-            if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
-                raise ValueError(f"stack {eid} has malformed frames")
+            if self.schema_version <= schema.FRAMES_AS_TEXT_UNTIL:
+                row = self._conn().execute("SELECT frames FROM stacks WHERE id = ?", (eid,)).fetchone()
+                if row is None:
+                    raise ValueError(f"stack {eid} is missing")
+                value = json.loads(row[0])
+                if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
+                    raise ValueError(f"stack {eid} has malformed frames")
+            else:
+                self._load_stacks(eid)
+                frames = self._frames.get(eid)
+                if frames is None:
+                    raise ValueError(f"stack {eid} is missing")
+                return frames
             frames = self._frames[eid] = tuple(value)
         return frames
+
+    def _load_stacks(self, eid: int) -> None:
+        """Every stack from `eid` on that is not read yet, in one pass:
+        a keyframe asks for all of them, one query each would be most of a
+        report's time. The frame texts are shared by every stack."""
+        db = self._conn()
+        if self._frame_text is None:
+            self._frame_text = {}
+            for fid, text in db.execute("SELECT id, text FROM frames"):
+                if isinstance(text, bytes):
+                    text = text.decode("utf-8", "surrogatepass")  # the recorder's form of a non-UTF-8 name
+                if not isinstance(fid, int) or not isinstance(text, str):
+                    raise ValueError("the frames table is malformed")
+                self._frame_text[fid] = text
+        texts, frames = self._frame_text, self._frames
+        for sid, ids in db.execute("SELECT id, frame_ids FROM stacks WHERE id >= ?", (eid,)):
+            if sid in frames:
+                continue
+            value = json.loads(ids)
+            if not isinstance(value, list):
+                raise ValueError(f"stack {sid} has malformed frames")
+            try:
+                frames[sid] = tuple(texts[i] for i in value)
+            except (KeyError, TypeError):
+                raise ValueError(f"stack {sid} names a frame that is missing") from None
 
     def _tid_of(self, eid: int) -> int:
         tid = self._tids.get(eid)

@@ -1,0 +1,261 @@
+"""Scale: memtrace on a target with many distinct live stacks that churn
+(issue 16, targets 1-3). Not part of the test suite: it measures.
+
+    .venv/bin/python bench/scale.py                          # 100,000 stacks, 25 s
+    .venv/bin/python bench/scale.py --stacks 50000 --seconds 25
+    .venv/bin/python bench/scale.py --stacks 57000 --ramp 90 --seconds 300   # Tomcat-like
+    .venv/bin/python bench/scale.py --profile prof.out       # memtrace under cProfile
+    .venv/bin/python bench/scale.py --keep DIR               # keep the recording
+
+memtrace launches `scale_target.c` (`--json --record --interval 1`, with
+kernel maps large enough for the stacks). Measured:
+- memtrace's own CPU (its process, not the target), % of one core, from
+  /proc between 5 s after its start and the target's exit: the compile and
+  attach before and the final snapshot after are left out;
+- snapshots on time: the intervals between the recorded snapshots (median,
+  largest, and how many were over the interval + 0.25 s);
+- the recording's size, in total and per table (sqlite's dbstat), and the
+  projection to an hour from the steady part: bytes added per snapshot
+  after the ramp, times 3600 / interval, plus what the ramp itself took;
+- `memtrace report` on the recording: seconds and output bytes per format,
+  bare and with --top 100 (json, folded).
+
+With --profile, memtrace runs under cProfile and the 25 functions with the
+most own time and the most cumulated time are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import re
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TICK_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def build_target() -> Path:
+    out = HERE / "build" / "scale_target"
+    out.parent.mkdir(exist_ok=True)
+    src = HERE / "scale_target.c"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-g", "-fno-builtin", "-fno-omit-frame-pointer",
+                        "-fno-optimize-sibling-calls", "-Wall", "-o", str(out), str(src)], check=True)
+    return out
+
+
+def python() -> str:
+    venv = ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
+    size = max(65536, 1 << (2 * args.stacks - 1).bit_length())
+    memtrace = [python()]
+    if args.profile:
+        memtrace += ["-m", "cProfile", "-o", args.profile]
+    memtrace += ["-m", "memtrace", "--json", "--interval", str(args.interval), "--record", str(rec),
+                 "--max-stats", str(size), "--stack-storage-size", str(size),
+                 "--", str(target), str(args.stacks), str(args.seconds), str(args.rate),
+                 str(args.ramp), str(args.depth)]
+    with open(out_dir / "trace.json", "w") as out, open(out_dir / "trace.err", "w") as err:
+        started = time.monotonic()
+        tracer = subprocess.Popen(memtrace, stdout=out, stderr=err)
+        first = last = None
+        target_pid = None
+        spy = None
+        while tracer.poll() is None:
+            time.sleep(0.2)
+            t = time.monotonic() - started
+            try:
+                ticks = cpu_ticks(tracer.pid)
+            except OSError:
+                break
+            kids = children(tracer.pid)
+            if kids and target_pid is None:
+                target_pid = kids[0]
+            if target_pid is not None and not os.path.exists(f"/proc/{target_pid}/stat"):
+                break  # the target is gone: what follows is the final snapshot
+            if t >= 5.0:
+                if first is None:
+                    first = (t, ticks)
+                    if args.pyspy:
+                        spy = subprocess.Popen(
+                            [str(Path(python()).parent / "py-spy"), "record", "-p", str(tracer.pid),
+                             "-r", "20", "-d", str(int(args.seconds)), "--nonblocking", "-f", "raw",
+                             "-o", args.pyspy], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                last = (t, ticks)
+        if spy is not None:
+            spy.terminate()  # py-spy writes its file on SIGTERM/SIGINT
+            spy.wait()
+        tracer.wait()
+        wall = time.monotonic() - started
+    cpu = None
+    if first and last and last[0] > first[0]:
+        cpu = 100.0 * (last[1] - first[1]) / TICK_HZ / (last[0] - first[0])
+    return {"exit": tracer.returncode, "cpu_pct": cpu, "wall_s": wall}
+
+
+def table_sizes(rec: Path) -> dict[str, int]:
+    db = sqlite3.connect(f"file:{rec}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall()
+    except sqlite3.Error:
+        rows = []
+    db.close()
+    return dict(rows)
+
+
+def snapshot_times(rec: Path) -> list[float]:
+    db = sqlite3.connect(f"file:{rec}?mode=ro", uri=True)
+    times = [r[0] for r in db.execute("SELECT elapsed_s FROM snapshots ORDER BY id")]
+    db.close()
+    return times
+
+
+def growth(rec: Path, ramp_s: float) -> tuple[int, int, int]:
+    """Bytes written for the snapshots in the ramp, and after it: (ramp
+    bytes, steady bytes, steady snapshots), from the page sizes of rows."""
+    db = sqlite3.connect(f"file:{rec}?mode=ro", uri=True)
+    per: dict[int, int] = {}
+    for sid, n in db.execute("SELECT snapshot_id, length(data) FROM changes"):
+        per[sid] = per.get(sid, 0) + n
+    for sid, n in db.execute("SELECT snapshot_id, length(value) FROM sections"):
+        per[sid] = per.get(sid, 0) + (n or 0)
+    times = dict(db.execute("SELECT id, elapsed_s FROM snapshots"))
+    db.close()
+    ramp = sum(n for sid, n in per.items() if times.get(sid, 0) <= ramp_s + 2)
+    steady_ids = [sid for sid, t in times.items() if t > ramp_s + 2]
+    steady = sum(per.get(sid, 0) for sid in steady_ids)
+    return ramp, steady, len(steady_ids)
+
+
+def report(rec: Path, out_dir: Path, fmt: str, extra: list[str]) -> tuple[float, int, int]:
+    out = out_dir / f"report-{fmt}{'-'.join([''] + extra)}.out"
+    t0 = time.monotonic()
+    r = subprocess.run([python(), "-m", "memtrace", "report", str(rec), "--format", fmt,
+                        "-o", str(out), *extra], capture_output=True, text=True)
+    dt = time.monotonic() - t0
+    if r.returncode:
+        print(f"  report {fmt} {' '.join(extra)}: exit {r.returncode}: {r.stderr.strip()[:200]}")
+    return dt, out.stat().st_size if out.exists() else 0, r.returncode
+
+
+def print_samples(path: str, top: int = 25) -> None:
+    """py-spy's folded stacks: each function's share of the samples, own
+    and with what it calls."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            if not stack:
+                continue
+            count = int(n)
+            total += count
+            frames = [re.sub(r" \((/.*/)?([^/]+):\d+\)$", r" (\2)", fr) for fr in stack.split(";")]
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+            for fr in set(frames):
+                inclusive[fr] = inclusive.get(fr, 0) + count
+    for title, table in (("own", own), ("inclusive", inclusive)):
+        print(f"\n-- py-spy: {top} functions by {title} samples (of {total}) --")
+        for name, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"  {100 * n / total:5.1f} %  {name}")
+
+
+def print_profile(path: str) -> None:
+    stats = pstats.Stats(path)
+    for key in ("tottime", "cumulative"):
+        print(f"\n-- memtrace's 25 functions by {key} --")
+        stats.sort_stats(key).print_stats(25)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stacks", type=int, default=100_000)
+    p.add_argument("--seconds", type=float, default=25.0, help="how long the target runs")
+    p.add_argument("--rate", type=float, default=20_000, help="frees and mallocs a second")
+    p.add_argument("--ramp", type=float, default=0.0, help="seconds over which the stacks appear")
+    p.add_argument("--depth", type=int, default=8, help="plain frames under the distinct ones")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--profile", metavar="FILE", help="run memtrace under cProfile, stats into FILE")
+    p.add_argument("--py-spy", metavar="FILE", dest="pyspy",
+                   help="sample memtrace with py-spy (from 5 s in to the target's exit), folded into FILE")
+    p.add_argument("--keep", metavar="DIR", help="keep the recording and the outputs here")
+    p.add_argument("--no-reports", action="store_true")
+    args = p.parse_args()
+
+    target = build_target()
+    out_dir = Path(args.keep or tempfile.mkdtemp(prefix="memtrace-scale-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rec = out_dir / "scale.memtrace"
+    for suffix in ("", "-wal"):
+        Path(str(rec) + suffix).unlink(missing_ok=True)
+    print(f"{args.stacks} stacks, {args.rate:g} churn/s, ramp {args.ramp:g} s, depth {args.depth},"
+          f" {args.seconds:g} s at --interval {args.interval:g}")
+    t = trace(args, target, rec, out_dir)
+    if t["exit"]:
+        print(f"memtrace exited {t['exit']}: {(out_dir / 'trace.err').read_text()[-500:]}")
+        return 1
+    cpu = f"{t['cpu_pct']:.1f} % of a core" if t["cpu_pct"] is not None else "n/a"
+    print(f"memtrace CPU while the target ran: {cpu}; whole run {t['wall_s']:.1f} s")
+
+    times = snapshot_times(rec)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    if gaps:
+        late = sum(1 for g in gaps if g > args.interval + 0.25)
+        print(f"snapshots: {len(times)}; interval median {statistics.median(gaps):.2f} s, "
+              f"largest {max(gaps):.2f} s, {late} of {len(gaps)} late (> {args.interval + 0.25:g} s)")
+    size = rec.stat().st_size
+    tables = table_sizes(rec)
+    print(f"recording: {size / 1e6:.1f} MB; " + ", ".join(
+        f"{k} {v / 1e6:.1f}" for k, v in sorted(tables.items(), key=lambda kv: -kv[1])
+        if v >= 100_000))
+    ramp_b, steady_b, steady_n = growth(rec, args.ramp)
+    if steady_n:
+        per_s = steady_b / (steady_n * args.interval)
+        hour = size - steady_b + per_s * (3600 - args.ramp)
+        print(f"steady growth {per_s / 1e3:.0f} kB/s of row data over {steady_n} snapshots; "
+              f"an hour: about {hour / 1e6:.0f} MB (the file so far, less its steady part, "
+              f"plus that rate for {3600 - args.ramp:g} s)")
+    if not args.no_reports:
+        for fmt, extra in (("text", []), ("json", []), ("json", ["--top", "100"]), ("folded", []),
+                           ("folded", ["--top", "100"]), ("html", [])):
+            dt, n, rc = report(rec, out_dir, fmt, extra)
+            if not rc:
+                print(f"report {fmt:6} {' '.join(extra):10} {dt:5.2f} s {n / 1e6:8.2f} MB")
+    if args.profile:
+        print_profile(args.profile)
+    if args.pyspy and os.path.exists(args.pyspy):
+        print_samples(args.pyspy)
+    if args.keep:
+        print(f"kept in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

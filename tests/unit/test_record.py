@@ -264,7 +264,9 @@ def test_only_changes_are_stored(tmp_path, snapshots):
     db = sqlite3.connect(path)
     assert db.execute("SELECT count(*) FROM changes WHERE snapshot_id = 2").fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM sections WHERE snapshot_id = 2").fetchone()[0] == 0
-    assert db.execute("SELECT count(*) FROM stacks").fetchone()[0] == len(s.stacks)
+    # Each stack once, as a node of the call tree with its callers' nodes.
+    nodes = {st.frames[i:] for st in s.stacks for i in range(len(st.frames))}
+    assert db.execute("SELECT count(*) FROM stacks").fetchone()[0] == len(nodes)
 
 
 def test_keyframes_make_every_jump_short(recording):
@@ -290,25 +292,35 @@ def test_keyframes_of_a_large_quiet_state_come_when_the_changes_weigh_as_much(tm
         assert rec.snapshot(199).stacks == last.stacks
 
 
-def test_each_frame_is_stored_once_and_stacks_name_them_by_id(tmp_path):
-    snaps = list(busy_session(3, stacks=300, changes=10))
-    db = sqlite3.connect(record(tmp_path / "ids.rec", snaps))
-    distinct = {f for st in snaps[-1].stacks for f in st.frames}
+def test_each_frame_is_stored_once_and_stacks_share_their_callers(tmp_path):
+    # 4 x 4 x 4 stacks over a shared outer part: the call tree has 1 + 4 +
+    # 16 + 64 nodes below the shared part, one row each.
+    shared = tuple(f"outer_{d}+0x10 [app]" for d in range(10)) + ("start_thread+0x7d [libc.so.6]",)
+    stacks = [StackStats((f"leaf_{a}_{b}_{c}", f"mid_{a}_{b}", f"top_{a}") + shared, (1,), Counters(10 + a, 0, 1, 0))
+              for a in range(4) for b in range(4) for c in range(4)]
+    snap = Snapshot(1, "x", 1.0, 1.0, stacks=tuple(stacks))
+    path = record(tmp_path / "tree.rec", [snap])
+    db = sqlite3.connect(path)
+    distinct = {f for st in stacks for f in st.frames}
     assert db.execute("SELECT count(*) FROM frames").fetchone()[0] == len(distinct)
-    assert db.execute("SELECT count(*) FROM stacks").fetchone()[0] == 300
+    assert db.execute("SELECT count(*) FROM stacks").fetchone()[0] == len(shared) + 4 + 16 + 64
     # The view for the sqlite3 shell gives a stack's frames back, in order.
-    sid, ids = db.execute("SELECT id, frame_ids FROM stacks LIMIT 1").fetchone()
-    texts = [t for (t,) in db.execute("SELECT frame FROM stack_frames WHERE stack_id = ? ORDER BY depth", (sid,))]
-    assert len(texts) == len(json.loads(ids)) and texts[0] in distinct
+    with open_recording(str(path)) as rec:
+        first = rec.snapshot(0).stacks[0]
+    sid = db.execute("SELECT s.id FROM stacks s JOIN frames f ON f.id = s.frame_id WHERE f.text = ?",
+                     (first.frames[0],)).fetchone()[0]
+    texts = tuple(t for (t,) in db.execute("SELECT frame FROM stack_frames WHERE stack_id = ? ORDER BY depth", (sid,)))
+    assert texts == first.frames
 
 
 def as_format_1(path: Path) -> None:
     """Rewrite a recording the way format 1 stored stacks: frames as text
     in stacks.frames, no frames table."""
+    with open_recording(str(path)) as rec:
+        rec.snapshot(len(rec) - 1)
+        frames = rec._frames
     db = sqlite3.connect(path)
-    texts = dict(db.execute("SELECT id, text FROM frames"))
-    rows = [(sid, json.dumps([texts[i] for i in json.loads(ids)]), dup)
-            for sid, ids, dup in db.execute("SELECT id, frame_ids, dup FROM stacks")]
+    rows = [(sid, json.dumps(list(frames[sid])), dup) for sid, dup in db.execute("SELECT id, dup FROM stacks")]
     db.executescript("DROP VIEW stack_frames; DROP TABLE stacks; DROP TABLE frames;"
                      "CREATE TABLE stacks (id INTEGER PRIMARY KEY, frames TEXT NOT NULL,"
                      " dup INTEGER NOT NULL DEFAULT 0);")
@@ -379,7 +391,7 @@ def test_a_busy_hour_stays_small(tmp_path):
     minute = tmp_path / "busy.rec"
     record(minute, busy_session(60, stacks=2000, changes=500))
     db = sqlite3.connect(minute)
-    stacks_once = (db.execute("SELECT sum(length(frame_ids)) FROM stacks").fetchone()[0]
+    stacks_once = (db.execute("SELECT count(*) * 12 FROM stacks").fetchone()[0]
                    + db.execute("SELECT sum(length(text)) FROM frames").fetchone()[0])
     per_interval = (minute.stat().st_size - stacks_once) / 60
     assert stacks_once + per_interval * 3600 < 100e6 * 0.6

@@ -14,11 +14,12 @@ from memtrace.errors import MemtraceError
 from memtrace.record.reader import open_recording, parse_when, when_arg
 from memtrace.reporters import FORMATS, reporter_class
 from memtrace.reporters.common import BY_CHOICES, ReportData, check_by
+from memtrace.reporters.select import StackPolicy, add_policy_options, policy_of
 
 
 
 
-def load_report_data(path: str, when: str, by: str) -> ReportData:
+def load_report_data(path: str, when: str, by: str, policy: StackPolicy = StackPolicy()) -> ReportData:
     with open_recording(path) as rec:
         index, snapshot = rec.snapshot_at(when)
         check_by(snapshot, by)
@@ -39,6 +40,7 @@ def load_report_data(path: str, when: str, by: str) -> ReportData:
             complete=rec.complete,
             source=path,
             final=final,
+            policy=policy,
         )
 
 
@@ -76,6 +78,7 @@ class ReportCommand:
       memtrace report app.rec --by allocated --format folded | flamegraph.pl > alloc.svg
       memtrace report app.rec --format pprof -o heap.pb.gz && go tool pprof -top heap.pb.gz
       memtrace report app.rec --format html -o report.html
+      memtrace report app.rec --format json --top 100 --min-size 64K
     """
 
     name = "report"
@@ -93,11 +96,12 @@ class ReportCommand:
                             " else text")
         parser.add_argument("-o", "--output", default="-", metavar="FILE",
                             help="write here instead of stdout")
+        add_policy_options(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         args.format = args.format or format_of(args.output)
         reporter_cls = reporter_class(args.format)
-        data = load_report_data(os.fspath(args.file), args.at, args.by)
+        data = load_report_data(os.fspath(args.file), args.at, args.by, policy_of(args))
         reporter = reporter_cls(data)
         try:
             with _output(args.output, reporter_cls.binary, args.format) as out:

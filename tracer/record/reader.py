@@ -529,9 +529,10 @@ class Recording:
         return frames
 
     def _load_stacks(self, eid: int) -> None:
-        """Every stack from `eid` on that is not read yet, in one pass:
-        a keyframe asks for all of them, one query each would be most of a
-        report's time. The frame texts are shared by every stack."""
+        """Every stack up to the last one written, in one pass: a keyframe
+        asks for all of them, one query each would be most of a report's
+        time. A node's parent is written before it, so reading in id order
+        finds each parent's frames already built."""
         db = self._conn()
         if self._frame_text is None:
             self._frame_text = {}
@@ -542,16 +543,16 @@ class Recording:
                     raise ValueError("the frames table is malformed")
                 self._frame_text[fid] = text
         texts, frames = self._frame_text, self._frames
-        for sid, ids in db.execute("SELECT id, frame_ids FROM stacks WHERE id >= ?", (eid,)):
-            if sid in frames:
+        start = max(frames, default=0)
+        for sid, fid, parent in db.execute(
+                "SELECT id, frame_id, parent FROM stacks WHERE id > ? ORDER BY id", (start,)):
+            if fid is None:
+                frames[sid] = ()
                 continue
-            value = json.loads(ids)
-            if not isinstance(value, list):
-                raise ValueError(f"stack {sid} has malformed frames")
             try:
-                frames[sid] = tuple(texts[i] for i in value)
+                frames[sid] = (texts[fid],) + (frames[parent] if parent is not None else ())
             except (KeyError, TypeError):
-                raise ValueError(f"stack {sid} names a frame that is missing") from None
+                raise ValueError(f"stack {sid} names a frame or a caller that is missing") from None
 
     def _tid_of(self, eid: int) -> int:
         tid = self._tids.get(eid)

@@ -146,6 +146,8 @@ class Recorder:
         self._bytes_since_keyframe = 0
         self._since_keyframe = 0
         self._frame_ids: dict[str, int] = {}
+        # (innermost frame id, parent stack id) -> stack id: the call tree.
+        self._nodes: dict[tuple[int, Optional[int]], int] = {}
         self._checkpointed_at = time.monotonic()
         # identity (frames, tid) -> entity id; repeats within a snapshot
         # are keyed (_REPEAT, identity, n).
@@ -319,8 +321,23 @@ class Recorder:
         return fid
 
     def _new_stack(self, db: sqlite3.Connection, frames: tuple[str, ...], dup: int) -> int:
-        ids = ",".join(str(self._frame_id(db, f)) for f in frames)
-        return _rowid(db.execute("INSERT INTO stacks (frame_ids, dup) VALUES (?, ?)", (f"[{ids}]", dup)))
+        """The stack's node in the call tree, with the nodes of its callers
+        that are not there yet; a repeat (dup > 0) gets a node of its own."""
+        if not frames:
+            return _rowid(db.execute("INSERT INTO stacks (frame_id, parent, dup) VALUES (NULL, NULL, ?)", (dup,)))
+        parent: Optional[int] = None
+        last = len(frames) - 1
+        for depth in range(last, -1, -1):
+            key = (self._frame_id(db, frames[depth]), parent)
+            node = self._nodes.get(key) if depth or not dup else None
+            if node is None:
+                node = _rowid(db.execute("INSERT INTO stacks (frame_id, parent, dup) VALUES (?, ?, ?)",
+                                         (*key, 0 if depth else dup)))
+                if depth or not dup:
+                    self._nodes[key] = node
+            parent = node
+        assert parent is not None
+        return parent
 
     def _new_thread(self, db: sqlite3.Connection, tid: int, dup: int) -> int:
         return _rowid(db.execute("INSERT INTO threads (tid, dup) VALUES (?, ?)", (tid, dup)))

@@ -11,10 +11,13 @@ Layout, and why:
   JSON, written only when it changed; lists of items with an identity
   (arenas, regions) as per-item changes. A new section needs no change here.
 - `frames`: each distinct symbolized frame once, as text, by id.
-- `stacks` / `threads`: each entity once, with a stable id; a stack is the
-  JSON list of its frames' ids. A service has tens of thousands of stacks
-  made of a few thousand frames: stored as text each, the stacks alone
-  took 200 MB (format 1), as ids a few.
+- `stacks` / `threads`: each entity once, with a stable id. A stack is its
+  innermost frame's id and the id of the stack of its callers (`parent`,
+  the same frames without the innermost): the stacks form the call tree,
+  and a stack's outer frames, shared with its siblings, are stored once.
+  A service has tens of thousands of stacks of dozens of frames each, made
+  of a few thousand distinct frames: stored as text (format 1) the stacks
+  took 200 MB; as tree nodes, about ten bytes each.
 - `changes`: per snapshot and entity kind, the entities whose counters
   changed, as one zlib-compressed JSON list (see `memtrace.record.changes`).
   A busy process changes thousands of (thread, stack) counters a second; one
@@ -99,14 +102,21 @@ CREATE TABLE frames (
                    -- surrogates) for a name that is not UTF-8
 );
 CREATE TABLE stacks (
-    id        INTEGER PRIMARY KEY,
-    frame_ids TEXT NOT NULL,  -- JSON list of frames.id, innermost first
-    dup       INTEGER NOT NULL DEFAULT 0  -- >0 only if one snapshot repeats frames
+    id       INTEGER PRIMARY KEY,
+    frame_id INTEGER,  -- frames.id of the innermost frame; NULL: no frames
+    parent   INTEGER,  -- stacks.id of the callers' frames; NULL: the outermost
+    dup      INTEGER NOT NULL DEFAULT 0  -- >0 only if one snapshot repeats frames
 );
--- For the sqlite3 shell: each stack's frames as text, innermost first.
+-- For the sqlite3 shell: each stack's frames as text, depth 0 innermost.
 CREATE VIEW stack_frames AS
-    SELECT s.id AS stack_id, j.key AS depth, f.text AS frame
-    FROM stacks s, json_each(s.frame_ids) j JOIN frames f ON f.id = j.value;
+    WITH RECURSIVE walk(stack_id, depth, node) AS (
+        SELECT id, 0, id FROM stacks
+        UNION ALL
+        SELECT w.stack_id, w.depth + 1, s.parent FROM walk w JOIN stacks s ON s.id = w.node
+        WHERE s.parent IS NOT NULL
+    )
+    SELECT w.stack_id, w.depth, f.text AS frame
+    FROM walk w JOIN stacks s ON s.id = w.node JOIN frames f ON f.id = s.frame_id;
 CREATE TABLE threads (
     id  INTEGER PRIMARY KEY,
     tid INTEGER NOT NULL,

@@ -1,5 +1,7 @@
 """The JSON report: exactly `Snapshot.to_json()` at the chosen moment, the
-same document `memtrace --json` prints, so one parser reads both."""
+same document `memtrace --json` prints, so one parser reads both. With
+--top or --min-size, the stacks are those the policy keeps, and
+`stacks_left_out` counts the others."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 from typing import TextIO
 
 from memtrace.reporters.common import ReportData
+from memtrace.reporters.select import snapshot_json
 
 
 class JsonReporter:
@@ -16,5 +19,7 @@ class JsonReporter:
         self.data = data
 
     def render(self, out: TextIO) -> None:
-        json.dump(self.data.snapshot.to_json(), out, indent=2)
-        out.write("\n")
+        # One string, one write: json.dump writes token by token, which took
+        # most of the time on 100,000 stacks.
+        doc = snapshot_json(self.data.snapshot, self.data.by, self.data.policy)
+        out.write(json.dumps(doc, indent=2) + "\n")

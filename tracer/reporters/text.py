@@ -18,7 +18,7 @@ from memtrace.reporters.common import (
     moment,
     recorded_on,
     unit,
-    weighted_stacks,
+    selected_stacks,
 )
 from memtrace.view import status
 from memtrace.view.fmt import fmt_bytes, fmt_count, fmt_duration, fmt_signed_bytes, frame_chain
@@ -194,14 +194,15 @@ def _stack_block(rank: int, st: StackStats, names: dict[int, str], retained: boo
 
 
 def _stacks_by(d: ReportData, by: str) -> list[str]:
-    ranked = weighted_stacks(d.snapshot, by)
-    if not ranked:
+    chosen = selected_stacks(d, by, limit=STACKS_SHOWN)
+    shown = chosen.shown
+    if not shown:
         return ["", f"stacks by {unit(by)}: none"]
     names = {t.tid: t.name for t in d.snapshot.threads}
-    shown = ranked[:STACKS_SHOWN]
-    lines = ["", f"top {len(shown)} of {len(ranked)} stacks by {unit(by)} (innermost frame first):"]
+    lines = ["", f"top {len(shown)} of {len(shown) + chosen.other_count} stacks by {unit(by)}"
+             " (innermost frame first):"]
     retained = has_retained(d.snapshot)
-    for rank, (st, _) in enumerate(shown, start=1):
+    for rank, st in enumerate(shown, start=1):
         lines += _stack_block(rank, st, names, retained)
     return lines
 

@@ -14,6 +14,7 @@ import time
 from typing import Callable, Optional, Sequence, TextIO
 
 from memtrace.model import ArenaStats, RegionStats, Snapshot, StackStats, ThreadStats
+from memtrace.reporters.select import select_stacks
 from memtrace.view import status
 from memtrace.view.fmt import (
     ellipsize,
@@ -184,7 +185,7 @@ class BatchView:
     def render_block(self, s: Snapshot) -> str:
         lines = [f"--- {time.strftime('%H:%M:%S')} " + "-" * 20]
         lines += _header(s)
-        stacks = status.top_stacks(s)[: self.max_stacks]
+        stacks = select_stacks(s.stacks, limit=self.max_stacks).shown
         if s.light and not s.stacks:
             lines.append(f"STACKS none: {_NO_PROBES}")
         else:
@@ -290,7 +291,7 @@ def _summary_stacks(s: Snapshot, limit: int = 10) -> list[str]:
     if not s.stacks:
         return ["", f"stacks: none ({_NO_PROBES})" if s.light else "stacks: no tracked allocations"]
     names = {t.tid: t.name for t in s.threads}
-    stacks = status.top_stacks(s)[:limit]
+    stacks = select_stacks(s.stacks, limit=limit).shown
     lines = ["", f"top {len(stacks)} of {len(s.stacks)} stacks by live bytes (frames innermost first):"]
     for rank, st in enumerate(stacks, start=1):
         c = st.counters

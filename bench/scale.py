@@ -12,6 +12,10 @@ kernel maps large enough for the stacks). Measured:
 - memtrace's own CPU (its process, not the target), % of one core, from
   /proc between 5 s after its start and the target's exit: the compile and
   attach before and the final snapshot after are left out;
+- its CPU seconds per snapshot: between two commits of the recording (the
+  -wal file's mtime, polled every 50 ms). On a machine shared with other
+  work a slow snapshot may only be waiting for a core: this figure, divided
+  by the interval, is what memtrace would take of an idle core;
 - snapshots on time: the intervals between the recorded snapshots (median,
   largest, and how many were over the interval + 0.25 s);
 - the recording's size, in total and per table (sqlite's dbstat), and the
@@ -87,13 +91,25 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
         first = last = None
         target_pid = None
         spy = None
+        wal = Path(str(rec) + "-wal")
+        wal_mtime = None
+        commits: list[tuple[float, int]] = []  # (t, memtrace's CPU ticks) at each snapshot's commit
         while tracer.poll() is None:
-            time.sleep(0.2)
+            time.sleep(0.05)
             t = time.monotonic() - started
             try:
                 ticks = cpu_ticks(tracer.pid)
             except OSError:
                 break
+            try:
+                mtime = wal.stat().st_mtime_ns
+            except OSError:
+                mtime = None
+            if mtime != wal_mtime:
+                wal_mtime = mtime
+                # A commit writes several pages: one commit per 0.5 s at most.
+                if mtime is not None and (not commits or t - commits[-1][0] > 0.5):
+                    commits.append((t, ticks))
             kids = children(tracer.pid)
             if kids and target_pid is None:
                 target_pid = kids[0]
@@ -116,7 +132,11 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
     cpu = None
     if first and last and last[0] > first[0]:
         cpu = 100.0 * (last[1] - first[1]) / TICK_HZ / (last[0] - first[0])
-    return {"exit": tracer.returncode, "cpu_pct": cpu, "wall_s": wall}
+    # CPU seconds between one commit and the next: a snapshot's whole cost,
+    # whatever else the machine runs (on a busy one, wall time is not).
+    steady = [c for c in commits if c[0] >= 5.0]
+    per_snapshot = [(b[1] - a[1]) / TICK_HZ for a, b in zip(steady, steady[1:])]
+    return {"exit": tracer.returncode, "cpu_pct": cpu, "wall_s": wall, "cpu_per_snapshot": per_snapshot}
 
 
 def table_sizes(rec: Path) -> dict[str, int]:
@@ -217,12 +237,28 @@ def main() -> int:
         Path(str(rec) + suffix).unlink(missing_ok=True)
     print(f"{args.stacks} stacks, {args.rate:g} churn/s, ramp {args.ramp:g} s, depth {args.depth},"
           f" {args.seconds:g} s at --interval {args.interval:g}")
-    t = trace(args, target, rec, out_dir)
+    for attempt in range(20):
+        t = trace(args, target, rec, out_dir)
+        err = (out_dir / "trace.err").read_text()
+        # Debian's unpatched bcc tools (memleak-bpfcc) attach with a random
+        # ref_ctr_offset: while one runs, nobody can probe the same malloc.
+        if not (t["exit"] and "ref_ctr_offset" in err):
+            break
+        print("  malloc is probed by another bcc tool: trying again in 15 s")
+        for suffix in ("", "-wal"):
+            Path(str(rec) + suffix).unlink(missing_ok=True)
+        time.sleep(15)
     if t["exit"]:
         print(f"memtrace exited {t['exit']}: {(out_dir / 'trace.err').read_text()[-500:]}")
         return 1
     cpu = f"{t['cpu_pct']:.1f} % of a core" if t["cpu_pct"] is not None else "n/a"
-    print(f"memtrace CPU while the target ran: {cpu}; whole run {t['wall_s']:.1f} s")
+    print(f"memtrace CPU while the target ran: {cpu}; whole run {t['wall_s']:.1f} s;"
+          f" load average {os.getloadavg()[0]:.1f}")
+    per = t["cpu_per_snapshot"]
+    if per:
+        print(f"CPU per snapshot (commit to commit, after 5 s): median {1000 * statistics.median(per):.0f} ms,"
+              f" largest {1000 * max(per):.0f} ms over {len(per)}: {100 * statistics.median(per) / args.interval:.1f} %"
+              f" of a core at --interval {args.interval:g}")
 
     times = snapshot_times(rec)
     gaps = [b - a for a, b in zip(times, times[1:])]

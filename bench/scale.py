@@ -21,8 +21,8 @@ kernel maps large enough for the stacks). Measured:
 - the recording's size, in total and per table (sqlite's dbstat), and the
   projection to an hour from the steady part: bytes added per snapshot
   after the ramp, times 3600 / interval, plus what the ramp itself took;
-- `memtrace report` on the recording: seconds and output bytes per format,
-  bare and with --top 100 (json, folded).
+- `memtrace report` on the recording: seconds (wall and CPU) and output
+  bytes per format, bare and with --top 100 (json, folded).
 
 With --profile, memtrace runs under cProfile and the 25 functions with the
 most own time and the most cumulated time are printed.
@@ -34,6 +34,7 @@ import argparse
 import os
 import pstats
 import re
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -110,9 +111,14 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
                 # A commit writes several pages: one commit per 0.5 s at most.
                 if mtime is not None and (not commits or t - commits[-1][0] > 0.5):
                     commits.append((t, ticks))
-            kids = children(tracer.pid)
-            if kids and target_pid is None:
-                target_pid = kids[0]
+            if target_pid is None:
+                for kid in children(tracer.pid):
+                    try:
+                        with open(f"/proc/{kid}/cmdline", "rb") as f:
+                            if b"scale_target" in f.read():
+                                target_pid = kid
+                    except OSError:
+                        pass
             if target_pid is not None and not os.path.exists(f"/proc/{target_pid}/stat"):
                 break  # the target is gone: what follows is the final snapshot
             if t >= 5.0:
@@ -173,15 +179,19 @@ def growth(rec: Path, ramp_s: float) -> tuple[int, int, int]:
     return ramp, steady, len(steady_ids)
 
 
-def report(rec: Path, out_dir: Path, fmt: str, extra: list[str]) -> tuple[float, int, int]:
+def report(rec: Path, out_dir: Path, fmt: str, extra: list[str]) -> tuple[float, float, int, int]:
+    """(wall s, CPU s, output bytes, exit status) of one `memtrace report`."""
     out = out_dir / f"report-{fmt}{'-'.join([''] + extra)}.out"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     r = subprocess.run([python(), "-m", "memtrace", "report", str(rec), "--format", fmt,
                         "-o", str(out), *extra], capture_output=True, text=True)
     dt = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if r.returncode:
         print(f"  report {fmt} {' '.join(extra)}: exit {r.returncode}: {r.stderr.strip()[:200]}")
-    return dt, out.stat().st_size if out.exists() else 0, r.returncode
+    return dt, cpu, out.stat().st_size if out.exists() else 0, r.returncode
 
 
 def print_samples(path: str, top: int = 25) -> None:
@@ -281,9 +291,9 @@ def main() -> int:
     if not args.no_reports:
         for fmt, extra in (("text", []), ("json", []), ("json", ["--top", "100"]), ("folded", []),
                            ("folded", ["--top", "100"]), ("html", [])):
-            dt, n, rc = report(rec, out_dir, fmt, extra)
+            dt, cpu, n, rc = report(rec, out_dir, fmt, extra)
             if not rc:
-                print(f"report {fmt:6} {' '.join(extra):10} {dt:5.2f} s {n / 1e6:8.2f} MB")
+                print(f"report {fmt:6} {' '.join(extra):10} {dt:5.2f} s (CPU {cpu:5.2f} s) {n / 1e6:8.2f} MB")
     if args.profile:
         print_profile(args.profile)
     if args.pyspy and os.path.exists(args.pyspy):

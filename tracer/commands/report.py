@@ -23,8 +23,11 @@ def load_report_data(path: str, when: str, by: str, policy: StackPolicy = StackP
     with open_recording(path) as rec:
         index, snapshot = rec.snapshot_at(when)
         check_by(snapshot, by)
-        peak_index, peak = rec.snapshot_at("peak")
-        _, final = rec.snapshot_at("end")
+        # Of the peak and the end only the sections count: no stacks.
+        peak_index = rec.index_at("peak")
+        peak = snapshot if peak_index == index else rec.summary(peak_index)
+        end = len(rec) - 1
+        final = snapshot if end == index else rec.summary(end)
         if index >= len(rec):
             # Reading up to the peak found damage and cut the recording.
             index, snapshot = rec.snapshot_at(when)

@@ -89,6 +89,9 @@ def _other_fields(cls: type, spelled_out: frozenset[str]) -> tuple[tuple[str, An
 
 _STACK_OTHER = _other_fields(StackStats, frozenset({"frames", "tids", "counters", "truncated", "live_delta_bytes"}))
 _THREAD_OTHER = _other_fields(ThreadStats, frozenset({"tid", "name", "counters", "alive"}))
+# StackStats' own order: the fields after live_delta_bytes, positionally.
+_STACK_OTHER_NAMES = tuple(name for name, _ in _STACK_OTHER)
+assert [f.name for f in dataclasses.fields(StackStats)][5:] == list(_STACK_OTHER_NAMES)
 
 
 def _put_others(attrs: dict[str, Any], others: tuple, new: Any, old: Any) -> None:
@@ -171,6 +174,16 @@ def decode_stacks(
     """Apply one snapshot's records to the previous snapshot's entities."""
 
     def build(eid: int, body: list, old: Optional[StackStats]) -> StackStats:
+        if old is not None and len(body) == 4:
+            # Only the counters moved: most records of a busy process.
+            a, b, c, d = body
+            if type(a) is not int or type(b) is not int or type(c) is not int or type(d) is not int:
+                raise ValueError("malformed counters in a change record")
+            o = old.counters
+            counters = Counters(o.alloc_bytes + a, o.free_bytes + b, o.alloc_count + c, o.free_count + d)
+            return StackStats(old.frames, old.tids, counters, old.truncated,
+                              counters.live_bytes - old.counters.live_bytes,
+                              *[getattr(old, name) for name in _STACK_OTHER_NAMES])
         attrs = _attributes(body)
         counters = _counters_from(body, old.counters if old else None)
         if "t" in attrs:
@@ -184,7 +197,8 @@ def decode_stacks(
             delta = counters.live_bytes - (old.counters.live_bytes if old else 0)
         truncated = bool(attrs.get("x", old.truncated if old else False))
         others = _get_others(StackStats, _STACK_OTHER, attrs, old)
-        return StackStats(frames_of(eid), tids, counters, truncated, delta, **others)
+        return StackStats(old.frames if old is not None else frames_of(eid), tids, counters, truncated, delta,
+                          **others)
 
     _decode(data, entities, build)
 

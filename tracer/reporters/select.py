@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import heapq
 import re
+from operator import itemgetter
 from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Sequence
 
 from memtrace.model import Counters, Snapshot, StackStats
 
 WEIGHTS = ("live", "retained", "allocated")
+_second = itemgetter(1)
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,18 @@ class Selection:
         return f"other ({self.other_count} stack{'' if self.other_count == 1 else 's'})"
 
 
+_WEIGHTS = {
+    "live": lambda s: s.counters.alloc_bytes - s.counters.free_bytes,
+    "allocated": lambda s: s.counters.alloc_bytes,
+    "retained": lambda s: s.retained_bytes,
+}
+
+
 def weight_of(stack: StackStats, by: str) -> int:
-    if by == "live":
-        return stack.counters.live_bytes
-    if by == "allocated":
-        return stack.counters.alloc_bytes
-    if by == "retained":
-        return stack.retained_bytes
-    raise ValueError(f"unknown weight {by!r}")
+    try:
+        return _WEIGHTS[by](stack)
+    except KeyError:
+        raise ValueError(f"unknown weight {by!r}") from None
 
 
 def rank_key(stack: StackStats, weight: int) -> tuple:
@@ -119,7 +125,8 @@ def select_stacks(
     policy = _policy if policy is None else policy
     if by not in WEIGHTS:
         raise ValueError(f"unknown weight {by!r}")
-    pairs = [(s, weight_of(s, by)) for s in stacks]
+    weigh = _WEIGHTS[by]
+    pairs = [(s, weigh(s)) for s in stacks]
     if positive:
         pairs = [p for p in pairs if p[1] > 0]
     floor = policy.min_bytes
@@ -135,8 +142,13 @@ def select_stacks(
     count = min(bounds) if bounds else None
     key = lambda p: rank_key(p[0], p[1])  # noqa: E731
     if count is not None and count < len(kept):
-        # A few rows out of 100,000 stacks: no full sort.
-        ranked = heapq.nsmallest(max(0, count), kept, key=key)
+        # A few rows out of 100,000 stacks: no full sort. The weights alone
+        # find the count-th heaviest; the ties around it are ranked whole.
+        if count <= 0:
+            ranked = []
+        else:
+            cut = heapq.nlargest(count, kept, key=_second)[-1][1]
+            ranked = sorted((p for p in kept if p[1] >= cut), key=key)[:count]
     else:
         ranked = sorted(kept, key=key)
     if len(ranked) == len(pairs):

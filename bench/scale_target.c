@@ -98,13 +98,21 @@ int main(int argc, char **argv)
     double done = 0;
     for (double t = start; t < end; t = now_s()) {
         long want = ramp_s > 0 && t - start < ramp_s ? (long)(stacks * (t - start) / ramp_s) : stacks;
-        for (; active < want; active++)
-            blocks[active] = nest(depth, active, 16 + (next_random() & 255));
         /* Churn in 1 ms steps at RATE a second. */
         double target = (t - start) * rate;
-        for (; done < target && active > 0; done++) {
-            long i = next_random() % active;
-            free(blocks[i]);
+        for (;;) {
+            long i;
+            if (active < want) {
+                i = active++;
+            } else if (done < target && active > 0) {
+                i = next_random() % active;
+                free(blocks[i]);
+                done++;
+            } else {
+                break;
+            }
+            /* One call site for the first block and the later ones: one
+             * stack per path. */
             blocks[i] = nest(depth, i, 16 + (next_random() & 255));
         }
         struct timespec ms = {0, 1000000};

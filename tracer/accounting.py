@@ -101,12 +101,17 @@ def account_allocator(
             i = owner.get(f.bucket)
             if i is None:
                 continue  # an mmapped chunk, outside every arena
-            live[i] += f.live_bytes
-            live_chunks[i] += f.live_chunk_bytes
-            if f.alloc_bytes and f.tid and not f.before_exec:  # tid 0: exited threads, folded
+            if f.before_exec:
+                continue  # gone with the image that made them: nothing live, nothing freed here
+            # Flow.live_bytes and live_chunk_bytes spelled out: this loop
+            # runs over every row of the map each interval.
+            live[i] += f.alloc_bytes - f.free_bytes
+            live_chunks[i] += f.alloc_chunk_bytes - f.free_chunk_bytes
+            if f.alloc_bytes and f.tid:  # tid 0: exited threads, folded
                 tids[i].add(f.tid)
-            if f.free_bytes and not f.before_exec:
-                freed_by_stack[i][f.stack_key] = freed_by_stack[i].get(f.stack_key, 0) + f.free_bytes
+            if f.free_bytes:
+                freed = freed_by_stack[i]
+                freed[f.stack_key] = freed.get(f.stack_key, 0) + f.free_bytes
     stats = []
     stack_retained: dict[StackKey, int] = {}
     for i, arena in enumerate(arenas):

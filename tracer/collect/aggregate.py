@@ -88,7 +88,8 @@ class StackAggregator:
         dirty.update(f for f in before if f not in kept)
         self._retained = kept
 
-        dead: set[int] = set()
+        dead: set[int] = set()  # ids of StackStats whose place changes or which went
+        same_place: dict[int, StackStats] = {}  # id of the old -> the new, same place
         fresh: list[tuple[tuple, StackStats]] = []
         moved: set[Frames] = set()
         for frames in dirty:
@@ -123,13 +124,19 @@ class StackAggregator:
             if old is not None:
                 if st == old:
                     continue
+                self._stats[frames] = st
+                if old.counters == counters:
+                    # Only its growth, threads or retained share moved: its
+                    # place is the same, and the sort has less to do.
+                    same_place[id(old)] = st
+                    continue
                 dead.add(id(old))
             self._stats[frames] = st
             fresh.append((_order(st), st))
         self._moved = moved
         entries = self._entries
-        if dead:
-            entries = [e for e in entries if id(e[1]) not in dead]
+        if dead or same_place:
+            entries = [(k, same_place.get(id(s), s)) for k, s in entries if id(s) not in dead]
         entries.extend(fresh)
         # Keys are unique (they end with the frames): StackStats are never compared.
         entries.sort(key=itemgetter(0))

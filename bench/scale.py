@@ -12,10 +12,11 @@ kernel maps large enough for the stacks). Measured:
 - memtrace's own CPU (its process, not the target), % of one core, from
   /proc between 5 s after its start and the target's exit: the compile and
   attach before and the final snapshot after are left out;
-- its CPU seconds per snapshot: between two commits of the recording (the
-  -wal file's mtime, polled every 50 ms). On a machine shared with other
-  work a slow snapshot may only be waiting for a core: this figure, divided
-  by the interval, is what memtrace would take of an idle core;
+- its CPU seconds per snapshot: the CPU above over the snapshots recorded
+  in the same window (the final snapshot, taken at the target's exit,
+  anchors the recording's clock). On a machine shared with other work a
+  late snapshot may only have waited for a core: this figure over the
+  interval is what memtrace takes of a core when every snapshot is on time;
 - snapshots on time: the intervals between the recorded snapshots (median,
   largest, and how many were over the interval + 0.25 s);
 - the recording's size, in total and per table (sqlite's dbstat), and the
@@ -92,9 +93,6 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
         first = last = None
         target_pid = None
         spy = None
-        wal = Path(str(rec) + "-wal")
-        wal_mtime = None
-        commits: list[tuple[float, int]] = []  # (t, memtrace's CPU ticks) at each snapshot's commit
         while tracer.poll() is None:
             time.sleep(0.05)
             t = time.monotonic() - started
@@ -102,15 +100,6 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
                 ticks = cpu_ticks(tracer.pid)
             except OSError:
                 break
-            try:
-                mtime = wal.stat().st_mtime_ns
-            except OSError:
-                mtime = None
-            if mtime != wal_mtime:
-                wal_mtime = mtime
-                # A commit writes several pages: one commit per 0.5 s at most.
-                if mtime is not None and (not commits or t - commits[-1][0] > 0.5):
-                    commits.append((t, ticks))
             if target_pid is None:
                 for kid in children(tracer.pid):
                     try:
@@ -138,11 +127,22 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
     cpu = None
     if first and last and last[0] > first[0]:
         cpu = 100.0 * (last[1] - first[1]) / TICK_HZ / (last[0] - first[0])
-    # CPU seconds between one commit and the next: a snapshot's whole cost,
-    # whatever else the machine runs (on a busy one, wall time is not).
-    steady = [c for c in commits if c[0] >= 5.0]
-    per_snapshot = [(b[1] - a[1]) / TICK_HZ for a, b in zip(steady, steady[1:])]
-    return {"exit": tracer.returncode, "cpu_pct": cpu, "wall_s": wall, "cpu_per_snapshot": per_snapshot}
+    return {"exit": tracer.returncode, "cpu_pct": cpu, "wall_s": wall, "window": (first, last)}
+
+
+def cpu_per_snapshot(t: dict, times: list[float]) -> tuple[float, int]:
+    """memtrace's CPU seconds per snapshot while the target ran: its CPU
+    in the sampled window over the snapshots taken in it. The final
+    snapshot, taken as the target's exit is seen, anchors the recording's
+    clock to ours."""
+    first, last = t["window"]
+    if not first or not last or len(times) < 3:
+        return 0.0, 0
+    offset = last[0] - times[-1]
+    inside = [x for x in times[:-1] if first[0] <= x + offset <= last[0]]
+    if not inside:
+        return 0.0, 0
+    return (last[1] - first[1]) / TICK_HZ / len(inside), len(inside)
 
 
 def table_sizes(rec: Path) -> dict[str, int]:
@@ -264,13 +264,11 @@ def main() -> int:
     cpu = f"{t['cpu_pct']:.1f} % of a core" if t["cpu_pct"] is not None else "n/a"
     print(f"memtrace CPU while the target ran: {cpu}; whole run {t['wall_s']:.1f} s;"
           f" load average {os.getloadavg()[0]:.1f}")
-    per = t["cpu_per_snapshot"]
-    if per:
-        print(f"CPU per snapshot (commit to commit, after 5 s): median {1000 * statistics.median(per):.0f} ms,"
-              f" largest {1000 * max(per):.0f} ms over {len(per)}: {100 * statistics.median(per) / args.interval:.1f} %"
-              f" of a core at --interval {args.interval:g}")
-
     times = snapshot_times(rec)
+    per, n = cpu_per_snapshot(t, times)
+    if n:
+        print(f"CPU per snapshot: {1000 * per:.0f} ms over the {n} snapshots taken in the window,"
+              f" {100 * per / args.interval:.1f} % of a core if each came on time at --interval {args.interval:g}")
     gaps = [b - a for a, b in zip(times, times[1:])]
     if gaps:
         late = sum(1 for g in gaps if g > args.interval + 0.25)

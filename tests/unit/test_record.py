@@ -260,13 +260,35 @@ def test_a_recording_sink_closes_the_file_whole(tmp_path, snapshots):
 
 def test_only_changes_are_stored(tmp_path, snapshots):
     s = snapshots[20]
-    path = record(tmp_path / "same.rec", [s, dataclasses.replace(s, elapsed_s=s.elapsed_s + 1)])
+    # The next interval as the model makes it: nothing moved, so nothing grew.
+    still = dataclasses.replace(s, elapsed_s=s.elapsed_s + 1, stacks=tuple(
+        dataclasses.replace(st, live_delta_bytes=0) for st in s.stacks))
+    path = record(tmp_path / "same.rec", [s, still])
+    with open_recording(str(path)) as rec:
+        assert list(rec) == [s, still]
     db = sqlite3.connect(path)
     assert db.execute("SELECT count(*) FROM changes WHERE snapshot_id = 2").fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM sections WHERE snapshot_id = 2").fetchone()[0] == 0
     # Each stack once, as a node of the call tree with its callers' nodes.
     nodes = {st.frames[i:] for st in s.stacks for i in range(len(st.frames))}
     assert db.execute("SELECT count(*) FROM stacks").fetchone()[0] == len(nodes)
+
+
+def test_a_stack_that_stops_growing_needs_no_record_but_one_that_keeps_growing_does(tmp_path):
+    grow = StackStats(("a",), (1,), Counters(100, 0, 1, 0), live_delta_bytes=100)
+    snaps = [Snapshot(1, "x", float(k), 1.0, stacks=(st,)) for k, st in enumerate([
+        grow,
+        dataclasses.replace(grow, live_delta_bytes=0),  # implied: no record
+        dataclasses.replace(grow, live_delta_bytes=7),  # not the model's, but kept
+        dataclasses.replace(grow, live_delta_bytes=7),
+        dataclasses.replace(grow, live_delta_bytes=0),
+    ])]
+    path = record(tmp_path / "still.rec", snaps)
+    with open_recording(str(path)) as rec:
+        assert list(rec) == snaps
+    db = sqlite3.connect(path)
+    with_records = [sid for (sid,) in db.execute("SELECT snapshot_id FROM changes WHERE kind = 'stacks'")]
+    assert with_records == [1, 3, 4]
 
 
 def test_keyframes_make_every_jump_short(recording):
@@ -313,29 +335,19 @@ def test_each_frame_is_stored_once_and_stacks_share_their_callers(tmp_path):
     assert texts == first.frames
 
 
-def as_format_1(path: Path) -> None:
-    """Rewrite a recording the way format 1 stored stacks: frames as text
-    in stacks.frames, no frames table."""
-    with open_recording(str(path)) as rec:
-        rec.snapshot(len(rec) - 1)
-        frames = rec._frames
-    db = sqlite3.connect(path)
-    rows = [(sid, json.dumps(list(frames[sid])), dup) for sid, dup in db.execute("SELECT id, dup FROM stacks")]
-    db.executescript("DROP VIEW stack_frames; DROP TABLE stacks; DROP TABLE frames;"
-                     "CREATE TABLE stacks (id INTEGER PRIMARY KEY, frames TEXT NOT NULL,"
-                     " dup INTEGER NOT NULL DEFAULT 0);")
-    db.executemany("INSERT INTO stacks VALUES (?, ?, ?)", rows)
-    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    db.commit()
-    db.close()
+def test_a_format_1_recording_is_still_read(tmp_path):
+    # Written by format 1's recorder (memtrace before stacks became call-tree
+    # nodes) from session(70, stacks=12, regions=4): frames as text in
+    # stacks.frames, every change spelled out.
+    import gzip
+    import shutil
 
-
-def test_a_format_1_recording_is_still_read(tmp_path, snapshots):
-    path = record(tmp_path / "v1.rec", snapshots[:70])
-    as_format_1(path)
+    path = tmp_path / "format1.memtrace"
+    with gzip.open(Path(__file__).parent / "data" / "format1.memtrace.gz") as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
     with open_recording(str(path)) as rec:
         assert rec.schema_version == 1
-        assert list(rec) == snapshots[:70]
+        assert list(rec) == list(session(70, stacks=12, regions=4))
 
 
 def test_unusual_order_and_repeated_identities_survive(tmp_path, snapshots):
@@ -376,8 +388,12 @@ def busy_session(count: int, stacks: int, changes: int, threads: int = 50):
     rng = random.Random(3)
     frames = [tuple(f"Java_java_util_zip_Inflater_init_{i}_{d}+0x1a [libzip.so]" for d in range(16)) for i in range(stacks)]
     stats = [StackStats(frames[i], (1000 + i % threads,), Counters(1 << 30, (1 << 30) - (1 << 20), 10**6, 10**6 - 999)) for i in range(stacks)]
+    grew: list[int] = []
     for k in range(count):
-        for i in rng.sample(range(stacks), changes):
+        for i in grew:  # as the model: what did not move did not grow
+            stats[i] = dataclasses.replace(stats[i], live_delta_bytes=0)
+        grew = rng.sample(range(stacks), changes)
+        for i in grew:
             a = rng.randint(1, 1 << 17)
             f = rng.randint(0, a)
             old = stats[i]

@@ -14,6 +14,7 @@ attribute object holds only what differs from what the reader would assume:
 
     stacks:  "t" tids (always for an entity new to the snapshot),
              "d" live_delta_bytes when it is not live minus previous live,
+             or, with zero counter changes, when it is not 0
              "x" truncated when it changed (absent for a new entity: false)
     threads: "n" name (always for a new entity), "a" alive when it changed
              (absent for a new entity: true)
@@ -22,7 +23,11 @@ attribute object holds only what differs from what the reader would assume:
              value, or from the field's default for a new entity
 
 Both sides hold the previous snapshot's entities, so the reader rebuilds
-exactly what the writer had.
+exactly what the writer had. One thing is implied (format 2 on): a stack
+without a record keeps its counters, so it did not grow: its
+live_delta_bytes becomes 0. The writer leaves out the record that would
+only say so, which was every changed stack's second record, half of a busy
+recording.
 """
 
 from __future__ import annotations
@@ -126,16 +131,19 @@ def _encode(before: Mapping[int, Any], after: Mapping[int, Any], record: Callabl
     return _pack(records)
 
 
-def _decode(data: bytes, entities: dict[int, Any], build: Callable[[int, list, Any], Any]) -> None:
+def _decode(data: bytes, entities: dict[int, Any], build: Callable[[int, list, Any], Any]) -> set[int]:
     # In place: each id appears once per snapshot, so the old value read
-    # here is still the previous snapshot's.
+    # here is still the previous snapshot's. Returns the ids with a record.
     eid = 0
+    touched = set()
     for rec in _unpack(data):
         eid += rec[0]
+        touched.add(eid)
         if len(rec) == 1:
             entities.pop(eid, None)
         else:
             entities[eid] = build(eid, rec[1:], entities.get(eid))
+    return touched
 
 
 def _attributes(body: list) -> dict[str, Any]:
@@ -162,16 +170,33 @@ def _stack_record(new: StackStats, old: Optional[StackStats]) -> list:
     return _counter_delta(new.counters, old_c) + ([attrs] if attrs else [])
 
 
+def _still(old: StackStats) -> StackStats:
+    """What a stack without a record becomes: the same, not growing."""
+    return old if not old.live_delta_bytes else dataclasses.replace(old, live_delta_bytes=0)
+
+
 def encode_stacks(before: Mapping[int, StackStats], after: Mapping[int, StackStats]) -> Optional[bytes]:
     """The records that turn `before` (previous snapshot, by entity id) into
     `after`; None when nothing changed."""
-    return _encode(before, after, _stack_record)
+    implied = {eid: _still(old) for eid, old in before.items() if old.live_delta_bytes}
+    return _encode({**before, **implied} if implied else before, after, _stack_record)
+
+
+def settle_stacks(entities: dict[int, StackStats], moved: set[int], touched: set[int]) -> set[int]:
+    """After a snapshot's records: the stacks that grew last time and have
+    no record now grow no more. Returns the stacks that grew this time."""
+    for eid in moved - touched:
+        old = entities.get(eid)
+        if old is not None and old.live_delta_bytes:
+            entities[eid] = _still(old)
+    return {eid for eid in touched if eid in entities and entities[eid].live_delta_bytes}
 
 
 def decode_stacks(
     data: bytes, entities: dict[int, StackStats], frames_of: Callable[[int], tuple[str, ...]]
-) -> None:
-    """Apply one snapshot's records to the previous snapshot's entities."""
+) -> set[int]:
+    """Apply one snapshot's records to the previous snapshot's entities;
+    returns the ids that had a record (see settle_stacks)."""
 
     def build(eid: int, body: list, old: Optional[StackStats]) -> StackStats:
         if old is not None and len(body) == 4:
@@ -200,7 +225,7 @@ def decode_stacks(
         return StackStats(old.frames if old is not None else frames_of(eid), tids, counters, truncated, delta,
                           **others)
 
-    _decode(data, entities, build)
+    return _decode(data, entities, build)
 
 
 # ---------------------------------------------------------------- threads

@@ -129,6 +129,7 @@ class _State:
     threads: dict[int, ThreadStats] = field(default_factory=dict)
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> Snapshot kwargs
     plain: dict[str, Any] = field(default_factory=dict)  # name -> its JSON value, for list deltas
+    moved: set[int] = field(default_factory=set)  # stacks that grew at `index`
     built: Optional[Snapshot] = None  # the snapshot at `index`, once asked for
 
 
@@ -474,11 +475,15 @@ class Recording:
         sid = index + 1
         if self._rows[index].full:
             state.stacks, state.threads, state.sections, state.plain = {}, {}, {}, {}
+            state.moved = set()
+        touched: set[int] = set()
         for kind, data in db.execute("SELECT kind, data FROM changes WHERE snapshot_id = ?", (sid,)):
             if kind == "stacks":
-                changes.decode_stacks(data, state.stacks, self._frames_of)
+                touched = changes.decode_stacks(data, state.stacks, self._frames_of)
             elif kind == "threads":
                 changes.decode_threads(data, state.threads, self._tid_of)
+        if self.schema_version > schema.FRAMES_AS_TEXT_UNTIL:
+            state.moved = changes.settle_stacks(state.stacks, state.moved, touched)
         self._apply_sections(state, sid)
         state.built = None
 

@@ -32,6 +32,7 @@ most own time and the most cumulated time are printed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pstats
 import re
@@ -264,6 +265,13 @@ def main() -> int:
     cpu = f"{t['cpu_pct']:.1f} % of a core" if t["cpu_pct"] is not None else "n/a"
     print(f"memtrace CPU while the target ran: {cpu}; whole run {t['wall_s']:.1f} s;"
           f" load average {os.getloadavg()[0]:.1f}")
+    try:
+        final = json.loads((out_dir / "trace.json").read_text())
+        drops = final["heap"]["drops"]
+        print(f"final: {len(final['stacks'])} stacks, {final['truncated_stack_count']} look truncated;"
+              f" drops {drops}")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"final JSON unreadable: {e}")
     times = snapshot_times(rec)
     per, n = cpu_per_snapshot(t, times)
     if n:

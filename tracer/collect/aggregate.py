@@ -11,6 +11,7 @@ same rows (tests/unit/test_aggregate.py).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from operator import itemgetter
 from typing import Callable, Mapping, Optional
 
@@ -35,7 +36,13 @@ class StackAggregator:
 
     def _reset(self) -> None:
         self._frames_of_key: dict[StackKey, Frames] = {}
-        self._members: dict[Frames, set[RowKey]] = {}
+        # Per stack, running sums of its rows' counters and the rows each
+        # thread has in it: one stack can gather thousands of rows (kernel
+        # stacks lost to the stack map keep only their immediate caller),
+        # and a change to one of them must not add them all up again.
+        self._sums: dict[Frames, list[int]] = {}
+        self._tid_rows: dict[Frames, dict[int, int]] = {}
+        self._row_counters: dict[RowKey, Counters] = {}
         self._stats: dict[Frames, StackStats] = {}
         self._retained: dict[Frames, int] = {}
         self._moved: set[Frames] = set()  # live_delta_bytes != 0
@@ -62,18 +69,36 @@ class StackAggregator:
             changed = set(rows)
         frames_by_key = self._frames_of_key
         dirty: set[Frames] = set(self._moved)
+        sums, tid_rows, row_counters = self._sums, self._tid_rows, self._row_counters
         for key in changed:
-            stack_key = key[1]
+            tid, stack_key = key
             frames = frames_by_key.get(stack_key)
             if frames is None:
                 frames = frames_by_key[stack_key] = frames_of(stack_key)
-            members = self._members.get(frames)
-            if key in rows:
-                if members is None:
-                    members = self._members[frames] = set()
-                members.add(key)
-            elif members is not None:
-                members.discard(key)
+            old_c = row_counters.pop(key, None)
+            if old_c is not None:
+                s = sums[frames]
+                s[0] -= old_c.alloc_bytes
+                s[1] -= old_c.free_bytes
+                s[2] -= old_c.alloc_count
+                s[3] -= old_c.free_count
+                per_tid = tid_rows[frames]
+                per_tid[tid] -= 1
+                if not per_tid[tid]:
+                    del per_tid[tid]
+            row = rows.get(key)
+            if row is not None:
+                c = row_counters[key] = row.counters
+                s = sums.get(frames)
+                if s is None:
+                    s = sums[frames] = [0, 0, 0, 0]
+                    tid_rows[frames] = {}
+                s[0] += c.alloc_bytes
+                s[1] += c.free_bytes
+                s[2] += c.alloc_count
+                s[3] += c.free_count
+                per_tid = tid_rows[frames]
+                per_tid[tid] = per_tid.get(tid, 0) + 1
             dirty.add(frames)
         kept: dict[Frames, int] = {}
         for stack_key, n in (retained or {}).items():
@@ -88,32 +113,27 @@ class StackAggregator:
         dirty.update(f for f in before if f not in kept)
         self._retained = kept
 
-        dead: set[int] = set()  # ids of StackStats whose place changes or which went
-        same_place: dict[int, StackStats] = {}  # id of the old -> the new, same place
+        dead = False
+        places: list[tuple[StackStats, Optional[StackStats]]] = []  # (old, new in its place or None)
         fresh: list[tuple[tuple, StackStats]] = []
         moved: set[Frames] = set()
         for frames in dirty:
             old = self._stats.get(frames)
-            members = self._members.get(frames)
-            if not members:
-                self._members.pop(frames, None)
+            per_tid = tid_rows.get(frames)
+            if not per_tid:
+                sums.pop(frames, None)
+                tid_rows.pop(frames, None)
                 if old is not None:
                     del self._stats[frames]
-                    dead.add(id(old))
+                    places.append((old, None))
+                    dead = True
                 continue
-            a = b = n = m = 0
-            for key in members:
-                c = rows[key].counters
-                a += c.alloc_bytes
-                b += c.free_bytes
-                n += c.alloc_count
-                m += c.free_count
-            counters = Counters(a, b, n, m)
+            counters = Counters(*sums[frames])
             delta = counters.live_bytes - (old.counters.live_bytes if old is not None
                                            else live_before.get(frames, 0))
             st = StackStats(
                 frames=frames,
-                tids=tuple(sorted({key[0] for key in members})),
+                tids=tuple(sorted(per_tid)),
                 counters=counters,
                 truncated=old.truncated if old is not None else looks_truncated(frames, self.max_depth),
                 live_delta_bytes=delta,
@@ -128,15 +148,22 @@ class StackAggregator:
                 if old.counters == counters:
                     # Only its growth, threads or retained share moved: its
                     # place is the same, and the sort has less to do.
-                    same_place[id(old)] = st
+                    places.append((old, st))
                     continue
-                dead.add(id(old))
+                places.append((old, None))
+                dead = True
             self._stats[frames] = st
             fresh.append((_order(st), st))
         self._moved = moved
         entries = self._entries
-        if dead or same_place:
-            entries = [(k, same_place.get(id(s), s)) for k, s in entries if id(s) not in dead]
+        # Each old one found by its key (keys are unique: they end with
+        # the frames), replaced where it is, or marked to go.
+        for old, new in places:
+            key = _order(old)
+            i = bisect_left(entries, (key,))
+            entries[i] = (key, new)
+        if dead:
+            entries = [e for e in entries if e[1] is not None]
         entries.extend(fresh)
         # Keys are unique (they end with the frames): StackStats are never compared.
         entries.sort(key=itemgetter(0))

@@ -12,9 +12,10 @@ kernel maps large enough for the stacks). Measured:
 - memtrace's own CPU (its process, not the target), % of one core, from
   /proc between 5 s after its start and the target's exit: the compile and
   attach before and the final snapshot after are left out;
-- its CPU seconds per snapshot: the CPU above over the snapshots recorded
-  in the same window (the final snapshot, taken at the target's exit,
-  anchors the recording's clock). On a machine shared with other work a
+- its CPU seconds per snapshot in the steady state: from the end of the
+  third snapshot (the first ones symbolize every new stack) to the target's
+  exit, over the snapshots in between (the final snapshot, taken at the
+  exit, anchors the recording's clock). On a machine shared with other work a
   late snapshot may only have waited for a core: this figure over the
   interval is what memtrace takes of a core when every snapshot is on time;
 - snapshots on time: the intervals between the recorded snapshots (median,
@@ -92,6 +93,7 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
         started = time.monotonic()
         tracer = subprocess.Popen(memtrace, stdout=out, stderr=err)
         first = last = None
+        samples: list[tuple[float, int]] = []  # (t, memtrace's CPU ticks)
         target_pid = None
         spy = None
         while tracer.poll() is None:
@@ -111,6 +113,7 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
                         pass
             if target_pid is not None and not os.path.exists(f"/proc/{target_pid}/stat"):
                 break  # the target is gone: what follows is the final snapshot
+            samples.append((t, ticks))
             if t >= 5.0:
                 if first is None:
                     first = (t, ticks)
@@ -128,22 +131,25 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
     cpu = None
     if first and last and last[0] > first[0]:
         cpu = 100.0 * (last[1] - first[1]) / TICK_HZ / (last[0] - first[0])
-    return {"exit": tracer.returncode, "cpu_pct": cpu, "wall_s": wall, "window": (first, last)}
+    return {"exit": tracer.returncode, "cpu_pct": cpu, "wall_s": wall, "samples": samples}
 
 
-def cpu_per_snapshot(t: dict, times: list[float]) -> tuple[float, int]:
-    """memtrace's CPU seconds per snapshot while the target ran: its CPU
-    in the sampled window over the snapshots taken in it. The final
-    snapshot, taken as the target's exit is seen, anchors the recording's
-    clock to ours."""
-    first, last = t["window"]
-    if not first or not last or len(times) < 3:
+def cpu_per_snapshot(t: dict, times: list[float], skip: int = 3) -> tuple[float, int]:
+    """memtrace's CPU seconds per snapshot once it runs steadily: its CPU
+    from the end of snapshot `skip` (the first ones symbolize every new
+    stack) to the target's exit, over the snapshots in between. The final
+    snapshot, taken as the exit is seen, anchors the recording's clock to
+    ours."""
+    samples = t["samples"]
+    if len(times) < skip + 3 or not samples:
         return 0.0, 0
-    offset = last[0] - times[-1]
-    inside = [x for x in times[:-1] if first[0] <= x + offset <= last[0]]
-    if not inside:
+    offset = samples[-1][0] - times[-1]
+    start = times[skip - 1] + offset
+    after = [s for s in samples if s[0] >= start]
+    count = sum(1 for x in times[skip:-1] if x + offset <= samples[-1][0])
+    if not after or not count:
         return 0.0, 0
-    return (last[1] - first[1]) / TICK_HZ / len(inside), len(inside)
+    return (samples[-1][1] - after[0][1]) / TICK_HZ / count, count
 
 
 def table_sizes(rec: Path) -> dict[str, int]:
@@ -275,7 +281,7 @@ def main() -> int:
     times = snapshot_times(rec)
     per, n = cpu_per_snapshot(t, times)
     if n:
-        print(f"CPU per snapshot: {1000 * per:.0f} ms over the {n} snapshots taken in the window,"
+        print(f"CPU per snapshot: {1000 * per:.0f} ms over the {n} snapshots after the first 3,"
               f" {100 * per / args.interval:.1f} % of a core if each came on time at --interval {args.interval:g}")
     gaps = [b - a for a, b in zip(times, times[1:])]
     if gaps:

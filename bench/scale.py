@@ -21,8 +21,10 @@ kernel maps large enough for the stacks). Measured:
 - snapshots on time: the intervals between the recorded snapshots (median,
   largest, and how many were over the interval + 0.25 s);
 - the recording's size, in total and per table (sqlite's dbstat), and the
-  projection to an hour from the steady part: bytes added per snapshot
-  after the ramp, times 3600 / interval, plus what the ramp itself took;
+  projection to an hour: the file as it is, less the bytes written after
+  the ramp, plus those bytes per second (per second of the recording, not
+  per snapshot: a late snapshot holds more changes; scaled by the pages'
+  overhead over the row data) times the rest of the hour;
 - `memtrace report` on the recording: seconds (wall and CPU) and output
   bytes per format, bare and with --top 100 (json, folded).
 
@@ -169,9 +171,10 @@ def snapshot_times(rec: Path) -> list[float]:
     return times
 
 
-def growth(rec: Path, ramp_s: float) -> tuple[int, int, int]:
-    """Bytes written for the snapshots in the ramp, and after it: (ramp
-    bytes, steady bytes, steady snapshots), from the page sizes of rows."""
+def growth(rec: Path, ramp_s: float) -> tuple[int, int, float]:
+    """Bytes of row data written for the snapshots after the ramp, and the
+    seconds they cover: (ramp bytes, steady bytes, steady seconds). Per
+    second, not per snapshot: a late snapshot holds more changes."""
     db = sqlite3.connect(f"file:{rec}?mode=ro", uri=True)
     per: dict[int, int] = {}
     for sid, n in db.execute("SELECT snapshot_id, length(data) FROM changes"):
@@ -180,10 +183,16 @@ def growth(rec: Path, ramp_s: float) -> tuple[int, int, int]:
         per[sid] = per.get(sid, 0) + (n or 0)
     times = dict(db.execute("SELECT id, elapsed_s FROM snapshots"))
     db.close()
-    ramp = sum(n for sid, n in per.items() if times.get(sid, 0) <= ramp_s + 2)
-    steady_ids = [sid for sid, t in times.items() if t > ramp_s + 2]
+    if not times:
+        return 0, 0, 0.0
+    # The ramp ends with the last snapshot 2 s after it, or the first one.
+    base = max((t for t in times.values() if t <= ramp_s + 2), default=min(times.values()))
+    ramp = sum(n for sid, n in per.items() if times.get(sid, 0) <= base)
+    steady_ids = [sid for sid, t in times.items() if t > base]
     steady = sum(per.get(sid, 0) for sid in steady_ids)
-    return ramp, steady, len(steady_ids)
+    if not steady_ids:
+        return ramp, steady, 0.0
+    return ramp, steady, max(times[s] for s in steady_ids) - base
 
 
 def report(rec: Path, out_dir: Path, fmt: str, extra: list[str]) -> tuple[float, float, int, int]:
@@ -293,11 +302,17 @@ def main() -> int:
     print(f"recording: {size / 1e6:.1f} MB; " + ", ".join(
         f"{k} {v / 1e6:.1f}" for k, v in sorted(tables.items(), key=lambda kv: -kv[1])
         if v >= 100_000))
-    ramp_b, steady_b, steady_n = growth(rec, args.ramp)
-    if steady_n:
-        per_s = steady_b / (steady_n * args.interval)
+    ramp_b, steady_b, steady_s = growth(rec, args.ramp)
+    if steady_s > 0:
+        # Row data to file bytes: SQLite's pages are not full.
+        db = sqlite3.connect(f"file:{rec}?mode=ro", uri=True)
+        data = sum(db.execute(q).fetchone()[0] or 0 for q in (
+            "SELECT sum(length(data)) FROM changes", "SELECT sum(length(value)) FROM sections"))
+        db.close()
+        pages = tables.get("changes", 0) + tables.get("sections", 0)
+        per_s = steady_b / steady_s * (pages / data if data and pages else 1.0)
         hour = size - steady_b + per_s * (3600 - args.ramp)
-        print(f"steady growth {per_s / 1e3:.0f} kB/s of row data over {steady_n} snapshots; "
+        print(f"steady growth {per_s / 1e3:.1f} kB/s (rows and their pages) over {steady_s:.0f} s; "
               f"an hour: about {hour / 1e6:.0f} MB (the file so far, less its steady part, "
               f"plus that rate for {3600 - args.ramp:g} s)")
     if not args.no_reports:

@@ -101,12 +101,17 @@ def account_allocator(
             i = owner.get(f.bucket)
             if i is None:
                 continue  # an mmapped chunk, outside every arena
-            live[i] += f.live_bytes
-            live_chunks[i] += f.live_chunk_bytes
-            if f.alloc_bytes and f.tid and not f.before_exec:  # tid 0: exited threads, folded
+            if f.before_exec:
+                continue  # gone with the image that made them: nothing live, nothing freed here
+            # Flow.live_bytes and live_chunk_bytes spelled out: this loop
+            # runs over every row of the map each interval.
+            live[i] += f.alloc_bytes - f.free_bytes
+            live_chunks[i] += f.alloc_chunk_bytes - f.free_chunk_bytes
+            if f.alloc_bytes and f.tid:  # tid 0: exited threads, folded
                 tids[i].add(f.tid)
-            if f.free_bytes and not f.before_exec:
-                freed_by_stack[i][f.stack_key] = freed_by_stack[i].get(f.stack_key, 0) + f.free_bytes
+            if f.free_bytes:
+                freed = freed_by_stack[i]
+                freed[f.stack_key] = freed.get(f.stack_key, 0) + f.free_bytes
     stats = []
     stack_retained: dict[StackKey, int] = {}
     for i, arena in enumerate(arenas):
@@ -137,11 +142,7 @@ def account_allocator(
         stats.append(stat)
         # Who left it behind: shares of the retained bytes in proportion to
         # the bytes each stack freed into this arena.
-        freed_total = sum(freed_by_stack[i].values())
-        if freed_total and stat.retained_bytes:
-            for key, freed in freed_by_stack[i].items():
-                share = stat.retained_bytes * freed // freed_total
-                stack_retained[key] = stack_retained.get(key, 0) + share
+        _share_retained(stat.retained_bytes, freed_by_stack[i], stack_retained)
     arena_live = sum(s.live_bytes for s in stats)
     arena_before = sum(s.live_before_trace_bytes for s in stats)
     if flows is None:
@@ -172,6 +173,30 @@ def account_allocator(
         live_not_resident_bytes=max(0, live_total - live_resident),
     )
     return AllocatorAccount(tuple(stats), allocator, stack_retained)
+
+
+RETAINED_SHARE_UNIT = 4096
+
+
+def _share_retained(retained: int, freed_by_stack: dict[StackKey, int], out: dict[StackKey, int]) -> None:
+    """Shares in whole pages, as the RSS is counted; the pages left over
+    from rounding down go to the stack that freed most, so the shares add
+    up to the arena's retained bytes. To the byte, every stack's share
+    moved with every free anywhere in the arena: with 100,000 stacks all
+    of them changed every interval, for the view, the model's work and
+    the recording alike."""
+    freed_total = sum(freed_by_stack.values())
+    if not freed_total or not retained:
+        return
+    unit = RETAINED_SHARE_UNIT
+    given = 0
+    for key, freed in freed_by_stack.items():
+        share = retained * freed // freed_total // unit * unit
+        if share:
+            out[key] = out.get(key, 0) + share
+            given += share
+    top = max(freed_by_stack, key=lambda k: (freed_by_stack[k], k))
+    out[top] = out.get(top, 0) + retained - given
 
 
 def account_mappings(kind: str, committed_bytes: int, resident_bytes: int,

@@ -68,3 +68,38 @@ def test_sigkill_keeps_everything_up_to_the_last_interval(
     assert target.poll() is None
     target.send_signal(signal.SIGUSR1)
     assert target.wait(30) == 0
+
+
+def test_many_stacks_replay_and_report_as_they_were_live(programs, run_memtrace, memtrace_cmd, tmp_path):
+    # 3000 distinct stacks appearing over 1 s, then churning: the recording
+    # (frames once, stacks as call-tree nodes, changes only) gives back the
+    # live document, and --top bounds the report from the same ranking.
+    rec = tmp_path / "many.memtrace"
+    rc, live, stderr = run_memtrace(["--json", "--interval", "0.3", "--record", str(rec), "--",
+                                     str(programs["manystacks"]), "3000", "3", "3000", "1", "4"])
+    assert rc == 0, stderr
+    assert len(live["stacks"]) >= 3000, len(live["stacks"])
+    out = report(memtrace_cmd, rec, "--format", "json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == live
+    top = report(memtrace_cmd, rec, "--format", "json", "--top", "50")
+    assert top.returncode == 0, top.stderr
+    doc = json.loads(top.stdout)
+    assert doc["stacks"] == live["stacks"][:50]
+    assert doc["stacks_left_out"]["count"] == len(live["stacks"]) - 50
+    left = live["stacks"][50:]
+    assert doc["stacks_left_out"]["live_bytes"] == sum(s["live_bytes"] for s in left)
+    from memtrace.record.reader import open_recording
+
+    with open_recording(str(rec)) as recording:
+        snaps = list(recording)
+    assert len(snaps) >= 5 and snaps[-1].to_json() == live
+    import sqlite3
+
+    with sqlite3.connect(rec) as db:
+        frames = db.execute("SELECT count(*) FROM frames").fetchone()[0]
+        nodes = db.execute("SELECT count(*) FROM stacks").fetchone()[0]
+    # A few dozen functions make every stack. The call tree shares the
+    # callers: stacks of 15 frames that part ways 4 frames from the top take
+    # at most 4 nodes each.
+    assert frames < 200 and nodes <= 4.5 * len(live["stacks"]), (frames, nodes)

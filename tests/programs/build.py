@@ -33,6 +33,8 @@ PROGRAMS: dict[str, tuple[str, str, list[str]]] = {
     "heapstates": ("heapstates.c", "gcc", WITH_FP),
     "cppnew": ("cppnew.cc", "g++", WITH_FP),
     "churn": ("churn.c", "gcc", WITH_FP),
+    # thousands of distinct stacks that churn: the benchmark's own target
+    "manystacks": ("../../bench/scale_target.c", "gcc", WITH_FP),
     # no libc.so at all: memtrace must refuse it
     "idle_static": ("idle.c", "gcc", ["-O1", "-g", "-static"]),
     # dynamically linked, but against musl (Debian package musl-tools)

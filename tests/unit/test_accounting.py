@@ -124,3 +124,20 @@ def test_exited_threads_past_the_latest_are_one_row():
     assert len(threads) == 1 + 10 + 1
     total = sum((t.counters for t in threads), start=Counters())
     assert total == sum((r.counters for r in rows), start=Counters())
+
+
+def test_retained_shares_are_whole_pages_and_add_up():
+    from memtrace.accounting import RETAINED_SHARE_UNIT, _share_retained
+
+    freed = {(i, 0): 1000 + 37 * i for i in range(500)}
+    out: dict = {}
+    _share_retained(10_000_000, freed, out)
+    assert sum(out.values()) == 10_000_000
+    top = max(freed, key=lambda k: freed[k])
+    assert all(v % RETAINED_SHARE_UNIT == 0 for k, v in out.items() if k != top)
+    # A small change elsewhere in the arena moves few shares: the others
+    # stay on their page.
+    again: dict = {}
+    _share_retained(10_000_000 + 3000, {**freed, (7, 0): freed[(7, 0)] + 5}, again)
+    moved = [k for k in out if out[k] != again.get(k)]
+    assert len(moved) <= 5, moved

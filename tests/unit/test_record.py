@@ -260,17 +260,94 @@ def test_a_recording_sink_closes_the_file_whole(tmp_path, snapshots):
 
 def test_only_changes_are_stored(tmp_path, snapshots):
     s = snapshots[20]
-    path = record(tmp_path / "same.rec", [s, dataclasses.replace(s, elapsed_s=s.elapsed_s + 1)])
+    # The next interval as the model makes it: nothing moved, so nothing grew.
+    still = dataclasses.replace(s, elapsed_s=s.elapsed_s + 1, stacks=tuple(
+        dataclasses.replace(st, live_delta_bytes=0) for st in s.stacks))
+    path = record(tmp_path / "same.rec", [s, still])
+    with open_recording(str(path)) as rec:
+        assert list(rec) == [s, still]
     db = sqlite3.connect(path)
     assert db.execute("SELECT count(*) FROM changes WHERE snapshot_id = 2").fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM sections WHERE snapshot_id = 2").fetchone()[0] == 0
-    assert db.execute("SELECT count(*) FROM stacks").fetchone()[0] == len(s.stacks)
+    # Each stack once, as a node of the call tree with its callers' nodes.
+    nodes = {st.frames[i:] for st in s.stacks for i in range(len(st.frames))}
+    assert db.execute("SELECT count(*) FROM stacks").fetchone()[0] == len(nodes)
+
+
+def test_a_stack_that_stops_growing_needs_no_record_but_one_that_keeps_growing_does(tmp_path):
+    grow = StackStats(("a",), (1,), Counters(100, 0, 1, 0), live_delta_bytes=100)
+    snaps = [Snapshot(1, "x", float(k), 1.0, stacks=(st,)) for k, st in enumerate([
+        grow,
+        dataclasses.replace(grow, live_delta_bytes=0),  # implied: no record
+        dataclasses.replace(grow, live_delta_bytes=7),  # not the model's, but kept
+        dataclasses.replace(grow, live_delta_bytes=7),
+        dataclasses.replace(grow, live_delta_bytes=0),
+    ])]
+    path = record(tmp_path / "still.rec", snaps)
+    with open_recording(str(path)) as rec:
+        assert list(rec) == snaps
+    db = sqlite3.connect(path)
+    with_records = [sid for (sid,) in db.execute("SELECT snapshot_id FROM changes WHERE kind = 'stacks'")]
+    assert with_records == [1, 3, 4]
 
 
 def test_keyframes_make_every_jump_short(recording):
     db = sqlite3.connect(recording)
     full = [sid for (sid,) in db.execute("SELECT id FROM snapshots WHERE full = 1")]
     assert full == list(range(1, COUNT + 1, schema.KEYFRAME_EVERY))
+
+
+def test_keyframes_of_a_large_quiet_state_come_when_the_changes_weigh_as_much(tmp_path):
+    # 3000 stacks of which 20 move a second: a keyframe every 64 snapshots
+    # would be most of the file. The changes since a keyframe weigh at
+    # least KEYFRAME_WEIGHT of it before the next, unless KEYFRAME_MAX_EVERY.
+    path = record(tmp_path / "quiet.rec", busy_session(200, stacks=3000, changes=20))
+    db = sqlite3.connect(path)
+    full = [sid for (sid,) in db.execute("SELECT id FROM snapshots WHERE full = 1")]
+    assert full[0] == 1 and len(full) < 200 // schema.KEYFRAME_EVERY
+    weight = dict(db.execute("SELECT snapshot_id, sum(length(data)) FROM changes GROUP BY snapshot_id"))
+    for a, b in zip(full, full[1:]):
+        between = sum(weight.get(i, 0) for i in range(a + 1, b))
+        assert between >= schema.KEYFRAME_WEIGHT * weight[a] or b - a >= schema.KEYFRAME_MAX_EVERY
+    with open_recording(str(path)) as rec:
+        last = list(busy_session(200, stacks=3000, changes=20))[-1]
+        assert rec.snapshot(199).stacks == last.stacks
+
+
+def test_each_frame_is_stored_once_and_stacks_share_their_callers(tmp_path):
+    # 4 x 4 x 4 stacks over a shared outer part: the call tree has 1 + 4 +
+    # 16 + 64 nodes below the shared part, one row each.
+    shared = tuple(f"outer_{d}+0x10 [app]" for d in range(10)) + ("start_thread+0x7d [libc.so.6]",)
+    stacks = [StackStats((f"leaf_{a}_{b}_{c}", f"mid_{a}_{b}", f"top_{a}") + shared, (1,), Counters(10 + a, 0, 1, 0))
+              for a in range(4) for b in range(4) for c in range(4)]
+    snap = Snapshot(1, "x", 1.0, 1.0, stacks=tuple(stacks))
+    path = record(tmp_path / "tree.rec", [snap])
+    db = sqlite3.connect(path)
+    distinct = {f for st in stacks for f in st.frames}
+    assert db.execute("SELECT count(*) FROM frames").fetchone()[0] == len(distinct)
+    assert db.execute("SELECT count(*) FROM stacks").fetchone()[0] == len(shared) + 4 + 16 + 64
+    # The view for the sqlite3 shell gives a stack's frames back, in order.
+    with open_recording(str(path)) as rec:
+        first = rec.snapshot(0).stacks[0]
+    sid = db.execute("SELECT s.id FROM stacks s JOIN frames f ON f.id = s.frame_id WHERE f.text = ?",
+                     (first.frames[0],)).fetchone()[0]
+    texts = tuple(t for (t,) in db.execute("SELECT frame FROM stack_frames WHERE stack_id = ? ORDER BY depth", (sid,)))
+    assert texts == first.frames
+
+
+def test_a_format_1_recording_is_still_read(tmp_path):
+    # Written by format 1's recorder (memtrace before stacks became call-tree
+    # nodes) from session(70, stacks=12, regions=4): frames as text in
+    # stacks.frames, every change spelled out.
+    import gzip
+    import shutil
+
+    path = tmp_path / "format1.memtrace"
+    with gzip.open(Path(__file__).parent / "data" / "format1.memtrace.gz") as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with open_recording(str(path)) as rec:
+        assert rec.schema_version == 1
+        assert list(rec) == list(session(70, stacks=12, regions=4))
 
 
 def test_unusual_order_and_repeated_identities_survive(tmp_path, snapshots):
@@ -311,8 +388,12 @@ def busy_session(count: int, stacks: int, changes: int, threads: int = 50):
     rng = random.Random(3)
     frames = [tuple(f"Java_java_util_zip_Inflater_init_{i}_{d}+0x1a [libzip.so]" for d in range(16)) for i in range(stacks)]
     stats = [StackStats(frames[i], (1000 + i % threads,), Counters(1 << 30, (1 << 30) - (1 << 20), 10**6, 10**6 - 999)) for i in range(stacks)]
+    grew: list[int] = []
     for k in range(count):
-        for i in rng.sample(range(stacks), changes):
+        for i in grew:  # as the model: what did not move did not grow
+            stats[i] = dataclasses.replace(stats[i], live_delta_bytes=0)
+        grew = rng.sample(range(stacks), changes)
+        for i in grew:
             a = rng.randint(1, 1 << 17)
             f = rng.randint(0, a)
             old = stats[i]
@@ -326,7 +407,8 @@ def test_a_busy_hour_stays_small(tmp_path):
     minute = tmp_path / "busy.rec"
     record(minute, busy_session(60, stacks=2000, changes=500))
     db = sqlite3.connect(minute)
-    stacks_once = db.execute("SELECT sum(length(frames)) FROM stacks").fetchone()[0]
+    stacks_once = (db.execute("SELECT count(*) * 12 FROM stacks").fetchone()[0]
+                   + db.execute("SELECT sum(length(text)) FROM frames").fetchone()[0])
     per_interval = (minute.stat().st_size - stacks_once) / 60
     assert stacks_once + per_interval * 3600 < 100e6 * 0.6
 

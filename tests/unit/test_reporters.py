@@ -340,3 +340,122 @@ def test_since_errors_are_one_line(recording, snapshots, capsys):
     assert main(["report", str(recording), "--at", "1", "--since", "end"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "swap --at and --since" in err
+
+
+# ---------------------------------------------------------------- --top / --min-size
+
+
+from memtrace.reporters import select  # noqa: E402
+
+
+def many_stacks(n: int) -> Snapshot:
+    """n stacks, stack i holding i KiB live and allocating 2i KiB."""
+    stacks = tuple(
+        StackStats((f"f{i}+0x1 [app]", "main+0x2 [app]", "__libc_start_main+0x80 [libc.so.6]"), (1,),
+                   Counters(2048 * i, 1024 * i, 2, 1), truncated=i % 3 == 0, retained_bytes=(n - i) * 10)
+        for i in range(n)
+    )
+    return Snapshot(1, "app", 1.0, 1.0, stacks=tuple(reversed(stacks)))
+
+
+def test_selection_ranks_by_weight_then_bounds_by_top_and_min_size():
+    s = many_stacks(50)
+    every = select.select_stacks(s.stacks, "live", policy=select.StackPolicy())
+    assert [st.counters.live_bytes for st in every.shown] == [1024 * i for i in range(49, -1, -1)]
+    assert every.other_count == 0
+    top = select.select_stacks(s.stacks, "live", policy=select.StackPolicy(top=5))
+    assert [st.frames[0] for st in top.shown] == ["f49+0x1 [app]", "f48+0x1 [app]", "f47+0x1 [app]",
+                                                  "f46+0x1 [app]", "f45+0x1 [app]"]
+    assert top.other_count == 45 and top.other_weight == sum(1024 * i for i in range(45))
+    assert top.other_counters.alloc_bytes == sum(2048 * i for i in range(45))
+    assert top.other_label == "other (45 stacks)"
+    small = select.select_stacks(s.stacks, "live", policy=select.StackPolicy(min_bytes=40 * 1024))
+    assert len(small.shown) == 10 and small.other_count == 40
+    both = select.select_stacks(s.stacks, "live", policy=select.StackPolicy(top=3, min_bytes=48 * 1024))
+    assert len(both.shown) == 2
+    # A limit of rows (the view's room) and the policy: the smaller wins.
+    assert len(select.select_stacks(s.stacks, "live", limit=4, policy=select.StackPolicy(top=7)).shown) == 4
+    # Retained ranks the other way round; positive leaves zeros out.
+    by_retained = select.select_stacks(s.stacks, "retained", policy=select.StackPolicy(top=1))
+    assert by_retained.shown[0].frames[0] == "f0+0x1 [app]"
+    assert len(select.select_stacks(s.stacks, "live", positive=True, policy=select.StackPolicy()).shown) == 49
+
+
+def test_selection_ties_fall_the_same_way_whatever_the_input_order():
+    twins = [StackStats((name,), (1,), Counters(100, 0, 1, 0)) for name in ("b", "a", "c")]
+    for order in (twins, twins[::-1]):
+        assert [st.frames for st in select.select_stacks(order, policy=select.StackPolicy()).shown] == \
+            [("a",), ("b",), ("c",)]
+        assert [st.frames for st in select.select_stacks(order, policy=select.StackPolicy(top=2)).shown] == \
+            [("a",), ("b",)]
+
+
+def test_sizes_read_as_bytes_with_binary_units():
+    assert select.parse_size("4096") == 4096
+    assert select.parse_size("64K") == 64 << 10
+    assert select.parse_size("1M") == 1 << 20
+    assert select.parse_size("1.5GiB") == 3 << 29
+    assert select.parse_size("2mb") == 2 << 20
+    for bad in ("", "-1K", "1X", "M"):
+        with pytest.raises(ValueError):
+            select.parse_size(bad)
+
+
+def test_the_run_policy_reaches_every_output(monkeypatch):
+    s = many_stacks(30)
+    monkeypatch.setattr(select, "_policy", select.StackPolicy(top=3))
+    doc = select.snapshot_json(s)
+    assert len(doc["stacks"]) == 3 and doc["stacks_left_out"]["count"] == 27
+    # Figures about all stacks stay those of all of them.
+    assert doc["truncated_stack_count"] == s.truncated_stack_count == 10
+    from memtrace.sinks.jsonout import JsonSink
+
+    out = io.StringIO()
+    JsonSink(out).close(s)
+    assert len(json.loads(out.getvalue())["stacks"]) == 3
+    from memtrace.view.text import BatchView
+
+    block = BatchView(max_stacks=10).render_block(s)
+    assert "STACKS 3 of 30" in block
+    from memtrace.view.panes import STACKS
+
+    rendered = STACKS.build(s, 160, 20)
+    assert "3 of 30" in str(rendered[0])
+    monkeypatch.setattr(select, "_policy", select.StackPolicy())
+    assert select.snapshot_json(s) == s.to_json()
+
+
+def test_reports_bound_json_and_folded_and_count_the_rest(recording, snapshots):
+    last = snapshots[-1]
+    doc = json.loads(report(recording, "--format", "json", "--top", "2"))
+    assert len(doc["stacks"]) == 2 and doc["stacks_left_out"]["count"] == len(last.stacks) - 2
+    whole = json.loads(report(recording, "--format", "json"))
+    assert "stacks_left_out" not in whole and whole["stacks"][:2] == doc["stacks"]
+    folded = report(recording, "--format", "folded", "--min-size", "1M").splitlines()
+    other = [line for line in folded if line.startswith("other (")]
+    assert len(other) == 1
+    total = sum(int(line.rsplit(" ", 1)[1]) for line in folded)
+    assert total == sum(st.counters.live_bytes for st in last.stacks if st.counters.live_bytes > 0)
+    assert all(int(line.rsplit(" ", 1)[1]) >= 1 << 20 for line in folded if line not in other)
+
+
+def test_bad_top_and_min_size_are_one_line_errors(recording, capsys):
+    from memtrace.commands import main
+
+    for args in (["--top", "0"], ["--top", "x"], ["--min-size", "12Q"]):
+        with pytest.raises(SystemExit) as e:
+            main(["report", str(recording), *args])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("--top" in err[0] or "size" in err[0])
+
+
+def test_html_folds_small_stacks_into_other():
+    s = many_stacks(3000)
+    tree = flame_tree(data_for(s))
+    names = [c["n"] for c in tree["c"]]
+    total = sum(1024 * i for i in range(3000))
+    kept = [i for i in range(3000) if 1024 * i >= 0.001 * total]
+    assert tree["v"] == total
+    assert f"other ({3000 - len(kept) - 1} stacks)" in names  # stack 0 holds nothing: not drawn
+    assert len(render_html(data_for(s))) < 5e6

@@ -8,11 +8,13 @@ from dataclasses import replace
 from typing import Optional
 
 from memtrace import accounting, procfs
+from memtrace.collect.aggregate import StackAggregator
 from memtrace.collect.probes import Probes
 from memtrace.collect.vm import HOLD_LIMIT_NS, VmTracker
 from memtrace.addrspace import ALLOCATOR_MAPPING, HEAP, MMAPPED_CHUNK
 from memtrace.model import (
     Counters,
+    HeapRow,
     HeapTotals,
     OsStats,
     ProcessStats,
@@ -61,6 +63,7 @@ class Collector:
         self.previous: Optional[Snapshot] = None
         self._frames: dict[StackKey, tuple[str, ...]] = {}
         self._frames_generation = 0
+        self._stacks = StackAggregator(MAX_STACK_DEPTH)
         self._names: dict[int, str] = {}
         self._process = ProcessStats()
         self._rss_by_member: dict[str, int] = {}  # of the last /proc read
@@ -121,10 +124,13 @@ class Collector:
 
     # ---------------------------------------------------------- stacks
 
-    def frames_of(self, key: StackKey) -> tuple[str, ...]:
+    def _frames_current(self) -> None:
         if self._frames_generation != self.symbols.generation:
             self._frames.clear()  # names came for some frames (symbols.Symbolizer)
             self._frames_generation = self.symbols.generation
+
+    def frames_of(self, key: StackKey) -> tuple[str, ...]:
+        self._frames_current()
         frames = self._frames.get(key)
         if frames is None:
             stack_id, caller = key
@@ -254,8 +260,7 @@ class Collector:
             self.vm.space.update_resident(smaps)
             if fresh:
                 self._next_walk = 0.0  # the last word is a whole reading
-            activity = (sum(r.counters.alloc_count + r.counters.free_count for r in reading.rows),
-                        self.vm.events)
+            activity = (self._calls(reading), self.vm.events)
             if self._check_allocator:
                 self._after_exec_allocator()
             if self.glibc:
@@ -298,9 +303,8 @@ class Collector:
             interval_s=elapsed - self.previous.elapsed_s if self.previous else elapsed,
             process=process,
             heap=heap,
-            threads=self._threads(rows, live_tids),
-            stacks=aggregate_stacks(rows, self.frames_of, MAX_STACK_DEPTH, self.previous,
-                                    account.stack_retained),
+            threads=self._threads(self._thread_rows(reading) if not self.light else [], live_tids),
+            stacks=self._aggregate_stacks(rows, reading, account.stack_retained),
             rates=rates_between(self.previous, heap, elapsed),
             target_alive=alive,
             exit_status=exit_status,
@@ -323,19 +327,50 @@ class Collector:
         self.previous = snap
         return snap
 
+    @staticmethod
+    def _calls(reading) -> int:
+        if reading.totals is not None:
+            return reading.totals.alloc_count + reading.totals.free_count
+        return sum(r.counters.alloc_count + r.counters.free_count for r in reading.rows)
+
+    @staticmethod
+    def _thread_rows(reading) -> list[HeapRow]:
+        """One row per thread: what aggregate_threads adds up, added up
+        already by the probes' reader."""
+        if reading.totals is None:
+            return reading.rows
+        return [HeapRow(tid, (0, 0), c) for tid, c in reading.per_tid.items()]
+
+    def _aggregate_stacks(self, rows, reading, retained):
+        if self.light or reading.totals is None:
+            return aggregate_stacks(rows, self.frames_of, MAX_STACK_DEPTH, self.previous, retained)
+        self._frames_current()
+        by_key = {(r.tid, r.stack_key): r for r in rows} if reading.changed_rows is None else \
+            reading.rows_by_key
+        return self._stacks.update(by_key, reading.changed_rows, self.frames_of,
+                                   self._frames_generation, retained)
+
     def _heap_totals(self, rows, reading) -> HeapTotals:
         peak = reading.peak
         peak_at = None
         if peak.peak_ns:
             peak_at = max(0.0, peak.peak_ns / 1e9 - self.started)
+        if self.light:
+            counters = Counters()
+        elif reading.totals is not None:
+            counters = reading.totals
+        else:
+            counters = sum((r.counters for r in rows), start=Counters())
         return HeapTotals(
-            counters=sum((r.counters for r in rows), start=Counters()),
+            counters=counters,
             untracked_free_count=reading.untracked_free_count,
             trim_calls=reading.trim_calls,
             trim_released_calls=reading.trim_released_calls,
             drops=replace(reading.drops, vm_events_lost=self.probes.vm_lost()),
             peak_live_bytes=0 if self.light else peak.peak_bytes,
-            live_allocator_bytes=0 if self.light else sum(f.live_chunk_bytes for f in reading.flows),
+            live_allocator_bytes=0 if self.light else (
+                reading.live_chunk_bytes if reading.live_chunk_bytes is not None
+                else sum(f.live_chunk_bytes for f in reading.flows)),
             peak_live_elapsed_s=None if self.light else peak_at,
         )
 

@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 from memtrace import procfs
 from memtrace.collect.bpfsource import bpf_dir, program_text
 from memtrace.collect.probesite import ProbeSite, choose_site
+from memtrace.collect.rows import RowBook
 from memtrace.errors import MemtraceError
 from memtrace.model import Counters, DropStats, Flow, HeapRow
 
@@ -141,6 +142,14 @@ class HeapReading:
     peak: PeakReading = PeakReading()
     rss: Optional[RssReading] = None
     exec_generation: int = 0
+    # Kept up to date from the flows that changed (memtrace.collect.rows):
+    # the keys of the rows that changed since the last read (None: take
+    # every row as new), and the sums of all rows.
+    changed_rows: Optional[set] = None
+    rows_by_key: dict = field(default_factory=dict)
+    totals: Optional[Counters] = None
+    per_tid: dict[int, Counters] = field(default_factory=dict)
+    live_chunk_bytes: Optional[int] = None
 
 
 def _quiet_compile(into: Optional[int] = None):
@@ -274,6 +283,13 @@ class Probes:
         self._flow_cache: dict[int, tuple[bytes, Optional[Flow], bool]] = {}
         self._retired: set[int] = set()  # tids whose rows are folded
         self._folded: dict[tuple, list[int]] = {}  # (stack key, bucket) -> sums under tid 0
+        self._folded_flows: dict[tuple, Flow] = {}  # the same as flows
+        self._folded_dirty: set[tuple] = set()
+        self._row_flows: list[Optional[Flow]] = []  # map index -> its flow
+        self._seen_bytes = (b"", b"")  # the keys and counts of the last read
+        self._retire_pending = False
+        self._book = RowBook()
+        self._book_reset = True
         self._flow_generation = 0
         self._names: dict[int, str] = {}  # tid -> name caught at its first allocation
         self.watching_rss = False
@@ -446,14 +462,14 @@ class Probes:
         used = min(int(b["heap_next_index"][0].value), self.limits.max_stats)
         generation = int(b["exec_generation"][0].value)
         flows = self._flows(used, generation)
-        per_key: dict[tuple[int, tuple[int, int]], Counters] = {}
-        for f in flows:
-            key = (f.tid, f.stack_key)
-            per_key[key] = per_key.get(key, Counters()) + f.counters
-        rows = [HeapRow(tid, stack_key, c) for (tid, stack_key), c in per_key.items()]
+        book = self._book
+        changed: Optional[set] = book.settle()
+        if self._book_reset:
+            changed, self._book_reset = None, False
+        rows = list(book.rows.values())
         counters = b["counters"]
         total = lambda i: int(counters.sum(i).value)  # noqa: E731
-        names = self._thread_names(per_key)
+        names = self._thread_names(book.per_tid)
         state = self._state()
         return HeapReading(
             rows=rows,
@@ -471,6 +487,11 @@ class Probes:
             peak=self._peak(),
             rss=self._rss(state),
             exec_generation=generation,
+            changed_rows=changed,
+            rows_by_key=dict(book.rows),
+            totals=book.totals,
+            per_tid=dict(book.per_tid),
+            live_chunk_bytes=book.live_chunk_bytes,
         )
 
     def _flows(self, used: int, generation: int) -> list[Flow]:
@@ -482,39 +503,65 @@ class Probes:
         keys_type, counts_type = self._bpf["heap_keys"].Leaf, self._bpf["heap_counts"].Leaf
         ks, cs = ctypes.sizeof(keys_type), ctypes.sizeof(counts_type)
         keys, counts = self._mapped_bytes("heap_keys", used), self._mapped_bytes("heap_counts", used)
+        book = self._book
         if generation != self._flow_generation:
             self._flow_cache.clear()  # before_exec changes with it
             self._folded.clear()
+            self._folded_flows.clear()
+            self._folded_dirty.clear()
+            self._row_flows = []
+            self._seen_bytes = (b"", b"")
+            book.clear()
+            self._book_reset = True
             self._flow_generation = generation
-        cache, retired = self._flow_cache, self._retired
-        flows = []
-        for i in range(used):
-            raw = keys[i * ks:(i + 1) * ks] + counts[i * cs:(i + 1) * cs]
-            hit = cache.get(i)
-            if hit is not None and hit[0] == raw:
-                flow, folded = hit[1], hit[2]
-                if flow is None or folded:
-                    continue
-                if flow.tid in retired:
-                    self._fold(flow, 1)
-                    cache[i] = (raw, None, True)  # its bytes say all it was
-                else:
-                    flows.append(flow)
+        cache, retired, row_flows = self._flow_cache, self._retired, self._row_flows
+        if len(row_flows) < used:
+            row_flows.extend([None] * (used - len(row_flows)))
+        seen_keys, seen_counts = self._seen_bytes
+        # Rows a newly retired thread holds are folded even if unchanged:
+        # then every row is looked at.
+        every_row, self._retire_pending = self._retire_pending, False
+        step = _CHUNK_ROWS
+        for start in range(0, used, step):
+            end = min(used, start + step)
+            # A run of rows whose bytes did not move is skipped whole: an
+            # idle service's rows, most of a large one's.
+            if not every_row and counts[start * cs:end * cs] == seen_counts[start * cs:end * cs] \
+                    and keys[start * ks:end * ks] == seen_keys[start * ks:end * ks]:
                 continue
-            if hit is not None and hit[2]:
-                # changed: taken out as it was, put back as it is now
-                self._fold(self._decode(hit[0], keys_type, counts_type, ks, generation), -1)
-            flow = self._decode(raw, keys_type, counts_type, ks, generation)
-            folded = flow is not None and flow.tid in retired
-            if folded:
-                self._fold(flow, 1)
-                flow = None
-            elif flow is not None:
-                flows.append(flow)
-            cache[i] = (raw, flow, folded)
-        flows += [Flow(0, stack_key, bucket, a, f, ac, fc, alloc_chunk_bytes=chunk)
-                  for (stack_key, bucket), (a, f, ac, fc, chunk) in self._folded.items()]
-        return flows
+            for i in range(start, end):
+                raw = keys[i * ks:(i + 1) * ks] + counts[i * cs:(i + 1) * cs]
+                hit = cache.get(i)
+                if hit is not None and hit[0] == raw:
+                    flow, folded = hit[1], hit[2]
+                    if flow is None or folded:
+                        continue
+                    if flow.tid in retired:
+                        self._fold(flow, 1)
+                        cache[i] = (raw, None, True)  # its bytes say all it was
+                        row_flows[i] = None
+                        book.put(i, flow, None)
+                    continue
+                if hit is not None and hit[2]:
+                    # changed: taken out as it was, put back as it is now
+                    self._fold(self._decode(hit[0], keys_type, counts_type, ks, generation), -1)
+                old = hit[1] if hit is not None else None
+                flow = self._decode(raw, keys_type, counts_type, ks, generation)
+                folded = flow is not None and flow.tid in retired
+                if folded:
+                    self._fold(flow, 1)
+                    flow = None
+                cache[i] = (raw, flow, folded)
+                row_flows[i] = flow
+                book.put(i, old, flow)
+        self._seen_bytes = (keys, counts)
+        for key in self._folded_dirty:
+            old = self._folded_flows.pop(key, None)
+            (stack_key, bucket), (a, f, ac, fc, chunk) = key, self._folded[key]
+            new = self._folded_flows[key] = Flow(0, stack_key, bucket, a, f, ac, fc, alloc_chunk_bytes=chunk)
+            book.put(("folded", key), old, new)
+        self._folded_dirty.clear()
+        return [f for f in row_flows if f is not None] + list(self._folded_flows.values())
 
     @staticmethod
     def _decode(raw: bytes, keys_type, counts_type, ks: int, generation: int) -> Optional[Flow]:
@@ -532,23 +579,27 @@ class Probes:
         are added into one row per stack and bucket under tid 0: a service
         whose threads come and go would otherwise have every row it ever
         had handled at every interval."""
-        self._retired.update(tids)
+        new = set(tids) - self._retired
+        if new:
+            self._retired.update(new)
+            self._retire_pending = True
 
     def _fold(self, flow: Flow, sign: int) -> None:
         c = flow.counters
         key = (flow.stack_key, flow.bucket)
+        self._folded_dirty.add(key)
         sums = self._folded.setdefault(key, [0, 0, 0, 0, 0])
         for j, value in enumerate((c.alloc_bytes, c.free_bytes, c.alloc_count, c.free_count,
                                    flow.live_chunk_bytes)):
             sums[j] += sign * value
 
-    def _thread_names(self, per_key) -> dict[int, str]:
+    def _thread_names(self, tids) -> dict[int, str]:
         """Names of the threads in the rows, each looked up once (the map
         holds every thread ever seen: walking it is two syscalls a key)."""
         import ctypes
 
         table = self._bpf["thread_names"]
-        for tid, _ in per_key:
+        for tid in tids:
             if tid not in self._names:
                 try:
                     self._names[tid] = table[ctypes.c_uint(tid)].comm.decode(errors="replace")
@@ -664,6 +715,10 @@ def set_traced(bpf, pid: int, traced: bool) -> None:
         del targets[ctypes.c_uint(pid)]
     except KeyError:
         pass
+
+
+# Rows compared as one run of bytes before one by one.
+_CHUNK_ROWS = 16
 
 
 def _detach_at_once(bpf, uprobes: Optional[list] = None) -> None:

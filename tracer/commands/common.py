@@ -180,6 +180,9 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                      "tracing; loopback unless HOST is given")
     out.add_argument("-v", "--verbose", action="store_true",
                      help="say what is attached where, and how long it took")
+    from memtrace.reporters.select import add_policy_options
+
+    add_policy_options(out)
     add_mode_options(parser.add_argument_group("what to trace"))
     maps = parser.add_argument_group("kernel map sizes (drops are counted and shown)")
     maps.add_argument("--max-allocs", type=count_up_to(MAX_ALLOCS_LIMIT, "a 32 GiB table"),
@@ -246,6 +249,9 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
         raise MemtraceError(
             "say what to trace: -p PID for a running process, or -- CMD ARGS to launch one"
         )
+    from memtrace.reporters import select
+
+    select.configure(select.policy_of(args))
     preflight.check_all(attach=bool(args.pid))
     if args.vm_probes == "kprobe":
         preflight.check_kprobes()

@@ -16,24 +16,29 @@ from memtrace.record.reader import open_recording, parse_when, when_arg
 from memtrace.reporters import FORMATS, reporter_class
 from memtrace.reporters.common import BY_CHOICES, ReportData, check_by
 from memtrace.reporters.diff import load_baseline
+from memtrace.reporters.select import StackPolicy, add_policy_options, policy_of
 
 
 
 
-def load_report_data(path: str, when: str, by: str, since: Optional[str] = None) -> ReportData:
-    data = _load(path, when, by)
+def load_report_data(path: str, when: str, by: str, since: Optional[str] = None,
+                     policy: StackPolicy = StackPolicy()) -> ReportData:
+    data = _load(path, when, by, policy)
     if since is None:
         return data
     diffed, baseline = load_baseline(since, path, data.snapshot)
     return dataclasses.replace(data, snapshot=diffed, since=baseline)
 
 
-def _load(path: str, when: str, by: str) -> ReportData:
+def _load(path: str, when: str, by: str, policy: StackPolicy) -> ReportData:
     with open_recording(path) as rec:
         index, snapshot = rec.snapshot_at(when)
         check_by(snapshot, by)
-        peak_index, peak = rec.snapshot_at("peak")
-        _, final = rec.snapshot_at("end")
+        # Of the peak and the end only the sections count: no stacks.
+        peak_index = rec.index_at("peak")
+        peak = snapshot if peak_index == index else rec.summary(peak_index)
+        end = len(rec) - 1
+        final = snapshot if end == index else rec.summary(end)
         if index >= len(rec):
             # Reading up to the peak found damage and cut the recording.
             index, snapshot = rec.snapshot_at(when)
@@ -49,6 +54,7 @@ def _load(path: str, when: str, by: str) -> ReportData:
             complete=rec.complete,
             source=path,
             final=final,
+            policy=policy,
         )
 
 
@@ -88,6 +94,7 @@ class ReportCommand:
       memtrace report app.rec --by allocated --format folded | flamegraph.pl > alloc.svg
       memtrace report app.rec --format pprof -o heap.pb.gz && go tool pprof -top heap.pb.gz
       memtrace report app.rec --format html -o report.html
+      memtrace report app.rec --format json --top 100 --min-size 64K
     """
 
     name = "report"
@@ -110,6 +117,7 @@ class ReportCommand:
                             " else text")
         parser.add_argument("-o", "--output", default="-", metavar="FILE",
                             help="write here instead of stdout")
+        add_policy_options(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         args.format = args.format or format_of(args.output)
@@ -118,7 +126,8 @@ class ReportCommand:
             # A page that plots the run is read for its worst moment; after
             # the exit there is often nothing left to see.
             args.at = "peak" if args.format == "html" else "end"
-        data = load_report_data(os.fspath(args.file), args.at, args.by, args.since)
+        data = load_report_data(os.fspath(args.file), args.at, args.by, args.since,
+                                 policy_of(args))
         reporter = reporter_cls(data)
         try:
             with _output(args.output, reporter_cls.binary, args.format) as out:

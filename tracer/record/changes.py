@@ -14,6 +14,7 @@ attribute object holds only what differs from what the reader would assume:
 
     stacks:  "t" tids (always for an entity new to the snapshot),
              "d" live_delta_bytes when it is not live minus previous live,
+             or, with zero counter changes, when it is not 0
              "x" truncated when it changed (absent for a new entity: false)
     threads: "n" name (always for a new entity), "a" alive when it changed
              (absent for a new entity: true)
@@ -22,7 +23,11 @@ attribute object holds only what differs from what the reader would assume:
              value, or from the field's default for a new entity
 
 Both sides hold the previous snapshot's entities, so the reader rebuilds
-exactly what the writer had.
+exactly what the writer had. One thing is implied (format 2 on): a stack
+without a record keeps its counters, so it did not grow: its
+live_delta_bytes becomes 0. The writer leaves out the record that would
+only say so, which was every changed stack's second record, half of a busy
+recording.
 """
 
 from __future__ import annotations
@@ -89,6 +94,9 @@ def _other_fields(cls: type, spelled_out: frozenset[str]) -> tuple[tuple[str, An
 
 _STACK_OTHER = _other_fields(StackStats, frozenset({"frames", "tids", "counters", "truncated", "live_delta_bytes"}))
 _THREAD_OTHER = _other_fields(ThreadStats, frozenset({"tid", "name", "counters", "alive"}))
+# StackStats' own order: the fields after live_delta_bytes, positionally.
+_STACK_OTHER_NAMES = tuple(name for name, _ in _STACK_OTHER)
+assert [f.name for f in dataclasses.fields(StackStats)][5:] == list(_STACK_OTHER_NAMES)
 
 
 def _put_others(attrs: dict[str, Any], others: tuple, new: Any, old: Any) -> None:
@@ -123,16 +131,19 @@ def _encode(before: Mapping[int, Any], after: Mapping[int, Any], record: Callabl
     return _pack(records)
 
 
-def _decode(data: bytes, entities: dict[int, Any], build: Callable[[int, list, Any], Any]) -> None:
+def _decode(data: bytes, entities: dict[int, Any], build: Callable[[int, list, Any], Any]) -> set[int]:
     # In place: each id appears once per snapshot, so the old value read
-    # here is still the previous snapshot's.
+    # here is still the previous snapshot's. Returns the ids with a record.
     eid = 0
+    touched = set()
     for rec in _unpack(data):
         eid += rec[0]
+        touched.add(eid)
         if len(rec) == 1:
             entities.pop(eid, None)
         else:
             entities[eid] = build(eid, rec[1:], entities.get(eid))
+    return touched
 
 
 def _attributes(body: list) -> dict[str, Any]:
@@ -159,18 +170,45 @@ def _stack_record(new: StackStats, old: Optional[StackStats]) -> list:
     return _counter_delta(new.counters, old_c) + ([attrs] if attrs else [])
 
 
+def _still(old: StackStats) -> StackStats:
+    """What a stack without a record becomes: the same, not growing."""
+    return old if not old.live_delta_bytes else dataclasses.replace(old, live_delta_bytes=0)
+
+
 def encode_stacks(before: Mapping[int, StackStats], after: Mapping[int, StackStats]) -> Optional[bytes]:
     """The records that turn `before` (previous snapshot, by entity id) into
     `after`; None when nothing changed."""
-    return _encode(before, after, _stack_record)
+    implied = {eid: _still(old) for eid, old in before.items() if old.live_delta_bytes}
+    return _encode({**before, **implied} if implied else before, after, _stack_record)
+
+
+def settle_stacks(entities: dict[int, StackStats], moved: set[int], touched: set[int]) -> set[int]:
+    """After a snapshot's records: the stacks that grew last time and have
+    no record now grow no more. Returns the stacks that grew this time."""
+    for eid in moved - touched:
+        old = entities.get(eid)
+        if old is not None and old.live_delta_bytes:
+            entities[eid] = _still(old)
+    return {eid for eid in touched if eid in entities and entities[eid].live_delta_bytes}
 
 
 def decode_stacks(
     data: bytes, entities: dict[int, StackStats], frames_of: Callable[[int], tuple[str, ...]]
-) -> None:
-    """Apply one snapshot's records to the previous snapshot's entities."""
+) -> set[int]:
+    """Apply one snapshot's records to the previous snapshot's entities;
+    returns the ids that had a record (see settle_stacks)."""
 
     def build(eid: int, body: list, old: Optional[StackStats]) -> StackStats:
+        if old is not None and len(body) == 4:
+            # Only the counters moved: most records of a busy process.
+            a, b, c, d = body
+            if type(a) is not int or type(b) is not int or type(c) is not int or type(d) is not int:
+                raise ValueError("malformed counters in a change record")
+            o = old.counters
+            counters = Counters(o.alloc_bytes + a, o.free_bytes + b, o.alloc_count + c, o.free_count + d)
+            return StackStats(old.frames, old.tids, counters, old.truncated,
+                              counters.live_bytes - old.counters.live_bytes,
+                              *[getattr(old, name) for name in _STACK_OTHER_NAMES])
         attrs = _attributes(body)
         counters = _counters_from(body, old.counters if old else None)
         if "t" in attrs:
@@ -184,9 +222,10 @@ def decode_stacks(
             delta = counters.live_bytes - (old.counters.live_bytes if old else 0)
         truncated = bool(attrs.get("x", old.truncated if old else False))
         others = _get_others(StackStats, _STACK_OTHER, attrs, old)
-        return StackStats(frames_of(eid), tids, counters, truncated, delta, **others)
+        return StackStats(old.frames if old is not None else frames_of(eid), tids, counters, truncated, delta,
+                          **others)
 
-    _decode(data, entities, build)
+    return _decode(data, entities, build)
 
 
 # ---------------------------------------------------------------- threads

@@ -129,6 +129,7 @@ class _State:
     threads: dict[int, ThreadStats] = field(default_factory=dict)
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> Snapshot kwargs
     plain: dict[str, Any] = field(default_factory=dict)  # name -> its JSON value, for list deltas
+    moved: set[int] = field(default_factory=set)  # stacks that grew at `index`
     built: Optional[Snapshot] = None  # the snapshot at `index`, once asked for
 
 
@@ -145,6 +146,7 @@ class Recording:
         self._db: Optional[sqlite3.Connection] = None
         self._db = self._connect()
         self._frames: dict[int, tuple[str, ...]] = {}
+        self._frame_text: Optional[dict[int, str]] = None
         self._tids: dict[int, int] = {}
         self._state = _State()
         self._rows: list[_Row] = []
@@ -340,7 +342,7 @@ class Recording:
                 f"{self.path} was written by a newer memtrace (format {version}; this one reads up to "
                 f"{schema.SCHEMA_VERSION}): upgrade memtrace to read it"
             )
-        missing = [t for t in schema.TABLES if t not in tables]
+        missing = [t for t in schema.tables(version) if t not in tables]
         if missing:
             raise MemtraceError(f"{self.path} is damaged: its table {missing[0]!r} is missing")
         self.schema_version: int = version
@@ -473,12 +475,20 @@ class Recording:
         sid = index + 1
         if self._rows[index].full:
             state.stacks, state.threads, state.sections, state.plain = {}, {}, {}, {}
+            state.moved = set()
+        touched: set[int] = set()
         for kind, data in db.execute("SELECT kind, data FROM changes WHERE snapshot_id = ?", (sid,)):
             if kind == "stacks":
-                changes.decode_stacks(data, state.stacks, self._frames_of)
+                touched = changes.decode_stacks(data, state.stacks, self._frames_of)
             elif kind == "threads":
                 changes.decode_threads(data, state.threads, self._tid_of)
-        for name, value, delta in db.execute(
+        if self.schema_version > schema.FRAMES_AS_TEXT_UNTIL:
+            state.moved = changes.settle_stacks(state.stacks, state.moved, touched)
+        self._apply_sections(state, sid)
+        state.built = None
+
+    def _apply_sections(self, state: _State, sid: int) -> None:
+        for name, value, delta in self._conn().execute(
             "SELECT name, value, delta FROM sections WHERE snapshot_id = ?", (sid,)
         ):
             if value is None:
@@ -492,7 +502,25 @@ class Recording:
                 plain = listdelta.apply_list_delta(state.plain[name], plain)
             state.plain[name] = plain
             state.sections[name] = section_kwargs(name, plain)
-        state.built = None
+
+    def summary(self, index: int) -> Snapshot:
+        """Snapshot `index` without its stacks and threads, read from its
+        sections alone: what a report needs of the peak and of the end,
+        without decoding 100,000 stacks twice more. Damage on the way is
+        handled as snapshot() does."""
+        if self._state.index == index and self._state.built is not None:
+            return self._state.built
+        try:
+            state = _State()
+            for i in range(self._keyframe_at(index), index + 1):
+                self._apply_sections(state, i + 1)
+            kwargs: dict[str, Any] = {}
+            for part in state.sections.values():
+                kwargs.update(part)
+            row = self._rows[index]
+            return Snapshot(**{**kwargs, "elapsed_s": row.elapsed_s, "interval_s": row.interval_s})
+        except (*_DECODE_ERRORS, TypeError):
+            return self.snapshot(index)
 
     def _build(self, index: int, state: _State) -> Snapshot:
         row = self._rows[index]
@@ -511,14 +539,47 @@ class Recording:
     def _frames_of(self, eid: int) -> tuple[str, ...]:
         frames = self._frames.get(eid)
         if frames is None:
-            row = self._conn().execute("SELECT frames FROM stacks WHERE id = ?", (eid,)).fetchone()
-            if row is None:
-                raise ValueError(f"stack {eid} is missing")
-            value = json.loads(row[0])
-            if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
-                raise ValueError(f"stack {eid} has malformed frames")
+            if self.schema_version <= schema.FRAMES_AS_TEXT_UNTIL:
+                row = self._conn().execute("SELECT frames FROM stacks WHERE id = ?", (eid,)).fetchone()
+                if row is None:
+                    raise ValueError(f"stack {eid} is missing")
+                value = json.loads(row[0])
+                if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
+                    raise ValueError(f"stack {eid} has malformed frames")
+            else:
+                self._load_stacks(eid)
+                frames = self._frames.get(eid)
+                if frames is None:
+                    raise ValueError(f"stack {eid} is missing")
+                return frames
             frames = self._frames[eid] = tuple(value)
         return frames
+
+    def _load_stacks(self, eid: int) -> None:
+        """Every stack up to the last one written, in one pass: a keyframe
+        asks for all of them, one query each would be most of a report's
+        time. A node's parent is written before it, so reading in id order
+        finds each parent's frames already built."""
+        db = self._conn()
+        if self._frame_text is None:
+            self._frame_text = {}
+            for fid, text in db.execute("SELECT id, text FROM frames"):
+                if isinstance(text, bytes):
+                    text = text.decode("utf-8", "surrogatepass")  # the recorder's form of a non-UTF-8 name
+                if not isinstance(fid, int) or not isinstance(text, str):
+                    raise ValueError("the frames table is malformed")
+                self._frame_text[fid] = text
+        texts, frames = self._frame_text, self._frames
+        start = max(frames, default=0)
+        for sid, fid, parent in db.execute(
+                "SELECT id, frame_id, parent FROM stacks WHERE id > ? ORDER BY id", (start,)):
+            if fid is None:
+                frames[sid] = ()
+                continue
+            try:
+                frames[sid] = (texts[fid],) + (frames[parent] if parent is not None else ())
+            except (KeyError, TypeError):
+                raise ValueError(f"stack {sid} names a frame or a caller that is missing") from None
 
     def _tid_of(self, eid: int) -> int:
         tid = self._tids.get(eid)

@@ -140,6 +140,14 @@ class Recorder:
         self._in_txn = False
         self._failed: Optional[str] = None
         self._next_snapshot_id = 1
+        # Keyframe policy (schema.KEYFRAME_*): bytes of the last keyframe,
+        # bytes written since, snapshots since.
+        self._keyframe_bytes = 0
+        self._bytes_since_keyframe = 0
+        self._since_keyframe = 0
+        self._frame_ids: dict[str, int] = {}
+        # (innermost frame id, parent stack id) -> stack id: the call tree.
+        self._nodes: dict[tuple[int, Optional[int]], int] = {}
         self._checkpointed_at = time.monotonic()
         # identity (frames, tid) -> entity id; repeats within a snapshot
         # are keyed (_REPEAT, identity, n).
@@ -186,10 +194,11 @@ class Recorder:
         with self._errors("write to"), self._stop_on_failure():
             self._begin()
             sid = self._next_snapshot_id
-            full = (sid - 1) % schema.KEYFRAME_EVERY == 0
+            full = self._keyframe_due()
             if full:
                 # Written against an empty state: the keyframe stands alone.
                 self._stacks, self._threads, self._sections = {}, {}, {}
+            self._written = 0
             point = time_point(snapshot)
             thread_order = self._write_threads(db, sid, snapshot.threads)
             stack_order = self._write_stacks(db, sid, snapshot.stacks)
@@ -203,6 +212,11 @@ class Recorder:
             db.execute("COMMIT")
             self._in_txn = False
             self._next_snapshot_id += 1
+            if full:
+                self._keyframe_bytes, self._bytes_since_keyframe, self._since_keyframe = self._written, 0, 0
+            else:
+                self._bytes_since_keyframe += self._written
+            self._since_keyframe += 1
             if time.monotonic() - self._checkpointed_at >= CHECKPOINT_EVERY_S:
                 self._checkpointed_at = time.monotonic()
                 try:
@@ -284,8 +298,46 @@ class Recorder:
     def _errors(self, verb: str) -> "_SqliteErrors":
         return _SqliteErrors(f"cannot {verb} recording {self.path}")
 
+    def _keyframe_due(self) -> bool:
+        if self._next_snapshot_id == 1:
+            return True
+        if self._since_keyframe < schema.KEYFRAME_EVERY:
+            return False
+        return (self._since_keyframe >= schema.KEYFRAME_MAX_EVERY
+                or self._bytes_since_keyframe >= schema.KEYFRAME_WEIGHT * self._keyframe_bytes)
+
+    def _frame_id(self, db: sqlite3.Connection, text: str) -> int:
+        fid = self._frame_ids.get(text)
+        if fid is None:
+            stored: str | bytes = text
+            if not text.isascii():
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    # A lone surrogate (a name that is not UTF-8, decoded by
+                    # Python) is no SQLite text: its bytes as a BLOB.
+                    stored = text.encode("utf-8", "surrogatepass")
+            fid = self._frame_ids[text] = _rowid(db.execute("INSERT INTO frames (text) VALUES (?)", (stored,)))
+        return fid
+
     def _new_stack(self, db: sqlite3.Connection, frames: tuple[str, ...], dup: int) -> int:
-        return _rowid(db.execute("INSERT INTO stacks (frames, dup) VALUES (?, ?)", (dumps(list(frames)), dup)))
+        """The stack's node in the call tree, with the nodes of its callers
+        that are not there yet; a repeat (dup > 0) gets a node of its own."""
+        if not frames:
+            return _rowid(db.execute("INSERT INTO stacks (frame_id, parent, dup) VALUES (NULL, NULL, ?)", (dup,)))
+        parent: Optional[int] = None
+        last = len(frames) - 1
+        for depth in range(last, -1, -1):
+            key = (self._frame_id(db, frames[depth]), parent)
+            node = self._nodes.get(key) if depth or not dup else None
+            if node is None:
+                node = _rowid(db.execute("INSERT INTO stacks (frame_id, parent, dup) VALUES (?, ?, ?)",
+                                         (*key, 0 if depth else dup)))
+                if depth or not dup:
+                    self._nodes[key] = node
+            parent = node
+        assert parent is not None
+        return parent
 
     def _new_thread(self, db: sqlite3.Connection, tid: int, dup: int) -> int:
         return _rowid(db.execute("INSERT INTO threads (tid, dup) VALUES (?, ?)", (tid, dup)))
@@ -322,6 +374,7 @@ class Recorder:
         data = changes.encode_stacks(self._stacks, now)
         if data is not None:
             db.execute("INSERT INTO changes (snapshot_id, kind, data) VALUES (?, 'stacks', ?)", (sid, data))
+            self._written += len(data)
         self._stacks = now
         return _order_unless_canonical(now, stacks, stack_sort_key)
 
@@ -330,6 +383,7 @@ class Recorder:
         data = changes.encode_threads(self._threads, now)
         if data is not None:
             db.execute("INSERT INTO changes (snapshot_id, kind, data) VALUES (?, 'threads', ?)", (sid, data))
+            self._written += len(data)
         self._threads = now
         return _order_unless_canonical(now, threads, thread_sort_key)
 
@@ -352,6 +406,7 @@ class Recorder:
                         stored, is_delta = delta_text, 1
             rows.append((sid, name, encode_section(stored), is_delta))
         rows += [(sid, name, None, 0) for name in self._sections.keys() - now.keys()]
+        self._written += sum(len(r[2]) for r in rows if r[2] is not None)
         db.executemany("INSERT INTO sections (snapshot_id, name, value, delta) VALUES (?, ?, ?, ?)", rows)
         self._sections = now
 

@@ -10,25 +10,40 @@ Layout, and why:
   and stacks (`process`, `heap`, `os`, `arenas`, `regions`, `gap`, ...), as
   JSON, written only when it changed; lists of items with an identity
   (arenas, regions) as per-item changes. A new section needs no change here.
-- `stacks` / `threads`: each entity once, with a stable id; stack frames are
-  stored symbolized, once.
+- `frames`: each distinct symbolized frame once, as text, by id.
+- `stacks` / `threads`: each entity once, with a stable id. A stack is its
+  innermost frame's id and the id of the stack of its callers (`parent`,
+  the same frames without the innermost): the stacks form the call tree,
+  and a stack's outer frames, shared with its siblings, are stored once.
+  A service has tens of thousands of stacks of dozens of frames each, made
+  of a few thousand distinct frames: stored as text (format 1) the stacks
+  took 200 MB; as tree nodes, about ten bytes each.
 - `changes`: per snapshot and entity kind, the entities whose counters
   changed, as one zlib-compressed JSON list (see `memtrace.record.changes`).
   A busy process changes thousands of (thread, stack) counters a second; one
   row each would pass 100 MB an hour, packed they take a third of that. The
-  reader carries each entity's last record forward. Every
-  `KEYFRAME_EVERY` snapshots the whole state is written instead (`full`), so
-  reaching any time decodes at most that many snapshots.
+  reader carries each entity's last record forward. Now and then the whole
+  state is written instead (`full`, a keyframe): at least `KEYFRAME_EVERY`
+  snapshots apart, and only once the changes written since the last one
+  weigh `KEYFRAME_WEIGHT` times that keyframe, or `KEYFRAME_MAX_EVERY`
+  snapshots have passed. Reaching any time then decodes at most about
+  (1 + KEYFRAME_WEIGHT) keyframes' worth of records, and keyframes cost at
+  most 1 / KEYFRAME_WEIGHT of the changes: with 50,000 stacks a keyframe a
+  minute would be half of an hour's file.
 - `events`: address-space events, one row each.
 
-An older file stays readable by a newer memtrace; a file with a newer
-`schema_version` is refused with a request to upgrade.
+An older file stays readable by a newer memtrace (format 1 stored each
+stack's frames as a JSON list of text in `stacks.frames`, and had no
+`frames` table); a file with a newer `schema_version` is refused with a
+request to upgrade.
 """
 
 from __future__ import annotations
 
 FORMAT_NAME = "memtrace-recording"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Format 1: stacks.frames held the frames as text; no frames table.
+FRAMES_AS_TEXT_UNTIL = 1
 
 # SQLite header field that marks the file as ours before any table is read
 # ('mTrc').
@@ -38,10 +53,21 @@ APPLICATION_ID = 0x6D547263
 # shorter ones as JSON text. Address-space sections can be large.
 COMPRESS_MIN_BYTES = 1024
 
-# A keyframe a minute at 1 s intervals: ~3% more file for a bounded jump.
+# Keyframes: at least this many snapshots apart (a minute at 1 s) ...
 KEYFRAME_EVERY = 64
+# ... once the changes since the last one weigh this many times it ...
+KEYFRAME_WEIGHT = 2.0
+# ... or after this many snapshots whatever they weigh (10 min at 1 s).
+KEYFRAME_MAX_EVERY = 600
 
-TABLES = ("meta", "snapshots", "sections", "stacks", "threads", "changes", "events")
+TABLES = ("meta", "snapshots", "sections", "frames", "stacks", "threads", "changes", "events")
+
+
+def tables(version: int) -> tuple[str, ...]:
+    """The tables a file of this format version has."""
+    if version <= FRAMES_AS_TEXT_UNTIL:
+        return tuple(t for t in TABLES if t != "frames")
+    return TABLES
 
 DDL = """
 CREATE TABLE meta (
@@ -70,11 +96,27 @@ CREATE TABLE sections (
     delta       INTEGER NOT NULL DEFAULT 0,  -- 1: a list delta (memtrace.record.listdelta)
     PRIMARY KEY (snapshot_id, name)
 ) WITHOUT ROWID;
-CREATE TABLE stacks (
-    id     INTEGER PRIMARY KEY,
-    frames TEXT NOT NULL,  -- JSON list, innermost first
-    dup    INTEGER NOT NULL DEFAULT 0  -- >0 only if one snapshot repeats frames
+CREATE TABLE frames (
+    id   INTEGER PRIMARY KEY,
+    text NOT NULL  -- 'function+0x1a [module]', as symbolized; a BLOB (UTF-8 with
+                   -- surrogates) for a name that is not UTF-8
 );
+CREATE TABLE stacks (
+    id       INTEGER PRIMARY KEY,
+    frame_id INTEGER,  -- frames.id of the innermost frame; NULL: no frames
+    parent   INTEGER,  -- stacks.id of the callers' frames; NULL: the outermost
+    dup      INTEGER NOT NULL DEFAULT 0  -- >0 only if one snapshot repeats frames
+);
+-- For the sqlite3 shell: each stack's frames as text, depth 0 innermost.
+CREATE VIEW stack_frames AS
+    WITH RECURSIVE walk(stack_id, depth, node) AS (
+        SELECT id, 0, id FROM stacks
+        UNION ALL
+        SELECT w.stack_id, w.depth + 1, s.parent FROM walk w JOIN stacks s ON s.id = w.node
+        WHERE s.parent IS NOT NULL
+    )
+    SELECT w.stack_id, w.depth, f.text AS frame
+    FROM walk w JOIN stacks s ON s.id = w.node JOIN frames f ON f.id = s.frame_id;
 CREATE TABLE threads (
     id  INTEGER PRIMARY KEY,
     tid INTEGER NOT NULL,

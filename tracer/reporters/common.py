@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from memtrace.errors import MemtraceError
 from memtrace.model import Snapshot, StackStats
 from memtrace.record.timeline import TimePoint, gap_bytes
+from memtrace.reporters.select import Selection, StackPolicy, select_stacks, weight_of
 from memtrace.view.fmt import UNNAMED_FUNCTION, split_frame
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class ReportData:
     since: Optional["Baseline"] = None
     # The end of a live trace (the summary), not a moment of a recording.
     trace_end: bool = False
+    policy: StackPolicy = StackPolicy()  # --top and --min-size
 
 
 @dataclass(frozen=True)
@@ -84,13 +86,9 @@ def peak_texts(data: ReportData) -> list[str]:
 
 
 def stack_weight(stack: StackStats, by: str) -> int:
-    if by == "live":
-        return stack.counters.live_bytes
-    if by == "allocated":
-        return stack.counters.alloc_bytes
-    if by == "retained":
-        return stack.retained_bytes
-    raise MemtraceError(f"unknown weight {by!r}: use one of {', '.join(BY_CHOICES)}")
+    if by not in BY_CHOICES:
+        raise MemtraceError(f"unknown weight {by!r}: use one of {', '.join(BY_CHOICES)}")
+    return weight_of(stack, by)
 
 
 def has_retained(snapshot: Snapshot) -> bool:
@@ -110,13 +108,13 @@ def check_by(snapshot: Snapshot, by: str) -> None:
         )
 
 
-def weighted_stacks(snapshot: Snapshot, by: str) -> list[tuple[StackStats, int]]:
-    """Stacks with a positive weight, heaviest first."""
-    check_by(snapshot, by)
-    pairs = [(s, stack_weight(s, by)) for s in snapshot.stacks]
-    pairs = [(s, w) for s, w in pairs if w > 0]
-    pairs.sort(key=lambda p: (-p[1], p[0].frames))
-    return pairs
+def selected_stacks(data: ReportData, by: str, limit: Optional[int] = None,
+                    min_share: float = 0.0) -> Selection:
+    """The stacks with a positive weight that the report's policy keeps,
+    heaviest first (memtrace.reporters.select)."""
+    check_by(data.snapshot, by)
+    return select_stacks(data.snapshot.stacks, by, limit=limit, positive=True, policy=data.policy,
+                         min_share=min_share)
 
 
 def frame_label(frame: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from memtrace.reporters.common import ReportData, frame_label, weighted_stacks
+from memtrace.reporters.common import ReportData, frame_label, selected_stacks
 
 
 def _clean(label: str) -> str:
@@ -18,12 +18,18 @@ def _clean(label: str) -> str:
 
 
 def folded_lines(data: ReportData) -> list[str]:
+    """With --top or --min-size, the stacks left out are one line,
+    `other (N stacks)`, so the graph's total stays the whole weight."""
     totals: dict[str, int] = {}
-    for stack, weight in weighted_stacks(data.snapshot, data.by):
+    chosen = selected_stacks(data, data.by)
+    for stack, weight in zip(chosen.shown, chosen.weights):
         # The model keeps frames innermost first; flame graphs want the root first.
         path = ";".join(_clean(frame_label(f)) for f in reversed(stack.frames)) or "[no frames]"
         totals[path] = totals.get(path, 0) + weight
-    return [f"{path} {weight}" for path, weight in sorted(totals.items())]
+    lines = [f"{path} {weight}" for path, weight in sorted(totals.items())]
+    if chosen.other_count:
+        lines.append(f"{chosen.other_label} {chosen.other_weight}")
+    return lines
 
 
 class FoldedReporter:

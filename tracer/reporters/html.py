@@ -24,7 +24,7 @@ from memtrace.reporters.common import (
     moment,
     recorded_on,
     unit,
-    weighted_stacks,
+    selected_stacks,
 )
 from memtrace.view.fmt import fmt_bytes, fmt_count, fmt_duration, fmt_signed_bytes
 
@@ -32,6 +32,10 @@ CHART_W, CHART_H = 960, 260
 _PAD_L, _PAD_R, _PAD_T, _PAD_B = 78, 16, 14, 34
 _MAX_POINTS = 600  # per series: one per horizontal pixel or so
 TOP_STACKS = 15
+# Stacks below this share of the total weight are one box in the flame
+# graph, "other (N stacks)": 50,000 stacks drawn one by one made a 19 MB
+# page that no browser draws, for boxes too thin to see.
+OTHER_BELOW_SHARE = 0.001
 
 # name, colour, TimePoint attribute
 SERIES = (
@@ -148,7 +152,11 @@ def flame_tree(data: ReportData) -> dict[str, Any]:
     """{'n': name, 'v': weight, 'c': [children]}, root first, children
     heaviest first."""
     root: dict[str, Any] = {"n": "all", "v": 0, "k": {}}
-    for stack, weight in weighted_stacks(data.snapshot, data.by):
+    chosen = selected_stacks(data, data.by, min_share=OTHER_BELOW_SHARE)
+    if chosen.other_count:
+        root["v"] = chosen.other_weight
+        root["k"][chosen.other_label] = {"n": chosen.other_label, "v": chosen.other_weight, "k": {}}
+    for stack, weight in zip(chosen.shown, chosen.weights):
         root["v"] += weight
         node = root
         for frame in reversed(stack.frames):
@@ -299,14 +307,14 @@ def _facts(d: ReportData) -> str:
 
 
 def _stack_table(d: ReportData) -> str:
-    ranked = weighted_stacks(d.snapshot, d.by)[:TOP_STACKS]
+    ranked = selected_stacks(d, d.by, limit=TOP_STACKS).shown
     if not ranked:
         return f'<p class="muted">No stack has {_esc(unit(d.by))}.</p>'
     retained = has_retained(d.snapshot)
     head = ["live", "allocated"] + (["retained"] if retained else []) + ["blocks", "threads"]
     rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head)
             + '<th class="frames">frames (innermost first)</th></tr>']
-    for st, _ in ranked:
+    for st in ranked:
         c = st.counters
         frames = "\n".join(st.frames) + ("\n… (outer frames may be missing)" if st.truncated else "")
         cells = [fmt_bytes(c.live_bytes), fmt_bytes(c.alloc_bytes)]

@@ -22,8 +22,9 @@ from memtrace.reporters.common import (
     peak_texts,
     recorded_on,
     unit,
-    weighted_stacks,
+    selected_stacks,
 )
+from memtrace.reporters import select
 from memtrace.view import status
 from memtrace.view.fmt import fmt_bytes, fmt_count, fmt_duration, fmt_signed_bytes
 from memtrace.view.text import (
@@ -236,7 +237,7 @@ def _retained_stacks(d: ReportData) -> list[str]:
     s = d.snapshot
     if not status.any_retained(s):
         return []
-    stacks = [st for st, _ in weighted_stacks(s, "retained")][:RETAINED_STACKS_SHOWN]
+    stacks = selected_stacks(d, "retained", limit=RETAINED_STACKS_SHOWN).shown
     rows = [[fmt_bytes(st.retained_bytes), fmt_bytes(st.counters.live_bytes), _chain(st.frames, 100)]
             for st in stacks]
     return (
@@ -269,15 +270,16 @@ def _stack_block(rank: int, st: StackStats, names: dict[int, str], change: bool)
 
 def _stacks_by(d: ReportData, by: str) -> list[str]:
     s = d.snapshot
-    ranked = weighted_stacks(s, by)
-    if not ranked:
+    chosen = selected_stacks(d, by, limit=STACKS_SHOWN)
+    shown = chosen.shown
+    if not shown:
         if not s.stacks:
             return ["", f"stacks: none ({_NO_PROBES})" if s.light else "stacks: no tracked allocations"]
         return ["", f"stacks by {unit(by)}: none"]
     names = {t.tid: t.name for t in s.threads}
-    shown = ranked[:STACKS_SHOWN]
-    lines = ["", f"top {len(shown)} of {len(s.stacks)} stacks by {unit(by)} (frames innermost first):"]
-    for rank, (st, _) in enumerate(shown, start=1):
+    lines = ["", f"top {len(shown)} of {len(shown) + chosen.other_count} stacks by {unit(by)}"
+             " (frames innermost first):"]
+    for rank, st in enumerate(shown, start=1):
         lines += _stack_block(rank, st, names, change=d.since is not None)
     return lines
 
@@ -358,7 +360,7 @@ def render_text(d: ReportData) -> str:
 def render_summary(snapshot: Snapshot) -> str:
     """What a trace prints when it ends: the text report of its final
     snapshot."""
-    return render_text(ReportData(snapshot=snapshot, trace_end=True))
+    return render_text(ReportData(snapshot=snapshot, trace_end=True, policy=select.current()))
 
 
 class TextReporter:

@@ -1,6 +1,7 @@
 """`--json`: the final snapshot as one JSON document on stdout;
 `--json-stream`: every snapshot, one JSON object per line. Both written by
-the one JSON writer, memtrace.reporters.jsonreport."""
+the one JSON writer (memtrace.reporters.jsonreport), keeping the stacks
+that --top and --min-size leave."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import sys
 from typing import TextIO
 
 from memtrace.model import Snapshot
+from memtrace.reporters import select
 from memtrace.reporters.common import ReportData
 from memtrace.reporters.jsonreport import write_json
+
+
+def _data(snapshot: Snapshot) -> ReportData:
+    return ReportData(snapshot=snapshot, trace_end=True, policy=select.current())
 
 
 class JsonSink:
@@ -20,7 +26,7 @@ class JsonSink:
         pass
 
     def close(self, final: Snapshot) -> None:
-        write_json(ReportData(snapshot=final, trace_end=True), self.out)
+        write_json(_data(final), self.out)
         self.out.flush()
 
 
@@ -32,7 +38,7 @@ class JsonStreamSink:
         self.out = out
 
     def _line(self, snapshot: Snapshot) -> None:
-        write_json(ReportData(snapshot=snapshot, trace_end=True), self.out, one_line=True)
+        write_json(_data(snapshot), self.out, one_line=True)
         self.out.flush()
 
     def update(self, snapshot: Snapshot) -> None:

@@ -20,7 +20,8 @@ from rich.text import Text
 from memtrace.model import ArenaStats, RegionStats, Snapshot, StackStats, ThreadStats
 from memtrace.view import status
 from memtrace.view.fmt import ellipsize, fit_list, fmt_bytes, fmt_duration, fmt_si, fmt_signed_bytes, frame_chain
-from memtrace.view.status import SORT_LIVE, SORT_RETAINED, top_stacks, top_threads
+from memtrace.reporters.select import select_stacks
+from memtrace.view.status import SORT_LIVE, SORT_RETAINED, top_threads
 
 HEADER_STYLE = "bold reverse"
 TITLE_STYLE = "bold cyan"
@@ -156,7 +157,7 @@ def stacks_pane(by: str = SORT_LIVE) -> Pane:
             return [title_line("STACKS", what, width)]
         retained = status.any_retained(s)
         order = by if retained else SORT_LIVE
-        shown = top_stacks(s, order)[:rows]
+        shown = select_stacks(s.stacks, order, limit=rows).shown
         detail = f"{len(shown)} of {total} by {order} bytes"
         if order == SORT_RETAINED:
             detail += " (estimates)"

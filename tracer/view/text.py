@@ -15,6 +15,7 @@ import time
 from typing import Callable, Optional, Sequence, TextIO
 
 from memtrace.model import ArenaStats, RegionStats, Snapshot, StackStats, ThreadStats
+from memtrace.reporters.select import select_stacks
 from memtrace.view import status
 from memtrace.view.fmt import (
     ellipsize,
@@ -185,7 +186,7 @@ class BatchView:
     def render_block(self, s: Snapshot) -> str:
         lines = [f"--- {time.strftime('%H:%M:%S')} " + "-" * 20]
         lines += _header(s)
-        stacks = status.top_stacks(s)[: self.max_stacks]
+        stacks = select_stacks(s.stacks, limit=self.max_stacks).shown
         if s.light and not s.stacks:
             lines.append(f"STACKS none: {_NO_PROBES}")
         else:

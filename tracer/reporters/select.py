@@ -1,0 +1,227 @@
+"""Which stacks an output shows, and in what order: one policy for the
+live view's table, the end summary, `--json` and every report.
+
+Stacks are ranked by a weight (live, retained or allocated bytes), then by
+live and allocated bytes, then by their frames, so ties land the same way
+everywhere. The user's `--top N` and `--min-size BYTES` bound what is
+shown; what they leave out is counted, never silently dropped: reports say
+"other (N stacks)" with the bytes those stacks hold.
+
+The policy is the run's: the command line sets it once (`configure`), and
+every output asks for it, so the view's constructors, which carry nothing
+about output sizes, need no new argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import re
+from operator import itemgetter
+from dataclasses import dataclass, replace
+from typing import Iterable, Optional, Sequence
+
+from memtrace.model import Counters, Snapshot, StackStats
+
+WEIGHTS = ("live", "retained", "allocated")
+_second = itemgetter(1)
+
+
+@dataclass(frozen=True)
+class StackPolicy:
+    """The user's bounds: at most `top` stacks, none whose weight is below
+    `min_bytes`. None: no bound."""
+
+    top: Optional[int] = None
+    min_bytes: Optional[int] = None
+
+    @property
+    def bounded(self) -> bool:
+        return self.top is not None or self.min_bytes is not None
+
+
+_policy = StackPolicy()
+
+
+def configure(policy: StackPolicy) -> None:
+    """The run's policy (set from --top and --min-size)."""
+    global _policy
+    _policy = policy
+
+
+def current() -> StackPolicy:
+    return _policy
+
+
+class Selection:
+    """The stacks shown, heaviest first, and what the others add up to
+    (summed when asked: the live view never asks)."""
+
+    def __init__(self, shown: Sequence[tuple[StackStats, int]], others: Sequence[tuple[StackStats, int]]) -> None:
+        self.shown: tuple[StackStats, ...] = tuple(s for s, _ in shown)
+        self.weights: tuple[int, ...] = tuple(w for _, w in shown)  # of the shown, in order
+        self._others = others
+
+    @property
+    def other_count(self) -> int:
+        return len(self._others)
+
+    @property
+    def other_weight(self) -> int:
+        return sum(w for _, w in self._others)
+
+    @property
+    def other_counters(self) -> Counters:
+        o = [s.counters for s, _ in self._others]
+        return Counters(sum(c.alloc_bytes for c in o), sum(c.free_bytes for c in o),
+                        sum(c.alloc_count for c in o), sum(c.free_count for c in o))
+
+    @property
+    def other_retained_bytes(self) -> int:
+        return sum(s.retained_bytes for s, _ in self._others)
+
+    @property
+    def other_label(self) -> str:
+        return f"other ({self.other_count} stack{'' if self.other_count == 1 else 's'})"
+
+
+_WEIGHTS = {
+    "live": lambda s: s.counters.alloc_bytes - s.counters.free_bytes,
+    "allocated": lambda s: s.counters.alloc_bytes,
+    "retained": lambda s: s.retained_bytes,
+}
+
+
+def weight_of(stack: StackStats, by: str) -> int:
+    try:
+        return _WEIGHTS[by](stack)
+    except KeyError:
+        raise ValueError(f"unknown weight {by!r}") from None
+
+
+def rank_key(stack: StackStats, weight: int) -> tuple:
+    c = stack.counters
+    return (-weight, -c.live_bytes, -c.alloc_bytes, stack.frames)
+
+
+def select_stacks(
+    stacks: Iterable[StackStats],
+    by: str = "live",
+    *,
+    limit: Optional[int] = None,
+    positive: bool = False,
+    policy: Optional[StackPolicy] = None,
+    min_share: float = 0.0,
+) -> Selection:
+    """The stacks to show by weight `by`, heaviest first.
+
+    limit: rows the output has room for, on top of the policy's --top.
+    positive: leave out stacks whose weight is not above zero (a flame
+      graph cannot draw them); they are not counted in "other" either.
+    policy: the user's bounds; the run's (`configure`) by default.
+    min_share: leave out stacks below this share of the total positive
+      weight (the HTML page folds them into "other").
+    """
+    policy = _policy if policy is None else policy
+    if by not in WEIGHTS:
+        raise ValueError(f"unknown weight {by!r}")
+    weigh = _WEIGHTS[by]
+    pairs = [(s, weigh(s)) for s in stacks]
+    if positive:
+        pairs = [p for p in pairs if p[1] > 0]
+    floor = policy.min_bytes
+    if min_share > 0:
+        total = sum(w for _, w in pairs if w > 0)
+        share_floor = min_share * total
+        floor = share_floor if floor is None else max(floor, share_floor)
+    if floor is not None:
+        kept = [p for p in pairs if p[1] >= floor]
+    else:
+        kept = pairs
+    bounds = [n for n in (policy.top, limit) if n is not None]
+    count = min(bounds) if bounds else None
+    key = lambda p: rank_key(p[0], p[1])  # noqa: E731
+    if count is not None and count < len(kept):
+        # A few rows out of 100,000 stacks: no full sort. The weights alone
+        # find the count-th heaviest; the ties around it are ranked whole.
+        if count <= 0:
+            ranked = []
+        else:
+            cut = heapq.nlargest(count, kept, key=_second)[-1][1]
+            ranked = sorted((p for p in kept if p[1] >= cut), key=key)[:count]
+    else:
+        ranked = sorted(kept, key=key)
+    if len(ranked) == len(pairs):
+        return Selection(ranked, ())
+    shown_ids = {id(s) for s, _ in ranked}
+    return Selection(ranked, [p for p in pairs if id(p[0]) not in shown_ids])
+
+
+def snapshot_json(snapshot: Snapshot, by: str = "live", policy: Optional[StackPolicy] = None) -> dict:
+    """`Snapshot.to_json()` with the stacks the policy keeps. The figures
+    about all stacks (truncated counts and shares) stay those of all of
+    them, and `stacks_left_out` says what the others hold. Unbounded, it is
+    exactly to_json()."""
+    policy = _policy if policy is None else policy
+    if not policy.bounded:
+        return snapshot.to_json()
+    chosen = select_stacks(snapshot.stacks, by, policy=policy)
+    doc = replace(snapshot, stacks=chosen.shown).to_json()
+    doc["truncated_stack_count"] = snapshot.truncated_stack_count
+    doc["truncated"] = snapshot.truncated_shares()
+    c = chosen.other_counters
+    doc["stacks_left_out"] = {
+        "count": chosen.other_count,
+        "live_bytes": c.live_bytes,
+        "alloc_bytes": c.alloc_bytes,
+        "free_bytes": c.free_bytes,
+        "alloc_count": c.alloc_count,
+        "free_count": c.free_count,
+        "retained_bytes": chosen.other_retained_bytes,
+    }
+    return doc
+
+
+# ---------------------------------------------------------------- options
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '4096', '64K', '1M', '1.5GiB' (binary units, as the view
+    shows sizes)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"invalid size {text!r}: give bytes, or a number with K, M, G or T (64K, 1M)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def top_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"invalid --top {text!r}: give a number of stacks, 1 or more")
+    return n
+
+
+def add_policy_options(parser) -> None:
+    parser.add_argument("--top", type=top_arg, metavar="N",
+                        help="show at most N stacks, the heaviest (view, summary, JSON, reports);"
+                        " the others are counted as 'other'")
+    parser.add_argument("--min-size", type=size_arg, metavar="BYTES",
+                        help="leave out stacks weighing less than BYTES (4096, 64K, 1M)")
+
+
+def policy_of(args: argparse.Namespace) -> StackPolicy:
+    return StackPolicy(getattr(args, "top", None), getattr(args, "min_size", None))
+

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import signal
+import termios
 from typing import Optional
 
 from memtrace.errors import MemtraceError
@@ -23,11 +25,17 @@ _libc.ptrace.restype = ctypes.c_long
 
 
 class Launched:
-    """A child process stopped after exec, until `release()`."""
+    """A child process stopped after exec, until `release()`.
 
-    def __init__(self, argv: list[str], executable: str) -> None:
+    With `terminal` (a CommandOutput), the child runs in a session of its
+    own on that pseudo-terminal: its output stays off our screen, and our
+    Ctrl-C reaches it only through `signal()`."""
+
+    def __init__(self, argv: list[str], executable: str, terminal=None) -> None:
         self.argv = argv
+        self.terminal = terminal
         self.exit_status: Optional[int] = None  # shell convention: 128+N if killed by N
+        fds = terminal.child_fds() if terminal is not None else None
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # child: only async-signal-safe work until exec
@@ -37,6 +45,11 @@ class Launched:
                 for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                if fds is not None:
+                    os.setsid()
+                    fcntl.ioctl(fds[1], termios.TIOCSCTTY, 0)
+                    for target, fd in enumerate(fds):
+                        os.dup2(fd, target)
                 if _libc.ptrace(PTRACE_TRACEME, 0, None, None) != 0:
                     raise OSError(ctypes.get_errno(), "ptrace")
                 os.execv(executable, argv)
@@ -46,6 +59,8 @@ class Launched:
                 os._exit(127)
         os.close(report_w)
         self.pid = pid
+        if terminal is not None:
+            terminal.started()
         _, status = os.waitpid(pid, 0)
         failure = os.read(report_r, 64)
         os.close(report_r)
@@ -88,8 +103,14 @@ class Launched:
         return self.exit_status
 
     def signal(self, sig: int) -> None:
+        """Send `sig`; on its own terminal, Ctrl-C goes where that terminal
+        would send it (the foreground process group)."""
+        group = self.terminal.foreground_group() if self.terminal is not None and sig == signal.SIGINT else None
         try:
-            os.kill(self.pid, sig)
+            if group is not None and group > 0:
+                os.killpg(group, sig)
+            else:
+                os.kill(self.pid, sig)
         except ProcessLookupError:
             pass
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -200,7 +201,16 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                       "appear (default 65536)")
 
 
-def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> tuple[list, object]:
+DETACHING = "detaching… (removing the probes)"
+
+
+def view_is_live(args: argparse.Namespace) -> bool:
+    """The full-screen view, not batch text or JSON."""
+    return sys.stdout.isatty() and not (args.json or args.json_stream or args.batch)
+
+
+def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict,
+               context=None) -> tuple[list, object]:
     """The sinks for this trace, and the live view if there is one."""
     from memtrace.sinks.console import console_sinks
     from memtrace.sinks.jsonout import JsonSink
@@ -215,7 +225,7 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
         sinks.append(JsonStreamSink())
     else:
         console, view = console_sinks(interactive=interactive and not args.batch,
-                                      mode="arenas" if args.light else "stacks")
+                                      mode="arenas" if args.light else "stacks", context=context)
         sinks.extend(console)
     try:
         if args.serve:
@@ -236,7 +246,11 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
     return sinks, view
 
 
-def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool = False) -> int:
+def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool = False,
+              keyboard_to_command: bool = False) -> int:
+    """`demo`: read keys for the view even when the command keeps our
+    terminal; `keyboard_to_command`: the command waits for input, so our
+    stdin stays its stdin."""
     from memtrace import target as targets
 
     if args.pid and command_line:
@@ -260,10 +274,31 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
     libc, allocator = targets.allocator_of_command(command_line)
     from memtrace.launch import Launched
 
-    launched = Launched(command_line, executable)
+    output = None
+    if view_is_live(args):
+        # Its output would write over the view: it gets a terminal of its own.
+        from memtrace.command_output import CommandOutput
+
+        output = CommandOutput(os.path.basename(command_line[0]), args.record,
+                               keep_stdin=keyboard_to_command)
+        output.resize(*shutil.get_terminal_size())
+    try:
+        launched = Launched(command_line, executable, terminal=output)
+    except BaseException:
+        if output is not None:
+            output.close(keep_log=False)
+        raise
     comm = os.path.basename(executable)[:15]
-    return _trace(args, launched.pid, comm, libc, allocator.path, launched, started,
-                  keys_allowed=demo, allocator=allocator)
+    try:
+        return _trace(args, launched.pid, comm, libc, allocator.path, launched, started,
+                      keys_allowed=demo or (output is not None and not keyboard_to_command),
+                      allocator=allocator)
+    finally:
+        if output is not None:
+            kept = output.byte_count > 0
+            output.close(keep_log=kept)
+            if kept:
+                print(f"memtrace: the output of {output.command} is in {output.log_path}", file=sys.stderr)
 
 
 def _first_line(captured) -> str:
@@ -315,7 +350,12 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
         events_fd = collector.start()
         collector.watch = _open_watch(pid, args.verbose)
         # Before the command runs: a file that cannot be written stops it unrun.
-        sinks, view = make_sinks(args, interactive, metadata)
+        context = None
+        if interactive:
+            from memtrace.view.context import Context
+
+            context = Context(every_s=args.interval, output=launched.terminal if launched else None)
+        sinks, view = make_sinks(args, interactive, metadata, context)
     except BaseException as e:
         if probes is not None:
             probes.detach()
@@ -370,11 +410,16 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
             launched=launched,
             keys=keys,
             on_key=view.handle_key if view is not None else None,
-            on_resize=view.refresh if view is not None else None,
+            on_resize=(lambda: _resized(view, launched)) if view is not None else None,
             events_fd=events_fd,
             on_events=collector.consume_events,
             watch_fds=collector.watch.filenos() if collector.watch else [],
             on_watch=collector.read_watch,
+            output=launched.terminal if launched is not None else None,
+            on_output=view.output_changed if view is not None else None,
+            # The last frame says why it no longer moves: removing the
+            # probes takes a second or two.
+            on_quit=(lambda: view.set_context(banner=DETACHING)) if view is not None else None,
         )
         outcome = session.run()
     finally:
@@ -394,6 +439,12 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
     if launched is not None:
         return wait_for_command(launched)
     return 0
+
+
+def _resized(view, launched) -> None:
+    view.refresh()
+    if launched is not None and launched.terminal is not None:
+        launched.terminal.resize(*shutil.get_terminal_size())
 
 
 def _open_watch(pid: int, verbose: bool):

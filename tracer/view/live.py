@@ -8,9 +8,11 @@ and on resize or key presses via `refresh`).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sys
 import textwrap
+import time
 from typing import Iterable, Optional, Sequence, TextIO
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -20,8 +22,9 @@ from rich.text import Text
 
 from memtrace.model import Gap, Snapshot
 from memtrace.view import status
+from memtrace.view.context import Context
 from memtrace.view.keys import KEY_BINDINGS, QUIT, TOGGLE_SORT
-from memtrace.view.panes import ARENAS, REGIONS, STACKS, STACKS_BY_RETAINED, THREADS, Layout, Slot
+from memtrace.view.panes import ARENAS, REGIONS, STACKS, STACKS_BY_RETAINED, THREADS, Layout, Slot, output_lines
 
 # The views the `mode` argument selects: the first pane gets most rows.
 # A new mode is one more entry here and its key in KEY_BINDINGS.
@@ -44,6 +47,7 @@ _TONE_STYLES = {
 _MAX_NOTES = 3
 _ROOMY_HEIGHT = 20
 _BADGE = 7  # ' DROPS ', ' HINT  ': the width of a line's badge
+_OUTPUT_REDRAW_S = 0.25
 
 # The gap bar: one cell style per part, and a glyph that tells them apart
 # without colour too.
@@ -225,17 +229,36 @@ def _footer(mode: str, sort: str, width: int) -> Text:
     return text
 
 
+def _banner(message: str, width: int) -> Text:
+    text = Text(f" {message} ", style="bold black on yellow")
+    text.truncate(width, overflow="ellipsis")
+    return text
+
+
+def output_height(height: int) -> int:
+    """Lines for a launched command's output (its title included): a fifth
+    of the screen, the tables keep the rest."""
+    return max(3, min(12, height // 5))
+
+
 def render(
-    snapshot: Snapshot, width: int, height: int, mode: str = "stacks", sort: str = status.SORT_LIVE
+    snapshot: Snapshot,
+    width: int,
+    height: int,
+    mode: str = "stacks",
+    sort: str = status.SORT_LIVE,
+    ctx: Optional[Context] = None,
 ) -> RenderableType:
     """The whole screen for one snapshot, at most `width` x `height` cells;
-    `sort` ranks the stacks table by live or by retained bytes."""
+    `sort` ranks the stacks table by live or by retained bytes; `ctx` adds
+    what the session knows besides the snapshot."""
+    ctx = ctx or Context()
     if mode not in MODES:
         raise ValueError(f"unknown view mode {mode!r}: expected one of {', '.join(MODES)}")
     if sort not in SORTS:
         raise ValueError(f"unknown sort {sort!r}: expected one of {', '.join(SORTS)}")
     width, height = max(1, width), max(1, height)
-    footer = _footer(mode, sort, width)
+    footer = _banner(ctx.banner, width) if ctx.banner else _footer(mode, sort, width)
     # The header may take half the screen (the gap, identity, drops and
     # hints first, see _header), details a third, but it leaves the first
     # table a title, a column header and a row.
@@ -246,36 +269,54 @@ def render(
         layout = layout.with_pane(STACKS_BY_RETAINED)
     # On a roomy screen a blank line sets each table apart.
     gap = 1 if height >= _ROOMY_HEIGHT else 0
+    output: list[RenderableType] = []
+    if ctx.output is not None:
+        # Below the tables; it leaves them a title, a header and a row.
+        lines = min(output_height(height), pane_lines - gap - 3)
+        if lines >= 2:
+            output = [Text()] * gap + output_lines(ctx.output, width, lines)
+            pane_lines -= len(output)
     parts: list[RenderableType] = list(header)
     if pane_lines > 0:
         for pane, rows in layout.plan(snapshot, pane_lines - gap * len(layout.slots)):
             parts.extend([Text()] * gap)
             parts.extend(pane.build(snapshot, width, rows))
-    return _Clip(_Screen(parts, footer, height), width, height)
+    return _Clip(_Screen(parts, footer, height, output), width, height)
 
 
 class _Screen:
     """Body lines from the top, the footer pinned to the bottom line (as in
     top), so the keys stay put while the tables grow and shrink."""
 
-    def __init__(self, parts: list[RenderableType], footer: Text, height: int) -> None:
+    def __init__(self, parts: list[RenderableType], footer: Text, height: int,
+                 bottom: Sequence[RenderableType] = ()) -> None:
         self.parts = parts
         self.footer = footer
         self.height = height
+        self.bottom = bottom  # pinned above the footer too (a command's output)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        body = console.render_lines(Group(*self.parts), options.update(height=None), pad=False)
-        body = body[: max(0, self.height - 1)]
+        options = options.update(height=None)
+        bottom = console.render_lines(Group(*self.bottom), options, pad=False) if self.bottom else []
+        bottom = bottom[: max(0, self.height - 1)]
+        body = console.render_lines(Group(*self.parts), options, pad=False)
+        body = body[: max(0, self.height - 1 - len(bottom))]
         for line in body:
             yield from line
             yield Segment.line()
-        for _ in range(self.height - 1 - len(body)):
+        for _ in range(self.height - 1 - len(body) - len(bottom)):
+            yield Segment.line()
+        for line in bottom:
+            yield from line
             yield Segment.line()
         yield self.footer
 
 
-def _waiting(width: int, height: int) -> RenderableType:
-    return _Clip(Text("memtrace: waiting for the first snapshot…", style="dim"), width, height)
+def _waiting(width: int, height: int, ctx: Context) -> RenderableType:
+    text = Text("memtrace: waiting for the first snapshot…", style="dim")
+    bottom = output_lines(ctx.output, width, min(output_height(height), height - 2)) if ctx.output else []
+    footer = _banner(ctx.banner, width) if ctx.banner else Text()
+    return _Clip(_Screen([text], footer, height, bottom), width, height)
 
 
 class LiveView:
@@ -290,7 +331,8 @@ class LiveView:
         sort: how the stacks table starts ranked, one of SORTS.
     """
 
-    def __init__(self, console: Optional[Console] = None, mode: str = "stacks", sort: str = status.SORT_LIVE) -> None:
+    def __init__(self, console: Optional[Console] = None, mode: str = "stacks", sort: str = status.SORT_LIVE,
+                 context: Optional[Context] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown view mode {mode!r}")
         if sort not in SORTS:
@@ -299,6 +341,8 @@ class LiveView:
         self.mode = mode
         self.sort = sort
         self.snapshot: Optional[Snapshot] = None
+        self.context = context or Context()
+        self._drawn_at = 0.0
         self._live: Optional[Live] = None
         self._real_stderr: Optional[TextIO] = None
         self._stderr_buffer: Optional[io.StringIO] = None
@@ -402,10 +446,22 @@ class LiveView:
             return
         width, height = self.console.size
         if self.snapshot is None:
-            screen = _waiting(width, height)
+            screen = _waiting(width, height, self.context)
         else:
-            screen = render(self.snapshot, width, height, self.mode, self.sort)
+            screen = render(self.snapshot, width, height, self.mode, self.sort, self.context)
         self._live.update(screen, refresh=True)
+        self._drawn_at = time.monotonic()
+
+    def set_context(self, **changes: object) -> None:
+        """Change what the screen shows besides the snapshot, and redraw."""
+        self.context = dataclasses.replace(self.context, **changes)  # type: ignore[arg-type]
+        self.refresh()
+
+    def output_changed(self) -> None:
+        """The command wrote: redraw, at most a few times a second (a chatty
+        command must not cost a full redraw per line)."""
+        if time.monotonic() - self._drawn_at >= _OUTPUT_REDRAW_S:
+            self.refresh()
 
     # The Sink protocol's names for the same thing.
     write = update

@@ -376,3 +376,22 @@ class Layout:
             [n for _, n in chosen], [slot.weight for slot, _ in chosen], lines - 2 * len(chosen)
         )
         return [(slot.pane, r) for (slot, _), r in zip(chosen, rows)]
+
+
+# ---------------------------------------------------------------- command output
+
+
+def output_lines(output, width: int, lines: int) -> list[RenderableType]:
+    """A launched command's latest lines under a title saying where all of
+    them are kept; exactly `lines` lines (blank ones while it is quiet)."""
+    if lines <= 0:
+        return []
+    shown = output.tail(lines - 1)
+    detail = f"last {len(shown)} of {output.line_count} lines, all in {output.log_path}" if shown else "nothing yet"
+    out: list[RenderableType] = [title_line(f"OUTPUT of {output.command}", detail, width)]
+    for line in shown:
+        text = Text(line, no_wrap=True, overflow="ellipsis")
+        text.truncate(width, overflow="ellipsis")
+        out.append(text)
+    out.extend(Text() for _ in range(lines - 1 - len(shown)))
+    return out

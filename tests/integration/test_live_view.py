@@ -1,0 +1,145 @@
+"""The live view in a real terminal (tmux, 80x24) on a real trace.
+
+A launched command that prints a line every 50 ms must not write over the
+view: for 10 s the header keeps the top of the screen and the command's
+lines show in the output pane. `q` answers at once ("detaching…") and the
+probes are gone when memtrace says so; Ctrl-C then reaches the command
+through memtrace, and all of its output is in the log it names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.bpf
+
+WIDTH, HEIGHT = 80, 24
+WATCH_S = 10.0
+START_TIMEOUT_S = 120.0  # compiling the probes on a loaded machine
+# `q` must answer in under a second; the bound is generous for a loaded CI.
+ANSWER_BOUND_S = 1.5
+DETACH_TIMEOUT_S = 60.0
+
+CHATTY = """#!/bin/sh
+i=0
+while :; do i=$((i+1)); echo "tick $i"; sleep 0.05; done
+"""
+
+
+class Tmux:
+    """A private tmux server (its own socket) with one window."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        if shutil.which("tmux") is None:
+            pytest.fail("tmux not found: install.sh --test-tools installs it", pytrace=False)
+        self.socket = str(tmp_path / "tmux.sock")
+
+    def run(self, *args: str) -> str:
+        done = subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            pytest.fail(f"tmux {' '.join(args)}: {done.stderr.strip()}", pytrace=False)
+        return done.stdout
+
+    def start(self, command: str) -> int:
+        self.run("new-session", "-d", "-s", "t", "-x", str(WIDTH), "-y", str(HEIGHT), command)
+        return int(self.run("list-panes", "-t", "t", "-F", "#{pane_pid}").split()[0])
+
+    def screen(self, history: bool = False) -> list[str]:
+        """The visible lines; with `history`, those scrolled off too."""
+        args = ("-S", "-", "-J") if history else ()  # -J: wrapped lines joined
+        return self.run("capture-pane", "-p", "-t", "t", *args).rstrip("\n").split("\n")
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", "t", *keys)
+
+    def wait_for(self, pattern: str, timeout: float, history: bool = False) -> tuple[list[str], float]:
+        """The screen once `pattern` shows on it, and when that was."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.screen(history)
+            if any(re.search(pattern, line) for line in lines):
+                return lines, time.monotonic()
+            if time.monotonic() > deadline:
+                pytest.fail(f"{pattern!r} not on the screen after {timeout:.0f} s:\n" + "\n".join(lines),
+                            pytrace=False)
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True)
+
+
+@pytest.fixture
+def tmux(tmp_path):
+    t = Tmux(tmp_path)
+    yield t
+    t.kill()
+
+
+def _is_header(line: str) -> bool:
+    return line.startswith("anon RSS") or line.startswith("memtrace  pid")
+
+
+def test_launched_command_logs_into_its_pane_and_q_answers_at_once(tmux, tmp_path, memtrace_cmd, probes):
+    chatty = tmp_path / "chatty.sh"
+    chatty.write_text(CHATTY)
+    chatty.chmod(0o755)
+    done_file = tmp_path / "exit-status"
+    memtrace = " ".join(memtrace_cmd)
+    # The shell outlives Ctrl-C (a handler, which memtrace does not inherit).
+    shell = tmux.start(f"sh -c 'trap : INT; {memtrace} --interval 0.5 -- {chatty}; echo $? > {done_file}; "
+                       "sleep 600'")
+
+    tmux.wait_for(r"^memtrace  pid", START_TIMEOUT_S)
+    tmux.wait_for(r"^tick \d+", 10)
+    seen = []
+    end = time.monotonic() + WATCH_S
+    while time.monotonic() < end:
+        lines = tmux.screen()
+        assert _is_header(lines[0]), "\n".join(lines)
+        assert any(line.startswith("memtrace  pid") for line in lines[:3]), "\n".join(lines)
+        title = next((i for i, line in enumerate(lines) if line.startswith("OUTPUT of chatty.sh")), None)
+        assert title is not None, "\n".join(lines)
+        ticks = [int(m.group(1)) for line in lines if (m := re.match(r"^tick (\d+)$", line))]
+        # Its lines are in the pane, in order, and nowhere else.
+        assert all(re.match(r"^tick \d+$", line) for line in lines[title + 1 : HEIGHT - 1]), "\n".join(lines)
+        assert not any(line.startswith("tick") for line in lines[:title]), "\n".join(lines)
+        assert ticks == sorted(ticks)
+        if ticks:
+            seen.append(ticks[-1])
+        assert " q " in lines[-1]
+        time.sleep(0.25)
+    assert len(seen) > 10 and seen[-1] - seen[0] > 50, seen  # the pane kept up with it
+
+    tracer = [p for p in probes.below(shell) if p != shell]
+    assert probes.perf(tracer), "no uprobes while tracing"
+    pressed = time.monotonic()
+    tmux.keys("q")
+    _, answered = tmux.wait_for(r"detaching", DETACH_TIMEOUT_S)
+    assert answered - pressed < ANSWER_BOUND_S
+    # The command's output held back while detaching follows at once: it
+    # may have scrolled the line off already.
+    tmux.wait_for(r"probes removed; waiting for \S*chatty\.sh", DETACH_TIMEOUT_S, history=True)
+    assert not probes.perf(tracer), "a uprobe is left after memtrace said the probes were removed"
+    # The command runs on, its output now on our terminal.
+    tmux.wait_for(r"^tick \d+$", 5)
+
+    tmux.keys("C-c")  # to memtrace; the command is on a terminal of its own
+    deadline = time.monotonic() + 30
+    while not done_file.exists() or not done_file.read_text().strip():
+        assert time.monotonic() < deadline, "\n".join(tmux.screen())
+        time.sleep(0.05)
+    assert done_file.read_text().strip() == "130"  # the command's status: killed by SIGINT
+    screen = "\n".join(tmux.screen(history=True))
+    m = re.search(r"the output of chatty\.sh is in (\S+)", screen)
+    assert m, screen
+    log = Path(m.group(1)).read_text()
+    numbers = [int(n) for n in re.findall(r"^tick (\d+)$", log, re.M)]
+    assert numbers[:3] == [1, 2, 3] and numbers == list(range(1, len(numbers) + 1))
+    os.unlink(m.group(1))

@@ -1,0 +1,88 @@
+"""The live screen with what the session adds to a snapshot (a launched
+command's output, the interval asked for, replay, a selected stack), at the
+two sizes people use: 80x24 and 160x50. Snapshots come from the synthetic
+session the recorder's tests use."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Optional
+
+import pytest
+from rich.console import Console
+
+from memtrace.record.synthetic import session
+from memtrace.view.context import Context
+from memtrace.view.live import MODES, render
+
+SIZES = [(80, 24), (160, 50)]
+
+
+class FakeOutput:
+    """What the output pane reads of a CommandOutput."""
+
+    def __init__(self, count: int, command: str = "server") -> None:
+        self.command = command
+        self.line_count = count
+        self.log_path = "/tmp/memtrace-server-x.log"
+        self.lines = [f"request {i} served" for i in range(count)]
+
+    def tail(self, count: int) -> list[str]:
+        return self.lines[-count:] if count > 0 else []
+
+
+def snapshots(count: int = 4):
+    return list(session(count, stacks=40, threads=6))
+
+
+def draw(snap, width: int, height: int, mode: str = "stacks", ctx: Optional[Context] = None,
+         sort: str = "live") -> list[str]:
+    console = Console(record=True, width=width, height=height, color_system=None, force_terminal=False,
+                      file=io.StringIO())
+    console.print(render(snap, width, height, mode, sort, ctx))
+    lines = console.export_text().rstrip("\n").split("\n")
+    assert len(lines) == height
+    assert all(len(line) <= width for line in lines)
+    return lines
+
+
+# ---------------------------------------------------------------- output pane
+
+
+@pytest.mark.parametrize("width, height", SIZES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_output_pane_sits_above_the_keys(width, height, mode):
+    snap = snapshots()[-1]
+    lines = draw(snap, width, height, mode, Context(output=FakeOutput(500)))
+    assert lines[0].startswith("anon RSS")  # the header keeps the top line
+    assert " q " in lines[-1]
+    title = next(i for i, line in enumerate(lines) if line.startswith("OUTPUT of server"))
+    shown = lines[title + 1 : height - 1]
+    assert shown == [f"request {i} served" for i in range(500 - len(shown), 500)]
+    assert len(shown) >= 2
+    assert f"last {len(shown)} of 500 lines" in lines[title]
+    # The tables keep rows of their own.
+    first_pane = {"stacks": "STACKS", "threads": "THREADS", "arenas": "ARENAS"}[mode]
+    assert any(line.startswith(first_pane) for line in lines[:title])
+
+
+def test_output_pane_grows_with_the_screen():
+    snap = snapshots()[-1]
+    small = draw(snap, 80, 24, ctx=Context(output=FakeOutput(500)))
+    tall = draw(snap, 160, 50, ctx=Context(output=FakeOutput(500)))
+    count = lambda lines: sum(1 for line in lines if line.startswith("request "))  # noqa: E731
+    assert count(tall) > count(small) >= 2
+
+
+def test_output_pane_of_a_quiet_command():
+    lines = draw(snapshots()[-1], 80, 24, ctx=Context(output=FakeOutput(0)))
+    assert any(line.startswith("OUTPUT of server  nothing yet") for line in lines)
+
+
+def test_long_output_lines_are_cut_not_wrapped():
+    out = FakeOutput(3)
+    out.lines = ["x" * 300, "short"]
+    lines = draw(snapshots()[-1], 80, 24, ctx=Context(output=out))
+    i = lines.index("short")
+    assert lines[i - 1].startswith("xxxx") and lines[i - 1].endswith("…")

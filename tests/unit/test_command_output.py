@@ -99,3 +99,4 @@ def test_resize_reaches_the_command():
         assert out.tail(1) == ["45 123"]
     finally:
         out.close(keep_log=False)
+

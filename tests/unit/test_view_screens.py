@@ -86,3 +86,14 @@ def test_long_output_lines_are_cut_not_wrapped():
     lines = draw(snapshots()[-1], 80, 24, ctx=Context(output=out))
     i = lines.index("short")
     assert lines[i - 1].startswith("xxxx") and lines[i - 1].endswith("…")
+
+
+# ---------------------------------------------------------------- progress
+
+def test_startup_progress_is_silent_without_a_terminal(capfd):
+    from memtrace.view.progress import StartupProgress
+
+    with StartupProgress(False) as progress:
+        progress.step("compiling")
+        progress.step("attaching")
+    assert capfd.readouterr() == ("", "")

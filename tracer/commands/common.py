@@ -298,7 +298,8 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
             kept = output.byte_count > 0
             output.close(keep_log=kept)
             if kept:
-                print(f"memtrace: the output of {output.command} is in {output.log_path}", file=sys.stderr)
+                where = " (next to the recording)" if args.record and output.log_path.startswith(args.record) else ""
+                print(f"memtrace: the output of {output.command} is in {output.log_path}{where}", file=sys.stderr)
 
 
 def _first_line(captured) -> str:
@@ -329,12 +330,18 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
         "launched": launched is not None,
         "options": {k: v for k, v in vars(args).items() if k not in ("entrypoint",)},
     }
+    if launched is not None and launched.terminal is not None:
+        metadata["command_output_log"] = launched.terminal.log_path
     probes: Optional[Probes] = None
     # libbcc writes its reasons to fd 2 itself: kept for the one line
     bcc_said = tempfile.TemporaryFile()
+    from memtrace.view.progress import StartupProgress
+
+    progress = StartupProgress(view_is_live(args) and sys.stderr.isatty())
     try:
         kind = allocator.kind if allocator is not None else "glibc"
         prefix = allocator.prefix if allocator is not None else ""
+        progress.step(f"finding the allocator's functions in {libc_shown}")
         with redirect_fd2(bcc_said.fileno()):
             sites = resolve_sites(libc, kind, prefix)
         limits = Limits(max_allocs=args.max_allocs, max_stats=args.max_stats,
@@ -342,21 +349,29 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
                         event_buffer_bytes=args.event_buffer << 20)
         probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes,
                         allocator_kind=kind, allocator_prefix=prefix)
+        progress.step("compiling and loading the probes (a few seconds)")
         probes.load()
+        progress.step(f"attaching to pid {pid} ({comm})")
         with redirect_fd2(bcc_said.fileno()):
             probes.attach()
+        progress.step("reading the allocator and the address space")
         collector = Collector(pid, comm, probes, light=args.light, attached=launched is None)
         collector.allocator_path = allocator.path if allocator is not None else libc
         events_fd = collector.start()
         collector.watch = _open_watch(pid, args.verbose)
+        progress.done()
         # Before the command runs: a file that cannot be written stops it unrun.
         context = None
         if interactive:
             from memtrace.view.context import Context
+            from memtrace.view.fmt import fmt_duration
 
-            context = Context(every_s=args.interval, output=launched.terminal if launched else None)
+            context = Context(every_s=args.interval, output=launched.terminal if launched else None,
+                              step=f"attached to pid {pid} ({comm}); first snapshot in "
+                              f"{fmt_duration(args.interval)}")
         sinks, view = make_sinks(args, interactive, metadata, context)
     except BaseException as e:
+        progress.done()
         if probes is not None:
             probes.detach()
         gone = isinstance(e, Exception) and _target_gone(pid, launched)

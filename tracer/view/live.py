@@ -313,7 +313,7 @@ class _Screen:
 
 
 def _waiting(width: int, height: int, ctx: Context) -> RenderableType:
-    text = Text("memtrace: waiting for the first snapshot…", style="dim")
+    text = Text(f"memtrace: {ctx.step or 'waiting for the first snapshot'}…", style="dim")
     bottom = output_lines(ctx.output, width, min(output_height(height), height - 2)) if ctx.output else []
     footer = _banner(ctx.banner, width) if ctx.banner else Text()
     return _Clip(_Screen([text], footer, height, bottom), width, height)

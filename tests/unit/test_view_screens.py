@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from typing import Optional
 
 import pytest
@@ -97,3 +98,47 @@ def test_startup_progress_is_silent_without_a_terminal(capfd):
         progress.step("compiling")
         progress.step("attaching")
     assert capfd.readouterr() == ("", "")
+
+
+# ---------------------------------------------------------------- quitting
+
+
+@pytest.mark.parametrize("width, height", SIZES)
+def test_detaching_replaces_the_keys(width, height):
+    from memtrace.commands.common import DETACHING
+
+    lines = draw(snapshots()[-1], width, height, ctx=Context(banner=DETACHING))
+    assert lines[-1].strip() == DETACHING
+    assert lines[0].startswith("anon RSS")  # the last figures stay up
+
+
+def test_session_says_it_is_quitting_before_the_last_snapshot():
+    from memtrace.session import Session
+
+    said = []
+
+    class Keys:
+        def __init__(self):
+            self.r, self.w = os.pipe()
+            os.write(self.w, b"q")
+
+        def fileno(self):
+            return self.r
+
+        def read_keys(self):
+            os.read(self.r, 1)
+            return ["q"]
+
+    def snapshot(**kw):
+        said.append("snapshot fresh" if kw.get("fresh") else "snapshot")
+        return snapshots(1)[0]
+
+    keys = Keys()
+    try:
+        outcome = Session(os.getpid(), snapshot, lambda: said.append("detach"), [], 10.0, keys=keys,
+                          on_quit=lambda: said.append("quitting")).run()
+    finally:
+        os.close(keys.r)
+        os.close(keys.w)
+    assert outcome.reason == "quit"
+    assert said == ["quitting", "snapshot fresh", "detach"]

@@ -142,3 +142,52 @@ def test_session_says_it_is_quitting_before_the_last_snapshot():
         os.close(keys.w)
     assert outcome.reason == "quit"
     assert said == ["quitting", "snapshot fresh", "detach"]
+
+
+# ---------------------------------------------------------------- holding
+
+
+class PipeKeys:
+    """Keys typed in advance, readable through a pipe as from a terminal."""
+
+    eof = False
+
+    def __init__(self, keys: list[str]) -> None:
+        self.r, self.w = os.pipe()
+        self.pending = list(keys)
+        os.write(self.w, b"k")
+
+    def fileno(self) -> int:
+        return self.r
+
+    def read_keys(self) -> list[str]:
+        # One key per read, so the view acts between them.
+        key = self.pending.pop(0)
+        if self.pending:
+            os.write(self.w, b"k")
+        os.read(self.r, 1)
+        return [key]
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+def test_a_finished_demo_holds_its_view_until_q():
+    from memtrace.view.live import LiveView
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80, height=24, color_system=None)
+    view = LiveView(console)
+    keys = PipeKeys(["t", "x", "q"])
+    try:
+        view.start()
+        final = dataclasses.replace(snapshots()[-1], target_alive=False, exit_status=0)
+        view.update(final)
+        view.hold(keys, "threads has ended; q quits and prints the summary")
+        assert view.mode == "threads"  # keys still work while it holds
+        assert keys.pending == []
+        out = console.file.getvalue()
+        assert "threads has ended; q quits" in out and "exited with status 0" in out
+    finally:
+        view.stop()
+        keys.close()

@@ -247,10 +247,11 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict,
 
 
 def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool = False,
-              keyboard_to_command: bool = False) -> int:
+              keyboard_to_command: bool = False, hold: bool = False) -> int:
     """`demo`: read keys for the view even when the command keeps our
     terminal; `keyboard_to_command`: the command waits for input, so our
-    stdin stays its stdin."""
+    stdin stays its stdin; `hold`: when the command ends, the live view
+    stays until `q`."""
     from memtrace import target as targets
 
     if args.pid and command_line:
@@ -292,7 +293,7 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
     try:
         return _trace(args, launched.pid, comm, libc, allocator.path, launched, started,
                       keys_allowed=demo or (output is not None and not keyboard_to_command),
-                      allocator=allocator)
+                      allocator=allocator, hold=hold)
     finally:
         if output is not None:
             kept = output.byte_count > 0
@@ -317,7 +318,7 @@ def _target_gone(pid: int, launched) -> bool:
 
 
 def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, started: float,
-           keys_allowed: bool = True, allocator=None) -> int:
+           keys_allowed: bool = True, allocator=None, hold: bool = False) -> int:
     from memtrace.collect.collector import Collector
     from memtrace.collect.probes import Limits, Probes, redirect_fd2, resolve_sites
     from memtrace.session import Session, wait_for_command
@@ -437,6 +438,9 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
             on_quit=(lambda: view.set_context(banner=DETACHING)) if view is not None else None,
         )
         outcome = session.run()
+        if hold and keys is not None and view is not None and outcome.reason == "target-exit":
+            # Probes are gone already: a person looks at the last figures.
+            view.hold(outcome.final, keys, f"{comm} has ended; q quits and prints the summary")
     finally:
         probes.detach()
         if collector.watch is not None:

@@ -22,6 +22,10 @@ class LiveSink:
     def output_changed(self) -> None:
         self.view.output_changed()
 
+    def hold(self, final: Snapshot, keys, message: str) -> None:
+        self.view.update(final)
+        self.view.hold(keys, message)
+
     def update(self, snapshot: Snapshot) -> None:
         self.view.update(snapshot)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import select
+import signal
 import sys
 import textwrap
 import time
@@ -48,6 +50,7 @@ _MAX_NOTES = 3
 _ROOMY_HEIGHT = 20
 _BADGE = 7  # ' DROPS ', ' HINT  ': the width of a line's badge
 _OUTPUT_REDRAW_S = 0.25
+_HOLD_POLL_S = 0.25
 
 # The gap bar: one cell style per part, and a glyph that tells them apart
 # without colour too.
@@ -319,6 +322,10 @@ def _waiting(width: int, height: int, ctx: Context) -> RenderableType:
     return _Clip(_Screen([text], footer, height, bottom), width, height)
 
 
+class _StopHolding(Exception):
+    pass
+
+
 class LiveView:
     """The interactive sink: a full-screen view redrawn once per snapshot.
 
@@ -462,6 +469,36 @@ class LiveView:
         command must not cost a full redraw per line)."""
         if time.monotonic() - self._drawn_at >= _OUTPUT_REDRAW_S:
             self.refresh()
+
+    def hold(self, keys, message: str) -> None:
+        """Keep the screen up, `message` in place of the keys, until `q`
+        (or Ctrl-C, SIGTERM, a hang-up); other keys still switch views."""
+        self.set_context(banner=message)
+
+        def stop(signum, frame):
+            raise _StopHolding()
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        size = self.console.size
+        try:
+            while not keys.eof:
+                try:
+                    ready, _, _ = select.select([keys.fileno()], [], [], _HOLD_POLL_S)
+                except InterruptedError:
+                    continue
+                if self.console.size != size:  # SIGWINCH is not ours here
+                    size = self.console.size
+                    self.refresh()
+                if ready:
+                    for key in keys.read_keys():
+                        if KEY_BINDINGS.get(key) == QUIT or key == "Q":
+                            return
+                        self.handle_key(key)
+        except _StopHolding:
+            pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     # The Sink protocol's names for the same thing.
     write = update

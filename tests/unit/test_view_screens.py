@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 from typing import Optional
 
 import pytest
@@ -191,3 +192,53 @@ def test_a_finished_demo_holds_its_view_until_q():
     finally:
         view.stop()
         keys.close()
+
+
+# ---------------------------------------------------------------- rates and timing
+
+
+@pytest.mark.parametrize("width, height", SIZES)
+def test_no_rate_before_the_second_snapshot(width, height):
+    first, second = snapshots(2)
+    assert first.heap.counters.alloc_bytes > 0  # it did allocate...
+    text = "\n".join(draw(first, width, height, ctx=Context(every_s=1.0)))
+    assert "rates: malloc —" in text and "free —" in text
+    assert "B/s" not in text  # ...so '0 B/s' would be wrong
+    text = "\n".join(draw(second, width, height, ctx=Context(every_s=1.0)))
+    assert re.search(r"last 1\.0s: malloc [\d.]+ [KM]iB/s", text), text
+
+
+@pytest.mark.parametrize("measured", [0.987, 1.0, 1.013, 1.1])
+def test_the_header_interval_holds_still(measured):
+    snap = dataclasses.replace(snapshots(3)[-1], interval_s=measured)
+    text = "\n".join(draw(snap, 160, 50, ctx=Context(every_s=1.0)))
+    assert "every 1.0s" in text
+    assert "last 1.0s:" in text
+    assert not re.search(r"\d+ms\b", text)
+
+
+def test_an_interval_far_from_the_one_asked_for_says_so():
+    snap = dataclasses.replace(snapshots(5)[-1], interval_s=2.5)  # a stall
+    text = "\n".join(draw(snap, 160, 50, ctx=Context(every_s=1.0)))
+    assert "every 1.0s" in text and "last 2.5s:" in text
+
+
+def test_one_block_one_call():
+    from memtrace.model import Counters, HeapTotals, StackStats, TrimStats
+    from memtrace.view.status import trim_calls_text
+    from memtrace.view.text import render_summary
+
+    one = Counters(alloc_bytes=64, free_bytes=0, alloc_count=1, free_count=0)
+    snap = dataclasses.replace(
+        snapshots(3)[-1], heap=HeapTotals(counters=one, trim_calls=1, trim_released_calls=1),
+        stacks=(StackStats(frames=("main+0x1 [app]",), tids=(1,), counters=one),),
+        trim=TrimStats(calls=1, returned_bytes=0, estimate_bytes=0))
+    text = render_summary(snap)
+    assert "in 1 block" in text and "1 blocks" not in text
+    assert "in 1 call," in text and "1 calls" not in text
+    assert "malloc_trim: 1 call, which released memory" in text
+    header = "\n".join(draw(snap, 160, 50))
+    assert "(1 call)" in header and "1 calls" not in header
+    assert trim_calls_text(2, 0) == "2 calls, none of which released memory"
+    assert trim_calls_text(2, 2) == "2 calls, each of which released memory"
+    assert trim_calls_text(1, 0) == "1 call, which released nothing"

@@ -169,14 +169,16 @@ def _badged(badge: str, style: str, body: str, body_style: str, width: int, wrap
     return lines
 
 
-def _header(s: Snapshot, width: int, budget: int, detail_budget: Optional[int] = None) -> list[Text]:
+def _header(s: Snapshot, width: int, budget: int, detail_budget: Optional[int] = None,
+            ctx: Optional[Context] = None) -> list[Text]:
     """Header lines in display order; when `budget` is short the lowest
     ranks stay (the gap and who is traced, then drops and hints, ...).
     Detail lines (rank DETAIL_RANK and up) are added only while the header
     stays within `detail_budget` lines: they must not crowd out the tables."""
     ranked: list[tuple[float, Text]] = []  # in display order
     drops = notes = 0
-    lines = status.header(s)
+    ctx = ctx or Context()
+    lines = status.header(s, ctx.every_s, ctx.replay)
     note_count = sum(1 for line in lines if line.kind == status.NOTE)
     for line in lines:
         if line.kind == status.GAP:
@@ -265,7 +267,7 @@ def render(
     # The header may take half the screen (the gap, identity, drops and
     # hints first, see _header), details a third, but it leaves the first
     # table a title, a column header and a row.
-    header = _header(snapshot, width, max(1, min(height - 4, max(4, height // 2))), max(4, height // 3))
+    header = _header(snapshot, width, max(1, min(height - 4, max(4, height // 2))), max(4, height // 3), ctx)
     pane_lines = height - len(header) - 1
     layout = MODES[mode]
     if sort == status.SORT_RETAINED:
@@ -283,7 +285,7 @@ def render(
     if pane_lines > 0:
         for pane, rows in layout.plan(snapshot, pane_lines - gap * len(layout.slots)):
             parts.extend([Text()] * gap)
-            parts.extend(pane.build(snapshot, width, rows))
+            parts.extend(pane.build(snapshot, width, rows, ctx))
     return _Clip(_Screen(parts, footer, height, output), width, height)
 
 

@@ -19,7 +19,8 @@ from rich.text import Text
 
 from memtrace.model import ArenaStats, RegionStats, Snapshot, StackStats, ThreadStats
 from memtrace.view import status
-from memtrace.view.fmt import ellipsize, fit_list, fmt_bytes, fmt_duration, fmt_si, fmt_signed_bytes, frame_chain
+from memtrace.view.context import Context
+from memtrace.view.fmt import ellipsize, fit_list, fmt_bytes, fmt_si, fmt_signed_bytes, frame_chain
 from memtrace.view.status import SORT_LIVE, SORT_RETAINED, top_stacks, top_threads
 
 HEADER_STYLE = "bold reverse"
@@ -100,7 +101,7 @@ def growth_text(delta: int) -> Text:
 class Pane:
     name: str
     count: Callable[[Snapshot], Optional[int]]  # None: section absent
-    build: Callable[[Snapshot, int, int], list[RenderableType]]  # (snapshot, width, rows)
+    build: Callable[[Snapshot, int, int, Context], list[RenderableType]]  # (snapshot, width, rows, ctx)
 
     @staticmethod
     def lines(rows: int) -> int:
@@ -110,7 +111,7 @@ class Pane:
 # ---------------------------------------------------------------- stacks
 
 
-def _stack_rows(stacks: Sequence[StackStats], width: int, interval_s: float, by: str, retained: bool) -> Table:
+def _stack_rows(stacks: Sequence[StackStats], width: int, interval: str, by: str, retained: bool) -> Table:
     def chains(w: int) -> list[Text]:
         out = []
         for s in stacks:
@@ -127,7 +128,7 @@ def _stack_rows(stacks: Sequence[StackStats], width: int, interval_s: float, by:
     by_retained = by == SORT_RETAINED
     cols = [
         Col("LIVE", [Text(fmt_bytes(s.counters.live_bytes), style="" if by_retained else "bold") for s in stacks]),
-        Col("Δ " + fmt_duration(interval_s) if interval_s > 0 else "Δ", [growth_text(s.live_delta_bytes) for s in stacks], drop_rank=3),
+        Col("Δ " + interval if interval else "Δ", [growth_text(s.live_delta_bytes) for s in stacks], drop_rank=3),
         Col("BLOCKS", [Text(fmt_si(s.counters.live_count)) for s in stacks], drop_rank=4),
         Col("THR", [Text(str(len(s.tids))) for s in stacks], drop_rank=5),
         Col("ALLOCATED", [Text(fmt_bytes(s.counters.alloc_bytes), style="dim") for s in stacks], drop_rank=6),
@@ -149,7 +150,7 @@ def _stack_rows(stacks: Sequence[StackStats], width: int, interval_s: float, by:
 def stacks_pane(by: str = SORT_LIVE) -> Pane:
     """The stacks table ranked by live bytes or by retained bytes."""
 
-    def build(s: Snapshot, width: int, rows: int) -> list[RenderableType]:
+    def build(s: Snapshot, width: int, rows: int, ctx: Context) -> list[RenderableType]:
         total = len(s.stacks)
         if not total:
             what = "none: no malloc probes in light mode (press a for the arenas)" if s.light else "no tracked allocations yet"
@@ -166,7 +167,8 @@ def stacks_pane(by: str = SORT_LIVE) -> Pane:
             detail += "  ~ truncated"
         out: list[RenderableType] = [title_line("STACKS", detail, width)]
         if shown:
-            out.append(_stack_rows(shown, width, s.interval_s, order, retained))
+            interval = status.interval_label(s, ctx.every_s) if s.interval_s > 0 else ""
+            out.append(_stack_rows(shown, width, interval, order, retained))
         return out
 
     return Pane("stacks", lambda s: len(s.stacks), build)
@@ -194,7 +196,7 @@ def _thread_rows(threads: Sequence[ThreadStats], width: int) -> Table:
     return fit_table(cols, width, styles)
 
 
-def _build_threads(s: Snapshot, width: int, rows: int) -> list[RenderableType]:
+def _build_threads(s: Snapshot, width: int, rows: int, ctx: Context) -> list[RenderableType]:
     total = len(s.threads)
     if not total:
         return [title_line("THREADS", "none seen allocating yet", width)]
@@ -256,7 +258,7 @@ def _arena_rows(s: Snapshot, arenas: Sequence[ArenaStats], width: int) -> Table:
     return fit_table(cols, width, ["" if a.reliable else "dim" for a in arenas])
 
 
-def _build_arenas(s: Snapshot, width: int, rows: int) -> list[RenderableType]:
+def _build_arenas(s: Snapshot, width: int, rows: int, ctx: Context) -> list[RenderableType]:
     if _arena_count(s) is None:
         return [title_line("ARENAS", _NO_ARENAS, width)]
     total = len(s.arenas)
@@ -308,7 +310,7 @@ def _region_count(s: Snapshot) -> Optional[int]:
     return len(s.regions) if s.os is not None or s.regions else None
 
 
-def _build_regions(s: Snapshot, width: int, rows: int) -> list[RenderableType]:
+def _build_regions(s: Snapshot, width: int, rows: int, ctx: Context) -> list[RenderableType]:
     if _region_count(s) is None:
         return [title_line("REGIONS", "no address-space data", width)]
     total = len(s.regions)

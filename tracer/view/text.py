@@ -20,6 +20,7 @@ from memtrace.view.fmt import (
     fit_list,
     fmt_bytes,
     fmt_count,
+    fmt_counted,
     fmt_duration,
     fmt_si,
     fmt_signed_bytes,
@@ -248,9 +249,9 @@ def _summary_totals(s: Snapshot) -> list[str]:
         lines.append(f"heap live at the end: {live}; light mode: no malloc probes")
     else:
         lines += [
-            f"heap live {when}: {fmt_bytes(c.live_bytes)} in {fmt_count(c.live_count)} blocks",
-            f"  allocated {fmt_bytes(c.alloc_bytes)} in {fmt_count(c.alloc_count)} calls,"
-            f" freed {fmt_bytes(c.free_bytes)} in {fmt_count(c.free_count)} calls",
+            f"heap live {when}: {fmt_bytes(c.live_bytes)} in {fmt_counted(c.live_count, 'block')}",
+            f"  allocated {fmt_bytes(c.alloc_bytes)} in {fmt_counted(c.alloc_count, 'call')},"
+            f" freed {fmt_bytes(c.free_bytes)} in {fmt_counted(c.free_count, 'call')}",
         ]
         if h.peak_live_bytes:
             at = (f" at {fmt_duration(h.peak_live_elapsed_s)}"
@@ -262,7 +263,7 @@ def _summary_totals(s: Snapshot) -> list[str]:
         )
     if h.trim_calls and s.trim is None:  # else the gap section tells it, with bytes
         lines.append(
-            f"  malloc_trim: {fmt_count(h.trim_calls)} calls, {fmt_count(h.trim_released_calls)} released memory"
+            f"  malloc_trim: {status.trim_calls_text(h.trim_calls, h.trim_released_calls)}"
         )
     return lines
 
@@ -296,8 +297,8 @@ def _summary_stacks(s: Snapshot, limit: int = 10) -> list[str]:
         c = st.counters
         retained = f"; retained ~{fmt_bytes(st.retained_bytes)} (estimate)" if st.retained_bytes else ""
         lines.append(
-            f"#{rank}  {fmt_bytes(c.live_bytes)} live in {fmt_count(c.live_count)} blocks;"
-            f" allocated {fmt_bytes(c.alloc_bytes)} in {fmt_count(c.alloc_count)} calls;"
+            f"#{rank}  {fmt_bytes(c.live_bytes)} live in {fmt_counted(c.live_count, 'block')};"
+            f" allocated {fmt_bytes(c.alloc_bytes)} in {fmt_counted(c.alloc_count, 'call')};"
             f" last interval {fmt_signed_bytes(st.live_delta_bytes)}{retained}"
         )
         lines.append(f"    threads: {_tid_list(st.tids, names)}")
@@ -338,7 +339,7 @@ def _summary_gap(s: Snapshot) -> list[str]:
             f" live {status.estimated(s, a.live_bytes)}, retained {status.estimated(s, a.retained_bytes)}"
         )
         if a.mmapped_chunk_count:
-            text += f"; {fmt_count(a.mmapped_chunk_count)} mmapped chunks ({fmt_bytes(a.mmapped_chunk_bytes)})"
+            text += f"; {fmt_counted(a.mmapped_chunk_count, 'mmapped chunk')} ({fmt_bytes(a.mmapped_chunk_bytes)})"
         lines.append(text)
     o = s.os
     if o is not None:
@@ -350,7 +351,7 @@ def _summary_gap(s: Snapshot) -> list[str]:
     t = s.trim
     if t is not None:
         lines.append(
-            f"malloc_trim: {fmt_count(t.calls)} calls ({fmt_count(s.heap.trim_released_calls)} released memory)"
+            f"malloc_trim: {status.trim_calls_text(t.calls, s.heap.trim_released_calls)};"
             f" returned {fmt_bytes(t.returned_bytes)} (measured);"
             f" malloc_trim(0) would return about {fmt_bytes(t.estimate_bytes)} now (estimate)"
         )

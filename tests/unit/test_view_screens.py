@@ -242,3 +242,100 @@ def test_one_block_one_call():
     assert trim_calls_text(2, 0) == "2 calls, none of which released memory"
     assert trim_calls_text(2, 2) == "2 calls, each of which released memory"
     assert trim_calls_text(1, 0) == "1 call, which released nothing"
+
+
+# ---------------------------------------------------------------- selecting a stack
+
+
+def deep_snapshot():
+    """The synthetic session's last snapshot, one stack 40 frames deep."""
+    snap = snapshots()[-1]
+    deep = dataclasses.replace(snap.stacks[0], frames=tuple(f"layer_{i}+0x{i:x} [libdeep.so]" for i in range(40)))
+    return dataclasses.replace(snap, stacks=(deep,) + snap.stacks[1:])
+
+
+@pytest.mark.parametrize("width, height", SIZES)
+def test_the_selected_row_stays_on_screen(width, height):
+    snap = snapshots()[-1]
+    from memtrace.view.panes import ranked_stacks
+
+    ranked = ranked_stacks(snap, "live")
+    cursor = len(ranked) - 1
+    lines = draw(snap, width, height, ctx=Context(cursor=cursor))
+    title = next(line for line in lines if line.startswith("STACKS"))
+    # The last row is shown: a window ending there, or every row.
+    m = re.search(r"STACKS\s+(?:\d+-)?(\d+) of (\d+)", title)
+    assert m and int(m.group(1)) == int(m.group(2)) == len(ranked), title
+    assert ("-" in title) == (height < 50), title
+    assert "select" in lines[-1] or "stack" in lines[-1]
+
+
+def styled_rows(snap, ctx, width=80, height=24):
+    console = Console(record=True, width=width, height=height, file=io.StringIO(), force_terminal=True,
+                      color_system="standard")
+    console.print(render(snap, width, height, "stacks", "live", ctx))
+    return console.export_text(styles=True).split("\n")
+
+
+def test_the_selected_row_is_highlighted():
+    snap = snapshots()[-1]
+    rows = [line for line in styled_rows(snap, Context(cursor=1)) if "\x1b[7m" in line]  # reverse
+    assert len(rows) == 1 and "←" in rows[0]
+
+
+@pytest.mark.parametrize("width, height", SIZES)
+def test_an_expanded_stack_shows_every_frame(width, height):
+    snap = deep_snapshot()
+    frames = snap.stacks[0].frames
+    seen: list[str] = []
+    offset = 0
+    while True:
+        lines = draw(snap, width, height, ctx=Context(cursor=0, expanded=frames, frame_offset=offset))
+        assert lines[1].startswith("memtrace  pid")  # who is traced stays up
+        assert lines[2].startswith("STACK #")
+        assert "back" in lines[-1]
+        shown = [line.split("  ", 1)[1] for line in lines if re.match(r"\s*\d+  layer_", line)]
+        seen += [f for f in shown if f not in seen]
+        if len(seen) == len(frames) or offset > 40:
+            break
+        offset += len(shown)
+    assert seen == list(frames)
+    if height >= 50:
+        assert offset == 0  # 40 frames fit on one tall screen
+
+
+def test_keys_select_expand_scroll_and_go_back():
+    from memtrace.view.keys import split_keys
+    from memtrace.view.live import LiveView
+    from memtrace.view.panes import ranked_stacks
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80, height=24, color_system=None)
+    view = LiveView(console)
+    snap = deep_snapshot()
+    view.start()
+    try:
+        view.update(snap)
+        for key in split_keys("jj\x1b[Ak"):  # down, down, up, up
+            assert view.handle_key(key)
+        assert view.context.cursor == 0
+        for key in split_keys("jj"):
+            view.handle_key(key)
+        assert view.context.cursor == 2
+        view.handle_key("\n")  # Enter
+        assert view.context.expanded == tuple(ranked_stacks(snap, "live")[2].frames)
+        view.handle_key("esc")
+        view.handle_key("k")
+        view.handle_key("k")
+        view.handle_key("\n")
+        assert view.context.expanded == snap.stacks[0].frames  # the deep one ranks first
+        for _ in range(100):
+            view.handle_key("j")  # scrolls the frames, not past the last screenful
+        assert 0 < view.context.frame_offset < 40
+        view.handle_key("\r")
+        assert view.context.expanded is None and view.context.cursor == 0
+        view.handle_key("esc")
+        assert view.context.cursor is None
+        view.set_mode("arenas")
+        assert not view.handle_key("j")  # no stacks table there
+    finally:
+        view.stop()

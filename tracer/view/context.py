@@ -23,6 +23,8 @@ class Context:
     replay: bool = False  # a recording played back, not a process now
     output: Optional[CommandLines] = None
     banner: Optional[str] = None  # in place of the footer: "detaching…"
-    cursor: Optional[int] = None  # the selected row of the stacks table
+    cursor: Optional[int] = None  # the selected row of the stacks table (by rank)
     expanded: Optional[Sequence[str]] = None  # the frames of the stack shown whole
+    frame_offset: int = 0  # the first of its frames on screen
     step: Optional[str] = None  # before the first snapshot: what is happening
+    status_line: Optional[str] = None  # above the keys, whatever the size (replay's position)

@@ -25,8 +25,19 @@ from rich.text import Text
 from memtrace.model import Gap, Snapshot
 from memtrace.view import status
 from memtrace.view.context import Context
-from memtrace.view.keys import KEY_BINDINGS, QUIT, TOGGLE_SORT
-from memtrace.view.panes import ARENAS, REGIONS, STACKS, STACKS_BY_RETAINED, THREADS, Layout, Slot, output_lines
+from memtrace.view.keys import BACK, EXPAND, KEY_BINDINGS, QUIT, SELECT_DOWN, SELECT_UP, TOGGLE_SORT
+from memtrace.view.panes import (
+    ARENAS,
+    REGIONS,
+    STACKS,
+    STACKS_BY_RETAINED,
+    THREADS,
+    Layout,
+    Slot,
+    output_lines,
+    ranked_stacks,
+    stack_lines,
+)
 
 # The views the `mode` argument selects: the first pane gets most rows.
 # A new mode is one more entry here and its key in KEY_BINDINGS.
@@ -51,6 +62,7 @@ _ROOMY_HEIGHT = 20
 _BADGE = 7  # ' DROPS ', ' HINT  ': the width of a line's badge
 _OUTPUT_REDRAW_S = 0.25
 _HOLD_POLL_S = 0.25
+_EXPANDED_CHROME = 5  # header, stack title, frames title, keys: lines that are not frames
 
 # The gap bar: one cell style per part, and a glyph that tells them apart
 # without colour too.
@@ -216,7 +228,21 @@ def _header(s: Snapshot, width: int, budget: int, detail_budget: Optional[int] =
     return [ranked[i][1] for i in kept]
 
 
-def _footer(mode: str, sort: str, width: int) -> Text:
+def _keys_text(pairs: Sequence[tuple[str, str]], text: Text) -> None:
+    for key, label in pairs:
+        if text.cell_len:
+            text.append(" ")
+        text.append(f" {key} ", style="bold reverse")
+        text.append(" " + label, style="dim")
+
+
+def _footer(mode: str, sort: str, width: int, ctx: Optional[Context] = None) -> Text:
+    ctx = ctx or Context()
+    if ctx.expanded is not None:
+        text = Text()
+        _keys_text((("⏎", "back"), ("↑↓", "scroll"), ("q", "quit")), text)
+        text.truncate(width, overflow="ellipsis")
+        return text
     text = Text()
     for key, action in KEY_BINDINGS.items():
         if action == TOGGLE_SORT:
@@ -230,6 +256,12 @@ def _footer(mode: str, sort: str, width: int) -> Text:
             text.append(" ")
         text.append(f" {key} ", style="bold reverse")
         text.append(" " + label, style=style)
+    if any(slot.pane.name == "stacks" for slot in MODES[mode].slots):
+        full = text.copy()
+        _keys_text((("↑↓", "select"), ("⏎", "frames")), full)
+        if full.cell_len <= width:
+            return full
+        _keys_text((("↑↓⏎", "stack"),), text)
     text.truncate(width, overflow="ellipsis")
     return text
 
@@ -263,7 +295,9 @@ def render(
     if sort not in SORTS:
         raise ValueError(f"unknown sort {sort!r}: expected one of {', '.join(SORTS)}")
     width, height = max(1, width), max(1, height)
-    footer = _banner(ctx.banner, width) if ctx.banner else _footer(mode, sort, width)
+    footer = _banner(ctx.banner, width) if ctx.banner else _footer(mode, sort, width, ctx)
+    if ctx.expanded is not None:
+        return _Clip(_expanded_screen(snapshot, width, height, sort, ctx, footer), width, height)
     # The header may take half the screen (the gap, identity, drops and
     # hints first, see _header), details a third, but it leaves the first
     # table a title, a column header and a row.
@@ -274,19 +308,43 @@ def render(
         layout = layout.with_pane(STACKS_BY_RETAINED)
     # On a roomy screen a blank line sets each table apart.
     gap = 1 if height >= _ROOMY_HEIGHT else 0
-    output: list[RenderableType] = []
-    if ctx.output is not None:
-        # Below the tables; it leaves them a title, a header and a row.
-        lines = min(output_height(height), pane_lines - gap - 3)
-        if lines >= 2:
-            output = [Text()] * gap + output_lines(ctx.output, width, lines)
-            pane_lines -= len(output)
+    # Below the tables; it leaves them a title, a header and a row.
+    output = _bottom(ctx, width, height, pane_lines - 3)
+    pane_lines -= len(output)
     parts: list[RenderableType] = list(header)
     if pane_lines > 0:
         for pane, rows in layout.plan(snapshot, pane_lines - gap * len(layout.slots)):
             parts.extend([Text()] * gap)
             parts.extend(pane.build(snapshot, width, rows, ctx))
     return _Clip(_Screen(parts, footer, height, output), width, height)
+
+
+def _bottom(ctx: Context, width: int, height: int, room: int) -> list[RenderableType]:
+    """Lines pinned above the keys: a launched command's output, and a
+    status line (a replay's position) that every size keeps."""
+    out: list[RenderableType] = []
+    if ctx.status_line:
+        line = Text(ctx.status_line, style="bold")
+        line.truncate(width, overflow="ellipsis")
+        out.append(line)
+    if ctx.output is not None:
+        gap = 1 if height >= _ROOMY_HEIGHT else 0
+        lines = min(output_height(height), room - len(out) - gap)
+        if lines >= 2:
+            out = [Text()] * gap + output_lines(ctx.output, width, lines) + out
+    return out
+
+
+def _expanded_screen(s: Snapshot, width: int, height: int, sort: str, ctx: Context, footer: Text) -> "_Screen":
+    """One stack's every frame under the two header lines that say what is
+    traced: the frames get the screen."""
+    header = _header(s, width, max(1, min(2, height - 4)), 0, ctx)
+    bottom = _bottom(ctx, width, height, height - len(header) - 1 - 3)
+    ranked = ranked_stacks(s, sort)
+    rank = next((i for i, st in enumerate(ranked) if tuple(st.frames) == tuple(ctx.expanded or ())), None)
+    lines = height - len(header) - 1 - len(bottom)
+    body = list(header) + stack_lines(s, ctx.expanded or (), rank, width, lines, ctx.frame_offset)
+    return _Screen(body, footer, height, bottom)
 
 
 class _Screen:
@@ -319,7 +377,7 @@ class _Screen:
 
 def _waiting(width: int, height: int, ctx: Context) -> RenderableType:
     text = Text(f"memtrace: {ctx.step or 'waiting for the first snapshot'}…", style="dim")
-    bottom = output_lines(ctx.output, width, min(output_height(height), height - 2)) if ctx.output else []
+    bottom = _bottom(ctx, width, height, height - 2)
     footer = _banner(ctx.banner, width) if ctx.banner else Text()
     return _Clip(_Screen([text], footer, height, bottom), width, height)
 
@@ -437,6 +495,8 @@ class LiveView:
         view, show the stacks by retained bytes). False for keys it does not
         handle, quitting included: that is the main loop's."""
         action = KEY_BINDINGS.get(key)
+        if action in (SELECT_UP, SELECT_DOWN, EXPAND, BACK):
+            return self._select(action)
         if action in MODES:
             return self.set_mode(action)
         if action == TOGGLE_SORT:
@@ -448,6 +508,36 @@ class LiveView:
                 self.refresh()
             return True
         return False
+
+    def _select(self, action: str) -> bool:
+        """Move through the stacks table, open the selected stack (all of
+        its frames, scrolled by the same keys), and go back."""
+        ctx, s = self.context, self.snapshot
+        step = -1 if action == SELECT_UP else 1
+        if ctx.expanded is not None:
+            if action in (EXPAND, BACK):
+                self.set_context(expanded=None, frame_offset=0)
+            else:
+                # Past the end only while the last frames fill the screen.
+                room = max(1, self.console.size.height - _EXPANDED_CHROME)
+                end = max(0, len(ctx.expanded) - room)
+                self.set_context(frame_offset=max(0, min(end, ctx.frame_offset + step)))
+            return True
+        shows_stacks = any(slot.pane.name == "stacks" for slot in MODES[self.mode].slots)
+        if s is None or not s.stacks or not shows_stacks:
+            return False
+        last = len(s.stacks) - 1
+        if action == BACK:
+            self.set_context(cursor=None)
+        elif action == EXPAND:
+            cursor = min(ctx.cursor or 0, last)
+            stack = ranked_stacks(s, self.sort)[cursor]
+            self.set_context(cursor=cursor, expanded=tuple(stack.frames), frame_offset=0)
+        elif ctx.cursor is None:
+            self.set_context(cursor=0)
+        else:
+            self.set_context(cursor=max(0, min(last, ctx.cursor + step)))
+        return True
 
     def refresh(self) -> None:
         """Redraw at the terminal's current size (call on SIGWINCH/keys)."""

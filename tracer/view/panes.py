@@ -20,7 +20,15 @@ from rich.text import Text
 from memtrace.model import ArenaStats, RegionStats, Snapshot, StackStats, ThreadStats
 from memtrace.view import status
 from memtrace.view.context import Context
-from memtrace.view.fmt import ellipsize, fit_list, fmt_bytes, fmt_si, fmt_signed_bytes, frame_chain
+from memtrace.view.fmt import (
+    ellipsize,
+    fit_list,
+    fmt_bytes,
+    fmt_counted,
+    fmt_si,
+    fmt_signed_bytes,
+    frame_chain,
+)
 from memtrace.view.status import SORT_LIVE, SORT_RETAINED, top_stacks, top_threads
 
 HEADER_STYLE = "bold reverse"
@@ -111,7 +119,8 @@ class Pane:
 # ---------------------------------------------------------------- stacks
 
 
-def _stack_rows(stacks: Sequence[StackStats], width: int, interval: str, by: str, retained: bool) -> Table:
+def _stack_rows(stacks: Sequence[StackStats], width: int, interval: str, by: str, retained: bool,
+                selected: Optional[int] = None) -> Table:
     def chains(w: int) -> list[Text]:
         out = []
         for s in stacks:
@@ -144,11 +153,30 @@ def _stack_rows(stacks: Sequence[StackStats], width: int, interval: str, by: str
     if width < 110:
         # Below this the frames say more than the total ever allocated.
         cols = [c for c in cols if c.header != "ALLOCATED"]
-    return fit_table(cols, width)
+    styles = ["reverse" if i == selected else "" for i in range(len(stacks))]
+    return fit_table(cols, width, styles)
+
+
+def stack_order(s: Snapshot, by: str) -> str:
+    """What the stacks table ranks by: retained bytes only when there are some."""
+    return by if status.any_retained(s) else SORT_LIVE
+
+
+def ranked_stacks(s: Snapshot, by: str) -> list[StackStats]:
+    """The stacks in the table's order: what its rows and the selection index."""
+    return top_stacks(s, stack_order(s, by))
+
+
+def window(cursor: Optional[int], rows: int, total: int) -> int:
+    """The first row shown: the selected row stays on screen."""
+    if cursor is None or rows <= 0:
+        return 0
+    return max(0, min(cursor, total - 1) - rows + 1)
 
 
 def stacks_pane(by: str = SORT_LIVE) -> Pane:
-    """The stacks table ranked by live bytes or by retained bytes."""
+    """The stacks table ranked by live bytes or by retained bytes; the
+    selected row (ctx.cursor) is highlighted and kept on screen."""
 
     def build(s: Snapshot, width: int, rows: int, ctx: Context) -> list[RenderableType]:
         total = len(s.stacks)
@@ -156,9 +184,12 @@ def stacks_pane(by: str = SORT_LIVE) -> Pane:
             what = "none: no malloc probes in light mode (press a for the arenas)" if s.light else "no tracked allocations yet"
             return [title_line("STACKS", what, width)]
         retained = status.any_retained(s)
-        order = by if retained else SORT_LIVE
-        shown = top_stacks(s, order)[:rows]
-        detail = f"{len(shown)} of {total} by {order} bytes"
+        order = stack_order(s, by)
+        ranked = ranked_stacks(s, by)
+        first = window(ctx.cursor, rows, total)
+        shown = ranked[first : first + rows]
+        where = f"{first + 1}-{first + len(shown)}" if first else f"{len(shown)}"
+        detail = f"{where} of {total} by {order} bytes"
         if order == SORT_RETAINED:
             detail += " (estimates)"
         elif by == SORT_RETAINED:
@@ -168,7 +199,8 @@ def stacks_pane(by: str = SORT_LIVE) -> Pane:
         out: list[RenderableType] = [title_line("STACKS", detail, width)]
         if shown:
             interval = status.interval_label(s, ctx.every_s) if s.interval_s > 0 else ""
-            out.append(_stack_rows(shown, width, interval, order, retained))
+            selected = None if ctx.cursor is None else min(ctx.cursor, total - 1) - first
+            out.append(_stack_rows(shown, width, interval, order, retained, selected))
         return out
 
     return Pane("stacks", lambda s: len(s.stacks), build)
@@ -396,4 +428,43 @@ def output_lines(output, width: int, lines: int) -> list[RenderableType]:
         text.truncate(width, overflow="ellipsis")
         out.append(text)
     out.extend(Text() for _ in range(lines - 1 - len(shown)))
+    return out
+
+
+# ---------------------------------------------------------------- one stack
+
+
+def stack_lines(s: Snapshot, frames: Sequence[str], rank: Optional[int], width: int, lines: int,
+                offset: int = 0) -> list[RenderableType]:
+    """One stack whole: what it holds, then every frame (innermost first)
+    from `offset` on, in `lines` lines at most."""
+    stack = next((st for st in s.stacks if tuple(st.frames) == tuple(frames)), None)
+    if stack is None:
+        return [title_line("STACK", "no longer in the snapshot (its blocks were freed)", width)]
+    c = stack.counters
+    numbers = [f"live {fmt_bytes(c.live_bytes)} in {fmt_counted(c.live_count, 'block')}"]
+    if stack.retained_bytes:
+        numbers.append(f"retained ~{fmt_bytes(stack.retained_bytes)}")
+    numbers.append(f"allocated {fmt_bytes(c.alloc_bytes)} in {fmt_counted(c.alloc_count, 'call')}")
+    names = status.thread_names(s)
+    numbers.append("threads " + fit_list(status.name_list(stack.tids, names), 40))
+    name = f"STACK #{rank + 1}" if rank is not None else "STACK"
+    out: list[RenderableType] = [title_line(name, "  ".join(numbers), width)]
+    total = len(stack.frames)
+    room = max(0, lines - 2)
+    offset = max(0, min(offset, total - room)) if total > room else 0
+    shown = stack.frames[offset : offset + room]
+    more = "  ~ outer frames probably missing" if stack.truncated else ""
+    where = f"{offset + 1}-{offset + len(shown)} of {total}" if len(shown) < total else f"all {total}"
+    out.append(title_line("", f"frames, innermost first: {where}{more}", width))
+    digits = len(str(total))
+    for i, frame in enumerate(shown, start=offset):
+        # The frame as the collector wrote it, offset and module included.
+        code, bracket, module = frame.rpartition(" [")
+        text = Text(f"{i + 1:>{digits}}  ", style="dim")
+        text.append(code if bracket else frame, style="bold")
+        if bracket:
+            text.append(f" [{module}", style="dim")
+        text.truncate(width, overflow="ellipsis")
+        out.append(text)
     return out

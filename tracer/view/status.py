@@ -102,11 +102,15 @@ def signal_name(number: int) -> str:
 
 def target_state(s: Snapshot, replay: bool = False) -> tuple[str, str]:
     """('running', GOOD) or ('exited with status 1', BAD) and the like;
-    ('replay', TITLE) for a recording played back while the process lived.
+    in a replay 'replay' for 'running', and 'replay: ' before the rest.
     A negative status is a signal, as subprocess reports it."""
     if s.target_alive:
         return ("replay", TITLE) if replay else ("running", GOOD)
-    status = s.exit_status
+    state, tone = _ended(s.exit_status)
+    return (f"replay: {state}", tone) if replay else (state, tone)
+
+
+def _ended(status: Optional[int]) -> tuple[str, str]:
     if status is None:
         return "exited (status unknown)", WARN
     if status < 0:

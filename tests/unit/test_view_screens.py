@@ -339,3 +339,26 @@ def test_keys_select_expand_scroll_and_go_back():
         assert not view.handle_key("j")  # no stacks table there
     finally:
         view.stop()
+
+
+# ---------------------------------------------------------------- replay
+
+POSITION = "replay 12.0s of 60.0s (13/61) playing x1 | space play/pause  <-/-> step  P peak  g time  +/- speed  q quit"
+
+
+@pytest.mark.parametrize("width, height", SIZES + [(60, 12)])
+def test_replay_keeps_its_position_line_and_says_replay(width, height):
+    snap = snapshots()[-1]
+    snap = dataclasses.replace(snap, target_alive=True, notes=tuple(f"note {i}" for i in range(6)))
+    lines = draw(snap, width, height, ctx=Context(replay=True, every_s=1.0, status_line=POSITION))
+    assert lines[-2].startswith("replay 12.0s of 60.0s")  # right above the keys
+    assert " q " in lines[-1]
+    text = "\n".join(lines)
+    assert re.search(r"memtrace  pid \d+ \(\w+\)  replay  up", text)
+    assert "running" not in text
+
+
+def test_replay_of_an_ended_process_says_both():
+    snap = dataclasses.replace(snapshots()[-1], target_alive=False, exit_status=0)
+    text = "\n".join(draw(snap, 160, 50, ctx=Context(replay=True, status_line=POSITION)))
+    assert "replay: exited with status 0" in text

@@ -30,6 +30,7 @@ from typing import Optional
 # Lines the view may show: a tall terminal's pane, no more.
 TAIL_LINES = 200
 _MAX_LINE = 1000  # a line without a newline stops growing here
+_DRAIN_BYTES = 1 << 20
 
 # Escape sequences (colours, cursor moves, titles) mean nothing in a pane.
 _ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
@@ -122,9 +123,12 @@ class CommandOutput:
         return -1 if self.closed else self.master
 
     def drain(self) -> bool:
-        """Read what is waiting; True if anything came."""
+        """Read what is waiting, up to _DRAIN_BYTES (a command that never
+        stops writing must not keep the caller from its other work); True
+        if anything came."""
         got = False
-        while not self.closed:
+        budget = _DRAIN_BYTES
+        while not self.closed and budget > 0:
             try:
                 data = os.read(self.master, 65536)
             except BlockingIOError:
@@ -137,6 +141,7 @@ class CommandOutput:
                 self._close_master()
                 break
             got = True
+            budget -= len(data)
             self._take(data)
         return got
 
@@ -148,8 +153,8 @@ class CommandOutput:
         text = self._partial + self._decoder.decode(data)
         *complete, self._partial = text.split("\n")
         self._partial = self._partial[-_MAX_LINE:]
-        for line in complete:
-            self.lines.append(_plain(line[:_MAX_LINE]))
+        # Only what the pane can show is cleaned up and kept.
+        self.lines.extend(_plain(line[:_MAX_LINE]) for line in complete[-TAIL_LINES:])
         self.line_count += len(complete)
 
     def tail(self, count: int) -> list[str]:

@@ -100,3 +100,19 @@ def test_resize_reaches_the_command():
     finally:
         out.close(keep_log=False)
 
+
+
+def test_a_command_that_never_stops_writing_does_not_hold_us():
+    out = CommandOutput("yes")
+    try:
+        launched = Launched(["/usr/bin/yes", "memtrace"], "/usr/bin/yes", terminal=out)
+        launched.release()
+        time.sleep(0.2)
+        for _ in range(5):
+            out.drain()  # returns: it reads a bounded amount each time
+        assert out.line_count > 1000
+        assert list(out.lines)[-3:] == ["memtrace"] * 3
+    finally:
+        launched.signal(signal.SIGTERM)
+        launched.wait()
+        out.close(keep_log=False)

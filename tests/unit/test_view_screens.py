@@ -362,3 +362,24 @@ def test_replay_of_an_ended_process_says_both():
     snap = dataclasses.replace(snapshots()[-1], target_alive=False, exit_status=0)
     text = "\n".join(draw(snap, 160, 50, ctx=Context(replay=True, status_line=POSITION)))
     assert "replay: exited with status 0" in text
+
+
+def test_the_last_frames_are_reached_under_a_command_output():
+    from memtrace.view.live import LiveView
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80, height=24, color_system=None)
+    view = LiveView(console, context=Context(output=FakeOutput(50)))
+    snap = deep_snapshot()
+    view.start()
+    try:
+        view.update(snap)
+        view.handle_key("\n")
+        for _ in range(60):
+            view.handle_key("j")
+        offset = view.context.frame_offset
+    finally:
+        view.stop()
+    lines = draw(snap, 80, 24, ctx=Context(output=FakeOutput(50), cursor=0, expanded=snap.stacks[0].frames,
+                                           frame_offset=offset))
+    assert any(re.match(r"40  layer_39\+0x27", line) for line in lines), "\n".join(lines)
+    assert any(line.startswith("OUTPUT of server") for line in lines)

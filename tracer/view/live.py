@@ -62,7 +62,7 @@ _ROOMY_HEIGHT = 20
 _BADGE = 7  # ' DROPS ', ' HINT  ': the width of a line's badge
 _OUTPUT_REDRAW_S = 0.25
 _HOLD_POLL_S = 0.25
-_EXPANDED_CHROME = 5  # header, stack title, frames title, keys: lines that are not frames
+_EXPANDED_HEADER = 2  # lines of header above an expanded stack: the gap and who is traced
 
 # The gap bar: one cell style per part, and a glyph that tells them apart
 # without colour too.
@@ -335,11 +335,21 @@ def _bottom(ctx: Context, width: int, height: int, room: int) -> list[Renderable
     return out
 
 
+def _expanded_bottom(ctx: Context, width: int, height: int) -> list[RenderableType]:
+    return _bottom(ctx, width, height, height - _EXPANDED_HEADER - 1 - 3)
+
+
+def _frame_rows(width: int, height: int, ctx: Context) -> int:
+    """Frames an expanded stack shows at once, at the least: what the
+    header, the output pane, the stack's two title lines and the keys leave."""
+    return max(1, height - _EXPANDED_HEADER - len(_expanded_bottom(ctx, width, height)) - 1 - 2)
+
+
 def _expanded_screen(s: Snapshot, width: int, height: int, sort: str, ctx: Context, footer: Text) -> "_Screen":
     """One stack's every frame under the two header lines that say what is
     traced: the frames get the screen."""
-    header = _header(s, width, max(1, min(2, height - 4)), 0, ctx)
-    bottom = _bottom(ctx, width, height, height - len(header) - 1 - 3)
+    header = _header(s, width, max(1, min(_EXPANDED_HEADER, height - 4)), 0, ctx)
+    bottom = _expanded_bottom(ctx, width, height)
     ranked = ranked_stacks(s, sort)
     rank = next((i for i, st in enumerate(ranked) if tuple(st.frames) == tuple(ctx.expanded or ())), None)
     lines = height - len(header) - 1 - len(bottom)
@@ -519,8 +529,8 @@ class LiveView:
                 self.set_context(expanded=None, frame_offset=0)
             else:
                 # Past the end only while the last frames fill the screen.
-                room = max(1, self.console.size.height - _EXPANDED_CHROME)
-                end = max(0, len(ctx.expanded) - room)
+                width, height = self.console.size
+                end = max(0, len(ctx.expanded) - _frame_rows(width, height, ctx))
                 self.set_context(frame_offset=max(0, min(end, ctx.frame_offset + step)))
             return True
         shows_stacks = any(slot.pane.name == "stacks" for slot in MODES[self.mode].slots)

@@ -4,7 +4,9 @@ A launched command that prints a line every 50 ms must not write over the
 view: for 10 s the header keeps the top of the screen and the command's
 lines show in the output pane. `q` answers at once ("detaching…") and the
 probes are gone when memtrace says so; Ctrl-C then reaches the command
-through memtrace, and all of its output is in the log it names.
+through memtrace, and all of its output is in the log it names. A demo
+holds its last view (probes removed) until `q`. Without a terminal the
+command keeps memtrace's stdin, stdout and stderr.
 """
 
 from __future__ import annotations
@@ -154,3 +156,26 @@ def test_without_a_terminal_the_command_keeps_our_stdio(memtrace_cmd):
     assert "got hello\n" in done.stdout
     assert "to stderr\n" in done.stderr
     assert "output of" not in done.stderr and "memtrace: " not in done.stderr, done.stderr
+
+
+def test_an_interactive_demo_holds_its_last_view_until_q(tmux, tmp_path, memtrace_cmd, probes):
+    done_file = tmp_path / "exit-status"
+    memtrace = " ".join(memtrace_cmd)
+    shell = tmux.start(f"sh -c '{memtrace} demo leak --interval 0.5 -- --seconds 1; echo $? > {done_file}; "
+                       "sleep 600'")
+    tmux.wait_for(r"^memtrace  pid", START_TIMEOUT_S)
+    lines, _ = tmux.wait_for(r"leak has ended; q quits", 60)
+    assert any("exited with status 0" in line for line in lines), "\n".join(lines)
+    tracer = [p for p in probes.below(shell) if p != shell]
+    assert not probes.perf(tracer), "probes left while the view holds"
+    time.sleep(3)
+    lines = tmux.screen()
+    assert any("leak has ended; q quits" in line for line in lines), "\n".join(lines)
+    assert not done_file.exists()
+    tmux.keys("q")
+    deadline = time.monotonic() + 30
+    while not done_file.exists() or not done_file.read_text().strip():
+        assert time.monotonic() < deadline, "\n".join(tmux.screen())
+        time.sleep(0.05)
+    assert done_file.read_text().strip() == "0"
+    assert any(line.startswith("memtrace summary") for line in tmux.screen(history=True))

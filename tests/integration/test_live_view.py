@@ -179,3 +179,25 @@ def test_an_interactive_demo_holds_its_last_view_until_q(tmux, tmp_path, memtrac
         time.sleep(0.05)
     assert done_file.read_text().strip() == "0"
     assert any(line.startswith("memtrace summary") for line in tmux.screen(history=True))
+
+
+def test_ctrl_c_reaches_a_command_on_its_own_terminal(tmux, tmp_path, memtrace_cmd, probes):
+    chatty = tmp_path / "chatty.sh"
+    chatty.write_text(CHATTY)
+    chatty.chmod(0o755)
+    done_file = tmp_path / "exit-status"
+    memtrace = " ".join(memtrace_cmd)
+    shell = tmux.start(f"sh -c 'trap : INT; {memtrace} --interval 0.5 -- {chatty}; echo $? > {done_file}; "
+                       "sleep 600'")
+    tmux.wait_for(r"^memtrace  pid", START_TIMEOUT_S)
+    tmux.wait_for(r"^tick \d+", 10)
+    tracer = [p for p in probes.below(shell) if p != shell]
+    tmux.keys("C-c")  # reaches memtrace only: it passes it on, and traces the command's end
+    deadline = time.monotonic() + DETACH_TIMEOUT_S
+    while not done_file.exists() or not done_file.read_text().strip():
+        assert time.monotonic() < deadline, "\n".join(tmux.screen())
+        time.sleep(0.05)
+    assert done_file.read_text().strip() == "130"
+    screen = tmux.screen(history=True)
+    assert any("exited with status 130" in line for line in screen), "\n".join(screen)
+    assert not probes.perf(tracer)

@@ -27,6 +27,8 @@ import tempfile
 import termios
 from typing import Optional
 
+from memtrace.errors import MemtraceError
+
 # Lines the view may show: a tall terminal's pane, no more.
 TAIL_LINES = 200
 _MAX_LINE = 1000  # a line without a newline stops growing here
@@ -69,7 +71,11 @@ class CommandOutput:
 
     def __init__(self, command: str, record: Optional[str] = None, keep_stdin: bool = False) -> None:
         self.command = command
-        self.master, self.slave = os.openpty()
+        try:
+            self.master, self.slave = os.openpty()
+        except OSError as e:
+            raise MemtraceError(f"cannot open a pseudo-terminal for {command}'s output ({e.strerror}): "
+                                "run with --batch to let it write to this terminal") from None
         os.set_blocking(self.master, False)
         os.set_inheritable(self.master, False)
         # The command's bytes as it wrote them: no '\n' -> '\r\n' on the way.
@@ -77,7 +83,14 @@ class CommandOutput:
         mode[1] &= ~termios.OPOST
         termios.tcsetattr(self.slave, termios.TCSANOW, mode)
         self.stdin = os.dup(0) if keep_stdin else os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        self._log, self.log_path = _log_path(record, command)
+        try:
+            self._log, self.log_path = _log_path(record, command)
+        except OSError as e:
+            for fd in (self.master, self.slave, self.stdin):
+                os.close(fd)
+            raise MemtraceError(f"cannot create a log file for {command}'s output in "
+                                f"{tempfile.gettempdir()} ({e.strerror}): set TMPDIR to a writable "
+                                "folder, or run with --batch") from None
         self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.line_count = 0  # complete lines seen
         self._partial = ""

@@ -116,3 +116,15 @@ def test_a_command_that_never_stops_writing_does_not_hold_us():
         launched.signal(signal.SIGTERM)
         launched.wait()
         out.close(keep_log=False)
+
+
+def test_an_unwritable_log_folder_is_one_clear_line(tmp_path, monkeypatch):
+    from memtrace.errors import MemtraceError
+
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(MemtraceError, match=r"cannot create a log file for sh's output in .*missing.*TMPDIR"):
+        CommandOutput("sh")
+    assert set(os.listdir("/proc/self/fd")) == before  # nothing left open

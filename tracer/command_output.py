@@ -2,7 +2,10 @@
 
 The command writes to the pty's slave side, so it still sees a terminal
 (line-buffered output, colours); memtrace reads the master side, keeps every
-byte in a log file and the latest lines for the view's output pane. Once
+byte in a log file and the latest lines for the view's output pane. The pty
+is not its controlling terminal: it stays in our session and process group,
+so Ctrl-C from our terminal reaches it as it always did, and closing the pty
+hangs nothing up. Once
 the view has given the screen back, `pass_through()` sends what follows to
 our stdout as well, as if the command had written there all along.
 
@@ -112,22 +115,14 @@ class CommandOutput:
         self.slave = self.stdin = -1
 
     def resize(self, columns: int, rows: int) -> None:
-        """Give the command our terminal's size (it gets SIGWINCH)."""
+        """Give the pty our terminal's size: what the command reads there
+        (SIGWINCH reaches it from our terminal, its controlling one)."""
         if self.closed:
             return
         try:
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
         except OSError:
             pass
-
-    def foreground_group(self) -> Optional[int]:
-        """The process group the pty would send Ctrl-C to."""
-        if self.closed:
-            return None
-        try:
-            return os.tcgetpgrp(self.master)
-        except OSError:
-            return None
 
     # -- our side
 

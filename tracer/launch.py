@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import signal
-import termios
 from typing import Optional
 
 from memtrace.errors import MemtraceError
@@ -27,9 +25,11 @@ _libc.ptrace.restype = ctypes.c_long
 class Launched:
     """A child process stopped after exec, until `release()`.
 
-    With `terminal` (a CommandOutput), the child runs in a session of its
-    own on that pseudo-terminal: its output stays off our screen, and our
-    Ctrl-C reaches it only through `signal()`."""
+    With `terminal` (a CommandOutput), the child writes to that
+    pseudo-terminal, so its output stays off our screen. It stays in our
+    session and process group: the terminal's Ctrl-C reaches it as before,
+    and nothing hangs it up when it or we exit (a session of its own would
+    have the kernel send SIGHUP to whatever it left running)."""
 
     def __init__(self, argv: list[str], executable: str, terminal=None) -> None:
         self.argv = argv
@@ -46,8 +46,6 @@ class Launched:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, [])
                 if fds is not None:
-                    os.setsid()
-                    fcntl.ioctl(fds[1], termios.TIOCSCTTY, 0)
                     for target, fd in enumerate(fds):
                         os.dup2(fd, target)
                 if _libc.ptrace(PTRACE_TRACEME, 0, None, None) != 0:
@@ -103,14 +101,8 @@ class Launched:
         return self.exit_status
 
     def signal(self, sig: int) -> None:
-        """Send `sig`; on its own terminal, Ctrl-C goes where that terminal
-        would send it (the foreground process group)."""
-        group = self.terminal.foreground_group() if self.terminal is not None and sig == signal.SIGINT else None
         try:
-            if group is not None and group > 0:
-                os.killpg(group, sig)
-            else:
-                os.kill(self.pid, sig)
+            os.kill(self.pid, sig)
         except ProcessLookupError:
             pass
 

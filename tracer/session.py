@@ -200,10 +200,10 @@ class Session:
             elif grace_until is not None:
                 reason = "signal"  # a second one: stop waiting for the command
             else:
-                # Launch: Ctrl-C reached the command through the terminal,
-                # unless it has a terminal of its own; SIGTERM was meant for
-                # both. Trace its shutdown a little.
-                if sig in (signal.SIGTERM, signal.SIGHUP) or self.launched.terminal is not None:
+                # Launch: Ctrl-C reached the command through the terminal
+                # (its output may go to a pty; it is still in our process
+                # group); SIGTERM was meant for both. Trace its shutdown a little.
+                if sig in (signal.SIGTERM, signal.SIGHUP):
                     self.launched.signal(sig)
                 grace_until = time.monotonic() + LAUNCH_GRACE_S
         return reason, grace_until
@@ -227,9 +227,8 @@ def wait_ready(watched: list[int], wake_r: int, timeout_s: float) -> list[int]:
 
 def wait_for_command(launched) -> int:
     """After the trace: the command runs on untraced; wait for it and pass
-    SIGTERM/SIGHUP on. Ctrl-C reaches it through the terminal, or through
-    us when it has a terminal of its own: its output then goes on to our
-    stdout (and its log) while we wait."""
+    SIGTERM/SIGHUP on. Ctrl-C reaches it through the terminal. Output it
+    writes to a pty of its own goes on to our stdout (and its log)."""
     output = launched.terminal
     if launched.poll() is None:
         print(
@@ -238,7 +237,7 @@ def wait_for_command(launched) -> int:
         )
     forward = lambda sig, frame: launched.signal(sig)  # noqa: E731
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
-    old[signal.SIGINT] = signal.signal(signal.SIGINT, forward if output is not None else signal.SIG_IGN)
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         if output is None:
             return launched.wait()

@@ -277,7 +277,7 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
 
     output = None
     if view_is_live(args):
-        # Its output would write over the view: it gets a terminal of its own.
+        # Its output would write over the view: it writes to a pty of its own.
         from memtrace.command_output import CommandOutput
 
         output = CommandOutput(os.path.basename(command_line[0]), args.record,

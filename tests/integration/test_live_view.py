@@ -85,11 +85,9 @@ def tmux(tmp_path):
     t.kill()
 
 
-def _is_header(line: str) -> bool:
-    return line.startswith("anon RSS") or line.startswith("memtrace  pid")
-
-
-def test_launched_command_logs_into_its_pane_and_q_answers_at_once(tmux, tmp_path, memtrace_cmd, probes):
+def _trace_chatty(tmux: Tmux, tmp_path: Path, memtrace_cmd: list[str]) -> tuple[int, Path]:
+    """memtrace -- chatty.sh in the tmux window, under a shell that writes
+    memtrace's exit status to a file: (the shell's pid, that file)."""
     chatty = tmp_path / "chatty.sh"
     chatty.write_text(CHATTY)
     chatty.chmod(0o755)
@@ -98,6 +96,24 @@ def test_launched_command_logs_into_its_pane_and_q_answers_at_once(tmux, tmp_pat
     # The shell outlives Ctrl-C (a handler, which memtrace does not inherit).
     shell = tmux.start(f"sh -c 'trap : INT; {memtrace} --interval 0.5 -- {chatty}; echo $? > {done_file}; "
                        "sleep 600'")
+    return shell, done_file
+
+
+def _wait_for_exit(tmux: Tmux, done_file: Path) -> str:
+    """memtrace's exit status, once the shell has written it."""
+    deadline = time.monotonic() + DETACH_TIMEOUT_S
+    while not done_file.exists() or not done_file.read_text().strip():
+        assert time.monotonic() < deadline, "\n".join(tmux.screen())
+        time.sleep(0.05)
+    return done_file.read_text().strip()
+
+
+def _is_header(line: str) -> bool:
+    return line.startswith("anon RSS") or line.startswith("memtrace  pid")
+
+
+def test_launched_command_logs_into_its_pane_and_q_answers_at_once(tmux, tmp_path, memtrace_cmd, probes):
+    shell, done_file = _trace_chatty(tmux, tmp_path, memtrace_cmd)
 
     tmux.wait_for(r"^memtrace  pid", START_TIMEOUT_S)
     tmux.wait_for(r"^tick \d+", 10)
@@ -133,11 +149,7 @@ def test_launched_command_logs_into_its_pane_and_q_answers_at_once(tmux, tmp_pat
     tmux.wait_for(r"^tick \d+$", 5)
 
     tmux.keys("C-c")  # the terminal's Ctrl-C: the command is still in its process group
-    deadline = time.monotonic() + 30
-    while not done_file.exists() or not done_file.read_text().strip():
-        assert time.monotonic() < deadline, "\n".join(tmux.screen())
-        time.sleep(0.05)
-    assert done_file.read_text().strip() == "130"  # the command's status: killed by SIGINT
+    assert _wait_for_exit(tmux, done_file) == "130"  # the command's status: killed by SIGINT
     screen = "\n".join(tmux.screen(history=True))
     m = re.search(r"the output of chatty\.sh is in (\S+)", screen)
     assert m, screen
@@ -174,31 +186,17 @@ def test_an_interactive_demo_holds_its_last_view_until_q(tmux, tmp_path, memtrac
     assert any("leak has ended; q quits" in line for line in lines), "\n".join(lines)
     assert not done_file.exists()
     tmux.keys("q")
-    deadline = time.monotonic() + 30
-    while not done_file.exists() or not done_file.read_text().strip():
-        assert time.monotonic() < deadline, "\n".join(tmux.screen())
-        time.sleep(0.05)
-    assert done_file.read_text().strip() == "0"
+    assert _wait_for_exit(tmux, done_file) == "0"
     assert any(line.startswith("memtrace summary") for line in tmux.screen(history=True))
 
 
 def test_ctrl_c_reaches_a_command_that_writes_to_a_pty(tmux, tmp_path, memtrace_cmd, probes):
-    chatty = tmp_path / "chatty.sh"
-    chatty.write_text(CHATTY)
-    chatty.chmod(0o755)
-    done_file = tmp_path / "exit-status"
-    memtrace = " ".join(memtrace_cmd)
-    shell = tmux.start(f"sh -c 'trap : INT; {memtrace} --interval 0.5 -- {chatty}; echo $? > {done_file}; "
-                       "sleep 600'")
+    shell, done_file = _trace_chatty(tmux, tmp_path, memtrace_cmd)
     tmux.wait_for(r"^memtrace  pid", START_TIMEOUT_S)
     tmux.wait_for(r"^tick \d+", 10)
     tracer = [p for p in probes.below(shell) if p != shell]
     tmux.keys("C-c")  # reaches the command too (our process group); memtrace traces its end
-    deadline = time.monotonic() + DETACH_TIMEOUT_S
-    while not done_file.exists() or not done_file.read_text().strip():
-        assert time.monotonic() < deadline, "\n".join(tmux.screen())
-        time.sleep(0.05)
-    assert done_file.read_text().strip() == "130"
+    assert _wait_for_exit(tmux, done_file) == "130"
     screen = tmux.screen(history=True)
     assert any("exited with status 130" in line for line in screen), "\n".join(screen)
     assert not probes.perf(tracer)

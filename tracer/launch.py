@@ -23,11 +23,19 @@ _libc.ptrace.restype = ctypes.c_long
 
 
 class Launched:
-    """A child process stopped after exec, until `release()`."""
+    """A child process stopped after exec, until `release()`.
 
-    def __init__(self, argv: list[str], executable: str) -> None:
+    With `terminal` (a CommandOutput), the child writes to that
+    pseudo-terminal, so its output stays off our screen. It stays in our
+    session and process group: the terminal's Ctrl-C reaches it as before,
+    and nothing hangs it up when it or we exit (a session of its own would
+    have the kernel send SIGHUP to whatever it left running)."""
+
+    def __init__(self, argv: list[str], executable: str, terminal=None) -> None:
         self.argv = argv
+        self.terminal = terminal
         self.exit_status: Optional[int] = None  # shell convention: 128+N if killed by N
+        fds = terminal.child_fds() if terminal is not None else None
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # child: only async-signal-safe work until exec
@@ -37,6 +45,9 @@ class Launched:
                 for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                if fds is not None:
+                    for target, fd in enumerate(fds):
+                        os.dup2(fd, target)
                 if _libc.ptrace(PTRACE_TRACEME, 0, None, None) != 0:
                     raise OSError(ctypes.get_errno(), "ptrace")
                 os.execv(executable, argv)
@@ -46,6 +57,8 @@ class Launched:
                 os._exit(127)
         os.close(report_w)
         self.pid = pid
+        if terminal is not None:
+            terminal.started()
         _, status = os.waitpid(pid, 0)
         failure = os.read(report_r, 64)
         os.close(report_r)

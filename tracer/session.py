@@ -60,6 +60,9 @@ class Session:
         on_events: Optional[Callable[[], None]] = None,
         watch_fds: Optional[list[int]] = None,
         on_watch: Optional[Callable[[], None]] = None,
+        output=None,
+        on_output: Optional[Callable[[], None]] = None,
+        on_quit: Optional[Callable[[], None]] = None,
     ) -> None:
         self.pid = pid
         self.snapshot = snapshot
@@ -75,6 +78,9 @@ class Session:
         self.on_events = on_events
         self.watch_fds = watch_fds or []  # netlink: exec events and peak RSS
         self.on_watch = on_watch
+        self.output = output  # a launched command's pty (CommandOutput)
+        self.on_output = on_output  # called after its output was read
+        self.on_quit = on_quit  # called at once when the trace is to end
         self._signals: list[int] = []
 
     # ------------------------------------------------------------ signals
@@ -145,7 +151,10 @@ class Session:
             now = time.monotonic()
             poll_at = now + event_poll_s if event_poll_s else None
             wake_at = min(t for t in (next_tick, deadline, grace_until, poll_at) if t is not None)
-            ready = wait_ready(watched, wake_r, wake_at - now)
+            output_fd = self.output.fileno() if self.output is not None else -1
+            ready = wait_ready(watched + ([output_fd] if output_fd >= 0 else []), wake_r, wake_at - now)
+            if output_fd in ready and self.output.drain() and self.on_output:
+                self.on_output()
             if self.on_events and (event_poll_s or self.events_fd in ready):
                 self.on_events()
             if self.on_watch and any(fd in ready for fd in self.watch_fds):
@@ -159,6 +168,8 @@ class Session:
                         self.on_key(key)
             exited, status = self._target_exit(pidfd)
             if exited:
+                if self.output is not None:
+                    self.output.drain()  # its last words, before the final frame
                 return Outcome(self.snapshot(target_alive=False, exit_status=status), "target-exit")
             now = time.monotonic()
             if reason is None and grace_until is not None and now >= grace_until:
@@ -171,6 +182,8 @@ class Session:
                     sink.update(snap)
                 # Keep the cadence; after a stall, skip the missed ticks.
                 next_tick += self.interval_s * max(1, int((now - next_tick) / self.interval_s) + 1)
+        if self.on_quit:
+            self.on_quit()
         return Outcome(self.snapshot(fresh=True), reason)
 
     def _handle_signals(self, grace_until: Optional[float]) -> tuple[Optional[str], Optional[float]]:
@@ -187,8 +200,9 @@ class Session:
             elif grace_until is not None:
                 reason = "signal"  # a second one: stop waiting for the command
             else:
-                # Launch: Ctrl-C reached the command through the terminal;
-                # SIGTERM was meant for both. Trace its shutdown a little.
+                # Launch: Ctrl-C reached the command through the terminal
+                # (its output may go to a pty; it is still in our process
+                # group); SIGTERM was meant for both. Trace its shutdown a little.
                 if sig in (signal.SIGTERM, signal.SIGHUP):
                     self.launched.signal(sig)
                 grace_until = time.monotonic() + LAUNCH_GRACE_S
@@ -213,7 +227,9 @@ def wait_ready(watched: list[int], wake_r: int, timeout_s: float) -> list[int]:
 
 def wait_for_command(launched) -> int:
     """After the trace: the command runs on untraced; wait for it and pass
-    SIGTERM/SIGHUP on. Ctrl-C reaches it through the terminal."""
+    SIGTERM/SIGHUP on. Ctrl-C reaches it through the terminal. Output it
+    writes to a pty of its own goes on to our stdout (and its log)."""
+    output = launched.terminal
     if launched.poll() is None:
         print(
             f"memtrace: probes removed; waiting for {launched.argv[0]} (pid {launched.pid}) to exit",
@@ -223,6 +239,16 @@ def wait_for_command(launched) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
     old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        if output is None:
+            return launched.wait()
+        output.pass_through()
+        while launched.poll() is None:
+            fd = output.fileno()
+            try:
+                select.select([fd] if fd >= 0 else [], [], [], 0.2)
+            except InterruptedError:
+                pass
+            output.drain()
         return launched.wait()
     finally:
         for s, h in old.items():

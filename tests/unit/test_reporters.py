@@ -419,7 +419,9 @@ def test_the_run_policy_reaches_every_output(monkeypatch):
     assert "STACKS 3 of 30" in block
     from memtrace.view.panes import STACKS
 
-    rendered = STACKS.build(s, 160, 20)
+    from memtrace.view.context import Context
+
+    rendered = STACKS.build(s, 160, 20, Context())
     assert "3 of 30" in str(rendered[0])
     monkeypatch.setattr(select, "_policy", select.StackPolicy())
     assert select.snapshot_json(s) == s.to_json()

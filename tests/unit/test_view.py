@@ -606,7 +606,7 @@ def test_summary_of_the_gap():
         " live 512.0 MiB, retained 3.1 GiB; 3 mmapped chunks (12.0 MiB)",
         "address space: mapped 20.0 GiB, reserved 9.0 GiB, committed 8.0 GiB, resident 7.3 GiB,"
         " returned to the OS since the trace began 1.5 GiB",
-        "malloc_trim: 3 calls (1 released memory) returned 40.0 MiB (measured);"
+        "malloc_trim: 3 calls, 1 of which released memory; returned 40.0 MiB (measured);"
         " malloc_trim(0) would return about 1.2 GiB now (estimate)",
         "  at 2m00s thread 100: returned 40.0 MiB (malloc_trim returned 1)",
         "  - 8 thread arenas keep 3.1 GiB freed but resident (80 % of their 3.9 GiB): MALLOC_ARENA_MAX=2",
@@ -630,7 +630,7 @@ def test_summary_of_the_gap():
 def test_summary_without_the_new_sections_and_in_light_mode():
     old = render_summary(snapshot())
     assert not re.search(r"the gap|allocator|arenas:|regions|hints|retained", old)
-    assert "  malloc_trim: 3 calls, 1 released memory" in old
+    assert "  malloc_trim: 3 calls, 1 of which released memory" in old
     light = render_summary(full_snapshot(light=True))
     assert "heap live at the end: ~700.0 MiB (estimate); light mode: no malloc probes" in light
     assert "heap live ~700.0 MiB + allocator retained ~3.1 GiB" in light

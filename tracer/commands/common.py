@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -203,7 +204,16 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                       "appear (default 65536)")
 
 
-def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> tuple[list, object]:
+DETACHING = "detaching… (removing the probes)"
+
+
+def view_is_live(args: argparse.Namespace) -> bool:
+    """The full-screen view, not batch text or JSON."""
+    return sys.stdout.isatty() and not (args.json or args.json_stream or args.batch)
+
+
+def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict,
+               context=None) -> tuple[list, object]:
     """The sinks for this trace, and the live view if there is one."""
     from memtrace.sinks.console import console_sinks
     from memtrace.sinks.jsonout import JsonSink
@@ -218,7 +228,7 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
         sinks.append(JsonStreamSink())
     else:
         console, view = console_sinks(interactive=interactive and not args.batch,
-                                      mode="arenas" if args.light else "stacks")
+                                      mode="arenas" if args.light else "stacks", context=context)
         sinks.extend(console)
     try:
         if args.serve:
@@ -239,7 +249,12 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict) -> t
     return sinks, view
 
 
-def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool = False) -> int:
+def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool = False,
+              keyboard_to_command: bool = False, hold: bool = False) -> int:
+    """`demo`: read keys for the view even when the command keeps our
+    terminal; `keyboard_to_command`: the command waits for input, so our
+    stdin stays its stdin; `hold`: when the command ends, the live view
+    stays until `q`."""
     from memtrace import target as targets
 
     if args.pid and command_line:
@@ -266,10 +281,32 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
     libc, allocator = targets.allocator_of_command(command_line)
     from memtrace.launch import Launched
 
-    launched = Launched(command_line, executable)
+    output = None
+    if view_is_live(args):
+        # Its output would write over the view: it writes to a pty of its own.
+        from memtrace.command_output import CommandOutput
+
+        output = CommandOutput(os.path.basename(command_line[0]), args.record,
+                               keep_stdin=keyboard_to_command)
+        output.resize(*shutil.get_terminal_size())
+    try:
+        launched = Launched(command_line, executable, terminal=output)
+    except BaseException:
+        if output is not None:
+            output.close(keep_log=False)
+        raise
     comm = os.path.basename(executable)[:15]
-    return _trace(args, launched.pid, comm, libc, allocator.path, launched, started,
-                  keys_allowed=demo, allocator=allocator)
+    try:
+        return _trace(args, launched.pid, comm, libc, allocator.path, launched, started,
+                      keys_allowed=demo or (output is not None and not keyboard_to_command),
+                      allocator=allocator, hold=hold)
+    finally:
+        if output is not None:
+            kept = output.byte_count > 0
+            output.close(keep_log=kept)
+            if kept:
+                where = " (next to the recording)" if args.record and output.log_path.startswith(args.record) else ""
+                print(f"memtrace: the output of {output.command} is in {output.log_path}{where}", file=sys.stderr)
 
 
 def _first_line(captured) -> str:
@@ -287,7 +324,7 @@ def _target_gone(pid: int, launched) -> bool:
 
 
 def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, started: float,
-           keys_allowed: bool = True, allocator=None) -> int:
+           keys_allowed: bool = True, allocator=None, hold: bool = False) -> int:
     from memtrace.collect.collector import Collector
     from memtrace.collect.probes import Limits, Probes, redirect_fd2, resolve_sites
     from memtrace.session import Session, wait_for_command
@@ -300,12 +337,18 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
         "launched": launched is not None,
         "options": {k: v for k, v in vars(args).items() if k not in ("entrypoint",)},
     }
+    if launched is not None and launched.terminal is not None:
+        metadata["command_output_log"] = launched.terminal.log_path
     probes: Optional[Probes] = None
     # libbcc writes its reasons to fd 2 itself: kept for the one line
     bcc_said = tempfile.TemporaryFile()
+    from memtrace.view.progress import StartupProgress
+
+    progress = StartupProgress(view_is_live(args) and sys.stderr.isatty())
     try:
         kind = allocator.kind if allocator is not None else "glibc"
         prefix = allocator.prefix if allocator is not None else ""
+        progress.step(f"finding the allocator's functions in {libc_shown}")
         with redirect_fd2(bcc_said.fileno()):
             sites = resolve_sites(libc, kind, prefix)
         limits = Limits(max_allocs=args.max_allocs, max_stats=args.max_stats,
@@ -313,16 +356,29 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
                         event_buffer_bytes=args.event_buffer << 20)
         probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes,
                         allocator_kind=kind, allocator_prefix=prefix)
+        progress.step("compiling and loading the probes (a few seconds)")
         probes.load()
+        progress.step(f"attaching to pid {pid} ({comm})")
         with redirect_fd2(bcc_said.fileno()):
             probes.attach()
+        progress.step("reading the allocator and the address space")
         collector = Collector(pid, comm, probes, light=args.light, attached=launched is None)
         collector.allocator_path = allocator.path if allocator is not None else libc
         events_fd = collector.start()
         collector.watch = _open_watch(pid, args.verbose)
+        progress.done()
         # Before the command runs: a file that cannot be written stops it unrun.
-        sinks, view = make_sinks(args, interactive, metadata)
+        context = None
+        if interactive:
+            from memtrace.view.context import Context
+            from memtrace.view.fmt import fmt_duration
+
+            context = Context(every_s=args.interval, output=launched.terminal if launched else None,
+                              step=f"attached to pid {pid} ({comm}); first snapshot in "
+                              f"{fmt_duration(args.interval)}")
+        sinks, view = make_sinks(args, interactive, metadata, context)
     except BaseException as e:
+        progress.done()
         if probes is not None:
             probes.detach()
         gone = isinstance(e, Exception) and _target_gone(pid, launched)
@@ -376,13 +432,21 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
             launched=launched,
             keys=keys,
             on_key=view.handle_key if view is not None else None,
-            on_resize=view.refresh if view is not None else None,
+            on_resize=(lambda: _resized(view, launched)) if view is not None else None,
             events_fd=events_fd,
             on_events=collector.consume_events,
             watch_fds=collector.watch.filenos() if collector.watch else [],
             on_watch=collector.read_watch,
+            output=launched.terminal if launched is not None else None,
+            on_output=view.output_changed if view is not None else None,
+            # The last frame says why it no longer moves: removing the
+            # probes takes a second or two.
+            on_quit=(lambda: view.set_context(banner=DETACHING)) if view is not None else None,
         )
         outcome = session.run()
+        if hold and keys is not None and view is not None and outcome.reason == "target-exit":
+            # Probes are gone already: a person looks at the last figures.
+            view.hold(outcome.final, keys, f"{comm} has ended; q quits and prints the summary")
     finally:
         probes.detach()
         if collector.watch is not None:
@@ -400,6 +464,12 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
     if launched is not None:
         return wait_for_command(launched)
     return 0
+
+
+def _resized(view, launched) -> None:
+    view.refresh()
+    if launched is not None and launched.terminal is not None:
+        launched.terminal.resize(*shutil.get_terminal_size())
 
 
 def _open_watch(pid: int, verbose: bool):

@@ -40,4 +40,4 @@ class DemoCommand:
         argv = demo.argv(catalog.default_cache_dir(), program_args)
         # A paused demo waits for Enter: leave the keyboard to it.
         keys = "--pause" not in program_args and sys.stdin.isatty()
-        return run_trace(args, argv, demo=keys)
+        return run_trace(args, argv, demo=keys, keyboard_to_command="--pause" in program_args, hold=True)

@@ -137,24 +137,20 @@ class Player:
         return f"{line} | {HELP}"
 
 
-def with_status(snapshot: Snapshot, status: str) -> Snapshot:
-    """The snapshot as the live view should show it: the replay's position
-    goes first among its notes, which every view displays."""
-    return dataclasses.replace(snapshot, notes=(status,) + tuple(snapshot.notes))
-
-
 # ---------------------------------------------------------------- the view
 
 
 class _Screen:
     """The live view and keyboard, the only part touching the terminal."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_s: Optional[float] = None) -> None:
+        from memtrace.view.context import Context
         from memtrace.view.keys import KeyReader
         from memtrace.view.live import LiveView
 
         self.keys = KeyReader()
-        self.view = LiveView()
+        # The header says "replay"; the position line stays at every size.
+        self.view = LiveView(context=Context(replay=True, every_s=every_s))
         self.resized = False
         self._old_winch: Any = None
 
@@ -179,7 +175,8 @@ class _Screen:
     def _on_winch(self, signum: int, frame: object) -> None:
         self.resized = True
 
-    def show(self, snapshot: Snapshot) -> None:
+    def show(self, snapshot: Snapshot, position: str) -> None:
+        self.view.context = dataclasses.replace(self.view.context, status_line=position)
         self.view.update(snapshot)
 
     def wait_keys(self, timeout: float) -> list[str]:
@@ -207,7 +204,7 @@ def play(recording: Recording, player: Player, screen: _Screen) -> None:
             player.peak = min(player.peak, len(player.times) - 1)
         status = player.status()
         if shown != (player.index, status):
-            screen.show(with_status(snapshot, status))
+            screen.show(snapshot, status)
             shown = (player.index, status)
         wait = player.wait_s()
         now = time.monotonic()
@@ -263,6 +260,13 @@ def _speed(text: str) -> float:
     return value
 
 
+def _interval_asked(metadata: dict) -> Optional[float]:
+    """The --interval the recording was made with, if it says."""
+    options = metadata.get("options")
+    interval = options.get("interval") if isinstance(options, dict) else None
+    return float(interval) if isinstance(interval, (int, float)) and interval > 0 else None
+
+
 class ReplayCommand:
     """Play a recording (made with --record FILE) in the live view.
 
@@ -308,6 +312,6 @@ class ReplayCommand:
                 playing=args.at is None,
                 speed=args.speed,
             )
-            with _Screen() as screen:
+            with _Screen(_interval_asked(recording.metadata)) as screen:
                 play(recording, player, screen)
         return 0

@@ -10,8 +10,11 @@ from memtrace.commands.common import add_trace_options, positive_int, run_trace
 class TraceCommand:
     """Trace a running process (-p PID) or a command (-- CMD ARGS) with the live view.
 
-    A launched command keeps its stdin, stdout and stderr; when it exits,
-    memtrace prints a final summary and exits with the command's status."""
+    Under the live view a launched command writes to a pseudo-terminal of its own:
+    its latest lines show in the view, all of them in a log file, and its
+    stdin is /dev/null. Without the view (batch, JSON) it keeps its stdin,
+    stdout and stderr. When it exits, memtrace prints a final summary and
+    exits with the command's status."""
 
     name = "trace"
 

@@ -26,7 +26,7 @@ from memtrace.reporters.common import (
 )
 from memtrace.reporters import select
 from memtrace.view import status
-from memtrace.view.fmt import fmt_bytes, fmt_count, fmt_duration, fmt_signed_bytes
+from memtrace.view.fmt import fmt_bytes, fmt_count, fmt_counted, fmt_duration, fmt_signed_bytes
 from memtrace.view.text import (
     _arena_table,
     _arenas_title,
@@ -103,9 +103,9 @@ def _totals(d: ReportData) -> list[str]:
     else:
         live = fmt_signed_bytes(c.live_bytes) if d.since is not None else fmt_bytes(c.live_bytes)
         lines += [
-            f"heap live {when}: {live} in {_n(c.live_count, 'block')}",
-            f"  allocated {fmt_bytes(c.alloc_bytes)} in {_n(c.alloc_count, 'call')},"
-            f" freed {fmt_bytes(c.free_bytes)} in {_n(c.free_count, 'call')}",
+            f"heap live {when}: {live} in {fmt_counted(c.live_count, 'block')}",
+            f"  allocated {fmt_bytes(c.alloc_bytes)} in {fmt_counted(c.alloc_count, 'call')},"
+            f" freed {fmt_bytes(c.free_bytes)} in {fmt_counted(c.free_count, 'call')}",
         ]
         if h.peak_live_bytes and not recording:
             at = (f" at {fmt_duration(h.peak_live_elapsed_s)}"
@@ -115,14 +115,8 @@ def _totals(d: ReportData) -> list[str]:
         lines.append(f"  untracked frees: {fmt_count(h.untracked_free_count)}"
                      " (blocks allocated before tracing began)")
     if h.trim_calls and s.trim is None:  # else the gap section tells it, with bytes
-        lines.append(f"  malloc_trim: {_n(h.trim_calls, 'call')},"
-                     f" {fmt_count(h.trim_released_calls)} released memory")
+        lines.append(f"  malloc_trim: {status.trim_calls_text(h.trim_calls, h.trim_released_calls)}")
     return lines
-
-
-def _n(count: int, noun: str) -> str:
-    """'1 block', '3 blocks'."""
-    return f"{fmt_count(count)} {noun}{'' if count == 1 else 's'}"
 
 
 def _since(d: ReportData) -> list[str]:
@@ -136,7 +130,7 @@ def _since(d: ReportData) -> list[str]:
         parts.append(f"allocator retained {fmt_signed_bytes(b.retained_bytes)}")
     if b.other_anon_bytes is not None:
         parts.append(f"other {fmt_signed_bytes(b.other_anon_bytes)}")
-    stacks = f"{_n(b.stacks_grown, 'stack')} grew, {fmt_count(b.stacks_shrunk)} shrank"
+    stacks = f"{fmt_counted(b.stacks_grown, 'stack')} grew, {fmt_count(b.stacks_shrunk)} shrank"
     return ["", f"since {b.label}: " + ", ".join(parts) + f"; {stacks}"]
 
 
@@ -179,7 +173,7 @@ def _gap(d: ReportData) -> list[str]:
             f" live {status.estimated(s, a.live_bytes)}, retained {status.estimated(s, a.retained_bytes)}"
         )
         if a.mmapped_chunk_count:
-            text += f"; {fmt_count(a.mmapped_chunk_count)} mmapped chunks ({fmt_bytes(a.mmapped_chunk_bytes)})"
+            text += f"; {fmt_counted(a.mmapped_chunk_count, 'mmapped chunk')} ({fmt_bytes(a.mmapped_chunk_bytes)})"
         lines.append(text)
     o = s.os
     if o is not None:
@@ -191,7 +185,7 @@ def _gap(d: ReportData) -> list[str]:
     t = s.trim
     if t is not None:
         lines.append(
-            f"malloc_trim: {_n(t.calls, 'call')} ({fmt_count(s.heap.trim_released_calls)} released memory)"
+            f"malloc_trim: {status.trim_calls_text(t.calls, s.heap.trim_released_calls)};"
             f" returned {fmt_bytes(t.returned_bytes)} (measured);"
             f" malloc_trim(0) would return about {fmt_bytes(t.estimate_bytes)} now (estimate)"
         )
@@ -258,8 +252,8 @@ def _stack_block(rank: int, st: StackStats, names: dict[int, str], change: bool)
     delta = "" if change else f"; last interval {fmt_signed_bytes(st.live_delta_bytes)}"
     retained = f"; retained ~{fmt_bytes(st.retained_bytes)} (estimate)" if st.retained_bytes else ""
     lines = [
-        f"#{rank}  {live} live in {_n(c.live_count, 'block')};"
-        f" allocated {fmt_bytes(c.alloc_bytes)} in {_n(c.alloc_count, 'call')}{delta}{retained}",
+        f"#{rank}  {live} live in {fmt_counted(c.live_count, 'block')};"
+        f" allocated {fmt_bytes(c.alloc_bytes)} in {fmt_counted(c.alloc_count, 'call')}{delta}{retained}",
         f"    threads: {_tid_list(st.tids, names) or '-'}",
     ]
     lines += [f"      {frame}" for frame in st.frames] or ["      (no frames)"]

@@ -10,11 +10,21 @@ from memtrace.model import Snapshot
 
 
 class LiveSink:
-    def __init__(self, mode: str = "stacks") -> None:
+    def __init__(self, mode: str = "stacks", context=None) -> None:
         from memtrace.view.live import LiveView
 
-        self.view = LiveView(mode=mode)
+        self.view = LiveView(mode=mode, context=context)
         self.view.start()
+
+    def set_context(self, **changes) -> None:
+        self.view.set_context(**changes)
+
+    def output_changed(self) -> None:
+        self.view.output_changed()
+
+    def hold(self, final: Snapshot, keys, message: str) -> None:
+        self.view.update(final)
+        self.view.hold(keys, message)
 
     def update(self, snapshot: Snapshot) -> None:
         self.view.update(snapshot)
@@ -59,10 +69,10 @@ class SummarySink:
         self.out.flush()
 
 
-def console_sinks(interactive: bool, mode: str = "stacks") -> tuple[list, Optional[LiveSink]]:
+def console_sinks(interactive: bool, mode: str = "stacks", context=None) -> tuple[list, Optional[LiveSink]]:
     """Sinks in the order they close: the live view gives the screen back
     before the summary is printed."""
     if interactive:
-        live = LiveSink(mode)
+        live = LiveSink(mode, context)
         return [live, SummarySink()], live
     return [BatchSink(), SummarySink()], None

@@ -38,6 +38,11 @@ def fmt_count(n: float) -> str:
     return f"{int(round(n)):,}"
 
 
+def fmt_counted(n: float, word: str, plural: str = "") -> str:
+    """'1 block', '1,234 blocks': the noun agrees with the number."""
+    return f"{fmt_count(n)} {word if int(round(n)) == 1 else plural or word + 's'}"
+
+
 def fmt_si(n: float) -> str:
     """Compact counts for tight columns and rates: 1234 -> '1.2k'."""
     sign = "-" if n < 0 else ""
@@ -51,6 +56,9 @@ def fmt_si(n: float) -> str:
             return f"{sign}{text}{suffix}"
         value /= 1000
     raise AssertionError("unreachable")
+
+
+NO_RATE = "—"  # before a second snapshot there is no interval to divide by
 
 
 def fmt_rate(bytes_per_s: float) -> str:

@@ -17,6 +17,9 @@ from memtrace.errors import MemtraceError
 
 QUIT = "quit"
 TOGGLE_SORT = "sort"  # rank the stacks by live or by retained bytes
+SELECT_UP, SELECT_DOWN = "select-up", "select-down"  # move through the stacks table
+EXPAND = "expand"  # show the selected stack's every frame, or go back
+BACK = "back"
 
 # What each key does; a mode name means "switch the live view to it".
 # The main loop handles QUIT and hands every other key to the live view's
@@ -27,6 +30,13 @@ KEY_BINDINGS: dict[str, str] = {
     "t": "threads",
     "a": "arenas",
     "r": TOGGLE_SORT,
+    "up": SELECT_UP,
+    "k": SELECT_UP,
+    "down": SELECT_DOWN,
+    "j": SELECT_DOWN,
+    "\n": EXPAND,  # Enter, as the terminal turns it into a newline
+    "\r": EXPAND,
+    "esc": BACK,
 }
 
 # Escape sequences xterm-like terminals send, named so callers can bind them.

@@ -8,9 +8,13 @@ and on resize or key presses via `refresh`).
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import select
+import signal
 import sys
 import textwrap
+import time
 from typing import Iterable, Optional, Sequence, TextIO
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -20,8 +24,20 @@ from rich.text import Text
 
 from memtrace.model import Gap, Snapshot
 from memtrace.view import status
-from memtrace.view.keys import KEY_BINDINGS, QUIT, TOGGLE_SORT
-from memtrace.view.panes import ARENAS, REGIONS, STACKS, STACKS_BY_RETAINED, THREADS, Layout, Slot
+from memtrace.view.context import Context
+from memtrace.view.keys import BACK, EXPAND, KEY_BINDINGS, QUIT, SELECT_DOWN, SELECT_UP, TOGGLE_SORT
+from memtrace.view.panes import (
+    ARENAS,
+    REGIONS,
+    STACKS,
+    STACKS_BY_RETAINED,
+    THREADS,
+    Layout,
+    Slot,
+    output_lines,
+    ranked_stacks,
+    stack_lines,
+)
 
 # The views the `mode` argument selects: the first pane gets most rows.
 # A new mode is one more entry here and its key in KEY_BINDINGS.
@@ -44,6 +60,9 @@ _TONE_STYLES = {
 _MAX_NOTES = 3
 _ROOMY_HEIGHT = 20
 _BADGE = 7  # ' DROPS ', ' HINT  ': the width of a line's badge
+_OUTPUT_REDRAW_S = 0.25
+_HOLD_POLL_S = 0.25
+_EXPANDED_HEADER = 2  # lines of header above an expanded stack: the gap and who is traced
 
 # The gap bar: one cell style per part, and a glyph that tells them apart
 # without colour too.
@@ -162,14 +181,16 @@ def _badged(badge: str, style: str, body: str, body_style: str, width: int, wrap
     return lines
 
 
-def _header(s: Snapshot, width: int, budget: int, detail_budget: Optional[int] = None) -> list[Text]:
+def _header(s: Snapshot, width: int, budget: int, detail_budget: Optional[int] = None,
+            ctx: Optional[Context] = None) -> list[Text]:
     """Header lines in display order; when `budget` is short the lowest
     ranks stay (the gap and who is traced, then drops and hints, ...).
     Detail lines (rank DETAIL_RANK and up) are added only while the header
     stays within `detail_budget` lines: they must not crowd out the tables."""
     ranked: list[tuple[float, Text]] = []  # in display order
     drops = notes = 0
-    lines = status.header(s)
+    ctx = ctx or Context()
+    lines = status.header(s, ctx.every_s, ctx.replay)
     note_count = sum(1 for line in lines if line.kind == status.NOTE)
     for line in lines:
         if line.kind == status.GAP:
@@ -207,7 +228,21 @@ def _header(s: Snapshot, width: int, budget: int, detail_budget: Optional[int] =
     return [ranked[i][1] for i in kept]
 
 
-def _footer(mode: str, sort: str, width: int) -> Text:
+def _keys_text(pairs: Sequence[tuple[str, str]], text: Text) -> None:
+    for key, label in pairs:
+        if text.cell_len:
+            text.append(" ")
+        text.append(f" {key} ", style="bold reverse")
+        text.append(" " + label, style="dim")
+
+
+def _footer(mode: str, sort: str, width: int, ctx: Optional[Context] = None) -> Text:
+    ctx = ctx or Context()
+    if ctx.expanded is not None:
+        text = Text()
+        _keys_text((("⏎", "back"), ("↑↓", "scroll"), ("q", "quit")), text)
+        text.truncate(width, overflow="ellipsis")
+        return text
     text = Text()
     for key, action in KEY_BINDINGS.items():
         if action == TOGGLE_SORT:
@@ -221,61 +256,144 @@ def _footer(mode: str, sort: str, width: int) -> Text:
             text.append(" ")
         text.append(f" {key} ", style="bold reverse")
         text.append(" " + label, style=style)
+    if any(slot.pane.name == "stacks" for slot in MODES[mode].slots):
+        full = text.copy()
+        _keys_text((("↑↓", "select"), ("⏎", "frames")), full)
+        if full.cell_len <= width:
+            return full
+        _keys_text((("↑↓⏎", "stack"),), text)
     text.truncate(width, overflow="ellipsis")
     return text
 
 
+def _banner(message: str, width: int) -> Text:
+    text = Text(f" {message} ", style="bold black on yellow")
+    text.truncate(width, overflow="ellipsis")
+    return text
+
+
+def output_height(height: int) -> int:
+    """Lines for a launched command's output (its title included): a fifth
+    of the screen, the tables keep the rest."""
+    return max(3, min(12, height // 5))
+
+
 def render(
-    snapshot: Snapshot, width: int, height: int, mode: str = "stacks", sort: str = status.SORT_LIVE
+    snapshot: Snapshot,
+    width: int,
+    height: int,
+    mode: str = "stacks",
+    sort: str = status.SORT_LIVE,
+    ctx: Optional[Context] = None,
 ) -> RenderableType:
     """The whole screen for one snapshot, at most `width` x `height` cells;
-    `sort` ranks the stacks table by live or by retained bytes."""
+    `sort` ranks the stacks table by live or by retained bytes; `ctx` adds
+    what the session knows besides the snapshot."""
+    ctx = ctx or Context()
     if mode not in MODES:
         raise ValueError(f"unknown view mode {mode!r}: expected one of {', '.join(MODES)}")
     if sort not in SORTS:
         raise ValueError(f"unknown sort {sort!r}: expected one of {', '.join(SORTS)}")
     width, height = max(1, width), max(1, height)
-    footer = _footer(mode, sort, width)
+    footer = _banner(ctx.banner, width) if ctx.banner else _footer(mode, sort, width, ctx)
+    if ctx.expanded is not None:
+        return _Clip(_expanded_screen(snapshot, width, height, sort, ctx, footer), width, height)
     # The header may take half the screen (the gap, identity, drops and
     # hints first, see _header), details a third, but it leaves the first
     # table a title, a column header and a row.
-    header = _header(snapshot, width, max(1, min(height - 4, max(4, height // 2))), max(4, height // 3))
+    header = _header(snapshot, width, max(1, min(height - 4, max(4, height // 2))), max(4, height // 3), ctx)
     pane_lines = height - len(header) - 1
     layout = MODES[mode]
     if sort == status.SORT_RETAINED:
         layout = layout.with_pane(STACKS_BY_RETAINED)
     # On a roomy screen a blank line sets each table apart.
     gap = 1 if height >= _ROOMY_HEIGHT else 0
+    # Below the tables; it leaves them a title, a header and a row.
+    output = _bottom(ctx, width, height, pane_lines - 3)
+    pane_lines -= len(output)
     parts: list[RenderableType] = list(header)
     if pane_lines > 0:
         for pane, rows in layout.plan(snapshot, pane_lines - gap * len(layout.slots)):
             parts.extend([Text()] * gap)
-            parts.extend(pane.build(snapshot, width, rows))
-    return _Clip(_Screen(parts, footer, height), width, height)
+            parts.extend(pane.build(snapshot, width, rows, ctx))
+    return _Clip(_Screen(parts, footer, height, output), width, height)
+
+
+def _bottom(ctx: Context, width: int, height: int, room: int) -> list[RenderableType]:
+    """Lines pinned above the keys: a launched command's output, and a
+    status line (a replay's position) that every size keeps."""
+    out: list[RenderableType] = []
+    if ctx.status_line:
+        line = Text(ctx.status_line, style="bold")
+        line.truncate(width, overflow="ellipsis")
+        out.append(line)
+    if ctx.output is not None:
+        gap = 1 if height >= _ROOMY_HEIGHT else 0
+        lines = min(output_height(height), room - len(out) - gap)
+        if lines >= 2:
+            out = [Text()] * gap + output_lines(ctx.output, width, lines) + out
+    return out
+
+
+def _expanded_bottom(ctx: Context, width: int, height: int) -> list[RenderableType]:
+    return _bottom(ctx, width, height, height - _EXPANDED_HEADER - 1 - 3)
+
+
+def _frame_rows(width: int, height: int, ctx: Context) -> int:
+    """Frames an expanded stack shows at once, at the least: what the
+    header, the output pane, the stack's two title lines and the keys leave."""
+    return max(1, height - _EXPANDED_HEADER - len(_expanded_bottom(ctx, width, height)) - 1 - 2)
+
+
+def _expanded_screen(s: Snapshot, width: int, height: int, sort: str, ctx: Context, footer: Text) -> "_Screen":
+    """One stack's every frame under the two header lines that say what is
+    traced: the frames get the screen."""
+    header = _header(s, width, max(1, min(_EXPANDED_HEADER, height - 4)), 0, ctx)
+    bottom = _expanded_bottom(ctx, width, height)
+    ranked = ranked_stacks(s, sort)
+    rank = next((i for i, st in enumerate(ranked) if tuple(st.frames) == tuple(ctx.expanded or ())), None)
+    lines = height - len(header) - 1 - len(bottom)
+    body = list(header) + stack_lines(s, ctx.expanded or (), rank, width, lines, ctx.frame_offset)
+    return _Screen(body, footer, height, bottom)
 
 
 class _Screen:
     """Body lines from the top, the footer pinned to the bottom line (as in
     top), so the keys stay put while the tables grow and shrink."""
 
-    def __init__(self, parts: list[RenderableType], footer: Text, height: int) -> None:
+    def __init__(self, parts: list[RenderableType], footer: Text, height: int,
+                 bottom: Sequence[RenderableType] = ()) -> None:
         self.parts = parts
         self.footer = footer
         self.height = height
+        self.bottom = bottom  # pinned above the footer too (a command's output)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        body = console.render_lines(Group(*self.parts), options.update(height=None), pad=False)
-        body = body[: max(0, self.height - 1)]
+        options = options.update(height=None)
+        bottom = console.render_lines(Group(*self.bottom), options, pad=False) if self.bottom else []
+        bottom = bottom[: max(0, self.height - 1)]
+        body = console.render_lines(Group(*self.parts), options, pad=False)
+        body = body[: max(0, self.height - 1 - len(bottom))]
         for line in body:
             yield from line
             yield Segment.line()
-        for _ in range(self.height - 1 - len(body)):
+        for _ in range(self.height - 1 - len(body) - len(bottom)):
+            yield Segment.line()
+        for line in bottom:
+            yield from line
             yield Segment.line()
         yield self.footer
 
 
-def _waiting(width: int, height: int) -> RenderableType:
-    return _Clip(Text("memtrace: waiting for the first snapshot…", style="dim"), width, height)
+def _waiting(width: int, height: int, ctx: Context) -> RenderableType:
+    text = Text(f"memtrace: {ctx.step or 'waiting for the first snapshot'}…", style="dim")
+    bottom = _bottom(ctx, width, height, height - 2)
+    footer = _banner(ctx.banner, width) if ctx.banner else Text()
+    return _Clip(_Screen([text], footer, height, bottom), width, height)
+
+
+class _StopHolding(Exception):
+    pass
 
 
 class LiveView:
@@ -290,7 +408,8 @@ class LiveView:
         sort: how the stacks table starts ranked, one of SORTS.
     """
 
-    def __init__(self, console: Optional[Console] = None, mode: str = "stacks", sort: str = status.SORT_LIVE) -> None:
+    def __init__(self, console: Optional[Console] = None, mode: str = "stacks", sort: str = status.SORT_LIVE,
+                 context: Optional[Context] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown view mode {mode!r}")
         if sort not in SORTS:
@@ -299,6 +418,8 @@ class LiveView:
         self.mode = mode
         self.sort = sort
         self.snapshot: Optional[Snapshot] = None
+        self.context = context or Context()
+        self._drawn_at = 0.0
         self._live: Optional[Live] = None
         self._real_stderr: Optional[TextIO] = None
         self._stderr_buffer: Optional[io.StringIO] = None
@@ -384,6 +505,8 @@ class LiveView:
         view, show the stacks by retained bytes). False for keys it does not
         handle, quitting included: that is the main loop's."""
         action = KEY_BINDINGS.get(key)
+        if action in (SELECT_UP, SELECT_DOWN, EXPAND, BACK):
+            return self._select(action)
         if action in MODES:
             return self.set_mode(action)
         if action == TOGGLE_SORT:
@@ -396,16 +519,88 @@ class LiveView:
             return True
         return False
 
+    def _select(self, action: str) -> bool:
+        """Move through the stacks table, open the selected stack (all of
+        its frames, scrolled by the same keys), and go back."""
+        ctx, s = self.context, self.snapshot
+        step = -1 if action == SELECT_UP else 1
+        if ctx.expanded is not None:
+            if action in (EXPAND, BACK):
+                self.set_context(expanded=None, frame_offset=0)
+            else:
+                # Past the end only while the last frames fill the screen.
+                width, height = self.console.size
+                end = max(0, len(ctx.expanded) - _frame_rows(width, height, ctx))
+                self.set_context(frame_offset=max(0, min(end, ctx.frame_offset + step)))
+            return True
+        shows_stacks = any(slot.pane.name == "stacks" for slot in MODES[self.mode].slots)
+        if s is None or not s.stacks or not shows_stacks:
+            return False
+        last = len(s.stacks) - 1
+        if action == BACK:
+            self.set_context(cursor=None)
+        elif action == EXPAND:
+            cursor = min(ctx.cursor or 0, last)
+            stack = ranked_stacks(s, self.sort)[cursor]
+            self.set_context(cursor=cursor, expanded=tuple(stack.frames), frame_offset=0)
+        elif ctx.cursor is None:
+            self.set_context(cursor=0)
+        else:
+            self.set_context(cursor=max(0, min(last, ctx.cursor + step)))
+        return True
+
     def refresh(self) -> None:
         """Redraw at the terminal's current size (call on SIGWINCH/keys)."""
         if self._live is None:
             return
         width, height = self.console.size
         if self.snapshot is None:
-            screen = _waiting(width, height)
+            screen = _waiting(width, height, self.context)
         else:
-            screen = render(self.snapshot, width, height, self.mode, self.sort)
+            screen = render(self.snapshot, width, height, self.mode, self.sort, self.context)
         self._live.update(screen, refresh=True)
+        self._drawn_at = time.monotonic()
+
+    def set_context(self, **changes: object) -> None:
+        """Change what the screen shows besides the snapshot, and redraw."""
+        self.context = dataclasses.replace(self.context, **changes)  # type: ignore[arg-type]
+        self.refresh()
+
+    def output_changed(self) -> None:
+        """The command wrote: redraw, at most a few times a second (a chatty
+        command must not cost a full redraw per line)."""
+        if time.monotonic() - self._drawn_at >= _OUTPUT_REDRAW_S:
+            self.refresh()
+
+    def hold(self, keys, message: str) -> None:
+        """Keep the screen up, `message` in place of the keys, until `q`
+        (or Ctrl-C, SIGTERM, a hang-up); other keys still switch views."""
+        self.set_context(banner=message)
+
+        def stop(signum, frame):
+            raise _StopHolding()
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        size = self.console.size
+        try:
+            while not keys.eof:
+                try:
+                    ready, _, _ = select.select([keys.fileno()], [], [], _HOLD_POLL_S)
+                except InterruptedError:
+                    continue
+                if self.console.size != size:  # SIGWINCH is not ours here
+                    size = self.console.size
+                    self.refresh()
+                if ready:
+                    for key in keys.read_keys():
+                        if KEY_BINDINGS.get(key) == QUIT or key == "Q":
+                            return
+                        self.handle_key(key)
+        except _StopHolding:
+            pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     # The Sink protocol's names for the same thing.
     write = update

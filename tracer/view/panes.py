@@ -19,7 +19,16 @@ from rich.text import Text
 
 from memtrace.model import ArenaStats, RegionStats, Snapshot, StackStats, ThreadStats
 from memtrace.view import status
-from memtrace.view.fmt import ellipsize, fit_list, fmt_bytes, fmt_duration, fmt_si, fmt_signed_bytes, frame_chain
+from memtrace.view.context import Context
+from memtrace.view.fmt import (
+    ellipsize,
+    fit_list,
+    fmt_bytes,
+    fmt_counted,
+    fmt_si,
+    fmt_signed_bytes,
+    frame_chain,
+)
 from memtrace.reporters.select import select_stacks
 from memtrace.view.status import SORT_LIVE, SORT_RETAINED, top_threads
 
@@ -101,7 +110,7 @@ def growth_text(delta: int) -> Text:
 class Pane:
     name: str
     count: Callable[[Snapshot], Optional[int]]  # None: section absent
-    build: Callable[[Snapshot, int, int], list[RenderableType]]  # (snapshot, width, rows)
+    build: Callable[[Snapshot, int, int, Context], list[RenderableType]]  # (snapshot, width, rows, ctx)
 
     @staticmethod
     def lines(rows: int) -> int:
@@ -111,7 +120,8 @@ class Pane:
 # ---------------------------------------------------------------- stacks
 
 
-def _stack_rows(stacks: Sequence[StackStats], width: int, interval_s: float, by: str, retained: bool) -> Table:
+def _stack_rows(stacks: Sequence[StackStats], width: int, interval: str, by: str, retained: bool,
+                selected: Optional[int] = None) -> Table:
     def chains(w: int) -> list[Text]:
         out = []
         for s in stacks:
@@ -128,7 +138,7 @@ def _stack_rows(stacks: Sequence[StackStats], width: int, interval_s: float, by:
     by_retained = by == SORT_RETAINED
     cols = [
         Col("LIVE", [Text(fmt_bytes(s.counters.live_bytes), style="" if by_retained else "bold") for s in stacks]),
-        Col("Δ " + fmt_duration(interval_s) if interval_s > 0 else "Δ", [growth_text(s.live_delta_bytes) for s in stacks], drop_rank=3),
+        Col("Δ " + interval if interval else "Δ", [growth_text(s.live_delta_bytes) for s in stacks], drop_rank=3),
         Col("BLOCKS", [Text(fmt_si(s.counters.live_count)) for s in stacks], drop_rank=4),
         Col("THR", [Text(str(len(s.tids))) for s in stacks], drop_rank=5),
         Col("ALLOCATED", [Text(fmt_bytes(s.counters.alloc_bytes), style="dim") for s in stacks], drop_rank=6),
@@ -144,21 +154,45 @@ def _stack_rows(stacks: Sequence[StackStats], width: int, interval_s: float, by:
     if width < 110:
         # Below this the frames say more than the total ever allocated.
         cols = [c for c in cols if c.header != "ALLOCATED"]
-    return fit_table(cols, width)
+    styles = ["reverse" if i == selected else "" for i in range(len(stacks))]
+    return fit_table(cols, width, styles)
+
+
+def stack_order(s: Snapshot, by: str) -> str:
+    """What the stacks table ranks by: retained bytes only when there are some."""
+    return by if status.any_retained(s) else SORT_LIVE
+
+
+def ranked_stacks(s: Snapshot, by: str) -> list[StackStats]:
+    """The stacks in the table's order: what its rows and the selection
+    index. The run's --top and --min-size apply (memtrace.reporters.select)."""
+    return list(select_stacks(s.stacks, stack_order(s, by)).shown)
+
+
+def window(cursor: Optional[int], rows: int, total: int) -> int:
+    """The first row shown: the selected row stays on screen."""
+    if cursor is None or rows <= 0:
+        return 0
+    return max(0, min(cursor, total - 1) - rows + 1)
 
 
 def stacks_pane(by: str = SORT_LIVE) -> Pane:
-    """The stacks table ranked by live bytes or by retained bytes."""
+    """The stacks table ranked by live bytes or by retained bytes; the
+    selected row (ctx.cursor) is highlighted and kept on screen."""
 
-    def build(s: Snapshot, width: int, rows: int) -> list[RenderableType]:
+    def build(s: Snapshot, width: int, rows: int, ctx: Context) -> list[RenderableType]:
         total = len(s.stacks)
         if not total:
             what = "none: no malloc probes in light mode (press a for the arenas)" if s.light else "no tracked allocations yet"
             return [title_line("STACKS", what, width)]
         retained = status.any_retained(s)
-        order = by if retained else SORT_LIVE
-        shown = select_stacks(s.stacks, order, limit=rows).shown
-        detail = f"{len(shown)} of {total} by {order} bytes"
+        order = stack_order(s, by)
+        ranked = ranked_stacks(s, by)
+        count = len(ranked)  # what --top and --min-size leave of the total
+        first = window(ctx.cursor, rows, count)
+        shown = ranked[first : first + rows]
+        where = f"{first + 1}-{first + len(shown)}" if first else f"{len(shown)}"
+        detail = f"{where} of {total} by {order} bytes"
         if order == SORT_RETAINED:
             detail += " (estimates)"
         elif by == SORT_RETAINED:
@@ -167,7 +201,9 @@ def stacks_pane(by: str = SORT_LIVE) -> Pane:
             detail += "  ~ truncated"
         out: list[RenderableType] = [title_line("STACKS", detail, width)]
         if shown:
-            out.append(_stack_rows(shown, width, s.interval_s, order, retained))
+            interval = status.interval_label(s, ctx.every_s) if s.interval_s > 0 else ""
+            selected = None if ctx.cursor is None else min(ctx.cursor, count - 1) - first
+            out.append(_stack_rows(shown, width, interval, order, retained, selected))
         return out
 
     return Pane("stacks", lambda s: len(s.stacks), build)
@@ -195,7 +231,7 @@ def _thread_rows(threads: Sequence[ThreadStats], width: int) -> Table:
     return fit_table(cols, width, styles)
 
 
-def _build_threads(s: Snapshot, width: int, rows: int) -> list[RenderableType]:
+def _build_threads(s: Snapshot, width: int, rows: int, ctx: Context) -> list[RenderableType]:
     total = len(s.threads)
     if not total:
         return [title_line("THREADS", "none seen allocating yet", width)]
@@ -257,7 +293,7 @@ def _arena_rows(s: Snapshot, arenas: Sequence[ArenaStats], width: int) -> Table:
     return fit_table(cols, width, ["" if a.reliable else "dim" for a in arenas])
 
 
-def _build_arenas(s: Snapshot, width: int, rows: int) -> list[RenderableType]:
+def _build_arenas(s: Snapshot, width: int, rows: int, ctx: Context) -> list[RenderableType]:
     if _arena_count(s) is None:
         return [title_line("ARENAS", _NO_ARENAS, width)]
     total = len(s.arenas)
@@ -309,7 +345,7 @@ def _region_count(s: Snapshot) -> Optional[int]:
     return len(s.regions) if s.os is not None or s.regions else None
 
 
-def _build_regions(s: Snapshot, width: int, rows: int) -> list[RenderableType]:
+def _build_regions(s: Snapshot, width: int, rows: int, ctx: Context) -> list[RenderableType]:
     if _region_count(s) is None:
         return [title_line("REGIONS", "no address-space data", width)]
     total = len(s.regions)
@@ -377,3 +413,61 @@ class Layout:
             [n for _, n in chosen], [slot.weight for slot, _ in chosen], lines - 2 * len(chosen)
         )
         return [(slot.pane, r) for (slot, _), r in zip(chosen, rows)]
+
+
+# ---------------------------------------------------------------- command output
+
+
+def output_lines(output, width: int, lines: int) -> list[RenderableType]:
+    """A launched command's latest lines under a title saying where all of
+    them are kept; exactly `lines` lines (blank ones while it is quiet)."""
+    if lines <= 0:
+        return []
+    shown = output.tail(lines - 1)
+    detail = f"last {len(shown)} of {output.line_count} lines, all in {output.log_path}" if shown else "nothing yet"
+    out: list[RenderableType] = [title_line(f"OUTPUT of {output.command}", detail, width)]
+    for line in shown:
+        text = Text(line, no_wrap=True, overflow="ellipsis")
+        text.truncate(width, overflow="ellipsis")
+        out.append(text)
+    out.extend(Text() for _ in range(lines - 1 - len(shown)))
+    return out
+
+
+# ---------------------------------------------------------------- one stack
+
+
+def stack_lines(s: Snapshot, frames: Sequence[str], rank: Optional[int], width: int, lines: int,
+                offset: int = 0) -> list[RenderableType]:
+    """One stack whole: what it holds, then every frame (innermost first)
+    from `offset` on, in `lines` lines at most."""
+    stack = next((st for st in s.stacks if tuple(st.frames) == tuple(frames)), None)
+    if stack is None:
+        return [title_line("STACK", "no longer in the snapshot (its blocks were freed)", width)]
+    c = stack.counters
+    numbers = [f"live {fmt_bytes(c.live_bytes)} in {fmt_counted(c.live_count, 'block')}"]
+    if stack.retained_bytes:
+        numbers.append(f"retained ~{fmt_bytes(stack.retained_bytes)}")
+    numbers.append(f"allocated {fmt_bytes(c.alloc_bytes)} in {fmt_counted(c.alloc_count, 'call')}")
+    names = status.thread_names(s)
+    numbers.append("threads " + fit_list(status.name_list(stack.tids, names), 40))
+    name = f"STACK #{rank + 1}" if rank is not None else "STACK"
+    out: list[RenderableType] = [title_line(name, "  ".join(numbers), width)]
+    total = len(stack.frames)
+    room = max(0, lines - 2)
+    offset = max(0, min(offset, total - room)) if total > room else 0
+    shown = stack.frames[offset : offset + room]
+    more = "  ~ outer frames probably missing" if stack.truncated else ""
+    where = f"{offset + 1}-{offset + len(shown)} of {total}" if len(shown) < total else f"all {total}"
+    out.append(title_line("", f"frames, innermost first: {where}{more}", width))
+    digits = len(str(total))
+    for i, frame in enumerate(shown, start=offset):
+        # The frame as the collector wrote it, offset and module included.
+        code, bracket, module = frame.rpartition(" [")
+        text = Text(f"{i + 1:>{digits}}  ", style="dim")
+        text.append(code if bracket else frame, style="bold")
+        if bracket:
+            text.append(f" [{module}", style="dim")
+        text.truncate(width, overflow="ellipsis")
+        out.append(text)
+    return out

@@ -16,8 +16,10 @@ from typing import Callable, Optional, Sequence
 
 from memtrace.model import ArenaStats, RegionStats, Snapshot, StackStats, ThreadStats
 from memtrace.view.fmt import (
+    NO_RATE,
     fmt_bytes,
     fmt_count,
+    fmt_counted,
     fmt_count_rate,
     fmt_duration,
     fmt_rate,
@@ -99,12 +101,17 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def target_state(s: Snapshot) -> tuple[str, str]:
-    """('running', GOOD) or ('exited with status 1', BAD) and the like.
+def target_state(s: Snapshot, replay: bool = False) -> tuple[str, str]:
+    """('running', GOOD) or ('exited with status 1', BAD) and the like;
+    in a replay 'replay' for 'running', and 'replay: ' before the rest.
     A negative status is a signal, as subprocess reports it."""
     if s.target_alive:
-        return "running", GOOD
-    status = s.exit_status
+        return ("replay", TITLE) if replay else ("running", GOOD)
+    state, tone = _ended(s.exit_status)
+    return (f"replay: {state}", tone) if replay else (state, tone)
+
+
+def _ended(status: Optional[int]) -> tuple[str, str]:
     if status is None:
         return "exited (status unknown)", WARN
     if status < 0:
@@ -130,8 +137,8 @@ def estimated(s: Snapshot, n: int) -> str:
     return ("~" if is_estimate(s) else "") + fmt_bytes(n)
 
 
-def _identity(s: Snapshot) -> list[Field]:
-    state, tone = target_state(s)
+def _identity(s: Snapshot, every_s: Optional[float] = None, replay: bool = False) -> list[Field]:
+    state, tone = target_state(s, replay)
     fields = [Field("", "memtrace", TITLE)]
     if s.light:
         # Next to the name: every '~' figure on screen depends on it.
@@ -141,8 +148,9 @@ def _identity(s: Snapshot) -> list[Field]:
         Field("", state, tone),
         Field("up", fmt_duration(s.elapsed_s)),
     ]
-    if s.interval_s > 0:
-        fields.append(Field("every", fmt_duration(s.interval_s)))
+    if every_s or s.interval_s > 0:
+        # The interval asked for: the measured one wobbles by milliseconds.
+        fields.append(Field("every", fmt_duration(every_s or s.interval_s)))
     return fields
 
 
@@ -259,7 +267,7 @@ def _memory(s: Snapshot) -> list[Field]:
     # without malloc probes (light mode) there are no blocks to count.
     if s.gap is None and not s.light:
         fields.append(Field("heap live", fmt_bytes(c.live_bytes), TITLE))
-        fields.append(Field("in", f"{fmt_count(c.live_count)} blocks"))
+        fields.append(Field("in", fmt_counted(c.live_count, "block")))
     elif not s.light:
         fields.append(Field("live blocks", fmt_count(c.live_count)))
     fields.append(Field("RSS", fmt_bytes(p.rss_bytes)))
@@ -285,6 +293,34 @@ def _address_space(s: Snapshot) -> list[Field]:
     ]
 
 
+def trim_calls_text(calls: int, released: int) -> str:
+    """'1 call, which released memory', '3 calls, 1 of which released memory'."""
+    if calls == 1:
+        return "1 call, which released memory" if released else "1 call, which released nothing"
+    if not released:
+        return f"{fmt_count(calls)} calls, none of which released memory"
+    if released >= calls:
+        return f"{fmt_count(calls)} calls, each of which released memory"
+    return f"{fmt_count(calls)} calls, {fmt_count(released)} of which released memory"
+
+
+def first_interval(s: Snapshot) -> bool:
+    """The first snapshot: its interval runs from the start, and there is no
+    earlier reading to take rates from."""
+    return s.interval_s >= s.elapsed_s
+
+
+def interval_label(s: Snapshot, every_s: Optional[float] = None) -> str:
+    """The last interval, said steadily: the interval asked for when the
+    measured one is close to it (it is late by a few milliseconds)."""
+    if every_s and abs(s.interval_s - every_s) <= every_s * _STEADY_SHARE:
+        return fmt_duration(every_s)
+    return fmt_duration(s.interval_s)
+
+
+_STEADY_SHARE = 0.2
+
+
 def trim_text(s: Snapshot) -> Optional[str]:
     """'3 (1 released) returned 40.0 MiB'; None when malloc_trim was not called."""
     h = s.heap
@@ -303,7 +339,8 @@ def _totals(s: Snapshot) -> list[Field]:
     fields = []
     if not s.light:  # without malloc probes there is no traffic to count
         fields += [
-            Field("since start: allocated", f"{fmt_bytes(c.alloc_bytes)} ({fmt_si(c.alloc_count)} calls)"),
+            Field("since start: allocated",
+                  f"{fmt_bytes(c.alloc_bytes)} ({fmt_si(c.alloc_count)} {'call' if c.alloc_count == 1 else 'calls'})"),
             Field("freed", f"{fmt_bytes(c.free_bytes)} ({fmt_si(c.free_count)})"),
         ]
     if h.untracked_free_count:
@@ -315,15 +352,18 @@ def _totals(s: Snapshot) -> list[Field]:
     return fields
 
 
-def _rates(s: Snapshot) -> list[Field]:
+def _rates(s: Snapshot, every_s: Optional[float] = None) -> list[Field]:
     if s.light:
         return []
     r = s.rates
-    over = f"last {fmt_duration(s.interval_s)}:" if s.interval_s > 0 else "rates:"
-    fields = [
-        Field(f"{over} malloc", f"{fmt_rate(r.alloc_bytes_per_s)} {fmt_count_rate(r.alloc_count_per_s)}"),
-        Field("free", f"{fmt_rate(r.free_bytes_per_s)} {fmt_count_rate(r.free_count_per_s)}"),
-    ]
+    if first_interval(s):
+        fields = [Field("rates: malloc", NO_RATE, DIM), Field("free", NO_RATE, DIM)]
+    else:
+        over = f"last {interval_label(s, every_s)}:" if s.interval_s > 0 else "rates:"
+        fields = [
+            Field(f"{over} malloc", f"{fmt_rate(r.alloc_bytes_per_s)} {fmt_count_rate(r.alloc_count_per_s)}"),
+            Field("free", f"{fmt_rate(r.free_bytes_per_s)} {fmt_count_rate(r.free_count_per_s)}"),
+        ]
     truncated = s.truncated_stack_count
     if truncated:
         fields.append(
@@ -372,23 +412,31 @@ def _notes(s: Snapshot) -> list[HeaderLine]:
 # The header in display order; each entry gives [] when its section is
 # absent. Ranks (in the entries) say what a short screen keeps: the gap and
 # who is traced, then drops and hints, then the allocator, memory, rates...
+_IDENTITY = _fields(0, _identity)
+_RATES = _fields(4, _rates)
 HEADER: list[Callable[[Snapshot], list[HeaderLine]]] = [
     _gap,
-    _fields(0, _identity),
+    _IDENTITY,
     _drops,
     _fields(2, _allocator, _allocator_compact),
     _hints,
     _memory_line,
     _fields(5, _address_space),
     _fields(6, _totals),
-    _fields(4, _rates),
+    _RATES,
     _notes,
 ]
 
 
-def header(s: Snapshot) -> list[HeaderLine]:
-    """Every header line that has something to say, in display order."""
-    return [line for part in HEADER for line in part(s)]
+def header(s: Snapshot, every_s: Optional[float] = None, replay: bool = False) -> list[HeaderLine]:
+    """Every header line that has something to say, in display order.
+    `every_s` is the interval asked for, `replay` says the snapshot is
+    played back from a recording."""
+    extras = {
+        _IDENTITY: _fields(0, lambda snap: _identity(snap, every_s, replay)),
+        _RATES: _fields(4, lambda snap: _rates(snap, every_s)),
+    }
+    return [line for part in HEADER for line in extras.get(part, part)(s)]
 
 
 def header_lines(s: Snapshot) -> list[tuple[int, list[Field]]]:

@@ -22,6 +22,7 @@ from memtrace.view.fmt import (
     fit_list,
     fmt_bytes,
     fmt_count,
+    fmt_counted,
     fmt_duration,
     fmt_si,
     fmt_signed_bytes,

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 from memtrace.model import Snapshot
 
@@ -35,6 +35,30 @@ class Keys(Protocol):
     def fileno(self) -> int: ...
 
     def read_keys(self) -> list[str]: ...
+
+
+class EarlySignals:
+    """Before the session's loop runs (while the probes compile, load and
+    attach, which can take seconds on a loaded host): SIGINT, SIGTERM and
+    SIGHUP are kept, not acted on, and the session takes them as its first
+    signals. A Ctrl-C then still ends the trace the one way (a snapshot,
+    the summary or the JSON); a second Ctrl-C gives up at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self) -> "EarlySignals":
+        self.received: list[int] = []
+        self._previous = {sig: signal.signal(sig, self._keep) for sig in self.SIGNALS}
+        return self
+
+    def _keep(self, signum, frame) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -63,6 +87,7 @@ class Session:
         output=None,
         on_output: Optional[Callable[[], None]] = None,
         on_quit: Optional[Callable[[], None]] = None,
+        early_signals: Sequence[int] = (),
     ) -> None:
         self.pid = pid
         self.snapshot = snapshot
@@ -81,6 +106,7 @@ class Session:
         self.output = output  # a launched command's pty (CommandOutput)
         self.on_output = on_output  # called after its output was read
         self.on_quit = on_quit  # called at once when the trace is to end
+        self._early = early_signals  # received before the loop ran (EarlySignals)
         self._signals: list[int] = []
 
     # ------------------------------------------------------------ signals
@@ -108,6 +134,10 @@ class Session:
 
     def run(self) -> Outcome:
         wake_r, wake_w, previous = self._install()
+        if self._early:
+            # Handled first, and at once: no waiting out an interval.
+            self._signals[:0] = self._early
+            os.write(wake_w, b"\0")
         pidfd = None
         if self.launched is None:
             try:

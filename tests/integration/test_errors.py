@@ -361,3 +361,26 @@ def test_a_reader_that_stops_early_is_not_an_error(memtrace_cmd):
     finally:
         os.close(write_end)
     assert done.returncode == 0 and "internal error" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_attaching_still_ends_with_the_json(sig, idle_target, memtrace_cmd):
+    """Ctrl-C or a SIGTERM before the probes are in (bcc takes seconds to
+    compile on a loaded host) ends the trace the one way: probes removed,
+    the JSON written, exit 0; the target runs on."""
+    import json
+
+    tracer = subprocess.Popen([*memtrace_cmd, "--json", "-v", "-p", str(idle_target.pid)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in tracer.stderr:  # -v names each start-up step
+        said.append(line)
+        if "compiling" in line:
+            break
+    tracer.send_signal(sig)  # while bcc compiles: seconds before the probes are in
+    out, err = tracer.communicate(timeout=120)
+    err = "".join(said) + err
+    assert tracer.returncode == 0, err
+    assert "probes attached" in err, "the signal came after the attach: the test did not test it"
+    assert json.loads(out)["pid"] == idle_target.pid
+    assert_untouched(idle_target)

@@ -323,8 +323,17 @@ def _target_gone(pid: int, launched) -> bool:
     return process_ended(pid)
 
 
-def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, started: float,
-           keys_allowed: bool = True, allocator=None, hold: bool = False) -> int:
+def _trace(*args, **kwargs) -> int:
+    from memtrace.session import EarlySignals
+
+    # From here a signal ends the trace through the session, however long
+    # the probes take to load.
+    with EarlySignals() as early:
+        return _trace_early(*args, early=early, **kwargs)
+
+
+def _trace_early(args, pid: int, comm: str, libc: str, libc_shown: str, launched, started: float,
+                 keys_allowed: bool = True, allocator=None, hold: bool = False, early=None) -> int:
     from memtrace.collect.collector import Collector
     from memtrace.collect.probes import Limits, Probes, redirect_fd2, resolve_sites
     from memtrace.session import Session, wait_for_command
@@ -344,7 +353,7 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
     bcc_said = tempfile.TemporaryFile()
     from memtrace.view.progress import StartupProgress
 
-    progress = StartupProgress(view_is_live(args) and sys.stderr.isatty())
+    progress = StartupProgress(view_is_live(args) and sys.stderr.isatty(), verbose=args.verbose)
     try:
         kind = allocator.kind if allocator is not None else "glibc"
         prefix = allocator.prefix if allocator is not None else ""
@@ -442,6 +451,7 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
             # The last frame says why it no longer moves: removing the
             # probes takes a second or two.
             on_quit=(lambda: view.set_context(banner=DETACHING)) if view is not None else None,
+            early_signals=early.received if early is not None else (),
         )
         outcome = session.run()
         if hold and keys is not None and view is not None and outcome.reason == "target-exit":

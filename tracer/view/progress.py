@@ -1,7 +1,7 @@
 """What memtrace is doing before the first snapshot (compiling, attaching,
 reading the allocator): a spinner and the current step on the terminal,
-instead of seconds of blank screen. Nothing at all without a terminal, so
-batch and JSON runs keep stderr clean."""
+instead of seconds of blank screen. Without a terminal nothing, so batch
+and JSON runs keep stderr clean, unless -v asks: then one line a step."""
 
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ class StartupProgress:
     """`step(text)` names the step under way; `done()` clears the line
     (before the live view takes the screen). Safe to call when disabled."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, verbose: bool = False) -> None:
         self._status = None
+        self._lines = verbose and not enabled
         if enabled:
             from rich.console import Console
 
             self._status = Console(stderr=True).status("", spinner="dots")
 
     def step(self, text: str) -> None:
+        if self._lines:
+            import sys
+
+            print(f"memtrace: {text}", file=sys.stderr, flush=True)
         if self._status is None:
             return
         self._status.update(f"memtrace: {text}…")

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from memtrace.errors import MemtraceError
 from memtrace.model import Snapshot, StackStats
 from memtrace.record.timeline import TimePoint, gap_bytes
-from memtrace.reporters.select import Selection, StackPolicy, select_stacks, weight_of
+from memtrace.reporters.select import WEIGHTS, Selection, StackPolicy, select_stacks, weight_of
 from memtrace.view.fmt import UNNAMED_FUNCTION, split_frame
 
 if TYPE_CHECKING:
     from memtrace.reporters.diff import Baseline
 
 # --by: what a stack's weight is.
-BY_CHOICES = ("live", "retained", "allocated")
+BY_CHOICES = WEIGHTS
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import heapq
 import re
-from operator import itemgetter
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from typing import Iterable, Optional, Sequence
 
 from memtrace.model import Counters, Snapshot, StackStats
@@ -47,10 +47,6 @@ def configure(policy: StackPolicy) -> None:
     """The run's policy (set from --top and --min-size)."""
     global _policy
     _policy = policy
-
-
-def current() -> StackPolicy:
-    return _policy
 
 
 class Selection:

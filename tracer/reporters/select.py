@@ -49,6 +49,12 @@ def configure(policy: StackPolicy) -> None:
     _policy = policy
 
 
+def current() -> StackPolicy:
+    """The run's policy: for outputs made outside a report (the summary and
+    the JSON of a trace), whose ReportData the sinks build."""
+    return _policy
+
+
 class Selection:
     """The stacks shown, heaviest first, and what the others add up to
     (summed when asked: the live view never asks)."""

@@ -160,6 +160,11 @@ class TargetProbes(Probes):
             self.shared.watch_rss(self.pid)
             self.watching_rss = True
 
+    def set_jvm_interpreter(self, start: int, end: int) -> None:
+        """Not on a shared object: the walk reads one interpreter range for
+        every process, and another process's addresses could fall in this
+        one's. Interpreted Java frames stay unnamed here."""
+
     def open_events(self, handle) -> Optional[int]:
         self.shared.listen(self.pid, handle)
         return self.shared.events_fd

@@ -94,12 +94,21 @@ static __always_inline void count(u32 which)
         (*c)++;
 }
 
+#ifndef MAX_TRACED
+#define MAX_TRACED 1024
+#endif
+/* The thread groups traced, filled by the collector after the load: in a
+ * map, not compiled in, so that one compiled object (and the cache of it)
+ * serves any process, and one loaded object can serve several. */
+BPF_HASH(traced_tgids, u32, u32, MAX_TRACED);
+
 /* Uprobes attach per process, but a child forked by the target inherits
  * breakpoints until the kernel drops them, and tracepoints see every
  * process: the thread group decides. */
 static __always_inline int traced(u64 id)
 {
-    return (id >> 32) == TARGET_TGID;
+    u32 tgid = id >> 32;
+    return traced_tgids.lookup(&tgid) != 0;
 }
 
 static __always_inline u64 store_stack(struct stack_frames *frames, u64 hash)

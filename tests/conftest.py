@@ -181,9 +181,22 @@ def _multi_uprobes(pid: int) -> list[dict]:
                 offsets.append(int(line.split()[1], 16))  # cookie, offset, ref_ctr_offset
         kind = "uretprobe" if fields["link_type"].startswith("uret") else "uprobe"
         found += [{"fd_type": kind, "pid": pid, "prog_id": int(fields["prog_id"]),
-                   "filename": fields.get("path", ""), "offset": offset,
+                   "filename": _held_path(pid, fields.get("path", "")), "offset": offset,
                    "link_id": int(fields["link_id"])} for offset in offsets]
     return found
+
+
+def _held_path(pid: int, path: str) -> str:
+    """A link's fdinfo names its file by path ("... (deleted)" once
+    unlinked): the descriptor pid holds on that file, which reaches the very
+    inode, else the path."""
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                return f"/proc/{pid}/fd/{fd}"
+    except OSError:
+        pass
+    return path
 
 
 class Probes:

@@ -25,6 +25,21 @@ LAUNCH_GRACE_S = 3.0
 EVENT_POLL_S = 0.1
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def hold_stop_signals() -> None:
+    """From the attach until the session's handlers are in place, a Ctrl-C
+    or SIGTERM waits (a tracer seen attached may be told to stop at once):
+    the trace then ends as any other, with its final snapshot. Released by
+    Session.run, or release_stop_signals on a failed start."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def release_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 class Sink(Protocol):
     def update(self, snapshot: Snapshot) -> None: ...
 
@@ -88,6 +103,9 @@ class Session:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGWINCH, signal.SIGHUP):
             previous[sig] = signal.signal(sig, self._handler)
         previous["wakeup"] = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        # held since the probes went in (hold_stop_signals): one that came
+        # meanwhile reaches the handler now, and ends the trace as usual
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return wake_r, wake_w, previous
 
     @staticmethod

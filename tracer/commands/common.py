@@ -301,7 +301,8 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
            keys_allowed: bool = True, allocator=None) -> int:
     from memtrace.collect.collector import Collector
     from memtrace.collect.probes import Limits, Probes, redirect_fd2, resolve_sites
-    from memtrace.session import Session, wait_for_command
+    from memtrace.session import (Session, hold_stop_signals, release_stop_signals,
+                                  wait_for_command)
 
     interactive = sys.stdout.isatty() and not args.json and not args.json_stream
     metadata = {
@@ -326,6 +327,7 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
                         allocator_kind=kind, allocator_prefix=prefix)
         _import_in_background("memtrace.netlink", "memtrace.collect.collector")
         probes.load()
+        hold_stop_signals()
         with redirect_fd2(bcc_said.fileno()):
             probes.attach()
         collector = Collector(pid, comm, probes, light=args.light, attached=launched is None)
@@ -337,6 +339,7 @@ def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, star
     except BaseException as e:
         if probes is not None:
             probes.detach()
+        release_stop_signals()  # a Ctrl-C held meanwhile interrupts from here on
         gone = isinstance(e, Exception) and _target_gone(pid, launched)
         if launched is not None:
             launched.kill()  # it never ran a single instruction

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -35,18 +36,22 @@ def memtrace_exe() -> str:
     return str(beside) if beside.exists() else shutil.which("memtrace") or "memtrace"
 
 
-def wall_times(mode: list[str], runs: int, cold: bool, cache: Path) -> list[float]:
-    out = []
+def wall_times(mode: list[str], runs: int, cold: bool, cache: Path) -> tuple[list, list]:
+    """Wall and CPU (user + system, memtrace and its target) seconds of each run."""
+    walls, cpus = [], []
     for _ in range(runs):
         if cold:
             shutil.rmtree(cache, ignore_errors=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
         done = subprocess.run([memtrace_exe(), *mode, *COMMAND], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
-        out.append(time.monotonic() - start)
+        walls.append(time.monotonic() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         if done.returncode != 0:
             sys.exit(f"memtrace failed: {done.stderr.strip()}")
-    return out
+    return walls, cpus
 
 
 # Steps of one trace: (label, module, attribute path). Nested steps are
@@ -159,11 +164,14 @@ def main() -> None:
         for mode in ([], ["--light"]):
             name = "full" if not mode else "--light"
             wall_times(mode, 1, False, cache)  # warm-up: bytecode, and the cache unless --cold
-            walls = wall_times(mode, args.runs, args.cold, cache)
-            print(f"\n{name}: memtrace --json -- /bin/true, wall time median of {args.runs}: "
-                  f"{statistics.median(walls):.2f} s (min {min(walls):.2f}, max {max(walls):.2f})")
+            walls, cpus = wall_times(mode, args.runs, args.cold, cache)
+            print(f"\n{name}: memtrace --json -- /bin/true, median of {args.runs}: "
+                  f"wall {statistics.median(walls):.2f} s (min {min(walls):.2f}, max "
+                  f"{max(walls):.2f}), CPU {statistics.median(cpus):.2f} s; load average "
+                  f"{os.getloadavg()[0]:.1f}")
             steps = breakdown(mode, args.runs, args.cold, cache)
-            order = ["interpreter, first imports"] + [s[0] for s in STEPS] + ["other", "total (in process)"]
+            order = (["interpreter, first imports"] + [s[0] for s in STEPS]
+                     + ["other", "total (in process)"])
             for label in order:
                 if label in steps:
                     print(f"  {label:<40} {statistics.median(steps[label]):6.3f} s")

@@ -32,12 +32,11 @@ FORMAT = 1  # bumped whenever the file's layout or meaning changes
 DEFAULT_DIR = "/var/cache/memtrace"
 KEEP = 16
 
-SYS_BPF = 321  # x86_64
+SYS_BPF = {"x86_64": 321}.get(os.uname().machine)  # bpf(2); None: neither cache nor links
 BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_BTF_LOAD, BPF_LINK_CREATE = 0, 5, 18, 28
 BPF_TRACE_UPROBE_MULTI = 48  # attach type (Linux 6.6)
 BPF_F_UPROBE_MULTI_RETURN = 1
 BPF_MAP_TYPE_TASK_STORAGE = 29
-BPF_PROG_TYPE_KPROBE, BPF_PROG_TYPE_TRACEPOINT = 2, 5
 LD_IMM64 = 0x18
 PSEUDO_MAP_FD = 1
 INSN_BYTES = 8
@@ -91,6 +90,11 @@ class CompiledObject:
                    [MapSpec(**m) for m in doc["maps"]],
                    [ProgSpec(p["name"], bytes.fromhex(p["code"]), p["relocs"])
                     for p in doc["progs"]])
+
+
+def usable() -> bool:
+    """bpf(2) is called directly only where its number is known."""
+    return SYS_BPF is not None
 
 
 def cache_dir() -> Path:
@@ -407,27 +411,30 @@ def loaded_object(obj: CompiledObject, hold: tuple = (), preload: tuple = ()):
                     raise Exception(f"could not open bpf map: {spec.name}, error: {e.strerror}") \
                         from None
             autoload = [n for n in self._progs if n.startswith(b"tracepoint__") and n not in hold]
-            self.load_funcs_at_once([(n, BPF.TRACEPOINT, -1) for n in autoload] + list(preload))
+            self.load_funcs_at_once([(n, BPF.TRACEPOINT, -1) for n in autoload], list(preload))
             for name in autoload:
                 self.attach_tracepoint(tp=name[len(b"tracepoint__"):].replace(b"__", b":"),
                                        fn_name=name)
 
-        def load_funcs_at_once(self, wanted: list) -> None:
+        def load_funcs_at_once(self, wanted: list, optional: list) -> None:
             """Load (verify) these programs side by side: the verifier takes
             ~0.1 s for a program that walks the stack, and runs on every
-            CPU. Programs of the same code are verified once."""
+            CPU. Programs of the same code are verified once. One of
+            `optional` that fails is loaded again, and its failure told, by
+            the attach that needs it."""
             from concurrent.futures import ThreadPoolExecutor
 
             first = {}
-            for name, prog_type, attach_type in wanted:
+            for name, prog_type, attach_type in wanted + optional:
                 first.setdefault(self._identity(name, prog_type, attach_type),
                                  (name, prog_type, attach_type))
             with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-                for done in [pool.submit(self.load_func, name, prog_type, attach_type=attach)
-                             for name, prog_type, attach in first.values()]:
-                    done.result()
+                jobs = [pool.submit(self.load_func, name, prog_type, attach_type=attach)
+                        for name, prog_type, attach in first.values()]
+                for job in jobs:
+                    job.exception()
             for name, prog_type, attach in wanted:
-                self.load_func(name, prog_type, attach_type=attach)
+                self.load_func(name, prog_type, attach_type=attach)  # raises what failed
 
         def _identity(self, name, prog_type, attach_type):
             spec = self._progs.get(name)

@@ -352,6 +352,9 @@ class Probes:
 
         from memtrace.collect import bpfcache
 
+        if not bpfcache.usable():
+            self.object_note = f"compiled (no cache on {os.uname().machine})"
+            return BPF(text=text, cflags=cflags)
         key = bpfcache.cache_key(text, cflags)
         cached, why = bpfcache.read_cached(key)
         if cached is not None:
@@ -432,23 +435,28 @@ class Probes:
 
         from memtrace.collect import bpfcache
 
+        if not bpfcache.usable():
+            self.attach_note = ("a perf event per uprobe (no uprobe_multi link on "
+                                f"{os.uname().machine})")
+            return False
         groups = self._link_groups()
         for (program, returns), sites in groups.items():
             offsets = [self._file_offset(site, 0 if returns else site.offset) for site in sites]
-            fn = self._bpf.load_func(program.encode(), BPF.KPROBE,
-                                     attach_type=bpfcache.BPF_TRACE_UPROBE_MULTI)
             try:
+                fn = self._bpf.load_func(program.encode(), BPF.KPROBE,
+                                         attach_type=bpfcache.BPF_TRACE_UPROBE_MULTI)
                 self._links.append(bpfcache.attach_uprobe_multi(
                     fn.fd, self.libc_path, offsets, self.pid, returns))
-            except OSError as e:
+            except Exception as e:  # bcc raises bare Exceptions; bpf(2) OSErrors
+                reason = e.strerror if isinstance(e, OSError) else str(e)
                 if self._links:
                     raise MemtraceError(
                         f"cannot attach uprobes to {', '.join(s.symbol for s in sites)} in "
-                        f"{self.libc_path} ({e.strerror}): check that the process still runs"
+                        f"{self.libc_path} ({reason}): check that the process still runs"
                     ) from None
                 # None made: this kernel has no uprobe_multi links
                 bpfcache.forget_programs(self._bpf, [p.encode() for p, _ in groups])
-                self.attach_note = f"a perf event per uprobe (no uprobe_multi link: {e.strerror})"
+                self.attach_note = f"a perf event per uprobe (no uprobe_multi link: {reason})"
                 return False
         self.attached = [s.symbol for s in self.sites]
         self.attach_note = f"{len(self._links)} uprobe_multi links"
@@ -740,7 +748,9 @@ def _detach_at_once(bpf, links: list[int]) -> None:
             + [(bpf.detach_tracepoint, k) for k in list(bpf.tracepoint_fds)])
     if not jobs:
         return
-    with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as pool:
+    # The kernel removes tracepoints one at a time: a few threads overlap
+    # what overlaps, where a thread each cost more to start than they save.
+    with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
         for future in [pool.submit(detach, key) for detach, key in jobs]:
             future.exception()  # waited for; a failure is retried by cleanup()
 

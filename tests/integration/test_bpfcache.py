@@ -26,7 +26,9 @@ def trace(run_memtrace, cache: Path) -> str:
 
 
 def cached_files(cache: Path) -> list[Path]:
-    return sorted(cache.glob("*.json"))
+    """The compiled objects (named by their hex key; the probe sites'
+    files are sites-KEY.json)."""
+    return sorted(cache.glob("[0-9a-f]*.json"))
 
 
 def test_the_second_trace_loads_the_cached_object(tmp_path, run_memtrace):
@@ -36,6 +38,8 @@ def test_the_second_trace_loads_the_cached_object(tmp_path, run_memtrace):
     st = cached.stat()
     assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) & 0o077 == 0, oct(st.st_mode)
     assert stat.S_IMODE(cache.stat().st_mode) & 0o077 == 0
+    (sites,) = cache.glob("sites-*.json")
+    assert stat.S_IMODE(sites.stat().st_mode) & 0o077 == 0
     second = trace(run_memtrace, cache)
     assert FROM_CACHE in second and COMPILED not in second, second
 

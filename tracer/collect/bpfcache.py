@@ -30,7 +30,7 @@ from typing import Optional
 
 FORMAT = 1  # bumped whenever the file's layout or meaning changes
 DEFAULT_DIR = "/var/cache/memtrace"
-KEEP = 16
+KEEP = 32
 
 SYS_BPF = {"x86_64": 321}.get(os.uname().machine)  # bpf(2); None: neither cache nor links
 BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_BTF_LOAD, BPF_LINK_CREATE = 0, 5, 18, 28
@@ -127,10 +127,11 @@ def _trusted(st: os.stat_result) -> Optional[str]:
     return None
 
 
-def read_cached(key: str) -> tuple[Optional[CompiledObject], str]:
-    """The object cached under key, or None and why not."""
+def read_trusted(name: str, what: str) -> tuple[Optional[bytes], str]:
+    """The bytes of the cache file `name`, or None and why not (`what` the
+    file holds, for that sentence)."""
     directory = cache_dir()
-    path = directory / f"{key}.json"
+    path = directory / name
     try:
         why = _trusted(os.stat(directory))
     except OSError as e:
@@ -140,31 +141,25 @@ def read_cached(key: str) -> tuple[Optional[CompiledObject], str]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        return None, f"no cached object yet ({path}: {e.strerror})"
+        return None, f"no cached {what} yet ({path}: {e.strerror})"
     try:
         st = os.fstat(fd)
         why = _trusted(st) or (None if stat.S_ISREG(st.st_mode) else "not a regular file")
         if why:
             return None, f"cache file {path} refused: {why}"
         with os.fdopen(os.dup(fd), "rb") as f:
-            text = f.read()
+            data = f.read()
         with contextlib.suppress(OSError):
             os.utime(fd)  # used last: _prune keeps it
     finally:
         os.close(fd)
-    try:
-        obj = CompiledObject.from_json(text.decode())
-    except (ValueError, KeyError, TypeError) as e:
-        return None, f"cache file {path} unreadable ({e})"
-    if obj.key != key:
-        return None, f"cache file {path} holds another key"
-    return obj, f"BPF object from the cache ({path})"
+    return data, str(path)
 
 
-def write_cached(obj: CompiledObject) -> str:
-    """Store obj (never over a file we would refuse to read); says where
-    or why not. A cache that cannot be written only costs the next run a
-    compile."""
+def write_trusted(name: str, text: str) -> str:
+    """Store text as the cache file `name` (never over a file we would
+    refuse to read); says where or why not. A cache that cannot be written
+    only costs the next run the work again."""
     directory = cache_dir()
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -174,20 +169,39 @@ def write_cached(obj: CompiledObject) -> str:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".new-", suffix=".json")
         try:
             with os.fdopen(fd, "w") as f:
-                f.write(obj.to_json())
-            os.replace(tmp, directory / f"{obj.key}.json")  # mkstemp made it 0600
+                f.write(text)
+            os.replace(tmp, directory / name)  # mkstemp made it 0600
         except BaseException:
             os.unlink(tmp)
             raise
         _prune(directory)
     except OSError as e:
         return f"not cached: {directory}: {e.strerror}"
-    return f"compiled, and cached in {directory}"
+    return f"cached in {directory}"
+
+
+def read_cached(key: str) -> tuple[Optional[CompiledObject], str]:
+    """The object cached under key, or None and why not."""
+    data, where = read_trusted(f"{key}.json", "object")
+    if data is None:
+        return None, where
+    try:
+        obj = CompiledObject.from_json(data.decode())
+    except (ValueError, KeyError, TypeError) as e:
+        return None, f"cache file {where} unreadable ({e})"
+    if obj.key != key:
+        return None, f"cache file {where} holds another key"
+    return obj, f"BPF object from the cache ({where})"
+
+
+def write_cached(obj: CompiledObject) -> str:
+    said = write_trusted(f"{obj.key}.json", obj.to_json())
+    return f"compiled, and {said}" if said.startswith("cached") else said
 
 
 def _prune(directory: Path) -> None:
-    """Keep the KEEP objects used last: each new source, option or kernel
-    adds one (~0.1 MB)."""
+    """Keep the KEEP files used last: each new source, option or kernel
+    adds an object (~0.1 MB), each allocator file its probe sites."""
     entries = []
     for path in directory.glob("*.json"):
         try:

@@ -218,7 +218,51 @@ def _relays(path: str, addr: int, probed: set[int]) -> bool:
 
 def resolve_sites(libc_path: str, kind: str = "glibc", prefix: str = "") -> list[ProbeSite]:
     """One site per distinct address of the allocator's entry points:
-    aliases are probed once."""
+    aliases are probed once. Kept in the cache (bpfcache) per allocator
+    file and per version of the code that chooses: the choice disassembles
+    every entry point (~0.1 s)."""
+    import dataclasses
+    import json
+
+    from memtrace.collect import bpfcache
+
+    key = _sites_key(libc_path, kind, prefix) if bpfcache.usable() else None
+    if key is not None:
+        data, _ = bpfcache.read_trusted(f"sites-{key}.json", "probe sites")
+        try:
+            doc = json.loads(data) if data is not None else None
+            if doc is not None and doc["key"] == key:
+                return [ProbeSite(**{**s, "instructions": tuple(s["instructions"])})
+                        for s in doc["sites"]]
+        except (ValueError, TypeError, KeyError):
+            pass  # chosen again, and written anew
+    sites = _choose_sites(libc_path, kind, prefix)
+    if key is not None:
+        bpfcache.write_trusted(f"sites-{key}.json", json.dumps(
+            {"key": key, "sites": [dataclasses.asdict(s) for s in sites]}))
+    return sites
+
+
+def _sites_key(libc_path: str, kind: str, prefix: str) -> Optional[str]:
+    """The allocator file as it is now (its inode and times: a file
+    rewritten in place gets new ones) and the code that chooses its sites."""
+    import hashlib
+
+    from memtrace.collect import probesite
+
+    try:
+        st = os.stat(libc_path)
+        h = hashlib.sha256(repr((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                 st.st_ctime_ns, kind, prefix)).encode())
+        for module in (probesite.__file__, __file__):
+            with open(module, "rb") as f:
+                h.update(f.read())
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _choose_sites(libc_path: str, kind: str, prefix: str) -> list[ProbeSite]:
     from bcc import BPF
 
     hooks = hooks_for(kind, prefix)

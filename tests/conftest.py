@@ -157,6 +157,48 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _multi_uprobes(pid: int) -> list[dict]:
+    """The probes of the uprobe_multi links pid holds, from their fdinfo."""
+    found = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                text = f.read()
+        except OSError:
+            continue
+        if "link_type:\tuprobe_multi" not in text and "link_type:\turetprobe_multi" not in text:
+            continue
+        fields, offsets = {}, []
+        for line in text.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+            elif line.split() and line.split()[0].isdigit() and len(line.split()) == 3:
+                offsets.append(int(line.split()[1], 16))  # cookie, offset, ref_ctr_offset
+        kind = "uretprobe" if fields["link_type"].startswith("uret") else "uprobe"
+        found += [{"fd_type": kind, "pid": pid, "prog_id": int(fields["prog_id"]),
+                   "filename": _held_path(pid, fields.get("path", "")), "offset": offset,
+                   "link_id": int(fields["link_id"])} for offset in offsets]
+    return found
+
+
+def _held_path(pid: int, path: str) -> str:
+    """A link's fdinfo names its file by path ("... (deleted)" once
+    unlinked): the descriptor pid holds on that file, which reaches the very
+    inode, else the path."""
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                return f"/proc/{pid}/fd/{fd}"
+    except OSError:
+        pass
+    return path
+
+
 class Probes:
     """What the kernel shows as attached: bpftool and tracefs."""
 
@@ -170,13 +212,20 @@ class Probes:
         return json.loads(done.stdout or "[]")
 
     def perf(self, pids: Optional[Sequence[int]] = None) -> list[dict]:
-        """uprobe/uretprobe perf events with a BPF program (held by `pids`)."""
-        return [
+        """uprobes with a BPF program (held by `pids`): perf events, and one
+        entry per probe of a uprobe_multi link, in bpftool's perf fields.
+        bpftool 7.1 names no holder of a link: those held by `pids` come
+        from their fdinfo, and every link's program id without it."""
+        found = [
             e
             for e in self._bpftool("perf", "list")
             if e.get("fd_type") in ("uprobe", "uretprobe")
             and (pids is None or e.get("pid") in pids)
         ]
+        if pids is None:
+            return found + [{"fd_type": "uprobe_multi", "prog_id": link.get("prog_id")}
+                            for link in self.links() if link.get("type") in (12, "uprobe_multi")]
+        return found + [probe for pid in pids for probe in _multi_uprobes(pid)]
 
     @staticmethod
     def below(pid: int) -> list[int]:

@@ -1,5 +1,3 @@
-import sys
+from memtrace.commands import run
 
-from memtrace.commands import main
-
-sys.exit(main())
+run()

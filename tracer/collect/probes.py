@@ -11,7 +11,7 @@ import re
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from memtrace import procfs
 from memtrace.collect.bpfsource import bpf_dir, program_text
@@ -25,6 +25,9 @@ from memtrace.model import Counters, DropStats, Flow, HeapRow
  CNT_VM_LOST, CNT_VM_SENT) = range(7)
 
 LAYERS = ["jvm", "common", "vm", "heap"]  # jvm: the frame walk calls into it
+VM_SYSCALLS = ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise")  # --vm-probes kprobe
+# Attached only by watch_rss().
+RSS_PROGRAM = b"tracepoint__kmem__rss_stat"
 
 # bcc's compiler, in the shared libraries bcc is linked with.
 COMPILER_LIBRARIES = ("libLLVM", "libclang")
@@ -227,7 +230,51 @@ def _relays(path: str, addr: int, probed: set[int]) -> bool:
 
 def resolve_sites(libc_path: str, kind: str = "glibc", prefix: str = "") -> list[ProbeSite]:
     """One site per distinct address of the allocator's entry points:
-    aliases are probed once."""
+    aliases are probed once. Kept in the cache (bpfcache) per allocator
+    file and per version of the code that chooses: the choice disassembles
+    every entry point (~0.1 s)."""
+    import dataclasses
+    import json
+
+    from memtrace.collect import bpfcache
+
+    key = _sites_key(libc_path, kind, prefix) if bpfcache.usable() else None
+    if key is not None:
+        data, _ = bpfcache.read_trusted(f"sites-{key}.json", "probe sites")
+        try:
+            doc = json.loads(data) if data is not None else None
+            if doc is not None and doc["key"] == key:
+                return [ProbeSite(**{**s, "instructions": tuple(s["instructions"])})
+                        for s in doc["sites"]]
+        except (ValueError, TypeError, KeyError):
+            pass  # chosen again, and written anew
+    sites = _choose_sites(libc_path, kind, prefix)
+    if key is not None:
+        bpfcache.write_trusted(f"sites-{key}.json", json.dumps(
+            {"key": key, "sites": [dataclasses.asdict(s) for s in sites]}))
+    return sites
+
+
+def _sites_key(libc_path: str, kind: str, prefix: str) -> Optional[str]:
+    """The allocator file as it is now (its inode and times: a file
+    rewritten in place gets new ones) and the code that chooses its sites."""
+    import hashlib
+
+    from memtrace.collect import probesite
+
+    try:
+        st = os.stat(libc_path)
+        h = hashlib.sha256(repr((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                 st.st_ctime_ns, kind, prefix)).encode())
+        for module in (probesite.__file__, __file__):
+            with open(module, "rb") as f:
+                h.update(f.read())
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _choose_sites(libc_path: str, kind: str, prefix: str) -> list[ProbeSite]:
     from bcc import BPF
 
     hooks = hooks_for(kind, prefix)
@@ -293,6 +340,9 @@ class Probes:
         self._flow_generation = 0
         self._names: dict[int, str] = {}  # tid -> name caught at its first allocation
         self.watching_rss = False
+        self.object_note = ""  # where the BPF object came from (--verbose)
+        self.attach_note = ""  # how the uprobes are attached (--verbose)
+        self._links: list[int] = []  # uprobe_multi link fds
 
     def cflags(self) -> list[str]:
         flags = [
@@ -328,8 +378,6 @@ class Probes:
         return flags
 
     def load(self) -> None:
-        from bcc import BPF
-
         from memtrace.collect.bcccompat import pass_zero_ref_ctr_offset
 
         pass_zero_ref_ctr_offset()
@@ -338,19 +386,19 @@ class Probes:
         try:
             with _quiet_compile(said.fileno()):
                 try:
-                    self._bpf = BPF(text=text, cflags=self.cflags() + ["-DCALLS_IN_TASK_STORAGE"])
+                    self._bpf = self._compiled(text, self.cflags() + ["-DCALLS_IN_TASK_STORAGE"])
                     self.calls_in = "task storage"
                 except Exception:
                     # Before task storage was allowed in uprobe programs
                     # (Linux 5.19 era kernels): the hash map.
-                    self._bpf = BPF(text=text, cflags=self.cflags())
+                    self._bpf = self._compiled(text, self.cflags())
                     self.calls_in = "hash map"
-            # kmem:rss_stat waits for watch_rss(): bcc attached it with the rest.
-            self._bpf.detach_tracepoint(b"kmem:rss_stat")
-            _give_back_compiler_memory()
+            if b"kmem:rss_stat" in self._bpf.tracepoint_fds:
+                # it waits for watch_rss(): bcc attached it with the rest
+                self._bpf.detach_tracepoint(b"kmem:rss_stat")
         except Exception as e:  # bcc raises bare Exceptions on compile/load errors
             said.seek(0)
-            refused = refused_map(said.read(1 << 20).decode(errors="replace"))
+            refused = refused_map(said.read(1 << 20).decode(errors="replace") + str(e))
             if refused:
                 raise MemtraceError(refused) from None
             raise MemtraceError(
@@ -359,6 +407,55 @@ class Probes:
             ) from None
         finally:
             said.close()
+
+    def _compiled(self, text: str, cflags: list[str]):
+        """The BPF object for text and cflags: from the cache when it holds
+        one, else compiled by bcc and cached. self.object_note says which."""
+        from bcc import BPF
+
+        from memtrace.collect import bpfcache
+
+        if not bpfcache.usable():
+            self.object_note = f"compiled (no cache on {os.uname().machine})"
+            return BPF(text=text, cflags=cflags)
+        key = bpfcache.cache_key(text, cflags)
+        cached, why = bpfcache.read_cached(key)
+        if cached is not None:
+            try:
+                bpf = bpfcache.loaded_object(cached, hold=(RSS_PROGRAM,),
+                                             preload=self._programs_to_attach())
+                self.object_note = why
+                return bpf
+            except Exception as e:
+                if refused_map(str(e)):
+                    raise
+                why = f"{why} failed to load ({e})"  # compiled afresh below
+        bpf = BPF(text=text, cflags=cflags)
+        try:
+            note = bpfcache.write_cached(bpfcache.extract(bpf, key))
+        except bpfcache.Uncacheable as e:
+            note = f"compiled, not cached: {e}"
+        self.object_note = f"{note}; {why}"
+        _give_back_compiler_memory()
+        return bpf
+
+    def _programs_to_attach(self) -> tuple:
+        """(name, program type, attach type) of what attach() and
+        watch_rss() will load."""
+        from bcc import BPF
+
+        from memtrace.collect import bpfcache
+
+        hooks = {h.symbol: h for h in self.hooks}
+        names = [n for s in self.sites for n in (hooks[s.symbol].entry, hooks[s.symbol].ret) if n]
+        multi = bpfcache.BPF_TRACE_UPROBE_MULTI
+        wanted = [(n.encode(), BPF.KPROBE, multi) for n in dict.fromkeys(names)]
+        if self.vm_probes == "kprobe":
+            wanted += [(f"syscall__{c}".encode(), BPF.KPROBE, -1) for c in VM_SYSCALLS]
+            wanted.append((b"vm_syscall_return", BPF.KPROBE, -1))
+        if not self.light:
+            wanted.append((RSS_PROGRAM, BPF.TRACEPOINT, -1))
+        return tuple(wanted)
 
     def attach(self) -> None:
         """Every return probe before any entry probe. The target keeps
@@ -382,7 +479,67 @@ class Probes:
         set_traced(self._bpf, self.pid, True)
 
     def attach_uprobes(self) -> None:
-        """This process's uprobes, on its allocator's file."""
+        """This process's uprobes, on its allocator's file: one uprobe_multi
+        link per program where the kernel has them, else a perf event each."""
+        if not self._attach_links():
+            self._attach_perf_events()
+
+    def _link_groups(self) -> dict[tuple[str, bool], list[ProbeSite]]:
+        """(program, at return) -> its sites; return programs first."""
+        hooks = {h.symbol: h for h in self.hooks}
+        groups: dict[tuple[str, bool], list[ProbeSite]] = {}
+        for site in self.sites:
+            if hooks[site.symbol].ret:
+                groups.setdefault((hooks[site.symbol].ret, True), []).append(site)
+        for site in self.sites:
+            groups.setdefault((hooks[site.symbol].entry, False), []).append(site)
+        return groups
+
+    def _attach_links(self) -> bool:
+        """One uprobe_multi link per program (Linux 6.6): False, with
+        nothing attached, where the kernel has none."""
+        from bcc import BPF
+
+        from memtrace.collect import bpfcache
+
+        if not bpfcache.usable():
+            self.attach_note = ("a perf event per uprobe (no uprobe_multi link on "
+                                f"{os.uname().machine})")
+            return False
+        groups = self._link_groups()
+        for (program, returns), sites in groups.items():
+            offsets = [self._file_offset(site, 0 if returns else site.offset) for site in sites]
+            try:
+                fn = self._bpf.load_func(program.encode(), BPF.KPROBE,
+                                         attach_type=bpfcache.BPF_TRACE_UPROBE_MULTI)
+                self._links.append(bpfcache.attach_uprobe_multi(
+                    fn.fd, self.libc_path, offsets, self.pid, returns))
+            except Exception as e:  # bcc raises bare Exceptions; bpf(2) OSErrors
+                reason = e.strerror if isinstance(e, OSError) else str(e)
+                if self._links:
+                    raise MemtraceError(
+                        f"cannot attach uprobes to {', '.join(s.symbol for s in sites)} in "
+                        f"{self.libc_path} ({reason}): check that the process still runs"
+                    ) from None
+                # None made: this kernel has no uprobe_multi links
+                bpfcache.forget_programs(self._bpf, [p.encode() for p, _ in groups])
+                self.attach_note = f"a perf event per uprobe (no uprobe_multi link: {reason})"
+                return False
+        self.attached = [s.symbol for s in self.sites]
+        self.attach_note = f"{len(self._links)} uprobe_multi links"
+        return True
+
+    def _file_offset(self, site: ProbeSite, sym_off: int) -> int:
+        from bcc import BPF
+
+        try:
+            _, offset = BPF._check_path_symbol(self.libc_path.encode(), site.symbol.encode(), 0,
+                                               self.pid, sym_off)
+        except Exception as e:  # bcc raises bare Exceptions
+            raise MemtraceError(f"cannot find {site.symbol} in {self.libc_path} ({e})") from None
+        return offset
+
+    def _attach_perf_events(self) -> None:
         hooks = {h.symbol: h for h in self.hooks}
         lib = self.libc_path.encode()
         for site in self.sites:
@@ -414,7 +571,7 @@ class Probes:
         if self.watching_rss or self._bpf is None:
             return
         try:
-            self._bpf.attach_tracepoint(tp=b"kmem:rss_stat", fn_name=b"tracepoint__kmem__rss_stat")
+            self._bpf.attach_tracepoint(tp=b"kmem:rss_stat", fn_name=RSS_PROGRAM)
         except Exception as e:  # bcc raises bare Exceptions
             raise MemtraceError(f"cannot attach to the tracepoint kmem:rss_stat ({e}): "
                                 "check that tracefs is mounted") from None
@@ -430,7 +587,7 @@ class Probes:
             table[ctypes.c_int(0)] = table.Leaf(start, end)
 
     def _attach_vm_kprobes(self) -> None:
-        for call in ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise"):
+        for call in VM_SYSCALLS:
             event = self._bpf.get_syscall_fnname(call)
             try:
                 self._bpf.attach_kprobe(event=event, fn_name=f"syscall__{call}".encode())
@@ -448,7 +605,8 @@ class Probes:
         self._maps.clear()
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
-            _detach_at_once(bpf)
+            links, self._links = self._links, []
+            _detach_at_once(bpf, links)
             bpf.cleanup()  # whatever is left, and the maps and programs
             # bcc's exit hook holds the object: a long-lived agent drops many.
             atexit.unregister(bpf.cleanup)
@@ -721,23 +879,28 @@ def set_traced(bpf, pid: int, traced: bool) -> None:
 _CHUNK_ROWS = 16
 
 
-def _detach_at_once(bpf, uprobes: Optional[list] = None) -> None:
-    """Every probe's removal waits out a grace period in the kernel (~0.2 s
-    a uprobe, ~0.07 s a tracepoint: 4 s for all of ours one by one, most
-    of a short command's trace). Removed side by side, the waits overlap;
-    bcc's calls release the GIL. What fails here is left to cleanup().
+def _detach_at_once(bpf, links: Sequence[int] = (), uprobes: Optional[list] = None) -> None:
+    """Every probe's removal waits out a grace period in the kernel (~0.1 s
+    a uprobe as a perf event, ~0.04 s a tracepoint, and the kernel takes
+    them one at a time: 2 s for all of ours, most of a short command's
+    trace). A uprobe_multi link waits once for all its probes, and links
+    closed side by side overlap their waits; bcc's calls release the GIL.
+    What fails here is left to cleanup().
     uprobes: only these uprobe events (one process's, of a shared object)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    jobs = [(os.close, fd) for fd in links]
     if uprobes is not None:
-        jobs = [(bpf.detach_uprobe_event, k) for k in uprobes if k in bpf.uprobe_fds]
+        jobs += [(bpf.detach_uprobe_event, k) for k in uprobes if k in bpf.uprobe_fds]
     else:
-        jobs = ([(bpf.detach_uprobe_event, k) for k in list(bpf.uprobe_fds)]
-                + [(bpf.detach_kprobe_event, k) for k in list(bpf.kprobe_fds)]
-                + [(bpf.detach_tracepoint, k) for k in list(bpf.tracepoint_fds)])
+        jobs += ([(bpf.detach_uprobe_event, k) for k in list(bpf.uprobe_fds)]
+                 + [(bpf.detach_kprobe_event, k) for k in list(bpf.kprobe_fds)]
+                 + [(bpf.detach_tracepoint, k) for k in list(bpf.tracepoint_fds)])
     if not jobs:
         return
-    with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as pool:
+    # The kernel removes tracepoints one at a time: a few threads overlap
+    # what overlaps, where a thread each cost more to start than they save.
+    with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
         for future in [pool.submit(detach, key) for detach, key in jobs]:
             future.exception()  # waited for; a failure is retried by cleanup()
 

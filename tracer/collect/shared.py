@@ -187,7 +187,8 @@ class TargetProbes(Probes):
         if self._bpf is None:
             return
         bpf, self._bpf = self._bpf, None
-        _detach_at_once(bpf, self._uprobe_events)
+        links, self._links = self._links, []
+        _detach_at_once(bpf, links, self._uprobe_events)
         for event in self._uprobe_events:
             if event in bpf.uprobe_fds:
                 try:

@@ -108,6 +108,30 @@ def _trace_actions() -> list[argparse.Action]:
     return list(trace._actions)  # argparse lists its actions nowhere public
 
 
+def run() -> None:
+    """The memtrace command: main(), then an exit that skips the
+    interpreter's teardown of every module and object (~0.1 s of CPU, a
+    quarter second on a busy machine, after the work is done). Exit
+    handlers still run and the standard streams are flushed; every file and
+    probe of ours is closed by then (finally blocks)."""
+    import atexit
+
+    try:
+        code = main()
+    except SystemExit as e:  # argparse's --help and usage errors
+        code = e.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say there
+            code = code or 1
+    os._exit(code or 0)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     options, command_line = _split_command(argv)

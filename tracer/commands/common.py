@@ -309,6 +309,23 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
                 print(f"memtrace: the output of {output.command} is in {output.log_path}{where}", file=sys.stderr)
 
 
+def _import_in_background(*modules: str) -> None:
+    """Import what the trace needs later on a thread of its own, while this
+    one waits in the kernel for the BPF verifier: pyroute2 alone takes
+    ~0.1 s. The import system's locks make a later import wait for it."""
+    import importlib
+    import threading
+
+    def load() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 — the import where it is needed says why
+                pass
+
+    threading.Thread(target=load, name="memtrace-imports", daemon=True).start()
+
+
 def _first_line(captured) -> str:
     captured.seek(0)
     lines = captured.read(4096).decode(errors="replace").strip().splitlines()
@@ -366,6 +383,7 @@ def _trace_early(args, pid: int, comm: str, libc: str, libc_shown: str, launched
         probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes,
                         allocator_kind=kind, allocator_prefix=prefix)
         progress.step("compiling and loading the probes (a few seconds)")
+        _import_in_background("memtrace.netlink", "memtrace.collect.collector")
         probes.load()
         progress.step(f"attaching to pid {pid} ({comm})")
         with redirect_fd2(bcc_said.fileno()):
@@ -415,6 +433,8 @@ def _trace_early(args, pid: int, comm: str, libc: str, libc_shown: str, launched
 
         print(f"memtrace: attached to pid {pid} in {libc_shown} (calls in flight kept in "
               f"{probes.calls_in})", file=sys.stderr)
+        print(f"memtrace: {probes.object_note}; uprobes attached as {probes.attach_note}",
+              file=sys.stderr)
         for line in format_sites(probes.sites):
             print(f"memtrace:   {line}", file=sys.stderr)
         print(f"memtrace: probes attached {time.monotonic() - started:.2f} s after start",

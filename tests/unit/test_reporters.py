@@ -461,3 +461,41 @@ def test_html_folds_small_stacks_into_other():
     assert tree["v"] == total
     assert f"other ({3000 - len(kept) - 1} stacks)" in names  # stack 0 holds nothing: not drawn
     assert len(render_html(data_for(s))) < 5e6
+
+
+# ---------------------------------------------------------------- filters
+
+
+def test_filters_keep_the_stacks_asked_for(recording, snapshots):
+    from memtrace.reporters.select import StackPolicy, select_stacks
+
+    s = snapshots[-1]
+    some = next(st for st in s.stacks if st.tids)
+    tid = some.tids[0]
+    by_tid = select_stacks(s.stacks, policy=StackPolicy(tids=frozenset({tid}))).shown
+    assert by_tid and all(tid in st.tids for st in by_tid)
+    name = next(t.name for t in s.threads if t.tid == tid)
+    by_name = select_stacks(s.stacks, policy=StackPolicy(thread=f"^{name}$"), threads=s.threads).shown
+    assert {st.frames for st in by_tid} <= {st.frames for st in by_name}
+    module = some.frames[0].rsplit("[", 1)[1].rstrip("]")
+    by_module = select_stacks(s.stacks, policy=StackPolicy(module=module)).shown
+    assert by_module and all(any(f"[{module}" in f for f in st.frames) for st in by_module)
+    func = some.frames[0].split("+", 1)[0]
+    by_function = select_stacks(s.stacks, policy=StackPolicy(function=f"^{func}$")).shown
+    assert some.frames in {st.frames for st in by_function}
+    nothing = select_stacks(s.stacks, policy=StackPolicy(function="^no_such_function$"))
+    assert not nothing.shown and nothing.other_count == 0  # filtered out is not 'other'
+    doc = json.loads(report(recording, "--format", "json", "--function", f"^{func}$"))
+    assert doc["stack_filter"]["options"] == f"--function ^{func}$"
+    assert {tuple(st["frames"]) for st in doc["stacks"]} == {st.frames for st in by_function}
+    assert "stacks shown: only those that pass --function" in report(recording, "--function", func)
+
+
+def test_a_bad_filter_is_one_line(recording, capsys):
+    from memtrace.commands import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(recording), "--function", "(unclosed"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "invalid regular expression" in err

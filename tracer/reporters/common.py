@@ -114,7 +114,7 @@ def selected_stacks(data: ReportData, by: str, limit: Optional[int] = None,
     heaviest first (memtrace.reporters.select)."""
     check_by(data.snapshot, by)
     return select_stacks(data.snapshot.stacks, by, limit=limit, positive=True, policy=data.policy,
-                         min_share=min_share)
+                         min_share=min_share, threads=data.snapshot.threads)
 
 
 def frame_label(frame: str) -> str:

@@ -19,9 +19,10 @@ import heapq
 import re
 from dataclasses import dataclass, replace
 from operator import itemgetter
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
-from memtrace.model import Counters, Snapshot, StackStats
+from memtrace.model import Counters, Snapshot, StackStats, ThreadStats
+from memtrace.view.fmt import split_frame
 
 WEIGHTS = ("live", "retained", "allocated")
 _second = itemgetter(1)
@@ -30,14 +31,65 @@ _second = itemgetter(1)
 @dataclass(frozen=True)
 class StackPolicy:
     """The user's bounds: at most `top` stacks, none whose weight is below
-    `min_bytes`. None: no bound."""
+    `min_bytes`. None: no bound. And the filters: only stacks that one of
+    `tids`, or a thread whose name matches `thread`, allocated from; that
+    have a frame in a module whose file name contains `module`; that have a
+    frame whose function matches the regular expression `function`. A
+    stack the filters leave out is neither shown nor counted as 'other'."""
 
     top: Optional[int] = None
     min_bytes: Optional[int] = None
+    tids: frozenset[int] = frozenset()
+    thread: Optional[str] = None
+    module: Optional[str] = None
+    function: Optional[str] = None
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.tids) or any(x is not None for x in (self.thread, self.module, self.function))
 
     @property
     def bounded(self) -> bool:
-        return self.top is not None or self.min_bytes is not None
+        return self.top is not None or self.min_bytes is not None or self.filtered
+
+    def words(self) -> str:
+        """The filters as the command line gave them: '--module libz'."""
+        parts = [f"--tid {t}" for t in sorted(self.tids)]
+        parts += [f"--{name} {value}" for name, value in
+                  (("thread", self.thread), ("module", self.module), ("function", self.function))
+                  if value is not None]
+        return " ".join(parts)
+
+
+def stack_filter(policy: StackPolicy, threads: Sequence[ThreadStats] = ()) -> Optional[Callable[[StackStats], bool]]:
+    """Whether a stack passes the policy's filters; None: no filter."""
+    if not policy.filtered:
+        return None
+    tids = set(policy.tids)
+    if policy.thread is not None:
+        named = re.compile(policy.thread)
+        tids |= {t.tid for t in threads if named.search(t.name)}
+    by_thread = bool(policy.tids) or policy.thread is not None
+    function = re.compile(policy.function) if policy.function is not None else None
+
+    def frames_match(frames: Sequence[str]) -> bool:
+        if policy.module is None and function is None:
+            return True
+        for frame in frames:
+            func, module = split_frame(frame)
+            if policy.module is not None and policy.module not in (module or ""):
+                continue
+            if function is not None and not (func and function.search(func)):
+                continue
+            return True
+        return False
+
+    def keep(stack: StackStats) -> bool:
+        if by_thread and not tids.intersection(stack.tids):
+            return False
+        return frames_match(stack.frames)
+
+    return keep
 
 
 _policy = StackPolicy()
@@ -114,6 +166,7 @@ def select_stacks(
     positive: bool = False,
     policy: Optional[StackPolicy] = None,
     min_share: float = 0.0,
+    threads: Sequence[ThreadStats] = (),
 ) -> Selection:
     """The stacks to show by weight `by`, heaviest first.
 
@@ -123,12 +176,14 @@ def select_stacks(
     policy: the user's bounds; the run's (`configure`) by default.
     min_share: leave out stacks below this share of the total positive
       weight (the HTML page folds them into "other").
+    threads: the snapshot's, for the --thread filter's names.
     """
     policy = _policy if policy is None else policy
     if by not in WEIGHTS:
         raise ValueError(f"unknown weight {by!r}")
     weigh = _WEIGHTS[by]
-    pairs = [(s, weigh(s)) for s in stacks]
+    keep = stack_filter(policy, threads)
+    pairs = [(s, weigh(s)) for s in stacks if keep is None or keep(s)]
     if positive:
         pairs = [p for p in pairs if p[1] > 0]
     floor = policy.min_bytes
@@ -167,8 +222,11 @@ def snapshot_json(snapshot: Snapshot, by: str = "live", policy: Optional[StackPo
     policy = _policy if policy is None else policy
     if not policy.bounded:
         return snapshot.to_json()
-    chosen = select_stacks(snapshot.stacks, by, policy=policy)
+    chosen = select_stacks(snapshot.stacks, by, policy=policy, threads=snapshot.threads)
     doc = replace(snapshot, stacks=chosen.shown).to_json()
+    if policy.filtered:
+        doc["stack_filter"] = {"options": policy.words(),
+                               "stacks_matched": len(chosen.shown) + chosen.other_count}
     doc["truncated_stack_count"] = snapshot.truncated_stack_count
     doc["truncated"] = snapshot.truncated_shares()
     c = chosen.other_counters
@@ -216,14 +274,33 @@ def top_arg(text: str) -> int:
     return n
 
 
+def regex_arg(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {e}") from None
+    return text
+
+
 def add_policy_options(parser) -> None:
     parser.add_argument("--top", type=top_arg, metavar="N",
                         help="show at most N stacks, the heaviest (view, summary, JSON, reports);"
                         " the others are counted as 'other'")
     parser.add_argument("--min-size", type=size_arg, metavar="BYTES",
                         help="leave out stacks weighing less than BYTES (4096, 64K, 1M)")
+    parser.add_argument("--tid", type=int, action="append", metavar="TID",
+                        help="only stacks this thread allocated from (repeatable); a stack's"
+                        " figures are for all of its threads")
+    parser.add_argument("--thread", type=regex_arg, metavar="REGEX",
+                        help="only stacks that threads whose name matches allocated from")
+    parser.add_argument("--module", metavar="NAME",
+                        help="only stacks with a frame in a module whose file name contains NAME (libz)")
+    parser.add_argument("--function", type=regex_arg, metavar="REGEX",
+                        help="only stacks with a frame whose function matches (Inflater|inflate)")
 
 
 def policy_of(args: argparse.Namespace) -> StackPolicy:
-    return StackPolicy(getattr(args, "top", None), getattr(args, "min_size", None))
+    return StackPolicy(getattr(args, "top", None), getattr(args, "min_size", None),
+                       frozenset(getattr(args, "tid", None) or ()), getattr(args, "thread", None),
+                       getattr(args, "module", None), getattr(args, "function", None))
 

@@ -74,6 +74,8 @@ def _title(d: ReportData) -> list[str]:
                  "target still running (trace stopped)" if d.trace_end else "target running")
     if d.since is not None:
         lines.append(f"changes since {d.since.label}: heap, stacks and threads below are what changed")
+    if d.policy.filtered:
+        lines.append(f"stacks shown: only those that pass {d.policy.words()}")
     return lines
 
 

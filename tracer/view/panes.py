@@ -166,7 +166,7 @@ def stack_order(s: Snapshot, by: str) -> str:
 def ranked_stacks(s: Snapshot, by: str) -> list[StackStats]:
     """The stacks in the table's order: what its rows and the selection
     index. The run's --top and --min-size apply (memtrace.reporters.select)."""
-    return list(select_stacks(s.stacks, stack_order(s, by)).shown)
+    return list(select_stacks(s.stacks, stack_order(s, by), threads=s.threads).shown)
 
 
 def window(cursor: Optional[int], rows: int, total: int) -> int:

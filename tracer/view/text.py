@@ -187,7 +187,7 @@ class BatchView:
     def render_block(self, s: Snapshot) -> str:
         lines = [f"--- {time.strftime('%H:%M:%S')} " + "-" * 20]
         lines += _header(s)
-        stacks = select_stacks(s.stacks, limit=self.max_stacks).shown
+        stacks = select_stacks(s.stacks, limit=self.max_stacks, threads=s.threads).shown
         if s.light and not s.stacks:
             lines.append(f"STACKS none: {_NO_PROBES}")
         else:

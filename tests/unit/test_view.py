@@ -332,8 +332,8 @@ def test_unknown_mode():
 def test_gap_heads_a_wide_screen_with_its_bar():
     lines = screen(full_snapshot(), 200, 60)
     assert lines[0].startswith(
-        "anon RSS 7.0 GiB = heap live 512.0 MiB + allocator retained 3.1 GiB + other 3.4 GiB  █"
-    )
+        "anon RSS 7.0 GiB = heap live █ 512.0 MiB + allocator retained ▒ 3.1 GiB + other ░ 3.4 GiB  █"
+    )  # each part after its glyph in the bar: the bar's legend
     bar = lines[0].split("  ")[-1]
     assert 10 <= len(bar) <= 40 and set(bar) == set("█▒░")
     assert bar.index("▒") < bar.index("░")  # live, retained, other: the equation's order
@@ -371,7 +371,7 @@ def test_light_mode_marks_estimates():
     snap = full_snapshot(light=True)
     lines = screen(snap, 200, 60)
     text = "\n".join(lines)
-    assert lines[0].startswith("anon RSS 7.0 GiB = heap live ~700.0 MiB + allocator retained ~3.1 GiB + other")
+    assert lines[0].startswith("anon RSS 7.0 GiB = heap live █ ~700.0 MiB + allocator retained ▒ ~3.1 GiB + other")
     assert lines[1].startswith("memtrace  light mode  pid 4242")
     assert "since start" not in text and "malloc 0 B/s" not in text  # no probes, no traffic
     assert "malloc_trim 3 (1 released) returned 40.0 MiB" in text  # still probed

@@ -158,14 +158,28 @@ def _fitted(line: status.HeaderLine, width: int, styles: Sequence[str] = ()) -> 
 
 def _gap_lines(line: status.HeaderLine, s: Snapshot, width: int) -> list[Text]:
     """The equation, its parts coloured as in the bar that follows it when
-    there is room."""
+    there is room, each marked with its glyph in the bar: the legend."""
     styles = [""] + [f"bold {style}" for _, style in _BAR_PARTS]
-    texts = _fitted(line, width, styles)
-    room = width - texts[-1].cell_len - 2
-    if len(texts) == 1 and s.gap is not None and s.gap.rss_anon_bytes > 0 and room >= _MIN_BAR:
-        texts[0].append("  ")
-        texts[0].append_text(gap_bar(s.gap, min(room, _MAX_BAR)))
-    return texts
+    if s.gap is not None and s.gap.rss_anon_bytes > 0:
+        marked = _legend(line)
+        texts = _fitted(marked, width, styles)
+        room = width - texts[-1].cell_len - 2
+        if len(texts) == 1 and room >= _MIN_BAR:
+            texts[0].append("  ")
+            texts[0].append_text(gap_bar(s.gap, min(room, _MAX_BAR)))
+            return texts
+    return _fitted(line, width, styles)
+
+
+def _legend(line: status.HeaderLine) -> status.HeaderLine:
+    """The gap line with each part's value after its bar glyph (the first
+    field is the whole, anon RSS: no glyph)."""
+    def mark(fields: Sequence[status.Field]) -> tuple[status.Field, ...]:
+        return tuple(f if i == 0 or i > len(_BAR_PARTS) else
+                     dataclasses.replace(f, value=f"{_BAR_PARTS[i - 1][0]} {f.value}")
+                     for i, f in enumerate(fields))
+
+    return dataclasses.replace(line, fields=mark(line.fields), compact=mark(line.compact))
 
 
 def _badged(badge: str, style: str, body: str, body_style: str, width: int, wrap: bool) -> list[Text]:

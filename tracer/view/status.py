@@ -71,14 +71,15 @@ class HeaderLine:
         return self.sep.join(f.text for f in self.fields)
 
 
-# Each drop counter, what it lost, and the flag that fixes it (None until
-# the CLI has one: then the line says what was lost and stops there).
-_DROP_ADVICE: tuple[tuple[str, str, Optional[str], str], ...] = (
-    ("allocs_map_full", "allocations untracked", "raise --max-allocs", "allocs map full"),
-    ("stats_map_full", "allocations untracked", "raise --max-stats", "too many thread+stack pairs"),
-    ("pending_map_full", "calls untracked", None, "too many threads inside malloc at once"),
-    ("stack_lost", "stacks lost", "raise --stack-storage-size", "stack storage full"),
-    ("vm_events_lost", "address-space events lost", "raise --event-buffer", "ring buffer full"),
+# Each drop counter, what it lost (a noun, then what befell it), and the
+# flag that fixes it (None until the CLI has one: then the line says what
+# was lost and stops there).
+_DROP_ADVICE: tuple[tuple[str, str, str, Optional[str], str], ...] = (
+    ("allocs_map_full", "allocation", "untracked", "raise --max-allocs", "allocs map full"),
+    ("stats_map_full", "allocation", "untracked", "raise --max-stats", "too many thread+stack pairs"),
+    ("pending_map_full", "call", "untracked", None, "too many threads inside malloc at once"),
+    ("stack_lost", "stack", "lost", "raise --stack-storage-size", "stack storage full"),
+    ("vm_events_lost", "address-space event", "lost", "raise --event-buffer", "ring buffer full"),
 )
 
 
@@ -86,11 +87,11 @@ def drop_warnings(s: Snapshot) -> list[str]:
     """One line per non-zero drop counter, naming the flag that fixes it."""
     drops = s.heap.drops
     lines = []
-    for attr, what, fix, why in _DROP_ADVICE:
+    for attr, noun, fate, fix, why in _DROP_ADVICE:
         n = getattr(drops, attr, 0)
         if n:
             # The fix comes before the cause so a narrow screen still shows it.
-            lines.append(f"{fmt_count(n)} {what}: " + (f"{fix} ({why})" if fix else why))
+            lines.append(f"{fmt_counted(n, noun)} {fate}: " + (f"{fix} ({why})" if fix else why))
     return lines
 
 

@@ -165,11 +165,10 @@ static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 entry_sp,
     key->tid = tid;
     key->bucket = 0; /* known when the block's address is */
     if (hot) {
-        /* caller stays 0 unless the walk's read brought it: reading it
-         * alone cost ~150 ns a call, and alloc_return gets it for free. */
-        u64 caller;
-        key->stack = user_stack_at(ctx, entry_sp, &caller, &call->last_stack);
-        key->caller = caller;
+        /* Both come from the walk (walk_heap_stack), tail-called at the
+         * end of enter(). */
+        key->stack = 0;
+        key->caller = 0;
     } else {
         /* Rare calls: the kernel's walk, which the verifier checks in a
          * fraction of the time (each copy of the fast walk costs ~0.06 s
@@ -412,6 +411,43 @@ static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ar
     call->caller_follows = 0;
     make_key(ctx, tid, sp, call, hot);
     call->active = 1;
+    if (hot) {
+        u32 zero = 0;
+        struct walk_request *req = walk_requests.lookup(&zero);
+        if (req) {
+            req->entry_sp = sp;
+            req->continuing = 0;
+            walk_uprobe.call(ctx, WALK_HEAP);
+        }
+    }
+    return 0;
+}
+
+/* The walk of a hot call's stack, reached by tail call from enter() and
+ * from itself: the key's stack and caller (see walk_begin). */
+int walk_heap_stack(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct walk_request *req = walk_requests.lookup(&zero);
+    struct pending_call *call = open_call(bpf_get_current_pid_tgid());
+    if (!req || !call)
+        return 0;
+    struct frame_walk *w;
+    if (req->continuing) {
+        w = walk_state.lookup(&zero);
+    } else {
+        w = walk_begin(ctx, req->entry_sp, 1);
+        if (w)
+            call->key.caller = w->caller;
+    }
+    if (!w)
+        return 0;
+    if (!walk_steps(w)) {
+        req->continuing = 1;
+        walk_uprobe.call(ctx, WALK_HEAP);
+    }
+    req->continuing = 0;
+    call->key.stack = walk_end(w, &call->last_stack);
     return 0;
 }
 

@@ -134,6 +134,15 @@ class Symbolizer:
             self._provisional.clear()
             self.generation += 1
 
+    def code_modules(self) -> list[Module]:
+        """One executable mapping per file the process runs code from."""
+        return list(self._code_files)
+
+    def read_mapped(self, module: Module, read):
+        """read(path) of the very file a module maps (None if it cannot be
+        opened)."""
+        return self._read_mapped(module, read)
+
     def _read_mapped(self, module: Module, read):
         try:
             fd = open_mapped(self.pid, module.mapping)

@@ -98,6 +98,8 @@ class Collector:
         tracepoint on every page fault of every process, not paid for a
         program that never trims)."""
         self.symbols.refresh()
+        if self.probes.unwind is not None:
+            self.probes.unwind.add(self.symbols.code_modules(), self.symbols.read_mapped)
         if not self.probes.watching_rss and self.symbols.code_imports("malloc_trim"):
             self.probes.watch_rss()
 
@@ -109,6 +111,8 @@ class Collector:
         for event in self.watch.read():
             if event.kind != "exec":
                 continue
+            if self.probes.unwind is not None:
+                self.probes.unwind.reset()  # the old image's code is gone
             self._seed()
             self._arena_inputs, self._walked = [], {}  # the old image's arenas are gone
             self._check_allocator = True

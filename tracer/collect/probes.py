@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 from memtrace import procfs
 from memtrace.collect.bpfsource import bpf_dir, program_text
 from memtrace.collect.probesite import ProbeSite, choose_site
+from memtrace.collect.unwind import UnwindTables
 from memtrace.errors import MemtraceError
 from memtrace.model import Counters, DropStats, Flow, HeapRow
 
@@ -102,6 +103,9 @@ class Limits:
 
 # -DALLOCATOR_KIND: keep in step with ALLOCATOR_* in bpf/memtrace.h.
 ALLOCATOR_KINDS = {"glibc": 0, "jemalloc": 1, "tcmalloc": 2, "mimalloc": 3}
+
+# Slots of the walk programs: keep in step with enum walk_kind in bpf/common.bpf.c.
+WALK_HEAP, WALK_VM = 0, 1
 
 # kmem:rss_stat's members: keep in step with enum rss_member in bpf/memtrace.h.
 RSS_MEMBERS = ("file", "anon", "swap", "shmem")
@@ -266,6 +270,7 @@ class Probes:
         self.event_error: Optional[Exception] = None
         self.attached: list[str] = []
         self._bpf = None
+        self.unwind: Optional[UnwindTables] = None  # once loaded
         self._maps: dict = {}  # name -> mmap of a BPF_F_MMAPABLE array
         # row -> its bytes, its Flow, whether it is folded into _folded
         self._flow_cache: dict[int, tuple[bytes, Optional[Flow], bool]] = {}
@@ -328,6 +333,8 @@ class Probes:
                     self.calls_in = "hash map"
             # kmem:rss_stat waits for watch_rss(): bcc attached it with the rest.
             self._bpf.detach_tracepoint(b"kmem:rss_stat")
+            self._load_walks()
+            self.unwind = UnwindTables(self._bpf)
             _give_back_compiler_memory()
         except Exception as e:  # bcc raises bare Exceptions on compile/load errors
             said.seek(0)
@@ -340,6 +347,19 @@ class Probes:
             ) from None
         finally:
             said.close()
+
+    def _load_walks(self) -> None:
+        """The stack walk programs, into the slots the probes tail-call
+        (common.bpf.c, walk_uprobe and walk_tracepoint)."""
+        import ctypes
+
+        from bcc import BPF
+
+        heap = self._bpf.load_func("walk_heap_stack", BPF.KPROBE)
+        self._bpf["walk_uprobe"][ctypes.c_int(WALK_HEAP)] = ctypes.c_int(heap.fd)
+        kprobes = self.vm_probes == "kprobe"
+        vm = self._bpf.load_func("walk_vm_stack", BPF.KPROBE if kprobes else BPF.TRACEPOINT)
+        self._bpf["walk_uprobe" if kprobes else "walk_tracepoint"][ctypes.c_int(WALK_VM)] = ctypes.c_int(vm.fd)
 
     def attach(self) -> None:
         """Every return probe before any entry probe. The target keeps

@@ -20,6 +20,8 @@ SOURCE_DIR = Path(__file__).resolve().parent
 # shows the immediate caller survives without them.
 WITH_FP = ["-O1", "-g", "-fno-omit-frame-pointer", "-pthread"]
 WITHOUT_FP = ["-O1", "-g", "-fomit-frame-pointer", "-pthread"]
+# As distributions build: every frame found from .eh_frame alone.
+OPTIMIZED_WITHOUT_FP = ["-O2", "-g", "-fomit-frame-pointer", "-pthread"]
 
 # name -> (source, compiler, flags)
 PROGRAMS: dict[str, tuple[str, str, list[str]]] = {
@@ -33,6 +35,7 @@ PROGRAMS: dict[str, tuple[str, str, list[str]]] = {
     "heapstates": ("heapstates.c", "gcc", WITH_FP),
     "cppnew": ("cppnew.cc", "g++", WITH_FP),
     "churn": ("churn.c", "gcc", WITH_FP),
+    "unwind_chains": ("unwind_chains.c", "gcc", OPTIMIZED_WITHOUT_FP),
     # no libc.so at all: memtrace must refuse it
     "idle_static": ("idle.c", "gcc", ["-O1", "-g", "-static"]),
     # dynamically linked, but against musl (Debian package musl-tools)

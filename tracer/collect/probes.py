@@ -16,9 +16,10 @@ from typing import Iterator, Optional
 from memtrace import procfs
 from memtrace.collect.bpfsource import bpf_dir, program_text
 from memtrace.collect.probesite import ProbeSite, choose_site
-from memtrace.collect.unwind import UnwindTables
+from memtrace.collect.unwind import UnwindTables, warm
 from memtrace.errors import MemtraceError
 from memtrace.model import Counters, DropStats, Flow, HeapRow
+from memtrace.symbols import code_modules, read_mapped
 
 # Counter indexes: keep in step with enum counter in bpf/memtrace.h.
 (CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
@@ -319,6 +320,10 @@ class Probes:
         from memtrace.collect.bcccompat import pass_zero_ref_ctr_offset
 
         pass_zero_ref_ctr_offset()
+        # The code the process runs now: its unwind rows are read while
+        # the program compiles, and loaded before any probe fires.
+        code = code_modules(procfs.maps(self.pid) or [])
+        warming = warm(m.path for m in code)
         text = program_text(LAYERS)
         said = tempfile.TemporaryFile()
         try:
@@ -335,6 +340,8 @@ class Probes:
             self._bpf.detach_tracepoint(b"kmem:rss_stat")
             self._load_walks()
             self.unwind = UnwindTables(self._bpf)
+            warming.join()
+            self.unwind.add(code, lambda module, read: read_mapped(self.pid, module, read))
             _give_back_compiler_memory()
         except Exception as e:  # bcc raises bare Exceptions on compile/load errors
             said.seek(0)

@@ -26,7 +26,7 @@ _ROW = struct.Struct("<IHBB")
 _MODULE = struct.Struct("<QQII")
 
 
-def warm(paths: Iterable[str]) -> None:
+def warm(paths: Iterable[str]) -> threading.Thread:
     """Read the unwind rows of files the process will map, in the
     background (the BPF compile takes seconds): a library then gets its
     table a few ms after it is mapped, not after its rows are parsed
@@ -35,7 +35,9 @@ def warm(paths: Iterable[str]) -> None:
         for path in paths:
             unwind_info_of(path)
 
-    threading.Thread(target=read, name="memtrace-unwind-warm", daemon=True).start()
+    thread = threading.Thread(target=read, name="memtrace-unwind-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 class UnwindTables:

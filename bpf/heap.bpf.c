@@ -429,17 +429,10 @@ int walk_heap_stack(struct pt_regs *ctx)
 {
     u32 zero = 0;
     struct walk_request *req = walk_requests.lookup(&zero);
-    struct pending_call *call = open_call(bpf_get_current_pid_tgid());
-    if (!req || !call)
+    if (!req)
         return 0;
-    struct frame_walk *w;
-    if (req->continuing) {
-        w = walk_state.lookup(&zero);
-    } else {
-        w = walk_begin(ctx, req->entry_sp, 1);
-        if (w)
-            call->key.caller = w->caller;
-    }
+    struct frame_walk *w = req->continuing ? walk_state.lookup(&zero)
+                                           : walk_begin(ctx, req->entry_sp, 1);
     if (!w)
         return 0;
     if (!walk_steps(w)) {
@@ -447,7 +440,12 @@ int walk_heap_stack(struct pt_regs *ctx)
         walk_uprobe.call(ctx, WALK_HEAP);
     }
     req->continuing = 0;
-    call->key.stack = walk_end(w, &call->last_stack);
+    /* The call's slot only now: a task storage lookup per run adds up. */
+    struct pending_call *call = open_call(bpf_get_current_pid_tgid());
+    if (call) {
+        call->key.caller = w->caller;
+        call->key.stack = walk_end(w, &call->last_stack);
+    }
     return 0;
 }
 

@@ -62,6 +62,13 @@ struct unwind_module {
     u32 unused;
 };
 
+/* How many modules have tables, and the tables' generation (it moves on
+ * at every change). */
+struct unwind_head {
+    u32 modules;
+    u32 generation;
+};
+
 /* 64 bytes, a cache line of the mmapable (page-aligned) array: the rows
  * of two threads get neighbouring indexes, and both add to theirs on every
  * malloc and free. */

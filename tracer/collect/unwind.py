@@ -56,8 +56,8 @@ class UnwindTables:
         self._next_page = 0
         self.rows = 0  # in use, for people
         self.full = False
-        if "unwind_count" in self._bpf:
-            self._bpf["unwind_count"][ctypes.c_int(0)] = ctypes.c_uint(0)
+        self._generation = getattr(self, "_generation", 0)
+        self._set_head()
 
     def _map(self, name: str) -> mmap.mmap:
         if name not in self._maps:
@@ -119,7 +119,17 @@ class UnwindTables:
         self._modules.sort()
         data = b"".join(_MODULE.pack(lo, hi, page, 0) for lo, hi, page in self._modules)
         self._map("unwind_modules")[: len(data)] = data
-        self._bpf["unwind_count"][ctypes.c_int(0)] = ctypes.c_uint(len(self._modules))
+        self._set_head()
+
+    def _set_head(self) -> None:
+        """The module count and a new generation (the walk's cache of rows
+        found drops what it found in older tables)."""
+        self._generation += 1
+        head = self._bpf["unwind_head"]
+        value = head.Leaf()
+        value.modules = len(self._modules)
+        value.generation = self._generation
+        head[ctypes.c_int(0)] = value
 
 
 def _place(info: UnwindInfo, start: int, end: int, file_offset: int) -> Optional[list]:

@@ -7,6 +7,9 @@
 - Debian's sqlite3 CLI and /usr/bin/python3 (no frame pointers in them,
   their libraries or glibc): most allocated bytes are in stacks that reach
   the SQLite API or the interpreter loop, and few are in stacks cut short.
+- The inflater JVM (tests/programs/Inflate.java) with default flags: libz's
+  blocks are charged to stacks that reach the JNI frame in libzip that
+  names the Inflater, through libz (no frame pointers).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,8 @@ pytestmark = pytest.mark.bpf
 SQLITE_API = re.compile(r"^sqlite3_(step|exec|prepare\w*)\+")
 EVAL_LOOP = re.compile(r"^_PyEval_EvalFrameDefault\+")
 UNNAMED = re.compile(r"^(0x|function at )")
+LIBZ_FRAME = re.compile(r"\[libz\.so[\d.]*\]$")
+INFLATER_JNI = re.compile(r"^Java_java_util_zip_Inflater_\w+\+")
 
 
 def function_of(frame: str) -> str:
@@ -97,3 +104,35 @@ def test_python3_stacks_reach_the_interpreter_loop(run_memtrace, tmp_path):
     assert doc is not None, f"no JSON on stdout; stderr: {stderr}"
     assert share_reaching(doc, EVAL_LOOP) >= 0.8, top_stacks(doc)
     assert doc["truncated"]["alloc_bytes_share"] <= 0.2, top_stacks(doc)
+
+
+def test_jvm_libz_stacks_reach_the_inflater_without_preserve_frame_pointer(
+        java_tools, inflate_classpath, tracers, wait_attached, wait_file, _prerequisites, tmp_path):
+    if _prerequisites:
+        pytest.fail("; ".join(_prerequisites), pytrace=False)
+    java = subprocess.Popen(
+        [java_tools[0], "-XX:+UseSerialGC", "-Xmx256m", "-cp", str(inflate_classpath), "Inflate",
+         str(tmp_path), "--threads", "2", "--per-thread", "50"],
+        stdin=subprocess.DEVNULL)
+    tracer = None
+    try:
+        ready = json.loads(wait_file(tmp_path / "ready.json", java))
+        tracer = tracers.start(["--json", "--interval", "0.5", "-p", str(ready["pid"]),
+                                "--duration", "300"])
+        wait_attached([tracer])
+        (tmp_path / "ready.go").touch()
+        wait_file(tmp_path / "phase1.json", java)
+        time.sleep(0.5)
+        doc = tracers.finish(tracer, "memtrace -p (a JVM with default flags)")
+        (tmp_path / "phase1.go").touch()
+        wait_file(tmp_path / "gc.json", java, timeout=90)
+        (tmp_path / "gc.go").touch()
+        assert java.wait(30) == 0
+    finally:
+        tracers.kill_all([tracer, java])
+    libz = [s for s in doc["stacks"] if s["frames"] and LIBZ_FRAME.search(s["frames"][0])]
+    live = sum(s["live_bytes"] for s in libz)
+    assert live > 0, top_stacks(doc)
+    reaching = sum(s["live_bytes"] for s in libz
+                   if any(INFLATER_JNI.search(f) for f in s["frames"]))
+    assert reaching >= 0.9 * live, json.dumps([s["frames"] for s in libz], indent=1)[:4000]

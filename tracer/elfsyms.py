@@ -81,10 +81,11 @@ class ElfSymbols:
         self.debuglink = parsed.debuglink
         self._unnamed = parsed.eh_frame_ranges
         named = parsed.named
-        if parsed.entry and not any(f.address == parsed.entry for f in named) and self._clears_rbp(parsed.entry):
+        entry = parsed.entry
+        if entry and not any(f.address == entry for f in named) and self._clears_rbp(entry):
             # A stripped program's entry point: named, so that a whole stack
             # (the unwinder reaches it) does not read as cut short.
-            named = named + [FunctionSymbol("_start", parsed.entry, 0, STT_FUNC, True)]
+            named = named + [FunctionSymbol("_start", entry, 0, STT_FUNC, True)]
         self.add_names(named, ".symtab" if parsed.has_symtab else ".dynsym")
         if parsed.debugdata:
             self.add_names(_mini_debug_names(parsed.debugdata), ".gnu_debugdata")

@@ -366,7 +366,8 @@ class Probes:
         self._bpf["walk_uprobe"][ctypes.c_int(WALK_HEAP)] = ctypes.c_int(heap.fd)
         kprobes = self.vm_probes == "kprobe"
         vm = self._bpf.load_func("walk_vm_stack", BPF.KPROBE if kprobes else BPF.TRACEPOINT)
-        self._bpf["walk_uprobe" if kprobes else "walk_tracepoint"][ctypes.c_int(WALK_VM)] = ctypes.c_int(vm.fd)
+        slots = self._bpf["walk_uprobe" if kprobes else "walk_tracepoint"]
+        slots[ctypes.c_int(WALK_VM)] = ctypes.c_int(vm.fd)
 
     def attach(self) -> None:
         """Every return probe before any entry probe. The target keeps

@@ -7,7 +7,7 @@ be (a launched program's own image, at exec; every module, at an attach)
 and for a library mapped later as soon as its mapping is seen (dlopen:
 the calls it makes before are walked by frame pointers only). Modules
 built with frame pointers get no table: their frame-pointer steps are
-exact and cost a third of a table search."""
+exact and cheaper than a table search."""
 
 from __future__ import annotations
 
@@ -41,8 +41,11 @@ def warm(paths: Iterable[str]) -> threading.Thread:
 
 
 class UnwindTables:
+    """The tables of one traced process, in one loaded BPF object."""
+
     def __init__(self, bpf) -> None:
         self._bpf = bpf
+        self._generation = 0
         self._maps: dict[str, mmap.mmap] = {}
         self._capacity = {name: bpf[name].max_entries for name in
                           ("unwind_rows", "unwind_pages", "unwind_modules")}
@@ -56,7 +59,6 @@ class UnwindTables:
         self._next_page = 0
         self.rows = 0  # in use, for people
         self.full = False
-        self._generation = getattr(self, "_generation", 0)
         self._set_head()
 
     def _map(self, name: str) -> mmap.mmap:
@@ -103,7 +105,8 @@ class UnwindTables:
         if any(b - a >= MAX_ROWS_PER_PAGE for a, b in zip(first_rows, first_rows[1:])):
             return False  # not found by the BPF search: frame pointers only there
         data = b"".join(_ROW.pack(x, cfa_off, rule, slot) for x, rule, cfa_off, slot in rows)
-        self._map("unwind_rows")[self._next_row * _ROW.size : self._next_row * _ROW.size + len(data)] = data
+        at = self._next_row * _ROW.size
+        self._map("unwind_rows")[at : at + len(data)] = data
         # An array map keeps each value in 8 bytes: the u32 and 4 of padding.
         data = struct.pack(f"<{len(first_rows)}Q", *first_rows)
         self._map("unwind_pages")[self._next_page * 8 : self._next_page * 8 + len(data)] = data

@@ -468,6 +468,9 @@ class Collector:
             notes.append("allocations were dropped: too many (thread, stack) pairs; raise --max-stats")
         if d.stack_lost:
             notes.append("some deep stacks were lost (immediate callers kept); raise --stack-storage-size")
+        if self.probes.unwind is not None and self.probes.unwind.full:
+            notes.append("the unwind tables are full: stacks through some libraries stop at their "
+                         "first frame without a frame pointer")
         lost = self.probes.vm_lost()
         if lost:
             notes.append(f"{lost} address-space events were lost: the ring buffer was full; "

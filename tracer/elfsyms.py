@@ -459,7 +459,9 @@ def _read_unwind(path: str) -> Optional[UnwindInfo]:
         if eh is None or eh[1] == SHT_NOBITS:
             return None
         rows = unwind_rows(body(eh), eh[3], end == "<")
-    return UnwindInfo(segments, rows, keeps_frame_pointers(rows))
+    if keeps_frame_pointers(rows):
+        return UnwindInfo(segments, [], True)  # not kept: libjvm.so's are 20 MB of tuples
+    return UnwindInfo(segments, rows, False)
 
 
 def unwind_info_of(path: str) -> Optional[UnwindInfo]:

@@ -114,7 +114,7 @@ static __always_inline u64 store_stack(struct stack_frames *frames, u64 hash)
  * returns its key (0: none). For the syscall tracepoints, which are rare:
  * the kernel walks on through whatever the frame pointer holds and reads
  * address 0 at the end of most chains, and each such page fault costs about
- * 0.5 us (see user_stack_at for the uprobes). */
+ * 0.5 us (see walk_begin for our own walk). */
 static __always_inline u64 user_stack(void *ctx)
 {
 #ifdef NO_STACKS /* benchmarks only: what the stack walk costs */

@@ -4,7 +4,9 @@ The call-frame information is kept even in stripped files (exceptions and
 unwinders need it), and it has one FDE per function, static ones included:
 its initial location is the function's start and its range the length.
 So a frame in a stripped library can still be named as a function,
-`function at 0x...`, rather than as an address somewhere in the file."""
+`function at 0x...`, rather than as an address somewhere in the file.
+Its CFA programs, run (unwind_rows), say how to unwind each frame: the
+rows the BPF stack walk reads."""
 
 from __future__ import annotations
 

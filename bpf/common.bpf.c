@@ -136,7 +136,7 @@ static __always_inline u64 store_stack(struct stack_frames *frames, u64 hash)
  * returns its key (0: none). For the syscall tracepoints, which are rare:
  * the kernel walks on through whatever the frame pointer holds and reads
  * address 0 at the end of most chains, and each such page fault costs about
- * 0.5 us (see user_stack_at for the uprobes). */
+ * 0.5 us (see walk_begin for our own walk). */
 static __always_inline u64 user_stack(void *ctx)
 {
 #ifdef NO_STACKS /* benchmarks only: what the stack walk costs */
@@ -176,112 +176,326 @@ struct stack_chunk {
 };
 BPF_PERCPU_ARRAY(chunk_scratch, struct stack_chunk, 1);
 
-struct frame_walk {
-    struct stack_frames *frames;
-    struct stack_chunk *chunk;
-    u64 base, have; /* chunk holds user bytes [base, base + have) */
-    u64 low;        /* the next frame lies at or above */
-    u64 fp;
-    u64 hash;
-};
+/* Unwind tables, filled by Python (collect/unwind.py) from the .eh_frame
+ * of every module built without frame pointers, before the probes attach
+ * and when a library is mapped. unwind_modules: sorted by lo, the first
+ * unwind_head.modules in use; unwind_pages: per 4 KiB page of a module (from
+ * its first_page), the row that holds at the page's start, one more at the
+ * end; unwind_rows: sorted by pc within a module. */
+#ifndef MAX_UNWIND_ROWS
+#define MAX_UNWIND_ROWS (1 << 19)
+#endif
+#ifndef MAX_UNWIND_PAGES
+#define MAX_UNWIND_PAGES (1 << 16)
+#endif
+BPF_F_TABLE("array", u32, struct unwind_row, unwind_rows, MAX_UNWIND_ROWS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, u32, unwind_pages, MAX_UNWIND_PAGES, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct unwind_module, unwind_modules, MAX_UNWIND_MODULES, BPF_F_MMAPABLE);
+BPF_ARRAY(unwind_head, struct unwind_head, 1);
 
-/* One frame of the walk: 1 ends it. Its state lives in a struct on the
- * BPF stack: the verifier then prunes more of the 126 steps, ~0.06 s per
- * program where locals took 0.13-0.2 s. (bpf_loop would verify it once,
- * but bcc 0.26 leaves its callback pointer unrelocated.) */
-static __always_inline long walk_step(u32 i, void *data)
+/* The rows last found, per CPU, by return address: a hot stack's frames
+ * are found again in one lookup, where the search takes ~10. An entry of
+ * another generation of the tables (a module added, an exec) is stale. */
+#define UNWIND_CACHE_BITS 12
+struct unwind_cached {
+    u64 pc;
+    u32 generation;
+    struct unwind_row row;
+};
+BPF_PERCPU_ARRAY(unwind_cache, struct unwind_cached, 1 << UNWIND_CACHE_BITS);
+
+#define NO_TABLE 0xFFFFFFFF
+/* Bisection steps: the modules, and the rows of one page (Python keeps
+ * at most 1 << ROW_SEARCH_STEPS per page). */
+#ifndef MODULE_SEARCH_STEPS
+#define MODULE_SEARCH_STEPS 9
+#endif
+#ifndef ROW_SEARCH_STEPS
+#define ROW_SEARCH_STEPS 12
+#endif
+
+/* The walk is a program of its own, reached by tail call from the
+ * programs that want a stack (walk_heap_stack, walk_vm_stack): the
+ * verifier checks it once, where each inlined copy cost ~0.6 s of load
+ * time. A tail call needs the caller's program type: uprobes and kprobes
+ * (slot WALK_HEAP, WALK_VM) and the syscall tracepoints (WALK_VM). */
+enum walk_kind { WALK_HEAP = 0, WALK_VM = 1 };
+BPF_PROG_ARRAY(walk_uprobe, 2);
+BPF_PROG_ARRAY(walk_tracepoint, 2);
+/* What the tail-called walk needs from its caller. */
+struct walk_request {
+    u64 entry_sp;
+    u32 scan;       /* vm: the event carries the stack's top words */
+    u32 continuing; /* 0: a new walk; 1: the walk program called itself */
+    u64 wake;       /* vm: the ring buffer flag the event is sent with */
+};
+BPF_PERCPU_ARRAY(walk_requests, struct walk_request, 1);
+
+/* The walk's state lives in a map, not on the BPF stack: a value read
+ * back from a map is new to the verifier, so the bounds it proves within
+ * one step do not make the next steps' states differ (on the stack they
+ * did, and the number of states doubled with every step). */
+struct frame_walk {
+    u64 base, have; /* chunk holds user bytes [base, base + have) */
+    u64 sp;         /* the frame's stack pointer: its caller's frame lies above */
+    u64 fp;
+    u64 pc;         /* where the frame's code is (a return address after the first) */
+    u64 hash;
+    u64 range_lo, range_hi; /* the module (or the gap between two) last found */
+    u32 range_page;         /* the module's first page (NO_TABLE: no table there) */
+    u32 modules;
+    u32 generation;         /* of the tables (unwind_head) */
+    u32 pc_after_call;      /* pc is a return address: its call is at pc - 1 */
+    u32 depth;              /* frames found (the next goes to ip[depth + 1]) */
+    u64 caller;             /* at_entry: the return address at entry_sp */
+};
+BPF_PERCPU_ARRAY(walk_state, struct frame_walk, 1);
+
+/* The module holding pc, or the gap between the two around it, into
+ * w->range_*: consecutive frames are mostly in one module, so the search
+ * is rare. */
+static __always_inline void find_range(struct frame_walk *w, u64 pc)
 {
-    struct frame_walk *w = data;
-    u32 slot = i + 1; /* ip[0] is the probed instruction */
+    u32 lo = 0, hi = w->modules, page = NO_TABLE;
+    u64 gap_lo = 0, gap_hi = ~0ULL, mod_lo = 0;
+    for (int k = 0; k < MODULE_SEARCH_STEPS; k++) {
+        if (lo >= hi)
+            break;
+        u32 mid = (lo + hi) / 2;
+        struct unwind_module *m = unwind_modules.lookup(&mid);
+        if (!m)
+            break;
+        if (m->lo <= pc) {
+            lo = mid + 1;
+            mod_lo = m->lo;
+            gap_lo = m->hi;
+            page = m->first_page;
+        } else {
+            hi = mid;
+            gap_hi = m->lo;
+        }
+    }
+    if (page != NO_TABLE && pc < gap_lo) {
+        w->range_lo = mod_lo;
+        w->range_hi = gap_lo;
+        w->range_page = page;
+    } else {
+        w->range_lo = gap_lo;
+        w->range_hi = gap_hi;
+        w->range_page = NO_TABLE;
+    }
+}
+
+/* The unwind row that holds at pc, 0 where there is none (no table, or
+ * code without CFI): the frame-pointer step then. */
+static __always_inline struct unwind_row *unwind_row_at(struct frame_walk *w, u64 pc)
+{
+    if (pc - w->range_lo >= w->range_hi - w->range_lo)
+        find_range(w, pc);
+    if (w->range_page == NO_TABLE)
+        return 0;
+    u64 x = pc - w->range_lo;
+    u32 p = w->range_page + (u32)(x >> 12);
+    u32 *first = unwind_pages.lookup(&p);
+    p++;
+    u32 *last = unwind_pages.lookup(&p);
+    if (!first || !last)
+        return 0;
+    u32 a = *first, b = *last;
+    for (int k = 0; k < ROW_SEARCH_STEPS; k++) {
+        if (a >= b)
+            break;
+        u32 mid = a + (b - a + 1) / 2;
+        struct unwind_row *r = unwind_rows.lookup(&mid);
+        if (!r)
+            return 0;
+        if (r->pc <= x)
+            a = mid;
+        else
+            b = mid - 1;
+    }
+    struct unwind_row *r = unwind_rows.lookup(&a);
+    return r && r->pc <= x ? r : 0;
+}
+
+/* The bound checked at the very access: the compiler otherwise checks
+ * one copy of the index and indexes with another. */
+static __always_inline void put_frame(struct stack_frames *frames, u64 slot, u64 value)
+{
+    asm volatile("" : "+r"(slot));
+    if (slot < MAX_STACK_DEPTH)
+        frames->ip[slot] = value;
+}
+
+/* One frame of the walk: 1 ends it. The frame's CFA comes from its
+ * module's unwind row, else from the frame pointer (code built with
+ * them, or without CFI: JIT code). (bpf_loop would verify it once, but
+ * bcc 0.26 leaves its callback pointer unrelocated.) */
+static __always_inline long walk_step(struct frame_walk *w, struct stack_frames *frames,
+                                      struct stack_chunk *chunk)
+{
+    u32 slot = w->depth + 1; /* ip[0] is the probed instruction */
     if (slot >= MAX_STACK_DEPTH)
         return 1;
-    struct stack_frames *frames = w->frames;
-    struct stack_chunk *chunk = w->chunk;
-    frames->ip[slot] = 0; /* the end mark, unless a frame follows */
-    u64 fp = w->fp;
-    if (fp < w->low || fp - w->low > STACK_SPAN)
+    u64 at = w->pc - w->pc_after_call;
+    u32 slot_in_cache = (u32)((at * 0x9E3779B97F4A7C15ULL) >> (64 - UNWIND_CACHE_BITS));
+    struct unwind_cached *cached = unwind_cache.lookup(&slot_in_cache);
+    if (!cached)
         return 1;
-    u64 off = fp - w->base;
-    if (fp < w->base || off + 16 > w->have) {
-        w->base = fp;
-        off = 0;
+    if (cached->pc != at || cached->generation != w->generation) {
+        struct unwind_row *found = unwind_row_at(w, at);
+        struct unwind_row none = {};
+        cached->row = found ? *found : none;
+        cached->pc = at;
+        cached->generation = w->generation;
+    }
+    u32 rule = cached->row.rule;
+    u64 cfa_off = cached->row.cfa_off, rbp_slot = cached->row.rbp_slot;
+    u64 cfa, fp_at = 0;
+    if (rule == UNWIND_END)
+        return 1; /* the outermost frame (_start, clone) */
+    if (rule == UNWIND_RSP || rule == UNWIND_RBP) {
+        cfa = (rule == UNWIND_RBP ? w->fp : w->sp) + cfa_off;
+        if (rbp_slot)
+            fp_at = cfa - 8 * rbp_slot;
+    } else {
+        cfa = w->fp + 16; /* the frame-pointer step */
+        fp_at = w->fp;
+    }
+    /* A caller's frame lies above its callee's, within the thread's
+     * stack: a CFA that cannot be one ends the walk. */
+    u64 lowest = fp_at && fp_at < cfa - 8 ? fp_at : cfa - 8;
+    if (lowest < w->sp || cfa - w->sp > STACK_SPAN || cfa - lowest > STACK_CHUNK)
+        return 1;
+    if (lowest < w->base || cfa - w->base > w->have) {
+        w->base = lowest;
         w->have = STACK_CHUNK;
-        if (bpf_probe_read_user(chunk->b, STACK_CHUNK, (void *)fp) != 0) {
+        if (bpf_probe_read_user(chunk->b, STACK_CHUNK, (void *)lowest) != 0) {
             /* within STACK_CHUNK of the end of the stack's mapping */
-            w->have = 16;
-            if (bpf_probe_read_user(chunk->b, 16, (void *)fp) != 0)
+            w->have = 64;
+            if (cfa - lowest > 64 || bpf_probe_read_user(chunk->b, 64, (void *)lowest) != 0)
                 return 1;
         }
     }
-    if (off > STACK_CHUNK - 16) /* for the verifier: checked above */
+    u64 ra_off = cfa - 8 - w->base;
+    if (ra_off > STACK_CHUNK - 8) /* for the verifier: checked above */
         return 1;
-    u64 next_fp = *(u64 *)&chunk->b[off];
-    u64 ret = *(u64 *)&chunk->b[off + 8];
+    u64 ret = *(u64 *)&chunk->b[ra_off];
+    u64 next_fp = w->fp;
+    if (fp_at) {
+        u64 fp_off = fp_at - w->base;
+        if (fp_off > STACK_CHUNK - 8)
+            return 1;
+        next_fp = *(u64 *)&chunk->b[fp_off];
+    }
     if (!ret)
         return 1;
-    ret = jvm_frame(ret, next_fp); /* an interpreted Java frame: its method (jvm.bpf.c) */
-    frames->ip[slot] = ret;
-    w->hash = (w->hash ^ ret) * 0x100000001b3ULL;
-    w->low = fp + 16;
+    /* The frame of w->pc is whole here: its CFA (cfa) and its frame
+     * pointer (w->fp). A layer that reads more of a frame does it at this
+     * point: an interpreted Java frame is stored as its method (jvm.bpf.c),
+     * while the walk goes on from the return address. */
+    u64 shown = jvm_frame(ret, next_fp);
+    put_frame(frames, slot, shown);
+    w->hash = (w->hash ^ shown) * 0x100000001b3ULL;
+    w->sp = cfa;
     w->fp = next_fp;
+    w->pc = ret;
+    w->pc_after_call = 1;
+    w->depth = slot;
     return 0;
 }
 
-/* At a uprobe at a function's entry: the return address at entry_sp
- * (*caller) when the walk's first read brings it, else 0 (read alone, it
- * cost ~150 ns: the heap layer takes it at return instead), and the key
- * of the frame-pointer walk (*last_stored: the key this thread stored
- * last, not looked up again; updated), in
- * the layout of user_stack (ip[0] the probed instruction, then one return
- * address per frame). Stored once; returns 0 for none.
+#ifndef WALK_STEPS
+/* Frames per run of a walk program, which tail-calls itself for more (at
+ * most 32 times in a chain). The verifier's work is linear in the steps
+ * (32: 100 k instructions processed, 0.2 s): the rows come from the cache
+ * in a map, so one step's bounds do not reach the next. Before the cache,
+ * rows read straight from the tables made it grow faster (4 steps: 77 k,
+ * 8: 548 k). */
+#define WALK_STEPS 32
+#endif
+
+/* The key of the current user stack (0: none), in the layout of
+ * user_stack (ip[0] the probed instruction, then one return address per
+ * frame), in three parts: walk_begin, walk_steps until it says the walk
+ * ended (the walk program tail-calling itself in between), walk_end.
+ * at_entry: the probe is at a function's entry, whose return address is
+ * at entry_sp: it goes to w->caller, not into the frames (the heap key
+ * keeps it apart), and the walk starts at the caller's frame; else (a
+ * syscall) the walk starts at the instruction.
  *
- * Our own walk, where bpf_get_stack cost ~0.7 us even for one frame: the
- * kernel follows the frame pointer wherever it points, so a program built
- * without frame pointers (rbp a plain register) or the 0 ending every
- * chain costs it a page fault per call. This walk stops before reading a
- * frame pointer that cannot be one (not above the previous frame, or
- * beyond STACK_SPAN), and reads the stack STACK_CHUNK bytes at a time.
- * Every frame it reads goes into the hash, so distinct walks never share
- * a key; it stops only where no real frame can be, or at MAX_STACK_DEPTH
- * as bpf_get_stack does. */
-static __always_inline u64 user_stack_at(struct pt_regs *regs, u64 entry_sp, u64 *caller,
-                                         u64 *last_stored)
+ * Our own walk, where bpf_get_stack cost ~0.7 us even for one frame and
+ * follows only frame pointers. Each frame's CFA comes from the .eh_frame
+ * rules of its module (unwind_row_at), or from the frame pointer where the
+ * module keeps them or has no CFI; a CFA that cannot be one (not above the
+ * previous frame, or beyond STACK_SPAN) ends the walk. The stack is read
+ * STACK_CHUNK bytes at a time. Every frame read goes into the hash, so
+ * distinct walks never share a key; it stops only where no real frame can
+ * be, or at MAX_STACK_DEPTH as bpf_get_stack does. */
+static __always_inline struct frame_walk *walk_begin(struct pt_regs *regs, u64 entry_sp, int at_entry)
 {
-    *caller = 0;
-    u64 fp = PT_REGS_FP(regs);
-    u64 ip = PT_REGS_IP(regs);
-    u64 first = (0xcbf29ce484222325ULL ^ ip) * 0x100000001b3ULL; /* as in user_stack */
-    if ((fp < PT_REGS_SP(regs) || fp - PT_REGS_SP(regs) > STACK_SPAN) &&
-        (first | 1) == *last_stored)
-        return *last_stored; /* no frame to walk (as in walk_step): stored last time */
     u32 zero = 0;
     struct stack_chunk *chunk = chunk_scratch.lookup(&zero);
-    if (!chunk)
+    struct stack_frames *frames = stack_scratch.lookup(&zero);
+    struct frame_walk *w = walk_state.lookup(&zero);
+    struct unwind_head *head = unwind_head.lookup(&zero);
+    if (!chunk || !frames || !w || !head)
         return 0;
-    u64 base = entry_sp, have = 0;
-    if (fp >= entry_sp && fp - entry_sp <= STACK_CHUNK - 16 &&
-        bpf_probe_read_user(chunk->b, STACK_CHUNK, (void *)base) == 0) {
-        have = STACK_CHUNK; /* the caller and the first frame in one read */
-        *caller = *(u64 *)chunk->b;
-    }
+    u64 ip = PT_REGS_IP(regs);
+    w->base = entry_sp;
+    w->have = 0;
+    if (bpf_probe_read_user(chunk->b, STACK_CHUNK, (void *)entry_sp) == 0)
+        w->have = STACK_CHUNK; /* the caller and the first frames in one read */
+    else if (bpf_probe_read_user(chunk->b, 64, (void *)entry_sp) == 0)
+        w->have = 64;
+    w->caller = w->have && at_entry ? *(u64 *)chunk->b : 0;
+    frames->ip[0] = ip;
+    w->depth = 0;
+    w->sp = at_entry ? entry_sp + 8 : PT_REGS_SP(regs);
+    w->fp = PT_REGS_FP(regs);
+    w->pc = at_entry ? w->caller : ip;
+    w->pc_after_call = at_entry ? 1 : 0;
+    w->hash = (0xcbf29ce484222325ULL ^ ip) * 0x100000001b3ULL; /* as in user_stack */
+    w->range_lo = w->range_hi = 0;
+    w->modules = head->modules;
+    w->generation = head->generation;
 #ifdef NO_STACKS /* benchmarks only: what the stack walk costs */
+    w->depth = MAX_STACK_DEPTH;
+#endif
+    return w;
+}
+
+/* Up to WALK_STEPS frames; 1: the walk ended. */
+static __always_inline int walk_steps(struct frame_walk *w)
+{
+    u32 zero = 0;
+    struct stack_chunk *chunk = chunk_scratch.lookup(&zero);
+    struct stack_frames *frames = stack_scratch.lookup(&zero);
+    if (!chunk || !frames)
+        return 1;
+    for (int i = 0; i < WALK_STEPS; i++)
+        if (walk_step(w, frames, chunk))
+            return 1;
+    return 0;
+}
+
+/* The walk's key, its stack stored once. *last_stored: the key this
+ * thread stored last, not looked up again; updated. */
+static __always_inline u64 walk_end(struct frame_walk *w, u64 *last_stored)
+{
+#ifdef NO_STACKS
     return 0;
 #endif
+    u32 zero = 0;
     struct stack_frames *frames = stack_scratch.lookup(&zero);
     if (!frames)
         return 0;
-    frames->ip[0] = ip;
-    struct frame_walk walk = {
-        .frames = frames, .chunk = chunk, .base = base, .have = have,
-        .low = PT_REGS_SP(regs), .fp = fp, .hash = first,
-    };
-    for (u32 i = 0; i < MAX_STACK_DEPTH - 1; i++)
-        if (walk_step(i, &walk))
-            break;
+    put_frame(frames, w->depth + 1, 0); /* the end mark */
+    u64 hash = w->hash;
     /* The thread stored this very stack last time: it is in the map. */
-    if ((walk.hash | 1) == *last_stored)
+    if ((hash | 1) == *last_stored)
         return *last_stored;
     /* What lies past the end mark is stale and never read. */
-    *last_stored = store_stack(frames, walk.hash);
+    *last_stored = store_stack(frames, hash);
     return *last_stored;
 }

@@ -159,21 +159,19 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 /* entry_sp: the stack pointer at the function's first instruction, where
  * the return address is, whatever the probe site skipped. */
 static __always_inline void make_key(struct pt_regs *ctx, u32 tid, u64 entry_sp,
-                                     struct pending_call *call, int hot)
+                                     struct pending_call *call, int walk)
 {
     struct heap_key *key = &call->key;
     key->tid = tid;
     key->bucket = 0; /* known when the block's address is */
-    if (hot) {
-        /* caller stays 0 unless the walk's read brought it: reading it
-         * alone cost ~150 ns a call, and alloc_return gets it for free. */
-        u64 caller;
-        key->stack = user_stack_at(ctx, entry_sp, &caller, &call->last_stack);
-        key->caller = caller;
+    if (walk) {
+        /* Both come from the walk (walk_heap_stack), tail-called at the
+         * end of enter(). */
+        key->stack = 0;
+        key->caller = 0;
     } else {
-        /* Rare calls: the kernel's walk, which the verifier checks in a
-         * fraction of the time (each copy of the fast walk costs ~0.06 s
-         * of load time). */
+        /* malloc_trim, whose program goes on after enter(): the kernel's
+         * walk. */
         key->caller = 0;
         bpf_probe_read_user(&key->caller, sizeof(key->caller), (void *)entry_sp);
         key->stack = user_stack(ctx);
@@ -382,10 +380,11 @@ static __always_inline int nested_in(struct pending_call *call, u64 sp)
     return bpf_ktime_get_ns() - call->entry_ns < NEST_WINDOW_NS;
 }
 
-/* hot: malloc, calloc and realloc, which get the fast stack walk.
+/* walk: the stack comes from our walk, tail-called: enter() is then the
+ * program's last step (every allocating function; not malloc_trim).
  * may_nest: the function may call another hooked one (see nested_in). */
 static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 arg, u64 sp_adjust,
-                                 int hot, int may_nest)
+                                 int walk, int may_nest)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (!traced(id))
@@ -410,8 +409,43 @@ static __always_inline int enter(struct pt_regs *ctx, u32 kind, u64 size, u64 ar
     call->nested = 0;
     call->rss_anon_before = 0;
     call->caller_follows = 0;
-    make_key(ctx, tid, sp, call, hot);
+    make_key(ctx, tid, sp, call, walk);
     call->active = 1;
+    if (walk) {
+        u32 zero = 0;
+        struct walk_request *req = walk_requests.lookup(&zero);
+        if (req) {
+            req->entry_sp = sp;
+            req->continuing = 0;
+            walk_uprobe.call(ctx, WALK_HEAP);
+        }
+    }
+    return 0;
+}
+
+/* The walk of an allocating call's stack, reached by tail call from enter() and
+ * from itself: the key's stack and caller (see walk_begin). */
+int walk_heap_stack(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct walk_request *req = walk_requests.lookup(&zero);
+    if (!req)
+        return 0;
+    struct frame_walk *w = req->continuing ? walk_state.lookup(&zero)
+                                           : walk_begin(ctx, req->entry_sp, 1);
+    if (!w)
+        return 0;
+    if (!walk_steps(w)) {
+        req->continuing = 1;
+        walk_uprobe.call(ctx, WALK_HEAP);
+    }
+    req->continuing = 0;
+    /* The call's slot only now: a task storage lookup per run adds up. */
+    struct pending_call *call = open_call(bpf_get_current_pid_tgid());
+    if (call) {
+        call->key.caller = w->caller;
+        call->key.stack = walk_end(w, &call->last_stack);
+    }
     return 0;
 }
 
@@ -492,31 +526,31 @@ int reallocarray_enter(struct pt_regs *ctx)
 /* memalign and aligned_alloc (one address in glibc 2.36): (alignment, size) */
 int memalign_enter(struct pt_regs *ctx)
 {
-    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, MEMALIGN_SP_ADJUST, 0, 1);
+    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, MEMALIGN_SP_ADJUST, 1, 1);
 }
 
 /* A function of its own from glibc 2.38 on. */
 int aligned_alloc_enter(struct pt_regs *ctx)
 {
-    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, ALIGNED_ALLOC_SP_ADJUST, 0, 1);
+    return enter(ctx, CALL_ALLOC, PT_REGS_PARM2(ctx), 0, ALIGNED_ALLOC_SP_ADJUST, 1, 1);
 }
 
 int valloc_enter(struct pt_regs *ctx)
 {
-    return enter(ctx, CALL_ALLOC, PT_REGS_PARM1(ctx), 0, VALLOC_SP_ADJUST, 0, 1);
+    return enter(ctx, CALL_ALLOC, PT_REGS_PARM1(ctx), 0, VALLOC_SP_ADJUST, 1, 1);
 }
 
 /* pvalloc promises whole pages: the program owns the rounded size. */
 int pvalloc_enter(struct pt_regs *ctx)
 {
     u64 size = (PT_REGS_PARM1(ctx) + TARGET_PAGE_SIZE - 1) & ~(u64)(TARGET_PAGE_SIZE - 1);
-    return enter(ctx, CALL_ALLOC, size ? size : TARGET_PAGE_SIZE, 0, PVALLOC_SP_ADJUST, 0, 1);
+    return enter(ctx, CALL_ALLOC, size ? size : TARGET_PAGE_SIZE, 0, PVALLOC_SP_ADJUST, 1, 1);
 }
 
 int posix_memalign_enter(struct pt_regs *ctx)
 {
     return enter(ctx, CALL_POSIX_MEMALIGN, PT_REGS_PARM3(ctx), PT_REGS_PARM1(ctx),
-                 POSIX_MEMALIGN_SP_ADJUST, 0, 1);
+                 POSIX_MEMALIGN_SP_ADJUST, 1, 1);
 }
 
 int alloc_return(struct pt_regs *ctx)

@@ -53,6 +53,35 @@ struct stack_frames {
     u64 ip[MAX_STACK_DEPTH];
 };
 
+/* One unwind rule of the stack walk (ehframe.unwind_rows): from pc (an
+ * offset in its module) to the next row's, the CFA is rsp or rbp (rule)
+ * + cfa_off, the return address is at CFA - 8, and the caller's rbp at
+ * CFA - 8 * rbp_slot (0: rbp still holds it). */
+enum unwind_rule { UNWIND_NONE = 0, UNWIND_RSP, UNWIND_RBP, UNWIND_END, UNWIND_UNKNOWN };
+struct unwind_row {
+    u32 pc;
+    u16 cfa_off;
+    u8 rule;
+    u8 rbp_slot;
+};
+
+/* A module with an unwind table: [lo, hi) in the process; its pages from
+ * first_page in unwind_pages. */
+#define MAX_UNWIND_MODULES 256
+struct unwind_module {
+    u64 lo;
+    u64 hi;
+    u32 first_page;
+    u32 unused;
+};
+
+/* How many modules have tables, and the tables' generation (it moves on
+ * at every change). */
+struct unwind_head {
+    u32 modules;
+    u32 generation;
+};
+
 /* 64 bytes, a cache line of the mmapable (page-aligned) array: the rows
  * of two threads get neighbouring indexes, and both add to theirs on every
  * malloc and free. */

@@ -108,24 +108,28 @@ static __always_inline int vm_enter(u32 kind, u64 a0, u64 a1, u64 a2, u64 a3, u6
     return 0;
 }
 
-/* The user stack of a syscall. Where the kernel gives a task's user
- * registers to BPF (with task storage: the same kernels), our own walk,
- * which does not fault on glibc's frame-pointer-less code as the kernel's
- * walk does (~0.7 us per mmap otherwise, in light mode the whole cost). */
-static __always_inline u64 syscall_stack(void *ctx)
+
+/* An event waiting for its stack: the walk program (walk_vm_stack) sends it. */
+BPF_PERCPU_ARRAY(vm_unsent, struct vm_scan, 1);
+
+static __always_inline void send_unsent(struct vm_scan *e, u32 scan, u64 wake)
 {
-#ifdef CALLS_IN_TASK_STORAGE
-    struct pt_regs *regs =
-        (struct pt_regs *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
-    u64 caller, stored = 0;
-    return user_stack_at(regs, PT_REGS_SP(regs), &caller, &stored);
-#else
-    return user_stack(ctx);
-#endif
+    if (scan)
+        vm_events.ringbuf_output(e, sizeof(struct vm_scan), wake);
+    else
+        vm_events.ringbuf_output(e, sizeof(struct vm_event), wake);
+}
+
+/* A file mapped executable: a library whose unwind table Python must
+ * load (collect/unwind.py) before its frames can be walked. */
+static __always_inline int maps_code(struct vm_call *call)
+{
+    return call->kind == VM_MMAP && (call->a2 & 0x4 /* PROT_EXEC */) &&
+           !(call->a3 & 0x20 /* MAP_ANONYMOUS */);
 }
 
 /* with_stack: a constant per program, so that programs without the walk
- * (munmap, madvise) are not verified with it. */
+ * (munmap, madvise) do not tail-call it. */
 static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -135,27 +139,23 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
     struct vm_call *call = vm_call_slot(tid, 0);
     if (!call || !call->active)
         return 0;
-    struct vm_event *e;
-    int scan = 0;
-#if defined(LIGHT_SCAN) && defined(CALLS_IN_TASK_STORAGE)
-    scan = with_stack && call->kind == VM_MMAP;
-#endif
-    if (scan)
-        e = vm_events.ringbuf_reserve(sizeof(struct vm_scan));
-    else
-        e = vm_events.ringbuf_reserve(sizeof(struct vm_event));
-    if (!e) {
+    u32 zero = 0;
+    struct vm_scan *unsent = vm_unsent.lookup(&zero);
+    struct walk_request *req = walk_requests.lookup(&zero);
+    if (!unsent || !req) {
         count(CNT_VM_LOST);
         vm_call_done(tid, call);
         return 0;
     }
+    struct vm_event *e = &unsent->event;
+    u32 scan = 0;
 #if defined(LIGHT_SCAN) && defined(CALLS_IN_TASK_STORAGE)
+    scan = with_stack && call->kind == VM_MMAP;
     if (scan) {
         struct pt_regs *regs =
             (struct pt_regs *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
-        struct vm_scan *s = (struct vm_scan *)e;
-        if (bpf_probe_read_user(s->words, sizeof(s->words), (void *)PT_REGS_SP(regs)) != 0)
-            __builtin_memset(s->words, 0, sizeof(s->words));
+        if (bpf_probe_read_user(unsent->words, sizeof(unsent->words), (void *)PT_REGS_SP(regs)) != 0)
+            __builtin_memset(unsent->words, 0, sizeof(unsent->words));
     }
 #endif
     e->ts_ns = bpf_ktime_get_ns();
@@ -176,9 +176,7 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
         e->flags = call->a3;
         e->new_addr = call->a4;
     }
-    /* Who made a region matters; who unmapped or advised it does not,
-     * and a stack walk is most of an event's cost. */
-    e->stack = with_stack ? syscall_stack(ctx) : 0;
+    e->stack = 0;
     struct pending_call *open = open_call(tid);
     e->in_malloc = open != 0;
     if (open) {
@@ -190,8 +188,64 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
     } else {
         __builtin_memset(&e->malloc_key, 0, sizeof(e->malloc_key));
     }
-    vm_events.ringbuf_submit(e, wake_flag());
+    /* Woken now for new code, else paced (wake_flag). */
+    req->wake = wake_flag();
+    if (maps_code(call))
+        req->wake = BPF_RB_FORCE_WAKEUP;
     vm_call_done(tid, call);
+    /* Who made a region matters; who unmapped or advised it does not,
+     * and a stack walk is most of an event's cost. */
+    if (with_stack) {
+        req->scan = scan;
+        req->continuing = 0;
+#ifdef VM_KPROBES
+        walk_uprobe.call(ctx, WALK_VM);
+#else
+        walk_tracepoint.call(ctx, WALK_VM);
+#endif
+        /* reached only without the walk program */
+    }
+    send_unsent(unsent, scan, req->wake);
+    return 0;
+}
+
+/* The walk for an address-space event, reached by tail call from vm_exit
+ * and from itself (loaded by Python into walk_uprobe or walk_tracepoint).
+ * Where the kernel gives a task's user registers to BPF (with task
+ * storage: the same kernels), our own walk, which does not fault on
+ * glibc's frame-pointer-less code as the kernel's walk does (~0.7 us per
+ * mmap otherwise, in light mode the whole cost). */
+int walk_vm_stack(void *ctx)
+{
+    u32 zero = 0;
+    struct vm_scan *unsent = vm_unsent.lookup(&zero);
+    struct walk_request *req = walk_requests.lookup(&zero);
+    if (!unsent || !req)
+        return 0;
+#ifdef CALLS_IN_TASK_STORAGE
+    struct frame_walk *w;
+    if (req->continuing) {
+        w = walk_state.lookup(&zero);
+    } else {
+        struct pt_regs *regs =
+            (struct pt_regs *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
+        w = walk_begin(regs, PT_REGS_SP(regs), 0);
+    }
+    if (w && !walk_steps(w)) {
+        req->continuing = 1;
+#ifdef VM_KPROBES
+        walk_uprobe.call(ctx, WALK_VM);
+#else
+        walk_tracepoint.call(ctx, WALK_VM);
+#endif
+    }
+    req->continuing = 0;
+    u64 stored = 0;
+    unsent->event.stack = w ? walk_end(w, &stored) : 0;
+#else
+    unsent->event.stack = user_stack(ctx);
+#endif
+    send_unsent(unsent, req->scan, req->wake);
     return 0;
 }
 

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from collections import OrderedDict
 from typing import Callable, Iterable, Optional
 
-from memtrace.ehframe import function_ranges
+from memtrace.ehframe import function_ranges, keeps_frame_pointers, unwind_rows
 from memtrace.mappedfile import fd_path, open_path, open_regular, read_regular
 
 SHT_SYMTAB, SHT_DYNSYM, SHT_NOTE, SHT_NOBITS, SHT_GNU_VERSYM = 2, 11, 7, 8, 0x6FFFFFFF
 STT_OBJECT, STT_FUNC, STT_GNU_IFUNC = 1, 2, 10
 PT_LOAD = 1
+PT_INTERP = 3
+EM_X86_64 = 62
 NT_GNU_BUILD_ID = 3
 # Bounds on what is read on the target's behalf: a section (a debug file's
 # .symtab can be tens of MiB) and MiniDebugInfo, compressed.
@@ -78,9 +80,21 @@ class ElfSymbols:
         self.has_symtab = parsed.has_symtab
         self.debuglink = parsed.debuglink
         self._unnamed = parsed.eh_frame_ranges
-        self.add_names(parsed.named, ".symtab" if parsed.has_symtab else ".dynsym")
+        named = parsed.named
+        entry = parsed.entry
+        if entry and not any(f.address == entry for f in named) and self._clears_rbp(entry):
+            # A stripped program's entry point: named, so that a whole stack
+            # (the unwinder reaches it) does not read as cut short.
+            named = named + [FunctionSymbol("_start", entry, 0, STT_FUNC, True)]
+        self.add_names(named, ".symtab" if parsed.has_symtab else ".dynsym")
         if parsed.debugdata:
             self.add_names(_mini_debug_names(parsed.debugdata), ".gnu_debugdata")
+
+    def _clears_rbp(self, vaddr: int) -> bool:
+        """Whether code starts by zeroing rbp, as the x86-64 ABI asks of a
+        program's entry point (libc.so.6, runnable too, enters elsewhere)."""
+        code = self.read(vaddr, 6) or b""
+        return code.removeprefix(b"\xf3\x0f\x1e\xfa").startswith(b"\x31\xed")
 
     def add_names(self, functions: Iterable[FunctionSymbol], source: str) -> None:
         """More names for the file's functions: a debug file's, once found."""
@@ -158,6 +172,7 @@ class _Parsed:
     debuglink: Optional[tuple[str, int]]
     debugdata: Optional[bytes]
     eh_frame_ranges: list[tuple[int, int]]
+    entry: int = 0  # a program's entry point
 
 
 def _file_reader(f) -> Callable[[int, int], bytes]:
@@ -173,16 +188,18 @@ def _bytes_reader(data: bytes) -> Callable[[int, int], bytes]:
     return lambda offset, size: data[offset : offset + min(size, MAX_SECTION_BYTES)]
 
 
-def _parse(read: Callable[[int, int], bytes], file_size: int, symbols_only: bool = False) -> Optional[_Parsed]:
-    """What a 64-bit ELF file (read through `read(offset, size)`, only the
-    parts needed) says about its functions. symbols_only: a debug file,
-    whose symbols are all that is wanted from it."""
+def _headers(read: Callable[[int, int], bytes], file_size: int):
+    """(byte order, machine, load segments, section headers, section
+    headers by name, body reader, the program's entry point (0 for a
+    library: no PT_INTERP)) of a 64-bit ELF file, or None."""
     head = read(0, 64)
     if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit only
         return None
     end = "<" if head[5] == 1 else ">"
     try:
         machine, = struct.unpack_from(end + "H", head, 0x12)
+        entry, = struct.unpack_from(end + "Q", head, 0x18)
+        interp = False
         (phoff, shoff) = struct.unpack_from(end + "QQ", head, 0x20)
         (phentsize, phnum, shentsize, shnum, shstrndx) = struct.unpack_from(end + "HHHHH", head, 0x36)
         segments = []
@@ -192,6 +209,7 @@ def _parse(read: Callable[[int, int], bytes], file_size: int, symbols_only: bool
                 end + "IIQQQQ", table, i * phentsize)
             if p_type == PT_LOAD:
                 segments.append(Segment(p_offset, p_vaddr, p_filesz))
+            interp = interp or p_type == PT_INTERP
         table = read(shoff, shentsize * shnum) if shentsize >= 64 else b""
         sections = [struct.unpack_from(end + "IIQQQQIIQQ", table, i * shentsize)
                     for i in range(len(table) // shentsize if shentsize else 0)]
@@ -208,7 +226,18 @@ def _parse(read: Callable[[int, int], bytes], file_size: int, symbols_only: bool
     def name_of(sh) -> bytes:
         return names[sh[0] : names.find(b"\0", sh[0])] if sh[0] < len(names) else b""
 
-    by_name = {name_of(sh): sh for sh in sections}
+    return (end, machine, segments, sections, {name_of(sh): sh for sh in sections}, body,
+            entry if interp else 0)
+
+
+def _parse(read: Callable[[int, int], bytes], file_size: int, symbols_only: bool = False) -> Optional[_Parsed]:
+    """What a 64-bit ELF file (read through `read(offset, size)`, only the
+    parts needed) says about its functions. symbols_only: a debug file,
+    whose symbols are all that is wanted from it."""
+    headers = _headers(read, file_size)
+    if headers is None:
+        return None
+    end, machine, segments, sections, by_name, body, entry = headers
     build_id = None
     for sh in sections:
         if sh[1] == SHT_NOTE and not build_id:
@@ -217,7 +246,7 @@ def _parse(read: Callable[[int, int], bytes], file_size: int, symbols_only: bool
     symtab = _functions(read, body, sections, tables.get(SHT_SYMTAB), end)
     dynsym = [] if symbols_only else _functions(read, body, sections, tables.get(SHT_DYNSYM), end)
     parsed = _Parsed(machine, segments, build_id, symtab or dynsym, symtab + dynsym,
-                     SHT_SYMTAB in tables, None, None, [])
+                     SHT_SYMTAB in tables, None, None, [], entry)
     if symbols_only:
         return parsed
     link = by_name.get(b".gnu_debuglink")
@@ -421,3 +450,39 @@ def demangle(name: str) -> str:
     if _demangler is None:
         _demangler = _load_demangler() or (lambda n: n)
     return _demangler(name)
+
+
+@dataclass(frozen=True)
+class UnwindInfo:
+    """How to unwind through one file's code: its load segments and the
+    rows of its .eh_frame (ehframe.unwind_rows), file addresses."""
+    segments: list[Segment]
+    rows: list[tuple[int, int, int, int]]
+    frame_pointers: bool  # built with them: a frame-pointer walk is exact
+
+
+_unwind_cache: OrderedDict = OrderedDict()
+
+
+def _read_unwind(path: str) -> Optional[UnwindInfo]:
+    try:
+        f = open_regular(path)
+    except OSError:
+        return None
+    with f:
+        headers = _headers(_file_reader(f), os.fstat(f.fileno()).st_size)
+        if headers is None or headers[1] != EM_X86_64:
+            return None
+        end, _machine, segments, _sections, by_name, body, _entry = headers
+        eh = by_name.get(b".eh_frame")
+        if eh is None or eh[1] == SHT_NOBITS:
+            return None
+        rows = unwind_rows(body(eh), eh[3], end == "<")
+    if keeps_frame_pointers(rows):
+        return UnwindInfo(segments, [], True)  # not kept: libjvm.so's are 20 MB of tuples
+    return UnwindInfo(segments, rows, False)
+
+
+def unwind_info_of(path: str) -> Optional[UnwindInfo]:
+    """The unwind rows of the file at `path`, once per file version."""
+    return _per_file(_unwind_cache, 64, path, _read_unwind, None)

@@ -32,6 +32,29 @@ class Module:
     mapping: procfs.Mapping  # what opening it checks against
 
 
+def read_mapped(pid: int, module: Module, read):
+    """read(path) of the very file a module of process pid maps; None when
+    it cannot be opened."""
+    try:
+        fd = open_mapped(pid, module.mapping)
+    except OSError:
+        return None
+    try:
+        return read(fd_path(fd))
+    finally:
+        os.close(fd)
+
+
+def code_modules(mappings) -> list[Module]:
+    """One executable, file-backed mapping per file, of /proc/PID/maps."""
+    code = {}
+    for m in mappings:
+        if "x" in m.perms and m.path.startswith("/") and m.inode:
+            code.setdefault((m.device, m.inode),
+                            Module(m.start, m.end, m.offset, m.path.removesuffix(" (deleted)"), m))
+    return list(code.values())
+
+
 class Symbolizer:
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -67,8 +90,7 @@ class Symbolizer:
             modules.append(Module(m.start, m.end, m.offset, m.path.removesuffix(" (deleted)"), m))
         self._modules = modules
         self._starts = [m.start for m in modules]
-        code = {(m.mapping.device, m.mapping.inode): m for m in modules if "x" in m.mapping.perms}
-        self._code_files = list(code.values())
+        self._code_files = code_modules(mappings)
         if self.perf_map is None and is_hotspot(m.path for m in modules):
             self.perf_map = PerfMap(self.pid)
         if self.java is None:
@@ -137,15 +159,17 @@ class Symbolizer:
             self._provisional.clear()
             self.generation += 1
 
+    def code_modules(self) -> list[Module]:
+        """One executable mapping per file the process runs code from."""
+        return list(self._code_files)
+
+    def read_mapped(self, module: Module, read):
+        """read(path) of the very file a module maps (None if it cannot be
+        opened)."""
+        return self._read_mapped(module, read)
+
     def _read_mapped(self, module: Module, read):
-        try:
-            fd = open_mapped(self.pid, module.mapping)
-        except OSError:
-            return None
-        try:
-            return read(fd_path(fd))
-        finally:
-            os.close(fd)
+        return read_mapped(self.pid, module, read)
 
     def code_imports(self, name: str) -> bool:
         """Whether a file the process runs code from takes `name` from

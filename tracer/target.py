@@ -295,6 +295,14 @@ def allocator_of_command(argv: list[str]) -> tuple[str, Allocator]:
     return _hold(os.path.realpath(allocator.path)), allocator
 
 
+def objects_of_command(argv: list[str]) -> list[str]:
+    """The program's binary and the objects the loader will map for it
+    (`ld.so --list`), in load order; what dlopen brings later is not known."""
+    argv, preload = _through_env(argv)
+    binary = program_binary(argv[0])
+    return [binary] + parse_loader_list(_loader_list(binary, preload))
+
+
 def _through_env(argv: list[str]) -> tuple[list[str], Optional[str]]:
     """(the command env runs, the LD_PRELOAD it sets) for `env [-i]
     VAR=VALUE... CMD ARGS`; argv itself otherwise."""

@@ -20,6 +20,8 @@ SOURCE_DIR = Path(__file__).resolve().parent
 # shows the immediate caller survives without them.
 WITH_FP = ["-O1", "-g", "-fno-omit-frame-pointer", "-pthread"]
 WITHOUT_FP = ["-O1", "-g", "-fomit-frame-pointer", "-pthread"]
+# As distributions build: every frame found from .eh_frame alone.
+OPTIMIZED_WITHOUT_FP = ["-O2", "-g", "-fomit-frame-pointer", "-pthread"]
 
 # name -> (source, compiler, flags)
 PROGRAMS: dict[str, tuple[str, str, list[str]]] = {
@@ -35,6 +37,7 @@ PROGRAMS: dict[str, tuple[str, str, list[str]]] = {
     "churn": ("churn.c", "gcc", WITH_FP),
     # thousands of distinct stacks that churn: the benchmark's own target
     "manystacks": ("../../bench/scale_target.c", "gcc", WITH_FP),
+    "unwind_chains": ("unwind_chains.c", "gcc", OPTIMIZED_WITHOUT_FP),
     # no libc.so at all: memtrace must refuse it
     "idle_static": ("idle.c", "gcc", ["-O1", "-g", "-static"]),
     # dynamically linked, but against musl (Debian package musl-tools)

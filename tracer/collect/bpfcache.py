@@ -516,6 +516,7 @@ def _table_class(map_type: int):
         table.BPF_MAP_TYPE_PERCPU_HASH: table.PerCpuHash,
         table.BPF_MAP_TYPE_LRU_HASH: table.LruHash,
         table.BPF_MAP_TYPE_RINGBUF: table.RingBuf,
+        table.BPF_MAP_TYPE_PROG_ARRAY: table.ProgArray,
     }
     if map_type not in bases:
         raise Exception(f"memtrace reads no BPF map of type {map_type}")

@@ -84,17 +84,25 @@ class Collector:
         self._seed()
         return self.probes.open_events(self.vm.handle)
 
-    def _seed(self) -> None:
-        """The address space as it is now: from the maps, and glibc's large
+    def _seed(self, exec_ns: Optional[int] = None) -> None:
+        """The address space as it is now: from the maps (after an exec at
+        exec_ns, with the new image's events seen so far), and glibc's large
         blocks already mapped, found by their chunk headers."""
         from memtrace.glibc.chunks import mark_mmapped_chunks
 
-        self.vm.seed()
+        if exec_ns is None:
+            self.vm.seed()
+        else:
+            self.vm.reseed_after_exec(exec_ns)
         if self.glibc:
             mark_mmapped_chunks(self.pid, self.vm.space)
         self._code_mapped()
 
     def consume_events(self) -> None:
+        # An exec first: the events after it are the new image's, which its
+        # seed must not drop (the caller now known at malloc's entry, they
+        # are applied at once, not held until its return).
+        self.read_watch()
         self.probes.consume_events()
 
     def _code_mapped(self) -> None:
@@ -104,6 +112,8 @@ class Collector:
         program that never trims)."""
         self.symbols.refresh()
         self.jvm.tick()  # a JVM's interpreter, for the frame walk, as soon as it exists
+        if self.probes.unwind is not None:
+            self.probes.unwind.add(self.symbols.code_modules(), self.symbols.read_mapped)
         if not self.probes.watching_rss and self.symbols.code_imports("malloc_trim"):
             self.probes.watch_rss()
 
@@ -115,7 +125,9 @@ class Collector:
         for event in self.watch.read():
             if event.kind != "exec":
                 continue
-            self._seed()
+            if self.probes.unwind is not None:
+                self.probes.unwind.reset()  # the old image's code is gone
+            self._seed(exec_ns=event.ts_ns)
             self._arena_inputs, self._walked = [], {}  # the old image's arenas are gone
             self._check_allocator = True
             if event.argv:
@@ -502,6 +514,9 @@ class Collector:
     def _notes(self, reading) -> tuple[str, ...]:
         # Drops are not notes: they travel as heap.drops, worded by the output.
         notes = []
+        if self.probes.unwind is not None and self.probes.unwind.full:
+            notes.append("the unwind tables are full: stacks through some libraries stop at their "
+                         "first frame without a frame pointer")
         if self._arena_problem:
             notes.append(self._arena_problem)
         notes += [f"the process exec'd: {argv}" for argv in self._execs[-3:]]

@@ -17,8 +17,10 @@ from memtrace import procfs
 from memtrace.collect.bpfsource import bpf_dir, program_text
 from memtrace.collect.probesite import ProbeSite, choose_site
 from memtrace.collect.rows import RowBook
+from memtrace.collect.unwind import UnwindTables, warm
 from memtrace.errors import MemtraceError
 from memtrace.model import Counters, DropStats, Flow, HeapRow
+from memtrace.symbols import code_modules, read_mapped
 
 # Counter indexes: keep in step with enum counter in bpf/memtrace.h.
 (CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
@@ -109,6 +111,8 @@ class Limits:
 ALLOCATOR_KINDS = {"glibc": 0, "jemalloc": 1, "tcmalloc": 2, "mimalloc": 3}
 
 TGID_LIMIT = 1 << 22  # keep in step with bpf/memtrace.h
+# Slots of the walk programs: keep in step with enum walk_kind in bpf/common.bpf.c.
+WALK_HEAP, WALK_VM = 0, 1
 
 # kmem:rss_stat's members: keep in step with enum rss_member in bpf/memtrace.h.
 RSS_MEMBERS = ("file", "anon", "swap", "shmem")
@@ -325,6 +329,7 @@ class Probes:
         self.event_error: Optional[Exception] = None
         self.attached: list[str] = []
         self._bpf = None
+        self.unwind: Optional[UnwindTables] = None  # once loaded
         self._maps: dict = {}  # name -> mmap of a BPF_F_MMAPABLE array
         # row -> its bytes, its Flow, whether it is folded into _folded
         self._flow_cache: dict[int, tuple[bytes, Optional[Flow], bool]] = {}
@@ -381,6 +386,10 @@ class Probes:
         from memtrace.collect.bcccompat import pass_zero_ref_ctr_offset
 
         pass_zero_ref_ctr_offset()
+        # The code the process runs now: its unwind rows are read while
+        # the program compiles, and loaded before any probe fires.
+        code = code_modules(procfs.maps(self.pid) or [])
+        warming = warm(m.path for m in code)
         text = program_text(LAYERS)
         said = tempfile.TemporaryFile()
         try:
@@ -396,6 +405,10 @@ class Probes:
             if b"kmem:rss_stat" in self._bpf.tracepoint_fds:
                 # it waits for watch_rss(): bcc attached it with the rest
                 self._bpf.detach_tracepoint(b"kmem:rss_stat")
+            self._load_walks()
+            self.unwind = UnwindTables(self._bpf)
+            warming.join()
+            self.unwind.add(code, lambda module, read: read_mapped(self.pid, module, read))
         except Exception as e:  # bcc raises bare Exceptions on compile/load errors
             said.seek(0)
             refused = refused_map(said.read(1 << 20).decode(errors="replace") + str(e))
@@ -455,7 +468,25 @@ class Probes:
             wanted.append((b"vm_syscall_return", BPF.KPROBE, -1))
         if not self.light:
             wanted.append((RSS_PROGRAM, BPF.TRACEPOINT, -1))
+        # The stack walks the probes tail-call (_load_walks).
+        kprobes = self.vm_probes == "kprobe"
+        wanted += [(b"walk_heap_stack", BPF.KPROBE, -1),
+                   (b"walk_vm_stack", BPF.KPROBE if kprobes else BPF.TRACEPOINT, -1)]
         return tuple(wanted)
+
+    def _load_walks(self) -> None:
+        """The stack walk programs, into the slots the probes tail-call
+        (common.bpf.c, walk_uprobe and walk_tracepoint)."""
+        import ctypes
+
+        from bcc import BPF
+
+        heap = self._bpf.load_func("walk_heap_stack", BPF.KPROBE)
+        self._bpf["walk_uprobe"][ctypes.c_int(WALK_HEAP)] = ctypes.c_int(heap.fd)
+        kprobes = self.vm_probes == "kprobe"
+        vm = self._bpf.load_func("walk_vm_stack", BPF.KPROBE if kprobes else BPF.TRACEPOINT)
+        slots = self._bpf["walk_uprobe" if kprobes else "walk_tracepoint"]
+        slots[ctypes.c_int(WALK_VM)] = ctypes.c_int(vm.fd)
 
     def attach(self) -> None:
         """Every return probe before any entry probe. The target keeps

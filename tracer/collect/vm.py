@@ -4,6 +4,7 @@ the malloc_trim calls they report."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import replace
 from typing import Callable, Optional
 
@@ -30,6 +31,9 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+APPLIED_KEPT = 4096
+
+
 class VmTracker:
     def __init__(self, pid: int, on_code_mapped: Optional[Callable[[], None]] = None,
                  on_unwatched_trim: Optional[Callable[[], None]] = None) -> None:
@@ -46,6 +50,13 @@ class VmTracker:
         # Events made inside a malloc call whose caller comes at its return
         # (VM_CALLER), per thread, held until then.
         self.held: dict[int, list[VmEvent]] = {}
+        # An exec's time (CLOCK_MONOTONIC, as the events'): what came before
+        # was the old image's, which the new seed replaced.
+        self.not_before_ns = 0
+        # The events applied last: an exec read late (netlink) reseeds from
+        # the maps, and the new image's events already applied are applied
+        # again on the new seed.
+        self.applied: deque[VmEvent] = deque(maxlen=APPLIED_KEPT)
 
     def seed(self) -> None:
         """From /proc/PID/maps, before the first event is applied."""
@@ -62,6 +73,8 @@ class VmTracker:
     def handle(self, raw, scanned: tuple[int, ...] = ()) -> None:
         """One `struct vm_event` from the ring buffer (light mode's mmaps
         come with the raw words at the top of the user stack)."""
+        if raw.ts_ns < self.not_before_ns:
+            return
         self.events += 1
         malloc_key = (raw.malloc_key.stack, raw.malloc_key.caller) if raw.in_malloc else None
         if raw.kind == VM_CALLER:
@@ -115,7 +128,17 @@ class VmTracker:
                 for event in self.held.pop(t):
                     self._apply(event)
 
+    def reseed_after_exec(self, exec_ns: int) -> None:
+        """A new image since exec_ns: the model from its maps, and its
+        events seen so far; older events are the old image's, and dropped."""
+        self.not_before_ns = exec_ns
+        since = [e for e in self.applied if e.ts_ns >= exec_ns]
+        self.seed()
+        for event in since:
+            self.space.apply(event)
+
     def _apply(self, event: VmEvent) -> None:
+        self.applied.append(event)
         self.space.apply(event)
         if self.keep_events:
             self.recent.append(event)

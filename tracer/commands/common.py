@@ -279,7 +279,10 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
                       started, allocator=target.allocator)
     executable = targets.find_executable(command_line[0])
     libc, allocator = targets.allocator_of_command(command_line)
+    from memtrace.collect.unwind import warm
     from memtrace.launch import Launched
+
+    warm(targets.objects_of_command(command_line))  # while the BPF program compiles
 
     output = None
     if view_is_live(args):

@@ -1,0 +1,159 @@
+"""The unwind tables the BPF stack walk reads (common.bpf.c): per code
+module built without frame pointers, its .eh_frame rows placed where the
+process maps it, written into mmapped BPF arrays.
+
+Tables go in before the probes see the module's code run where that can
+be (a launched program's own image, at exec; every module, at an attach)
+and for a library mapped later as soon as its mapping is seen (dlopen:
+the calls it makes before are walked by frame pointers only). Modules
+built with frame pointers get no table: their frame-pointer steps are
+exact and cheaper than a table search."""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import struct
+import threading
+from typing import Callable, Iterable, Optional
+
+from memtrace.elfsyms import UnwindInfo, unwind_info_of
+
+PAGE_BYTES = 4096
+MAX_ROWS_PER_PAGE = 1 << 12  # ROW_SEARCH_STEPS in common.bpf.c
+_ROW = struct.Struct("<IHBB")
+_MODULE = struct.Struct("<QQII")
+
+
+def warm(paths: Iterable[str]) -> threading.Thread:
+    """Read the unwind rows of files the process will map, in the
+    background (the BPF compile takes seconds): a library then gets its
+    table a few ms after it is mapped, not after its rows are parsed
+    (libc: 0.14 s, in which its first calls are walked by frame pointers)."""
+    def read() -> None:
+        for path in paths:
+            unwind_info_of(path)
+
+    thread = threading.Thread(target=read, name="memtrace-unwind-warm", daemon=True)
+    thread.start()
+    return thread
+
+
+class UnwindTables:
+    """The tables of one traced process, in one loaded BPF object."""
+
+    def __init__(self, bpf) -> None:
+        self._bpf = bpf
+        self._generation = 0
+        self._maps: dict[str, mmap.mmap] = {}
+        self._capacity = {name: bpf[name].max_entries for name in
+                          ("unwind_rows", "unwind_pages", "unwind_modules")}
+        self.reset()
+
+    def reset(self) -> None:
+        """A new address space (an exec): nothing of the old one holds."""
+        self._seen: set[tuple] = set()
+        self._modules: list[tuple[int, int, int]] = []  # (lo, hi, first page)
+        self._next_row = 0
+        self._next_page = 0
+        self.rows = 0  # in use, for people
+        self.full = False
+        self._set_head()
+
+    def _map(self, name: str) -> mmap.mmap:
+        if name not in self._maps:
+            table = self._bpf[name]
+            size = -(-ctypes.sizeof(table.Leaf) // 8) * 8 * self._capacity[name]
+            length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._maps[name] = mmap.mmap(table.map_fd, length, mmap.MAP_SHARED,
+                                         mmap.PROT_READ | mmap.PROT_WRITE)
+        return self._maps[name]
+
+    def add(self, modules: Iterable, read_mapped: Callable) -> int:
+        """Tables for the code modules (symbols.Module) not seen yet;
+        read_mapped(module, fn) reads the very file mapped. Returns how many
+        modules got one."""
+        added = 0
+        for module in modules:
+            key = (module.start, module.end, module.mapping.device, module.mapping.inode)
+            if key in self._seen:
+                continue
+            self._seen.add(key)
+            info = read_mapped(module, unwind_info_of)
+            if info is None or info.frame_pointers or not info.rows:
+                continue
+            placed = _place(info, module.start, module.end, module.file_offset)
+            if placed and self._write(module.start, module.end, placed):
+                added += 1
+        if added:
+            self._publish()
+        return added
+
+    def _write(self, lo: int, hi: int, rows: list[tuple[int, int, int, int]]) -> bool:
+        pages = -(-(hi - lo) // PAGE_BYTES)
+        if (self._next_row + len(rows) > self._capacity["unwind_rows"]
+                or self._next_page + pages + 1 > self._capacity["unwind_pages"]
+                or len(self._modules) >= self._capacity["unwind_modules"]):
+            self.full = True
+            return False
+        offsets = [r[0] for r in rows]
+        first_rows = []
+        for p in range(pages + 1):
+            i = bisect.bisect_right(offsets, min(p * PAGE_BYTES, offsets[-1])) - 1
+            first_rows.append(self._next_row + max(i, 0))
+        if any(b - a >= MAX_ROWS_PER_PAGE for a, b in zip(first_rows, first_rows[1:])):
+            return False  # not found by the BPF search: frame pointers only there
+        data = b"".join(_ROW.pack(x, cfa_off, rule, slot) for x, rule, cfa_off, slot in rows)
+        at = self._next_row * _ROW.size
+        self._map("unwind_rows")[at : at + len(data)] = data
+        # An array map keeps each value in 8 bytes: the u32 and 4 of padding.
+        data = struct.pack(f"<{len(first_rows)}Q", *first_rows)
+        self._map("unwind_pages")[self._next_page * 8 : self._next_page * 8 + len(data)] = data
+        self._modules.append((lo, hi, self._next_page))
+        self._next_row += len(rows)
+        self._next_page += pages + 1
+        self.rows = self._next_row
+        return True
+
+    def _publish(self) -> None:
+        """The module list, sorted, then its count: a walk under way reads
+        at worst a list one module short."""
+        self._modules.sort()
+        data = b"".join(_MODULE.pack(lo, hi, page, 0) for lo, hi, page in self._modules)
+        self._map("unwind_modules")[: len(data)] = data
+        self._set_head()
+
+    def _set_head(self) -> None:
+        """The module count and a new generation (the walk's cache of rows
+        found drops what it found in older tables)."""
+        self._generation += 1
+        head = self._bpf["unwind_head"]
+        value = head.Leaf()
+        value.modules = len(self._modules)
+        value.generation = self._generation
+        head[ctypes.c_int(0)] = value
+
+
+def _place(info: UnwindInfo, start: int, end: int, file_offset: int) -> Optional[list]:
+    """The rows of the part of a file that one mapping holds, as offsets
+    from the mapping's start; the row holding at the start comes first."""
+    segment = next((s for s in info.segments
+                    if s.offset <= file_offset < s.offset + max(s.filesz, 1)), None)
+    if segment is None:
+        return None
+    delta = segment.offset - segment.vaddr - file_offset  # file address -> mapping offset
+    size = end - start
+    out = []
+    before = None
+    for vaddr, rule, cfa_off, slot in info.rows:
+        x = vaddr + delta
+        if x < 0:
+            before = (0, rule, cfa_off, slot)
+            continue
+        if x >= size:
+            break
+        if not out and before is not None and x > 0:
+            out.append(before)
+        out.append((x, rule, cfa_off, slot))
+    return out or None

@@ -217,10 +217,13 @@ BPF_PERCPU_ARRAY(unwind_cache, struct unwind_cached, 1 << UNWIND_CACHE_BITS);
 /* The walk is a program of its own, reached by tail call from the
  * programs that want a stack (walk_heap_stack, walk_vm_stack): the
  * verifier checks it once, where each inlined copy cost ~0.6 s of load
- * time. A tail call needs the caller's program type: uprobes and kprobes
- * (slot WALK_HEAP, WALK_VM) and the syscall tracepoints (WALK_VM). */
+ * time. A tail call needs the caller's program type and attach type: the
+ * uprobes (slot WALK_HEAP; uprobe_multi links where the kernel has them),
+ * the syscall kprobes of --vm-probes kprobe (perf events) and the syscall
+ * tracepoints (slot WALK_VM). */
 enum walk_kind { WALK_HEAP = 0, WALK_VM = 1 };
 BPF_PROG_ARRAY(walk_uprobe, 2);
+BPF_PROG_ARRAY(walk_kprobe, 2);
 BPF_PROG_ARRAY(walk_tracepoint, 2);
 /* What the tail-called walk needs from its caller. */
 struct walk_request {

@@ -199,7 +199,7 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
         req->scan = scan;
         req->continuing = 0;
 #ifdef VM_KPROBES
-        walk_uprobe.call(ctx, WALK_VM);
+        walk_kprobe.call(ctx, WALK_VM);
 #else
         walk_tracepoint.call(ctx, WALK_VM);
 #endif
@@ -210,7 +210,7 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
 }
 
 /* The walk for an address-space event, reached by tail call from vm_exit
- * and from itself (loaded by Python into walk_uprobe or walk_tracepoint).
+ * and from itself (loaded by Python into walk_kprobe or walk_tracepoint).
  * Where the kernel gives a task's user registers to BPF (with task
  * storage: the same kernels), our own walk, which does not fault on
  * glibc's frame-pointer-less code as the kernel's walk does (~0.7 us per
@@ -234,7 +234,7 @@ int walk_vm_stack(void *ctx)
     if (w && !walk_steps(w)) {
         req->continuing = 1;
 #ifdef VM_KPROBES
-        walk_uprobe.call(ctx, WALK_VM);
+        walk_kprobe.call(ctx, WALK_VM);
 #else
         walk_tracepoint.call(ctx, WALK_VM);
 #endif

@@ -21,6 +21,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import struct
 import tempfile
@@ -95,6 +96,14 @@ class CompiledObject:
 def usable() -> bool:
     """bpf(2) is called directly only where its number is known."""
     return SYS_BPF is not None
+
+
+def uprobe_multi_possible() -> bool:
+    """Whether uprobes can be uprobe_multi links (Linux 6.6): known before
+    any program is loaded, since a program that tail-calls must be loaded
+    for the same attach type as the walk it calls."""
+    release = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return usable() and release is not None and (int(release[1]), int(release[2])) >= (6, 6)
 
 
 def cache_dir() -> Path:

@@ -461,7 +461,7 @@ class Probes:
 
         hooks = {h.symbol: h for h in self.hooks}
         names = [n for s in self.sites for n in (hooks[s.symbol].entry, hooks[s.symbol].ret) if n]
-        multi = bpfcache.BPF_TRACE_UPROBE_MULTI
+        multi = bpfcache.BPF_TRACE_UPROBE_MULTI if bpfcache.uprobe_multi_possible() else -1
         wanted = [(n.encode(), BPF.KPROBE, multi) for n in dict.fromkeys(names)]
         if self.vm_probes == "kprobe":
             wanted += [(f"syscall__{c}".encode(), BPF.KPROBE, -1) for c in VM_SYSCALLS]
@@ -469,24 +469,33 @@ class Probes:
         if not self.light:
             wanted.append((RSS_PROGRAM, BPF.TRACEPOINT, -1))
         # The stack walks the probes tail-call (_load_walks).
-        kprobes = self.vm_probes == "kprobe"
-        wanted += [(b"walk_heap_stack", BPF.KPROBE, -1),
-                   (b"walk_vm_stack", BPF.KPROBE if kprobes else BPF.TRACEPOINT, -1)]
+        wanted += [(name, prog_type, attach) for name, prog_type, attach, _, _ in self._walk_programs()]
         return tuple(wanted)
 
-    def _load_walks(self) -> None:
-        """The stack walk programs, into the slots the probes tail-call
-        (common.bpf.c, walk_uprobe and walk_tracepoint)."""
-        import ctypes
-
+    def _walk_programs(self) -> tuple:
+        """(name, program type, attach type, prog array, slot) of the stack
+        walks the probes tail-call (common.bpf.c). A tail call's target must
+        be loaded for the caller's attach type: the uprobes' walk for
+        uprobe_multi links where they will be used, the syscall kprobes'
+        walk (perf events) in an array of its own."""
         from bcc import BPF
 
-        heap = self._bpf.load_func("walk_heap_stack", BPF.KPROBE)
-        self._bpf["walk_uprobe"][ctypes.c_int(WALK_HEAP)] = ctypes.c_int(heap.fd)
-        kprobes = self.vm_probes == "kprobe"
-        vm = self._bpf.load_func("walk_vm_stack", BPF.KPROBE if kprobes else BPF.TRACEPOINT)
-        slots = self._bpf["walk_uprobe" if kprobes else "walk_tracepoint"]
-        slots[ctypes.c_int(WALK_VM)] = ctypes.c_int(vm.fd)
+        from memtrace.collect import bpfcache
+
+        multi = bpfcache.BPF_TRACE_UPROBE_MULTI if bpfcache.uprobe_multi_possible() else -1
+        if self.vm_probes == "kprobe":
+            vm = (b"walk_vm_stack", BPF.KPROBE, -1, "walk_kprobe", WALK_VM)
+        else:
+            vm = (b"walk_vm_stack", BPF.TRACEPOINT, -1, "walk_tracepoint", WALK_VM)
+        return ((b"walk_heap_stack", BPF.KPROBE, multi, "walk_uprobe", WALK_HEAP), vm)
+
+    def _load_walks(self) -> None:
+        """The stack walk programs, into the slots the probes tail-call."""
+        import ctypes
+
+        for name, prog_type, attach_type, array, slot in self._walk_programs():
+            fn = self._bpf.load_func(name, prog_type, attach_type=attach_type)
+            self._bpf[array][ctypes.c_int(slot)] = ctypes.c_int(fn.fd)
 
     def attach(self) -> None:
         """Every return probe before any entry probe. The target keeps
@@ -533,9 +542,9 @@ class Probes:
 
         from memtrace.collect import bpfcache
 
-        if not bpfcache.usable():
+        if not bpfcache.uprobe_multi_possible():
             self.attach_note = ("a perf event per uprobe (no uprobe_multi link on "
-                                f"{os.uname().machine})")
+                                f"{os.uname().machine} {os.uname().release})")
             return False
         groups = self._link_groups()
         for (program, returns), sites in groups.items():

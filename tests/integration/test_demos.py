@@ -434,7 +434,12 @@ def test_threads_demo_matches_its_truth(launch_demo):
     leaked = int(total_line(end)["leaked_bytes"])
     top = doc["stacks"][0]
     assert function(top["frames"][0]) == "audit_log_append", brief(doc)
-    assert top["live_bytes"] == leaked, (top, leaked)
+    # Exact by the leaking function. In launch mode a thread's first calls
+    # can come before libc's unwind table is loaded (a few ms after its
+    # mmap): those stacks end at the frame-pointer walk's end, apart.
+    by_leaker = [s for s in doc["stacks"] if function(s["frames"][0]) == "audit_log_append"]
+    assert sum(s["live_bytes"] for s in by_leaker) == leaked, (by_leaker, leaked)
+    assert top["live_bytes"] >= 0.9 * leaked, (top, leaked)
     drops = doc["heap"]["drops"]
     assert drops["allocs_map_full"] == drops["stats_map_full"] == 0, drops
 

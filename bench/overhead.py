@@ -173,8 +173,10 @@ class Tracer:
             said = [t for t, line in self.lines if "attached" in line]
             count = uprobe_count(descendants(self.proc.pid))
             now = time.monotonic()
-            if said and count:
+            if said and (count or any("probes attached" in line for _, line in self.lines)):
                 # It says it is done: no need to watch the count settle.
+                # (memtrace's uprobe_multi links are not in bpftool's perf
+                # list: its own "probes attached" line is the word.)
                 time.sleep(0.1)  # a second "attached" line may follow
                 return [t for t, line in self.lines if "attached" in line][-1]
             if count != last:

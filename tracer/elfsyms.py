@@ -486,3 +486,17 @@ def _read_unwind(path: str) -> Optional[UnwindInfo]:
 def unwind_info_of(path: str) -> Optional[UnwindInfo]:
     """The unwind rows of the file at `path`, once per file version."""
     return _per_file(_unwind_cache, 64, path, _read_unwind, None)
+
+
+def unwind_info_ready(path: str) -> bool:
+    """Whether unwind_info_of(path) answers at once (parsed already, or the
+    file cannot be opened): libjvm.so's rows take a second to parse."""
+    try:
+        fd = open_path(path)
+    except OSError:
+        return True
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size) in _unwind_cache
+    finally:
+        os.close(fd)

@@ -445,7 +445,9 @@ def test_threads_demo_matches_its_truth(launch_demo):
 
 
 def test_startup_demo_runs_to_the_end(launch_demo):
-    result = launch_demo("startup", ["--hold", "0.5"])
+    # Held long enough for snapshots while it lives: the JVM runs ~1 s, and
+    # the first snapshot comes when the JVM's symbols and tables are read.
+    result = launch_demo("startup", ["--hold", "2"])
     doc = result.doc
     assert doc["exit_status"] == 0 and not doc["target_alive"], brief(doc)
     zipstream = truth_lines(result.stderr, "scan-zipstream")

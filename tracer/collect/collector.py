@@ -255,6 +255,10 @@ class Collector:
         the kernel last saw it before the exit (RSS counters, heap counters),
         its arenas and regions as last read, and names as they were."""
         self.consume_events()
+        unwind = self.probes.unwind
+        if unwind is not None and unwind.pending:
+            # Rows parsed on a thread since the module was mapped: placed now.
+            unwind.add(self.symbols.code_modules(), self.symbols.read_mapped)
         last = fresh or not target_alive
         if last:
             self.symbols.settle(FINAL_NAMES_WAIT_S)  # the last word: names under way may come

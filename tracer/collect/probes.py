@@ -408,7 +408,7 @@ class Probes:
             self._load_walks()
             self.unwind = UnwindTables(self._bpf)
             warming.join()
-            self.unwind.add(code, lambda module, read: read_mapped(self.pid, module, read))
+            self.unwind.add(code, lambda module, read: read_mapped(self.pid, module, read), wait=True)
         except Exception as e:  # bcc raises bare Exceptions on compile/load errors
             said.seek(0)
             refused = refused_map(said.read(1 << 20).decode(errors="replace") + str(e))

@@ -18,7 +18,7 @@ import struct
 import threading
 from typing import Callable, Iterable, Optional
 
-from memtrace.elfsyms import UnwindInfo, unwind_info_of
+from memtrace.elfsyms import UnwindInfo, unwind_info_of, unwind_info_ready
 
 PAGE_BYTES = 4096
 MAX_ROWS_PER_PAGE = 1 << 12  # ROW_SEARCH_STEPS in common.bpf.c
@@ -45,6 +45,7 @@ class UnwindTables:
 
     def __init__(self, bpf) -> None:
         self._bpf = bpf
+        self._lock = threading.Lock()  # add() from the collector and from parsing threads
         self._generation = 0
         self._maps: dict[str, mmap.mmap] = {}
         self._capacity = {name: bpf[name].max_entries for name in
@@ -54,6 +55,11 @@ class UnwindTables:
     def reset(self) -> None:
         """A new address space (an exec): nothing of the old one holds."""
         self._seen: set[tuple] = set()
+        # Modules whose rows are parsed on a thread (_parsing), and those
+        # not placed yet (_deferred): a later add() places them, and the
+        # collector calls it at every snapshot while there are some.
+        self._parsing: set[tuple] = set()
+        self._deferred: set[tuple] = set()
         self._modules: list[tuple[int, int, int]] = []  # (lo, hi, first page)
         self._next_row = 0
         self._next_page = 0
@@ -70,15 +76,31 @@ class UnwindTables:
                                          mmap.PROT_READ | mmap.PROT_WRITE)
         return self._maps[name]
 
-    def add(self, modules: Iterable, read_mapped: Callable) -> int:
+    @property
+    def pending(self) -> bool:
+        return bool(self._deferred)
+
+    def add(self, modules: Iterable, read_mapped: Callable, wait: bool = False) -> int:
         """Tables for the code modules (symbols.Module) not seen yet;
-        read_mapped(module, fn) reads the very file mapped. Returns how many
+        read_mapped(module, fn) reads the very file mapped. A module whose
+        rows are not parsed yet is parsed on a thread, which places it when
+        done, unless `wait`: a snapshot never waits a second for libjvm.so
+        (its calls meanwhile are walked by frame pointers). Returns how many
         modules got one."""
+        with self._lock:
+            return self._add(modules, read_mapped, wait)
+
+    def _add(self, modules: Iterable, read_mapped: Callable, wait: bool) -> int:
         added = 0
         for module in modules:
             key = (module.start, module.end, module.mapping.device, module.mapping.inode)
-            if key in self._seen:
+            if key in self._seen or key in self._parsing:
                 continue
+            if not wait and not read_mapped(module, unwind_info_ready):
+                self._deferred.add(key)
+                self._parse_later(key, module, read_mapped)
+                continue
+            self._deferred.discard(key)
             self._seen.add(key)
             info = read_mapped(module, unwind_info_of)
             if info is None or info.frame_pointers or not info.rows:
@@ -89,6 +111,20 @@ class UnwindTables:
         if added:
             self._publish()
         return added
+
+    def _parse_later(self, key: tuple, module, read_mapped: Callable) -> None:
+        parsing = self._parsing
+        parsing.add(key)
+
+        def parse() -> None:
+            try:
+                read_mapped(module, unwind_info_of)
+            finally:
+                parsing.discard(key)
+            if parsing is self._parsing:  # no exec meanwhile
+                self.add([module], read_mapped)
+
+        threading.Thread(target=parse, name="memtrace-unwind-parse", daemon=True).start()
 
     def _write(self, lo: int, hi: int, rows: list[tuple[int, int, int, int]]) -> bool:
         pages = -(-(hi - lo) // PAGE_BYTES)

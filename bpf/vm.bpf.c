@@ -128,6 +128,17 @@ static __always_inline int maps_code(struct vm_call *call)
            !(call->a3 & 0x20 /* MAP_ANONYMOUS */);
 }
 
+/* Into walk_vm_stack, by the prog array of this layer's program type;
+ * returns only where the walk program is missing. */
+static __always_inline void walk_vm(void *ctx)
+{
+#ifdef VM_KPROBES
+    walk_kprobe.call(ctx, WALK_VM);
+#else
+    walk_tracepoint.call(ctx, WALK_VM);
+#endif
+}
+
 /* with_stack: a constant per program, so that programs without the walk
  * (munmap, madvise) do not tail-call it. */
 static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
@@ -198,11 +209,7 @@ static __always_inline int vm_exit(void *ctx, s64 ret, int with_stack)
     if (with_stack) {
         req->scan = scan;
         req->continuing = 0;
-#ifdef VM_KPROBES
-        walk_kprobe.call(ctx, WALK_VM);
-#else
-        walk_tracepoint.call(ctx, WALK_VM);
-#endif
+        walk_vm(ctx);
         /* reached only without the walk program */
     }
     send_unsent(unsent, scan, req->wake);
@@ -233,11 +240,7 @@ int walk_vm_stack(void *ctx)
     }
     if (w && !walk_steps(w)) {
         req->continuing = 1;
-#ifdef VM_KPROBES
-        walk_kprobe.call(ctx, WALK_VM);
-#else
-        walk_tracepoint.call(ctx, WALK_VM);
-#endif
+        walk_vm(ctx);
     }
     req->continuing = 0;
     u64 stored = 0;

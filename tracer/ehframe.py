@@ -89,23 +89,7 @@ def function_ranges(data: bytes, section_vaddr: int, little_endian: bool = True)
     end = "<" if little_endian else ">"
     ranges: list[tuple[int, int]] = []
     encodings: dict[int, Optional[int]] = {}
-    pos = 0
-    for _ in range(MAX_RECORDS):
-        if pos + 4 > len(data):
-            break
-        length, = struct.unpack_from(end + "I", data, pos)
-        if length == 0:
-            break  # the terminator
-        body = pos + 4
-        if length == 0xFFFFFFFF:
-            if pos + 12 > len(data):
-                break
-            length, = struct.unpack_from(end + "Q", data, pos + 4)
-            body = pos + 12
-        stop = body + length
-        if stop > len(data) or length < 4:
-            break
-        cie_pointer, = struct.unpack_from(end + "I", data, body)
+    for body, stop, cie_pointer in _records(data, end):
         try:
             if cie_pointer:
                 cie = body - cie_pointer
@@ -120,8 +104,31 @@ def function_ranges(data: bytes, section_vaddr: int, little_endian: bool = True)
                         ranges.append((start, start + size))
         except (ValueError, IndexError, struct.error):
             pass  # this record only: its length still leads to the next
-        pos = stop
     return ranges
+
+
+def _records(data: bytes, end: str):
+    """(body, stop, CIE pointer) of each record of an .eh_frame section, in
+    order, up to its terminator or the first length that cannot be."""
+    pos = 0
+    for _ in range(MAX_RECORDS):
+        if pos + 4 > len(data):
+            return
+        length, = struct.unpack_from(end + "I", data, pos)
+        if length == 0:
+            return
+        body = pos + 4
+        if length == 0xFFFFFFFF:
+            if pos + 12 > len(data):
+                return
+            length, = struct.unpack_from(end + "Q", data, pos + 4)
+            body = pos + 12
+        stop = body + length
+        if stop > len(data) or length < 4:
+            return
+        cie_pointer, = struct.unpack_from(end + "I", data, body)
+        yield body, stop, cie_pointer
+        pos = stop
 
 
 def _cie_encoding(data: bytes, cie: int, end: str, vaddr: int) -> Optional[int]:
@@ -297,24 +304,7 @@ def unwind_rows(data: bytes, section_vaddr: int, little_endian: bool = True) -> 
     end = "<"
     cies: dict[int, object] = {}
     by_function: list[list] = []
-    pos = 0
-    for _ in range(MAX_RECORDS):
-        if pos + 4 > len(data):
-            break
-        length, = struct.unpack_from(end + "I", data, pos)
-        if length == 0:
-            break
-        body = pos + 4
-        if length == 0xFFFFFFFF:
-            if pos + 12 > len(data):
-                break
-            length, = struct.unpack_from(end + "Q", data, pos + 4)
-            body = pos + 12
-        stop = body + length
-        if stop > len(data) or length < 4:
-            break
-        cie_pointer, = struct.unpack_from(end + "I", data, body)
-        pos = stop
+    for body, stop, cie_pointer in _records(data, end):
         if not cie_pointer:
             continue
         try:

@@ -17,7 +17,6 @@ import bisect
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -140,12 +139,13 @@ class PerfMap:
         else it first sends SIGQUIT, which a JVM that does not catch it
         (-Xrs) dies of, and one without the attach mechanism answers with a
         thread dump on its output."""
-        root = f"/proc/{self.pid}/root/tmp/.java_pid{self.nspid}"
-        try:
-            if stat.S_ISSOCK(os.lstat(root).st_mode):
-                return True
-        except OSError:
-            pass
+        if _attach_disabled(self.pid):
+            self.problem = "-XX:+DisableAttachMechanism: jcmd cannot attach, JIT frames stay unnamed"
+            return False
+        # The socket counts only when this process holds it: one left by a
+        # JVM that died names a pid the kernel may have given to another.
+        if _holds_socket(self.pid, f"/tmp/.java_pid{self.nspid}"):
+            return True
         status = _status_fields(self.pid)
         try:
             catches_quit = bool(int(status["SigCgt"], 16) & (1 << (signal.SIGQUIT - 1)))
@@ -153,9 +153,6 @@ class PerfMap:
             catches_quit = False
         if not catches_quit:
             self.problem = "the JVM does not catch SIGQUIT (-Xrs): jcmd cannot attach, JIT frames stay unnamed"
-            return False
-        if _attach_disabled(self.pid):
-            self.problem = "-XX:+DisableAttachMechanism: jcmd cannot attach, JIT frames stay unnamed"
             return False
         return True
 
@@ -204,6 +201,30 @@ def _attach_disabled(pid: int) -> bool:
         for word in text.split(b"\0"):
             if b"-XX:+DisableAttachMechanism" in word:
                 return True
+    return False
+
+
+def _holds_socket(pid: int, path: str) -> bool:
+    """Whether the process has the unix socket bound at path open."""
+    inodes = set()
+    try:
+        with open(f"/proc/{pid}/net/unix") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7] == path:
+                    inodes.add(f"socket:[{fields[6]}]")
+        if not inodes:
+            return False
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                if os.readlink(os.path.join(fd_dir, fd)) in inodes:
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        pass
     return False
 
 

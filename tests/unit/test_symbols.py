@@ -11,6 +11,7 @@ import http.server
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -332,4 +333,24 @@ def test_jcmd_never_attaches_to_a_jvm_without_the_attach_mechanism():
         assert "DisableAttachMechanism" in perf.problem
     finally:
         child.stdin.close()
+        child.wait(10)
+
+
+def test_a_socket_left_by_a_dead_jvm_does_not_make_its_pid_safe():
+    # The CI found it: a JVM killed earlier left /tmp/.java_pid<N>, and the
+    # kernel gave N to a process that must never get SIGQUIT.
+    child = subprocess.Popen(["sleep", "30"])
+    stale = f"/tmp/.java_pid{child.pid}"
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        if os.path.exists(stale):
+            os.unlink(stale)
+        server.bind(stale)  # bound by us, not by the child
+        perf = jvm.PerfMap(child.pid)
+        assert not perf.attach_is_safe()
+        assert "SIGQUIT" in perf.problem
+    finally:
+        server.close()
+        os.unlink(stale)
+        child.kill()
         child.wait(10)

@@ -57,9 +57,9 @@ def wall_times(mode: list[str], runs: int, cold: bool, cache: Path) -> tuple[lis
 # Steps of one trace: (label, module, attribute path). Nested steps are
 # timed inside their parents and shown indented.
 STEPS = [
-    ("preflight", "memtrace.preflight", "check_all"),
-    ("allocator discovery", "memtrace.target", "allocator_of_command"),
-    ("launch (fork, exec stop)", "memtrace.launch", "Launched.__init__"),
+    ("preflight", "memtrace.cli.preflight", "check_all"),
+    ("allocator discovery", "memtrace.process.target", "allocator_of_command"),
+    ("launch (fork, exec stop)", "memtrace.process.launch", "Launched.__init__"),
     ("probe sites", "memtrace.collect.probes", "resolve_sites"),
     ("BPF object", "memtrace.collect.probes", "Probes.load"),
     ("  compile (bcc, clang)", "bcc", "BPF.__init__"),
@@ -68,11 +68,11 @@ STEPS = [
     ("  maps, tracepoints (cached)", "memtrace.collect.bpfcache", "loaded_object"),
     ("attach", "memtrace.collect.probes", "Probes.attach"),
     ("collector start", "memtrace.collect.collector", "Collector.start"),
-    ("netlink watch", "memtrace.commands.common", "_open_watch"),
-    ("session (target runs, final snapshot)", "memtrace.session", "Session._loop"),
+    ("netlink watch", "memtrace.cli.common", "_open_watch"),
+    ("session (target runs, final snapshot)", "memtrace.cli.session", "Session._loop"),
     ("  snapshots", "memtrace.collect.collector", "Collector.snapshot"),
     ("detach", "memtrace.collect.probes", "Probes.detach"),
-    ("JSON out", "memtrace.sinks.jsonout", "JsonSink.close"),
+    ("JSON out", "memtrace.output.sinks.jsonout", "JsonSink.close"),
 ]
 
 
@@ -110,7 +110,7 @@ def breakdown(mode: list[str], runs: int, cold: bool, cache: Path) -> dict[str, 
 def one_run(mode: list[str]) -> None:
     import importlib
 
-    from memtrace.commands import main
+    from memtrace.cli import main
 
     # from the parent's fork: the interpreter's start and the first imports
     started = time.monotonic() - (time.time() - float(os.environ["MEMTRACE_BENCH_T0"]))

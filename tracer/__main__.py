@@ -1,3 +1,3 @@
-from memtrace.commands import run
+from memtrace.cli import run
 
 run()

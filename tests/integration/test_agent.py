@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from memtrace.follow import cgroup2_root
+from memtrace.process.follow import cgroup2_root
 
 pytestmark = pytest.mark.bpf
 

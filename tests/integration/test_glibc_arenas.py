@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from memtrace.glibc_arenas import ArenaReport, read_arenas
+from memtrace.process.glibc.inspect import ArenaReport, read_arenas
 
 SOURCE = Path(__file__).resolve().parents[1] / "programs" / "arenas.c"
 PAGE = 4096

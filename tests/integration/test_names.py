@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from memtrace.view.fmt import split_frame
+from memtrace.model.frames import split_frame
 
 pytestmark = pytest.mark.bpf
 

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import pytest
 
 from memtrace.errors import MemtraceError
-from memtrace.netlink import ProcEvent, ProcessWatch, task_memory
+from memtrace.process.netlink import ProcEvent, ProcessWatch, task_memory
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 MIB = 1 << 20
@@ -180,7 +180,7 @@ def test_task_memory_of_a_missing_process() -> None:
 
 def test_without_cap_net_admin_it_degrades_with_the_reason() -> None:
     script = (
-        "from memtrace.netlink import ProcessWatch\n"
+        "from memtrace.process.netlink import ProcessWatch\n"
         "w = ProcessWatch(1)\n"
         "print(w.available, w.peak_rss_available)\n"
         "print(w.reason)\n"

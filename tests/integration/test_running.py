@@ -110,7 +110,7 @@ def test_attach_counts_the_heap_from_before_as_live(light, existing, start_memtr
 def test_the_final_figures_are_those_at_the_exit(programs, run_memtrace, memtrace_cmd, tmp_path):
     import subprocess
 
-    from memtrace.view.fmt import fmt_bytes
+    from memtrace.output.view.fmt import fmt_bytes
 
     truth_path, recording = tmp_path / "truth.json", tmp_path / "exit.memtrace"
     rc, doc, stderr = run_memtrace(["--json", "--interval", "0.5", "--record", recording, "--",

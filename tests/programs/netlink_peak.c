@@ -1,4 +1,4 @@
-/* Ground truth for the netlink process watch (tracer/netlink.py): a peak
+/* Ground truth for the netlink process watch (tracer/process/netlink.py): a peak
  * RSS the process no longer has when it exits, and a known exit status.
  *
  * usage: netlink_peak MODE

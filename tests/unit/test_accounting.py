@@ -5,9 +5,9 @@ never contradict each other."""
 
 from __future__ import annotations
 
-from memtrace import accounting
-from memtrace.accounting import ArenaInput, ChunkSpans, HeapSpan
-from memtrace.model import BUCKET_SHIFT, AllocatorStats, Flow
+from memtrace.model import accounting
+from memtrace.model.accounting import ArenaInput, ChunkSpans, HeapSpan
+from memtrace.model.snapshot import BUCKET_SHIFT, AllocatorStats, Flow
 
 MiB = 1 << 20
 
@@ -113,7 +113,7 @@ def test_one_hint_about_trimming_not_two():
 
 
 def test_exited_threads_past_the_latest_are_one_row():
-    from memtrace.model import Counters, HeapRow, aggregate_threads
+    from memtrace.model.snapshot import Counters, HeapRow, aggregate_threads
 
     rows = [HeapRow(tid, (1, 2), Counters(100, 100, 1, 1)) for tid in range(100, 200)]
     rows.append(HeapRow(0, (1, 2), Counters(5000, 5000, 50, 50)))  # folded by the reader
@@ -127,7 +127,7 @@ def test_exited_threads_past_the_latest_are_one_row():
 
 
 def test_retained_shares_are_whole_pages_and_add_up():
-    from memtrace.accounting import RETAINED_SHARE_UNIT, _share_retained
+    from memtrace.model.accounting import RETAINED_SHARE_UNIT, _share_retained
 
     freed = {(i, 0): 1000 + 37 * i for i in range(500)}
     out: dict = {}

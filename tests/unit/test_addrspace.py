@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from memtrace.addrspace import (
+from memtrace.model.addrspace import (
     ANONYMOUS,
     ARENA_HEAP,
     FILE,
@@ -34,7 +34,7 @@ from memtrace.addrspace import (
     parse_start_brk,
 )
 from memtrace.errors import MemtraceError
-from memtrace.procfs import parse_smaps
+from memtrace.process.procfs import parse_smaps
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 4096

@@ -8,7 +8,7 @@ import random
 
 from memtrace.collect.aggregate import StackAggregator
 from memtrace.collect.rows import RowBook
-from memtrace.model import Counters, Flow, Snapshot, aggregate_stacks, aggregate_threads
+from memtrace.model.snapshot import Counters, Flow, Snapshot, aggregate_stacks, aggregate_threads
 
 
 def frames_for(stack_key):

@@ -44,7 +44,7 @@ def test_vm_kinds():
 
 
 def test_bucket_shift():
-    from memtrace.model import BUCKET_SHIFT
+    from memtrace.model.snapshot import BUCKET_SHIFT
 
     heap = (Path(__file__).resolve().parents[2] / "bpf" / "heap.bpf.c").read_text()
     assert int(re.search(r"#define BUCKET_SHIFT (\d+)", heap).group(1)) == BUCKET_SHIFT
@@ -56,7 +56,7 @@ def test_allocator_kinds():
 
 
 def test_jvm_method_tag():
-    from memtrace.jvm_methods import JVM_METHOD_TAG
+    from memtrace.jvm.methods import JVM_METHOD_TAG
 
     assert 1 << _define("JVM_METHOD_TAG_BIT") == JVM_METHOD_TAG
     assert _define("JVM_METHOD_SLOT") == 3 * 8  # x86-64: interpreter_frame_method_offset

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from memtrace.commands import _command_first, main
+from memtrace.cli import _command_first, main
 from memtrace.errors import MemtraceError
 
 NAMES = {"trace", "demo", "replay", "report"}
@@ -80,7 +80,7 @@ def test_map_sizes_beyond_the_kernel_name_the_flag_and_its_limit(option, value, 
 
 
 def test_map_sizes_beyond_memory_name_the_flag(monkeypatch):
-    from memtrace.commands import common
+    from memtrace.cli import common
 
     args = get_trace_args(["--max-allocs", str(1 << 30), "-p", "1"])
     monkeypatch.setattr(common, "_available_memory", lambda: 8 << 30)
@@ -94,13 +94,13 @@ def test_map_sizes_beyond_memory_name_the_flag(monkeypatch):
 
 
 def get_trace_args(argv):
-    from memtrace.commands import get_argument_parser
+    from memtrace.cli import get_argument_parser
 
     return get_argument_parser().parse_args(["trace", *argv])
 
 
 def test_record_path_is_checked_before_anything_starts(tmp_path):
-    from memtrace.commands.common import check_output_paths
+    from memtrace.cli.common import check_output_paths
 
     def refused(path):
         with pytest.raises(MemtraceError) as e:
@@ -129,7 +129,7 @@ def test_record_path_is_checked_before_anything_starts(tmp_path):
     ({"CAP_BPF", "CAP_PERFMON"}, False, "CAP_BPF and CAP_PERFMON"),
 ])
 def test_the_missing_capability_is_named(dropped, attach, named):
-    from memtrace import preflight
+    from memtrace.cli import preflight
 
     caps = {"CAP_BPF": preflight.CAP_BPF, "CAP_PERFMON": preflight.CAP_PERFMON,
             "CAP_SYS_PTRACE": preflight.CAP_SYS_PTRACE}
@@ -138,7 +138,7 @@ def test_the_missing_capability_is_named(dropped, attach, named):
 
 
 def test_capabilities_enough_for_a_trace():
-    from memtrace import preflight
+    from memtrace.cli import preflight
 
     minimal = (1 << preflight.CAP_BPF) | (1 << preflight.CAP_PERFMON)
     assert preflight.missing_capabilities(minimal, attach=False) == []
@@ -160,7 +160,7 @@ def test_a_map_the_kernel_refuses_names_its_option():
 
 
 def test_cli_errors_are_one_line_and_say_where_help_is(capsys):
-    from memtrace.commands import main
+    from memtrace.cli import main
 
     cases = {
         ("reprot", "x.memtrace"): "did you mean report?",
@@ -180,7 +180,7 @@ def test_cli_errors_are_one_line_and_say_where_help_is(capsys):
 
 
 def test_report_format_follows_the_output_extension():
-    from memtrace.commands.report import format_of
+    from memtrace.cli.report import format_of
 
     assert [format_of(p) for p in ("a.json", "a.HTML", "heap.pb.gz", "x.folded", "-", "r.txt",
                                    "noext")] == ["json", "html", "pprof", "folded", "text", "text",

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from memtrace.command_output import CommandOutput, _plain
-from memtrace.launch import Launched
+from memtrace.process.command_output import CommandOutput, _plain
+from memtrace.process.launch import Launched
 
 
 def run(argv: list[str], out: CommandOutput, timeout: float = 10.0) -> int:

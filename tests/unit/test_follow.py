@@ -11,7 +11,7 @@ import time
 import pytest
 
 from memtrace.errors import MemtraceError
-from memtrace.follow import CgroupMembers, CommandName, PidList, cgroup2_root
+from memtrace.process.follow import CgroupMembers, CommandName, PidList, cgroup2_root
 
 
 def test_cgroup2_root_on_unified_and_hybrid_hosts(tmp_path):

@@ -11,7 +11,7 @@ from typing import Optional
 
 import pytest
 
-from memtrace.glibc.layout import (
+from memtrace.process.glibc.layout import (
     HEAP_MAX_SIZE,
     MALLOC_STATE_SIZE,
     OFF_BINS,
@@ -22,9 +22,9 @@ from memtrace.glibc.layout import (
     fastbin_index,
     reveal_ptr,
 )
-from memtrace.procfs import Mapping, parse_maps, parse_smaps
-from memtrace.glibc.trim import consolidate, madvise_range, systrim_range
-from memtrace.glibc_arenas import ArenaReport, inspect_arenas, read_arenas
+from memtrace.process.procfs import Mapping, parse_maps, parse_smaps
+from memtrace.process.glibc.trim import consolidate, madvise_range, systrim_range
+from memtrace.process.glibc.inspect import ArenaReport, inspect_arenas, read_arenas
 
 PREV_INUSE = 1
 LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"

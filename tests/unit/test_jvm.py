@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import struct
 
-from memtrace import jvm_diagnostics as diag
-from memtrace.jvm_methods import (
+from memtrace.jvm import diagnostics as diag
+from memtrace.jvm.methods import (
     Layout,
     argument_list,
     interpreter_range,
     method_text,
     read_method,
 )
-from memtrace.jvm_vmstructs import SYMBOLS, VMStructs, c_string, read_vmstructs
+from memtrace.jvm.vmstructs import SYMBOLS, VMStructs, c_string, read_vmstructs
 
 
 class Memory:
@@ -231,7 +231,7 @@ def test_frame_pointer_flag_where_the_jvm_reads_it():
 
 
 def jvm_snapshot(**jvm):
-    from memtrace.model import Counters, HeapTotals, JvmStats, Snapshot
+    from memtrace.model.snapshot import Counters, HeapTotals, JvmStats, Snapshot
 
     heap = HeapTotals(counters=Counters(alloc_bytes=15 << 20, free_bytes=1 << 20, alloc_count=9,
                                         free_count=1), live_before_trace_bytes=1 << 20)
@@ -242,7 +242,7 @@ def test_nmt_beside_heap_live_in_json_text_and_recordings():
     import json
 
     from memtrace.record.codec import snapshot_from_json
-    from memtrace.reporters.text import render_summary
+    from memtrace.output.reports.text import render_summary
 
     s = jvm_snapshot(preserve_frame_pointer=True, interpreter_found=True,
                      nmt_malloc_bytes=3 << 20, nmt_malloc_count=9052, nmt_elapsed_s=0.5)
@@ -261,8 +261,8 @@ def test_nmt_beside_heap_live_in_json_text_and_recordings():
 
 
 def test_frame_pointer_hint_only_when_the_flag_is_known_off():
-    from memtrace.accounting import jvm_hints
-    from memtrace.model import JvmStats
+    from memtrace.model.accounting import jvm_hints
+    from memtrace.model.snapshot import JvmStats
 
     assert jvm_hints(None) == () and jvm_hints(JvmStats()) == ()
     assert jvm_hints(JvmStats(preserve_frame_pointer=True)) == ()
@@ -281,8 +281,8 @@ def test_what_only_jcmd_can_tell():
 
 
 def test_tagged_frames_are_named_as_interpreted_methods():
-    from memtrace.jvm_methods import JVM_METHOD_TAG
-    from memtrace.symbols import Symbolizer
+    from memtrace.jvm.methods import JVM_METHOD_TAG
+    from memtrace.symbols.symbolizer import Symbolizer
 
     class Methods:
         names = {0x7F00_1000: "Inflate$Worker.run()"}

@@ -8,7 +8,11 @@ import threading
 
 import pytest
 
-from memtrace import elfsyms, mappedfile, procfs
+from memtrace.symbols import elf as elfsyms
+
+from memtrace.process import mappedfile
+
+from memtrace.process import procfs
 
 
 def _libc_mapping() -> procfs.Mapping:

@@ -17,12 +17,12 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from memtrace.model import Snapshot
+from memtrace.model.snapshot import Snapshot
 from memtrace.record.synthetic import session
-from memtrace.reporters.common import ReportData
-from memtrace.reporters.metrics import SelfStats, exposition
-from memtrace.reporters.pprof import build_fleet_profile, build_profile
-from memtrace.serve import Board, ServeAddress, Server, parse_address, serve_address
+from memtrace.output.reports.common import ReportData
+from memtrace.output.reports.metrics import SelfStats, exposition
+from memtrace.output.reports.pprof import build_fleet_profile, build_profile
+from memtrace.output.serve import Board, ServeAddress, Server, parse_address, serve_address
 
 HOST = "box"
 OPENMETRICS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
@@ -160,7 +160,7 @@ def get(server: Server, path: str, method: str = "GET", headers=None):
 
 
 def parse_pprof(blob: bytes):
-    from memtrace.reporters.profile_proto import Profile
+    from memtrace.output.reports.profile_proto import Profile
 
     profile = Profile()
     profile.ParseFromString(gzip.decompress(blob))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from memtrace import elfsyms
+from memtrace.symbols import elf as elfsyms
 from memtrace.collect import probesite
 from memtrace.collect.probesite import (
     ProbeSite,

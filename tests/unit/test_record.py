@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from memtrace.errors import MemtraceError
-from memtrace.model import Counters, Snapshot, StackStats, ThreadStats
+from memtrace.model.snapshot import Counters, Snapshot, StackStats, ThreadStats
 from memtrace.record import listdelta, schema
 from memtrace.record.codec import snapshot_from_json
 from memtrace.record.reader import open_recording, parse_when
@@ -218,7 +218,7 @@ class Collected:
 
 
 def test_a_failing_recording_stops_with_a_note_and_the_snapshots_go_on(tmp_path, snapshots, monkeypatch):
-    from memtrace.sinks.record import RecordSink
+    from memtrace.output.sinks.record import RecordSink
 
     path = tmp_path / "stops.rec"
     after = Collected()
@@ -244,7 +244,7 @@ def test_a_failing_recording_stops_with_a_note_and_the_snapshots_go_on(tmp_path,
 
 
 def test_a_recording_sink_closes_the_file_whole(tmp_path, snapshots):
-    from memtrace.sinks.record import RecordSink
+    from memtrace.output.sinks.record import RecordSink
 
     path = tmp_path / "whole.rec"
     after = Collected()
@@ -533,7 +533,7 @@ def test_a_closed_recording_is_one_file(tmp_path, snapshots):
 
 
 def test_reading_creates_and_changes_nothing_beside_the_recording(tmp_path, recording, snapshots, capsys):
-    from memtrace.commands import main
+    from memtrace.cli import main
 
     (tmp_path / "r.rec").write_bytes(recording.read_bytes())
     before = files_in(tmp_path)
@@ -636,13 +636,13 @@ def test_an_unreadable_wal_leaves_what_the_file_holds_with_a_warning(tmp_path, s
 
 
 def player(times=(0.0, 1.0, 2.0, 3.0, 10.0), peak=3):
-    from memtrace.commands.replay import Player
+    from memtrace.cli.replay import Player
 
     return Player(times=list(times), peak=peak)
 
 
 def test_player_keys():
-    from memtrace.commands.replay import QUIT
+    from memtrace.cli.replay import QUIT
 
     p = player()
     assert p.playing and p.wait_s() == 1.0
@@ -691,7 +691,7 @@ def test_player_speed_and_end():
 
 
 def replay_args(path, *extra):
-    from memtrace.commands.replay import ReplayCommand
+    from memtrace.cli.replay import ReplayCommand
 
     parser = argparse.ArgumentParser()
     ReplayCommand().prepare_parser(parser)
@@ -699,7 +699,7 @@ def replay_args(path, *extra):
 
 
 def test_replay_without_a_terminal_prints_plain_snapshots(recording, capsys):
-    from memtrace.commands.replay import ReplayCommand
+    from memtrace.cli.replay import ReplayCommand
 
     assert ReplayCommand().run(replay_args(recording, "--at", "140")) == 0
     out = capsys.readouterr().out
@@ -714,7 +714,7 @@ def test_replay_on_a_terminal_takes_keys(recording):
     # leave promptly with exit status 0.
     code = (
         "import sys, argparse\n"
-        "from memtrace.commands.replay import ReplayCommand\n"
+        "from memtrace.cli.replay import ReplayCommand\n"
         "p = argparse.ArgumentParser(); ReplayCommand().prepare_parser(p)\n"
         "sys.exit(ReplayCommand().run(p.parse_args(sys.argv[1:])))\n"
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from memtrace.commands import main
+from memtrace.cli import main
 from memtrace.record.recorder import Recorder
 from memtrace.record.synthetic import session
 

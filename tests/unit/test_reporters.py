@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from memtrace.errors import MemtraceError
-from memtrace.model import Counters, Snapshot, StackStats
+from memtrace.model.snapshot import Counters, Snapshot, StackStats
 from memtrace.record.recorder import Recorder
 from memtrace.record.synthetic import session
-from memtrace.reporters import reporter_class
-from memtrace.reporters.common import ReportData, frame_label
-from memtrace.reporters.folded import folded_lines
-from memtrace.reporters.html import flame_tree, render_html
-from memtrace.reporters.text import render_text
+from memtrace.output.reports import reporter_class
+from memtrace.output.reports.common import ReportData, frame_label
+from memtrace.output.reports.folded import folded_lines
+from memtrace.output.reports.html import flame_tree, render_html
+from memtrace.output.reports.text import render_text
 
 COUNT = 40
 
@@ -54,7 +54,7 @@ def plain_recording(tmp_path_factory) -> Path:
 
 def report(path: Path, *args: str) -> str:
     """`memtrace report` through the CLI's own entry point."""
-    from memtrace.commands import main
+    from memtrace.cli import main
 
     out = io.StringIO()
     old = sys.stdout
@@ -99,7 +99,7 @@ def test_text_report_without_sections(plain_recording):
 
 
 def test_retained_needs_arena_data(plain_recording, recording):
-    from memtrace.commands import main
+    from memtrace.cli import main
 
     assert main(["report", str(plain_recording), "--by", "retained"]) == 2
     assert "stacks by retained bytes" in report(recording, "--by", "retained")
@@ -143,7 +143,7 @@ def test_folded_weights_add_up(recording, snapshots):
 
 
 def parse_pprof(blob: bytes):
-    from memtrace.reporters.profile_proto import Profile
+    from memtrace.output.reports.profile_proto import Profile
 
     profile = Profile()
     profile.ParseFromString(gzip.decompress(blob))
@@ -187,7 +187,7 @@ def test_go_tool_pprof_reads_it(recording, tmp_path):
 
 
 def test_binary_output_refuses_a_terminal(recording, monkeypatch, capsys):
-    from memtrace.commands import main
+    from memtrace.cli import main
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     assert main(["report", str(recording), "--format", "pprof"]) == 2
@@ -274,7 +274,7 @@ def test_html_draws_in_a_browser_without_errors(recording, tmp_path):
 
 
 def test_output_file_and_errors(recording, tmp_path, capsys):
-    from memtrace.commands import main
+    from memtrace.cli import main
 
     out = tmp_path / "r.txt"
     assert main(["report", str(recording), "-o", str(out)]) == 0
@@ -332,7 +332,7 @@ def test_since_another_recording_matches_stacks_by_frames(recording, tmp_path, s
 
 
 def test_since_errors_are_one_line(recording, snapshots, capsys):
-    from memtrace.commands import main
+    from memtrace.cli import main
 
     assert main(["report", str(recording), "--since", "no-such.rec"]) == 2
     err = capsys.readouterr().err
@@ -345,7 +345,7 @@ def test_since_errors_are_one_line(recording, snapshots, capsys):
 # ---------------------------------------------------------------- --top / --min-size
 
 
-from memtrace.reporters import select  # noqa: E402
+from memtrace.output.reports import select  # noqa: E402
 
 
 def many_stacks(n: int) -> Snapshot:
@@ -408,18 +408,18 @@ def test_the_run_policy_reaches_every_output(monkeypatch):
     assert len(doc["stacks"]) == 3 and doc["stacks_left_out"]["count"] == 27
     # Figures about all stacks stay those of all of them.
     assert doc["truncated_stack_count"] == s.truncated_stack_count == 10
-    from memtrace.sinks.jsonout import JsonSink
+    from memtrace.output.sinks.jsonout import JsonSink
 
     out = io.StringIO()
     JsonSink(out).close(s)
     assert len(json.loads(out.getvalue())["stacks"]) == 3
-    from memtrace.view.text import BatchView
+    from memtrace.output.view.text import BatchView
 
     block = BatchView(max_stacks=10).render_block(s)
     assert "STACKS 3 of 30" in block
-    from memtrace.view.panes import STACKS
+    from memtrace.output.view.panes import STACKS
 
-    from memtrace.view.context import Context
+    from memtrace.output.view.context import Context
 
     rendered = STACKS.build(s, 160, 20, Context())
     assert "3 of 30" in str(rendered[0])
@@ -442,7 +442,7 @@ def test_reports_bound_json_and_folded_and_count_the_rest(recording, snapshots):
 
 
 def test_bad_top_and_min_size_are_one_line_errors(recording, capsys):
-    from memtrace.commands import main
+    from memtrace.cli import main
 
     for args in (["--top", "0"], ["--top", "x"], ["--min-size", "12Q"]):
         with pytest.raises(SystemExit) as e:
@@ -467,7 +467,7 @@ def test_html_folds_small_stacks_into_other():
 
 
 def test_filters_keep_the_stacks_asked_for(recording, snapshots):
-    from memtrace.reporters.select import StackPolicy, select_stacks
+    from memtrace.output.reports.select import StackPolicy, select_stacks
 
     s = snapshots[-1]
     some = next(st for st in s.stacks if st.tids)
@@ -492,7 +492,7 @@ def test_filters_keep_the_stacks_asked_for(recording, snapshots):
 
 
 def test_a_bad_filter_is_one_line(recording, capsys):
-    from memtrace.commands import main
+    from memtrace.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["report", str(recording), "--function", "(unclosed"])

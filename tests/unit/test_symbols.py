@@ -18,13 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from memtrace import debuginfo, jvm
-from memtrace.ehframe import function_ranges
-from memtrace.elfsyms import ElfSymbols, symbols_of
-from memtrace.model import Counters, Snapshot, StackStats
-from memtrace.reporters.common import frame_label
-from memtrace.symbols import Symbolizer
-from memtrace.view.fmt import short_frame, split_frame
+from memtrace.symbols import debuginfo
+
+from memtrace.jvm import perfmap as jvm
+from memtrace.symbols.ehframe import function_ranges
+from memtrace.symbols.elf import ElfSymbols, symbols_of
+from memtrace.model.snapshot import Counters, Snapshot, StackStats
+from memtrace.output.reports.common import frame_label
+from memtrace.symbols.symbolizer import Symbolizer
+from memtrace.model.frames import split_frame
+from memtrace.output.view.fmt import short_frame
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 
@@ -301,7 +304,7 @@ def test_truncated_shares_in_count_and_bytes():
 
 
 def test_summary_tells_the_truncated_shares():
-    from memtrace.reporters.text import render_summary
+    from memtrace.output.reports.text import render_summary
 
     stacks = (StackStats(("f [a]",), (), Counters(alloc_bytes=300), truncated=True),
               StackStats(("g [a]", "start_thread [libc.so.6]"), (), Counters(alloc_bytes=100)))

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from memtrace import procfs, target
+from memtrace.process import procfs
+
+from memtrace.process import target
 from memtrace.errors import MemtraceError
 
 
@@ -71,7 +73,7 @@ def test_a_deleted_libc_is_still_the_libc_it_maps():
     deleted = procfs.Mapping(mapping.start, mapping.end, mapping.perms, mapping.offset,
                              mapping.inode, mapping.path + " (deleted)", device=mapping.device)
     assert target._GLIBC_NAME.search(deleted.path.removesuffix(" (deleted)"))
-    from memtrace import mappedfile
+    from memtrace.process import mappedfile
 
     fd = mappedfile.open_mapped(os.getpid(), deleted)
     try:

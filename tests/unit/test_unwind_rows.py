@@ -7,9 +7,9 @@ from __future__ import annotations
 import struct
 
 from memtrace.collect.unwind import _place
-from memtrace.ehframe import (RULE_END, RULE_NONE, RULE_RBP, RULE_RSP, keeps_frame_pointers,
+from memtrace.symbols.ehframe import (RULE_END, RULE_NONE, RULE_RBP, RULE_RSP, keeps_frame_pointers,
                               unwind_rows)
-from memtrace.elfsyms import Segment, UnwindInfo
+from memtrace.symbols.elf import Segment, UnwindInfo
 
 SECTION_VADDR = 0x2000
 

@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from memtrace.errors import MemtraceError
-from memtrace.model import (
+from memtrace.model.snapshot import (
     AllocatorStats,
     ArenaStats,
     Counters,
@@ -31,7 +31,7 @@ from memtrace.model import (
     TrimCall,
     TrimStats,
 )
-from memtrace.view.fmt import (
+from memtrace.output.view.fmt import (
     ellipsize,
     fit_list,
     fmt_bytes,
@@ -43,10 +43,10 @@ from memtrace.view.fmt import (
     short_frame,
     split_frame,
 )
-from memtrace.view.keys import KEY_BINDINGS, KeyReader, split_keys
-from memtrace.view.live import MODES, SORTS, LiveView, bar_cells, render
-from memtrace.reporters.text import render_summary
-from memtrace.view.text import BatchView
+from memtrace.output.view.keys import KEY_BINDINGS, KeyReader, split_keys
+from memtrace.output.view.live import MODES, SORTS, LiveView, bar_cells, render
+from memtrace.output.reports.text import render_summary
+from memtrace.output.view.text import BatchView
 
 MiB = 1 << 20
 ESC = "\x1b"

@@ -15,8 +15,8 @@ import pytest
 from rich.console import Console
 
 from memtrace.record.synthetic import session
-from memtrace.view.context import Context
-from memtrace.view.live import MODES, render
+from memtrace.output.view.context import Context
+from memtrace.output.view.live import MODES, render
 
 SIZES = [(80, 24), (160, 50)]
 
@@ -93,7 +93,7 @@ def test_long_output_lines_are_cut_not_wrapped():
 # ---------------------------------------------------------------- progress
 
 def test_startup_progress_is_silent_without_a_terminal(capfd):
-    from memtrace.view.progress import StartupProgress
+    from memtrace.output.view.progress import StartupProgress
 
     with StartupProgress(False) as progress:
         progress.step("compiling")
@@ -106,7 +106,7 @@ def test_startup_progress_is_silent_without_a_terminal(capfd):
 
 @pytest.mark.parametrize("width, height", SIZES)
 def test_detaching_replaces_the_keys(width, height):
-    from memtrace.commands.common import DETACHING
+    from memtrace.cli.common import DETACHING
 
     lines = draw(snapshots()[-1], width, height, ctx=Context(banner=DETACHING))
     assert lines[-1].strip() == DETACHING
@@ -114,7 +114,7 @@ def test_detaching_replaces_the_keys(width, height):
 
 
 def test_session_says_it_is_quitting_before_the_last_snapshot():
-    from memtrace.session import Session
+    from memtrace.cli.session import Session
 
     said = []
 
@@ -175,7 +175,7 @@ class PipeKeys:
 
 
 def test_a_finished_demo_holds_its_view_until_q():
-    from memtrace.view.live import LiveView
+    from memtrace.output.view.live import LiveView
 
     console = Console(file=io.StringIO(), force_terminal=True, width=80, height=24, color_system=None)
     view = LiveView(console)
@@ -224,9 +224,9 @@ def test_an_interval_far_from_the_one_asked_for_says_so():
 
 
 def test_one_block_one_call():
-    from memtrace.model import Counters, HeapTotals, StackStats, TrimStats
-    from memtrace.view.status import trim_calls_text
-    from memtrace.reporters.text import render_summary
+    from memtrace.model.snapshot import Counters, HeapTotals, StackStats, TrimStats
+    from memtrace.output.view.status import trim_calls_text
+    from memtrace.output.reports.text import render_summary
 
     one = Counters(alloc_bytes=64, free_bytes=0, alloc_count=1, free_count=0)
     snap = dataclasses.replace(
@@ -257,7 +257,7 @@ def deep_snapshot():
 @pytest.mark.parametrize("width, height", SIZES)
 def test_the_selected_row_stays_on_screen(width, height):
     snap = snapshots()[-1]
-    from memtrace.view.panes import ranked_stacks
+    from memtrace.output.view.panes import ranked_stacks
 
     ranked = ranked_stacks(snap, "live")
     cursor = len(ranked) - 1
@@ -305,9 +305,9 @@ def test_an_expanded_stack_shows_every_frame(width, height):
 
 
 def test_keys_select_expand_scroll_and_go_back():
-    from memtrace.view.keys import split_keys
-    from memtrace.view.live import LiveView
-    from memtrace.view.panes import ranked_stacks
+    from memtrace.output.view.keys import split_keys
+    from memtrace.output.view.live import LiveView
+    from memtrace.output.view.panes import ranked_stacks
 
     console = Console(file=io.StringIO(), force_terminal=True, width=80, height=24, color_system=None)
     view = LiveView(console)
@@ -365,7 +365,7 @@ def test_replay_of_an_ended_process_says_both():
 
 
 def test_the_last_frames_are_reached_under_a_command_output():
-    from memtrace.view.live import LiveView
+    from memtrace.output.view.live import LiveView
 
     console = Console(file=io.StringIO(), force_terminal=True, width=80, height=24, color_system=None)
     view = LiveView(console, context=Context(output=FakeOutput(50)))

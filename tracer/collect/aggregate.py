@@ -1,4 +1,4 @@
-"""`memtrace.model.aggregate_stacks`, kept up to date instead of redone.
+"""`memtrace.model.snapshot.aggregate_stacks`, kept up to date instead of redone.
 
 Each interval only the stacks whose rows changed, whose retained share
 changed, or which grew or shrank in the last interval (their growth goes
@@ -15,7 +15,7 @@ from bisect import bisect_left
 from operator import itemgetter
 from typing import Callable, Mapping, Optional
 
-from memtrace.model import Counters, HeapRow, StackKey, StackStats, looks_truncated
+from memtrace.model.snapshot import Counters, HeapRow, StackKey, StackStats, looks_truncated
 
 RowKey = tuple[int, StackKey]
 Frames = tuple[str, ...]

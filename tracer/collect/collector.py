@@ -7,12 +7,14 @@ import time
 from dataclasses import replace
 from typing import Optional
 
-from memtrace import accounting, procfs
+from memtrace.model import accounting
+
+from memtrace.process import procfs
 from memtrace.collect.aggregate import StackAggregator
 from memtrace.collect.probes import Probes
 from memtrace.collect.vm import HOLD_LIMIT_NS, VmTracker
-from memtrace.addrspace import ALLOCATOR_MAPPING, HEAP, MMAPPED_CHUNK
-from memtrace.model import (
+from memtrace.model.addrspace import ALLOCATOR_MAPPING, HEAP, MMAPPED_CHUNK
+from memtrace.model.snapshot import (
     Counters,
     HeapRow,
     HeapTotals,
@@ -29,8 +31,8 @@ from memtrace.model import (
     aggregate_threads,
     rates_between,
 )
-from memtrace.jvm_watch import JvmWatch
-from memtrace.symbols import Symbolizer
+from memtrace.collect.jvm_watch import JvmWatch
+from memtrace.symbols.symbolizer import Symbolizer
 
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
@@ -88,7 +90,7 @@ class Collector:
         """The address space as it is now: from the maps (after an exec at
         exec_ns, with the new image's events seen so far), and glibc's large
         blocks already mapped, found by their chunk headers."""
-        from memtrace.glibc.chunks import mark_mmapped_chunks
+        from memtrace.process.glibc.chunks import mark_mmapped_chunks
 
         if exec_ns is None:
             self.vm.seed()
@@ -165,7 +167,7 @@ class Collector:
 
     def _refresh_process(self) -> Optional[list]:
         """RSS, thread names and smaps; None once the process is gone."""
-        from memtrace.procfs import read_smaps
+        from memtrace.process.procfs import read_smaps
 
         mem = procfs.memory(self.pid)
         # No RSS (a zombie), or none left (its address space being torn
@@ -194,8 +196,8 @@ class Collector:
         can take a good part of a second to walk in a fragmented heap, only
         with at most ARENA_WALK_SHARE of our time: in between, each arena
         keeps the free-list figures of its last walk."""
-        from memtrace.glibc_arenas import inspect_arenas
-        from memtrace.glibc.procfs import ProcessMemory
+        from memtrace.process.glibc.inspect import inspect_arenas
+        from memtrace.process.glibc.procfs import ProcessMemory
 
         now = time.monotonic()
         # A walk that raced with a busy target is unreliable; once the target
@@ -455,8 +457,8 @@ class Collector:
     def _after_exec_allocator(self) -> None:
         """Once the new image's loader has run: a program whose malloc is
         another allocator's would be traced as all zeros, silently."""
-        from memtrace.allocators import link_map_paths
-        from memtrace.target import allocator_now
+        from memtrace.process.allocators import link_map_paths
+        from memtrace.process.target import allocator_now
 
         order = link_map_paths(self.pid)
         if order is None or len(order) < 3:

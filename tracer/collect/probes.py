@@ -13,14 +13,14 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional, Sequence
 
-from memtrace import procfs
+from memtrace.process import procfs
 from memtrace.collect.bpfsource import bpf_dir, program_text
 from memtrace.collect.probesite import ProbeSite, choose_site
 from memtrace.collect.rows import RowBook
 from memtrace.collect.unwind import UnwindTables, warm
 from memtrace.errors import MemtraceError
-from memtrace.model import Counters, DropStats, Flow, HeapRow
-from memtrace.symbols import code_modules, read_mapped
+from memtrace.model.snapshot import Counters, DropStats, Flow, HeapRow
+from memtrace.symbols.symbolizer import code_modules, read_mapped
 
 # Counter indexes: keep in step with enum counter in bpf/memtrace.h.
 (CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
@@ -212,7 +212,7 @@ def _relays(path: str, addr: int, probed: set[int]) -> bool:
     Probing it too would see each call twice (a free of an unknown block
     the second time)."""
     from memtrace.collect.probesite import function_code
-    from memtrace.elfsyms import symbols_of
+    from memtrace.symbols.elf import symbols_of
 
     try:
         code = function_code(path, addr, 9)

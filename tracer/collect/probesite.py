@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from itertools import takewhile
 from typing import Iterable, Optional, Sequence, Union
 
-from memtrace.elfsyms import ElfSymbols, FunctionSymbol, symbols_of
+from memtrace.symbols.elf import ElfSymbols, FunctionSymbol, symbols_of
 from memtrace.errors import MemtraceError
-from memtrace.mappedfile import open_path
+from memtrace.process.mappedfile import open_path
 
 # Argument registers the malloc family's probes read: size or pointer
 # (rdi), size or count (rsi), out-pointer of posix_memalign (rdx).

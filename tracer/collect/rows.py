@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Hashable, Optional
 
-from memtrace.model import Counters, Flow, HeapRow, StackKey
+from memtrace.model.snapshot import Counters, Flow, HeapRow, StackKey
 
 RowKey = tuple[int, StackKey]  # (tid, stack key)
 

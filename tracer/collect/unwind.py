@@ -18,7 +18,7 @@ import struct
 import threading
 from typing import Callable, Iterable, Optional
 
-from memtrace.elfsyms import UnwindInfo, unwind_info_of, unwind_info_ready
+from memtrace.symbols.elf import UnwindInfo, unwind_info_of, unwind_info_ready
 
 PAGE_BYTES = 4096
 MAX_ROWS_PER_PAGE = 1 << 12  # ROW_SEARCH_STEPS in common.bpf.c

@@ -8,14 +8,14 @@ from collections import deque
 from dataclasses import replace
 from typing import Callable, Optional
 
-from memtrace.addrspace import (
+from memtrace.model.addrspace import (
     MAP_ANONYMOUS,
     PROT_EXEC,
     AddressSpace,
     VmEvent,
     parse_start_brk,
 )
-from memtrace.model import TrimCall
+from memtrace.model.snapshot import TrimCall
 
 VM_KINDS = {1: "mmap", 2: "munmap", 3: "brk", 4: "mprotect", 5: "mremap", 6: "madvise"}
 VM_TRIM = 7

@@ -37,7 +37,7 @@ import json
 import zlib
 from typing import Any, Callable, Mapping, Optional
 
-from memtrace.model import Counters, StackStats, ThreadStats
+from memtrace.model.snapshot import Counters, StackStats, ThreadStats
 from memtrace.record.codec import field_from_plain, to_plain
 
 _ZLIB_LEVEL = 6

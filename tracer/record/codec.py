@@ -22,7 +22,7 @@ import typing
 from typing import Any, Callable, Mapping, Union
 
 from memtrace.errors import MemtraceError
-from memtrace.model import (
+from memtrace.model.snapshot import (
     Counters,
     DropStats,
     HeapTotals,

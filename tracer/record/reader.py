@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
 from memtrace.errors import MemtraceError
-from memtrace.model import Snapshot, StackStats, ThreadStats
+from memtrace.model.snapshot import Snapshot, StackStats, ThreadStats
 from memtrace.record import changes, listdelta, schema
 from memtrace.record.codec import SnapshotFormatError, section_kwargs
 from memtrace.record.recorder import stack_sort_key, thread_sort_key

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import memtrace
 from memtrace.errors import MemtraceError
-from memtrace.model import Snapshot, StackStats, ThreadStats
+from memtrace.model.snapshot import Snapshot, StackStats, ThreadStats
 from memtrace.record import changes, listdelta, schema
 from memtrace.record.codec import DERIVED_KEYS
 from memtrace.record.timeline import time_point
@@ -60,7 +60,7 @@ def encode_section(text: str) -> str | bytes:
     return text
 
 
-# The model's own orders (memtrace.model.aggregate_*); the reader re-sorts
+# The model's own orders (memtrace.model.snapshot.aggregate_*); the reader re-sorts
 # with them, so files store an order only when a snapshot differs.
 def stack_sort_key(s: StackStats) -> tuple:
     c = s.counters

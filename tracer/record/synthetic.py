@@ -10,7 +10,7 @@ import random
 from dataclasses import replace
 from typing import Iterator, Optional
 
-from memtrace.model import (
+from memtrace.model.snapshot import (
     AllocatorStats,
     ArenaStats,
     Counters,

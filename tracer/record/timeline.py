@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from memtrace.model import Snapshot
+from memtrace.model.snapshot import Snapshot
 
 
 @dataclass(frozen=True)

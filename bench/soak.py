@@ -192,7 +192,7 @@ def main() -> int:
            f"recording: {count} snapshots over {duration:.0f} s (about {expected:.0f} expected), "
            f"{'closed' if complete else 'not closed'}, {rec.stat().st_size / 1e6:.1f} MB, "
            f"alone: {sorted(p.name for p in rec.parent.iterdir() if p.name.startswith(rec.name))}")
-    checks(any("exec'd" in n for n in last_notes), f"the exec is in the notes: {list(last_notes)}")
+    checks(any(n.kind == "exec" for n in last_notes), f"the exec is in the notes: {list(last_notes)}")
     print(f"\n{'FAILED' if checks.failed else 'passed'}; outputs in {work}")
     if not args.keep and not checks.failed:
         shutil.rmtree(work)

@@ -67,7 +67,7 @@ def test_light_live_estimate_is_close_to_the_truth(full_and_light):
         arena = by_id[thread["arena"]]
         # chunk headers and rounding: ~16 bytes on each of ~250 blocks
         assert arena["live_bytes"] == pytest.approx(thread["live_bytes"], rel=0.05), (thread, arena)
-    assert any("MALLOC_ARENA_MAX" in h for h in light["hints"]), light["hints"]
+    assert any("MALLOC_ARENA_MAX" in h for h in (x["text"] for x in light["hints"])), light["hints"]
 
 
 def test_light_names_the_stack_that_made_each_arena_heap(run_memtrace):

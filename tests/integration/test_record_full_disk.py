@@ -58,7 +58,7 @@ def test_a_full_disk_stops_the_recording_not_the_trace(busy_target, small_disk, 
     )
     assert rc == 0, stderr
     assert doc is not None and doc["elapsed_s"] >= DURATION_S - 0.5, doc and doc["elapsed_s"]
-    notes = [n for n in doc["notes"] if "recording stopped" in n]
+    notes = [n for n in (x["text"] for x in doc["notes"]) if "recording stopped" in n]
     assert len(notes) == 1, doc["notes"]
     assert "disk is full" in notes[0] and str(rec) in notes[0], notes[0]
     stopped_at = float(re.search(r"stopped at ([0-9.]+) s", notes[0]).group(1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from memtrace.model import accounting
 from memtrace.model.accounting import ArenaInput, ChunkSpans, HeapSpan
 from memtrace.model.snapshot import BUCKET_SHIFT, AllocatorStats, Flow
+from memtrace.output.notes import note_text
 
 MiB = 1 << 20
 
@@ -92,14 +93,14 @@ def test_trim_estimate_never_exceeds_what_is_retained():
     account = accounting.account_allocator([arena], None, 0)
     a = account.arenas[0]
     assert a.trimmable_bytes <= a.retained_bytes <= a.resident_bytes
-    hints = accounting.hints(account.arenas, 44 * MiB, 11 * MiB)
+    hints = [note_text(h) for h in accounting.hints(account.arenas, 44 * MiB, 11 * MiB)]
     assert not any("44" in h for h in hints), hints
 
 
 def test_fragmented_main_arena_gets_no_call_to_trim():
     arena = _main_arena(resident=200 * MiB, system_mem=200 * MiB, free=100 * MiB, trimmable=0)
     account = accounting.account_allocator([arena], None, 0)
-    hints = accounting.hints(account.arenas, 0, 200 * MiB)
+    hints = [note_text(h) for h in accounting.hints(account.arenas, 0, 200 * MiB)]
     assert len(hints) == 1 and "fragmentation" in hints[0], hints
     assert "call malloc_trim" not in hints[0]
 
@@ -108,7 +109,7 @@ def test_one_hint_about_trimming_not_two():
     arena = _main_arena(resident=200 * MiB, system_mem=200 * MiB, free=150 * MiB,
                         trimmable=140 * MiB)
     account = accounting.account_allocator([arena], None, 0)
-    hints = accounting.hints(account.arenas, 140 * MiB, 200 * MiB)
+    hints = [note_text(h) for h in accounting.hints(account.arenas, 140 * MiB, 200 * MiB)]
     assert sum("malloc_trim" in h for h in hints) == 1, hints
 
 

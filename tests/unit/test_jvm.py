@@ -267,7 +267,9 @@ def test_frame_pointer_hint_only_when_the_flag_is_known_off():
     assert jvm_hints(None) == () and jvm_hints(JvmStats()) == ()
     assert jvm_hints(JvmStats(preserve_frame_pointer=True)) == ()
     (hint,) = jvm_hints(JvmStats(preserve_frame_pointer=False))
-    assert hint.count("-XX:+PreserveFramePointer") == 1
+    from memtrace.output.notes import note_text
+
+    assert note_text(hint).count("-XX:+PreserveFramePointer") == 1
 
 
 def test_what_only_jcmd_can_tell():

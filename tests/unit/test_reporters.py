@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from memtrace.errors import MemtraceError
+from memtrace.model.notes import TEXT, Note
+from memtrace.output.notes import note_json
 from memtrace.model.snapshot import Counters, Snapshot, StackStats
 from memtrace.record.recorder import Recorder
 from memtrace.record.synthetic import session
@@ -113,8 +115,14 @@ def test_light_mode_is_flagged(snapshots):
 
 
 def test_json_report_is_the_snapshot(recording, snapshots):
-    assert json.loads(report(recording, "--format", "json")) == snapshots[-1].to_json()
-    assert json.loads(report(recording, "--format", "json", "--at", "5.5")) == snapshots[5].to_json()
+    def worded(s):
+        doc = s.to_json()
+        doc["notes"] = [note_json(n) for n in s.notes]
+        doc["hints"] = [note_json(h) for h in s.hints]
+        return doc
+
+    assert json.loads(report(recording, "--format", "json")) == worded(snapshots[-1])
+    assert json.loads(report(recording, "--format", "json", "--at", "5.5")) == worded(snapshots[5])
 
 
 # ---------------------------------------------------------------- folded
@@ -214,7 +222,7 @@ def test_flame_tree_is_root_first_and_consistent(snapshots):
 
 def test_html_is_self_contained_and_escaped(snapshots):
     evil = StackStats(('</script><script>alert(1)</script>+0x1 [x.so]', "start_thread+0x1 [libc.so.6]"), (1,), Counters(10**6, 0, 1, 0))
-    s = dataclasses.replace(snapshots[-1], stacks=snapshots[-1].stacks + (evil,), notes=("<b>note</b>",))
+    s = dataclasses.replace(snapshots[-1], stacks=snapshots[-1].stacks + (evil,), notes=(Note.of(TEXT, text="<b>note</b>"),))
     page = render_html(data_for(s, metadata={"command_line": ["x", "<y>"]}))
     assert "<script>alert(1)" not in page and "<b>note</b>" not in page
     # No fetch of anything: no external sources, and a policy that forbids them.

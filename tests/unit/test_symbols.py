@@ -23,6 +23,7 @@ from memtrace.symbols import debuginfo
 from memtrace.jvm import perfmap as jvm
 from memtrace.symbols.ehframe import function_ranges
 from memtrace.symbols.elf import ElfSymbols, symbols_of
+from memtrace.model import notes
 from memtrace.model.snapshot import Counters, Snapshot, StackStats
 from memtrace.output.reports.common import frame_label
 from memtrace.symbols.symbolizer import Symbolizer
@@ -321,7 +322,7 @@ def test_a_symbol_without_size_spans_its_fde(built, truth):
 def test_jcmd_never_sends_sigquit_to_a_process_that_would_die_of_it(monkeypatch):
     perf, _ = _own_perf_map(monkeypatch)
     assert not perf.attach_is_safe()  # Python does not catch SIGQUIT
-    assert "SIGQUIT" in perf.problem
+    assert perf.problem.kind == notes.JVM_NO_SIGQUIT
 
 
 def test_jcmd_never_attaches_to_a_jvm_without_the_attach_mechanism():
@@ -333,7 +334,7 @@ def test_jcmd_never_attaches_to_a_jvm_without_the_attach_mechanism():
         assert child.stdout.readline().strip() == "ready"
         perf = jvm.PerfMap(child.pid)
         assert not perf.attach_is_safe()
-        assert "DisableAttachMechanism" in perf.problem
+        assert perf.problem.kind == notes.JVM_ATTACH_DISABLED
     finally:
         child.stdin.close()
         child.wait(10)
@@ -351,7 +352,7 @@ def test_a_socket_left_by_a_dead_jvm_does_not_make_its_pid_safe():
         server.bind(stale)  # bound by us, not by the child
         perf = jvm.PerfMap(child.pid)
         assert not perf.attach_is_safe()
-        assert "SIGQUIT" in perf.problem
+        assert perf.problem.kind == notes.JVM_NO_SIGQUIT
     finally:
         server.close()
         os.unlink(stale)

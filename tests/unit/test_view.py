@@ -14,6 +14,7 @@ import pytest
 from rich.console import Console
 
 from memtrace.errors import MemtraceError
+from memtrace.model.notes import LIGHT_ESTIMATES, TEXT, THREAD_ARENAS_RETAIN, TRIM_WOULD_RETURN, Note
 from memtrace.model.snapshot import (
     AllocatorStats,
     ArenaStats,
@@ -95,7 +96,7 @@ def snapshot(**overrides) -> Snapshot:
         threads=threads,
         stacks=stacks,
         rates=Rates(12 * MiB, 10 * MiB, 1234.0, 1100.0),
-        notes=("perf map missing: Java frames show as addresses",),
+        notes=(Note.of(TEXT, text="perf map missing: Java frames show as addresses"),),
     )
     fields.update(overrides)
     return Snapshot(**fields)
@@ -103,9 +104,8 @@ def snapshot(**overrides) -> Snapshot:
 
 GiB = 1 << 30
 HINTS = (
-    "8 thread arenas keep 3.1 GiB freed but resident (80 % of their 3.9 GiB): "
-    "MALLOC_ARENA_MAX=2 caps the arenas (it concentrates retention, it does not remove it)",
-    "malloc_trim(0) would return about 1.2 GiB now (estimate)",
+    Note.of(THREAD_ARENAS_RETAIN, arenas=8, retained_bytes=3215 * (1 << 20), resident_bytes=3994 * (1 << 20)),
+    Note.of(TRIM_WOULD_RETURN, bytes=1229 * (1 << 20)),
 )
 
 
@@ -171,7 +171,7 @@ def full_snapshot(light=False, **overrides) -> Snapshot:
     if light:
         # No malloc probes: no stacks, threads or traffic; trim is still probed.
         fields.update(stacks=(), threads=(), heap=HeapTotals(trim_calls=3, trim_released_calls=1), rates=Rates(),
-                      notes=("light mode: no malloc probes; heap live and retained are estimates",))
+                      notes=(Note.of(LIGHT_ESTIMATES),))
     else:
         fields.update(stacks=tuple(stacks))
     fields.update(overrides)

@@ -15,6 +15,7 @@ import pytest
 from rich.console import Console
 
 from memtrace.record.synthetic import session
+from memtrace.model.notes import TEXT, Note
 from memtrace.output.view.context import Context
 from memtrace.output.view.live import MODES, render
 
@@ -349,7 +350,7 @@ POSITION = "replay 12.0s of 60.0s (13/61) playing x1 | space play/pause  <-/-> s
 @pytest.mark.parametrize("width, height", SIZES + [(60, 12)])
 def test_replay_keeps_its_position_line_and_says_replay(width, height):
     snap = snapshots()[-1]
-    snap = dataclasses.replace(snap, target_alive=True, notes=tuple(f"note {i}" for i in range(6)))
+    snap = dataclasses.replace(snap, target_alive=True, notes=tuple(Note.of(TEXT, text=f"note {i}") for i in range(6)))
     lines = draw(snap, width, height, ctx=Context(replay=True, every_s=1.0, status_line=POSITION))
     assert lines[-2].startswith("replay 12.0s of 60.0s")  # right above the keys
     assert " q " in lines[-1]

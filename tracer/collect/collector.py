@@ -14,6 +14,8 @@ from memtrace.collect.aggregate import StackAggregator
 from memtrace.collect.probes import Probes
 from memtrace.collect.vm import HOLD_LIMIT_NS, VmTracker
 from memtrace.model.addrspace import ALLOCATOR_MAPPING, HEAP, MMAPPED_CHUNK
+from memtrace.model import notes
+from memtrace.model.notes import Note
 from memtrace.model.snapshot import (
     Counters,
     HeapRow,
@@ -57,7 +59,7 @@ class Collector:
         self.allocator_kind = probes.allocator_kind
         self.allocator_path = ""  # the probed allocator, as the process names it
         self._check_allocator = False  # after an exec: is it still the one probed?
-        self._allocator_note: Optional[str] = None
+        self._allocator_note: Optional[Note] = None
         self.glibc = self.allocator_kind == "glibc"
         self.vm.space.glibc = self.glibc
         self.started = time.monotonic()
@@ -207,7 +209,7 @@ class Collector:
             memory = ProcessMemory(self.pid)
         except OSError as e:
             if procfs.memory(self.pid) is not None:  # gone: the last reading stands
-                self._arena_problem = f"cannot read the arenas: /proc/{self.pid}/mem: {e.strerror}"
+                self._arena_problem = f"/proc/{self.pid}/mem: {e.strerror}"
             return
         with memory:
             report = inspect_arenas(self.pid, memory, smaps, max_chunks=(
@@ -469,10 +471,8 @@ class Collector:
             return
         if now.kind != self.allocator_kind or \
                 os.path.basename(now.path) != os.path.basename(self.allocator_path):
-            self._allocator_note = (
-                f"after the exec, malloc is {now.kind}'s ({now.path}), which memtrace did not "
-                f"probe ({self.allocator_path}): its calls are not counted; trace the new "
-                "program itself")
+            self._allocator_note = Note.of(notes.ALLOCATOR_CHANGED, allocator=now.kind,
+                                           path=now.path, probed_path=self.allocator_path)
         else:
             self._allocator_note = None
 
@@ -517,29 +517,23 @@ class Collector:
             ))
         return tuple(out)
 
-    def _notes(self, reading) -> tuple[str, ...]:
+    def _notes(self, reading) -> tuple[Note, ...]:
         # Drops are not notes: they travel as heap.drops, worded by the output.
-        notes = []
+        out = []
         if self.probes.unwind is not None and self.probes.unwind.full:
-            notes.append("the unwind tables are full: stacks through some libraries stop at their "
-                         "first frame without a frame pointer")
+            out.append(Note.of(notes.UNWIND_TABLES_FULL))
         if self._arena_problem:
-            notes.append(self._arena_problem)
-        notes += [f"the process exec'd: {argv}" for argv in self._execs[-3:]]
-        notes += self.jvm.problems()
+            out.append(Note.of(notes.ARENAS_UNREADABLE, reason=self._arena_problem))
+        out += [Note.of(notes.EXEC, argv=argv) for argv in self._execs[-3:]]
+        out += self.jvm.problems()
         if self._allocator_note:
-            notes.append(self._allocator_note)
+            out.append(self._allocator_note)
         if self.light and self.glibc:
-            notes.append("light mode: no malloc probes; heap live and retained are estimates "
-                         "from glibc's own arena structures")
+            out.append(Note.of(notes.LIGHT_ESTIMATES))
         elif self.light:
-            notes.append(f"light mode: no malloc probes, and {self.allocator_kind}'s own books "
-                         "cannot be read from outside: no heap figures")
+            out.append(Note.of(notes.LIGHT_NO_HEAP, allocator=self.allocator_kind))
         if not self.glibc:
-            notes.append(f"{self.allocator_kind}: its statistics are kept where only its own code "
-                         "reads them, so arenas and trim estimates are not available; retained is "
-                         "the resident memory it mapped while traced, less the live heap"
-                         + ("" if not self.attached else
-                            " (mappings made before the attach are not known)"))
-        return tuple(notes)
+            out.append(Note.of(notes.ALLOCATOR_OPAQUE, allocator=self.allocator_kind,
+                               attached=bool(self.attached)))
+        return tuple(out)
 

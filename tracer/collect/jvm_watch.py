@@ -11,6 +11,7 @@ from typing import Optional
 
 from memtrace.jvm.diagnostics import JvmDiagnostics
 from memtrace.model.snapshot import JvmStats
+from memtrace.model.notes import Note
 
 
 class JvmWatch:
@@ -41,7 +42,7 @@ class JvmWatch:
         if self.diagnostics is not None:
             self.diagnostics.settle(timeout_s)
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Note]:
         """Why JVM frames stay unnamed, for the notes."""
         found = [self.symbols.perf_map.problem if self.symbols.perf_map is not None else None,
                  self.symbols.java.problem if self.symbols.java is not None else None]

@@ -23,6 +23,8 @@ from memtrace.process import procfs
 from memtrace.symbols.elf import exported_objects
 from memtrace.process.mappedfile import fd_path, open_mapped
 from memtrace.jvm.vmstructs import SYMBOLS, VMStructs, Reader, read_vmstructs, u64
+from memtrace.model import notes
+from memtrace.model.notes import Note
 
 JVM_METHOD_TAG = 1 << 63  # bpf/memtrace.h
 MODULE = "Interpreter"  # what interpreted frames show as their module
@@ -167,7 +169,7 @@ class JavaMethods:
         self.pid = pid
         self.libjvm = libjvm
         self.layout: Optional[Layout] = None
-        self.problem: Optional[str] = None
+        self.problem: Optional[Note] = None
         self.hotspot: Optional[bool] = None  # libjvm.so is HotSpot's (None: not read yet)
         self._names: dict[int, str] = {}
 
@@ -207,7 +209,7 @@ class JavaMethods:
                 os.close(fd)
             self.hotspot = all(name in exported for name in SYMBOLS)
             if not self.hotspot:  # another JVM's libjvm.so (OpenJ9)
-                self.problem = "libjvm.so is not HotSpot's: interpreted frames stay unnamed"
+                self.problem = Note.of(notes.JVM_NOT_HOTSPOT)
                 return False
             structs = read_vmstructs(read, {name: self.libjvm.start + value
                                             for name, value in exported.items()})
@@ -216,7 +218,7 @@ class JavaMethods:
             try:
                 self.layout = Layout(structs)
             except ValueError as e:
-                self.problem = f"{e}: interpreted frames stay unnamed"
+                self.problem = Note.of(notes.JVM_METHODS_UNREADABLE, reason=str(e))
         return self.layout is not None
 
     def interpreter(self) -> Optional[tuple[int, int]]:

@@ -23,6 +23,8 @@ import time
 from typing import Iterable, Optional
 
 from memtrace.process.mappedfile import open_in_root
+from memtrace.model import notes
+from memtrace.model.notes import Note
 
 REFRESH_S = 5.0  # between two jcmd runs, at least
 JCMD_TIMEOUT_S = 30.0
@@ -86,7 +88,7 @@ class PerfMap:
         except (KeyError, ValueError, IndexError):
             self.uid, self.nspid = None, pid
         self.jcmd = shutil.which("jcmd") or _jdk_tool("jcmd")
-        self.problem: Optional[str] = None if self.jcmd else "jcmd not found: JIT frames stay unnamed"
+        self.problem: Optional[Note] = None if self.jcmd else Note.of(notes.JVM_NO_JCMD)
         self._entries: list[tuple[int, int, str]] = []
         self._starts: list[int] = []
         self._lock = threading.Lock()
@@ -140,7 +142,7 @@ class PerfMap:
         (-Xrs) dies of, and one without the attach mechanism answers with a
         thread dump on its output."""
         if _attach_disabled(self.pid):
-            self.problem = "-XX:+DisableAttachMechanism: jcmd cannot attach, JIT frames stay unnamed"
+            self.problem = Note.of(notes.JVM_ATTACH_DISABLED)
             return False
         # The socket counts only when this process holds it: one left by a
         # JVM that died names a pid the kernel may have given to another.
@@ -152,7 +154,7 @@ class PerfMap:
         except (KeyError, ValueError):
             catches_quit = False
         if not catches_quit:
-            self.problem = "the JVM does not catch SIGQUIT (-Xrs): jcmd cannot attach, JIT frames stay unnamed"
+            self.problem = Note.of(notes.JVM_NO_SIGQUIT)
             return False
         return True
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+from memtrace.model import notes
+from memtrace.model.notes import Note
 from memtrace.model.snapshot import BUCKET_SHIFT, AllocatorStats, ArenaStats, Flow, Gap, JvmStats, StackKey
 
 MiB = 1 << 20
@@ -236,13 +238,7 @@ def gap(rss_anon_bytes: int, allocator: AllocatorStats) -> Gap:
     )
 
 
-def _fmt(n: int) -> str:
-    if n >= 1 << 30:
-        return f"{n / (1 << 30):.1f} GiB"
-    return f"{n / MiB:.1f} MiB"
-
-
-def hints(arenas: Sequence[ArenaStats], trim_estimate_bytes: int, rss_anon_bytes: int) -> tuple[str, ...]:
+def hints(arenas: Sequence[ArenaStats], trim_estimate_bytes: int, rss_anon_bytes: int) -> tuple[Note, ...]:
     """Suggestions with their numbers, when the numbers call for them.
     They are hints: the allocator's future behaviour is not certain.
 
@@ -258,39 +254,27 @@ def hints(arenas: Sequence[ArenaStats], trim_estimate_bytes: int, rss_anon_bytes
     t_resident = sum(a.resident_bytes for a in threads)
     t_retained = sum(a.retained_bytes for a in threads)
     if len(threads) >= 2 and t_retained >= 32 * MiB and t_retained >= 0.4 * t_resident:
-        out.append(
-            f"{len(threads)} thread arenas keep {_fmt(t_retained)} freed but resident "
-            f"({100 * t_retained // max(1, t_resident)} % of their {_fmt(t_resident)}): "
-            "MALLOC_ARENA_MAX=2 caps the arenas (it concentrates retention, it does not remove it)"
-        )
+        out.append(Note.of(notes.THREAD_ARENAS_RETAIN, arenas=len(threads),
+                           retained_bytes=t_retained, resident_bytes=t_resident))
     trim_said = False
     main = next((a for a in arenas if a.kind == "main"), None)
     if main is not None and main.retained_bytes >= 32 * MiB and main.retained_bytes >= 0.4 * main.resident_bytes:
         if main.trimmable_bytes >= main.retained_bytes // 2:
-            out.append(
-                f"the main arena keeps {_fmt(main.retained_bytes)} freed but resident, "
-                f"{_fmt(main.trimmable_bytes)} of it in free pages: call malloc_trim(0) after "
-                "load peaks, or lower M_TRIM_THRESHOLD (MALLOC_TRIM_THRESHOLD_=...) so free() "
-                "gives the top back sooner"
-            )
+            out.append(Note.of(notes.MAIN_ARENA_TRIMMABLE, retained_bytes=main.retained_bytes,
+                               trimmable_bytes=main.trimmable_bytes))
             trim_said = True
         else:
-            out.append(
-                f"the main arena keeps {_fmt(main.retained_bytes)} freed but resident, mostly in "
-                "pages that still hold live blocks (fragmentation): malloc_trim(0) would give "
-                f"back only about {_fmt(main.trimmable_bytes)}"
-            )
+            out.append(Note.of(notes.MAIN_ARENA_FRAGMENTED, retained_bytes=main.retained_bytes,
+                               trimmable_bytes=main.trimmable_bytes))
             trim_said = True
     if not trim_said and trim_estimate_bytes >= 16 * MiB \
             and trim_estimate_bytes >= 0.1 * max(1, rss_anon_bytes):
-        out.append(f"malloc_trim(0) would return about {_fmt(trim_estimate_bytes)} now (estimate)")
+        out.append(Note.of(notes.TRIM_WOULD_RETURN, bytes=trim_estimate_bytes))
     return tuple(out)
 
 
-def jvm_hints(jvm: Optional[JvmStats]) -> tuple[str, ...]:
+def jvm_hints(jvm: Optional[JvmStats]) -> tuple[Note, ...]:
     """What a JVM's flags keep from the stacks."""
     if jvm is None or jvm.preserve_frame_pointer is not False:
         return ()
-    return ("the JVM runs without -XX:+PreserveFramePointer: stacks stop at the first "
-            "JIT-compiled Java method (interpreted methods are still named); restart it with "
-            "that flag to see every Java caller",)
+    return (Note.of(notes.JVM_NO_FRAME_POINTER),)

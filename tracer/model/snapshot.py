@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
+from memtrace.model.notes import Note
+
 # A kernel-side stack identity: (stack map id, return address read at the
 # stack pointer on entry). The second part names the immediate caller even
 # when the frame-pointer walk skips it.
@@ -324,7 +326,7 @@ class Snapshot:
     rates: Rates = Rates()
     target_alive: bool = True
     exit_status: Optional[int] = None
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[Note, ...] = field(default_factory=tuple)
     light: bool = False  # no malloc probes: heap figures are estimates
     os: Optional[OsStats] = None
     allocator: Optional[AllocatorStats] = None
@@ -332,7 +334,7 @@ class Snapshot:
     regions: tuple[RegionStats, ...] = ()
     trim: Optional[TrimStats] = None
     gap: Optional[Gap] = None
-    hints: tuple[str, ...] = ()
+    hints: tuple[Note, ...] = ()
     jvm: Optional[JvmStats] = None  # a HotSpot JVM's own figures
     # When smaps and the arenas were last read (seconds since the start):
     # after the process's exit, the regions and arenas are as of then.
@@ -341,6 +343,13 @@ class Snapshot:
     # (ts, tid, kind, addr, length, prot, flags, result, in_malloc, frames);
     # not part of the JSON snapshot.
     vm_events: tuple[dict, ...] = ()
+
+    @property
+    def has_retained(self) -> bool:
+        """Whether any stack holds a share of the allocator's retained bytes:
+        the one test for showing, ranking and weighing stacks by retained.
+        Where the arenas were not read, every share is zero."""
+        return any(st.retained_bytes > 0 for st in self.stacks)
 
     @property
     def truncated_stack_count(self) -> int:
@@ -518,7 +527,7 @@ def snapshot_to_json(s: Snapshot) -> dict:
         ],
         "truncated_stack_count": s.truncated_stack_count,
         "truncated": s.truncated_shares(),
-        "notes": list(s.notes),
+        "notes": [n.to_json() for n in s.notes],
         "light": s.light,
         **({"memory_read_elapsed_s": round(s.memory_read_elapsed_s, 3)}
            if s.memory_read_elapsed_s is not None else {}),
@@ -557,7 +566,7 @@ def _address_space_json(s: Snapshot) -> dict:
         }
     if s.gap is not None:
         out["gap"] = asdict(s.gap)
-    out["hints"] = list(s.hints)
+    out["hints"] = [h.to_json() for h in s.hints]
     if s.jvm is not None:
         out["jvm"] = _jvm_json(s)
     return out

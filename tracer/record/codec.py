@@ -22,6 +22,7 @@ import typing
 from typing import Any, Callable, Mapping, Union
 
 from memtrace.errors import MemtraceError
+from memtrace.model.notes import Note
 from memtrace.model.snapshot import (
     Counters,
     DropStats,
@@ -99,8 +100,8 @@ def _process_from_json(d: Mapping[str, Any]) -> ProcessStats:
     return ProcessStats(**d)
 
 
-def _notes_from_json(d: Any) -> tuple[str, ...]:
-    return tuple(d)
+def _notes_from_json(d: Any) -> tuple[Note, ...]:
+    return tuple(Note.from_json(n) for n in d)
 
 
 # Top-level keys with a shape of their own; each returns Snapshot kwargs.
@@ -117,6 +118,7 @@ _SECTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "threads": lambda v: {"threads": tuple(thread_from_json(t) for t in v)},
     "stacks": lambda v: {"stacks": tuple(stack_from_json(s) for s in v)},
     "notes": lambda v: {"notes": _notes_from_json(v)},
+    "hints": lambda v: {"hints": _notes_from_json(v)},
 }
 
 

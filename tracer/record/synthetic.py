@@ -10,6 +10,8 @@ import random
 from dataclasses import replace
 from typing import Iterator, Optional
 
+from memtrace.model import notes
+from memtrace.model.notes import Note
 from memtrace.model.snapshot import (
     AllocatorStats,
     ArenaStats,
@@ -99,7 +101,7 @@ def session(
             threads=thread_stats,
             stacks=stack_stats,
             rates=rates_between(prev, heap, elapsed),
-            notes=("attach took 0.4 s",) if k == 0 else (),
+            notes=(Note.of(notes.UNWIND_TABLES_FULL),) if k == 0 else (),
         )
         if sections:
             for region in region_table:
@@ -145,7 +147,7 @@ def session(
                 regions=region_stats,
                 trim=TrimStats(len(trim_calls), sum(t.returned_bytes for t in trim_calls), MIB, tuple(trim_calls[-3:])),
                 gap=Gap(rss - 50 * MIB, total.live_bytes, retained_total, max(0, rss - 50 * MIB - total.live_bytes - retained_total)),
-                hints=("arena retention: call malloc_trim(0) or set MALLOC_ARENA_MAX=2",) if k > 5 else (),
+                hints=(Note.of(notes.TRIM_WOULD_RETURN, bytes=MIB),) if k > 5 else (),
             )
         if k == count - 1 and count > 3:
             snapshot = replace(snapshot, target_alive=False, exit_status=-9)

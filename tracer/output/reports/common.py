@@ -91,20 +91,14 @@ def stack_weight(stack: StackStats, by: str) -> int:
     return weight_of(stack, by)
 
 
-def has_retained(snapshot: Snapshot) -> bool:
-    """Per-stack retained bytes mean something only where the arenas were
-    measured; elsewhere they are all zero."""
-    return snapshot.allocator is not None or bool(snapshot.arenas)
-
-
 def check_by(snapshot: Snapshot, by: str) -> None:
     """Refuse a weight the snapshot cannot give, in one line."""
     if by not in BY_CHOICES:
         raise MemtraceError(f"unknown weight {by!r}: use one of {', '.join(BY_CHOICES)}")
-    if by == "retained" and not has_retained(snapshot):
+    if by == "retained" and not snapshot.has_retained:
         raise MemtraceError(
-            "this recording has no arena data, so no retained bytes per stack:"
-            " use --by live or --by allocated"
+            "no stack holds retained bytes at this moment (they come from the allocator's"
+            " arenas, read in full mode on glibc): use --by live or --by allocated"
         )
 
 

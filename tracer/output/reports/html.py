@@ -14,13 +14,13 @@ import json
 from typing import Any, Sequence, TextIO
 
 from memtrace.record.timeline import TimePoint
+from memtrace.output.notes import note_text
 from memtrace.output.reports.common import (
     ReportData,
     peak_of,
     command_line,
     frame_label,
     gap_at,
-    has_retained,
     moment,
     recorded_on,
     unit,
@@ -310,7 +310,7 @@ def _stack_table(d: ReportData) -> str:
     ranked = selected_stacks(d, d.by, limit=TOP_STACKS).shown
     if not ranked:
         return f'<p class="muted">No stack has {_esc(unit(d.by))}.</p>'
-    retained = has_retained(d.snapshot)
+    retained = d.snapshot.has_retained
     head = ["live", "allocated"] + (["retained"] if retained else []) + ["blocks", "threads"]
     rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head)
             + '<th class="frames">frames (innermost first)</th></tr>']
@@ -392,7 +392,7 @@ def render_html(d: ReportData) -> str:
     cmd = command_line(d.metadata)
     meta_bits = recorded_on(d.metadata)
     tree = flame_tree(d)
-    notes = [str(h) for h in getattr(s, "hints", ()) or ()] + list(s.notes)
+    notes = [note_text(n) for n in (*s.hints, *s.notes)]
     body = [
         f"<h1>{_esc(title)}</h1>",
         f'<p class="muted">{_esc(", ".join(meta_bits))}</p>' if meta_bits else "",

@@ -11,11 +11,16 @@ import json
 from typing import Any, TextIO
 
 from memtrace.output.reports.common import ReportData
+from memtrace.output.notes import note_json
 from memtrace.output.reports.select import snapshot_json
 
 
 def json_document(data: ReportData) -> dict[str, Any]:
-    doc = snapshot_json(data.snapshot, data.by, data.policy)
+    s = data.snapshot
+    doc = snapshot_json(s, data.by, data.policy)
+    doc["notes"] = [note_json(n) for n in s.notes]
+    if "hints" in doc:
+        doc["hints"] = [note_json(h) for h in s.hints]
     since = data.since
     if since is not None:
         doc["since"] = {

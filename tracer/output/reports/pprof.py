@@ -18,7 +18,7 @@ import gzip
 from typing import BinaryIO, Optional, Sequence
 
 from memtrace.model.snapshot import Snapshot
-from memtrace.output.reports.common import ReportData, check_by, command_line, has_retained
+from memtrace.output.reports.common import ReportData, check_by, command_line
 from memtrace.model.frames import split_frame
 
 # (type, unit) in sample order, as Go writes a heap profile.
@@ -125,7 +125,7 @@ def _target_labels(s: Snapshot) -> tuple[tuple[str, str], ...]:
 def build_profile(data: ReportData):  # -> profile_proto.Profile
     check_by(data.snapshot, data.by)
     s = data.snapshot
-    builder = _Builder(has_retained(s), data.by)
+    builder = _Builder(s.has_retained, data.by)
     builder.add(s, _target_labels(s))
     profile = builder.profile
     start = data.metadata.get("start_time")
@@ -142,7 +142,7 @@ def build_profile(data: ReportData):  # -> profile_proto.Profile
 def build_fleet_profile(snapshots: Sequence[Snapshot], time_nanos: int):
     """The live profile of several targets at once, each sample labelled
     with its target's pid and comm (`go tool pprof -tagfocus pid=1234`)."""
-    builder = _Builder(any(has_retained(s) for s in snapshots), "live")
+    builder = _Builder(any(s.has_retained for s in snapshots), "live")
     for s in snapshots:
         builder.add(s, _target_labels(s))
         builder.comment(f"memtrace: pid {s.pid} ({s.comm}) at {s.elapsed_s:.1f}s")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, TextIO
 
 from memtrace.model.snapshot import Snapshot, StackStats
+from memtrace.output.notes import note_text
 from memtrace.output.reports.common import (
     ReportData,
     command_line,
@@ -199,7 +200,7 @@ def _gap(d: ReportData) -> list[str]:
             )
     if s.hints:
         lines.append("hints (the allocator's future behaviour is not certain):")
-        lines += [f"  - {h}" for h in s.hints]
+        lines += [f"  - {note_text(h)}" for h in s.hints]
     return [""] + lines if lines else []
 
 
@@ -231,7 +232,7 @@ def _regions(d: ReportData) -> list[str]:
 
 def _retained_stacks(d: ReportData) -> list[str]:
     s = d.snapshot
-    if not status.any_retained(s):
+    if not s.has_retained:
         return []
     stacks = selected_stacks(d, "retained", limit=RETAINED_STACKS_SHOWN).shown
     rows = [[fmt_bytes(st.retained_bytes), fmt_bytes(st.counters.live_bytes), _chain(st.frames, 100)]
@@ -327,7 +328,7 @@ def _notes(d: ReportData) -> list[str]:
     s = d.snapshot
     if not s.notes:
         return []
-    return ["", "notes:"] + [f"  - {n}" for n in s.notes]
+    return ["", "notes:"] + [f"  - {note_text(n)}" for n in s.notes]
 
 
 SECTIONS: list[Callable[[ReportData], list[str]]] = [

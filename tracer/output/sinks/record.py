@@ -11,6 +11,8 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 from memtrace.errors import MemtraceError
+from memtrace.model import notes
+from memtrace.model.notes import Note
 from memtrace.model.snapshot import Snapshot
 from memtrace.record.recorder import Recorder
 
@@ -19,7 +21,7 @@ class RecordSink:
     def __init__(self, path: str, metadata: Mapping[str, Any], then: Optional[list] = None) -> None:
         self.recorder = Recorder(path, metadata)
         self.then = then or []
-        self.note: Optional[str] = None  # set once the recording stopped
+        self.note: Optional[Note] = None  # set once the recording stopped
         self._written = 0
 
     def update(self, snapshot: Snapshot) -> None:
@@ -35,7 +37,7 @@ class RecordSink:
                 try:
                     self.recorder.close()
                 except MemtraceError as e:
-                    self.note = f"the recording was not finished ({e}); what it holds stays readable"
+                    self.note = Note.of(notes.RECORDING_UNFINISHED, reason=str(e))
         finally:
             # The summary and the JSON come out whatever happened here.
             final = self._noted(final)
@@ -64,10 +66,8 @@ class RecordSink:
         except MemtraceError as e:
             # The recorder rolled back and closed: the file holds the
             # snapshots written before this one.
-            self.note = (
-                f"the recording stopped at {snapshot.elapsed_s:.1f} s ({e});"
-                f" it holds the {self._written} snapshot(s) before"
-            )
+            self.note = Note.of(notes.RECORDING_STOPPED, at_s=round(snapshot.elapsed_s, 1),
+                                reason=str(e), snapshots=self._written)
 
     def _noted(self, snapshot: Snapshot) -> Snapshot:
         if self.note is None:

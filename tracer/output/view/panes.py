@@ -160,7 +160,7 @@ def _stack_rows(stacks: Sequence[StackStats], width: int, interval: str, by: str
 
 def stack_order(s: Snapshot, by: str) -> str:
     """What the stacks table ranks by: retained bytes only when there are some."""
-    return by if status.any_retained(s) else SORT_LIVE
+    return by if s.has_retained else SORT_LIVE
 
 
 def ranked_stacks(s: Snapshot, by: str) -> list[StackStats]:
@@ -185,7 +185,7 @@ def stacks_pane(by: str = SORT_LIVE) -> Pane:
         if not total:
             what = "none: no malloc probes in light mode (press a for the arenas)" if s.light else "no tracked allocations yet"
             return [title_line("STACKS", what, width)]
-        retained = status.any_retained(s)
+        retained = s.has_retained
         order = stack_order(s, by)
         ranked = ranked_stacks(s, by)
         count = len(ranked)  # what --top and --min-size leave of the total

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from memtrace.model.snapshot import ArenaStats, RegionStats, Snapshot, StackStats, ThreadStats
+from memtrace.output.notes import note_text
 from memtrace.output.view.fmt import (
     NO_RATE,
     fmt_bytes,
@@ -402,12 +403,12 @@ def _drops(s: Snapshot) -> list[HeaderLine]:
 
 
 def _hints(s: Snapshot) -> list[HeaderLine]:
-    return [HeaderLine(HINTS_RANK, HINT, text=h) for h in s.hints]
+    return [HeaderLine(HINTS_RANK, HINT, text=note_text(h)) for h in s.hints]
 
 
 def _notes(s: Snapshot) -> list[HeaderLine]:
     derived = [n for n in (exit_note(s), before_trace_note(s)) if n]
-    return [HeaderLine(NOTES_RANK, NOTE, text=n) for n in (*derived, *s.notes)]
+    return [HeaderLine(NOTES_RANK, NOTE, text=n) for n in (*derived, *map(note_text, s.notes))]
 
 
 # The header in display order; each entry gives [] when its section is
@@ -461,10 +462,6 @@ def top_stacks(s: Snapshot, by: str = SORT_LIVE) -> list[StackStats]:
             s.stacks, key=lambda st: (-st.retained_bytes, -st.counters.live_bytes, -st.counters.alloc_bytes)
         )
     return sorted(s.stacks, key=lambda st: (-st.counters.live_bytes, -st.counters.alloc_bytes))
-
-
-def any_retained(s: Snapshot) -> bool:
-    return any(st.retained_bytes > 0 for st in s.stacks)
 
 
 def top_threads(s: Snapshot) -> list[ThreadStats]:

@@ -193,7 +193,7 @@ class BatchView:
         else:
             lines.append(f"STACKS {len(stacks)} of {len(s.stacks)} by live bytes")
         if stacks:
-            retained = status.any_retained(s)
+            retained = s.has_retained
             # Room left for frames after the numeric columns (~45 characters).
             room = self.width - 45 - (11 if retained else 0)
             lines += _stack_table(stacks, max(20, room), s.interval_s, retained)

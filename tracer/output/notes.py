@@ -1,0 +1,92 @@
+"""The words of the notes and hints (memtrace.model.notes): every view,
+report and JSON document says them with these."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from memtrace.model import notes as n
+from memtrace.model.notes import Note
+from memtrace.output.view.fmt import fmt_bytes
+
+
+def _percent(part: int, whole: int) -> int:
+    return 100 * part // max(1, whole)
+
+
+def _allocator_opaque(note: Note) -> str:
+    before = " (mappings made before the attach are not known)" if note.get("attached") else ""
+    return (f"{note.get('allocator')}: its statistics are kept where only its own code reads them, "
+            "so arenas and trim estimates are not available; retained is the resident memory it "
+            f"mapped while traced, less the live heap{before}")
+
+
+def _recording_stopped(note: Note) -> str:
+    return (f"the recording stopped at {note.get('at_s', 0.0):.1f} s ({note.get('reason')});"
+            f" it holds the {note.get('snapshots')} snapshot(s) before")
+
+
+_WORDS: dict[str, Callable[[Note], str]] = {
+    n.UNWIND_TABLES_FULL: lambda _: (
+        "the unwind tables are full: stacks through some libraries stop at their "
+        "first frame without a frame pointer"),
+    n.ARENAS_UNREADABLE: lambda note: f"cannot read the arenas: {note.get('reason')}",
+    n.EXEC: lambda note: f"the process exec'd: {note.get('argv')}",
+    n.ALLOCATOR_CHANGED: lambda note: (
+        f"after the exec, malloc is {note.get('allocator')}'s ({note.get('path')}), which memtrace "
+        f"did not probe ({note.get('probed_path')}): its calls are not counted; trace the new "
+        "program itself"),
+    n.LIGHT_ESTIMATES: lambda _: (
+        "light mode: no malloc probes; heap live and retained are estimates "
+        "from glibc's own arena structures"),
+    n.LIGHT_NO_HEAP: lambda note: (
+        f"light mode: no malloc probes, and {note.get('allocator')}'s own books "
+        "cannot be read from outside: no heap figures"),
+    n.ALLOCATOR_OPAQUE: _allocator_opaque,
+    n.JVM_NO_JCMD: lambda _: "jcmd not found: JIT frames stay unnamed",
+    n.JVM_ATTACH_DISABLED: lambda _: (
+        "-XX:+DisableAttachMechanism: jcmd cannot attach, JIT frames stay unnamed"),
+    n.JVM_NO_SIGQUIT: lambda _: (
+        "the JVM does not catch SIGQUIT (-Xrs): jcmd cannot attach, JIT frames stay unnamed"),
+    n.JVM_NOT_HOTSPOT: lambda _: "libjvm.so is not HotSpot's: interpreted frames stay unnamed",
+    n.JVM_METHODS_UNREADABLE: lambda note: f"{note.get('reason')}: interpreted frames stay unnamed",
+    n.RECORDING_STOPPED: _recording_stopped,
+    n.RECORDING_UNFINISHED: lambda note: (
+        f"the recording was not finished ({note.get('reason')}); what it holds stays readable"),
+    n.TEXT: lambda note: str(note.get("text", "")),
+    n.THREAD_ARENAS_RETAIN: lambda note: (
+        f"{note.get('arenas')} thread arenas keep {fmt_bytes(note.get('retained_bytes'))} freed but "
+        f"resident ({_percent(note.get('retained_bytes'), note.get('resident_bytes'))} % of their "
+        f"{fmt_bytes(note.get('resident_bytes'))}): MALLOC_ARENA_MAX=2 caps the arenas (it "
+        "concentrates retention, it does not remove it)"),
+    n.MAIN_ARENA_TRIMMABLE: lambda note: (
+        f"the main arena keeps {fmt_bytes(note.get('retained_bytes'))} freed but resident, "
+        f"{fmt_bytes(note.get('trimmable_bytes'))} of it in free pages: call malloc_trim(0) after "
+        "load peaks, or lower M_TRIM_THRESHOLD (MALLOC_TRIM_THRESHOLD_=...) so free() "
+        "gives the top back sooner"),
+    n.MAIN_ARENA_FRAGMENTED: lambda note: (
+        f"the main arena keeps {fmt_bytes(note.get('retained_bytes'))} freed but resident, mostly "
+        "in pages that still hold live blocks (fragmentation): malloc_trim(0) would give back "
+        f"only about {fmt_bytes(note.get('trimmable_bytes'))}"),
+    n.TRIM_WOULD_RETURN: lambda note: (
+        f"malloc_trim(0) would return about {fmt_bytes(note.get('bytes'))} now (estimate)"),
+    n.JVM_NO_FRAME_POINTER: lambda _: (
+        "the JVM runs without -XX:+PreserveFramePointer: stacks stop at the first "
+        "JIT-compiled Java method (interpreted methods are still named); restart it with "
+        "that flag to see every Java caller"),
+}
+
+
+def note_text(note: Note) -> str:
+    """The sentence for a note or a hint. A kind this version does not know
+    (a newer recording) is shown by its kind and fields."""
+    words = _WORDS.get(note.kind)
+    if words is not None:
+        return words(note)
+    fields = ", ".join(f"{k}={v}" for k, v in note.fields)
+    return f"{note.kind.replace('_', ' ')}" + (f" ({fields})" if fields else "")
+
+
+def note_json(note: Note) -> dict:
+    """A note as the JSON output gives it: its kind and fields, and its words."""
+    return {**note.to_json(), "text": note_text(note)}

@@ -48,19 +48,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from targets import build_target  # noqa: E402  (bench/ is not a package)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TICK_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def build_target() -> Path:
-    out = HERE / "build" / "scale_target"
-    out.parent.mkdir(exist_ok=True)
-    src = HERE / "scale_target.c"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-g", "-fno-builtin", "-fno-omit-frame-pointer",
-                        "-fno-optimize-sibling-calls", "-Wall", "-o", str(out), str(src)], check=True)
-    return out
 
 
 def python() -> str:
@@ -255,7 +248,7 @@ def main() -> int:
     p.add_argument("--no-reports", action="store_true")
     args = p.parse_args()
 
-    target = build_target()
+    target = build_target("scale_target", ("-fno-optimize-sibling-calls",))
     out_dir = Path(args.keep or tempfile.mkdtemp(prefix="memtrace-scale-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     rec = out_dir / "scale.memtrace"

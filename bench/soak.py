@@ -36,19 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from targets import build_target  # noqa: E402  (bench/ is not a package)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TICK_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def build_target() -> Path:
-    out = HERE / "build" / "soak_target"
-    out.parent.mkdir(exist_ok=True)
-    src = HERE / "soak_target.c"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-g", "-fno-builtin", "-fno-omit-frame-pointer", "-pthread",
-                        "-Wall", "-o", str(out), str(src)], check=True)
-    return out
 
 
 def memtrace_command() -> list[str]:
@@ -98,7 +91,7 @@ def main() -> int:
         print("soak.py needs root: it attaches uprobes", file=sys.stderr)
         return 2
     seconds = args.minutes * 60
-    target = build_target()
+    target = build_target("soak_target", ("-pthread",))
     work = Path(args.keep or tempfile.mkdtemp(prefix="memtrace-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     rec, results, final = work / "soak.memtrace", work / "target.jsonl", work / "final.json"

@@ -103,3 +103,32 @@ def test_many_stacks_replay_and_report_as_they_were_live(programs, run_memtrace,
     # callers: stacks of 15 frames that part ways 4 frames from the top take
     # at most 4 nodes each.
     assert frames < 200 and nodes <= 4.5 * len(live["stacks"]), (frames, nodes)
+
+
+def test_the_index_holds_the_gap_parts_of_each_snapshot(programs, run_memtrace, tmp_path):
+    # The over-time chart plots allocator retained and other from the
+    # snapshots table, without decoding a snapshot: each row must carry the
+    # figures of its own snapshot's gap.
+    rec = tmp_path / "gap.memtrace"
+    rc, live, stderr = run_memtrace(["--json", "--interval", "0.2", "--record", str(rec), "--",
+                                     str(programs["threads"]), str(tmp_path / "truth.json"), "--hold-ms", "600"])
+    assert rc == 0, stderr
+    import sqlite3
+
+    with sqlite3.connect(rec) as db:
+        columns = [c[1] for c in db.execute("PRAGMA table_info(snapshots)")]
+        rows = db.execute("SELECT gap_bytes, other_anon_bytes FROM snapshots ORDER BY id").fetchall()
+    db.close()
+    assert "other_anon_bytes" in columns, columns
+    from memtrace.record.reader import open_recording
+
+    with open_recording(str(rec)) as recording:
+        gaps = [s.gap for s in recording]
+        points = list(recording.points)
+    assert len(rows) == len(gaps) == len(points) >= 3
+    assert all(g is not None for g in gaps)
+    assert rows == [(g.allocator_retained_bytes, g.other_anon_bytes) for g in gaps]
+    assert [(p.gap_bytes, p.other_anon_bytes) for p in points] == rows
+    # Thread stacks and the like: anonymous memory that is neither heap nor retained.
+    assert max(other for _, other in rows) > 0, rows
+    assert rows[-1] == (live["gap"]["allocator_retained_bytes"], live["gap"]["other_anon_bytes"])

@@ -278,6 +278,90 @@ def test_html_draws_in_a_browser_without_errors(recording, tmp_path):
     assert not console, console
 
 
+def _chart_series(page: str) -> dict[str, list[tuple[float, float]]]:
+    """Each polyline of the over-time chart: name -> [(x, y)]."""
+    chart = page.split('<svg id="chart"', 1)[1].split("</svg>", 1)[0]
+    return {
+        name: [tuple(map(float, xy.split(","))) for xy in coords.split()]
+        for name, coords in re.findall(r'class="series" data-name="([^"]+)"[^>]* points="([^"]*)"', chart)
+    }
+
+
+def _chart_origin(page: str) -> float:
+    chart = page.split('<svg id="chart"', 1)[1]
+    return float(re.search(r'class="axis"[^>]* y1="([\d.]+)"', chart).group(1))
+
+
+def test_html_chart_plots_allocator_retained_and_other_apart(recording, snapshots, tmp_path):
+    page = tmp_path / "r.html"
+    report(recording, "--format", "html", "--at", "end", "-o", str(page))
+    text = page.read_text()
+    series = _chart_series(text)
+    assert list(series) == ["RSS", "heap live", "allocator retained", "other"]
+    # The legend names them as the view's gap line and the text report do.
+    legend = text.split('<svg id="chart"', 1)[1].split("</svg>", 1)[0]
+    assert ">allocator retained</text>" in legend and ">other</text>" in legend
+    other = [s.gap.other_anon_bytes for s in snapshots]
+    retained = [s.gap.allocator_retained_bytes for s in snapshots]
+    assert len(set(other)) > 1 and all(o != r for o, r in zip(other, retained))
+    # One point per snapshot, at its time, and every series on one scale:
+    # each height above the axis is its value times the same factor.
+    y0 = _chart_origin(text)
+    rss = [s.process.rss_bytes for s in snapshots]
+    per_byte = (y0 - series["RSS"][rss.index(max(rss))][1]) / max(rss)
+    for name, values in (("other", other), ("allocator retained", retained), ("RSS", rss)):
+        points = series[name]
+        assert len(points) == len(snapshots), name
+        assert [x for x, _ in points] == sorted(x for x, _ in points)
+        for (_, y), value in zip(points, values):
+            assert abs((y0 - y) - value * per_byte) <= 0.1, (name, y, value)
+
+
+def _edited(recording: Path, tmp_path: Path, sql: str) -> tuple[list, dict[str, list]]:
+    """A copy of the recording changed by `sql`: its index points, and the
+    series of its HTML page's chart."""
+    import sqlite3
+
+    from memtrace.record.reader import open_recording
+
+    copy = tmp_path / "edited.rec"
+    shutil.copyfile(recording, copy)
+    with sqlite3.connect(copy) as db:
+        db.execute(sql)
+    db.close()
+    with open_recording(str(copy)) as rec:
+        points = list(rec.points)
+    page = tmp_path / "edited.html"
+    report(copy, "--format", "html", "-o", str(page))
+    return points, _chart_series(page.read_text())
+
+
+def test_a_recording_without_the_other_column_plots_as_before(recording, tmp_path):
+    # Recordings made before the index had other_anon_bytes.
+    points, series = _edited(recording, tmp_path, "ALTER TABLE snapshots DROP COLUMN other_anon_bytes")
+    assert points and all(p.other_anon_bytes is None for p in points)
+    assert all(p.gap_bytes is not None for p in points)
+    assert list(series) == ["RSS", "heap live", "allocator retained"]
+
+
+def test_index_figures_of_the_wrong_type_are_left_out_of_the_chart(recording, tmp_path):
+    # Damage (or a hand edit) can leave text where SQLite's loose typing
+    # expected an integer: that point is unknown, and the page still renders.
+    points, series = _edited(
+        recording, tmp_path,
+        "UPDATE snapshots SET other_anon_bytes = 'x', gap_bytes = 1.5, rss_bytes = X'00' WHERE id = 2")
+    p = points[1]
+    assert (p.rss_bytes, p.gap_bytes, p.other_anon_bytes) == (None, None, None)
+    assert points[2].other_anon_bytes is not None
+    assert len(series["other"]) == len(series["heap live"]) - 1
+
+
+def test_html_chart_without_a_gap_has_no_gap_parts(plain_recording, tmp_path):
+    page = tmp_path / "plain.html"
+    report(plain_recording, "--format", "html", "-o", str(page))
+    assert list(_chart_series(page.read_text())) == ["RSS", "heap live"]
+
+
 # ---------------------------------------------------------------- command
 
 

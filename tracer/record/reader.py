@@ -361,15 +361,23 @@ class Recording:
         first = str(rows[0][0]) if rows else "ok"
         return None if first == "ok" else _one_line(first)
 
-    _INDEX_COLUMNS = (
-        "id, elapsed_s, interval_s, rss_bytes, heap_live_bytes, gap_bytes, full, thread_order, stack_order"
-    )
+    def _index_columns(self) -> str:
+        # A file written before other_anon_bytes was stored lacks the column:
+        # its rows read with that figure unknown.
+        try:
+            names = {r[1] for r in self._conn().execute("PRAGMA table_info(snapshots)")}
+        except _SQLITE_ERRORS:
+            names = set()
+        other = "other_anon_bytes" if "other_anon_bytes" in names else "NULL"
+        return ("id, elapsed_s, interval_s, rss_bytes, heap_live_bytes, gap_bytes, "
+                f"{other}, full, thread_order, stack_order")
 
     def _load_index(self) -> Optional[str]:
         """Read the snapshots table; a problem found stops the index there."""
         db = self._conn()
+        columns = self._index_columns()
         try:
-            for row in db.execute(f"SELECT {self._INDEX_COLUMNS} FROM snapshots ORDER BY id"):
+            for row in db.execute(f"SELECT {columns} FROM snapshots ORDER BY id"):
                 if not self._add_row(row):
                     return f"snapshot {len(self._rows) + 1} is missing or malformed"
             return None
@@ -380,7 +388,7 @@ class Recording:
         while True:
             try:
                 row = db.execute(
-                    f"SELECT {self._INDEX_COLUMNS} FROM snapshots WHERE id = ?", (len(self._rows) + 1,)
+                    f"SELECT {columns} FROM snapshots WHERE id = ?", (len(self._rows) + 1,)
                 ).fetchone()
             except _SQLITE_ERRORS:
                 return problem
@@ -388,7 +396,7 @@ class Recording:
                 return problem
 
     def _add_row(self, row: tuple) -> bool:
-        sid, elapsed, interval, rss, live, gap, full, t_order, s_order = row
+        sid, elapsed, interval, rss, live, gap, other, full, t_order, s_order = row
         ok = (
             sid == len(self._rows) + 1
             and isinstance(elapsed, (int, float))
@@ -397,7 +405,10 @@ class Recording:
         )
         if ok:
             self._rows.append(_Row(float(elapsed), float(interval or 0.0), bool(full), t_order, s_order))
-            self.points.append(TimePoint(float(elapsed), live, rss, gap))
+            # Damage can leave any type in a column SQLite types loosely: a
+            # figure that is not an integer is unknown, never plotted.
+            self.points.append(TimePoint(float(elapsed), live, _int_or_none(rss), _int_or_none(gap),
+                                         _int_or_none(other)))
         return ok
 
     def _recover(self, problem: str) -> None:
@@ -594,6 +605,10 @@ class Recording:
         if self._db is None:
             raise MemtraceError(f"recording {self.path} is closed")
         return self._db
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) else None
 
 
 def _ordered(entities: dict[int, Any], order: Optional[str], key: Callable[[Any], Any]) -> tuple:

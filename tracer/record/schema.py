@@ -4,8 +4,8 @@ Layout, and why:
 - `meta`: key -> JSON value. `format` names the file as ours,
   `schema_version` is checked on open, `metadata` holds the session facts.
 - `snapshots`: one row per interval, with the few numbers the reader needs
-  without decoding anything (time, RSS, heap live, gap) for `--at`, `peak`
-  and the over-time chart.
+  without decoding anything (time, RSS, heap live, and the gap's allocator
+  retained and other parts) for `--at`, `peak` and the over-time chart.
 - `sections`: every top-level part of `Snapshot.to_json()` other than threads
   and stacks (`process`, `heap`, `os`, `arenas`, `regions`, `gap`, ...), as
   JSON, written only when it changed; lists of items with an identity
@@ -34,8 +34,9 @@ Layout, and why:
 
 An older file stays readable by a newer memtrace (format 1 stored each
 stack's frames as a JSON list of text in `stacks.frames`, and had no
-`frames` table); a file with a newer `schema_version` is refused with a
-request to upgrade.
+`frames` table; a file without `snapshots.other_anon_bytes` has that figure
+unknown); a file with a newer `schema_version` is refused with a request to
+upgrade.
 """
 
 from __future__ import annotations
@@ -80,7 +81,11 @@ CREATE TABLE snapshots (
     interval_s      REAL NOT NULL,
     rss_bytes       INTEGER,
     heap_live_bytes INTEGER NOT NULL,
-    gap_bytes       INTEGER,
+    gap_bytes       INTEGER,  -- the gap's allocator retained part (named before the gap had parts)
+    -- The gap's other part: anonymous RSS neither heap live nor retained.
+    -- Files written before it have no such column; their readers plot no
+    -- 'other' series.
+    other_anon_bytes INTEGER,
     -- 1: a keyframe. Its changes and sections hold the whole state, so a
     -- reader jumping to a time starts at the keyframe before it.
     full            INTEGER NOT NULL DEFAULT 0,

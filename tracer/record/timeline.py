@@ -14,7 +14,10 @@ class TimePoint:
     elapsed_s: float
     heap_live_bytes: int
     rss_bytes: Optional[int] = None  # None: not measured
-    gap_bytes: Optional[int] = None  # None: no address-space section
+    gap_bytes: Optional[int] = None  # allocator retained; None: no address-space section
+    # The rest of the anonymous RSS (Gap.other_anon_bytes); None also for a
+    # recording made before it was stored.
+    other_anon_bytes: Optional[int] = None
 
 
 def rss_bytes(s: Snapshot) -> Optional[int]:
@@ -30,8 +33,12 @@ def gap_bytes(s: Snapshot) -> Optional[int]:
     return s.gap.allocator_retained_bytes
 
 
+def other_anon_bytes(s: Snapshot) -> Optional[int]:
+    return s.gap.other_anon_bytes if s.gap is not None else None
+
+
 def time_point(s: Snapshot) -> TimePoint:
-    return TimePoint(s.elapsed_s, s.heap.live_bytes, rss_bytes(s), gap_bytes(s))
+    return TimePoint(s.elapsed_s, s.heap.live_bytes, rss_bytes(s), gap_bytes(s), other_anon_bytes(s))
 
 
 def peak_index(points: list[TimePoint]) -> Optional[int]:

@@ -37,11 +37,13 @@ TOP_STACKS = 15
 # page that no browser draws, for boxes too thin to see.
 OTHER_BELOW_SHARE = 0.001
 
-# name, colour, TimePoint attribute
+# name, colour, TimePoint attribute. The gap's parts are named as in the
+# view's gap line and the text report.
 SERIES = (
     ("RSS", "#4e79a7", "rss_bytes"),
     ("heap live", "#e15759", "heap_live_bytes"),
-    ("retained by the allocator", "#f28e2b", "gap_bytes"),
+    ("allocator retained", "#f28e2b", "gap_bytes"),
+    ("other", "#76b7b2", "other_anon_bytes"),
 )
 TOP_REGIONS = 20  # the largest regions; a JVM can have thousands
 
@@ -283,7 +285,7 @@ def _facts(d: ReportData) -> str:
     facts.append(_fact(fmt_bytes(c.alloc_bytes), f"allocated, {fmt_count(c.alloc_count)} calls"))
     gap = gap_at(s)
     if gap is not None:
-        facts.append(_fact(fmt_bytes(gap), "retained by the allocator (freed, not returned)"))
+        facts.append(_fact(fmt_bytes(gap), "allocator retained (freed, not returned)"))
     if d.since is not None:
         b = d.since
         if b.rss_bytes is not None:

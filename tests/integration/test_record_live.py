@@ -128,7 +128,7 @@ def test_the_index_holds_the_gap_parts_of_each_snapshot(programs, run_memtrace, 
     assert len(rows) == len(gaps) == len(points) >= 3
     assert all(g is not None for g in gaps)
     assert rows == [(g.allocator_retained_bytes, g.other_anon_bytes) for g in gaps]
-    assert [(p.gap_bytes, p.other_anon_bytes) for p in points] == rows
+    assert [(p.allocator_retained_bytes, p.other_anon_bytes) for p in points] == rows
     # Thread stacks and the like: anonymous memory that is neither heap nor retained.
     assert max(other for _, other in rows) > 0, rows
     assert rows[-1] == (live["gap"]["allocator_retained_bytes"], live["gap"]["other_anon_bytes"])

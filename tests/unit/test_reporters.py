@@ -340,7 +340,7 @@ def test_a_recording_without_the_other_column_plots_as_before(recording, tmp_pat
     # Recordings made before the index had other_anon_bytes.
     points, series = _edited(recording, tmp_path, "ALTER TABLE snapshots DROP COLUMN other_anon_bytes")
     assert points and all(p.other_anon_bytes is None for p in points)
-    assert all(p.gap_bytes is not None for p in points)
+    assert all(p.allocator_retained_bytes is not None for p in points)
     assert list(series) == ["RSS", "heap live", "allocator retained"]
 
 
@@ -351,7 +351,7 @@ def test_index_figures_of_the_wrong_type_are_left_out_of_the_chart(recording, tm
         recording, tmp_path,
         "UPDATE snapshots SET other_anon_bytes = 'x', gap_bytes = 1.5, rss_bytes = X'00' WHERE id = 2")
     p = points[1]
-    assert (p.rss_bytes, p.gap_bytes, p.other_anon_bytes) == (None, None, None)
+    assert (p.rss_bytes, p.allocator_retained_bytes, p.other_anon_bytes) == (None, None, None)
     assert points[2].other_anon_bytes is not None
     assert len(series["other"]) == len(series["heap live"]) - 1
 

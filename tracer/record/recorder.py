@@ -206,7 +206,7 @@ class Recorder:
                 "INSERT INTO snapshots (id, elapsed_s, interval_s, rss_bytes, heap_live_bytes, gap_bytes,"
                 " other_anon_bytes, full, thread_order, stack_order) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (sid, snapshot.elapsed_s, snapshot.interval_s, point.rss_bytes, point.heap_live_bytes,
-                 point.gap_bytes, point.other_anon_bytes, int(full), thread_order, stack_order),
+                 point.allocator_retained_bytes, point.other_anon_bytes, int(full), thread_order, stack_order),
             )
             self._write_sections(db, sid, snapshot)
             db.execute("COMMIT")

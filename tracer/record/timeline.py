@@ -14,7 +14,7 @@ class TimePoint:
     elapsed_s: float
     heap_live_bytes: int
     rss_bytes: Optional[int] = None  # None: not measured
-    gap_bytes: Optional[int] = None  # allocator retained; None: no address-space section
+    allocator_retained_bytes: Optional[int] = None  # None: no address-space section
     # The rest of the anonymous RSS (Gap.other_anon_bytes); None also for a
     # recording made before it was stored.
     other_anon_bytes: Optional[int] = None
@@ -25,7 +25,7 @@ def rss_bytes(s: Snapshot) -> Optional[int]:
     return s.process.rss_bytes or None
 
 
-def gap_bytes(s: Snapshot) -> Optional[int]:
+def allocator_retained_bytes(s: Snapshot) -> Optional[int]:
     """What the allocator keeps from the OS beyond the heap's live blocks
     (glibc arena retention), or None when the snapshot has no gap section."""
     if s.gap is None:
@@ -38,7 +38,7 @@ def other_anon_bytes(s: Snapshot) -> Optional[int]:
 
 
 def time_point(s: Snapshot) -> TimePoint:
-    return TimePoint(s.elapsed_s, s.heap.live_bytes, rss_bytes(s), gap_bytes(s), other_anon_bytes(s))
+    return TimePoint(s.elapsed_s, s.heap.live_bytes, rss_bytes(s), allocator_retained_bytes(s), other_anon_bytes(s))
 
 
 def peak_index(points: list[TimePoint]) -> Optional[int]:

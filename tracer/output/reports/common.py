@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from memtrace.errors import MemtraceError
 from memtrace.model.snapshot import Snapshot, StackStats
-from memtrace.record.timeline import TimePoint, gap_bytes
+from memtrace.record.timeline import TimePoint, allocator_retained_bytes
 from memtrace.output.reports.select import WEIGHTS, Selection, StackPolicy, select_stacks, weight_of
 from memtrace.model.frames import UNNAMED_FUNCTION, split_frame
 
@@ -162,5 +162,5 @@ def recorded_on(metadata: dict[str, Any]) -> list[str]:
     return facts
 
 
-def gap_at(s: Optional[Snapshot]) -> Optional[int]:
-    return gap_bytes(s) if s is not None else None
+def retained_at(s: Optional[Snapshot]) -> Optional[int]:
+    return allocator_retained_bytes(s) if s is not None else None

@@ -20,7 +20,7 @@ from memtrace.output.reports.common import (
     peak_of,
     command_line,
     frame_label,
-    gap_at,
+    retained_at,
     moment,
     recorded_on,
     unit,
@@ -42,7 +42,7 @@ OTHER_BELOW_SHARE = 0.001
 SERIES = (
     ("RSS", "#4e79a7", "rss_bytes"),
     ("heap live", "#e15759", "heap_live_bytes"),
-    ("allocator retained", "#f28e2b", "gap_bytes"),
+    ("allocator retained", "#f28e2b", "allocator_retained_bytes"),
     ("other", "#76b7b2", "other_anon_bytes"),
 )
 TOP_REGIONS = 20  # the largest regions; a JVM can have thousands
@@ -283,9 +283,9 @@ def _facts(d: ReportData) -> str:
         facts.append(_fact(fmt_bytes(s.process.rss_bytes), "RSS"))
     facts.append(_fact(fmt_bytes(c.live_bytes), f"heap live, {fmt_count(c.live_count)} blocks"))
     facts.append(_fact(fmt_bytes(c.alloc_bytes), f"allocated, {fmt_count(c.alloc_count)} calls"))
-    gap = gap_at(s)
-    if gap is not None:
-        facts.append(_fact(fmt_bytes(gap), "allocator retained (freed, not returned)"))
+    retained = retained_at(s)
+    if retained is not None:
+        facts.append(_fact(fmt_bytes(retained), "allocator retained (freed, not returned)"))
     if d.since is not None:
         b = d.since
         if b.rss_bytes is not None:
@@ -302,9 +302,9 @@ def _facts(d: ReportData) -> str:
         at = f" at {p.heap_live_elapsed_s:.1f}s" if p.heap_live_elapsed_s is not None else ""
         facts.append(_fact(fmt_bytes(p.heap_live_bytes), f"peak heap live{at}"))
     if d.peak is not None:
-        peak_gap = gap_at(d.peak)
-        if peak_gap is not None and d.peak is not s:
-            facts.append(_fact(fmt_bytes(peak_gap), "retained at the peak"))
+        peak_retained = retained_at(d.peak)
+        if peak_retained is not None and d.peak is not s:
+            facts.append(_fact(fmt_bytes(peak_retained), "retained at the peak"))
     return '<div class="facts">' + "".join(facts) + "</div>"
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gzip
 import io
@@ -493,30 +494,43 @@ def test_sizes_read_as_bytes_with_binary_units():
             select.parse_size(bad)
 
 
-def test_the_run_policy_reaches_every_output(monkeypatch):
+def _trace_args(*argv: str) -> argparse.Namespace:
+    from memtrace.cli.common import add_trace_options
+
+    parser = argparse.ArgumentParser()
+    add_trace_options(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_the_run_policy_reaches_every_output():
+    from memtrace.cli.common import make_sinks
+    from memtrace.output.sinks.console import BatchSink, SummarySink
+    from memtrace.output.sinks.jsonout import JsonSink
+    from memtrace.output.view.context import Context
+    from memtrace.output.view.panes import STACKS
+
     s = many_stacks(30)
-    monkeypatch.setattr(select, "_policy", select.StackPolicy(top=3))
-    doc = select.snapshot_json(s)
+    # From the command line to each sink a trace makes, with no state between.
+    (json_sink,), _ = make_sinks(_trace_args("--json", "--top", "3"), False, {})
+    (batch, summary), _ = make_sinks(_trace_args("--batch", "--top", "3"), False, {})
+    assert isinstance(batch, BatchSink) and isinstance(summary, SummarySink)
+    out = io.StringIO()
+    json_sink.out = out
+    json_sink.close(s)
+    doc = json.loads(out.getvalue())
     assert len(doc["stacks"]) == 3 and doc["stacks_left_out"]["count"] == 27
     # Figures about all stacks stay those of all of them.
     assert doc["truncated_stack_count"] == s.truncated_stack_count == 10
-    from memtrace.output.sinks.jsonout import JsonSink
-
-    out = io.StringIO()
-    JsonSink(out).close(s)
-    assert len(json.loads(out.getvalue())["stacks"]) == 3
-    from memtrace.output.view.text import BatchView
-
-    block = BatchView(max_stacks=10).render_block(s)
-    assert "STACKS 3 of 30" in block
-    from memtrace.output.view.panes import STACKS
-
-    from memtrace.output.view.context import Context
-
-    rendered = STACKS.build(s, 160, 20, Context())
+    assert "STACKS 3 of 30" in batch.view.render_block(s)
+    summary.out = out = io.StringIO()
+    summary.close(s)
+    assert "top 3 of 29 stacks" in out.getvalue()  # the one whose live bytes are 0 is not ranked
+    rendered = STACKS.build(s, 160, 20, Context(policy=batch.view.policy))
     assert "3 of 30" in str(rendered[0])
-    monkeypatch.setattr(select, "_policy", select.StackPolicy())
-    assert select.snapshot_json(s) == s.to_json()
+    # Without options, nothing is left out.
+    (json_sink,), _ = make_sinks(_trace_args("--json"), False, {})
+    assert select.snapshot_json(s, policy=json_sink.policy) == s.to_json()
+    assert "30 of 30" in str(STACKS.build(s, 160, 40, Context())[0])
 
 
 def test_reports_bound_json_and_folded_and_count_the_rest(recording, snapshots):

@@ -218,16 +218,19 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict,
     from memtrace.output.sinks.console import console_sinks
     from memtrace.output.sinks.jsonout import JsonSink
 
+    from memtrace.output.reports.select import policy_of
+
     sinks: list = []
     view = None
+    policy = policy_of(args)
     if args.json:
-        sinks.append(JsonSink())
+        sinks.append(JsonSink(policy))
     elif args.json_stream:
         from memtrace.output.sinks.jsonout import JsonStreamSink
 
-        sinks.append(JsonStreamSink())
+        sinks.append(JsonStreamSink(policy))
     else:
-        console, view = console_sinks(interactive=interactive and not args.batch,
+        console, view = console_sinks(interactive=interactive and not args.batch, policy=policy,
                                       mode="arenas" if args.light else "stacks", context=context)
         sinks.extend(console)
     try:
@@ -264,9 +267,9 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
         raise MemtraceError(
             "say what to trace: -p PID for a running process, or -- CMD ARGS to launch one"
         )
-    from memtrace.output.reports import select
+    from memtrace.output.reports.select import policy_of
 
-    select.configure(select.policy_of(args))
+    policy_of(args)  # a bad --function pattern fails here, before anything is loaded
     preflight.check_all(attach=bool(args.pid))
     if args.vm_probes == "kprobe":
         preflight.check_kprobes()

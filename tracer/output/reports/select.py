@@ -92,21 +92,6 @@ def stack_filter(policy: StackPolicy, threads: Sequence[ThreadStats] = ()) -> Op
     return keep
 
 
-_policy = StackPolicy()
-
-
-def configure(policy: StackPolicy) -> None:
-    """The run's policy (set from --top and --min-size)."""
-    global _policy
-    _policy = policy
-
-
-def current() -> StackPolicy:
-    """The run's policy: for outputs made outside a report (the summary and
-    the JSON of a trace), whose ReportData the sinks build."""
-    return _policy
-
-
 class Selection:
     """The stacks shown, heaviest first, and what the others add up to
     (summed when asked: the live view never asks)."""
@@ -173,12 +158,12 @@ def select_stacks(
     limit: rows the output has room for, on top of the policy's --top.
     positive: leave out stacks whose weight is not above zero (a flame
       graph cannot draw them); they are not counted in "other" either.
-    policy: the user's bounds; the run's (`configure`) by default.
+    policy: the user's bounds (--top, --min-size and the filters); none by default.
     min_share: leave out stacks below this share of the total positive
       weight (the HTML page folds them into "other").
     threads: the snapshot's, for the --thread filter's names.
     """
-    policy = _policy if policy is None else policy
+    policy = StackPolicy() if policy is None else policy
     if by not in WEIGHTS:
         raise ValueError(f"unknown weight {by!r}")
     weigh = _WEIGHTS[by]
@@ -219,7 +204,7 @@ def snapshot_json(snapshot: Snapshot, by: str = "live", policy: Optional[StackPo
     about all stacks (truncated counts and shares) stay those of all of
     them, and `stacks_left_out` says what the others hold. Unbounded, it is
     exactly to_json()."""
-    policy = _policy if policy is None else policy
+    policy = StackPolicy() if policy is None else policy
     if not policy.bounded:
         return snapshot.to_json()
     chosen = select_stacks(snapshot.stacks, by, policy=policy, threads=snapshot.threads)

@@ -12,7 +12,7 @@ goes to pipes, logs and CI.
 
 from __future__ import annotations
 
-from typing import Callable, TextIO
+from typing import Callable, Optional, TextIO
 
 from memtrace.model.snapshot import Snapshot, StackStats
 from memtrace.output.notes import note_text
@@ -25,7 +25,7 @@ from memtrace.output.reports.common import (
     unit,
     selected_stacks,
 )
-from memtrace.output.reports import select
+from memtrace.output.reports.select import StackPolicy
 from memtrace.output.view import status
 from memtrace.output.view.fmt import fmt_bytes, fmt_count, fmt_counted, fmt_duration, fmt_signed_bytes
 from memtrace.output.view.text import (
@@ -354,10 +354,10 @@ def render_text(d: ReportData) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_summary(snapshot: Snapshot) -> str:
+def render_summary(snapshot: Snapshot, policy: Optional[StackPolicy] = None) -> str:
     """What a trace prints when it ends: the text report of its final
     snapshot."""
-    return render_text(ReportData(snapshot=snapshot, trace_end=True, policy=select.current()))
+    return render_text(ReportData(snapshot=snapshot, trace_end=True, policy=policy or StackPolicy()))
 
 
 class TextReporter:

@@ -3,10 +3,12 @@ the final summary printed when a trace ends."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Optional, TextIO
 
 from memtrace.model.snapshot import Snapshot
+from memtrace.output.reports.select import StackPolicy
 
 
 class LiveSink:
@@ -43,10 +45,10 @@ class LiveSink:
 
 
 class BatchSink:
-    def __init__(self, out: TextIO = sys.stdout) -> None:
+    def __init__(self, policy: StackPolicy, out: TextIO = sys.stdout) -> None:
         from memtrace.output.view.text import BatchView
 
-        self.view = BatchView(out)
+        self.view = BatchView(out, policy=policy)
 
     def update(self, snapshot: Snapshot) -> None:
         self.view.update(snapshot)
@@ -56,7 +58,8 @@ class BatchSink:
 
 
 class SummarySink:
-    def __init__(self, out: TextIO = sys.stdout) -> None:
+    def __init__(self, policy: StackPolicy, out: TextIO = sys.stdout) -> None:
+        self.policy = policy
         self.out = out
 
     def update(self, snapshot: Snapshot) -> None:
@@ -65,14 +68,17 @@ class SummarySink:
     def close(self, final: Snapshot) -> None:
         from memtrace.output.reports.text import render_summary
 
-        self.out.write(render_summary(final))
+        self.out.write(render_summary(final, self.policy))
         self.out.flush()
 
 
-def console_sinks(interactive: bool, mode: str = "stacks", context=None) -> tuple[list, Optional[LiveSink]]:
+def console_sinks(interactive: bool, policy: StackPolicy, mode: str = "stacks",
+                  context=None) -> tuple[list, Optional[LiveSink]]:
     """Sinks in the order they close: the live view gives the screen back
     before the summary is printed."""
     if interactive:
-        live = LiveSink(mode, context)
-        return [live, SummarySink()], live
-    return [BatchSink(), SummarySink()], None
+        from memtrace.output.view.context import Context
+
+        live = LiveSink(mode, dataclasses.replace(context or Context(), policy=policy))
+        return [live, SummarySink(policy)], live
+    return [BatchSink(policy), SummarySink(policy)], None

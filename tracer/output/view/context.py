@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
+from memtrace.output.reports.select import StackPolicy
+
 
 class CommandLines(Protocol):
     """A launched command's output as the view reads it (CommandOutput)."""
@@ -28,3 +30,4 @@ class Context:
     frame_offset: int = 0  # the first of its frames on screen
     step: Optional[str] = None  # before the first snapshot: what is happening
     status_line: Optional[str] = None  # above the keys, whatever the size (replay's position)
+    policy: StackPolicy = StackPolicy()  # --top, --min-size and the filters

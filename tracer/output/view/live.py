@@ -364,7 +364,7 @@ def _expanded_screen(s: Snapshot, width: int, height: int, sort: str, ctx: Conte
     traced: the frames get the screen."""
     header = _header(s, width, max(1, min(_EXPANDED_HEADER, height - 4)), 0, ctx)
     bottom = _expanded_bottom(ctx, width, height)
-    ranked = ranked_stacks(s, sort)
+    ranked = ranked_stacks(s, sort, ctx.policy)
     rank = next((i for i, st in enumerate(ranked) if tuple(st.frames) == tuple(ctx.expanded or ())), None)
     lines = height - len(header) - 1 - len(bottom)
     body = list(header) + stack_lines(s, ctx.expanded or (), rank, width, lines, ctx.frame_offset)
@@ -555,7 +555,7 @@ class LiveView:
             self.set_context(cursor=None)
         elif action == EXPAND:
             cursor = min(ctx.cursor or 0, last)
-            stack = ranked_stacks(s, self.sort)[cursor]
+            stack = ranked_stacks(s, self.sort, ctx.policy)[cursor]
             self.set_context(cursor=cursor, expanded=tuple(stack.frames), frame_offset=0)
         elif ctx.cursor is None:
             self.set_context(cursor=0)

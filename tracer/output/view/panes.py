@@ -29,7 +29,7 @@ from memtrace.output.view.fmt import (
     fmt_signed_bytes,
     frame_chain,
 )
-from memtrace.output.reports.select import select_stacks
+from memtrace.output.reports.select import StackPolicy, select_stacks
 from memtrace.output.view.status import SORT_LIVE, SORT_RETAINED, top_threads
 
 HEADER_STYLE = "bold reverse"
@@ -163,10 +163,10 @@ def stack_order(s: Snapshot, by: str) -> str:
     return by if s.has_retained else SORT_LIVE
 
 
-def ranked_stacks(s: Snapshot, by: str) -> list[StackStats]:
+def ranked_stacks(s: Snapshot, by: str, policy: Optional[StackPolicy] = None) -> list[StackStats]:
     """The stacks in the table's order: what its rows and the selection
     index. The run's --top and --min-size apply (memtrace.output.reports.select)."""
-    return list(select_stacks(s.stacks, stack_order(s, by), threads=s.threads).shown)
+    return list(select_stacks(s.stacks, stack_order(s, by), policy=policy, threads=s.threads).shown)
 
 
 def window(cursor: Optional[int], rows: int, total: int) -> int:
@@ -187,7 +187,7 @@ def stacks_pane(by: str = SORT_LIVE) -> Pane:
             return [title_line("STACKS", what, width)]
         retained = s.has_retained
         order = stack_order(s, by)
-        ranked = ranked_stacks(s, by)
+        ranked = ranked_stacks(s, by, ctx.policy)
         count = len(ranked)  # what --top and --min-size leave of the total
         first = window(ctx.cursor, rows, count)
         shown = ranked[first : first + rows]

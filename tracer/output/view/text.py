@@ -15,7 +15,7 @@ import time
 from typing import Callable, Optional, Sequence, TextIO
 
 from memtrace.model.snapshot import ArenaStats, RegionStats, Snapshot, StackStats, ThreadStats
-from memtrace.output.reports.select import select_stacks
+from memtrace.output.reports.select import StackPolicy, select_stacks
 from memtrace.output.view import status
 from memtrace.output.view.fmt import (
     ellipsize,
@@ -176,8 +176,10 @@ class BatchView:
         width: int = 132,
         max_arenas: int = 10,
         max_regions: int = 5,
+        policy: Optional[StackPolicy] = None,
     ) -> None:
         self._file = file
+        self.policy = policy
         self.max_stacks = max_stacks
         self.max_threads = max_threads
         self.max_arenas = max_arenas
@@ -187,7 +189,7 @@ class BatchView:
     def render_block(self, s: Snapshot) -> str:
         lines = [f"--- {time.strftime('%H:%M:%S')} " + "-" * 20]
         lines += _header(s)
-        stacks = select_stacks(s.stacks, limit=self.max_stacks, threads=s.threads).shown
+        stacks = select_stacks(s.stacks, limit=self.max_stacks, policy=self.policy, threads=s.threads).shown
         if s.light and not s.stacks:
             lines.append(f"STACKS none: {_NO_PROBES}")
         else:

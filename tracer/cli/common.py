@@ -346,13 +346,15 @@ def _target_gone(pid: int, launched) -> bool:
     return process_ended(pid)
 
 
-def _trace(*args, **kwargs) -> int:
+def _trace(args, pid: int, comm: str, libc: str, libc_shown: str, launched, started: float,
+           keys_allowed: bool = True, allocator=None, hold: bool = False) -> int:
     from memtrace.cli.session import EarlySignals
 
     # From here a signal ends the trace through the session, however long
     # the probes take to load.
     with EarlySignals() as early:
-        return _trace_early(*args, early=early, **kwargs)
+        return _trace_early(args, pid, comm, libc, libc_shown, launched, started,
+                            keys_allowed=keys_allowed, allocator=allocator, hold=hold, early=early)
 
 
 def _trace_early(args, pid: int, comm: str, libc: str, libc_shown: str, launched, started: float,

@@ -50,10 +50,14 @@ class UnwindTables:
         self._maps: dict[str, mmap.mmap] = {}
         self._capacity = {name: bpf[name].max_entries for name in
                           ("unwind_rows", "unwind_pages", "unwind_modules")}
-        self.reset()
+        self._reset()
 
     def reset(self) -> None:
         """A new address space (an exec): nothing of the old one holds."""
+        with self._lock:  # not while a parsing thread places a module of the old one
+            self._reset()
+
+    def _reset(self) -> None:
         self._seen: set[tuple] = set()
         # Modules whose rows are parsed on a thread (_parsing), and those
         # not placed yet (_deferred): a later add() places them, and the
@@ -121,8 +125,9 @@ class UnwindTables:
                 read_mapped(module, unwind_info_of)
             finally:
                 parsing.discard(key)
-            if parsing is self._parsing:  # no exec meanwhile
-                self.add([module], read_mapped)
+            with self._lock:
+                if parsing is self._parsing:  # no exec meanwhile
+                    self._add([module], read_mapped, False)
 
         threading.Thread(target=parse, name="memtrace-unwind-parse", daemon=True).start()
 

@@ -82,9 +82,15 @@ def note_text(note: Note) -> str:
     (a newer recording) is shown by its kind and fields."""
     words = _WORDS.get(note.kind)
     if words is not None:
-        return words(note)
-    fields = ", ".join(f"{k}={v}" for k, v in note.fields)
-    return f"{note.kind.replace('_', ' ')}" + (f" ({fields})" if fields else "")
+        text = words(note)
+    else:
+        fields = ", ".join(f"{k}={v}" for k, v in note.fields)
+        text = f"{note.kind.replace('_', ' ')}" + (f" ({fields})" if fields else "")
+    # One line, whatever a field holds (an argv with a newline in `python3 -c`).
+    return text.translate(_ONE_LINE)
+
+
+_ONE_LINE = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": " "})
 
 
 def note_json(note: Note) -> dict:

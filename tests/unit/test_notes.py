@@ -1,0 +1,40 @@
+"""Notes and hints: kinds and fields in the model, words in the output."""
+
+from __future__ import annotations
+
+from memtrace.model import notes
+from memtrace.model.notes import Note
+from memtrace.output import notes as words
+from memtrace.output.notes import note_json, note_text
+
+KINDS = sorted(v for k, v in vars(notes).items() if k.isupper() and isinstance(v, str))
+
+
+def test_every_kind_has_its_words():
+    assert KINDS and set(KINDS) <= set(words._WORDS), set(KINDS) - set(words._WORDS)
+
+
+def test_words_are_one_line_whatever_the_fields_hold():
+    note = Note.of(notes.EXEC, argv="python3 -c \nimport json\n")
+    assert note_text(note) == "the process exec'd: python3 -c \\nimport json\\n"
+    for kind in KINDS:
+        text = note_text(Note.of(kind, reason="a\nb", argv="x", allocator="jemalloc", bytes=1 << 20,
+                                 retained_bytes=3 << 20, resident_bytes=4 << 20, trimmable_bytes=1,
+                                 arenas=2, at_s=1.0, snapshots=3, text="t", path="/p",
+                                 probed_path="/q", attached=True))
+        assert text and "\n" not in text, (kind, text)
+
+
+def test_a_kind_from_a_newer_memtrace_is_still_shown():
+    assert note_text(Note.of("future_thing", count=3)) == "future thing (count=3)"
+
+
+def test_json_round_trip_and_old_sentences():
+    hint = Note.of(notes.THREAD_ARENAS_RETAIN, arenas=8, retained_bytes=3 << 30, resident_bytes=4 << 30)
+    assert Note.from_json(hint.to_json()) == hint
+    # The JSON output's own words are not read back as a field.
+    assert Note.from_json(note_json(hint)) == hint
+    assert "MALLOC_ARENA_MAX=2" in note_json(hint)["text"]
+    # A recording made when notes were sentences.
+    old = Note.from_json("the process exec'd: ls")
+    assert old.kind == notes.TEXT and note_text(old) == "the process exec'd: ls"

@@ -136,7 +136,11 @@ class Collector:
             self._check_allocator = True
             if event.argv:
                 self.comm = (event.argv[0].rsplit("/", 1)[-1] or self.comm)[:15]
-                self._execs.append(" ".join(event.argv))
+                argv = " ".join(event.argv)
+                # Read when the news is read: two execs in a row (a script that
+                # execs java) may both show the last command line.
+                if not self._execs or self._execs[-1] != argv:
+                    self._execs.append(argv)
 
     # ---------------------------------------------------------- stacks
 

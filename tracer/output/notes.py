@@ -77,6 +77,15 @@ _WORDS: dict[str, Callable[[Note], str]] = {
 }
 
 
+_ALLOCATOR_HINTS = frozenset({n.THREAD_ARENAS_RETAIN, n.MAIN_ARENA_TRIMMABLE, n.MAIN_ARENA_FRAGMENTED,
+                              n.TRIM_WOULD_RETURN})
+
+
+def about_allocator(note: Note) -> bool:
+    """A hint that foretells what the allocator would do: an estimate."""
+    return note.kind in _ALLOCATOR_HINTS
+
+
 def note_text(note: Note) -> str:
     """The sentence for a note or a hint. A kind this version does not know
     (a newer recording) is shown by its kind and fields."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable, Optional, TextIO
 
 from memtrace.model.snapshot import Snapshot, StackStats
-from memtrace.output.notes import note_text
+from memtrace.output.notes import about_allocator, note_text
 from memtrace.output.reports.common import (
     ReportData,
     command_line,
@@ -199,7 +199,8 @@ def _gap(d: ReportData) -> list[str]:
                 f" (malloc_trim returned {call.result})"
             )
     if s.hints:
-        lines.append("hints (the allocator's future behaviour is not certain):")
+        caveat = " (the allocator's future behaviour is not certain)" if any(map(about_allocator, s.hints)) else ""
+        lines.append(f"hints{caveat}:")
         lines += [f"  - {note_text(h)}" for h in s.hints]
     return [""] + lines if lines else []
 

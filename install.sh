@@ -34,7 +34,7 @@ packages=(bpfcc-tools python3-bpfcc python3-venv gcc libc6-dev default-jdk-headl
 if [ "$test_tools" -eq 1 ]; then
     packages+=(bpftool shellcheck musl-tools tmux chromium golang-go prometheus)
     # the other allocators and a real service that uses one (issue 12)
-    packages+=(libjemalloc2 libjemalloc-dev libtcmalloc-minimal4 libmimalloc2.0 redis-server redis-tools)
+    packages+=(libjemalloc2 libjemalloc-dev libtcmalloc-minimal4 libmimalloc2.0 redis-server redis-tools tomcat10)
     # programs nobody here wrote, and the tools that name their frames (issue 11)
     packages+=(sqlite3 debuginfod elfutils binutils xz-utils)
 fi

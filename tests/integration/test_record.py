@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from memtrace.output.reports.jsonreport import snapshot_document
 from memtrace.record.synthetic import session
 
 # Writes synthetic snapshots forever, one per 20 ms, and says after each
@@ -24,6 +25,7 @@ from memtrace.record.synthetic import session
 WRITER = """
 import sys, time
 from memtrace.record.recorder import Recorder
+from memtrace.output.reports.jsonreport import snapshot_document
 from memtrace.record.synthetic import session
 rec = Recorder(sys.argv[1], {"command_line": ["writer"], "pid": 1})
 for n, s in enumerate(session(100000), start=1):
@@ -71,7 +73,7 @@ def test_sigkill_mid_recording_keeps_every_committed_interval(tmp_path):
     last = json.loads(result.stdout)
     expected = list(session(committed + 1))
     # Everything committed is there; the one being written may be too.
-    assert last in (expected[committed - 1].to_json(), expected[committed].to_json())
+    assert last in (snapshot_document(expected[committed - 1]), snapshot_document(expected[committed]))
 
     text = memtrace("report", str(path))
     assert text.returncode == 0 and "was not closed" in text.stdout
@@ -85,7 +87,7 @@ def test_json_round_trip_through_the_cli(tmp_path):
     for at, index in (("end", 24), ("0", 0), ("10.5", 10)):
         result = memtrace("report", str(path), "--format", "json", "--at", at)
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout) == snaps[index].to_json()
+        assert json.loads(result.stdout) == snapshot_document(snaps[index])
 
 
 def test_damaged_files_give_one_line_or_the_readable_part(tmp_path):
@@ -159,7 +161,7 @@ def test_a_read_only_copy_reads_as_another_user_and_nothing_appears_beside_it(tm
                 )
                 assert result.returncode == 0 and result.stderr == "", (prefix, command, result.stderr)
                 if command[0] == "report":
-                    assert json.loads(result.stdout) == snaps[-1].to_json()
+                    assert json.loads(result.stdout) == snapshot_document(snaps[-1])
                 else:
                     assert result.stdout.count("=== replay ") == len(snaps)
                 assert sorted(p.name for p in folder.iterdir()) == ["copy.rec"]

@@ -8,19 +8,27 @@ changes from."""
 from __future__ import annotations
 
 import json
-from typing import Any, TextIO
+from typing import Any, Optional, TextIO
+
+from memtrace.model.snapshot import Snapshot
 
 from memtrace.output.reports.common import ReportData
 from memtrace.output.notes import note_json
-from memtrace.output.reports.select import snapshot_json
+from memtrace.output.reports.select import StackPolicy, snapshot_json
 
 
-def json_document(data: ReportData) -> dict[str, Any]:
-    s = data.snapshot
-    doc = snapshot_json(s, data.by, data.policy)
+def snapshot_document(s: Snapshot, by: str = "live", policy: Optional[StackPolicy] = None) -> dict[str, Any]:
+    """A snapshot as memtrace writes it: its plain form, the stacks the
+    policy keeps, and the words of its notes and hints."""
+    doc = snapshot_json(s, by, policy)
     doc["notes"] = [note_json(n) for n in s.notes]
     if "hints" in doc:
         doc["hints"] = [note_json(h) for h in s.hints]
+    return doc
+
+
+def json_document(data: ReportData) -> dict[str, Any]:
+    doc = snapshot_document(data.snapshot, data.by, data.policy)
     since = data.since
     if since is not None:
         doc["since"] = {

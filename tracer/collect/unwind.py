@@ -14,15 +14,26 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
+import os
 import struct
 import threading
-from typing import Callable, Iterable, Optional
+import time
+from array import array
+from typing import Callable, Iterable, Iterator, Optional
 
+from memtrace.errors import MemtraceError
+from memtrace.process import procfs
+from memtrace.process.target import objects_of_command
 from memtrace.symbols.elf import UnwindInfo, unwind_info_of, unwind_info_ready
+from memtrace.symbols.symbolizer import code_modules, read_mapped
 
 PAGE_BYTES = 4096
+# How long, and how often, an exec'd image's maps are read for the
+# libraries ld.so maps: the session reads the events every 100 ms.
+IMAGE_FOLLOW_S = 0.1
+IMAGE_POLL_S = 0.002
 MAX_ROWS_PER_PAGE = 1 << 12  # ROW_SEARCH_STEPS in common.bpf.c
-_ROW = struct.Struct("<IHBB")
+_ROW_BYTES = 8
 _MODULE = struct.Struct("<QQII")
 
 
@@ -40,6 +51,41 @@ def warm(paths: Iterable[str]) -> threading.Thread:
     return thread
 
 
+def follow_image(tables: "UnwindTables", pid: int) -> None:
+    """After an exec: read the rows of the new program and of the libraries
+    ld.so is about to map for it, and place each as soon as /proc/PID/maps
+    shows it mapped, where the events that name the mapping are read up to
+    EVENT_POLL_S later while the program runs (a pyenv shim execs bash, then
+    bash the Python that maps libpython: each image starts with nothing)."""
+    warm(_image_objects(pid))
+    image = tables.image
+
+    def place() -> None:
+        until = time.monotonic() + IMAGE_FOLLOW_S
+        read = lambda module, fn: read_mapped(pid, module, fn)  # noqa: E731
+        while time.monotonic() < until and tables.image == image:
+            mappings = procfs.maps(pid)
+            if not mappings:
+                return  # gone
+            tables.add(code_modules(mappings), read, image=image)
+            time.sleep(IMAGE_POLL_S)
+
+    threading.Thread(target=place, name="memtrace-unwind-exec", daemon=True).start()
+
+
+def _image_objects(pid: int) -> Iterator[str]:
+    yield f"/proc/{pid}/exe"  # the very file, in whatever mount namespace
+    # ld.so resolves names in our mount namespace: only when it is the process's.
+    try:
+        if (os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+                or not os.path.samestat(os.stat(f"/proc/{pid}/root"), os.stat("/"))):
+            return
+        objects = objects_of_command([os.readlink(f"/proc/{pid}/exe")])
+    except (OSError, MemtraceError):
+        return
+    yield from objects[1:]
+
+
 class UnwindTables:
     """The tables of one traced process, in one loaded BPF object."""
 
@@ -47,6 +93,7 @@ class UnwindTables:
         self._bpf = bpf
         self._lock = threading.Lock()  # add() from the collector and from parsing threads
         self._generation = 0
+        self.image = 0  # moves on at every exec
         self._maps: dict[str, mmap.mmap] = {}
         self._capacity = {name: bpf[name].max_entries for name in
                           ("unwind_rows", "unwind_pages", "unwind_modules")}
@@ -55,6 +102,7 @@ class UnwindTables:
     def reset(self) -> None:
         """A new address space (an exec): nothing of the old one holds."""
         with self._lock:  # not while a parsing thread places a module of the old one
+            self.image += 1
             self._reset()
 
     def _reset(self) -> None:
@@ -84,14 +132,18 @@ class UnwindTables:
     def pending(self) -> bool:
         return bool(self._deferred)
 
-    def add(self, modules: Iterable, read_mapped: Callable, wait: bool = False) -> int:
+    def add(self, modules: Iterable, read_mapped: Callable, wait: bool = False,
+            image: Optional[int] = None) -> int:
         """Tables for the code modules (symbols.Module) not seen yet;
         read_mapped(module, fn) reads the very file mapped. A module whose
         rows are not parsed yet is parsed on a thread, which places it when
         done, unless `wait`: a snapshot never waits a second for libjvm.so
-        (its calls meanwhile are walked by frame pointers). Returns how many
-        modules got one."""
+        (its calls meanwhile are walked by frame pointers). image: the
+        modules were read in that image (self.image), and are dropped if
+        an exec came since. Returns how many modules got one."""
         with self._lock:
+            if image is not None and image != self.image:
+                return 0
             return self._add(modules, read_mapped, wait)
 
     def _add(self, modules: Iterable, read_mapped: Callable, wait: bool) -> int:
@@ -107,7 +159,7 @@ class UnwindTables:
             self._deferred.discard(key)
             self._seen.add(key)
             info = read_mapped(module, unwind_info_of)
-            if info is None or info.frame_pointers or not info.rows:
+            if info is None or info.frame_pointers or not info.addresses:
                 continue
             placed = _place(info, module.start, module.end, module.file_offset)
             if placed and self._write(module.start, module.end, placed):
@@ -131,28 +183,33 @@ class UnwindTables:
 
         threading.Thread(target=parse, name="memtrace-unwind-parse", daemon=True).start()
 
-    def _write(self, lo: int, hi: int, rows: list[tuple[int, int, int, int]]) -> bool:
+    def _write(self, lo: int, hi: int, placed: tuple[array, array]) -> bool:
+        offsets, steps = placed
         pages = -(-(hi - lo) // PAGE_BYTES)
-        if (self._next_row + len(rows) > self._capacity["unwind_rows"]
+        if (self._next_row + len(offsets) > self._capacity["unwind_rows"]
                 or self._next_page + pages + 1 > self._capacity["unwind_pages"]
                 or len(self._modules) >= self._capacity["unwind_modules"]):
             self.full = True
             return False
-        offsets = [r[0] for r in rows]
+        last = offsets[-1]
         first_rows = []
         for p in range(pages + 1):
-            i = bisect.bisect_right(offsets, min(p * PAGE_BYTES, offsets[-1])) - 1
+            i = bisect.bisect_right(offsets, min(p * PAGE_BYTES, last)) - 1
             first_rows.append(self._next_row + max(i, 0))
         if any(b - a >= MAX_ROWS_PER_PAGE for a, b in zip(first_rows, first_rows[1:])):
             return False  # not found by the BPF search: frame pointers only there
-        data = b"".join(_ROW.pack(x, cfa_off, rule, slot) for x, rule, cfa_off, slot in rows)
-        at = self._next_row * _ROW.size
+        # A row (common.bpf.c) is its offset (u32) then its step (elf.pack_step).
+        data = bytearray(_ROW_BYTES * len(offsets))
+        words = memoryview(data).cast("I")
+        words[0::2] = offsets
+        words[1::2] = steps
+        at = self._next_row * _ROW_BYTES
         self._map("unwind_rows")[at : at + len(data)] = data
         # An array map keeps each value in 8 bytes: the u32 and 4 of padding.
         data = struct.pack(f"<{len(first_rows)}Q", *first_rows)
         self._map("unwind_pages")[self._next_page * 8 : self._next_page * 8 + len(data)] = data
         self._modules.append((lo, hi, self._next_page))
-        self._next_row += len(rows)
+        self._next_row += len(offsets)
         self._next_page += pages + 1
         self.rows = self._next_row
         return True
@@ -176,25 +233,22 @@ class UnwindTables:
         head[ctypes.c_int(0)] = value
 
 
-def _place(info: UnwindInfo, start: int, end: int, file_offset: int) -> Optional[list]:
-    """The rows of the part of a file that one mapping holds, as offsets
-    from the mapping's start; the row holding at the start comes first."""
+def _place(info: UnwindInfo, start: int, end: int, file_offset: int) -> Optional[tuple[array, array]]:
+    """(offsets from the mapping's start, steps) of the rows of the part of
+    a file that one mapping holds; the row holding at the start comes first."""
     segment = next((s for s in info.segments
                     if s.offset <= file_offset < s.offset + max(s.filesz, 1)), None)
     if segment is None:
         return None
     delta = segment.offset - segment.vaddr - file_offset  # file address -> mapping offset
-    size = end - start
-    out = []
-    before = None
-    for vaddr, rule, cfa_off, slot in info.rows:
-        x = vaddr + delta
-        if x < 0:
-            before = (0, rule, cfa_off, slot)
-            continue
-        if x >= size:
-            break
-        if not out and before is not None and x > 0:
-            out.append(before)
-        out.append((x, rule, cfa_off, slot))
-    return out or None
+    addresses = info.addresses
+    first = bisect.bisect_left(addresses, -delta)
+    stop = bisect.bisect_left(addresses, end - start - delta, first)
+    if first == stop:
+        return None
+    offsets = array("I", map(delta.__add__, addresses[first:stop]))
+    steps = info.steps[first:stop]
+    if first > 0 and offsets[0] > 0:  # the row before holds at the start
+        offsets.insert(0, 0)
+        steps.insert(0, info.steps[first - 1])
+    return offsets, steps

@@ -5,7 +5,10 @@ process maps it, written into mmapped BPF arrays.
 Tables go in before the probes see the module's code run where that can
 be (a launched program's own image, at exec; every module, at an attach)
 and for a library mapped later as soon as its mapping is seen (dlopen:
-the calls it makes before are walked by frame pointers only). Modules
+the calls it makes before are walked by frame pointers only); after an
+exec of the traced process, as ld.so maps each (follow_image). The rows
+come from an earlier run's cache when it kept them (symbols/unwindfile),
+in ms, else from .eh_frame, parsed in tenths of a second. Modules
 built with frame pointers get no table: their frame-pointer steps are
 exact and cheaper than a table search."""
 
@@ -19,6 +22,8 @@ import struct
 import threading
 import time
 from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 from memtrace.errors import MemtraceError
@@ -28,10 +33,10 @@ from memtrace.symbols.elf import UnwindInfo, unwind_info_of, unwind_info_ready
 from memtrace.symbols.symbolizer import code_modules, read_mapped
 
 PAGE_BYTES = 4096
-# How long, and how often, an exec'd image's maps are read for the
-# libraries ld.so maps: the session reads the events every 100 ms.
-IMAGE_FOLLOW_S = 0.1
-IMAGE_POLL_S = 0.002
+# How long at most, and how often, an exec'd image's maps are read for
+# the libraries ld.so maps.
+IMAGE_FOLLOW_S = 0.02
+IMAGE_POLL_S = 0.001
 MAX_ROWS_PER_PAGE = 1 << 12  # ROW_SEARCH_STEPS in common.bpf.c
 _ROW_BYTES = 8
 _MODULE = struct.Struct("<QQII")
@@ -41,7 +46,8 @@ def warm(paths: Iterable[str]) -> threading.Thread:
     """Read the unwind rows of files the process will map, in the
     background (the BPF compile takes seconds): a library then gets its
     table a few ms after it is mapped, not after its rows are parsed
-    (libc: 0.14 s, in which its first calls are walked by frame pointers)."""
+    (libc: 0.1 s the first time, in which its first calls are walked by
+    frame pointers; then read from the cache)."""
     def read() -> None:
         for path in paths:
             unwind_info_of(path)
@@ -52,25 +58,29 @@ def warm(paths: Iterable[str]) -> threading.Thread:
 
 
 def follow_image(tables: "UnwindTables", pid: int) -> None:
-    """After an exec: read the rows of the new program and of the libraries
-    ld.so is about to map for it, and place each as soon as /proc/PID/maps
-    shows it mapped, where the events that name the mapping are read up to
-    EVENT_POLL_S later while the program runs (a pyenv shim execs bash, then
-    bash the Python that maps libpython: each image starts with nothing)."""
-    warm(_image_objects(pid))
-    image = tables.image
-
-    def place() -> None:
-        until = time.monotonic() + IMAGE_FOLLOW_S
-        read = lambda module, fn: read_mapped(pid, module, fn)  # noqa: E731
-        while time.monotonic() < until and tables.image == image:
-            mappings = procfs.maps(pid)
-            if not mappings:
-                return  # gone
-            tables.add(code_modules(mappings), read, image=image)
-            time.sleep(IMAGE_POLL_S)
-
-    threading.Thread(target=place, name="memtrace-unwind-exec", daemon=True).start()
+    """After an exec: place each module's table as soon as /proc/PID/maps
+    shows it, where the events that name its mapping are read up to 100 ms
+    later while the program runs; and read, on a thread, the rows of the
+    new program and of the libraries ld.so is about to map for it (a pyenv
+    shim execs bash, then bash the Python that maps libpython: each image
+    starts with nothing). The maps are read on the caller's thread, until
+    they stop changing or for IMAGE_FOLLOW_S: a thread of its own would
+    wait up to 5 ms a turn for the interpreter lock, while malloc runs
+    unwalkable."""
+    read = lambda module, fn: read_mapped(pid, module, fn)  # noqa: E731
+    until = time.monotonic() + IMAGE_FOLLOW_S
+    mapped: Optional[set] = None
+    while True:
+        modules = code_modules(procfs.maps(pid))
+        tables.add(modules, read)
+        if mapped is None:
+            warm(_image_objects(pid))  # once what is mapped has its table
+        now = {(m.mapping.device, m.mapping.inode) for m in modules}
+        # The program and ld.so first; ld.so then maps the libraries at once.
+        if not now or (now == mapped and len(now) > 2) or time.monotonic() >= until:
+            return
+        mapped = now
+        time.sleep(IMAGE_POLL_S)
 
 
 def _image_objects(pid: int) -> Iterator[str]:
@@ -93,7 +103,6 @@ class UnwindTables:
         self._bpf = bpf
         self._lock = threading.Lock()  # add() from the collector and from parsing threads
         self._generation = 0
-        self.image = 0  # moves on at every exec
         self._maps: dict[str, mmap.mmap] = {}
         self._capacity = {name: bpf[name].max_entries for name in
                           ("unwind_rows", "unwind_pages", "unwind_modules")}
@@ -102,7 +111,6 @@ class UnwindTables:
     def reset(self) -> None:
         """A new address space (an exec): nothing of the old one holds."""
         with self._lock:  # not while a parsing thread places a module of the old one
-            self.image += 1
             self._reset()
 
     def _reset(self) -> None:
@@ -132,18 +140,14 @@ class UnwindTables:
     def pending(self) -> bool:
         return bool(self._deferred)
 
-    def add(self, modules: Iterable, read_mapped: Callable, wait: bool = False,
-            image: Optional[int] = None) -> int:
+    def add(self, modules: Iterable, read_mapped: Callable, wait: bool = False) -> int:
         """Tables for the code modules (symbols.Module) not seen yet;
         read_mapped(module, fn) reads the very file mapped. A module whose
         rows are not parsed yet is parsed on a thread, which places it when
         done, unless `wait`: a snapshot never waits a second for libjvm.so
-        (its calls meanwhile are walked by frame pointers). image: the
-        modules were read in that image (self.image), and are dropped if
-        an exec came since. Returns how many modules got one."""
+        (its calls meanwhile are walked by frame pointers). Returns how
+        many modules got one."""
         with self._lock:
-            if image is not None and image != self.image:
-                return 0
             return self._add(modules, read_mapped, wait)
 
     def _add(self, modules: Iterable, read_mapped: Callable, wait: bool) -> int:
@@ -161,8 +165,8 @@ class UnwindTables:
             info = read_mapped(module, unwind_info_of)
             if info is None or info.frame_pointers or not info.addresses:
                 continue
-            placed = _place(info, module.start, module.end, module.file_offset)
-            if placed and self._write(module.start, module.end, placed):
+            layout = _layout_of(info, module.end - module.start, module.file_offset)
+            if layout is not None and self._write(module.start, module.end, layout):
                 added += 1
         if added:
             self._publish()
@@ -183,34 +187,21 @@ class UnwindTables:
 
         threading.Thread(target=parse, name="memtrace-unwind-parse", daemon=True).start()
 
-    def _write(self, lo: int, hi: int, placed: tuple[array, array]) -> bool:
-        offsets, steps = placed
-        pages = -(-(hi - lo) // PAGE_BYTES)
-        if (self._next_row + len(offsets) > self._capacity["unwind_rows"]
-                or self._next_page + pages + 1 > self._capacity["unwind_pages"]
+    def _write(self, lo: int, hi: int, layout: "_Layout") -> bool:
+        pages = len(layout.first_rows)
+        if (self._next_row + layout.count > self._capacity["unwind_rows"]
+                or self._next_page + pages > self._capacity["unwind_pages"]
                 or len(self._modules) >= self._capacity["unwind_modules"]):
             self.full = True
             return False
-        last = offsets[-1]
-        first_rows = []
-        for p in range(pages + 1):
-            i = bisect.bisect_right(offsets, min(p * PAGE_BYTES, last)) - 1
-            first_rows.append(self._next_row + max(i, 0))
-        if any(b - a >= MAX_ROWS_PER_PAGE for a, b in zip(first_rows, first_rows[1:])):
-            return False  # not found by the BPF search: frame pointers only there
-        # A row (common.bpf.c) is its offset (u32) then its step (elf.pack_step).
-        data = bytearray(_ROW_BYTES * len(offsets))
-        words = memoryview(data).cast("I")
-        words[0::2] = offsets
-        words[1::2] = steps
         at = self._next_row * _ROW_BYTES
-        self._map("unwind_rows")[at : at + len(data)] = data
+        self._map("unwind_rows")[at : at + len(layout.rows)] = layout.rows
         # An array map keeps each value in 8 bytes: the u32 and 4 of padding.
-        data = struct.pack(f"<{len(first_rows)}Q", *first_rows)
+        data = struct.pack(f"<{pages}Q", *[self._next_row + i for i in layout.first_rows])
         self._map("unwind_pages")[self._next_page * 8 : self._next_page * 8 + len(data)] = data
         self._modules.append((lo, hi, self._next_page))
-        self._next_row += len(offsets)
-        self._next_page += pages + 1
+        self._next_row += layout.count
+        self._next_page += pages
         self.rows = self._next_row
         return True
 
@@ -231,6 +222,53 @@ class UnwindTables:
         value.modules = len(self._modules)
         value.generation = self._generation
         head[ctypes.c_int(0)] = value
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A module's table as the BPF arrays hold it, wherever it is mapped:
+    its rows (offset from the mapping's start: u32, then the step), and
+    for each 4 KiB page the row holding at its start, counted from the
+    module's first row. The same file mapped alike after every exec (libc)
+    is laid out once."""
+    rows: bytes
+    count: int
+    first_rows: list[int]
+
+
+_layouts: OrderedDict = OrderedDict()  # (id(info), size, file offset) -> (info, layout)
+_layouts_lock = threading.Lock()
+LAYOUTS_KEPT = 64
+
+
+def _layout_of(info: UnwindInfo, size: int, file_offset: int) -> Optional[_Layout]:
+    """The layout of the mapping of `size` bytes from file_offset; None
+    when no row falls in it, or a page holds more rows than the BPF search
+    reaches (frame pointers only there)."""
+    key = (id(info), size, file_offset)
+    with _layouts_lock:
+        known = _layouts.get(key)
+        if known is not None and known[0] is info:
+            _layouts.move_to_end(key)
+            return known[1]
+    layout = None
+    placed = _place(info, 0, size, file_offset)
+    if placed is not None:
+        offsets, steps = placed
+        last = offsets[-1]
+        first_rows = [max(bisect.bisect_right(offsets, min(p * PAGE_BYTES, last)) - 1, 0)
+                      for p in range(-(-size // PAGE_BYTES) + 1)]
+        if all(b - a < MAX_ROWS_PER_PAGE for a, b in zip(first_rows, first_rows[1:])):
+            rows = bytearray(_ROW_BYTES * len(offsets))
+            words = memoryview(rows).cast("I")  # little-endian, as the walk reads them
+            words[0::2] = offsets
+            words[1::2] = steps
+            layout = _Layout(bytes(rows), len(offsets), first_rows)
+    with _layouts_lock:
+        _layouts[key] = (info, layout)  # info held: its id is not reused meanwhile
+        if len(_layouts) > LAYOUTS_KEPT:
+            _layouts.popitem(last=False)
+    return layout
 
 
 def _place(info: UnwindInfo, start: int, end: int, file_offset: int) -> Optional[tuple[array, array]]:

@@ -152,3 +152,11 @@ def eh_frame_offset(path: Path) -> int:
         headers = elf._headers(elf._file_reader(f), path.stat().st_size)
     sh = headers[4][b".eh_frame"]
     return sh[4]
+
+
+def test_the_libraries_an_exec_maps_are_listed_by_our_own_loader():
+    from memtrace.process.target import objects_of_image
+
+    listed = objects_of_image(os.getpid())
+    assert any(Path(p).name == "libc.so.6" for p in listed), listed
+    assert objects_of_image(2**22 + 7) == []  # no such process: nothing run

@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
-import os
 import struct
 import threading
 import time
@@ -26,9 +25,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
-from memtrace.errors import MemtraceError
 from memtrace.process import procfs
-from memtrace.process.target import objects_of_command
+from memtrace.process.target import objects_of_image
 from memtrace.symbols.elf import UnwindInfo, unwind_info_of, unwind_info_ready
 from memtrace.symbols.symbolizer import code_modules, read_mapped
 
@@ -85,15 +83,7 @@ def follow_image(tables: "UnwindTables", pid: int) -> None:
 
 def _image_objects(pid: int) -> Iterator[str]:
     yield f"/proc/{pid}/exe"  # the very file, in whatever mount namespace
-    # ld.so resolves names in our mount namespace: only when it is the process's.
-    try:
-        if (os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
-                or not os.path.samestat(os.stat(f"/proc/{pid}/root"), os.stat("/"))):
-            return
-        objects = objects_of_command([os.readlink(f"/proc/{pid}/exe")])
-    except (OSError, MemtraceError):
-        return
-    yield from objects[1:]
+    yield from objects_of_image(pid)
 
 
 class UnwindTables:

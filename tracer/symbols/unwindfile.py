@@ -44,8 +44,11 @@ def key_of(machine: int, segments: Segments, section_vaddr: int, eh_frame: bytes
     """The digest that names the rows made from this .eh_frame."""
     global _code_digest
     if _code_digest is None:
-        with open(ehframe.__file__, "rb") as f:
-            _code_digest = hashlib.sha256(f.read()).digest()
+        try:
+            with open(ehframe.__file__, "rb") as f:
+                _code_digest = hashlib.sha256(f.read()).digest()
+        except OSError:  # not installed as source: FORMAT alone tells versions apart
+            _code_digest = b""
     h = hashlib.sha256(_code_digest)
     h.update(struct.pack("<HHIQ", FORMAT, machine, len(segments), section_vaddr))
     for segment in segments:
@@ -95,7 +98,10 @@ def load(key: bytes) -> Optional[tuple[Segments, array, array, bool]]:
     """The rows an earlier run kept for key, or None."""
     from memtrace.collect import bpfcache
 
-    data, _ = bpfcache.read_trusted(name_of(key), "unwind rows")
+    try:
+        data, _ = bpfcache.read_trusted(name_of(key), "unwind rows")
+    except OSError:
+        return None
     return decode(key, data) if data is not None else None
 
 

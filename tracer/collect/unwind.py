@@ -228,7 +228,7 @@ class _Layout:
 
 _layouts: OrderedDict = OrderedDict()  # (id(info), size, file offset) -> (info, layout)
 _layouts_lock = threading.Lock()
-LAYOUTS_KEPT = 64
+LAYOUTS_KEPT = 16  # a few MB: libc and the other libraries of a chain of execs
 
 
 def _layout_of(info: UnwindInfo, size: int, file_offset: int) -> Optional[_Layout]:

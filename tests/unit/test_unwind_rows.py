@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import struct
 
-from memtrace.collect.unwind import _place
+from memtrace.collect.unwind import _layout_of, _place
 from memtrace.symbols.ehframe import (RULE_END, RULE_NONE, RULE_RBP, RULE_RSP, keeps_frame_pointers,
                               unwind_rows)
-from memtrace.symbols.elf import Segment, UnwindInfo
+from memtrace.symbols.elf import Segment, UnwindInfo, unpack_step
 
 SECTION_VADDR = 0x2000
 
@@ -93,6 +93,19 @@ def test_rows_are_placed_where_the_mapping_puts_the_code():
     rows = [(0x1000, RULE_RSP, 8, 0), (0x1800, RULE_RSP, 16, 0), (0x2400, RULE_NONE, 0, 0),
             (0x9000, RULE_RSP, 8, 0)]
     # text at file offset 0x1000 = vaddr 0x1000, mapped from file offset 0x1800
-    info = UnwindInfo([Segment(0x1000, 0x1000, 0x8000)], rows, False)
-    placed = _place(info, 0x7F0000000000, 0x7F0000001000, 0x1800)
-    assert placed == [(0, RULE_RSP, 16, 0), (0xC00, RULE_NONE, 0, 0)]
+    info = UnwindInfo.of_rows([Segment(0x1000, 0x1000, 0x8000)], rows, False)
+    offsets, steps = _place(info, 0x7F0000000000, 0x7F0000001000, 0x1800)
+    assert [(x, *unpack_step(s)) for x, s in zip(offsets, steps)] == [
+        (0, RULE_RSP, 16, 0), (0xC00, RULE_NONE, 0, 0)]
+
+
+def test_a_table_is_laid_out_as_the_walk_reads_it():
+    rows = [(0x1000, RULE_RSP, 8, 0), (0x1800, RULE_RBP, 16, 2), (0x3010, RULE_NONE, 0, 0)]
+    info = UnwindInfo.of_rows([Segment(0x1000, 0x1000, 0x8000)], rows, False)
+    layout = _layout_of(info, 0x3000, 0x1000)
+    assert layout.count == 3
+    assert layout.rows == struct.pack("<" + "IHBB" * 3, 0, 8, RULE_RSP, 0, 0x800, 16, RULE_RBP, 2,
+                                      0x2010, 0, RULE_NONE, 0)
+    # the row holding at the start of each page (and at the end)
+    assert layout.first_rows == [0, 1, 1, 2]
+    assert _layout_of(info, 0x3000, 0x1000) is layout  # laid out once

@@ -165,25 +165,30 @@ def read_trusted(name: str, what: str) -> tuple[Optional[bytes], str]:
     return data, str(path)
 
 
-def write_trusted(name: str, text: str) -> str:
-    """Store text as the cache file `name` (never over a file we would
+def write_trusted(name: str, data: str | bytes, budget: Optional[tuple[str, int]] = None) -> str:
+    """Store data as the cache file `name` (never over a file we would
     refuse to read); says where or why not. A cache that cannot be written
-    only costs the next run the work again."""
+    only costs the next run the work again. budget: (glob, bytes): the
+    files of name's kind, kept within that many bytes (the ones used last
+    stay), instead of by count."""
     directory = cache_dir()
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         why = _trusted(os.stat(directory))
         if why:
             return f"not cached: cache directory {directory} refused: {why}"
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".new-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".new-", suffix=Path(name).suffix)
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
             os.replace(tmp, directory / name)  # mkstemp made it 0600
         except BaseException:
             os.unlink(tmp)
             raise
-        _prune(directory)
+        if budget is None:
+            _prune(directory)
+        else:
+            _prune_to_bytes(directory, *budget)
     except OSError as e:
         return f"not cached: {directory}: {e.strerror}"
     return f"cached in {directory}"
@@ -208,18 +213,33 @@ def write_cached(obj: CompiledObject) -> str:
     return f"compiled, and {said}" if said.startswith("cached") else said
 
 
+def _used_last_first(directory: Path, pattern: str) -> list[tuple[float, int, Path]]:
+    entries = []
+    for path in directory.glob(pattern):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime, st.st_size, path))
+    return sorted(entries, reverse=True)
+
+
 def _prune(directory: Path) -> None:
     """Keep the KEEP files used last: each new source, option or kernel
     adds an object (~0.1 MB), each allocator file its probe sites."""
-    entries = []
-    for path in directory.glob("*.json"):
-        try:
-            entries.append((path.stat().st_mtime, path))
-        except OSError:
-            continue
-    for _, path in sorted(entries, reverse=True)[KEEP:]:
+    for _, _, path in _used_last_first(directory, "*.json")[KEEP:]:
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def _prune_to_bytes(directory: Path, pattern: str, max_bytes: int) -> None:
+    """Drop the files matching pattern used longest ago, past max_bytes in all."""
+    total = 0
+    for _, size, path in _used_last_first(directory, pattern):
+        total += size
+        if total > max_bytes:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 # ---------------------------------------------------- from a bcc compile

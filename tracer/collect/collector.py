@@ -12,6 +12,7 @@ from memtrace.model import accounting
 from memtrace.process import procfs
 from memtrace.collect.aggregate import StackAggregator
 from memtrace.collect.probes import Probes
+from memtrace.collect.unwind import follow_image
 from memtrace.collect.vm import HOLD_LIMIT_NS, VmTracker
 from memtrace.model.addrspace import ALLOCATOR_MAPPING, HEAP, MMAPPED_CHUNK
 from memtrace.model import notes
@@ -131,6 +132,7 @@ class Collector:
                 continue
             if self.probes.unwind is not None:
                 self.probes.unwind.reset()  # the old image's code is gone
+                follow_image(self.probes.unwind, self.pid)  # the new one's, as ld.so maps it
             self._seed(exec_ns=event.ts_ns)
             self._arena_inputs, self._walked = [], {}  # the old image's arenas are gone
             self._check_allocator = True

@@ -5,7 +5,10 @@ process maps it, written into mmapped BPF arrays.
 Tables go in before the probes see the module's code run where that can
 be (a launched program's own image, at exec; every module, at an attach)
 and for a library mapped later as soon as its mapping is seen (dlopen:
-the calls it makes before are walked by frame pointers only). Modules
+the calls it makes before are walked by frame pointers only); after an
+exec of the traced process, as ld.so maps each (follow_image). The rows
+come from an earlier run's cache when it kept them (symbols/unwindfile),
+in ms, else from .eh_frame, parsed in tenths of a second. Modules
 built with frame pointers get no table: their frame-pointer steps are
 exact and cheaper than a table search."""
 
@@ -16,13 +19,24 @@ import ctypes
 import mmap
 import struct
 import threading
-from typing import Callable, Iterable, Optional
+import time
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional
 
+from memtrace.process import procfs
+from memtrace.process.target import objects_of_image
 from memtrace.symbols.elf import UnwindInfo, unwind_info_of, unwind_info_ready
+from memtrace.symbols.symbolizer import code_modules, read_mapped
 
 PAGE_BYTES = 4096
+# How long at most, and how often, an exec'd image's maps are read for
+# the libraries ld.so maps.
+IMAGE_FOLLOW_S = 0.02
+IMAGE_POLL_S = 0.001
 MAX_ROWS_PER_PAGE = 1 << 12  # ROW_SEARCH_STEPS in common.bpf.c
-_ROW = struct.Struct("<IHBB")
+_ROW_BYTES = 8
 _MODULE = struct.Struct("<QQII")
 
 
@@ -30,7 +44,8 @@ def warm(paths: Iterable[str]) -> threading.Thread:
     """Read the unwind rows of files the process will map, in the
     background (the BPF compile takes seconds): a library then gets its
     table a few ms after it is mapped, not after its rows are parsed
-    (libc: 0.14 s, in which its first calls are walked by frame pointers)."""
+    (libc: 0.1 s the first time, in which its first calls are walked by
+    frame pointers; then read from the cache)."""
     def read() -> None:
         for path in paths:
             unwind_info_of(path)
@@ -38,6 +53,37 @@ def warm(paths: Iterable[str]) -> threading.Thread:
     thread = threading.Thread(target=read, name="memtrace-unwind-warm", daemon=True)
     thread.start()
     return thread
+
+
+def follow_image(tables: "UnwindTables", pid: int) -> None:
+    """After an exec: place each module's table as soon as /proc/PID/maps
+    shows it, where the events that name its mapping are read up to 100 ms
+    later while the program runs; and read, on a thread, the rows of the
+    new program and of the libraries ld.so is about to map for it (a pyenv
+    shim execs bash, then bash the Python that maps libpython: each image
+    starts with nothing). The maps are read on the caller's thread, until
+    they stop changing or for IMAGE_FOLLOW_S: a thread of its own would
+    wait up to 5 ms a turn for the interpreter lock, while malloc runs
+    unwalkable."""
+    read = lambda module, fn: read_mapped(pid, module, fn)  # noqa: E731
+    until = time.monotonic() + IMAGE_FOLLOW_S
+    mapped: Optional[set] = None
+    while True:
+        modules = code_modules(procfs.maps(pid))
+        tables.add(modules, read)
+        if mapped is None:
+            warm(_image_objects(pid))  # once what is mapped has its table
+        now = {(m.mapping.device, m.mapping.inode) for m in modules}
+        # The program and ld.so first; ld.so then maps the libraries at once.
+        if not now or (now == mapped and len(now) > 2) or time.monotonic() >= until:
+            return
+        mapped = now
+        time.sleep(IMAGE_POLL_S)
+
+
+def _image_objects(pid: int) -> Iterator[str]:
+    yield f"/proc/{pid}/exe"  # the very file, in whatever mount namespace
+    yield from objects_of_image(pid)
 
 
 class UnwindTables:
@@ -89,8 +135,8 @@ class UnwindTables:
         read_mapped(module, fn) reads the very file mapped. A module whose
         rows are not parsed yet is parsed on a thread, which places it when
         done, unless `wait`: a snapshot never waits a second for libjvm.so
-        (its calls meanwhile are walked by frame pointers). Returns how many
-        modules got one."""
+        (its calls meanwhile are walked by frame pointers). Returns how
+        many modules got one."""
         with self._lock:
             return self._add(modules, read_mapped, wait)
 
@@ -107,10 +153,10 @@ class UnwindTables:
             self._deferred.discard(key)
             self._seen.add(key)
             info = read_mapped(module, unwind_info_of)
-            if info is None or info.frame_pointers or not info.rows:
+            if info is None or info.frame_pointers or not info.addresses:
                 continue
-            placed = _place(info, module.start, module.end, module.file_offset)
-            if placed and self._write(module.start, module.end, placed):
+            layout = _layout_of(info, module.end - module.start, module.file_offset)
+            if layout is not None and self._write(module.start, module.end, layout):
                 added += 1
         if added:
             self._publish()
@@ -131,29 +177,21 @@ class UnwindTables:
 
         threading.Thread(target=parse, name="memtrace-unwind-parse", daemon=True).start()
 
-    def _write(self, lo: int, hi: int, rows: list[tuple[int, int, int, int]]) -> bool:
-        pages = -(-(hi - lo) // PAGE_BYTES)
-        if (self._next_row + len(rows) > self._capacity["unwind_rows"]
-                or self._next_page + pages + 1 > self._capacity["unwind_pages"]
+    def _write(self, lo: int, hi: int, layout: "_Layout") -> bool:
+        pages = len(layout.first_rows)
+        if (self._next_row + layout.count > self._capacity["unwind_rows"]
+                or self._next_page + pages > self._capacity["unwind_pages"]
                 or len(self._modules) >= self._capacity["unwind_modules"]):
             self.full = True
             return False
-        offsets = [r[0] for r in rows]
-        first_rows = []
-        for p in range(pages + 1):
-            i = bisect.bisect_right(offsets, min(p * PAGE_BYTES, offsets[-1])) - 1
-            first_rows.append(self._next_row + max(i, 0))
-        if any(b - a >= MAX_ROWS_PER_PAGE for a, b in zip(first_rows, first_rows[1:])):
-            return False  # not found by the BPF search: frame pointers only there
-        data = b"".join(_ROW.pack(x, cfa_off, rule, slot) for x, rule, cfa_off, slot in rows)
-        at = self._next_row * _ROW.size
-        self._map("unwind_rows")[at : at + len(data)] = data
+        at = self._next_row * _ROW_BYTES
+        self._map("unwind_rows")[at : at + len(layout.rows)] = layout.rows
         # An array map keeps each value in 8 bytes: the u32 and 4 of padding.
-        data = struct.pack(f"<{len(first_rows)}Q", *first_rows)
+        data = struct.pack(f"<{pages}Q", *[self._next_row + i for i in layout.first_rows])
         self._map("unwind_pages")[self._next_page * 8 : self._next_page * 8 + len(data)] = data
         self._modules.append((lo, hi, self._next_page))
-        self._next_row += len(rows)
-        self._next_page += pages + 1
+        self._next_row += layout.count
+        self._next_page += pages
         self.rows = self._next_row
         return True
 
@@ -176,25 +214,69 @@ class UnwindTables:
         head[ctypes.c_int(0)] = value
 
 
-def _place(info: UnwindInfo, start: int, end: int, file_offset: int) -> Optional[list]:
-    """The rows of the part of a file that one mapping holds, as offsets
-    from the mapping's start; the row holding at the start comes first."""
+@dataclass(frozen=True)
+class _Layout:
+    """A module's table as the BPF arrays hold it, wherever it is mapped:
+    its rows (offset from the mapping's start: u32, then the step), and
+    for each 4 KiB page the row holding at its start, counted from the
+    module's first row. The same file mapped alike after every exec (libc)
+    is laid out once."""
+    rows: bytes
+    count: int
+    first_rows: list[int]
+
+
+_layouts: OrderedDict = OrderedDict()  # (id(info), size, file offset) -> (info, layout)
+_layouts_lock = threading.Lock()
+LAYOUTS_KEPT = 16  # a few MB: libc and the other libraries of a chain of execs
+
+
+def _layout_of(info: UnwindInfo, size: int, file_offset: int) -> Optional[_Layout]:
+    """The layout of the mapping of `size` bytes from file_offset; None
+    when no row falls in it, or a page holds more rows than the BPF search
+    reaches (frame pointers only there)."""
+    key = (id(info), size, file_offset)
+    with _layouts_lock:
+        known = _layouts.get(key)
+        if known is not None and known[0] is info:
+            _layouts.move_to_end(key)
+            return known[1]
+    layout = None
+    placed = _place(info, 0, size, file_offset)
+    if placed is not None:
+        offsets, steps = placed
+        last = offsets[-1]
+        first_rows = [max(bisect.bisect_right(offsets, min(p * PAGE_BYTES, last)) - 1, 0)
+                      for p in range(-(-size // PAGE_BYTES) + 1)]
+        if all(b - a < MAX_ROWS_PER_PAGE for a, b in zip(first_rows, first_rows[1:])):
+            rows = bytearray(_ROW_BYTES * len(offsets))
+            words = memoryview(rows).cast("I")  # little-endian, as the walk reads them
+            words[0::2] = offsets
+            words[1::2] = steps
+            layout = _Layout(bytes(rows), len(offsets), first_rows)
+    with _layouts_lock:
+        _layouts[key] = (info, layout)  # info held: its id is not reused meanwhile
+        if len(_layouts) > LAYOUTS_KEPT:
+            _layouts.popitem(last=False)
+    return layout
+
+
+def _place(info: UnwindInfo, start: int, end: int, file_offset: int) -> Optional[tuple[array, array]]:
+    """(offsets from the mapping's start, steps) of the rows of the part of
+    a file that one mapping holds; the row holding at the start comes first."""
     segment = next((s for s in info.segments
                     if s.offset <= file_offset < s.offset + max(s.filesz, 1)), None)
     if segment is None:
         return None
     delta = segment.offset - segment.vaddr - file_offset  # file address -> mapping offset
-    size = end - start
-    out = []
-    before = None
-    for vaddr, rule, cfa_off, slot in info.rows:
-        x = vaddr + delta
-        if x < 0:
-            before = (0, rule, cfa_off, slot)
-            continue
-        if x >= size:
-            break
-        if not out and before is not None and x > 0:
-            out.append(before)
-        out.append((x, rule, cfa_off, slot))
-    return out or None
+    addresses = info.addresses
+    first = bisect.bisect_left(addresses, -delta)
+    stop = bisect.bisect_left(addresses, end - start - delta, first)
+    if first == stop:
+        return None
+    offsets = array("I", map(delta.__add__, addresses[first:stop]))
+    steps = info.steps[first:stop]
+    if first > 0 and offsets[0] > 0:  # the row before holds at the start
+        offsets.insert(0, 0)
+        steps.insert(0, info.steps[first - 1])
+    return offsets, steps

@@ -305,6 +305,29 @@ def objects_of_command(argv: list[str]) -> list[str]:
     return [binary] + parse_loader_list(_loader_list(binary, preload))
 
 
+def objects_of_image(pid: int) -> list[str]:
+    """The objects ld.so maps for the program process pid has just exec'd,
+    as `ld.so --list` says; [] in another mount namespace (names are
+    resolved in ours) or for a program of another loader. The program may
+    be anyone's (an attached process): its PT_INTERP could name any file,
+    so only the loader memtrace itself runs under is ever run."""
+    exe = f"/proc/{pid}/exe"  # the very file, whatever its path leads to now
+    try:
+        if (os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+                or not os.path.samestat(os.stat(f"/proc/{pid}/root"), os.stat("/"))):
+            return []
+        ours = _elf_interpreter("/proc/self/exe")
+        theirs = _elf_interpreter(exe)
+        if ours is None or theirs is None or not os.path.samefile(ours, theirs):
+            return []
+        # The path, not /proc/PID/exe: $ORIGIN in its run paths is its folder.
+        out = subprocess.run([ours, "--list", os.readlink(exe)], capture_output=True, text=True,
+                             timeout=10, stdin=subprocess.DEVNULL).stdout
+    except (ValueError, struct.error, OSError, subprocess.SubprocessError):
+        return []
+    return parse_loader_list(out)
+
+
 def _through_env(argv: list[str]) -> tuple[list[str], Optional[str]]:
     """(the command env runs, the LD_PRELOAD it sets) for `env [-i]
     VAR=VALUE... CMD ARGS`; argv itself otherwise."""

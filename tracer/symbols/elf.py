@@ -12,10 +12,13 @@ import ctypes.util
 import lzma
 import os
 import struct
+import threading
+from array import array
 from dataclasses import dataclass
 from collections import OrderedDict
 from typing import Callable, Iterable, Optional
 
+from memtrace.symbols import unwindfile
 from memtrace.symbols.ehframe import function_ranges, keeps_frame_pointers, unwind_rows
 from memtrace.process.mappedfile import fd_path, open_path, open_regular, read_regular
 
@@ -455,48 +458,123 @@ def demangle(name: str) -> str:
 @dataclass(frozen=True)
 class UnwindInfo:
     """How to unwind through one file's code: its load segments and the
-    rows of its .eh_frame (ehframe.unwind_rows), file addresses."""
+    rows of its .eh_frame (ehframe.unwind_rows), in two columns: where each
+    row starts (file addresses, sorted) and its step (pack_step). Columns
+    of machine words are read from the cache, cut and placed in a few ms
+    where tuples took tens."""
     segments: list[Segment]
-    rows: list[tuple[int, int, int, int]]
+    addresses: array  # 'Q'
+    steps: array  # 'I'
     frame_pointers: bool  # built with them: a frame-pointer walk is exact
 
+    @classmethod
+    def of_rows(cls, segments: list[Segment], rows: Iterable[tuple[int, int, int, int]],
+                frame_pointers: bool) -> "UnwindInfo":
+        rows = list(rows)
+        return cls(segments, array("Q", [r[0] for r in rows]),
+                   array("I", [pack_step(rule, off, slot) for _, rule, off, slot in rows]),
+                   frame_pointers)
 
-_unwind_cache: OrderedDict = OrderedDict()
+    @property
+    def rows(self) -> list[tuple[int, int, int, int]]:
+        """(address, rule, cfa offset, rbp slot), as ehframe.unwind_rows made them."""
+        return [(a, *unpack_step(step)) for a, step in zip(self.addresses, self.steps)]
 
 
-def _read_unwind(path: str) -> Optional[UnwindInfo]:
+def pack_step(rule: int, cfa_offset: int, rbp_slot: int) -> int:
+    """A row's unwind step in 32 bits: the cfa offset (16), the rule (8)
+    and the rbp slot (8), from the low bits up, as the BPF row holds them."""
+    return cfa_offset | rule << 16 | rbp_slot << 24
+
+
+def unpack_step(step: int) -> tuple[int, int, int]:
+    """(rule, cfa offset, rbp slot)."""
+    return step >> 16 & 0xFF, step & 0xFFFF, step >> 24
+
+
+_unwind_cache: OrderedDict = OrderedDict()  # file version -> Optional[UnwindInfo]
+_unwind_lock = threading.Lock()  # the collector, warming and parsing threads share it
+_unwind_parsing: dict[tuple, threading.Lock] = {}  # file version -> held while parsed
+UNWIND_VERSIONS_KEPT = 64
+
+
+def _read_unwind(path: str, parse: bool) -> tuple[Optional[UnwindInfo], bool]:
+    """(the unwind info of the file at path, whether it is known): rows an
+    earlier run kept (unwindfile), else, when `parse`, made from .eh_frame
+    and kept for the next run. Not known: kept by no run, and not parsed."""
     try:
         f = open_regular(path)
     except OSError:
-        return None
+        return None, True
     with f:
         headers = _headers(_file_reader(f), os.fstat(f.fileno()).st_size)
         if headers is None or headers[1] != EM_X86_64:
-            return None
-        end, _machine, segments, _sections, by_name, body, _entry = headers
+            return None, True
+        end, machine, segments, _sections, by_name, body, _entry = headers
         eh = by_name.get(b".eh_frame")
         if eh is None or eh[1] == SHT_NOBITS:
-            return None
-        rows = unwind_rows(body(eh), eh[3], end == "<")
-    if keeps_frame_pointers(rows):
-        return UnwindInfo(segments, [], True)  # not kept: libjvm.so's are 20 MB of tuples
-    return UnwindInfo(segments, rows, False)
+            return None, True
+        section = body(eh)
+    shape = [(s.offset, s.vaddr, s.filesz) for s in segments]
+    key = unwindfile.key_of(machine, shape, eh[3], section)
+    kept = unwindfile.load(key)
+    if kept is not None and kept[0] == shape:
+        return UnwindInfo(segments, *kept[1:]), True
+    if not parse:
+        return None, False
+    rows = unwind_rows(section, eh[3], end == "<")
+    frame_pointers = keeps_frame_pointers(rows)
+    # Rows of a frame-pointer build are not kept: libjvm.so's are 20 MB of tuples.
+    info = UnwindInfo.of_rows(segments, [] if frame_pointers else rows, frame_pointers)
+    unwindfile.save(key, shape, info.addresses, info.steps, frame_pointers)
+    return info, True
 
 
-def unwind_info_of(path: str) -> Optional[UnwindInfo]:
-    """The unwind rows of the file at `path`, once per file version."""
-    return _per_file(_unwind_cache, 64, path, _read_unwind, None)
-
-
-def unwind_info_ready(path: str) -> bool:
-    """Whether unwind_info_of(path) answers at once (parsed already, or the
-    file cannot be opened): libjvm.so's rows take a second to parse."""
+def _unwind_info(path: str, parse: bool) -> tuple[Optional[UnwindInfo], bool]:
+    """_read_unwind once per file version (device, inode, mtime, size),
+    whatever name leads to it; a version is parsed by one thread at a time
+    (warming and a mapping seen may ask for the same library at once)."""
     try:
         fd = open_path(path)
     except OSError:
-        return True
+        return None, True
     try:
         st = os.fstat(fd)
-        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size) in _unwind_cache
+        version = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        with _unwind_lock:
+            if version in _unwind_cache:
+                _unwind_cache.move_to_end(version)
+                return _unwind_cache[version], True
+            parsing = _unwind_parsing.setdefault(version, threading.Lock()) if parse else None
+        if parsing is None:
+            info, known = _read_unwind(fd_path(fd), False)
+        else:
+            with parsing:
+                with _unwind_lock:
+                    if version in _unwind_cache:  # parsed while this thread waited
+                        return _unwind_cache[version], True
+                info, known = _read_unwind(fd_path(fd), True)
+        with _unwind_lock:
+            if known:
+                _unwind_cache[version] = info
+                if len(_unwind_cache) > UNWIND_VERSIONS_KEPT:
+                    _unwind_cache.popitem(last=False)
+            if parsing is not None:
+                _unwind_parsing.pop(version, None)
+        return info, known
     finally:
         os.close(fd)
+
+
+def unwind_info_of(path: str) -> Optional[UnwindInfo]:
+    """The unwind rows of the file at `path`, once per file version; parsed
+    when no earlier run kept them."""
+    return _unwind_info(path, parse=True)[0]
+
+
+def unwind_info_ready(path: str) -> bool:
+    """Whether unwind_info_of(path) answers at once: read already, kept
+    by an earlier run (read now, in a few ms), or the file has no rows or
+    cannot be opened. A library seen by no run takes up to a second to
+    parse (libjvm.so)."""
+    return _unwind_info(path, parse=False)[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from memtrace.collect import bpfcache
+from memtrace import cachefiles
 from memtrace.symbols import elf, unwindfile
 
 # A small program of the system's, built without frame pointers.
@@ -139,9 +139,9 @@ def test_a_cache_file_others_could_write_is_not_read(cache, parses, sample):
 
 def test_the_files_are_kept_within_their_bytes(cache):
     for i in range(5):
-        bpfcache.write_trusted(f"unwind-{i}.rows", bytes(1000), budget=("unwind-*.rows", 3500))
+        cachefiles.write_trusted(f"unwind-{i}.rows", bytes(1000), budget=("unwind-*.rows", 3500))
         os.utime(cache / f"unwind-{i}.rows", (1000 + i, 1000 + i))  # i used last
-    bpfcache.write_trusted("unwind-5.rows", bytes(1000), budget=("unwind-*.rows", 3500))
+    cachefiles.write_trusted("unwind-5.rows", bytes(1000), budget=("unwind-*.rows", 3500))
     assert sorted(p.name for p in cache.glob("unwind-*.rows")) == [
         "unwind-3.rows", "unwind-4.rows", "unwind-5.rows"]
 

@@ -234,17 +234,18 @@ def _relays(path: str, addr: int, probed: set[int]) -> bool:
 
 def resolve_sites(libc_path: str, kind: str = "glibc", prefix: str = "") -> list[ProbeSite]:
     """One site per distinct address of the allocator's entry points:
-    aliases are probed once. Kept in the cache (bpfcache) per allocator
+    aliases are probed once. Kept in the cache (cachefiles) per allocator
     file and per version of the code that chooses: the choice disassembles
     every entry point (~0.1 s)."""
     import dataclasses
     import json
 
+    from memtrace import cachefiles
     from memtrace.collect import bpfcache
 
     key = _sites_key(libc_path, kind, prefix) if bpfcache.usable() else None
     if key is not None:
-        data, _ = bpfcache.read_trusted(f"sites-{key}.json", "probe sites")
+        data, _ = cachefiles.read_trusted(f"sites-{key}.json", "probe sites")
         try:
             doc = json.loads(data) if data is not None else None
             if doc is not None and doc["key"] == key:
@@ -254,7 +255,7 @@ def resolve_sites(libc_path: str, kind: str = "glibc", prefix: str = "") -> list
             pass  # chosen again, and written anew
     sites = _choose_sites(libc_path, kind, prefix)
     if key is not None:
-        bpfcache.write_trusted(f"sites-{key}.json", json.dumps(
+        cachefiles.write_trusted(f"sites-{key}.json", json.dumps(
             {"key": key, "sites": [dataclasses.asdict(s) for s in sites]}))
     return sites
 

@@ -11,7 +11,7 @@ sit, and the code that turns them into rows. So a file changed in any way
 that matters never meets rows of its old self, and the same library in
 another container (another device, inode or mount namespace) finds the
 rows made from it anywhere. The files are read and written through
-bpfcache's trusted helpers (ours alone, nobody else may write them); one
+cachefiles' trusted helpers (ours alone, nobody else may write them); one
 that is damaged, of another format or of another key is ignored."""
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ def decode(key: bytes, data: bytes) -> Optional[tuple[Segments, array, array, bo
 
 def load(key: bytes) -> Optional[tuple[Segments, array, array, bool]]:
     """The rows an earlier run kept for key, or None."""
-    from memtrace.collect import bpfcache
+    from memtrace import cachefiles
 
     try:
-        data, _ = bpfcache.read_trusted(name_of(key), "unwind rows")
+        data, _ = cachefiles.read_trusted(name_of(key), "unwind rows")
     except OSError:
         return None
     return decode(key, data) if data is not None else None
@@ -107,7 +107,7 @@ def load(key: bytes) -> Optional[tuple[Segments, array, array, bool]]:
 
 def save(key: bytes, segments: Segments, addresses: array, steps: array,
          frame_pointers: bool) -> None:
-    from memtrace.collect import bpfcache
+    from memtrace import cachefiles
 
     data = encode(key, segments, addresses, steps, frame_pointers)
-    bpfcache.write_trusted(name_of(key), data, budget=("unwind-*.rows", MAX_BYTES))
+    cachefiles.write_trusted(name_of(key), data, budget=("unwind-*.rows", MAX_BYTES))

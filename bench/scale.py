@@ -40,6 +40,7 @@ import os
 import pstats
 import re
 import resource
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -119,14 +120,14 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
             if t >= 5.0:
                 if first is None:
                     first = (t, ticks)
-                    if args.pyspy:
-                        spy = subprocess.Popen(
-                            [str(Path(python()).parent / "py-spy"), "record", "-p", str(tracer.pid),
-                             "-r", "20", "-d", str(int(args.seconds)), "--nonblocking", "-f", "raw",
-                             "-o", args.pyspy], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if spy is None and args.pyspy and t >= args.spy_after:
+                    spy = subprocess.Popen(
+                        [str(Path(python()).parent / "py-spy"), "record", "-p", str(tracer.pid),
+                         "-r", "20", "-d", str(int(args.seconds + 60)), "--nonblocking", "-f", "raw",
+                         "-o", args.pyspy], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 last = (t, ticks)
         if spy is not None:
-            spy.terminate()  # py-spy writes its file on SIGTERM/SIGINT
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT (not SIGTERM)
             spy.wait()
         tracer.wait()
         wall = time.monotonic() - started
@@ -250,7 +251,9 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--profile", metavar="FILE", help="run memtrace under cProfile, stats into FILE")
     p.add_argument("--py-spy", metavar="FILE", dest="pyspy",
-                   help="sample memtrace with py-spy (from 5 s in to the target's exit), folded into FILE")
+                   help="sample memtrace with py-spy (from --spy-after to the target's exit), folded into FILE")
+    p.add_argument("--spy-after", type=float, default=5.0, metavar="S",
+                   help="start py-spy this many seconds in (past the first snapshots: the steady state)")
     p.add_argument("--keep", metavar="DIR", help="keep the recording and the outputs here")
     p.add_argument("--no-reports", action="store_true")
     args = p.parse_args()

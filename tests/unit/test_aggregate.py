@@ -62,3 +62,29 @@ def test_incremental_aggregation_equals_the_one_shot():
         per_tid_rows = [type(rows[0])(tid, (0, 0), c) for tid, c in book.per_tid.items()] if rows else []
         assert aggregate_threads(per_tid_rows, {}, [1000, 1001, 1002, 1003]) == threads
         previous = Snapshot(1, "x", float(step), stacks=got)
+
+
+def test_rows_whose_bytes_moved_are_found_run_by_run():
+    from memtrace.collect.probes import _moved_rows
+
+    rng = random.Random(9)
+    ks, cs = 32, 64
+    used = 1000
+    keys = bytearray(rng.randbytes(ks * used))
+    counts = bytearray(rng.randbytes(cs * used))
+    for _ in range(50):
+        seen_keys, seen_counts = bytes(keys), bytes(counts)
+        grown = rng.choice((0, 0, 3, 70))  # rows added since the last read
+        keys += rng.randbytes(ks * grown)
+        counts += rng.randbytes(cs * grown)
+        n = used + grown
+        for _ in range(rng.choice((0, 1, 5, 200))):
+            i, which = rng.randrange(n), rng.random()
+            buf, size = (keys, ks) if which < 0.2 else (counts, cs)
+            buf[i * size + rng.randrange(size)] ^= 1 + rng.randrange(255)
+        want = [i for i in range(n)
+                if keys[i * ks:(i + 1) * ks] != seen_keys[i * ks:(i + 1) * ks]
+                or counts[i * cs:(i + 1) * cs] != seen_counts[i * cs:(i + 1) * cs]]
+        assert _moved_rows(bytes(keys), seen_keys, ks, bytes(counts), seen_counts, cs, n) == want
+        used = n
+    assert _moved_rows(b"", b"", ks, b"", b"", cs, 0) == []

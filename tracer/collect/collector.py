@@ -293,7 +293,8 @@ class Collector:
         if self.glibc:
             account = accounting.account_allocator(
                 self._arena_inputs,
-                None if self.light else reading.flows,
+                None if self.light else reading.buckets if reading.buckets is not None
+                else reading.flows,
                 heap.live_bytes,
                 self._chunk_spans(),
                 attached=self.attached,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Hashable, Optional
 
+from memtrace.accounting import BucketBook
 from memtrace.model import Counters, Flow, HeapRow, StackKey
 
 RowKey = tuple[int, StackKey]  # (tid, stack key)
@@ -31,6 +32,7 @@ class RowBook:
         self._totals = [0, 0, 0, 0]
         self.live_chunk_bytes = 0
         self._touched: set[RowKey] = set()
+        self.buckets = BucketBook()  # the same flows per 64 MiB bucket, for the arena accounting
 
     @property
     def totals(self) -> Counters:
@@ -38,6 +40,7 @@ class RowBook:
 
     def put(self, slot: Hashable, old: Optional[Flow], new: Optional[Flow]) -> None:
         """The flow in `slot` was `old` and is now `new` (None: none)."""
+        self.buckets.put(old, new)
         if old is not None:
             key = (old.tid, old.stack_key)
             members = self._members.get(key)

@@ -149,7 +149,13 @@ class StackAggregator:
                     del stats[sid]
                     order.remove(entries.pop(sid))
                 continue
-            counters = Counters(*sums[sid])
+            s = sums[sid]
+            c = old.counters if old is not None else None
+            if c is not None and c.alloc_bytes == s[0] and c.free_bytes == s[1] \
+                    and c.alloc_count == s[2] and c.free_count == s[3]:
+                counters = c  # only its growth went back to 0, or its threads or share moved
+            else:
+                counters = Counters(*s)
             frames = all_frames[sid]
             delta = counters.live_bytes - (old.counters.live_bytes if old is not None
                                            else live_before.get(frames, 0))
@@ -167,7 +173,7 @@ class StackAggregator:
                 if st == old:
                     continue
                 stats[sid] = st
-                if old.counters == counters:
+                if old.counters is counters:
                     # Only its growth, threads or retained share moved: its
                     # place is the same.
                     entries[sid][1] = st

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import os
 import re
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional, Sequence
+from typing import Collection, Iterable, Iterator, Optional, Sequence
 
 from memtrace import procfs
 from memtrace.collect.bpfsource import bpf_dir, program_text
@@ -137,10 +138,22 @@ class RssReading:
     ts_ns: int
 
 
+class _Flows:
+    """The flows of a read, each time they are iterated: the arena
+    accounting reads the sums per bucket instead, and a list of every flow
+    made each interval went unused. Valid until the next read."""
+
+    def __init__(self, rows: list[Optional[Flow]], folded: dict) -> None:
+        self._rows, self._folded = rows, folded
+
+    def __iter__(self) -> Iterator[Flow]:
+        return itertools.chain(filter(None, self._rows), self._folded.values())
+
+
 @dataclass
 class HeapReading:
-    rows: list[HeapRow]
-    flows: list[Flow]
+    rows: Collection[HeapRow]
+    flows: Iterable[Flow]
     untracked_free_count: int
     trim_calls: int
     trim_released_calls: int
@@ -667,7 +680,7 @@ class Probes:
         changed: Optional[set] = book.settle()
         if self._book_reset:
             changed, self._book_reset = None, False
-        rows = list(book.rows.values())
+        rows = book.rows.values()  # the book's own, as rows_by_key
         counters = b["counters"]
         total = lambda i: int(counters.sum(i).value)  # noqa: E731
         names = self._thread_names(book.per_tid)
@@ -696,7 +709,7 @@ class Probes:
             live_chunk_bytes=book.live_chunk_bytes,
         )
 
-    def _flows(self, used: int, generation: int) -> list[Flow]:
+    def _flows(self, used: int, generation: int) -> "_Flows":
         """The rows up to `used`, a Flow each. Only rows whose bytes changed
         since the last read are decoded again: a service whose threads come
         and go leaves many rows that never change."""
@@ -761,7 +774,7 @@ class Probes:
             new = self._folded_flows[key] = Flow(0, stack_key, bucket, a, f, ac, fc, alloc_chunk_bytes=chunk)
             book.put(("folded", key), old, new)
         self._folded_dirty.clear()
-        return list(filter(None, row_flows)) + list(self._folded_flows.values())
+        return _Flows(row_flows, self._folded_flows)
 
     @staticmethod
     def _decode(raw: bytes, keys_type, counts_type, ks: int, generation: int) -> Optional[Flow]:

@@ -83,6 +83,11 @@ def _order_unless_canonical(by_id: dict[int, Any], items: tuple, key: Callable[[
     return dumps(list(by_id))
 
 
+# A stack equal to its previous self in these needs no record when it
+# stops growing.
+_BUT_GROWTH = tuple(f.name for f in dataclasses.fields(StackStats) if f.name != "live_delta_bytes")
+
+
 def _frames_of(s: StackStats) -> tuple[str, ...]:
     return s.frames
 
@@ -400,7 +405,7 @@ class Recorder:
             if eid is None or self._stacks.get(eid) is not st:
                 return False
             before[eid] = st
-        moving = []
+        moving, stilled = [], {}
         for eid, st in self._seen.moving:
             if id(st) in places:  # the same object, growth and all: its record says it grew again
                 before[eid] = after[eid] = st
@@ -412,8 +417,13 @@ class Recorder:
                 eid = self._stack_ids[st.frames] = self._new_stack(db, st.frames, 0)
             else:
                 old = self._stacks.get(eid)
-                if eid in after or (old is not None and id(old) in places):
+                if eid in after or eid in stilled or (old is not None and id(old) in places):
                     return False
+                if old is not None and old.live_delta_bytes and not st.live_delta_bytes \
+                        and all(getattr(old, name) == getattr(st, name) for name in _BUT_GROWTH):
+                    stilled[eid] = st  # it only stopped growing: no record says so
+                    before.pop(eid, None)
+                    continue
                 if old is not None:
                     before[eid] = old
             after[eid] = st
@@ -426,6 +436,7 @@ class Recorder:
         for eid in before:
             del self._stacks[eid]
         self._stacks.update(after)
+        self._stacks.update(stilled)
         self._seen = SeenStacks(stacks, True, moving, places)
         return True
 

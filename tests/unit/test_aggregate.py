@@ -47,6 +47,15 @@ def test_incremental_aggregation_equals_the_one_shot():
         got = agg.update(dict(book.rows), changed if step != 30 else None, frames_for, 1, retained)
         want = aggregate_stacks(rows, frames_for, 127, previous, retained)
         assert got == want, step
+        # What changed since the last answer, as the recorder reads it.
+        if step == 30:
+            assert got.since is None
+        elif previous is not None:
+            assert got.since is previous.stacks
+            before = {id(s) for s in previous.stacks}
+            now = {id(s) for s in got}
+            assert sorted(map(id, got.fresh)) == sorted(now - before), step
+            assert sorted(map(id, got.gone)) == sorted(before - now), step
         # Stacks that did not change keep their objects: the recorder skips them by identity.
         if previous is not None and step != 30 and step % 7 not in (0, 1):
             same = {s.frames: s for s in previous.stacks}

@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Optional
 
 from sortedcontainers import SortedList
 
-from memtrace.model import Counters, HeapRow, StackKey, StackStats, looks_truncated
+from memtrace.model import Counters, HeapRow, StackChanges, StackKey, StackStats, looks_truncated
 
 RowKey = tuple[int, StackKey]
 Frames = tuple[str, ...]
@@ -39,6 +39,7 @@ class StackAggregator:
     def __init__(self, max_depth: int) -> None:
         self.max_depth = max_depth
         self._generation: object = None
+        self._last: Optional[StackChanges] = None  # what update() answered last
         self._reset()
 
     def _reset(self) -> None:
@@ -84,7 +85,9 @@ class StackAggregator:
         have). generation: what frames_of answers depends on; when it
         moves, everything is grouped again."""
         live_before: dict[Frames, int] = {}
+        since = self._last
         if changed is None or generation != self._generation:
+            since = None
             # Grown since the last call, all the same.
             live_before = {st.frames: st.counters.live_bytes for st in self._stats.values()}
             self._reset()
@@ -138,6 +141,8 @@ class StackAggregator:
 
         stats, entries, order, all_frames = self._stats, self._entries, self._order, self._frames
         fresh: list[list] = []
+        new_stacks: list[StackStats] = []  # objects new since the last call
+        gone_stacks: list[StackStats] = []  # and those that went
         moved: set[int] = set()
         for sid in dirty:
             old = stats.get(sid)
@@ -148,6 +153,7 @@ class StackAggregator:
                 if old is not None:
                     del stats[sid]
                     order.remove(entries.pop(sid))
+                    gone_stacks.append(old)
                 continue
             s = sums[sid]
             c = old.counters if old is not None else None
@@ -169,9 +175,11 @@ class StackAggregator:
             )
             if delta:
                 moved.add(sid)
+            if old is not None and st == old:
+                continue
+            new_stacks.append(st)
             if old is not None:
-                if st == old:
-                    continue
+                gone_stacks.append(old)
                 stats[sid] = st
                 if old.counters is counters:
                     # Only its growth, threads or retained share moved: its
@@ -184,4 +192,10 @@ class StackAggregator:
             fresh.append(entry)
         order.update(fresh)  # one sort when many came at once (the first interval)
         self._moved = moved
-        return tuple(map(_second, order))
+        out = StackChanges(map(_second, order))
+        if since is not None:
+            # Only the latest says what changed: the one before is let go.
+            since.since, since.fresh, since.gone = None, (), ()
+            out.since, out.fresh, out.gone = since, tuple(new_stacks), tuple(gone_stacks)
+        self._last = out
+        return out

@@ -21,7 +21,7 @@ import socket
 import sqlite3
 import time
 import zlib
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import memtrace
 from memtrace.errors import MemtraceError
@@ -393,13 +393,15 @@ class Recorder:
         return order
 
     def _write_new_stacks(self, db: sqlite3.Connection, sid: int, stacks: tuple[StackStats, ...],
-                          places: dict[int, int], fresh: list[int], gone: list[StackStats]) -> bool:
+                          fresh: Sequence[StackStats], gone: Sequence[StackStats],
+                          places: Optional[dict[int, int]]) -> bool:
         """The records of the stacks that are new objects, went, or still
         grow (memtrace.record.seen): the same records as encode_stacks
         over them all. False when two stacks share their frames: the caller
         then takes every stack."""
         before: dict[int, StackStats] = {}
         after: dict[int, StackStats] = {}
+        went = set(map(id, gone))  # of the previous snapshot's stacks, those not kept
         for st in gone:
             eid = self._stack_ids.get(st.frames)
             if eid is None or self._stacks.get(eid) is not st:
@@ -407,17 +409,16 @@ class Recorder:
             before[eid] = st
         moving, stilled = [], {}
         for eid, st in self._seen.moving:
-            if id(st) in places:  # the same object, growth and all: its record says it grew again
+            if id(st) not in went:  # the same object, growth and all: its record says it grew again
                 before[eid] = after[eid] = st
                 moving.append((eid, st))
-        for i in fresh:
-            st = stacks[i]
+        for st in fresh:
             eid = self._stack_ids.get(st.frames)
             if eid is None:
                 eid = self._stack_ids[st.frames] = self._new_stack(db, st.frames, 0)
             else:
                 old = self._stacks.get(eid)
-                if eid in after or eid in stilled or (old is not None and id(old) in places):
+                if eid in after or eid in stilled or (old is not None and id(old) not in went):
                     return False
                 if old is not None and old.live_delta_bytes and not st.live_delta_bytes \
                         and all(getattr(old, name) == getattr(st, name) for name in _BUT_GROWTH):

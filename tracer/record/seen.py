@@ -26,17 +26,26 @@ class SeenStacks:
                  moving: list[tuple[int, StackStats]], places: Optional[dict[int, int]] = None) -> None:
         """canonical: their order is the model's own sort (strictly
         increasing keys); moving: (entity id, stack) of those whose
-        live_delta_bytes is not 0."""
+        live_delta_bytes is not 0; places: id(stack) -> index, if known."""
         self.stacks = stacks
-        self.places = places if places is not None else dict(zip(map(id, stacks), range(len(stacks))))
+        self._places = places
         self.canonical = canonical
         self.moving = moving
 
+    @property
+    def places(self) -> dict[int, int]:
+        if self._places is None:
+            self._places = dict(zip(map(id, self.stacks), range(len(self.stacks))))
+        return self._places
+
     def since(self, stacks: tuple[StackStats, ...], sort_key: Callable[[StackStats], tuple]):
-        """(places, the indexes of the stacks not in the previous snapshot,
-        the previous snapshot's stacks not in this one), when this
-        snapshot's order is the model's sort; None otherwise, or when an
-        object comes twice: then the recorder takes every stack."""
+        """(the stacks that are new objects, the previous snapshot's that
+        went, id -> index of this snapshot's or None), when this snapshot's
+        order is the model's sort; None otherwise, or when an object comes
+        twice: then the recorder takes every stack. The collector's own
+        tuple (memtrace.model.StackChanges) says it all."""
+        if getattr(stacks, "since", None) is self.stacks:
+            return stacks.fresh, stacks.gone, None
         places = dict(zip(map(id, stacks), range(len(stacks))))
         if len(places) != len(stacks) or not self.canonical:
             return None
@@ -54,4 +63,4 @@ class SeenStacks:
             if (i > 0 and not sort_key(stacks[i - 1]) < key) or (i < last and not key < sort_key(stacks[i + 1])):
                 return None
         gone = [self.stacks[before[a]] for a in before.keys() - places.keys()]
-        return places, fresh, gone
+        return [stacks[i] for i in fresh], gone, places

@@ -117,14 +117,14 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
             if target_pid is not None and not os.path.exists(f"/proc/{target_pid}/stat"):
                 break  # the target is gone: what follows is the final snapshot
             samples.append((t, ticks))
+            if spy is None and args.pyspy and t >= args.spy_after:
+                spy = subprocess.Popen(
+                    [str(Path(python()).parent / "py-spy"), "record", "-p", str(tracer.pid),
+                     "-r", "50", "-d", str(int(args.seconds + 60)), "--nonblocking", "-f", "raw",
+                     "-o", args.pyspy], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if t >= 5.0:
                 if first is None:
                     first = (t, ticks)
-                if spy is None and args.pyspy and t >= args.spy_after:
-                    spy = subprocess.Popen(
-                        [str(Path(python()).parent / "py-spy"), "record", "-p", str(tracer.pid),
-                         "-r", "20", "-d", str(int(args.seconds + 60)), "--nonblocking", "-f", "raw",
-                         "-o", args.pyspy], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 last = (t, ticks)
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT (not SIGTERM)

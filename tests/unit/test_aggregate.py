@@ -97,3 +97,33 @@ def test_rows_whose_bytes_moved_are_found_run_by_run():
         assert _moved_rows(bytes(keys), seen_keys, ks, bytes(counts), seen_counts, cs, n) == want
         used = n
     assert _moved_rows(b"", b"", ks, b"", b"", cs, 0) == []
+
+
+def test_the_order_kept_in_blocks_is_a_sorted_list(monkeypatch):
+    from memtrace.collect.aggregate import Ordered
+
+    monkeypatch.setattr(Ordered, "LOAD", 4)  # blocks split and empty often
+    rng = random.Random(2)
+    order, want = Ordered(), {}
+    for step in range(400):
+        r = rng.random()
+        if r < 0.1:
+            batch = {rng.randrange(10_000): step for _ in range(rng.randrange(1, 60))}
+            batch = {k: v for k, v in batch.items() if k not in want}
+            order.extend(list(batch.items()))
+            want.update(batch)
+        elif r < 0.55 or not want:
+            key = rng.randrange(10_000)
+            if key not in want:
+                order.add(key, step)
+                want[key] = step
+        elif r < 0.85:
+            key = rng.choice(list(want))
+            order.remove(key)
+            del want[key]
+        else:
+            key = rng.choice(list(want))
+            order.replace(key, -step)
+            want[key] = -step
+        assert list(order.values()) == [want[k] for k in sorted(want)], step
+        assert len(order) == len(want)

@@ -4,35 +4,104 @@ Each interval only the stacks whose rows changed, whose retained share
 changed, or which grew or shrank in the last interval (their growth goes
 back to zero) are built again; the others keep their `StackStats` object,
 which the recorder then skips by identity. The order is the model's
-(live bytes, allocated bytes, frames), kept in a sorted list of blocks
-(sortedcontainers): a stack that moves is taken out and put back in
-O(log n), where re-sorting 100,000 stacks took tens of milliseconds each
-interval. A stack whose place does not change (only its growth, threads
-or retained share moved) is swapped in its entry. The result equals
-aggregate_stacks' on the same rows (tests/unit/test_aggregate.py).
+(live bytes, allocated bytes, frames), kept in sorted blocks (Ordered):
+a stack that moves is taken out and put back in O(log n), where
+re-sorting 100,000 stacks took tens of milliseconds each interval, and a
+stack whose place does not change (only its growth, threads or retained
+share moved) is swapped where it is. The result equals aggregate_stacks'
+on the same rows (tests/unit/test_aggregate.py).
 """
 
 from __future__ import annotations
 
-from operator import itemgetter
-from typing import Callable, Mapping, Optional
-
-from sortedcontainers import SortedList
+from bisect import bisect_left
+from itertools import chain
+from typing import Callable, Iterable, Mapping, Optional
 
 from memtrace.model import Counters, HeapRow, StackChanges, StackKey, StackStats, looks_truncated
 
 RowKey = tuple[int, StackKey]
 Frames = tuple[str, ...]
 
-_second = itemgetter(1)
 
 
-def _entry(st: StackStats) -> list:
-    """[its place in the order, the stack]: a list, so that a stack whose
-    place stays is swapped in it. Places are unique (they end with the
-    frames): the stacks themselves are never compared."""
+def _place(st: StackStats) -> tuple:
+    """Its place in the order: unique, as it ends with the frames."""
     c = st.counters
-    return [(c.free_bytes - c.alloc_bytes, -c.alloc_bytes, st.frames), st]
+    return (c.free_bytes - c.alloc_bytes, -c.alloc_bytes, st.frames)
+
+
+class Ordered:
+    """Values by unique keys in order, in blocks of at most 2 * LOAD: one
+    goes in or out in O(log n) and a block's length, one whose key stays
+    is swapped where it is, and all of them are read off the blocks in one
+    pass (a tuple of 100,000 in a few milliseconds)."""
+
+    LOAD = 512
+
+    def __init__(self) -> None:
+        self._keys: list[list] = []
+        self._values: list[list] = []
+        self._maxes: list = []  # the last key of each block
+
+    def __len__(self) -> int:
+        return sum(map(len, self._keys))
+
+    def values(self) -> Iterable:
+        return chain.from_iterable(self._values)
+
+    def _find(self, key) -> tuple[int, int]:
+        i = bisect_left(self._maxes, key)
+        return i, bisect_left(self._keys[i], key)
+
+    def add(self, key, value) -> None:
+        if not self._maxes:
+            self._keys.append([key])
+            self._values.append([value])
+            self._maxes.append(key)
+            return
+        i = min(bisect_left(self._maxes, key), len(self._maxes) - 1)
+        keys, values = self._keys[i], self._values[i]
+        j = bisect_left(keys, key)
+        keys.insert(j, key)
+        values.insert(j, value)
+        self._maxes[i] = keys[-1]
+        if len(keys) > 2 * self.LOAD:
+            self._keys[i + 1:i + 1] = [keys[self.LOAD:]]
+            self._values[i + 1:i + 1] = [values[self.LOAD:]]
+            del keys[self.LOAD:], values[self.LOAD:]
+            self._maxes[i:i + 1] = [keys[-1], self._keys[i + 1][-1]]
+
+    def extend(self, items: list[tuple]) -> None:
+        """(key, value) pairs: one sort when many come at once."""
+        if len(items) * 8 < len(self):
+            for key, value in items:
+                self.add(key, value)
+            return
+        merged = sorted(chain(zip(chain.from_iterable(self._keys), self.values()), items),
+                        key=_first)
+        n = self.LOAD
+        self._keys = [[k for k, _ in merged[i:i + n]] for i in range(0, len(merged), n)]
+        self._values = [[v for _, v in merged[i:i + n]] for i in range(0, len(merged), n)]
+        self._maxes = [keys[-1] for keys in self._keys]
+
+    def remove(self, key) -> None:
+        i, j = self._find(key)
+        keys, values = self._keys[i], self._values[i]
+        del keys[j], values[j]
+        if keys:
+            self._maxes[i] = keys[-1]
+        else:
+            del self._keys[i], self._values[i], self._maxes[i]
+
+    def replace(self, key, value) -> None:
+        """The value under key, which is there, is now `value`."""
+        i, j = self._find(key)
+        self._values[i][j] = value
+
+
+def _first(pair: tuple):
+    return pair[0]
 
 
 class StackAggregator:
@@ -60,8 +129,7 @@ class StackAggregator:
         self._stats: dict[int, StackStats] = {}
         self._retained: dict[int, int] = {}
         self._moved: set[int] = set()  # live_delta_bytes != 0
-        self._entries: dict[int, list] = {}  # each stack's entry in _order
-        self._order = SortedList()
+        self._order = Ordered()  # the stacks by _place
 
     def _sid(self, stack_key: StackKey, frames_of: Callable[[StackKey], Frames]) -> int:
         frames = frames_of(stack_key)
@@ -139,8 +207,8 @@ class StackAggregator:
         dirty.update(sid for sid in before if sid not in kept)
         self._retained = kept
 
-        stats, entries, order, all_frames = self._stats, self._entries, self._order, self._frames
-        fresh: list[list] = []
+        stats, order, all_frames = self._stats, self._order, self._frames
+        fresh: list[tuple] = []
         new_stacks: list[StackStats] = []  # objects new since the last call
         gone_stacks: list[StackStats] = []  # and those that went
         moved: set[int] = set()
@@ -152,7 +220,7 @@ class StackAggregator:
                 tid_rows.pop(sid, None)
                 if old is not None:
                     del stats[sid]
-                    order.remove(entries.pop(sid))
+                    order.remove(_place(old))
                     gone_stacks.append(old)
                 continue
             s = sums[sid]
@@ -184,15 +252,14 @@ class StackAggregator:
                 if old.counters is counters:
                     # Only its growth, threads or retained share moved: its
                     # place is the same.
-                    entries[sid][1] = st
+                    order.replace(_place(old), st)
                     continue
-                order.remove(entries[sid])
+                order.remove(_place(old))
             stats[sid] = st
-            entry = entries[sid] = _entry(st)
-            fresh.append(entry)
-        order.update(fresh)  # one sort when many came at once (the first interval)
+            fresh.append((_place(st), st))
+        order.extend(fresh)
         self._moved = moved
-        out = StackChanges(map(_second, order))
+        out = StackChanges(order.values())
         if since is not None:
             # Only the latest says what changed: the one before is let go.
             since.since, since.fresh, since.gone = None, (), ()

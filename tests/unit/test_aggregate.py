@@ -127,3 +127,38 @@ def test_the_order_kept_in_blocks_is_a_sorted_list(monkeypatch):
             want[key] = -step
         assert list(order.values()) == [want[k] for k in sorted(want)], step
         assert len(order) == len(want)
+
+
+def test_stacks_not_named_within_the_budget_join_later(monkeypatch):
+    import dataclasses
+    import time
+
+    from memtrace.collect import aggregate
+
+    monkeypatch.setattr(aggregate, "NAMED_AT_LEAST", 2)
+
+    book = RowBook()
+    for i in range(40):
+        book.put(i, None, Flow(1 + i % 3, (i, 0), 0, 100 + i, 0, 1, 0))
+    changed = book.settle()
+    named: list = []
+
+    def slow_frames(key):
+        time.sleep(0.002)
+        named.append(key)
+        return frames_for(key)
+
+    def still(stacks):  # growth aside
+        return [dataclasses.replace(s, live_delta_bytes=0) for s in stacks]
+
+    agg = StackAggregator(127)
+    got = agg.update(book.rows, changed, slow_frames, 1, {}, naming_budget_s=0.01)
+    assert 0 < len(named) < 40 and agg.unnamed == 40 - len(named)
+    rows = [r for r in book.rows.values() if r.stack_key in named]
+    assert still(got) == still(aggregate_stacks(rows, frames_for, 127))
+    for _ in range(40):
+        if not agg.unnamed:
+            break
+        got = agg.update(book.rows, set(), slow_frames, 1, {}, naming_budget_s=0.01)
+    assert agg.unnamed == 0 and sorted(named) == [(i, 0) for i in range(40)]
+    assert still(got) == still(aggregate_stacks(list(book.rows.values()), frames_for, 127))

@@ -14,6 +14,7 @@ on the same rows (tests/unit/test_aggregate.py).
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from itertools import chain
 from typing import Callable, Iterable, Mapping, Optional
@@ -21,6 +22,10 @@ from typing import Callable, Iterable, Mapping, Optional
 from memtrace.model import Counters, HeapRow, StackChanges, StackKey, StackStats, looks_truncated
 
 RowKey = tuple[int, StackKey]
+# A budget for naming applies only past this many new stacks in one call: a
+# program's first stacks (and a slow first read of a library's symbols)
+# never wait.
+NAMED_AT_LEAST = 1000
 Frames = tuple[str, ...]
 
 
@@ -130,6 +135,12 @@ class StackAggregator:
         self._retained: dict[int, int] = {}
         self._moved: set[int] = set()  # live_delta_bytes != 0
         self._order = Ordered()  # the stacks by _place
+        self._waiting: set[RowKey] = set()  # rows whose stack is not named yet
+
+    @property
+    def unnamed(self) -> int:
+        """Stacks whose rows wait to be named (naming_budget_s)."""
+        return len({stack_key for _, stack_key in self._waiting})
 
     def _sid(self, stack_key: StackKey, frames_of: Callable[[StackKey], Frames]) -> int:
         frames = frames_of(stack_key)
@@ -147,11 +158,16 @@ class StackAggregator:
         frames_of: Callable[[StackKey], Frames],
         generation: object,
         retained: Optional[Mapping[StackKey, int]] = None,
+        naming_budget_s: Optional[float] = None,
     ) -> tuple[StackStats, ...]:
         """rows: every (thread, stack) row by key; changed: the keys whose
         row changed, appeared or went since the last call (None: all may
         have). generation: what frames_of answers depends on; when it
-        moves, everything is grouped again."""
+        moves, everything is grouped again. naming_budget_s: past that
+        many seconds in this call (and NAMED_AT_LEAST stacks named), the
+        rows of stacks not named yet wait for the next call (`unnamed`):
+        100,000 new stacks took 5-20 s to name and place, and the
+        snapshots that long to come."""
         live_before: dict[Frames, int] = {}
         since = self._last
         if changed is None or generation != self._generation:
@@ -164,11 +180,18 @@ class StackAggregator:
         sid_of_key = self._sid_of_key
         dirty: set[int] = set(self._moved)
         sums, tid_rows, row_counters = self._sums, self._tid_rows, self._row_counters
-        for key in changed:
+        waiting, self._waiting = self._waiting, set()
+        deadline = None if naming_budget_s is None else time.monotonic() + naming_budget_s
+        named = 0
+        for key in (changed | waiting) if waiting else changed:
             tid, stack_key = key
             sid = sid_of_key.get(stack_key)
             if sid is None:
+                if deadline is not None and named >= NAMED_AT_LEAST and time.monotonic() > deadline:
+                    self._waiting.add(key)  # never counted yet: nothing to take back
+                    continue
                 sid = self._sid(stack_key, frames_of)
+                named += 1
             old_c = row_counters.pop(key, None)
             if old_c is not None:
                 s = sums[sid]

@@ -38,6 +38,9 @@ TOP_REGIONS = 12
 FINAL_NAMES_WAIT_S = 5.0  # for a debug file or perf map under way, at the end
 ARENA_WALK_SHARE = 0.02  # of wall time spent walking free lists, at most
 FULL_GC_EVERY_S = 600.0
+# Per snapshot, naming new stacks (a stack-map read and symbols each) and
+# placing them; the others join at the next snapshots, the last one takes all.
+NAMING_BUDGET_S = 0.15
 _full_gc_at = [0.0]
 
 
@@ -340,7 +343,7 @@ class Collector:
             process=process,
             heap=heap,
             threads=self._threads(self._thread_rows(reading) if not self.light else [], live_tids),
-            stacks=self._aggregate_stacks(rows, reading, account.stack_retained),
+            stacks=self._aggregate_stacks(rows, reading, account.stack_retained, last),
             rates=rates_between(self.previous, heap, elapsed),
             target_alive=alive,
             exit_status=exit_status,
@@ -378,14 +381,15 @@ class Collector:
             return reading.rows
         return [HeapRow(tid, (0, 0), c) for tid, c in reading.per_tid.items()]
 
-    def _aggregate_stacks(self, rows, reading, retained):
+    def _aggregate_stacks(self, rows, reading, retained, last: bool):
         if self.light or reading.totals is None:
             return aggregate_stacks(rows, self.frames_of, MAX_STACK_DEPTH, self.previous, retained)
         self._frames_current()
         by_key = {(r.tid, r.stack_key): r for r in rows} if reading.changed_rows is None else \
             reading.rows_by_key
         return self._stacks.update(by_key, reading.changed_rows, self.frames_of,
-                                   self._frames_generation, retained)
+                                   self._frames_generation, retained,
+                                   naming_budget_s=None if last else NAMING_BUDGET_S)
 
     def _heap_totals(self, rows, reading) -> HeapTotals:
         peak = reading.peak
@@ -539,6 +543,9 @@ class Collector:
     def _notes(self, reading) -> tuple[str, ...]:
         # Drops are not notes: they travel as heap.drops, worded by the output.
         notes = []
+        if self._stacks.unnamed:
+            notes.append(f"{self._stacks.unnamed} new stacks are still being named: they join the "
+                         "stacks over the next snapshots")
         if self.probes.unwind is not None and self.probes.unwind.full:
             notes.append("the unwind tables are full: stacks through some libraries stop at their "
                          "first frame without a frame pointer")

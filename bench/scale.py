@@ -172,7 +172,22 @@ def snapshot_times(rec: Path) -> list[float]:
     return times
 
 
-def growth(rec: Path, ramp_s: float) -> tuple[int, int, float]:
+def naming_ends(rec: Path) -> int:
+    """How many snapshots came before every stack was named (memtrace names
+    new stacks within a budget per snapshot, and says so in a note)."""
+    import zlib
+
+    db = sqlite3.connect(f"file:{rec}?mode=ro", uri=True)
+    last = 0
+    for sid, value in db.execute("SELECT snapshot_id, value FROM sections WHERE name = 'notes'"):
+        text = zlib.decompress(value).decode() if isinstance(value, bytes) else (value or "")
+        if "still being named" in text:
+            last = max(last, sid)
+    db.close()
+    return last
+
+
+def growth(rec: Path, ramp_s: float, after_s: float = 0.0) -> tuple[int, int, float]:
     """Bytes of row data written for the snapshots after the ramp, and the
     seconds they cover: (ramp bytes, steady bytes, steady seconds). Per
     second, not per snapshot: a late snapshot holds more changes."""
@@ -186,8 +201,9 @@ def growth(rec: Path, ramp_s: float) -> tuple[int, int, float]:
     db.close()
     if not times:
         return 0, 0, 0.0
-    # The ramp ends with the last snapshot 2 s after it, or the first one.
-    base = max((t for t in times.values() if t <= ramp_s + 2), default=min(times.values()))
+    # The ramp ends with the last snapshot 2 s after it, or the first one;
+    # and not before every stack is named (after_s).
+    base = max((t for t in times.values() if t <= max(ramp_s + 2, after_s)), default=min(times.values()))
     ramp = sum(n for sid, n in per.items() if times.get(sid, 0) <= base)
     steady_ids = [sid for sid, t in times.items() if t > base]
     steady = sum(per.get(sid, 0) for sid in steady_ids)
@@ -295,6 +311,12 @@ def main() -> int:
     if n:
         print(f"CPU per snapshot: {1000 * per:.0f} ms over the {n} snapshots after the first 3,"
               f" {100 * per / args.interval:.1f} % of a core if each came on time at --interval {args.interval:g}")
+    named = naming_ends(rec)
+    if named:
+        per, n = cpu_per_snapshot(t, times, skip=max(3, named + 1))
+        print(f"stacks being named until snapshot {named} ({times[named - 1]:.1f} s);"
+              + (f" after: {1000 * per:.0f} ms per snapshot over {n}, {100 * per / args.interval:.1f} % of a core"
+                 if n else " too few snapshots after"))
     gaps = [b - a for a, b in zip(times, times[1:])]
     if gaps:
         late = sum(1 for g in gaps if g > args.interval + 0.25)
@@ -305,7 +327,7 @@ def main() -> int:
     print(f"recording: {size / 1e6:.1f} MB; " + ", ".join(
         f"{k} {v / 1e6:.1f}" for k, v in sorted(tables.items(), key=lambda kv: -kv[1])
         if v >= 100_000))
-    ramp_b, steady_b, steady_s = growth(rec, args.ramp)
+    ramp_b, steady_b, steady_s = growth(rec, args.ramp, times[named - 1] if named else 0.0)
     if steady_s > 0:
         # Row data to file bytes: SQLite's pages are not full.
         db = sqlite3.connect(f"file:{rec}?mode=ro", uri=True)

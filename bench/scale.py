@@ -108,10 +108,11 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
                 break
             if target_pid is None:
                 for kid in children(tracer.pid):
+                    # By what it runs: a child forked to launch it names
+                    # the target in its command line before its exec.
                     try:
-                        with open(f"/proc/{kid}/cmdline", "rb") as f:
-                            if b"scale_target" in f.read():
-                                target_pid = kid
+                        if os.path.realpath(f"/proc/{kid}/exe") == str(target.resolve()):
+                            target_pid = kid
                     except OSError:
                         pass
             if target_pid is not None and not os.path.exists(f"/proc/{target_pid}/stat"):

@@ -3,8 +3,9 @@
 Each interval only the stacks whose rows changed, whose retained share
 changed, or which grew or shrank in the last interval (their growth goes
 back to zero) are built again; the others keep their `StackStats` object,
-which the recorder then skips by identity. The order is the model's
-(live bytes, allocated bytes, frames), kept in sorted blocks (Ordered):
+and the tuple says which are new (model.StackChanges), for the recorder
+to write only those. The order is the model's (live bytes, allocated
+bytes, frames), kept in sorted blocks (Ordered):
 a stack that moves is taken out and put back in O(log n), where
 re-sorting 100,000 stacks took tens of milliseconds each interval, and a
 stack whose place does not change (only its growth, threads or retained
@@ -22,12 +23,12 @@ from typing import Callable, Iterable, Mapping, Optional
 from memtrace.model import Counters, HeapRow, StackChanges, StackKey, StackStats, looks_truncated
 
 RowKey = tuple[int, StackKey]
+Frames = tuple[str, ...]
+
 # A budget for naming applies only past this many new stacks in one call: a
 # program's first stacks (and a slow first read of a library's symbols)
 # never wait.
 NAMED_AT_LEAST = 1000
-Frames = tuple[str, ...]
-
 
 
 def _place(st: StackStats) -> tuple:

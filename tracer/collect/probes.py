@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Collection, Iterable, Iterator, Optional, Sequence
 
 from memtrace import procfs
+from memtrace.accounting import BucketBook
 from memtrace.collect.bpfsource import bpf_dir, program_text
 from memtrace.collect.probesite import ProbeSite, choose_site
 from memtrace.collect.rows import RowBook
@@ -170,9 +171,9 @@ class HeapReading:
     totals: Optional[Counters] = None
     per_tid: dict[int, Counters] = field(default_factory=dict)
     live_chunk_bytes: Optional[int] = None
-    # The flows per 64 MiB bucket (memtrace.accounting.BucketBook), kept
-    # like the rows: what the arena accounting reads instead of the flows.
-    buckets: Optional[object] = None
+    # The flows per 64 MiB bucket, kept like the rows: what the arena
+    # accounting reads instead of the flows.
+    buckets: Optional[BucketBook] = None
 
 
 def _quiet_compile(into: Optional[int] = None):

@@ -40,6 +40,7 @@ import os
 import pstats
 import re
 import resource
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -100,26 +101,27 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
                 break
             if target_pid is None:
                 for kid in children(tracer.pid):
+                    # By what it runs: a child forked to launch it names
+                    # the target in its command line before its exec.
                     try:
-                        with open(f"/proc/{kid}/cmdline", "rb") as f:
-                            if b"scale_target" in f.read():
-                                target_pid = kid
+                        if os.path.realpath(f"/proc/{kid}/exe") == str(target.resolve()):
+                            target_pid = kid
                     except OSError:
                         pass
             if target_pid is not None and not os.path.exists(f"/proc/{target_pid}/stat"):
                 break  # the target is gone: what follows is the final snapshot
             samples.append((t, ticks))
+            if spy is None and args.pyspy and t >= args.spy_after:
+                spy = subprocess.Popen(
+                    [str(Path(python()).parent / "py-spy"), "record", "-p", str(tracer.pid),
+                     "-r", "50", "-d", str(int(args.seconds + 60)), "--nonblocking", "-f", "raw",
+                     "-o", args.pyspy], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if t >= 5.0:
                 if first is None:
                     first = (t, ticks)
-                    if args.pyspy:
-                        spy = subprocess.Popen(
-                            [str(Path(python()).parent / "py-spy"), "record", "-p", str(tracer.pid),
-                             "-r", "20", "-d", str(int(args.seconds)), "--nonblocking", "-f", "raw",
-                             "-o", args.pyspy], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 last = (t, ticks)
         if spy is not None:
-            spy.terminate()  # py-spy writes its file on SIGTERM/SIGINT
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT (not SIGTERM)
             spy.wait()
         tracer.wait()
         wall = time.monotonic() - started
@@ -164,7 +166,22 @@ def snapshot_times(rec: Path) -> list[float]:
     return times
 
 
-def growth(rec: Path, ramp_s: float) -> tuple[int, int, float]:
+def naming_ends(rec: Path) -> int:
+    """How many snapshots came before every stack was named (memtrace names
+    new stacks within a budget per snapshot, and says so in a note)."""
+    import zlib
+
+    db = sqlite3.connect(f"file:{rec}?mode=ro", uri=True)
+    last = 0
+    for sid, value in db.execute("SELECT snapshot_id, value FROM sections WHERE name = 'notes'"):
+        text = zlib.decompress(value).decode() if isinstance(value, bytes) else (value or "")
+        if "still being named" in text:
+            last = max(last, sid)
+    db.close()
+    return last
+
+
+def growth(rec: Path, ramp_s: float, after_s: float = 0.0) -> tuple[int, int, float]:
     """Bytes of row data written for the snapshots after the ramp, and the
     seconds they cover: (ramp bytes, steady bytes, steady seconds). Per
     second, not per snapshot: a late snapshot holds more changes."""
@@ -178,8 +195,9 @@ def growth(rec: Path, ramp_s: float) -> tuple[int, int, float]:
     db.close()
     if not times:
         return 0, 0, 0.0
-    # The ramp ends with the last snapshot 2 s after it, or the first one.
-    base = max((t for t in times.values() if t <= ramp_s + 2), default=min(times.values()))
+    # The ramp ends with the last snapshot 2 s after it, or the first one;
+    # and not before every stack is named (after_s).
+    base = max((t for t in times.values() if t <= max(ramp_s + 2, after_s)), default=min(times.values()))
     ramp = sum(n for sid, n in per.items() if times.get(sid, 0) <= base)
     steady_ids = [sid for sid, t in times.items() if t > base]
     steady = sum(per.get(sid, 0) for sid in steady_ids)
@@ -243,7 +261,9 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--profile", metavar="FILE", help="run memtrace under cProfile, stats into FILE")
     p.add_argument("--py-spy", metavar="FILE", dest="pyspy",
-                   help="sample memtrace with py-spy (from 5 s in to the target's exit), folded into FILE")
+                   help="sample memtrace with py-spy (from --spy-after to the target's exit), folded into FILE")
+    p.add_argument("--spy-after", type=float, default=5.0, metavar="S",
+                   help="start py-spy this many seconds in (past the first snapshots: the steady state)")
     p.add_argument("--keep", metavar="DIR", help="keep the recording and the outputs here")
     p.add_argument("--no-reports", action="store_true")
     args = p.parse_args()
@@ -285,6 +305,12 @@ def main() -> int:
     if n:
         print(f"CPU per snapshot: {1000 * per:.0f} ms over the {n} snapshots after the first 3,"
               f" {100 * per / args.interval:.1f} % of a core if each came on time at --interval {args.interval:g}")
+    named = naming_ends(rec)
+    if named:
+        per, n = cpu_per_snapshot(t, times, skip=max(3, named + 1))
+        print(f"stacks being named until snapshot {named} ({times[named - 1]:.1f} s);"
+              + (f" after: {1000 * per:.0f} ms per snapshot over {n}, {100 * per / args.interval:.1f} % of a core"
+                 if n else " too few snapshots after"))
     gaps = [b - a for a, b in zip(times, times[1:])]
     if gaps:
         late = sum(1 for g in gaps if g > args.interval + 0.25)
@@ -295,7 +321,7 @@ def main() -> int:
     print(f"recording: {size / 1e6:.1f} MB; " + ", ".join(
         f"{k} {v / 1e6:.1f}" for k, v in sorted(tables.items(), key=lambda kv: -kv[1])
         if v >= 100_000))
-    ramp_b, steady_b, steady_s = growth(rec, args.ramp)
+    ramp_b, steady_b, steady_s = growth(rec, args.ramp, times[named - 1] if named else 0.0)
     if steady_s > 0:
         # Row data to file bytes: SQLite's pages are not full.
         db = sqlite3.connect(f"file:{rec}?mode=ro", uri=True)

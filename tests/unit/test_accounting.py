@@ -5,6 +5,8 @@ never contradict each other."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from memtrace.model import accounting
 from memtrace.model.accounting import ArenaInput, ChunkSpans, HeapSpan
 from memtrace.model.snapshot import BUCKET_SHIFT, AllocatorStats, Flow
@@ -142,3 +144,75 @@ def test_retained_shares_are_whole_pages_and_add_up():
     _share_retained(10_000_000 + 3000, {**freed, (7, 0): freed[(7, 0)] + 5}, again)
     moved = [k for k in out if out[k] != again.get(k)]
     assert len(moved) <= 5, moved
+
+
+def _by_hand(arenas, flows, retained_of):
+    """What account_allocator answered from one pass over every flow, before
+    it kept sums per bucket: live bytes, threads and retained shares."""
+    from memtrace.model.accounting import _share_retained, buckets_of
+
+    owner = {}
+    for i, arena in enumerate(arenas):
+        for bucket in buckets_of(arena):
+            owner.setdefault(bucket, i)
+    live = [0] * len(arenas)
+    tids = [set() for _ in arenas]
+    freed = [{} for _ in arenas]
+    for f in flows:
+        i = owner.get(f.bucket)
+        if i is None or f.before_exec:
+            continue
+        live[i] += f.alloc_bytes - f.free_bytes
+        if f.alloc_bytes and f.tid:
+            tids[i].add(f.tid)
+        if f.free_bytes:
+            freed[i][f.stack_key] = freed[i].get(f.stack_key, 0) + f.free_bytes
+    shares = {}
+    for i in range(len(arenas)):
+        _share_retained(retained_of[i], freed[i], shares)
+    return [max(0, x) for x in live], [tuple(sorted(t)) for t in tids], shares
+
+
+def test_sums_kept_per_bucket_equal_a_pass_over_every_flow():
+    import random
+
+    rng = random.Random(3)
+    base = 0x5555_0000_0000
+    main = ArenaInput(0x7F00_0000_0000, "main", (HeapSpan(base, 0, 130 * MiB, 0),),
+                      system_mem_bytes=130 * MiB)  # three buckets
+    thread = ArenaInput(0x7F10_0000_0000, "thread", (HeapSpan(base + 8 * (64 * MiB), 64 * MiB, 32 * MiB, 0),))
+    buckets = [(base >> BUCKET_SHIFT) + k for k in (0, 1, 2, 8, 40)]  # 40: outside every arena
+    book = accounting.BucketBook()
+    flows: dict[int, Flow] = {}
+    for step in range(200):
+        for _ in range(rng.randint(1, 40)):
+            slot = rng.randrange(300)
+            old = flows.get(slot)
+            if old is not None and rng.random() < 0.1:
+                new = None
+            else:
+                key = old.stack_key if old else (rng.randrange(50), rng.randrange(3))
+                a = (old.alloc_bytes if old else 0) + rng.randrange(0, 9000)
+                f = (old.free_bytes if old else 0) + rng.choice((0, rng.randrange(1, 9000)))
+                new = Flow(old.tid if old else rng.randrange(3), key,
+                           old.bucket if old else rng.choice(buckets), a, min(a, f), 1, 1,
+                           alloc_chunk_bytes=a + 16, free_chunk_bytes=min(a, f) + 16,
+                           before_exec=old.before_exec if old else rng.random() < 0.05)
+            book.put(old, new)
+            if new is None:
+                flows.pop(slot, None)
+            else:
+                flows[slot] = new
+        # Retained bytes from a few pages to more than was freed: few stacks
+        # get a share, or most.
+        resident = rng.choice((1, 40, 400, 4000)) * 4096 + 10 * MiB
+        arenas = [replace(main, heaps=(replace(main.heaps[0], resident_bytes=resident),)),
+                  replace(thread, heaps=(replace(thread.heaps[0], resident_bytes=resident // 3),))]
+        heap_live = sum(f.live_bytes for f in flows.values())
+        kept = accounting.account_allocator(arenas, book, heap_live)
+        once = accounting.account_allocator(arenas, list(flows.values()), heap_live)
+        assert kept == once, step
+        live, tids, shares = _by_hand(arenas, flows.values(), [a.retained_bytes for a in kept.arenas])
+        assert [a.live_bytes for a in kept.arenas] == live, step
+        assert [a.tids for a in kept.arenas] == tids, step
+        assert kept.stack_retained == shares, step

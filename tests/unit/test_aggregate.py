@@ -47,6 +47,15 @@ def test_incremental_aggregation_equals_the_one_shot():
         got = agg.update(dict(book.rows), changed if step != 30 else None, frames_for, 1, retained)
         want = aggregate_stacks(rows, frames_for, 127, previous, retained)
         assert got == want, step
+        # What changed since the last answer, as the recorder reads it.
+        if step == 30:
+            assert got.since is None
+        elif previous is not None:
+            assert got.since is previous.stacks
+            before = {id(s) for s in previous.stacks}
+            now = {id(s) for s in got}
+            assert sorted(map(id, got.fresh)) == sorted(now - before), step
+            assert sorted(map(id, got.gone)) == sorted(before - now), step
         # Stacks that did not change keep their objects: the recorder skips them by identity.
         if previous is not None and step != 30 and step % 7 not in (0, 1):
             same = {s.frames: s for s in previous.stacks}
@@ -62,3 +71,94 @@ def test_incremental_aggregation_equals_the_one_shot():
         per_tid_rows = [type(rows[0])(tid, (0, 0), c) for tid, c in book.per_tid.items()] if rows else []
         assert aggregate_threads(per_tid_rows, {}, [1000, 1001, 1002, 1003]) == threads
         previous = Snapshot(1, "x", float(step), stacks=got)
+
+
+def test_rows_whose_bytes_moved_are_found_run_by_run():
+    from memtrace.collect.probes import _moved_rows
+
+    rng = random.Random(9)
+    ks, cs = 32, 64
+    used = 1000
+    keys = bytearray(rng.randbytes(ks * used))
+    counts = bytearray(rng.randbytes(cs * used))
+    for _ in range(50):
+        seen_keys, seen_counts = bytes(keys), bytes(counts)
+        grown = rng.choice((0, 0, 3, 70))  # rows added since the last read
+        keys += rng.randbytes(ks * grown)
+        counts += rng.randbytes(cs * grown)
+        n = used + grown
+        for _ in range(rng.choice((0, 1, 5, 200))):
+            i, which = rng.randrange(n), rng.random()
+            buf, size = (keys, ks) if which < 0.2 else (counts, cs)
+            buf[i * size + rng.randrange(size)] ^= 1 + rng.randrange(255)
+        want = [i for i in range(n)
+                if keys[i * ks:(i + 1) * ks] != seen_keys[i * ks:(i + 1) * ks]
+                or counts[i * cs:(i + 1) * cs] != seen_counts[i * cs:(i + 1) * cs]]
+        assert _moved_rows(bytes(keys), seen_keys, ks, bytes(counts), seen_counts, cs, n) == want
+        used = n
+    assert _moved_rows(b"", b"", ks, b"", b"", cs, 0) == []
+
+
+def test_the_order_kept_in_blocks_is_a_sorted_list(monkeypatch):
+    from memtrace.collect.aggregate import Ordered
+
+    monkeypatch.setattr(Ordered, "LOAD", 4)  # blocks split and empty often
+    rng = random.Random(2)
+    order, want = Ordered(), {}
+    for step in range(400):
+        r = rng.random()
+        if r < 0.1:
+            batch = {rng.randrange(10_000): step for _ in range(rng.randrange(1, 60))}
+            batch = {k: v for k, v in batch.items() if k not in want}
+            order.extend(list(batch.items()))
+            want.update(batch)
+        elif r < 0.55 or not want:
+            key = rng.randrange(10_000)
+            if key not in want:
+                order.add(key, step)
+                want[key] = step
+        elif r < 0.85:
+            key = rng.choice(list(want))
+            order.remove(key)
+            del want[key]
+        else:
+            key = rng.choice(list(want))
+            order.replace(key, -step)
+            want[key] = -step
+        assert list(order.values()) == [want[k] for k in sorted(want)], step
+        assert len(order) == len(want)
+
+
+def test_stacks_not_named_within_the_budget_join_later(monkeypatch):
+    import dataclasses
+    import time
+
+    from memtrace.collect import aggregate
+
+    monkeypatch.setattr(aggregate, "NAMED_AT_LEAST", 2)
+
+    book = RowBook()
+    for i in range(40):
+        book.put(i, None, Flow(1 + i % 3, (i, 0), 0, 100 + i, 0, 1, 0))
+    changed = book.settle()
+    named: list = []
+
+    def slow_frames(key):
+        time.sleep(0.002)
+        named.append(key)
+        return frames_for(key)
+
+    def still(stacks):  # growth aside
+        return [dataclasses.replace(s, live_delta_bytes=0) for s in stacks]
+
+    agg = StackAggregator(127)
+    got = agg.update(book.rows, changed, slow_frames, 1, {}, naming_budget_s=0.01)
+    assert 0 < len(named) < 40 and agg.unnamed == 40 - len(named)
+    rows = [r for r in book.rows.values() if r.stack_key in named]
+    assert still(got) == still(aggregate_stacks(rows, frames_for, 127))
+    for _ in range(40):
+        if not agg.unnamed:
+            break
+        got = agg.update(book.rows, set(), slow_frames, 1, {}, naming_budget_s=0.01)
+    assert agg.unnamed == 0 and sorted(named) == [(i, 0) for i in range(40)]
+    assert still(got) == still(aggregate_stacks(list(book.rows.values()), frames_for, 127))

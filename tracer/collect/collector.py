@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import replace
@@ -41,6 +42,27 @@ MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
 FINAL_NAMES_WAIT_S = 5.0  # for a debug file or perf map under way, at the end
 ARENA_WALK_SHARE = 0.02  # of wall time spent walking free lists, at most
+FULL_GC_EVERY_S = 600.0
+# Per snapshot, naming new stacks (a stack-map read and symbols each) and
+# placing them; the others join at the next snapshots, the last one takes all.
+NAMING_BUDGET_S = 0.15
+_full_gc_at = [0.0]
+
+
+def _settle_garbage(now: float) -> None:
+    """Python's cyclic collector walks every object it tracks in its full
+    collections: with 100,000 stacks, a million objects, over a second
+    each, several times a minute, for objects that hold no cycles and
+    that reference counting frees. What lives at the end of a snapshot is
+    frozen out of its sight; every FULL_GC_EVERY_S it is all looked at once
+    more, so that cycles among it cannot pile up."""
+    if not _full_gc_at[0]:
+        _full_gc_at[0] = now
+    elif now - _full_gc_at[0] >= FULL_GC_EVERY_S:
+        _full_gc_at[0] = now
+        gc.unfreeze()
+        gc.collect()
+    gc.freeze()
 
 
 class Collector:
@@ -303,7 +325,8 @@ class Collector:
         if self.glibc:
             account = accounting.account_allocator(
                 self._arena_inputs,
-                None if self.light else reading.flows,
+                None if self.light else reading.buckets if reading.buckets is not None
+                else reading.flows,
                 heap.live_bytes,
                 self._chunk_spans(),
                 attached=self.attached,
@@ -330,7 +353,7 @@ class Collector:
             process=process,
             heap=heap,
             threads=self._threads(self._thread_rows(reading) if not self.light else [], live_tids),
-            stacks=self._aggregate_stacks(rows, reading, account.stack_retained),
+            stacks=self._aggregate_stacks(rows, reading, account.stack_retained, last),
             rates=rates_between(self.previous, heap, elapsed),
             target_alive=alive,
             exit_status=exit_status,
@@ -351,6 +374,7 @@ class Collector:
             vm_events=self._recent_events(),
         )
         self.previous = snap
+        _settle_garbage(time.monotonic())
         return snap
 
     @staticmethod
@@ -367,14 +391,15 @@ class Collector:
             return reading.rows
         return [HeapRow(tid, (0, 0), c) for tid, c in reading.per_tid.items()]
 
-    def _aggregate_stacks(self, rows, reading, retained):
+    def _aggregate_stacks(self, rows, reading, retained, last: bool):
         if self.light or reading.totals is None:
             return aggregate_stacks(rows, self.frames_of, MAX_STACK_DEPTH, self.previous, retained)
         self._frames_current()
         by_key = {(r.tid, r.stack_key): r for r in rows} if reading.changed_rows is None else \
             reading.rows_by_key
         return self._stacks.update(by_key, reading.changed_rows, self.frames_of,
-                                   self._frames_generation, retained)
+                                   self._frames_generation, retained,
+                                   naming_budget_s=None if last else NAMING_BUDGET_S)
 
     def _heap_totals(self, rows, reading) -> HeapTotals:
         peak = reading.peak
@@ -526,6 +551,8 @@ class Collector:
     def _notes(self, reading) -> tuple[Note, ...]:
         # Drops are not notes: they travel as heap.drops, worded by the output.
         out = []
+        if self._stacks.unnamed:
+            out.append(Note.of(notes.STACKS_UNNAMED, count=self._stacks.unnamed))
         if self.probes.unwind is not None and self.probes.unwind.full:
             out.append(Note.of(notes.UNWIND_TABLES_FULL))
         if self._arena_problem:

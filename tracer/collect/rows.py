@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Hashable, Optional
 
+from memtrace.model.accounting import BucketBook
 from memtrace.model.snapshot import Counters, Flow, HeapRow, StackKey
 
 RowKey = tuple[int, StackKey]  # (tid, stack key)
@@ -27,10 +28,11 @@ class RowBook:
         self._members: dict[RowKey, dict[Hashable, Flow]] = {}
         self.rows: dict[RowKey, HeapRow] = {}
         self.per_tid: dict[int, Counters] = {}
-        self._tid_rows: dict[int, int] = {}  # tid -> its rows
+        self._tid_sums: dict[int, list[int]] = {}  # tid -> its counters and its rows
         self._totals = [0, 0, 0, 0]
         self.live_chunk_bytes = 0
         self._touched: set[RowKey] = set()
+        self.buckets = BucketBook()  # the same flows per 64 MiB bucket, for the arena accounting
 
     @property
     def totals(self) -> Counters:
@@ -38,6 +40,7 @@ class RowBook:
 
     def put(self, slot: Hashable, old: Optional[Flow], new: Optional[Flow]) -> None:
         """The flow in `slot` was `old` and is now `new` (None: none)."""
+        self.buckets.put(old, new)
         if old is not None:
             key = (old.tid, old.stack_key)
             members = self._members.get(key)
@@ -54,7 +57,8 @@ class RowBook:
     def settle(self) -> set[RowKey]:
         """Add up again the rows whose flows changed; returns their keys."""
         touched, self._touched = self._touched, set()
-        totals = self._totals
+        totals, tid_sums = self._totals, self._tid_sums
+        tids = set()
         for key in touched:
             old = self.rows.get(key)
             members = self._members.get(key)
@@ -72,26 +76,25 @@ class RowBook:
                 new = None
                 self.rows.pop(key, None)
                 self._members.pop(key, None)
-            if old is not None:
-                self._add(key[0], old.counters, -1)
-            if new is not None:
-                self._add(key[0], new.counters, 1)
+            tid = key[0]
+            for row, sign in ((old, -1), (new, 1)):
+                if row is None:
+                    continue
+                c = row.counters
+                t = tid_sums.get(tid)
+                if t is None:
+                    t = tid_sums[tid] = [0, 0, 0, 0, 0]  # the four counters, and its rows
+                for i, value in enumerate((c.alloc_bytes, c.free_bytes, c.alloc_count, c.free_count)):
+                    t[i] += sign * value
+                    totals[i] += sign * value
+                t[4] += sign
+                tids.add(tid)
+        for tid in tids:
+            t = tid_sums[tid]
+            if t[4]:
+                self.per_tid[tid] = Counters(*t[:4])
+            else:
+                # The thread's last row went (its rows were folded): no row of its own.
+                del tid_sums[tid]
+                self.per_tid.pop(tid, None)
         return touched
-
-    def _add(self, tid: int, c: Counters, sign: int) -> None:
-        t = self._totals
-        t[0] += sign * c.alloc_bytes
-        t[1] += sign * c.free_bytes
-        t[2] += sign * c.alloc_count
-        t[3] += sign * c.free_count
-        before = self.per_tid.get(tid, Counters())
-        self.per_tid[tid] = Counters(
-            before.alloc_bytes + sign * c.alloc_bytes, before.free_bytes + sign * c.free_bytes,
-            before.alloc_count + sign * c.alloc_count, before.free_count + sign * c.free_count)
-        rows = self._tid_rows.get(tid, 0) + sign
-        if rows:
-            self._tid_rows[tid] = rows
-        else:
-            # The thread's last row went (its rows were folded): no row of its own.
-            self._tid_rows.pop(tid, None)
-            self.per_tid.pop(tid, None)

@@ -8,6 +8,7 @@ what a user might try about it."""
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -75,7 +76,7 @@ class AllocatorAccount:
 
 def account_allocator(
     arenas: Sequence[ArenaInput],
-    flows: Optional[Iterable[Flow]],
+    flows: "Optional[Iterable[Flow] | BucketBook]",
     heap_live_bytes: int,
     chunks: ChunkSpans = ChunkSpans(),
     attached: bool = False,
@@ -88,36 +89,30 @@ def account_allocator(
     before are in no flow. glibc's books still count them: what an arena
     has in use beyond the chunks traced into it is taken for them (an
     estimate, which also holds the few blocks the per-thread caches keep).
-    They are live, never retained."""
-    flows = list(flows) if flows is not None else None
+    They are live, never retained.
+
+    flows: the flows themselves, or their sums per bucket kept up to date
+    (BucketBook): with 100,000 stacks a pass over every flow each interval
+    took a tenth of a second."""
+    book = None if flows is None else flows if isinstance(flows, BucketBook) else BucketBook.of(flows)
     owner: dict[int, int] = {}
     for index, arena in enumerate(arenas):
         for bucket in buckets_of(arena):
             owner.setdefault(bucket, index)
     live = [0] * len(arenas)
     live_chunks = [0] * len(arenas)
-    freed_by_stack: list[dict[StackKey, int]] = [dict() for _ in arenas]
-    tids: list[set[int]] = [set() for _ in arenas]
-    if flows is not None:
-        for f in flows:
-            i = owner.get(f.bucket)
-            if i is None:
-                continue  # an mmapped chunk, outside every arena
-            if f.before_exec:
-                continue  # gone with the image that made them: nothing live, nothing freed here
-            # Flow.live_bytes and live_chunk_bytes spelled out: this loop
-            # runs over every row of the map each interval.
-            live[i] += f.alloc_bytes - f.free_bytes
-            live_chunks[i] += f.alloc_chunk_bytes - f.free_chunk_bytes
-            if f.alloc_bytes and f.tid:  # tid 0: exited threads, folded
-                tids[i].add(f.tid)
-            if f.free_bytes:
-                freed = freed_by_stack[i]
-                freed[f.stack_key] = freed.get(f.stack_key, 0) + f.free_bytes
+    mine: list[list[_Bucket]] = [[] for _ in arenas]
+    if book is not None:
+        for bucket, index in owner.items():
+            b = book.buckets.get(bucket)
+            if b is not None:
+                live[index] += b.live_bytes
+                live_chunks[index] += b.live_chunk_bytes
+                mine[index].append(b)
     stats = []
     stack_retained: dict[StackKey, int] = {}
     for i, arena in enumerate(arenas):
-        estimate = flows is None
+        estimate = book is None
         in_use = max(0, arena.system_mem_bytes - arena.free_bytes)  # glibc's books
         before = 0
         if attached and not estimate and arena.existed_before_trace:
@@ -127,7 +122,7 @@ def account_allocator(
         stat = ArenaStats(
             id=f"0x{arena.address:x}",
             kind=arena.kind,
-            tids=tuple(sorted(tids[i])),
+            tids=tuple(sorted({tid for b in mine[i] for tid in b.tids})),
             heap_count=len(arena.heaps),
             reserved_bytes=sum(h.reserved_bytes for h in arena.heaps),
             committed_bytes=sum(h.committed_bytes for h in arena.heaps),
@@ -144,10 +139,10 @@ def account_allocator(
         stats.append(stat)
         # Who left it behind: shares of the retained bytes in proportion to
         # the bytes each stack freed into this arena.
-        _share_retained(stat.retained_bytes, freed_by_stack[i], stack_retained)
+        _share_retained_of(stat.retained_bytes, mine[i], stack_retained)
     arena_live = sum(s.live_bytes for s in stats)
     arena_before = sum(s.live_before_trace_bytes for s in stats)
-    if flows is None:
+    if book is None:
         # Light mode: the arenas' books, and the large blocks mapped alone.
         chunk_live = chunks.committed_bytes + chunks.before_trace_bytes
         live_total = arena_live + chunk_live
@@ -170,7 +165,7 @@ def account_allocator(
         retained_bytes=sum(s.retained_bytes for s in stats),
         mmapped_chunk_count=chunks.count + chunks.before_trace_count,
         mmapped_chunk_bytes=chunk_resident,
-        estimate=flows is None,
+        estimate=book is None,
         live_before_trace_bytes=before_total,
         live_not_resident_bytes=max(0, live_total - live_resident),
     )
@@ -178,6 +173,106 @@ def account_allocator(
 
 
 RETAINED_SHARE_UNIT = 4096
+
+
+class _Bucket:
+    """One 64 MiB bucket's flows, added up: live bytes, the threads that
+    allocated there, and the bytes each stack freed there, also binned by
+    their power of two (and the most kept in a heap), so that the few
+    stacks big enough to get a share of the arena's retained bytes are
+    found without a pass over all of them."""
+
+    __slots__ = ("live_bytes", "live_chunk_bytes", "freed_bytes", "freed", "_bins", "_most", "_tids")
+
+    def __init__(self) -> None:
+        self.live_bytes = 0
+        self.live_chunk_bytes = 0
+        self.freed_bytes = 0
+        self.freed: dict[StackKey, int] = {}
+        self._bins: dict[int, set[StackKey]] = {}  # bit length of the bytes freed -> stacks
+        # (-bytes, the stack key negated, stack) of every change: the top is
+        # the first entry still true (most bytes, then the greatest key, as
+        # max() over (bytes, key) picks); stale ones go when they come up,
+        # or all at a rebuild.
+        self._most: list[tuple[int, tuple, StackKey]] = []
+        self._tids: dict[int, int] = {}  # tid -> its flows here that allocated
+
+    @property
+    def tids(self):
+        return self._tids.keys()
+
+    def add(self, f: Flow, sign: int) -> None:
+        self.live_bytes += sign * (f.alloc_bytes - f.free_bytes)
+        self.live_chunk_bytes += sign * (f.alloc_chunk_bytes - f.free_chunk_bytes)
+        if f.alloc_bytes and f.tid:  # tid 0: exited threads, folded
+            n = self._tids.get(f.tid, 0) + sign
+            if n:
+                self._tids[f.tid] = n
+            else:
+                del self._tids[f.tid]
+        if f.free_bytes:
+            key = f.stack_key
+            before = self.freed.get(key, 0)
+            after = before + sign * f.free_bytes
+            self.freed_bytes += after - before
+            if before.bit_length() != after.bit_length():
+                if before:
+                    self._bins[before.bit_length()].discard(key)
+                if after:
+                    self._bins.setdefault(after.bit_length(), set()).add(key)
+            if after:
+                self.freed[key] = after
+                if len(self._most) > 2 * len(self.freed) + 64:
+                    self._most = [(-n, (-k[0], -k[1]), k) for k, n in self.freed.items()]
+                    heapq.heapify(self._most)
+                else:
+                    heapq.heappush(self._most, (-after, (-key[0], -key[1]), key))
+            else:
+                del self.freed[key]
+
+    def top(self) -> tuple[int, StackKey]:
+        """(bytes, stack) of the stack that freed most here; the bucket
+        must have frees."""
+        most, freed = self._most, self.freed
+        while freed.get(most[0][2]) != -most[0][0]:
+            heapq.heappop(most)
+        return -most[0][0], most[0][2]
+
+    def at_least(self, freed_bytes: int):
+        """The stacks that freed at least that many bytes here."""
+        low = max(1, freed_bytes).bit_length()
+        for bits, keys in self._bins.items():
+            if bits > low:
+                yield from keys
+            elif bits == low:
+                yield from (k for k in keys if self.freed[k] >= freed_bytes)
+
+
+class BucketBook:
+    """Per 64 MiB bucket, what the arena accounting needs of the flows in
+    it, kept from the flows that changed (put), as memtrace.collect.rows
+    keeps the (thread, stack) rows."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, _Bucket] = {}
+
+    @classmethod
+    def of(cls, flows: Iterable[Flow]) -> "BucketBook":
+        book = cls()
+        for f in flows:
+            book.put(None, f)
+        return book
+
+    def put(self, old: Optional[Flow], new: Optional[Flow]) -> None:
+        """A flow was `old` and is now `new` (None: none)."""
+        # Blocks of an image gone by exec: nothing live, nothing freed here.
+        if old is not None and not old.before_exec:
+            self.buckets[old.bucket].add(old, -1)
+        if new is not None and not new.before_exec:
+            b = self.buckets.get(new.bucket)
+            if b is None:
+                b = self.buckets[new.bucket] = _Bucket()
+            b.add(new, 1)
 
 
 def _share_retained(retained: int, freed_by_stack: dict[StackKey, int], out: dict[StackKey, int]) -> None:
@@ -190,15 +285,47 @@ def _share_retained(retained: int, freed_by_stack: dict[StackKey, int], out: dic
     freed_total = sum(freed_by_stack.values())
     if not freed_total or not retained:
         return
+    top = max(freed_by_stack, key=lambda k: (freed_by_stack[k], k))
+    _give_shares(retained, freed_by_stack.items(), freed_total, top, out)
+
+
+def _give_shares(retained: int, candidates, freed_total: int, top: StackKey,
+                 out: dict[StackKey, int]) -> None:
+    """candidates: (stack, bytes it freed) of every stack whose share may
+    be a page or more."""
     unit = RETAINED_SHARE_UNIT
     given = 0
-    for key, freed in freed_by_stack.items():
+    for key, freed in candidates:
         share = retained * freed // freed_total // unit * unit
         if share:
             out[key] = out.get(key, 0) + share
             given += share
-    top = max(freed_by_stack, key=lambda k: (freed_by_stack[k], k))
     out[top] = out.get(top, 0) + retained - given
+
+
+def _share_retained_of(retained: int, buckets: Sequence[_Bucket], out: dict[StackKey, int]) -> None:
+    """_share_retained over an arena's buckets, looking only at the stacks
+    that can get a page, or be the top: the others freed too little."""
+    freed_total = sum(b.freed_bytes for b in buckets)
+    if not freed_total or not retained:
+        return
+    n = len(buckets)
+
+    def freed(key: StackKey) -> int:
+        return sum(b.freed.get(key, 0) for b in buckets)
+
+    if n == 1:
+        top = buckets[0].top()[1]
+    else:
+        # The top freed at least what any stack freed in one bucket: so at
+        # least 1/n of that in one of them.
+        most = max(b.top()[0] for b in buckets if b.freed)
+        suspects = {key for b in buckets for key in b.at_least(-(-most // n))}
+        top = max(suspects, key=lambda k: (freed(k), k))
+    # A share is a page or more where freed * retained >= page * freed_total.
+    floor = -(-(RETAINED_SHARE_UNIT * freed_total) // (retained * n))
+    keys = {key for b in buckets for key in b.at_least(floor)}
+    _give_shares(retained, ((key, freed(key)) for key in keys), freed_total, top, out)
 
 
 def account_mappings(kind: str, committed_bytes: int, resident_bytes: int,

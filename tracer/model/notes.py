@@ -11,6 +11,7 @@ from typing import Any, Mapping, Union
 
 # Notes: what limits the figures.
 UNWIND_TABLES_FULL = "unwind_tables_full"
+STACKS_UNNAMED = "stacks_unnamed"  # count: new stacks not named yet
 ARENAS_UNREADABLE = "arenas_unreadable"  # reason
 EXEC = "exec"  # argv
 ALLOCATOR_CHANGED = "allocator_changed"  # allocator, path, probed_path

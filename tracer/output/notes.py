@@ -30,6 +30,9 @@ _WORDS: dict[str, Callable[[Note], str]] = {
     n.UNWIND_TABLES_FULL: lambda _: (
         "the unwind tables are full: stacks through some libraries stop at their "
         "first frame without a frame pointer"),
+    n.STACKS_UNNAMED: lambda note: (
+        f"{note.get('count')} new stacks are still being named: they join the stacks over the "
+        "next snapshots"),
     n.ARENAS_UNREADABLE: lambda note: f"cannot read the arenas: {note.get('reason')}",
     n.EXEC: lambda note: f"the process exec'd: {note.get('argv')}",
     n.ALLOCATOR_CHANGED: lambda note: (

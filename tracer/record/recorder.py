@@ -21,12 +21,13 @@ import socket
 import sqlite3
 import time
 import zlib
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import memtrace
 from memtrace.errors import MemtraceError
 from memtrace.model.snapshot import Snapshot, StackStats, ThreadStats
 from memtrace.record import changes, listdelta, schema
+from memtrace.record.seen import SeenStacks
 from memtrace.record.codec import DERIVED_KEYS
 from memtrace.record.timeline import time_point
 
@@ -80,6 +81,11 @@ def _order_unless_canonical(by_id: dict[int, Any], items: tuple, key: Callable[[
     if all(a < b for a, b in zip(keys, keys[1:])):
         return None
     return dumps(list(by_id))
+
+
+# A stack equal to its previous self in these needs no record when it
+# stops growing.
+_BUT_GROWTH = tuple(f.name for f in dataclasses.fields(StackStats) if f.name != "live_delta_bytes")
 
 
 def _frames_of(s: StackStats) -> tuple[str, ...]:
@@ -155,6 +161,7 @@ class Recorder:
         self._thread_ids: dict[Any, int] = {}
         # The previous snapshot's entities by id, to write only changes.
         self._stacks: dict[int, StackStats] = {}
+        self._seen: Optional[SeenStacks] = None  # the previous snapshot's stacks, by identity
         self._threads: dict[int, ThreadStats] = {}
         self._sections: dict[str, tuple[str, Any]] = {}  # name -> (JSON text, value)
         meta = default_metadata()
@@ -370,13 +377,69 @@ class Recorder:
         return now
 
     def _write_stacks(self, db: sqlite3.Connection, sid: int, stacks: tuple[StackStats, ...]) -> Optional[str]:
+        # After a keyframe's reset (no stacks before), every stack is written.
+        found = self._seen.since(stacks, stack_sort_key) if self._seen is not None and self._stacks else None
+        if found is not None and self._write_new_stacks(db, sid, stacks, *found):
+            return None
         now = self._by_id(db, stacks, _frames_of, self._stack_ids, self._new_stack)
         data = changes.encode_stacks(self._stacks, now)
         if data is not None:
             db.execute("INSERT INTO changes (snapshot_id, kind, data) VALUES (?, 'stacks', ?)", (sid, data))
             self._written += len(data)
         self._stacks = now
-        return _order_unless_canonical(now, stacks, stack_sort_key)
+        order = _order_unless_canonical(now, stacks, stack_sort_key)
+        self._seen = SeenStacks(stacks, order is None,
+                                [(eid, st) for eid, st in now.items() if st.live_delta_bytes])
+        return order
+
+    def _write_new_stacks(self, db: sqlite3.Connection, sid: int, stacks: tuple[StackStats, ...],
+                          fresh: Sequence[StackStats], gone: Sequence[StackStats],
+                          places: Optional[dict[int, int]]) -> bool:
+        """The records of the stacks that are new objects, went, or still
+        grow (memtrace.record.seen): the same records as encode_stacks
+        over them all. False when two stacks share their frames: the caller
+        then takes every stack."""
+        before: dict[int, StackStats] = {}
+        after: dict[int, StackStats] = {}
+        went = set(map(id, gone))  # of the previous snapshot's stacks, those not kept
+        for st in gone:
+            eid = self._stack_ids.get(st.frames)
+            if eid is None or self._stacks.get(eid) is not st:
+                return False
+            before[eid] = st
+        moving, stilled = [], {}
+        for eid, st in self._seen.moving:
+            if id(st) not in went:  # the same object, growth and all: its record says it grew again
+                before[eid] = after[eid] = st
+                moving.append((eid, st))
+        for st in fresh:
+            eid = self._stack_ids.get(st.frames)
+            if eid is None:
+                eid = self._stack_ids[st.frames] = self._new_stack(db, st.frames, 0)
+            else:
+                old = self._stacks.get(eid)
+                if eid in after or eid in stilled or (old is not None and id(old) not in went):
+                    return False
+                if old is not None and old.live_delta_bytes and not st.live_delta_bytes \
+                        and all(getattr(old, name) == getattr(st, name) for name in _BUT_GROWTH):
+                    stilled[eid] = st  # it only stopped growing: no record says so
+                    before.pop(eid, None)
+                    continue
+                if old is not None:
+                    before[eid] = old
+            after[eid] = st
+            if st.live_delta_bytes:
+                moving.append((eid, st))
+        data = changes.encode_stacks(before, after)
+        if data is not None:
+            db.execute("INSERT INTO changes (snapshot_id, kind, data) VALUES (?, 'stacks', ?)", (sid, data))
+            self._written += len(data)
+        for eid in before:
+            del self._stacks[eid]
+        self._stacks.update(after)
+        self._stacks.update(stilled)
+        self._seen = SeenStacks(stacks, True, moving, places)
+        return True
 
     def _write_threads(self, db: sqlite3.Connection, sid: int, threads: tuple[ThreadStats, ...]) -> Optional[str]:
         now = self._by_id(db, threads, _tid_of, self._thread_ids, self._new_thread)

@@ -66,6 +66,7 @@ class Symbolizer:
         self._starts: list[int] = []
         self._names: dict[int, str] = {}
         self._code: list[tuple[int, int]] = []  # executable ranges, JIT code included
+        self._is_code: dict[int, bool] = {}  # addresses asked since the ranges were read
         self._code_files: list[Module] = []
         self._images: dict[tuple, Optional[ElfSymbols]] = {}  # by the mapping's (device, inode)
         self._refreshed_this_round = False
@@ -88,6 +89,7 @@ class Symbolizer:
             return False  # gone: keep what we knew
         modules = []
         self._code = [(m.start, m.end) for m in mappings if "x" in m.perms]
+        self._is_code = {}
         for m in mappings:
             if not m.path.startswith("/") or not m.inode:
                 continue
@@ -190,12 +192,16 @@ class Symbolizer:
     def is_code(self, addr: int) -> bool:
         """Whether a return address can be real: a frame-pointer walk through
         code built without frame pointers yields data addresses."""
+        known = self._is_code.get(addr)
+        if known is not None:
+            return known  # 100,000 new stacks ask for the same ~30 addresses each
         if addr & jvm_methods.JVM_METHOD_TAG:
             return self.java is not None  # an interpreted frame's method (bpf/jvm.bpf.c)
         if not self._code:
             self.refresh()
         i = bisect.bisect_right(self._code, (addr, float("inf"))) - 1
-        return i >= 0 and addr < self._code[i][1]
+        known = self._is_code[addr] = i >= 0 and addr < self._code[i][1]
+        return known
 
     def frame(self, addr: int) -> str:
         known = self._names.get(addr)

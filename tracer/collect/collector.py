@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from dataclasses import replace
@@ -42,29 +41,9 @@ MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
 FINAL_NAMES_WAIT_S = 5.0  # for a debug file or perf map under way, at the end
 ARENA_WALK_SHARE = 0.02  # of wall time spent walking free lists, at most
-FULL_GC_EVERY_S = 600.0
 # Per snapshot, naming new stacks (a stack-map read and symbols each) and
 # placing them; the others join at the next snapshots, the last one takes all.
 NAMING_BUDGET_S = 0.15
-_full_gc_at = [0.0]
-
-
-def _settle_garbage(now: float) -> None:
-    """Python's cyclic collector walks every object it tracks in its full
-    collections: with 100,000 stacks, a million objects, over a second
-    each, several times a minute, for objects that hold no cycles and
-    that reference counting frees. What lives at the end of a snapshot is
-    frozen out of its sight; every FULL_GC_EVERY_S it is all looked at once
-    more, so that cycles among it cannot pile up."""
-    if not _full_gc_at[0]:
-        _full_gc_at[0] = now
-    elif now - _full_gc_at[0] >= FULL_GC_EVERY_S:
-        _full_gc_at[0] = now
-        gc.unfreeze()
-        gc.collect()
-    gc.freeze()
-
-
 class Collector:
     def __init__(self, pid: int, comm: str, probes: Probes, light: bool = False,
                  attached: bool = False) -> None:
@@ -374,7 +353,6 @@ class Collector:
             vm_events=self._recent_events(),
         )
         self.previous = snap
-        _settle_garbage(time.monotonic())
         return snap
 
     @staticmethod

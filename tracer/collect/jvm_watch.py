@@ -1,5 +1,6 @@
 """The collector's side of a HotSpot target: once the JVM's interpreter
-is generated, tell the frame walk where it is (bpf/jvm.bpf.c); keep its
+is generated, tell the frame walk where it is, and at each tick where its
+compiled code is and the size of its frames (bpf/jvm.bpf.c); keep its
 flags and NMT summary fresh (memtrace.jvm.diagnostics); and hand the
 snapshot a `JvmStats`. Nothing here waits on the JVM but `settle`, at the
 end of a trace."""
@@ -13,6 +14,8 @@ from memtrace.jvm.diagnostics import JvmDiagnostics
 from memtrace.model.snapshot import JvmStats
 from memtrace.model.notes import Note
 
+CODE_REFRESH_S = 0.25
+
 
 class JvmWatch:
     def __init__(self, symbols, probes, started: float) -> None:
@@ -23,6 +26,10 @@ class JvmWatch:
         self.started = started
         self.diagnostics: Optional[JvmDiagnostics] = None
         self.interpreter: Optional[tuple[int, int]] = None
+        # The compiled code the walk steps through: None until read once.
+        self.compiled_ranges: Optional[int] = None
+        self.compiled_complete = True  # every range fit the table
+        self._next_code_read = 0.0
 
     def tick(self) -> None:
         """Each snapshot while the target runs."""
@@ -33,10 +40,27 @@ class JvmWatch:
             self.interpreter = java.interpreter()
             if self.interpreter is not None:
                 self.probes.set_jvm_interpreter(*self.interpreter)
+        if self.interpreter is not None:
+            self._refresh_compiled_code(java)
         if self.diagnostics is None and java.hotspot:  # its flags and jcmd's commands
             self.diagnostics = JvmDiagnostics(self.symbols.perf_map)
         if self.diagnostics is not None:
             self.diagnostics.tick()
+
+    def _refresh_compiled_code(self, java) -> None:
+        """The code cache again: code is compiled, freed and reused all the
+        time. A read takes ~1 ms per thousand blobs; it is not repeated
+        before ten times as long has passed, nor within CODE_REFRESH_S."""
+        now = time.monotonic()
+        if now < self._next_code_read:
+            return
+        code = java.compiled_code(self.interpreter)
+        took = time.monotonic() - now
+        self._next_code_read = now + max(CODE_REFRESH_S, 10 * took)
+        if code is None:
+            return
+        self.compiled_complete = self.probes.set_jvm_code(code, java.code_layout.walk_fields())
+        self.compiled_ranges = len(code.ranges)
 
     def settle(self, timeout_s: float) -> None:
         if self.diagnostics is not None:
@@ -56,6 +80,7 @@ class JvmWatch:
         return JvmStats(
             preserve_frame_pointer=d.preserve_frame_pointer,
             interpreter_found=self.interpreter is not None,
+            compiled_frames_walked=self.compiled_ranges is not None,
             nmt_malloc_bytes=nmt.malloc_bytes if nmt else None,
             nmt_malloc_count=nmt.malloc_count if nmt else None,
             nmt_elapsed_s=round(max(0.0, d.nmt_elapsed - self.started), 3)

@@ -49,10 +49,6 @@ static __always_inline u64 jvm_frame(u64 ret, u64 fp, u64 *sender_sp)
  * (code compiled since Python's last refresh); 0: none. */
 static __always_inline u64 jvm_heap_frame_bytes(struct jvm_code_head *head, u64 pc)
 {
-    u32 zero = 0;
-    struct jvm_interpreter *interpreter = jvm_interpreter.lookup(&zero);
-    if (!interpreter || pc - interpreter->start < interpreter->end - interpreter->start)
-        return 0; /* walked by its frame pointer */
     struct jvm_code_heap *h = 0;
 #pragma unroll
     for (int i = 0; i < MAX_JVM_CODE_HEAPS; i++)
@@ -98,8 +94,9 @@ static __always_inline u64 jvm_compiled_frame_bytes(u64 pc)
 {
     u32 zero = 0;
     struct jvm_code_head *head = jvm_code_head.lookup(&zero);
-    if (!head)
-        return 0;
+    struct jvm_interpreter *interpreter = jvm_interpreter.lookup(&zero);
+    if (!head || !interpreter || pc - interpreter->start < interpreter->end - interpreter->start)
+        return 0; /* the interpreter is walked by its frame pointer */
     u64 bytes = 0;
     u32 base = head->half ? MAX_JVM_CODE_RANGES : 0;
     u32 lo = 0, hi = head->count;

@@ -20,7 +20,7 @@ from typing import Optional
 
 from memtrace.jvm.vmstructs import Reader, VMStructs, u64
 
-MAX_HEAPS = 8  # JDK 17: non-nmethods, profiled, non-profiled (one when not segmented)
+MAX_HEAPS = 4  # JDK 17: non-nmethods, profiled, non-profiled (one when not segmented); bpf/memtrace.h
 MAX_CODE_BYTES = 1 << 30  # committed code cache read, at most (JDK 17 reserves 240 MiB)
 MAX_FRAME_WORDS = 1 << 16  # a larger "frame size" is not one (bpf/memtrace.h)
 WINDOW = 1 << 20  # the code heap is read this much at a time

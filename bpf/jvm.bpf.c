@@ -24,6 +24,8 @@ struct jvm_interpreter_slots {
     u64 last_sp;
     u64 sender_sp;
 };
+_Static_assert(JVM_METHOD_SLOT - __builtin_offsetof(struct jvm_interpreter_slots, sender_sp) ==
+               JVM_SENDER_SP_SLOT, "the interpreter's frame slots");
 
 /* What the walk stores for return address `ret` whose caller's frame
  * pointer is `fp`: the caller's Method*, tagged, when `ret` is in the
@@ -89,7 +91,8 @@ static __always_inline u64 jvm_heap_frame_bytes(struct jvm_code_head *head, u64 
  * stack pointer + that), 0 where pc is in no such code: from Python's
  * table, else from the code heap. The table may be stale (code freed and
  * reused since the last refresh): a wrong size gives a CFA the walk's own
- * checks reject, or a wrong frame, never a loop. */
+ * checks reject, or a wrong frame, never a loop. Called for frames with no
+ * unwind row: a program that is no JVM pays two array lookups for each. */
 static __always_inline u64 jvm_compiled_frame_bytes(u64 pc)
 {
     u32 zero = 0;

@@ -14,7 +14,7 @@ from memtrace.jvm.diagnostics import JvmDiagnostics
 from memtrace.model.snapshot import JvmStats
 from memtrace.model.notes import Note
 
-CODE_REFRESH_S = 0.25
+CODE_REFRESH_S = 1.0
 
 
 class JvmWatch:
@@ -28,7 +28,6 @@ class JvmWatch:
         self.interpreter: Optional[tuple[int, int]] = None
         # The compiled code the walk steps through: None until read once.
         self.compiled_ranges: Optional[int] = None
-        self.compiled_complete = True  # every range fit the table
         self._next_code_read = 0.0
 
     def tick(self) -> None:
@@ -49,17 +48,19 @@ class JvmWatch:
 
     def _refresh_compiled_code(self, java) -> None:
         """The code cache again: code is compiled, freed and reused all the
-        time. A read takes ~1 ms per thousand blobs; it is not repeated
-        before ten times as long has passed, nor within CODE_REFRESH_S."""
+        time (the walk finds code newer than the table in the code heap, at
+        a few more reads a frame). A read takes 5-10 ms per thousand blobs; it
+        is not repeated before twenty times as long has passed, nor within
+        CODE_REFRESH_S."""
         now = time.monotonic()
         if now < self._next_code_read:
             return
         code = java.compiled_code(self.interpreter)
         took = time.monotonic() - now
-        self._next_code_read = now + max(CODE_REFRESH_S, 10 * took)
+        self._next_code_read = now + max(CODE_REFRESH_S, 20 * took)
         if code is None:
             return
-        self.compiled_complete = self.probes.set_jvm_code(code, java.code_layout.walk_fields())
+        self.probes.set_jvm_code(code, java.code_layout.walk_fields())
         self.compiled_ranges = len(code.ranges)
 
     def settle(self, timeout_s: float) -> None:

@@ -629,18 +629,18 @@ class Probes:
             table = self._bpf["jvm_interpreter"]
             table[ctypes.c_int(0)] = table.Leaf(start, end)
 
-    def set_jvm_code(self, code, fields: dict[str, int]) -> bool:
+    def set_jvm_code(self, code, fields: dict[str, int]) -> None:
         """A JVM's compiled code (jvm.codecache.CompiledCode) for the walk
         (bpf/jvm.bpf.c): its ranges, written into the half of jvm_code the
         walk does not read, then made the one it reads (a walk never sees a
         half-written table); its code heaps and the blob fields at `fields`
-        for code newer than the ranges. False: more ranges than the table
-        holds (the first ones are kept)."""
+        for code newer than the ranges, and for ranges past what the table
+        holds."""
         import ctypes
         import mmap
 
         if self._bpf is None:
-            return False
+            return
         table, head = self._bpf["jvm_code"], self._bpf["jvm_code_head"]
         half_entries = table.max_entries // 2
         entry = struct.Struct("<QII")
@@ -664,7 +664,6 @@ class Probes:
             setattr(value, name, offset)
         head[ctypes.c_int(0)] = value
         self._jvm_code_half = half
-        return len(kept) == len(code.ranges)
 
     def _attach_vm_kprobes(self) -> None:
         for call in VM_SYSCALLS:

@@ -64,6 +64,8 @@ class Layout:
                                self.content_begin + 8)
         self.used_at = self.block_header_at + self.block_used
         self.length_at = self.block_header_at + self.block_length
+        if self.length_at + 8 > self.block_header or self.used_at >= self.block_header:
+            raise ValueError("this JVM's HeapBlock is not a header of its length and used flag")
 
     def walk_fields(self) -> dict[str, int]:
         """What the walk reads of a block and its blob (jvm_code_head's
@@ -97,13 +99,14 @@ class CompiledCode:
 class _Window:
     """Reads of one code heap, which go up through it: served from a
     window of WINDOW bytes read at once (a read per block is a syscall
-    each, for thousands of blocks)."""
+    each, for thousands of blocks), and parsed in place."""
 
     def __init__(self, read: Reader, lo: int, hi: int) -> None:
         self.read, self.lo, self.hi = read, lo, hi
         self.start, self.data = 0, b""
 
-    def bytes(self, address: int, size: int) -> Optional[bytes]:
+    def at(self, address: int, size: int) -> Optional[tuple[bytes, int]]:
+        """(buffer, offset) where the `size` bytes at `address` are."""
         if not (self.lo <= address and address + size <= self.hi):
             return None
         if not (self.start <= address and address + size <= self.start + len(self.data)):
@@ -112,7 +115,7 @@ class _Window:
             self.start = address
             if len(self.data) < size:
                 return None
-        return self.data[address - self.start : address - self.start + size]
+        return self.data, address - self.start
 
 
 def read_compiled_code(read: Reader, layout: Layout,
@@ -174,31 +177,35 @@ def _read_heap(read: Reader, layout: Layout, heap: int, budget: int,
         if segmap[at] != 0:  # not a block's first segment: past the heap's end
             break
         block = low + (at << log2)
-        header = code.bytes(block, layout.block_header)
-        if header is None or layout.length_at + 8 > len(header) or layout.used_at >= len(header):
+        whole = code.at(block, layout.block_header + layout.blob_fields)
+        found = whole or code.at(block, layout.block_header)  # a last block may be smaller
+        if found is None:
             break
-        length = struct.unpack_from("<Q", header, layout.length_at)[0]
+        data, offset = found
+        length = struct.unpack_from("<Q", data, offset + layout.length_at)[0]
         if not 0 < length <= segments - at:
             break
-        if header[layout.used_at]:
-            blob = _blob(code, layout, block + layout.block_header, length << log2)
+        if whole and data[offset + layout.used_at]:
+            blob = _blob(data, offset + layout.block_header, layout, block + layout.block_header,
+                         length << log2)
             if blob is not None:
                 out.append(blob)
         at += length
     return high - low
 
 
-def _blob(code: _Window, layout: Layout, blob: int, room: int) -> Optional[tuple[int, int, int]]:
-    """(start, size, frame_bytes) of the code of the CodeBlob at `blob`,
-    None when it has no frame size or does not fit its block."""
-    raw = code.bytes(blob, layout.blob_fields)
-    if raw is None:
-        return None
-    size = struct.unpack_from("<i", raw, layout.blob_size)[0]
-    words = struct.unpack_from("<i", raw, layout.frame_size)[0]
-    data_offset = struct.unpack_from("<i", raw, layout.data_offset)[0]
-    content = struct.unpack_from("<Q", raw, layout.content_begin)[0]
-    if not 0 < words < MAX_FRAME_WORDS or not 0 < data_offset <= size <= room:
+def _blob(data: bytes, offset: int, layout: Layout, blob: int,
+          room: int) -> Optional[tuple[int, int, int]]:
+    """(start, size, frame_bytes) of the code of the CodeBlob at `blob`
+    (its fields in data at offset), None when it has no frame size or does
+    not fit its block."""
+    size = struct.unpack_from("<i", data, offset + layout.blob_size)[0]
+    words = struct.unpack_from("<i", data, offset + layout.frame_size)[0]
+    if not 0 < words < MAX_FRAME_WORDS:
+        return None  # most blobs of the non-method heap: buffers, adapters, the interpreter
+    data_offset = struct.unpack_from("<i", data, offset + layout.data_offset)[0]
+    content = struct.unpack_from("<Q", data, offset + layout.content_begin)[0]
+    if not 0 < data_offset <= size <= room:
         return None
     end = blob + data_offset  # the content (constants, instructions, stubs) ends where data begins
     if not blob < content < end:

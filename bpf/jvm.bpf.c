@@ -3,19 +3,26 @@
  * address into it says only "the interpreter", the method is in the frame.
  * Compiled code (JIT-compiled methods, native wrappers, runtime stubs)
  * keeps no frame pointer unless -XX:+PreserveFramePointer, but its frames
- * have a fixed size per code blob, which Python reads from the code cache.
+ * have a fixed size per code blob, which the walk reads in the JVM's code
+ * heaps (where they are: Python, jvm/codecache.py).
  * Joined before common.bpf.c: the walk calls jvm_frame and
  * jvm_compiled_frame_bytes. */
 #include <uapi/linux/ptrace.h>
 #include "memtrace.h"
 
 BPF_ARRAY(jvm_interpreter, struct jvm_interpreter, 1);
-BPF_F_TABLE("array", u32, struct jvm_code_range, jvm_code, 2 * MAX_JVM_CODE_RANGES, BPF_F_MMAPABLE);
 BPF_ARRAY(jvm_code_head, struct jvm_code_head, 1);
 
-#ifndef JVM_CODE_SEARCH_STEPS
-#define JVM_CODE_SEARCH_STEPS 16 /* bisection of MAX_JVM_CODE_RANGES */
-#endif
+/* What the walk found for a pc, per CPU, by pc: a hot stack's compiled
+ * frames are found again in one lookup, where the code heap takes a few
+ * reads of the JVM's memory. An entry of an older generation is stale. */
+#define JVM_PC_CACHE_BITS 10
+struct jvm_pc_cached {
+    u64 pc;
+    u32 generation;
+    u32 frame_bytes;
+};
+BPF_PERCPU_ARRAY(jvm_pc_cache, struct jvm_pc_cached, 1 << JVM_PC_CACHE_BITS);
 
 /* The interpreter's frame, below its frame pointer: Method*, last sp,
  * sender sp. */
@@ -88,42 +95,31 @@ static __always_inline u64 jvm_heap_frame_bytes(struct jvm_code_head *head, u64 
 }
 
 /* The size of the compiled frame whose code holds pc (its CFA is its
- * stack pointer + that), 0 where pc is in no such code: from Python's
- * table, else from the code heap. The table may be stale (code freed and
- * reused since the last refresh): a wrong size gives a CFA the walk's own
- * checks reject, or a wrong frame, never a loop. Called for frames with no
- * unwind row: a program that is no JVM pays two array lookups for each. */
+ * stack pointer + that), 0 where pc is in no such code or in the
+ * interpreter (walked by its frame pointer). Called for frames with no
+ * unwind row: a program that is no JVM pays one array lookup for each.
+ * Code freed and reused since an entry was cached gives a wrong size until
+ * the next generation: a CFA the walk's own checks reject, or a wrong
+ * frame, never a loop. The result is read back from the cache entry: one
+ * unknown value to the verifier whichever path made it, so the rest of the
+ * walk is verified once, not once per path. */
 static __always_inline u64 jvm_compiled_frame_bytes(u64 pc)
 {
     u32 zero = 0;
-    struct jvm_code_head *head = jvm_code_head.lookup(&zero);
     struct jvm_interpreter *interpreter = jvm_interpreter.lookup(&zero);
-    if (!head || !interpreter || pc - interpreter->start < interpreter->end - interpreter->start)
-        return 0; /* the interpreter is walked by its frame pointer */
-    u64 bytes = 0;
-    u32 base = head->half ? MAX_JVM_CODE_RANGES : 0;
-    u32 lo = 0, hi = head->count;
-    if (pc - head->lo >= head->hi - head->lo || hi > MAX_JVM_CODE_RANGES)
-        hi = 0;
-    /* lo: the ranges starting at or below pc */
-    for (int k = 0; k < JVM_CODE_SEARCH_STEPS; k++) {
-        if (lo >= hi)
-            break;
-        u32 mid = (lo + hi) / 2;
-        u32 at = base + mid;
-        struct jvm_code_range *r = jvm_code.lookup(&at);
-        if (!r)
-            break;
-        if (r->start <= pc)
-            lo = mid + 1;
-        else
-            hi = mid;
+    if (!interpreter || pc - interpreter->start < interpreter->end - interpreter->start ||
+        !interpreter->start)
+        return 0;
+    struct jvm_code_head *head = jvm_code_head.lookup(&zero);
+    u32 slot = (u32)((pc * 0x9E3779B97F4A7C15ULL) >> (64 - JVM_PC_CACHE_BITS));
+    struct jvm_pc_cached *cached = jvm_pc_cache.lookup(&slot);
+    if (!head || !cached)
+        return 0;
+    if (cached->pc != pc || cached->generation != head->generation) {
+        cached->frame_bytes = jvm_heap_frame_bytes(head, pc);
+        cached->pc = pc;
+        cached->generation = head->generation;
     }
-    u32 at = base + lo - 1;
-    struct jvm_code_range *r = lo ? jvm_code.lookup(&at) : 0;
-    if (r && pc - r->start < r->size)
-        bytes = r->frame_bytes;
-    if (!bytes)
-        bytes = jvm_heap_frame_bytes(head, pc);
-    return bytes;
+    asm volatile("" ::: "memory");
+    return *(volatile u32 *)&cached->frame_bytes;
 }

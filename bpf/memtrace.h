@@ -52,26 +52,20 @@ struct jvm_interpreter {
  * there, past the arguments the c2i adapter spread for the interpreter. */
 #define JVM_SENDER_SP_SLOT 8
 
-/* The code of a JVM's code cache whose frames have a fixed size (nmethods,
- * native wrappers, runtime stubs: CodeBlob::_frame_size), from start for
- * size bytes. At any call in it the frame is whole: its CFA is the stack
- * pointer + frame_bytes, the return address below the CFA and the caller's
- * rbp below that, whether the code keeps frame pointers or not. Python
- * (jvm/codecache.py) rewrites them from the code cache at each refresh into
- * the half of jvm_code the walk does not read, sorted by start, then
- * switches jvm_code_head to it. */
-#define MAX_JVM_CODE_RANGES (1 << 15)
-struct jvm_code_range {
-    u64 start;
-    u32 size;
-    u32 frame_bytes;
-};
-/* Code compiled since the last refresh is found in the code heaps
- * themselves, as the JVM finds it: a heap's segment map holds, per
- * segment of 1 << log2_segment bytes, how many segments to go back towards
- * its block's first (0 there, 0xFF: free); the block is a HeapBlock header
+/* Compiled Java code (JIT-compiled methods, native wrappers, runtime
+ * stubs) has a fixed frame size per code blob (CodeBlob::_frame_size, in
+ * words; 0: none, as in the call stub, which keeps a frame pointer). At any
+ * call in it the frame is whole: its CFA is the stack pointer + that size,
+ * the return address below the CFA and the caller's rbp below that, whether
+ * the code keeps frame pointers or not. The walk finds a pc's blob as the
+ * JVM does, in its code heaps: a heap's segment map holds, per segment of
+ * 1 << log2_segment bytes, how many segments to go back towards its
+ * block's first (0 there, 0xFF: free); the block is a HeapBlock header
  * (block_header bytes, its used flag at used_at) and its CodeBlob, whose
- * fields are at the offsets below. */
+ * fields are at the offsets below. Python (jvm/codecache.py) sets them once
+ * the JVM made its code heaps, and moves generation on every second: what
+ * the walk found for a pc is kept per CPU until then (code is freed and
+ * reused). */
 #define MAX_JVM_CODE_HEAPS 4
 #define JVM_SEGMAP_HOPS 16
 #define JVM_MAX_FRAME_WORDS 65536 /* a larger "frame size" is not one */
@@ -82,13 +76,11 @@ struct jvm_code_heap {
     u32 unused;
 };
 struct jvm_code_head {
-    u64 lo, hi;  /* the ranges' extent: no search for a pc outside */
-    u32 count;   /* ranges in use in the half */
-    u32 half;    /* 0: jvm_code[0, MAX); 1: jvm_code[MAX, 2 * MAX) */
     struct jvm_code_heap heaps[MAX_JVM_CODE_HEAPS]; /* lo == hi: none */
     u16 block_header, used_at;           /* HeapBlock */
     u16 frame_size_at, data_offset_at;   /* CodeBlob: int _frame_size (words), int _data_offset */
-    u16 content_begin_at, unused[3];     /* CodeBlob: address _content_begin */
+    u16 content_begin_at, unused;        /* CodeBlob: address _content_begin */
+    u32 generation;
 };
 
 /* One user stack, innermost first, zero-padded. */

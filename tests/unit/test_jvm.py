@@ -302,48 +302,24 @@ def test_tagged_frames_are_named_as_interpreted_methods():
 
 # ---------------------------------------------------------------- code cache
 
-SEGMENT = 64  # log2 6
 CODE_OFFSETS = {
     ("GrowableArrayBase", "_len"): 0, ("GrowableArray<int>", "_data"): 8,
-    ("CodeHeap", "_memory"): 8, ("CodeHeap", "_segmap"): 120, ("CodeHeap", "_log2_segment_size"): 256,
+    ("CodeHeap", "_memory"): 8, ("CodeHeap", "_segmap"): 120,
+    ("CodeHeap", "_log2_segment_size"): 256,
     ("VirtualSpace", "_low_boundary"): 0, ("VirtualSpace", "_high_boundary"): 8,
-    ("VirtualSpace", "_high"): 24,
-    ("HeapBlock", "_header"): 0, ("HeapBlock::Header", "_length"): 0,
-    ("HeapBlock::Header", "_used"): 8,
-    ("CodeBlob", "_size"): 12, ("CodeBlob", "_data_offset"): 24, ("CodeBlob", "_frame_size"): 28,
+    ("HeapBlock", "_header"): 0, ("HeapBlock::Header", "_used"): 8,
+    ("CodeBlob", "_data_offset"): 24, ("CodeBlob", "_frame_size"): 28,
     ("CodeBlob", "_content_begin"): 48,
 }
 
 
-def code_heap(mem: Memory, blocks, reserved_segments: int = 64):
-    """A CodeHeap of 64-byte segments holding `blocks`, each (segments,
-    used, frame_words, size, data_offset, content_offset) or None for the
-    rest of the committed part (never allocated); returns (heap, low,
-    segmap)."""
-    committed = sum(b[0] for b in blocks)
-    code = bytearray(committed * SEGMENT)
-    segmap = bytearray(b"\xff" * reserved_segments)
-    low = mem.put(bytes(reserved_segments * SEGMENT + SEGMENT))
-    low = (low + SEGMENT - 1) // SEGMENT * SEGMENT
-    at = 0
-    for segments, used, words, size, data_offset, content_offset in blocks:
-        block = at * SEGMENT
-        struct.pack_into("<Q?", code, block, segments, used)
-        blob = block + 16
-        struct.pack_into("<i", code, blob + 12, size)
-        struct.pack_into("<ii", code, blob + 24, data_offset, words)
-        struct.pack_into("<Q", code, blob + 48, low + blob + content_offset)
-        for i in range(segments):
-            segmap[at + i] = min(i, 0xFE)
-        at += segments
-    mem.data[low - mem.BASE : low - mem.BASE + len(code)] = code
-    segmap_at = mem.put(bytes(segmap))
+def code_heap(mem: Memory, low: int, high: int, segmap: int, log2: int = 6) -> int:
+    """A CodeHeap's header: its VirtualSpaces and segment size."""
     header = bytearray(344)
-    struct.pack_into("<QQQQ", header, 8, low, low + reserved_segments * SEGMENT, low,
-                     low + committed * SEGMENT)
-    struct.pack_into("<QQ", header, 120, segmap_at, segmap_at + reserved_segments)
-    struct.pack_into("<i", header, 256, 6)
-    return mem.put(bytes(header)), low, segmap_at
+    struct.pack_into("<QQ", header, 8, low, high)
+    struct.pack_into("<Q", header, 120, segmap)
+    struct.pack_into("<i", header, 256, log2)
+    return mem.put(bytes(header))
 
 
 def code_cache(mem: Memory, heaps) -> VMStructs:
@@ -354,50 +330,36 @@ def code_cache(mem: Memory, heaps) -> VMStructs:
                      sizes={"HeapBlock": 16})
 
 
-def test_compiled_code_with_its_frame_sizes_from_the_code_heaps():
+def test_code_heaps_and_what_the_walk_reads_of_a_blob():
     from memtrace.jvm import codecache
 
     mem = Memory()
-    heap, low, segmap = code_heap(mem, [
-        (4, True, 0, 200, 180, 100),     # a BufferBlob (the interpreter's kind): no frame size
-        (2, True, 6, 120, 110, 104),     # an nmethod: 48-byte frames
-        (3, False, 9, 150, 140, 104),    # freed: not kept
-        (300, True, 12, 19000, 18000, 160),  # past one segment-map hop (254)
-    ], reserved_segments=512)
-    structs = code_cache(mem, [heap])
-    layout = codecache.Layout(structs)
-    code = codecache.read_compiled_code(mem.read, layout)
-    first = low + 4 * SEGMENT + 16
-    big = low + 9 * SEGMENT + 16
-    assert code.ranges == ((first + 104, 110 - 104, 48), (big + 160, 18000 - 160, 96))
-    assert (code.lo, code.hi) == (first + 104, big + 18000)
-    assert code.heaps == (codecache.CodeHeap(low, low + 512 * SEGMENT, segmap, 6),)
+    heaps = [code_heap(mem, 0x7F0000000000, 0x7F0000500000, 0x7E0000000000),
+             code_heap(mem, 0x7F0000500000, 0x7F0007A00000, 0x7E0000100000, 7)]
+    layout = codecache.Layout(code_cache(mem, heaps))
+    assert codecache.read_code_heaps(mem.read, layout) == (
+        codecache.CodeHeap(0x7F0000000000, 0x7F0000500000, 0x7E0000000000, 6),
+        codecache.CodeHeap(0x7F0000500000, 0x7F0007A00000, 0x7E0000100000, 7))
     assert layout.walk_fields() == {"block_header": 16, "used_at": 8, "frame_size_at": 28,
                                     "data_offset_at": 24, "content_begin_at": 48}
-    # The interpreter's own code is walked by its frame pointer.
-    interpreter = (first, first + 200)
-    assert [r[0] for r in codecache.read_compiled_code(mem.read, layout, interpreter).ranges] \
-        == [big + 160]
 
 
-def test_code_heaps_that_do_not_hold_together_are_read_as_far_as_they_do():
+def test_code_heaps_that_do_not_hold_together_are_not_given_to_the_walk():
     from memtrace.jvm import codecache
 
     mem = Memory()
-    # a frame size no frame has, a blob larger than its block, then a block
-    # longer than the heap: nothing kept, no error
-    heap, low, _ = code_heap(mem, [(2, True, 1 << 20, 100, 90, 80), (2, True, 4, 4096, 90, 80),
-                                   (2, True, 4, 100, 90, 80)])
-    struct.pack_into("<Q", mem.data, low - mem.BASE + 4 * SEGMENT, 1 << 40)
-    structs = code_cache(mem, [heap])
-    code = codecache.read_compiled_code(mem.read, codecache.Layout(structs))
-    assert code.ranges == () and (code.lo, code.hi) == (0, 0) and len(code.heaps) == 1
+    overlapping = [code_heap(mem, 0x7F0000000000, 0x7F0000500000, 0x7E0000000000),
+                   code_heap(mem, 0x7F0000400000, 0x7F0000600000, 0x7E0000100000)]
+    odd_segment = [code_heap(mem, 0x7F0000000000, 0x7F0000500000, 0x7E0000000000, 40)]
+    for heaps in (overlapping, odd_segment):
+        assert codecache.read_code_heaps(mem.read, codecache.Layout(code_cache(mem, heaps))) is None
     # no code cache yet (the JVM starting), or a heap count no JVM has
+    structs = code_cache(mem, [])
     structs.addresses[("CodeCache", "_heaps")] = mem.put(struct.pack("<Q", 0))
-    assert codecache.read_compiled_code(mem.read, codecache.Layout(structs)) is None
+    assert codecache.read_code_heaps(mem.read, codecache.Layout(structs)) is None
     array = mem.put(struct.pack("<iiQ", 1000, 1000, 0x20000))
     structs.addresses[("CodeCache", "_heaps")] = mem.put(struct.pack("<Q", array))
-    assert codecache.read_compiled_code(mem.read, codecache.Layout(structs)) is None
+    assert codecache.read_code_heaps(mem.read, codecache.Layout(structs)) is None
 
 
 def test_code_cache_layout_names_what_a_jvm_lacks():

@@ -1,6 +1,6 @@
 """The collector's side of a HotSpot target: once the JVM's interpreter
-is generated, tell the frame walk where it is, and at each tick where its
-compiled code is and the size of its frames (bpf/jvm.bpf.c); keep its
+is generated, tell the frame walk where it is, and where its compiled code
+is (bpf/jvm.bpf.c); keep its
 flags and NMT summary fresh (memtrace.jvm.diagnostics); and hand the
 snapshot a `JvmStats`. Nothing here waits on the JVM but `settle`, at the
 end of a trace."""
@@ -26,8 +26,9 @@ class JvmWatch:
         self.started = started
         self.diagnostics: Optional[JvmDiagnostics] = None
         self.interpreter: Optional[tuple[int, int]] = None
-        # The compiled code the walk steps through: None until read once.
-        self.compiled_ranges: Optional[int] = None
+        # Where the compiled code is, for the walk: None until read.
+        self.code_heaps = None
+        self._code_generation = 0
         self._next_code_read = 0.0
 
     def tick(self) -> None:
@@ -47,21 +48,20 @@ class JvmWatch:
             self.diagnostics.tick()
 
     def _refresh_compiled_code(self, java) -> None:
-        """The code cache again: code is compiled, freed and reused all the
-        time (the walk finds code newer than the table in the code heap, at
-        a few more reads a frame). A read takes 5-10 ms per thousand blobs; it
-        is not repeated before twenty times as long has passed, nor within
-        CODE_REFRESH_S."""
+        """The code heaps once the JVM made them, and a new generation every
+        CODE_REFRESH_S: code is freed and reused, and what the walk found
+        for a pc holds until then."""
         now = time.monotonic()
         if now < self._next_code_read:
             return
-        code = java.compiled_code(self.interpreter)
-        took = time.monotonic() - now
-        self._next_code_read = now + max(CODE_REFRESH_S, 20 * took)
-        if code is None:
-            return
-        self.probes.set_jvm_code(code, java.code_layout.walk_fields())
-        self.compiled_ranges = len(code.ranges)
+        self._next_code_read = now + CODE_REFRESH_S
+        if self.code_heaps is None:
+            self.code_heaps = java.code_heaps()
+            if self.code_heaps is None:
+                return
+        self._code_generation += 1
+        self.probes.set_jvm_code(self.code_heaps, java.code_layout.walk_fields(),
+                                 self._code_generation)
 
     def settle(self, timeout_s: float) -> None:
         if self.diagnostics is not None:
@@ -81,7 +81,7 @@ class JvmWatch:
         return JvmStats(
             preserve_frame_pointer=d.preserve_frame_pointer,
             interpreter_found=self.interpreter is not None,
-            compiled_frames_walked=self.compiled_ranges is not None,
+            compiled_frames_walked=self.code_heaps is not None,
             nmt_malloc_bytes=nmt.malloc_bytes if nmt else None,
             nmt_malloc_count=nmt.malloc_count if nmt else None,
             nmt_elapsed_s=round(max(0.0, d.nmt_elapsed - self.started), 3)

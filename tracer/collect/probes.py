@@ -8,7 +8,6 @@ import atexit
 import contextlib
 import os
 import re
-import struct
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -332,8 +331,6 @@ class Probes:
         self._bpf = None
         self.unwind: Optional[UnwindTables] = None  # once loaded
         self._maps: dict = {}  # name -> mmap of a BPF_F_MMAPABLE array
-        self._jvm_code = None  # jvm_code's mmap, once written (set_jvm_code)
-        self._jvm_code_half = 0  # the half the walk reads
         # row -> its bytes, its Flow, whether it is folded into _folded
         self._flow_cache: dict[int, tuple[bytes, Optional[Flow], bool]] = {}
         self._retired: set[int] = set()  # tids whose rows are folded
@@ -629,41 +626,23 @@ class Probes:
             table = self._bpf["jvm_interpreter"]
             table[ctypes.c_int(0)] = table.Leaf(start, end)
 
-    def set_jvm_code(self, code, fields: dict[str, int]) -> None:
-        """A JVM's compiled code (jvm.codecache.CompiledCode) for the walk
-        (bpf/jvm.bpf.c): its ranges, written into the half of jvm_code the
-        walk does not read, then made the one it reads (a walk never sees a
-        half-written table); its code heaps and the blob fields at `fields`
-        for code newer than the ranges, and for ranges past what the table
-        holds."""
+    def set_jvm_code(self, heaps, fields: dict[str, int], generation: int) -> None:
+        """Where a JVM's compiled code is (jvm.codecache.CodeHeap each) and
+        the offsets of what the walk reads there (bpf/jvm.bpf.c); a new
+        generation drops what the walk found before."""
         import ctypes
-        import mmap
 
         if self._bpf is None:
             return
-        table, head = self._bpf["jvm_code"], self._bpf["jvm_code_head"]
-        half_entries = table.max_entries // 2
-        entry = struct.Struct("<QII")
-        if self._jvm_code is None:
-            length = -(-entry.size * table.max_entries // mmap.PAGESIZE) * mmap.PAGESIZE
-            self._jvm_code = mmap.mmap(table.map_fd, length, mmap.MAP_SHARED,
-                                       mmap.PROT_READ | mmap.PROT_WRITE)
-        kept = code.ranges[:half_entries]
-        half = 1 - self._jvm_code_half
-        data = b"".join(entry.pack(*r) for r in kept)
-        at = half * half_entries * entry.size
-        self._jvm_code[at : at + len(data)] = data
+        head = self._bpf["jvm_code_head"]
         value = head.Leaf()
-        if kept:
-            value.lo, value.hi = kept[0][0], kept[-1][0] + kept[-1][1]
-        value.count, value.half = len(kept), half
-        for i, heap in enumerate(code.heaps[: len(value.heaps)]):
+        for i, heap in enumerate(heaps[: len(value.heaps)]):
             value.heaps[i].lo, value.heaps[i].hi = heap.lo, heap.hi
             value.heaps[i].segmap, value.heaps[i].log2_segment = heap.segmap, heap.log2_segment
         for name, offset in fields.items():
             setattr(value, name, offset)
+        value.generation = generation
         head[ctypes.c_int(0)] = value
-        self._jvm_code_half = half
 
     def _attach_vm_kprobes(self) -> None:
         for call in VM_SYSCALLS:
@@ -682,9 +661,6 @@ class Probes:
         for mapping in self._maps.values():
             mapping.close()
         self._maps.clear()
-        if self._jvm_code is not None:
-            self._jvm_code.close()
-            self._jvm_code = None
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
             links, self._links = self._links, []

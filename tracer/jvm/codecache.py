@@ -1,16 +1,15 @@
-"""The frame sizes of a HotSpot JVM's compiled code, read from outside.
+"""Where a HotSpot JVM's compiled code is, for the frame walk.
 
 Compiled Java methods (C1, C2), native-method wrappers and runtime stubs
 keep no frame pointer unless the JVM runs with -XX:+PreserveFramePointer,
 but each has a fixed frame size (CodeBlob::_frame_size, in words): at any
 call in it, its caller's frame starts that far above its stack pointer.
-The frame walk (bpf/jvm.bpf.c) steps such a frame by its size; this module
-lists them from the code cache: each CodeHeap (CodeCache::_heaps) is a run
-of HeapBlocks, a block's first segment marked 0 in the heap's segment map,
-and a used block holds one CodeBlob. Everything is read at the offsets
-libjvm.so exports (memtrace.jvm.vmstructs), and is the target's data,
-changing while we read: each length is bounded, and a blob that does not
-hold together is left out (its frames then end the walk, as before)."""
+The walk (bpf/jvm.bpf.c) finds a pc's code blob as the JVM does, in the
+code heaps (CodeCache::_heaps): a heap's segment map leads from any segment
+back to its block's first, and a used block holds one CodeBlob. This module
+reads the heaps' bounds and segment maps, and the offsets of the fields
+the walk reads, at the offsets libjvm.so exports (memtrace.jvm.vmstructs).
+Everything read is the target's data: each count and bound is checked."""
 
 from __future__ import annotations
 
@@ -20,10 +19,8 @@ from typing import Optional
 
 from memtrace.jvm.vmstructs import Reader, VMStructs, u64
 
-MAX_HEAPS = 4  # JDK 17: non-nmethods, profiled, non-profiled (one when not segmented); bpf/memtrace.h
-MAX_CODE_BYTES = 1 << 30  # committed code cache read, at most (JDK 17 reserves 240 MiB)
+MAX_HEAPS = 4  # JDK 17: non-nmethods, profiled, non-profiled; bpf/memtrace.h
 MAX_FRAME_WORDS = 1 << 16  # a larger "frame size" is not one (bpf/memtrace.h)
-WINDOW = 1 << 20  # the code heap is read this much at a time
 
 FIELDS = {
     "heaps_len": ("GrowableArrayBase", "_len"),
@@ -32,12 +29,9 @@ FIELDS = {
     "segmap": ("CodeHeap", "_segmap"),
     "log2_segment": ("CodeHeap", "_log2_segment_size"),
     "low_boundary": ("VirtualSpace", "_low_boundary"),
-    "high": ("VirtualSpace", "_high"),
     "high_boundary": ("VirtualSpace", "_high_boundary"),
     "block_header_at": ("HeapBlock", "_header"),
-    "block_length": ("HeapBlock::Header", "_length"),
     "block_used": ("HeapBlock::Header", "_used"),
-    "blob_size": ("CodeBlob", "_size"),
     "frame_size": ("CodeBlob", "_frame_size"),
     "data_offset": ("CodeBlob", "_data_offset"),
     "content_begin": ("CodeBlob", "_content_begin"),
@@ -45,7 +39,8 @@ FIELDS = {
 
 
 class Layout:
-    """The offsets the code cache reader needs, from one JVM's tables."""
+    """The offsets the code heap reader and the walk need, from one JVM's
+    tables."""
 
     def __init__(self, structs: VMStructs) -> None:
         missing = [f"{t}::{f}" for t, f in FIELDS.values() if (t, f) not in structs.offsets]
@@ -60,12 +55,9 @@ class Layout:
             setattr(self, name, structs.offsets[key])
         self.heaps = heaps
         self.block_header = structs.sizes["HeapBlock"]  # the CodeBlob follows it
-        self.blob_fields = max(self.blob_size + 4, self.frame_size + 4, self.data_offset + 4,
-                               self.content_begin + 8)
         self.used_at = self.block_header_at + self.block_used
-        self.length_at = self.block_header_at + self.block_length
-        if self.length_at + 8 > self.block_header or self.used_at >= self.block_header:
-            raise ValueError("this JVM's HeapBlock is not a header of its length and used flag")
+        if self.used_at >= self.block_header:
+            raise ValueError("this JVM's HeapBlock holds no used flag in its header")
 
     def walk_fields(self) -> dict[str, int]:
         """What the walk reads of a block and its blob (jvm_code_head's
@@ -77,51 +69,15 @@ class Layout:
 
 @dataclass(frozen=True)
 class CodeHeap:
-    """Where the walk finds code newer than the ranges (bpf/jvm.bpf.c)."""
-
     lo: int  # reserved: [low_boundary, high_boundary)
     hi: int
-    segmap: int
+    segmap: int  # its segment map's low_boundary
     log2_segment: int
 
 
-@dataclass(frozen=True)
-class CompiledCode:
-    """Code with fixed-size frames, sorted by start: (start, size,
-    frame_bytes) each, within [lo, hi); and the code heaps."""
-
-    ranges: tuple[tuple[int, int, int], ...]
-    lo: int
-    hi: int
-    heaps: tuple[CodeHeap, ...]
-
-
-class _Window:
-    """Reads of one code heap, which go up through it: served from a
-    window of WINDOW bytes read at once (a read per block is a syscall
-    each, for thousands of blocks), and parsed in place."""
-
-    def __init__(self, read: Reader, lo: int, hi: int) -> None:
-        self.read, self.lo, self.hi = read, lo, hi
-        self.start, self.data = 0, b""
-
-    def at(self, address: int, size: int) -> Optional[tuple[bytes, int]]:
-        """(buffer, offset) where the `size` bytes at `address` are."""
-        if not (self.lo <= address and address + size <= self.hi):
-            return None
-        if not (self.start <= address and address + size <= self.start + len(self.data)):
-            length = min(max(WINDOW, size), self.hi - address)
-            self.data = self.read(address, length) or b""
-            self.start = address
-            if len(self.data) < size:
-                return None
-        return self.data, address - self.start
-
-
-def read_compiled_code(read: Reader, layout: Layout,
-                       interpreter: Optional[tuple[int, int]] = None) -> Optional[CompiledCode]:
-    """The code blobs with a frame size in every code heap; None when the
-    code cache cannot be read (not set up yet)."""
+def read_code_heaps(read: Reader, layout: Layout) -> Optional[tuple[CodeHeap, ...]]:
+    """The JVM's code heaps; None when they cannot be read (the code cache
+    not set up yet)."""
     array = u64(read, layout.heaps)
     if not array:
         return None
@@ -132,82 +88,27 @@ def read_compiled_code(read: Reader, layout: Layout,
     count = struct.unpack("<i", raw)[0]
     if not 0 < count <= MAX_HEAPS:
         return None
-    ranges: list[tuple[int, int, int]] = []
-    heaps: list[CodeHeap] = []
-    budget = MAX_CODE_BYTES
+    heaps = []
     for i in range(count):
         heap = u64(read, data + 8 * i)
-        if heap:
-            budget -= _read_heap(read, layout, heap, budget, ranges, heaps)
-    if interpreter is not None:  # its frames are walked by their frame pointer
-        ranges = [r for r in ranges
-                  if r[0] + r[1] <= interpreter[0] or r[0] >= interpreter[1]]
-    ranges.sort()
-    # Overlaps mean a block changed under our reads: keep neither.
-    kept = [r for k, r in enumerate(ranges)
-            if (k == 0 or ranges[k - 1][0] + ranges[k - 1][1] <= r[0])
-            and (k + 1 == len(ranges) or r[0] + r[1] <= ranges[k + 1][0])]
-    if not kept:
-        return CompiledCode((), 0, 0, tuple(heaps))
-    return CompiledCode(tuple(kept), kept[0][0], kept[-1][0] + kept[-1][1], tuple(heaps))
-
-
-def _read_heap(read: Reader, layout: Layout, heap: int, budget: int,
-               out: list[tuple[int, int, int]], heaps: list[CodeHeap]) -> int:
-    """Appends one CodeHeap's blobs to out, and the heap to heaps; the
-    bytes of code read."""
-    low = u64(read, heap + layout.memory + layout.low_boundary)
-    high = u64(read, heap + layout.memory + layout.high)
-    reserved = u64(read, heap + layout.memory + layout.high_boundary)
-    segmap_low = u64(read, heap + layout.segmap + layout.low_boundary)
-    raw = read(heap + layout.log2_segment, 4)
-    if not low or not high or not reserved or not segmap_low or raw is None:
-        return 0
-    log2 = struct.unpack("<i", raw)[0]
-    if not 4 <= log2 <= 16 or not low < high <= reserved or high - low > budget:
-        return 0
-    heaps.append(CodeHeap(low, reserved, segmap_low, log2))
-    segments = (high - low) >> log2
-    segmap = read(segmap_low, segments)
-    if segmap is None:
-        return 0
-    code = _Window(read, low, high)
-    at = 0
-    while at < segments:
-        if segmap[at] != 0:  # not a block's first segment: past the heap's end
-            break
-        block = low + (at << log2)
-        whole = code.at(block, layout.block_header + layout.blob_fields)
-        found = whole or code.at(block, layout.block_header)  # a last block may be smaller
+        found = _heap(read, layout, heap) if heap else None
         if found is None:
-            break
-        data, offset = found
-        length = struct.unpack_from("<Q", data, offset + layout.length_at)[0]
-        if not 0 < length <= segments - at:
-            break
-        if whole and data[offset + layout.used_at]:
-            blob = _blob(data, offset + layout.block_header, layout, block + layout.block_header,
-                         length << log2)
-            if blob is not None:
-                out.append(blob)
-        at += length
-    return high - low
+            return None
+        heaps.append(found)
+    spans = sorted((h.lo, h.hi) for h in heaps)
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        return None  # heaps do not overlap: not the tables' layout
+    return tuple(heaps)
 
 
-def _blob(data: bytes, offset: int, layout: Layout, blob: int,
-          room: int) -> Optional[tuple[int, int, int]]:
-    """(start, size, frame_bytes) of the code of the CodeBlob at `blob`
-    (its fields in data at offset), None when it has no frame size or does
-    not fit its block."""
-    size = struct.unpack_from("<i", data, offset + layout.blob_size)[0]
-    words = struct.unpack_from("<i", data, offset + layout.frame_size)[0]
-    if not 0 < words < MAX_FRAME_WORDS:
-        return None  # most blobs of the non-method heap: buffers, adapters, the interpreter
-    data_offset = struct.unpack_from("<i", data, offset + layout.data_offset)[0]
-    content = struct.unpack_from("<Q", data, offset + layout.content_begin)[0]
-    if not 0 < data_offset <= size <= room:
+def _heap(read: Reader, layout: Layout, heap: int) -> Optional[CodeHeap]:
+    low = u64(read, heap + layout.memory + layout.low_boundary)
+    high = u64(read, heap + layout.memory + layout.high_boundary)
+    segmap = u64(read, heap + layout.segmap + layout.low_boundary)
+    raw = read(heap + layout.log2_segment, 4)
+    if not low or not high or not segmap or raw is None:
         return None
-    end = blob + data_offset  # the content (constants, instructions, stubs) ends where data begins
-    if not blob < content < end:
+    log2 = struct.unpack("<i", raw)[0]
+    if not 4 <= log2 <= 16 or not low < high or high - low > 1 << 40:
         return None
-    return content, end - content, words * 8
+    return CodeHeap(low, high, segmap, log2)

@@ -233,13 +233,12 @@ class JavaMethods:
         with self._memory() as read:
             return interpreter_range(read, self.layout) if self._ready(read) else None
 
-    def compiled_code(self, interpreter: Optional[tuple[int, int]]) -> Optional[codecache.CompiledCode]:
-        """The code cache's code with fixed-size frames, now (None: not
-        readable); the interpreter's range is left out."""
+    def code_heaps(self) -> Optional[tuple[codecache.CodeHeap, ...]]:
+        """Where the compiled code is (None: not readable, or not yet)."""
         with self._memory() as read:
             if not self._ready(read) or self.code_layout is None:
                 return None
-            return codecache.read_compiled_code(read, self.code_layout, interpreter)
+            return codecache.read_code_heaps(read, self.code_layout)
 
     def name(self, method: int) -> Optional[str]:
         """The method's name; a failed read is tried again later (a class

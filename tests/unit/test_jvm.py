@@ -378,3 +378,14 @@ def test_frame_pointer_hint_not_given_once_compiled_frames_are_walked():
     from memtrace.model.snapshot import JvmStats
 
     assert jvm_hints(JvmStats(preserve_frame_pointer=False, compiled_frames_walked=True)) == ()
+
+
+def test_perf_map_keeps_the_names_of_freed_code():
+    from memtrace.jvm.perfmap import with_freed_code
+
+    old = [(0x1000, 0x1100, "A.c1()"), (0x2000, 0x2100, "B.c1()"), (0x3000, 0x3100, "C.x()")]
+    new = [(0x1080, 0x1200, "D.new()"), (0x3000, 0x3100, "C.x()"), (0x4000, 0x4100, "A.c2()")]
+    # A's first code now holds D's: only B's, freed and not reused, is kept.
+    assert with_freed_code(new, old) == [(0x1080, 0x1200, "D.new()"), (0x2000, 0x2100, "B.c1()"),
+                                         (0x3000, 0x3100, "C.x()"), (0x4000, 0x4100, "A.c2()")]
+    assert with_freed_code(new, []) == new

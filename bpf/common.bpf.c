@@ -251,6 +251,7 @@ struct frame_walk {
     u32 pc_after_call;      /* pc is a return address: its call is at pc - 1 */
     u32 depth;              /* frames found (the next goes to ip[depth + 1]) */
     u64 caller;             /* at_entry: the return address at entry_sp */
+    u64 sender_sp;          /* w->pc's frame is interpreted Java: its caller's sp (0: not) */
 };
 BPF_PERCPU_ARRAY(walk_state, struct frame_walk, 1);
 
@@ -331,8 +332,9 @@ static __always_inline void put_frame(struct stack_frames *frames, u64 slot, u64
 }
 
 /* One frame of the walk: 1 ends it. The frame's CFA comes from its
- * module's unwind row, else from the frame pointer (code built with
- * them, or without CFI: JIT code). (bpf_loop would verify it once, but
+ * module's unwind row, else from its size for compiled Java code
+ * (jvm.bpf.c), else from the frame pointer (code built with them, or
+ * without CFI: other JIT code). (bpf_loop would verify it once, but
  * bcc 0.26 leaves its callback pointer unrelocated.) */
 static __always_inline long walk_step(struct frame_walk *w, struct stack_frames *frames,
                                       struct stack_chunk *chunk)
@@ -361,6 +363,9 @@ static __always_inline long walk_step(struct frame_walk *w, struct stack_frames 
         cfa = (rule == UNWIND_RBP ? w->fp : w->sp) + cfa_off;
         if (rbp_slot)
             fp_at = cfa - 8 * rbp_slot;
+    } else if ((cfa = jvm_compiled_frame_bytes(at)) != 0) {
+        cfa += w->sp; /* compiled Java code (jvm.bpf.c) */
+        fp_at = cfa - 16;
     } else {
         cfa = w->fp + 16; /* the frame-pointer step */
         fp_at = w->fp;
@@ -397,10 +402,14 @@ static __always_inline long walk_step(struct frame_walk *w, struct stack_frames 
      * pointer (w->fp). A layer that reads more of a frame does it at this
      * point: an interpreted Java frame is stored as its method (jvm.bpf.c),
      * while the walk goes on from the return address. */
-    u64 shown = jvm_frame(ret, next_fp);
+    u64 sender_sp;
+    u64 shown = jvm_frame(ret, next_fp, &sender_sp);
     put_frame(frames, slot, shown);
     w->hash = (w->hash ^ shown) * 0x100000001b3ULL;
-    w->sp = cfa;
+    /* An interpreted frame's caller starts at its sender sp, above the
+     * CFA when a compiled caller's arguments were spread for it. */
+    w->sp = w->sender_sp > cfa && w->sender_sp - cfa < STACK_CHUNK ? w->sender_sp : cfa;
+    w->sender_sp = sender_sp;
     w->fp = next_fp;
     w->pc = ret;
     w->pc_after_call = 1;
@@ -458,6 +467,7 @@ static __always_inline struct frame_walk *walk_begin(struct pt_regs *regs, u64 e
     w->fp = PT_REGS_FP(regs);
     w->pc = at_entry ? w->caller : ip;
     w->pc_after_call = at_entry ? 1 : 0;
+    w->sender_sp = 0;
     w->hash = (0xcbf29ce484222325ULL ^ ip) * 0x100000001b3ULL; /* as in user_stack */
     w->range_lo = w->range_hi = 0;
     w->modules = head->modules;

@@ -47,6 +47,41 @@ struct jvm_interpreter {
 /* The interpreter's frame holds its Method* this many bytes below its
  * frame pointer (x86-64: frame::interpreter_frame_method_offset, -3 words). */
 #define JVM_METHOD_SLOT 24
+/* ... and its caller's stack pointer one word below it
+ * (interpreter_frame_sender_sp_offset): a compiled caller's frame starts
+ * there, past the arguments the c2i adapter spread for the interpreter. */
+#define JVM_SENDER_SP_SLOT 8
+
+/* Compiled Java code (JIT-compiled methods, native wrappers, runtime
+ * stubs) has a fixed frame size per code blob (CodeBlob::_frame_size, in
+ * words; 0: none, as in the call stub, which keeps a frame pointer). At any
+ * call in it the frame is whole: its CFA is the stack pointer + that size,
+ * the return address below the CFA and the caller's rbp below that, whether
+ * the code keeps frame pointers or not. The walk finds a pc's blob as the
+ * JVM does, in its code heaps: a heap's segment map holds, per segment of
+ * 1 << log2_segment bytes, how many segments to go back towards its
+ * block's first (0 there, 0xFF: free); the block is a HeapBlock header
+ * (block_header bytes, its used flag at used_at) and its CodeBlob, whose
+ * fields are at the offsets below. Python (jvm/codecache.py) sets them once
+ * the JVM made its code heaps, and moves generation on every second: what
+ * the walk found for a pc is kept per CPU until then (code is freed and
+ * reused). */
+#define MAX_JVM_CODE_HEAPS 4
+#define JVM_SEGMAP_HOPS 16
+#define JVM_MAX_FRAME_WORDS 65536 /* a larger "frame size" is not one */
+struct jvm_code_heap {
+    u64 lo, hi;  /* reserved: [low_boundary, high_boundary) */
+    u64 segmap;  /* the segment map's low_boundary */
+    u32 log2_segment;
+    u32 unused;
+};
+struct jvm_code_head {
+    struct jvm_code_heap heaps[MAX_JVM_CODE_HEAPS]; /* lo == hi: none */
+    u16 block_header, used_at;           /* HeapBlock */
+    u16 frame_size_at, data_offset_at;   /* CodeBlob: int _frame_size (words), int _data_offset */
+    u16 content_begin_at, unused;        /* CodeBlob: address _content_begin */
+    u32 generation;
+};
 
 /* One user stack, innermost first, zero-padded. */
 struct stack_frames {

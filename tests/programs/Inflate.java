@@ -3,12 +3,15 @@
 // frees it glibc keeps it in the worker threads' arenas.
 //
 //   java -XX:+PreserveFramePointer -XX:+UseSerialGC -Xmx256m Inflate DIR
-//        [--threads N] [--per-thread M]
+//        [--threads N] [--per-thread M] [--warmup W]
 //
 // The test drives the phases through files in DIR: the program writes
 // NAME.json (renamed into place, so it is complete once it exists) and then
 // waits for NAME.go before going on.
 //   ready.json   pid and the workers' native tids; the workers are parked
+//                (after each made and ended W Inflaters, not counted, so
+//                that the JIT compiles inflateOne first: with -Xbatch it
+//                is compiled once the warm-up returns)
 //   phase1.json  each worker created M Inflaters, inflated a stream through
 //                each in small steps (so zlib allocated its state and its
 //                32 KiB window with malloc, in the worker's arena) and keeps
@@ -48,6 +51,7 @@ public final class Inflate {
     final Path dir;
     int threads = 4;
     int perThread = 250;
+    int warmup = 0;
 
     final Cleaner watcher = Cleaner.create();
     final AtomicInteger created = new AtomicInteger();
@@ -71,6 +75,7 @@ public final class Inflate {
             switch (args[i]) {
                 case "--threads": program.threads = Integer.parseInt(args[++i]); break;
                 case "--per-thread": program.perThread = Integer.parseInt(args[++i]); break;
+                case "--warmup": program.warmup = Integer.parseInt(args[++i]); break;
                 default:
                     System.err.println("Inflate: unknown argument " + args[i]);
                     System.exit(2);
@@ -82,6 +87,11 @@ public final class Inflate {
 
     void run() throws Exception {
         byte[] compressed = compress(payload());
+        // The first string concatenation links its call site (method
+        // handles, classes loaded), which makes the JIT drop code that
+        // depended on the classes seen so far: done here, before the
+        // workers' warm-up, not by the first publish.
+        String linked = "warm-up " + warmup;
         Worker[] workers = new Worker[threads];
         for (int i = 0; i < threads; i++) {
             workers[i] = new Worker(i, compressed);
@@ -140,6 +150,7 @@ public final class Inflate {
         volatile long tid;
         List<Inflater> kept = new ArrayList<>();
         Inflater pin;
+        boolean counting; // the warm-up's Inflaters are not
 
         Worker(int index, byte[] compressed) {
             this.name = "inflate-" + index;
@@ -154,6 +165,10 @@ public final class Inflate {
                 // "/proc/thread-self" -> "PID/task/TID": the native tid.
                 tid = Long.parseLong(Files.readSymbolicLink(Path.of("/proc/thread-self"))
                     .getFileName().toString());
+                for (int i = 0; i < warmup; i++) {
+                    inflateOne().end();
+                }
+                counting = true;
                 started.countDown();
                 start.await();
                 for (int i = 0; i < perThread; i++) {
@@ -175,8 +190,17 @@ public final class Inflate {
         // allocate its window.
         Inflater inflateOne() throws DataFormatException {
             Inflater inflater = new Inflater();
-            created.incrementAndGet();
-            watcher.register(inflater, unreachable::incrementAndGet);
+            // The same code for the warm-up's: what the JIT compiled for
+            // them is what runs after.
+            boolean counted = counting;
+            if (counted) {
+                created.incrementAndGet();
+            }
+            watcher.register(inflater, () -> {
+                if (counted) {
+                    unreachable.incrementAndGet();
+                }
+            });
             byte[] out = new byte[OUTPUT_STEP];
             int offset = 0;
             long produced = 0;

@@ -60,6 +60,14 @@ def test_jvm_method_tag():
 
     assert 1 << _define("JVM_METHOD_TAG_BIT") == JVM_METHOD_TAG
     assert _define("JVM_METHOD_SLOT") == 3 * 8  # x86-64: interpreter_frame_method_offset
+    assert _define("JVM_SENDER_SP_SLOT") == 1 * 8  # interpreter_frame_sender_sp_offset
+
+
+def test_jvm_code_limits():
+    from memtrace.jvm import codecache
+
+    assert _define("JVM_MAX_FRAME_WORDS") == codecache.MAX_FRAME_WORDS
+    assert _define("MAX_JVM_CODE_HEAPS") == codecache.MAX_HEAPS
 
 
 def test_tgid_limit():

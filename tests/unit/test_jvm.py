@@ -244,7 +244,7 @@ def test_nmt_beside_heap_live_in_json_text_and_recordings():
     from memtrace.record.codec import snapshot_from_json
     from memtrace.output.reports.text import render_summary
 
-    s = jvm_snapshot(preserve_frame_pointer=True, interpreter_found=True,
+    s = jvm_snapshot(preserve_frame_pointer=True, interpreter_found=True, compiled_frames_walked=True,
                      nmt_malloc_bytes=3 << 20, nmt_malloc_count=9052, nmt_elapsed_s=0.5)
     d = s.to_json()
     assert d["jvm"]["heap_live_bytes"] == 15 << 20  # 14 MiB traced, 1 MiB from before the attach
@@ -298,3 +298,94 @@ def test_tagged_frames_are_named_as_interpreted_methods():
     assert symbols.is_code(JVM_METHOD_TAG | 0x7F00_1000)
     assert symbols.frame(JVM_METHOD_TAG | 0x7F00_1000) == "Inflate$Worker.run() [Interpreter]"
     assert symbols.frame(JVM_METHOD_TAG | 0x7F00_2000) == "Method* 0x7f002000 [Interpreter]"
+
+
+# ---------------------------------------------------------------- code cache
+
+CODE_OFFSETS = {
+    ("GrowableArrayBase", "_len"): 0, ("GrowableArray<int>", "_data"): 8,
+    ("CodeHeap", "_memory"): 8, ("CodeHeap", "_segmap"): 120,
+    ("CodeHeap", "_log2_segment_size"): 256,
+    ("VirtualSpace", "_low_boundary"): 0, ("VirtualSpace", "_high_boundary"): 8,
+    ("HeapBlock", "_header"): 0, ("HeapBlock::Header", "_used"): 8,
+    ("CodeBlob", "_data_offset"): 24, ("CodeBlob", "_frame_size"): 28,
+    ("CodeBlob", "_content_begin"): 48,
+}
+
+
+def code_heap(mem: Memory, low: int, high: int, segmap: int, log2: int = 6) -> int:
+    """A CodeHeap's header: its VirtualSpaces and segment size."""
+    header = bytearray(344)
+    struct.pack_into("<QQ", header, 8, low, high)
+    struct.pack_into("<Q", header, 120, segmap)
+    struct.pack_into("<i", header, 256, log2)
+    return mem.put(bytes(header))
+
+
+def code_cache(mem: Memory, heaps) -> VMStructs:
+    data = mem.put(struct.pack(f"<{len(heaps)}Q", *heaps))
+    array = mem.put(struct.pack("<iiQ", len(heaps), len(heaps), data))
+    heaps_var = mem.put(struct.pack("<Q", array))
+    return VMStructs(offsets=dict(CODE_OFFSETS), addresses={("CodeCache", "_heaps"): heaps_var},
+                     sizes={"HeapBlock": 16})
+
+
+def test_code_heaps_and_what_the_walk_reads_of_a_blob():
+    from memtrace.jvm import codecache
+
+    mem = Memory()
+    heaps = [code_heap(mem, 0x7F0000000000, 0x7F0000500000, 0x7E0000000000),
+             code_heap(mem, 0x7F0000500000, 0x7F0007A00000, 0x7E0000100000, 7)]
+    layout = codecache.Layout(code_cache(mem, heaps))
+    assert codecache.read_code_heaps(mem.read, layout) == (
+        codecache.CodeHeap(0x7F0000000000, 0x7F0000500000, 0x7E0000000000, 6),
+        codecache.CodeHeap(0x7F0000500000, 0x7F0007A00000, 0x7E0000100000, 7))
+    assert layout.walk_fields() == {"block_header": 16, "used_at": 8, "frame_size_at": 28,
+                                    "data_offset_at": 24, "content_begin_at": 48}
+
+
+def test_code_heaps_that_do_not_hold_together_are_not_given_to_the_walk():
+    from memtrace.jvm import codecache
+
+    mem = Memory()
+    overlapping = [code_heap(mem, 0x7F0000000000, 0x7F0000500000, 0x7E0000000000),
+                   code_heap(mem, 0x7F0000400000, 0x7F0000600000, 0x7E0000100000)]
+    odd_segment = [code_heap(mem, 0x7F0000000000, 0x7F0000500000, 0x7E0000000000, 40)]
+    for heaps in (overlapping, odd_segment):
+        assert codecache.read_code_heaps(mem.read, codecache.Layout(code_cache(mem, heaps))) is None
+    # no code cache yet (the JVM starting), or a heap count no JVM has
+    structs = code_cache(mem, [])
+    structs.addresses[("CodeCache", "_heaps")] = mem.put(struct.pack("<Q", 0))
+    assert codecache.read_code_heaps(mem.read, codecache.Layout(structs)) is None
+    array = mem.put(struct.pack("<iiQ", 1000, 1000, 0x20000))
+    structs.addresses[("CodeCache", "_heaps")] = mem.put(struct.pack("<Q", array))
+    assert codecache.read_code_heaps(mem.read, codecache.Layout(structs)) is None
+
+
+def test_code_cache_layout_names_what_a_jvm_lacks():
+    import pytest
+
+    from memtrace.jvm import codecache
+
+    offsets = dict(CODE_OFFSETS)
+    del offsets[("CodeBlob", "_frame_size")]
+    with pytest.raises(ValueError, match=r"CodeBlob::_frame_size, CodeCache::_heaps"):
+        codecache.Layout(VMStructs(offsets=offsets, sizes={"HeapBlock": 16}))
+
+
+def test_frame_pointer_hint_not_given_once_compiled_frames_are_walked():
+    from memtrace.model.accounting import jvm_hints
+    from memtrace.model.snapshot import JvmStats
+
+    assert jvm_hints(JvmStats(preserve_frame_pointer=False, compiled_frames_walked=True)) == ()
+
+
+def test_perf_map_keeps_the_names_of_freed_code():
+    from memtrace.jvm.perfmap import with_freed_code
+
+    old = [(0x1000, 0x1100, "A.c1()"), (0x2000, 0x2100, "B.c1()"), (0x3000, 0x3100, "C.x()")]
+    new = [(0x1080, 0x1200, "D.new()"), (0x3000, 0x3100, "C.x()"), (0x4000, 0x4100, "A.c2()")]
+    # A's first code now holds D's: only B's, freed and not reused, is kept.
+    assert with_freed_code(new, old) == [(0x1080, 0x1200, "D.new()"), (0x2000, 0x2100, "B.c1()"),
+                                         (0x3000, 0x3100, "C.x()"), (0x4000, 0x4100, "A.c2()")]
+    assert with_freed_code(new, []) == new

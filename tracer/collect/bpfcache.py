@@ -104,14 +104,18 @@ def uprobe_multi_possible() -> bool:
 
 
 def cache_key(text: str, cflags: list[str]) -> str:
-    """Everything the compiled object depends on. The kernel's version
+    """Everything the compiled object depends on: the layers' text and
+    the header they #include (bpf/memtrace.h). The kernel's version
     string tells two builds of one release apart (their headers differ)."""
     import bcc
 
+    from memtrace.collect.bpfsource import bpf_dir
+
     uname = os.uname()
     h = hashlib.sha256()
+    header = (bpf_dir() / "memtrace.h").read_text()
     for part in (str(FORMAT), bcc.__version__, uname.release, uname.version, uname.machine,
-                 text, *cflags):
+                 text, header, *cflags):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()

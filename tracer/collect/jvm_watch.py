@@ -1,5 +1,6 @@
 """The collector's side of a HotSpot target: once the JVM's interpreter
-is generated, tell the frame walk where it is (bpf/jvm.bpf.c); keep its
+is generated, tell the frame walk where it is, and where its compiled code
+is (bpf/jvm.bpf.c); keep its
 flags and NMT summary fresh (memtrace.jvm.diagnostics); and hand the
 snapshot a `JvmStats`. Nothing here waits on the JVM but `settle`, at the
 end of a trace."""
@@ -13,6 +14,8 @@ from memtrace.jvm.diagnostics import JvmDiagnostics
 from memtrace.model.snapshot import JvmStats
 from memtrace.model.notes import Note
 
+CODE_REFRESH_S = 1.0
+
 
 class JvmWatch:
     def __init__(self, symbols, probes, started: float) -> None:
@@ -23,6 +26,10 @@ class JvmWatch:
         self.started = started
         self.diagnostics: Optional[JvmDiagnostics] = None
         self.interpreter: Optional[tuple[int, int]] = None
+        # Where the compiled code is, for the walk: None until read.
+        self.code_heaps = None
+        self._code_generation = 0
+        self._next_code_read = 0.0
 
     def tick(self) -> None:
         """Each snapshot while the target runs."""
@@ -33,10 +40,28 @@ class JvmWatch:
             self.interpreter = java.interpreter()
             if self.interpreter is not None:
                 self.probes.set_jvm_interpreter(*self.interpreter)
+        if self.interpreter is not None:
+            self._refresh_compiled_code(java)
         if self.diagnostics is None and java.hotspot:  # its flags and jcmd's commands
             self.diagnostics = JvmDiagnostics(self.symbols.perf_map)
         if self.diagnostics is not None:
             self.diagnostics.tick()
+
+    def _refresh_compiled_code(self, java) -> None:
+        """The code heaps once the JVM made them, and a new generation every
+        CODE_REFRESH_S: code is freed and reused, and what the walk found
+        for a pc holds until then."""
+        now = time.monotonic()
+        if now < self._next_code_read:
+            return
+        self._next_code_read = now + CODE_REFRESH_S
+        if self.code_heaps is None:
+            self.code_heaps = java.code_heaps()
+            if self.code_heaps is None:
+                return
+        self._code_generation += 1
+        self.probes.set_jvm_code(self.code_heaps, java.code_layout.walk_fields(),
+                                 self._code_generation)
 
     def settle(self, timeout_s: float) -> None:
         if self.diagnostics is not None:
@@ -56,6 +81,7 @@ class JvmWatch:
         return JvmStats(
             preserve_frame_pointer=d.preserve_frame_pointer,
             interpreter_found=self.interpreter is not None,
+            compiled_frames_walked=self.code_heaps is not None,
             nmt_malloc_bytes=nmt.malloc_bytes if nmt else None,
             nmt_malloc_count=nmt.malloc_count if nmt else None,
             nmt_elapsed_s=round(max(0.0, d.nmt_elapsed - self.started), 3)

@@ -644,6 +644,24 @@ class Probes:
             table = self._bpf["jvm_interpreter"]
             table[ctypes.c_int(0)] = table.Leaf(start, end)
 
+    def set_jvm_code(self, heaps, fields: dict[str, int], generation: int) -> None:
+        """Where a JVM's compiled code is (jvm.codecache.CodeHeap each) and
+        the offsets of what the walk reads there (bpf/jvm.bpf.c); a new
+        generation drops what the walk found before."""
+        import ctypes
+
+        if self._bpf is None:
+            return
+        head = self._bpf["jvm_code_head"]
+        value = head.Leaf()
+        for i, heap in enumerate(heaps[: len(value.heaps)]):
+            value.heaps[i].lo, value.heaps[i].hi = heap.lo, heap.hi
+            value.heaps[i].segmap, value.heaps[i].log2_segment = heap.segmap, heap.log2_segment
+        for name, offset in fields.items():
+            setattr(value, name, offset)
+        value.generation = generation
+        head[ctypes.c_int(0)] = value
+
     def _attach_vm_kprobes(self) -> None:
         for call in VM_SYSCALLS:
             event = self._bpf.get_syscall_fnname(call)

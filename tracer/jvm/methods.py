@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 from memtrace.process import procfs
 from memtrace.symbols.elf import exported_objects
 from memtrace.process.mappedfile import fd_path, open_mapped
+from memtrace.jvm import codecache
 from memtrace.jvm.vmstructs import SYMBOLS, VMStructs, Reader, read_vmstructs, u64
 from memtrace.model import notes
 from memtrace.model.notes import Note
@@ -169,6 +170,8 @@ class JavaMethods:
         self.pid = pid
         self.libjvm = libjvm
         self.layout: Optional[Layout] = None
+        self.code_layout: Optional[codecache.Layout] = None  # None: compiled frames not walked
+        self.code_problem: Optional[str] = None  # why, when the tables lack what it needs
         self.problem: Optional[Note] = None
         self.hotspot: Optional[bool] = None  # libjvm.so is HotSpot's (None: not read yet)
         self._names: dict[int, str] = {}
@@ -216,6 +219,10 @@ class JavaMethods:
             if structs is None:
                 return False  # not written yet: ask again later
             try:
+                self.code_layout = codecache.Layout(structs)
+            except ValueError as e:
+                self.code_problem = str(e)
+            try:
                 self.layout = Layout(structs)
             except ValueError as e:
                 self.problem = Note.of(notes.JVM_METHODS_UNREADABLE, reason=str(e))
@@ -225,6 +232,13 @@ class JavaMethods:
         """Where the interpreter's code is, once the JVM generated it."""
         with self._memory() as read:
             return interpreter_range(read, self.layout) if self._ready(read) else None
+
+    def code_heaps(self) -> Optional[tuple[codecache.CodeHeap, ...]]:
+        """Where the compiled code is (None: not readable, or not yet)."""
+        with self._memory() as read:
+            if not self._ready(read) or self.code_layout is None:
+                return None
+            return codecache.read_code_heaps(read, self.code_layout)
 
     def name(self, method: int) -> Optional[str]:
         """The method's name; a failed read is tried again later (a class

@@ -4,7 +4,8 @@ ELF file describes. The JVM lists them in its perf map, /tmp/perf-PID.map
 (`start size name` a line), written on `jcmd PID Compiler.perfmap` (JDK 17
 and later). memtrace runs that jcmd itself, in a background thread, again
 while new code appears (at most every REFRESH_S), and keeps the last map
-after the JVM has exited, so reports still name its frames.
+after the JVM has exited, so reports still name its frames, and what older
+maps named of code freed since.
 
 The map is written by the target: it is read as data only, from the
 target's own /tmp (its root: a container's), never through a symlink,
@@ -30,6 +31,7 @@ REFRESH_S = 5.0  # between two jcmd runs, at least
 JCMD_TIMEOUT_S = 30.0
 MAX_MAP_BYTES = 64 << 20
 MAX_NAME_CHARS = 1000
+MAX_KEPT_ENTRIES = 500_000  # the map's and freed code's, at most
 # What frames of generated code show as their module, as perf shows them:
 # not a file name ("java" is the launcher's).
 MODULE = "JIT"
@@ -184,9 +186,29 @@ class PerfMap:
         if not entries:
             return False
         with self._lock:
+            entries = with_freed_code(entries, self._entries)
             self._entries, self._starts = entries, [e[0] for e in entries]
             self._updated = True
         return True
+
+
+def with_freed_code(new: list[tuple[int, int, str]],
+                    old: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """The new map and, up to MAX_KEPT_ENTRIES, the entries of the old one
+    that no new entry overlaps: code freed since (a method compiled again,
+    C1's code replaced by C2's), whose frames stacks recorded before still
+    hold."""
+    starts = [e[0] for e in new]
+    out = list(new)
+    for start, end, name in old:
+        if len(out) >= MAX_KEPT_ENTRIES:
+            break
+        i = bisect.bisect_right(starts, start) - 1
+        if (i >= 0 and new[i][1] > start) or (i + 1 < len(new) and new[i + 1][0] < end):
+            continue  # the address holds other code now
+        out.append((start, end, name))
+    out.sort()
+    return out
 
 
 def _attach_disabled(pid: int) -> bool:

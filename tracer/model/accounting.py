@@ -401,7 +401,9 @@ def hints(arenas: Sequence[ArenaStats], trim_estimate_bytes: int, rss_anon_bytes
 
 
 def jvm_hints(jvm: Optional[JvmStats]) -> tuple[Note, ...]:
-    """What a JVM's flags keep from the stacks."""
-    if jvm is None or jvm.preserve_frame_pointer is not False:
+    """What a JVM's flags keep from the stacks: without frame pointers in
+    compiled code, its frames end the walk unless their sizes were read
+    from the code cache."""
+    if jvm is None or jvm.preserve_frame_pointer is not False or jvm.compiled_frames_walked:
         return ()
     return (Note.of(notes.JVM_NO_FRAME_POINTER),)

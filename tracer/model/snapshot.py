@@ -312,6 +312,9 @@ class JvmStats:
 
     preserve_frame_pointer: Optional[bool] = None  # None: not known
     interpreter_found: bool = False  # interpreted frames name their methods
+    # compiled frames are walked by their size (read from the code cache),
+    # frame pointers or not
+    compiled_frames_walked: bool = False
     nmt_malloc_bytes: Optional[int] = None  # None: NMT off or not answered
     nmt_malloc_count: Optional[int] = None
     nmt_elapsed_s: Optional[float] = None  # when NMT answered (since the start)

@@ -74,9 +74,9 @@ _WORDS: dict[str, Callable[[Note], str]] = {
     n.TRIM_WOULD_RETURN: lambda note: (
         f"malloc_trim(0) would return about {fmt_bytes(note.get('bytes'))} now (estimate)"),
     n.JVM_NO_FRAME_POINTER: lambda _: (
-        "the JVM runs without -XX:+PreserveFramePointer: stacks stop at the first "
-        "JIT-compiled Java method (interpreted methods are still named); restart it with "
-        "that flag to see every Java caller"),
+        "the JVM runs without -XX:+PreserveFramePointer and its code heaps could not be read: "
+        "stacks stop at the first JIT-compiled Java method (interpreted methods are still "
+        "named); restart it with that flag to see every Java caller"),
 }
 
 

@@ -31,10 +31,61 @@ Frames = tuple[str, ...]
 NAMED_AT_LEAST = 1000
 
 
-def _place(st: StackStats) -> tuple:
-    """Its place in the order: unique, as it ends with the frames."""
+def _place(st: StackStats, rank: int, sid: int) -> tuple:
+    """Its place in the order: the frames' rank stands for the frames
+    (FrameRanks), and the stack number makes the key one the stack's own
+    however ranks are renumbered."""
     c = st.counters
-    return (c.free_bytes - c.alloc_bytes, -c.alloc_bytes, st.frames)
+    return (c.free_bytes - c.alloc_bytes, -c.alloc_bytes, rank, sid)
+
+
+class FrameRanks:
+    """Per stack number, an int whose order is its frames' order. The
+    model orders stacks of equal bytes by their frames: comparing tuples
+    of ~30 strings was most of the cost of placing a stack (100,000 stacks
+    of a few hundred sizes tie often); ints compare at once. A new stack
+    takes a rank between its neighbours'; when there is no room, or many
+    come at once, every stack is ranked again (`renumbered` says so)."""
+
+    GAP = 1 << 32
+
+    def __init__(self) -> None:
+        self.rank: list[Optional[int]] = []  # by stack number
+        self._frames: list[Frames] = []  # the ranked frames, in order
+        self._ranks: list[int] = []  # their ranks, alongside
+        self._pending: list[int] = []  # stack numbers not ranked yet
+
+    def add(self, sid: int) -> None:
+        """sid is the next stack number: ranked by rank_new()."""
+        self.rank.append(None)
+        self._pending.append(sid)
+
+    def rank_new(self, frames_of_sid: list[Frames]) -> bool:
+        """Ranks the stacks added since; True when every rank was renumbered."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return False
+        ranked, ranks, rank = self._frames, self._ranks, self.rank
+        if len(pending) * 8 <= len(ranked):
+            pending.sort(key=frames_of_sid.__getitem__)
+            for sid in pending:
+                frames = frames_of_sid[sid]
+                p = bisect_left(ranked, frames)
+                lo = ranks[p - 1] if p else ranks[0] - 2 * self.GAP
+                hi = ranks[p] if p < len(ranks) else ranks[-1] + 2 * self.GAP
+                if hi - lo < 2:
+                    break  # no room between them: all again
+                rank[sid] = r = (lo + hi) // 2
+                ranked.insert(p, frames)
+                ranks.insert(p, r)
+            else:
+                return False
+        order = sorted(range(len(frames_of_sid)), key=frames_of_sid.__getitem__)
+        self._frames = [frames_of_sid[sid] for sid in order]
+        self._ranks = [i * self.GAP for i in range(len(order))]
+        for i, sid in enumerate(order):
+            rank[sid] = i * self.GAP
+        return True
 
 
 class Ordered:
@@ -105,6 +156,11 @@ class Ordered:
         i, j = self._find(key)
         self._values[i][j] = value
 
+    def rekey(self, new_key: Callable) -> None:
+        """Every key becomes new_key(key), which keeps their order."""
+        self._keys = [[new_key(k) for k in keys] for keys in self._keys]
+        self._maxes = [keys[-1] for keys in self._keys]
+
 
 def _first(pair: tuple):
     return pair[0]
@@ -136,6 +192,7 @@ class StackAggregator:
         self._retained: dict[int, int] = {}
         self._moved: set[int] = set()  # live_delta_bytes != 0
         self._order = Ordered()  # the stacks by _place
+        self._ranks = FrameRanks()
         self._waiting: set[RowKey] = set()  # rows whose stack is not named yet
 
     @property
@@ -149,6 +206,7 @@ class StackAggregator:
         if sid is None:
             sid = self._sid_of_frames[frames] = len(self._frames)
             self._frames.append(frames)
+            self._ranks.add(sid)
         self._sid_of_key[stack_key] = sid
         return sid
 
@@ -232,6 +290,9 @@ class StackAggregator:
         self._retained = kept
 
         stats, order, all_frames = self._stats, self._order, self._frames
+        rank = self._ranks.rank
+        if self._ranks.rank_new(all_frames):
+            order.rekey(lambda k: (k[0], k[1], rank[k[3]], k[3]))
         fresh: list[tuple] = []
         new_stacks: list[StackStats] = []  # objects new since the last call
         gone_stacks: list[StackStats] = []  # and those that went
@@ -244,7 +305,7 @@ class StackAggregator:
                 tid_rows.pop(sid, None)
                 if old is not None:
                     del stats[sid]
-                    order.remove(_place(old))
+                    order.remove(_place(old, rank[sid], sid))
                     gone_stacks.append(old)
                 continue
             s = sums[sid]
@@ -255,20 +316,27 @@ class StackAggregator:
             else:
                 counters = Counters(*s)
             frames = all_frames[sid]
-            delta = counters.live_bytes - (old.counters.live_bytes if old is not None
-                                           else live_before.get(frames, 0))
-            st = StackStats(
-                frames=frames,
-                tids=tuple(sorted(per_tid)),
-                counters=counters,
-                truncated=old.truncated if old is not None else looks_truncated(frames, self.max_depth),
-                live_delta_bytes=delta,
-                retained_bytes=kept.get(sid, 0),
-            )
-            if delta:
-                moved.add(sid)
-            if old is not None and st == old:
-                continue
+            retained_bytes = kept.get(sid, 0)
+            if old is not None:
+                delta = counters.live_bytes - c.live_bytes
+                tids = old.tids
+                if len(tids) != len(per_tid) or (tids[0] not in per_tid if len(tids) == 1
+                                                 else per_tid.keys() != set(tids)):
+                    tids = tuple(sorted(per_tid))
+                if delta:
+                    moved.add(sid)
+                # The fields compared one by one, before an object is made:
+                # most stacks here only stopped growing, or did not move.
+                if counters is c and tids is old.tids and delta == old.live_delta_bytes \
+                        and retained_bytes == old.retained_bytes:
+                    continue
+                st = StackStats(frames, tids, counters, old.truncated, delta, retained_bytes)
+            else:
+                delta = counters.live_bytes - live_before.get(frames, 0)
+                if delta:
+                    moved.add(sid)
+                st = StackStats(frames, tuple(sorted(per_tid)), counters,
+                                looks_truncated(frames, self.max_depth), delta, retained_bytes)
             new_stacks.append(st)
             if old is not None:
                 gone_stacks.append(old)
@@ -276,11 +344,11 @@ class StackAggregator:
                 if old.counters is counters:
                     # Only its growth, threads or retained share moved: its
                     # place is the same.
-                    order.replace(_place(old), st)
+                    order.replace(_place(old, rank[sid], sid), st)
                     continue
-                order.remove(_place(old))
+                order.remove(_place(old, rank[sid], sid))
             stats[sid] = st
-            fresh.append((_place(st), st))
+            fresh.append((_place(st, rank[sid], sid), st))
         order.extend(fresh)
         self._moved = moved
         out = StackChanges(order.values())

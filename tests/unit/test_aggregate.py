@@ -183,6 +183,7 @@ def test_frame_ranks_keep_the_frames_order(monkeypatch):
         by_rank = sorted(range(len(frames)), key=ranks.rank.__getitem__)
         assert by_rank == sorted(range(len(frames)), key=frames.__getitem__), step
         assert len(set(ranks.rank)) == len(frames)
+        assert all(0 <= r < FrameRanks.LIMIT for r in ranks.rank)
     assert 1 < renumbered < 300
 
 

@@ -31,12 +31,25 @@ Frames = tuple[str, ...]
 NAMED_AT_LEAST = 1000
 
 
-def _place(st: StackStats, rank: int, sid: int) -> tuple:
-    """Its place in the order: the frames' rank stands for the frames
-    (FrameRanks), and the stack number makes the key one the stack's own
-    however ranks are renumbered."""
+def _place(st: StackStats, rank: int, sid: int) -> int:
+    """Its place in the order, as one int: (live bytes falling, allocated
+    bytes falling, the frames' rank, the stack number) from the high bits
+    to the low. A tuple's comparison reads its items, each an object of its
+    own: bisecting 100,000 of them was cache misses more than compares. The
+    frames' rank stands for the frames (FrameRanks), and the stack number
+    keeps the key the stack's own however ranks are renumbered."""
     c = st.counters
-    return (c.free_bytes - c.alloc_bytes, -c.alloc_bytes, rank, sid)
+    return ((c.free_bytes - c.alloc_bytes) << 194) - (c.alloc_bytes << 128) + (rank << 64) + sid
+
+
+_LOW = (1 << 128) - 1  # a key's rank and stack number
+_SID = (1 << 64) - 1
+
+
+def _reranked(key: int, rank: list) -> int:
+    low = key & _LOW
+    sid = low & _SID
+    return key - low + (rank[sid] << 64) + sid
 
 
 class FrameRanks:
@@ -48,6 +61,7 @@ class FrameRanks:
     come at once, every stack is ranked again (`renumbered` says so)."""
 
     GAP = 1 << 32
+    LIMIT = 1 << 60  # ranks are in [0, LIMIT): 64 bits of a key (_place)
 
     def __init__(self) -> None:
         self.rank: list[Optional[int]] = []  # by stack number
@@ -71,8 +85,8 @@ class FrameRanks:
             for sid in pending:
                 frames = frames_of_sid[sid]
                 p = bisect_left(ranked, frames)
-                lo = ranks[p - 1] if p else ranks[0] - 2 * self.GAP
-                hi = ranks[p] if p < len(ranks) else ranks[-1] + 2 * self.GAP
+                lo = ranks[p - 1] if p else -1
+                hi = ranks[p] if p < len(ranks) else min(ranks[-1] + 2 * self.GAP, self.LIMIT)
                 if hi - lo < 2:
                     break  # no room between them: all again
                 rank[sid] = r = (lo + hi) // 2
@@ -82,9 +96,9 @@ class FrameRanks:
                 return False
         order = sorted(range(len(frames_of_sid)), key=frames_of_sid.__getitem__)
         self._frames = [frames_of_sid[sid] for sid in order]
-        self._ranks = [i * self.GAP for i in range(len(order))]
+        self._ranks = [(i + 1) * self.GAP for i in range(len(order))]
         for i, sid in enumerate(order):
-            rank[sid] = i * self.GAP
+            rank[sid] = (i + 1) * self.GAP
         return True
 
 
@@ -292,7 +306,7 @@ class StackAggregator:
         stats, order, all_frames = self._stats, self._order, self._frames
         rank = self._ranks.rank
         if self._ranks.rank_new(all_frames):
-            order.rekey(lambda k: (k[0], k[1], rank[k[3]], k[3]))
+            order.rekey(lambda key: _reranked(key, rank))
         fresh: list[tuple] = []
         new_stacks: list[StackStats] = []  # objects new since the last call
         gone_stacks: list[StackStats] = []  # and those that went

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import os
 import re
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -715,10 +716,7 @@ class Probes:
         """The rows up to `used`, a Flow each. Only rows whose bytes changed
         since the last read are decoded again: a service whose threads come
         and go leaves many rows that never change."""
-        import ctypes
-
-        keys_type, counts_type = self._bpf["heap_keys"].Leaf, self._bpf["heap_counts"].Leaf
-        ks, cs = ctypes.sizeof(keys_type), ctypes.sizeof(counts_type)
+        ks, cs = _checked_layouts(self._bpf["heap_keys"].Leaf, self._bpf["heap_counts"].Leaf)
         keys, counts = self._mapped_bytes("heap_keys", used), self._mapped_bytes("heap_counts", used)
         book = self._book
         if generation != self._flow_generation:
@@ -759,9 +757,9 @@ class Probes:
                 continue
             if hit is not None and hit[2]:
                 # changed: taken out as it was, put back as it is now
-                self._fold(self._decode(hit[0], keys_type, counts_type, ks, generation), -1)
+                self._fold(_decode(hit[0], generation), -1)
             old = hit[1] if hit is not None else None
-            flow = self._decode(raw, keys_type, counts_type, ks, generation)
+            flow = _decode(raw, generation)
             folded = flow is not None and flow.tid in retired
             if folded:
                 self._fold(flow, 1)
@@ -777,17 +775,6 @@ class Probes:
             book.put(("folded", key), old, new)
         self._folded_dirty.clear()
         return _Flows(row_flows, self._folded_flows)
-
-    @staticmethod
-    def _decode(raw: bytes, keys_type, counts_type, ks: int, generation: int) -> Optional[Flow]:
-        k = keys_type.from_buffer_copy(raw, 0)
-        if not k.tid:  # 0: an index not named yet, or lost to a race
-            return None
-        v = counts_type.from_buffer_copy(raw, ks)
-        return Flow(k.tid, (k.stack, k.caller), k.bucket,
-                    v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count,
-                    alloc_chunk_bytes=v.alloc_chunk_bytes, free_chunk_bytes=v.free_chunk_bytes,
-                    before_exec=k.generation != generation)
 
     def retire(self, tids) -> None:
         """From the next read on, these threads' rows (threads that exited)
@@ -930,6 +917,40 @@ def set_traced(bpf, pid: int, traced: bool) -> None:
         del targets[ctypes.c_uint(pid)]
     except KeyError:
         pass
+
+
+# struct heap_key and struct heap_counts (bpf/memtrace.h), read with struct
+# where ctypes objects cost two allocations and a call per field; checked
+# against bcc's layouts at the first read (_checked_layouts) and against the
+# header by tests/unit/test_bpf_header.py.
+HEAP_KEY = struct.Struct("=QQIIII")  # stack, caller, tid, bucket, generation, unused
+HEAP_COUNTS = struct.Struct("=8Q")  # alloc_bytes, free_bytes, alloc_count, free_count,
+# alloc_chunk_bytes, free_chunk_bytes, unused[2]
+HEAP_KEY_FIELDS = ("stack", "caller", "tid", "bucket", "generation", "unused")
+HEAP_COUNTS_FIELDS = ("alloc_bytes", "free_bytes", "alloc_count", "free_count",
+                      "alloc_chunk_bytes", "free_chunk_bytes", "unused")
+
+
+def _checked_layouts(keys_type, counts_type) -> tuple[int, int]:
+    """The sizes of a key and of its counts, once their layouts in the
+    loaded object are known to be the ones HEAP_KEY and HEAP_COUNTS read."""
+    import ctypes
+
+    for leaf, layout, names in ((keys_type, HEAP_KEY, HEAP_KEY_FIELDS),
+                                (counts_type, HEAP_COUNTS, HEAP_COUNTS_FIELDS)):
+        if ctypes.sizeof(leaf) != layout.size or [f[0] for f in leaf._fields_] != list(names):
+            raise MemtraceError(f"the BPF object's {leaf.__name__} is not the layout memtrace "
+                                "reads: reinstall memtrace (its BPF source and Python disagree)")
+    return HEAP_KEY.size, HEAP_COUNTS.size
+
+
+def _decode(raw: bytes, generation: int) -> Optional[Flow]:
+    """The Flow of one row: its key's bytes, then its counts'."""
+    stack, caller, tid, bucket, gen, _ = HEAP_KEY.unpack_from(raw)
+    if not tid:  # 0: an index not named yet, or lost to a race
+        return None
+    a, f, ac, fc, ach, fch, _, _ = HEAP_COUNTS.unpack_from(raw, HEAP_KEY.size)
+    return Flow(tid, (stack, caller), bucket, a, f, ac, fc, ach, fch, gen != generation)
 
 
 # Rows compared as one run of bytes, then in smaller runs, then one by one.

@@ -56,17 +56,17 @@ class FrameRanks:
     """Per stack number, an int whose order is its frames' order. The
     model orders stacks of equal bytes by their frames: comparing tuples
     of ~30 strings was most of the cost of placing a stack (100,000 stacks
-    of a few hundred sizes tie often); ints compare at once. A new stack
-    takes a rank between its neighbours'; when there is no room, or many
-    come at once, every stack is ranked again (`renumbered` says so)."""
+    of a few hundred sizes tie often); ints compare at once. New stacks
+    take ranks between their neighbours'; when there is no room, every
+    stack is ranked again (rank_new says so)."""
 
     GAP = 1 << 32
     LIMIT = 1 << 60  # ranks are in [0, LIMIT): 64 bits of a key (_place)
+    INSERT_AT_MOST = 32  # more new stacks at once: the ranked list is merged, not inserted into
 
     def __init__(self) -> None:
         self.rank: list[Optional[int]] = []  # by stack number
-        self._frames: list[Frames] = []  # the ranked frames, in order
-        self._ranks: list[int] = []  # their ranks, alongside
+        self._sids: list[int] = []  # the ranked stack numbers, in their frames' order
         self._pending: list[int] = []  # stack numbers not ranked yet
 
     def add(self, sid: int) -> None:
@@ -79,26 +79,37 @@ class FrameRanks:
         pending, self._pending = self._pending, []
         if not pending:
             return False
-        ranked, ranks, rank = self._frames, self._ranks, self.rank
-        if len(pending) * 8 <= len(ranked):
-            pending.sort(key=frames_of_sid.__getitem__)
-            for sid in pending:
-                frames = frames_of_sid[sid]
-                p = bisect_left(ranked, frames)
-                lo = ranks[p - 1] if p else -1
-                hi = ranks[p] if p < len(ranks) else min(ranks[-1] + 2 * self.GAP, self.LIMIT)
-                if hi - lo < 2:
+        sids, rank, frames = self._sids, self.rank, frames_of_sid.__getitem__
+        if sids:
+            pending.sort(key=frames)
+            # Where each goes among the ranked (in order, as pending is):
+            # those that share a place share the room between its neighbours.
+            places = [bisect_left(sids, frames(sid), key=frames) for sid in pending]
+            start = 0
+            while start < len(pending):
+                p, end = places[start], start + 1
+                while end < len(pending) and places[end] == p:
+                    end += 1
+                lo = rank[sids[p - 1]] if p else -1
+                hi = rank[sids[p]] if p < len(sids) else min(rank[sids[-1]] + (end - start + 1) * self.GAP,
+                                                            self.LIMIT)
+                step = (hi - lo) // (end - start + 1)
+                if step < 1:
                     break  # no room between them: all again
-                rank[sid] = r = (lo + hi) // 2
-                ranked.insert(p, frames)
-                ranks.insert(p, r)
+                for j in range(start, end):
+                    rank[pending[j]] = lo + step * (j - start + 1)
+                start = end
             else:
+                if len(pending) <= self.INSERT_AT_MOST:
+                    for sid, p in zip(reversed(pending), reversed(places)):
+                        sids.insert(p, sid)
+                else:
+                    self._sids = sorted(sids + pending, key=rank.__getitem__)
                 return False
-        order = sorted(range(len(frames_of_sid)), key=frames_of_sid.__getitem__)
-        self._frames = [frames_of_sid[sid] for sid in order]
-        self._ranks = [(i + 1) * self.GAP for i in range(len(order))]
-        for i, sid in enumerate(order):
-            rank[sid] = (i + 1) * self.GAP
+        self._sids = sorted(range(len(frames_of_sid)), key=frames)
+        gap = min(self.GAP, self.LIMIT // (len(self._sids) + 1))
+        for i, sid in enumerate(self._sids):
+            rank[sid] = (i + 1) * gap
         return True
 
 

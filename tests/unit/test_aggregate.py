@@ -193,3 +193,19 @@ def test_incremental_aggregation_with_ranks_renumbered_often(monkeypatch):
 
     monkeypatch.setattr(FrameRanks, "GAP", 2)  # no room between neighbours: the order is rekeyed
     test_incremental_aggregation_equals_the_one_shot()
+
+
+def test_marked_rows_are_the_words_equal_to_an_epoch():
+    """probes.marked_rows against a word-by-word look: values that straddle
+    two words (bytes of an epoch across a boundary) are not rows."""
+    import struct
+
+    from memtrace.collect.probes import marked_rows
+
+    rng = random.Random(8)
+    for step in range(50):
+        words = [rng.choice((0, 1, 2, 3, 7, 0x0300000000000000, 0x0203, 3 << 56 | 2 << 48))
+                 for _ in range(rng.randrange(0, 400))]
+        marks = struct.pack(f"<{len(words)}Q", *words)
+        epochs = [e for e in (rng.randrange(5), rng.randrange(5)) if e > 0]
+        assert marked_rows(marks, epochs) == {i for i, w in enumerate(words) if w in epochs}, step

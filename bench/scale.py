@@ -6,6 +6,7 @@
     .venv/bin/python bench/scale.py --stacks 57000 --ramp 90 --seconds 300   # Tomcat-like
     .venv/bin/python bench/scale.py --profile prof.out       # memtrace under cProfile
     .venv/bin/python bench/scale.py --keep DIR               # keep the recording
+    .venv/bin/python bench/scale.py --steady-after 20        # also CPU per snapshot from 20 s in
 
 memtrace launches `scale_target.c` (`--json --record --interval 1`, with
 kernel maps large enough for the stacks). Measured:

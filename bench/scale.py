@@ -6,6 +6,7 @@
     .venv/bin/python bench/scale.py --stacks 57000 --ramp 90 --seconds 300   # Tomcat-like
     .venv/bin/python bench/scale.py --profile prof.out       # memtrace under cProfile
     .venv/bin/python bench/scale.py --keep DIR               # keep the recording
+    .venv/bin/python bench/scale.py --steady-after 20        # also CPU per snapshot from 20 s in
 
 memtrace launches `scale_target.c` (`--json --record --interval 1`, with
 kernel maps large enough for the stacks). Measured:
@@ -264,6 +265,8 @@ def main() -> int:
                    help="sample memtrace with py-spy (from --spy-after to the target's exit), folded into FILE")
     p.add_argument("--spy-after", type=float, default=5.0, metavar="S",
                    help="start py-spy this many seconds in (past the first snapshots: the steady state)")
+    p.add_argument("--steady-after", type=float, default=0.0, metavar="S",
+                   help="also CPU per snapshot from S seconds in (every stack named, the heap warm)")
     p.add_argument("--keep", metavar="DIR", help="keep the recording and the outputs here")
     p.add_argument("--no-reports", action="store_true")
     args = p.parse_args()
@@ -305,6 +308,11 @@ def main() -> int:
     if n:
         print(f"CPU per snapshot: {1000 * per:.0f} ms over the {n} snapshots after the first 3,"
               f" {100 * per / args.interval:.1f} % of a core if each came on time at --interval {args.interval:g}")
+    if args.steady_after:
+        skip = sum(1 for x in times if x < args.steady_after)
+        per, n = cpu_per_snapshot(t, times, skip=max(3, skip))
+        print(f"CPU per snapshot from {args.steady_after:g} s in: {1000 * per:.0f} ms over {n} snapshots,"
+              f" {100 * per / args.interval:.1f} % of a core")
     named = naming_ends(rec)
     if named:
         per, n = cpu_per_snapshot(t, times, skip=max(3, named + 1))

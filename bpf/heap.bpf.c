@@ -62,6 +62,9 @@ BPF_ARRAY(heap_peak, struct heap_peak, 1);
  * were allocated in (in their counters' key), and the old image's blocks
  * are gone with it. */
 BPF_ARRAY(exec_generation, u32, 1);
+/* Moved on by the reader at each read: what a row's change marks it with
+ * (heap_counts.mark). */
+BPF_ARRAY(heap_epoch, u64, 1);
 
 #ifndef ALLOCATOR_KIND
 #define ALLOCATOR_KIND ALLOCATOR_GLIBC
@@ -214,6 +217,16 @@ static __always_inline s64 stats_index(struct heap_key *key)
     return index;
 }
 
+/* After the row's counters moved: a plain store, as every writer in an
+ * epoch writes the same value. */
+static __always_inline void mark_changed(struct heap_counts *c)
+{
+    u32 zero = 0;
+    u64 *epoch = heap_epoch.lookup(&zero);
+    if (epoch && c->mark != *epoch)
+        c->mark = *epoch;
+}
+
 static __always_inline struct heap_counts *counts_at(u64 index)
 {
     u32 i = index;
@@ -232,6 +245,7 @@ static __always_inline void charge_free(u64 meta)
     __sync_fetch_and_add(&c->free_bytes, size);
     __sync_fetch_and_add(&c->free_count, 1);
     __sync_fetch_and_add(&c->free_chunk_bytes, chunk_of(size));
+    mark_changed(c);
     /* A block of an image before the last exec left the live total then. */
     struct heap_key *named = heap_keys.lookup(&index);
     if (named && named->generation == current_generation())
@@ -356,6 +370,7 @@ static __always_inline void record_block(u64 addr, u64 size, struct heap_key *ke
     __sync_fetch_and_add(&c->alloc_bytes, size);
     __sync_fetch_and_add(&c->alloc_count, 1);
     __sync_fetch_and_add(&c->alloc_chunk_bytes, chunk_of(size));
+    mark_changed(c);
     add_live(size);
 }
 

@@ -208,3 +208,53 @@ def test_command_that_exits_at_once_is_still_symbolized(programs, run_memtrace, 
     truth = json.loads(truth_path.read_text())
     assert_functions_match(doc, truth)
     assert_threads_match(doc, truth, names=False)
+
+
+def test_rows_found_by_their_marks_are_every_row_read_afresh(programs, monkeypatch):
+    """Reads that take only the rows the probes marked as changed
+    (heap_counts.mark, probes.marked_rows) give, read after read, what
+    decoding every row of the map from scratch gives. The target is
+    stopped for each comparison, so both see the same map."""
+    import os
+    import subprocess
+    import time
+
+    from memtrace.collect import probes as probes_module
+    from memtrace.collect.probes import HEAP_COUNTS, HEAP_KEY, Limits, Probes, _decode, resolve_sites
+    from memtrace.model.snapshot import Counters
+
+    monkeypatch.setattr(probes_module, "WHOLE_READ_EVERY", 1 << 30)  # marks only, after the first
+    target = subprocess.Popen([str(programs["manystacks"]), "3000", "8", "20000", "0.5", "4"])
+    try:
+        time.sleep(0.3)
+        with open(f"/proc/{target.pid}/maps") as f:
+            libc = next(line.split()[-1] for line in f if "/libc.so" in line)
+        probes = Probes(target.pid, libc, Limits(), resolve_sites(libc))
+        probes.load()
+        probes.attach()
+        try:
+            for step in range(10):
+                time.sleep(0.3)
+                os.kill(target.pid, signal.SIGSTOP)
+                time.sleep(0.05)  # probes under way end
+                reading = probes.read()
+                bpf = probes._bpf
+                used = int(bpf["heap_next_index"][0].value)
+                generation = int(bpf["exec_generation"][0].value)
+                keys, counts = probes._mapped("heap_keys"), probes._mapped("heap_counts")
+                ks, cs = HEAP_KEY.size, HEAP_COUNTS.size
+                want: dict = {}
+                for i in range(used):
+                    flow = _decode(keys[i * ks:(i + 1) * ks] + counts[i * cs:(i + 1) * cs], generation)
+                    if flow is not None:
+                        key = (flow.tid, flow.stack_key)
+                        want[key] = want.get(key, Counters()) + flow.counters
+                got = {key: row.counters for key, row in reading.rows_by_key.items()}
+                assert got == want, step
+                assert len(want) > 100 * (step + 1)  # rows keep coming, and changing
+                os.kill(target.pid, signal.SIGCONT)
+        finally:
+            probes.detach()
+    finally:
+        target.kill()
+        target.wait()

@@ -162,3 +162,50 @@ def test_stacks_not_named_within_the_budget_join_later(monkeypatch):
         got = agg.update(book.rows, set(), slow_frames, 1, {}, naming_budget_s=0.01)
     assert agg.unnamed == 0 and sorted(named) == [(i, 0) for i in range(40)]
     assert still(got) == still(aggregate_stacks(list(book.rows.values()), frames_for, 127))
+
+
+def test_frame_ranks_keep_the_frames_order(monkeypatch):
+    """Ranks given one stack at a time, in batches, and renumbered when two
+    neighbours leave no room (a small GAP), order stacks as their frames do."""
+    from memtrace.collect.aggregate import FrameRanks
+
+    monkeypatch.setattr(FrameRanks, "GAP", 8)
+    monkeypatch.setattr(FrameRanks, "LIMIT", 1 << 14)  # the last ones run out of room too
+    rng = random.Random(4)
+    ranks, frames = FrameRanks(), []
+    renumbered = 0
+    for step in range(300):
+        for _ in range(rng.choice((1, 1, 2, 40, 200))):
+            f = tuple(f"f{rng.randrange(30)}" for _ in range(rng.randrange(1, 4)))
+            if f not in frames:
+                ranks.add(len(frames))
+                frames.append(f)
+        renumbered += ranks.rank_new(frames)
+        by_rank = sorted(range(len(frames)), key=ranks.rank.__getitem__)
+        assert by_rank == sorted(range(len(frames)), key=frames.__getitem__), step
+        assert len(set(ranks.rank)) == len(frames)
+        assert all(0 <= r < FrameRanks.LIMIT for r in ranks.rank)
+    assert 1 < renumbered < 100
+
+
+def test_incremental_aggregation_with_ranks_renumbered_often(monkeypatch):
+    from memtrace.collect.aggregate import FrameRanks
+
+    monkeypatch.setattr(FrameRanks, "GAP", 2)  # no room between neighbours: the order is rekeyed
+    test_incremental_aggregation_equals_the_one_shot()
+
+
+def test_marked_rows_are_the_words_equal_to_an_epoch():
+    """probes.marked_rows against a word-by-word look: values that straddle
+    two words (bytes of an epoch across a boundary) are not rows."""
+    import struct
+
+    from memtrace.collect.probes import marked_rows
+
+    rng = random.Random(8)
+    for step in range(50):
+        words = [rng.choice((0, 1, 2, 3, 7, 0x0300000000000000, 0x0203, 3 << 56 | 2 << 48))
+                 for _ in range(rng.randrange(0, 400))]
+        marks = struct.pack(f"<{len(words)}Q", *words)
+        epochs = [e for e in (rng.randrange(5), rng.randrange(5)) if e > 0]
+        assert marked_rows(marks, epochs) == {i for i, w in enumerate(words) if w in epochs}, step

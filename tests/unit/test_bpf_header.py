@@ -72,3 +72,23 @@ def test_jvm_code_limits():
 
 def test_tgid_limit():
     assert probes.TGID_LIMIT == _define("TGID_LIMIT")
+
+
+def _struct_fields(name: str) -> list[tuple[str, str, int]]:
+    """(C type, field, array length) of a struct of the header."""
+    body = re.search(r"struct %s \{(.*?)\};" % name, HEADER, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    return [(m.group(1), m.group(2), int(m.group(3) or 1))
+            for m in re.finditer(r"(\w+)\s+(\w+)(?:\[(\d+)\])?;", body)]
+
+
+def test_heap_row_layouts():
+    """The map rows the reader decodes with struct (probes.HEAP_KEY,
+    HEAP_COUNTS) have the header's fields, in its order and sizes."""
+    sizes = {"u64": "Q", "s64": "q", "u32": "I"}
+    for name, layout, names in (("heap_key", probes.HEAP_KEY, probes.HEAP_KEY_FIELDS),
+                                ("heap_counts", probes.HEAP_COUNTS, probes.HEAP_COUNTS_FIELDS)):
+        fields = _struct_fields(name)
+        assert [f for _, f, _ in fields] == list(names), name
+        assert "=" + "".join(sizes[t] * n for t, _, n in fields) == \
+            re.sub(r"(\d+)(\w)", lambda m: m.group(2) * int(m.group(1)), layout.format), name

@@ -279,7 +279,7 @@ class Collector:
         self.read_watch()
         if not target_alive and self.watch is not None:
             self._await_exit_record()
-        reading = self.probes.read()
+        reading = self.probes.read(whole=last)
         rows = [] if self.light else reading.rows
         smaps = self._refresh_process() if target_alive else None
         alive = smaps is not None

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import os
 import re
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -356,7 +357,10 @@ class Probes:
         self._folded_flows: dict[tuple, Flow] = {}  # the same as flows
         self._folded_dirty: set[tuple] = set()
         self._row_flows: list[Optional[Flow]] = []  # map index -> its flow
-        self._seen_bytes = (b"", b"")  # the keys and counts of the last read
+        self._seen_bytes = (b"", b"")  # the keys and counts of the last whole read
+        self._epoch = 0  # heap_epoch: what rows changed since the last read are marked with
+        self._reads = 0
+        self._read_used = 0  # rows there were at the last read
         self._retire_pending = False
         self._book = RowBook()
         self._book_reset = True
@@ -689,13 +693,14 @@ class Probes:
 
     # ---------------------------------------------------------- reading
 
-    def read(self) -> HeapReading:
+    def read(self, whole: bool = False) -> HeapReading:
         """One pass over the aggregates: per (thread, stack), and per 64 MiB
-        bucket for the arena accounting."""
+        bucket for the arena accounting. whole: every row's bytes are
+        looked at, not only the rows marked as changed (the last read)."""
         b = self._bpf
         used = min(int(b["heap_next_index"][0].value), self.limits.max_stats)
         generation = int(b["exec_generation"][0].value)
-        flows = self._flows(used, generation)
+        flows = self._flows(used, generation, whole)
         book = self._book
         changed: Optional[set] = book.settle()
         if self._book_reset:
@@ -729,15 +734,19 @@ class Probes:
             live_chunk_bytes=book.live_chunk_bytes,
         )
 
-    def _flows(self, used: int, generation: int) -> "_Flows":
+    def _flows(self, used: int, generation: int, whole: bool = False) -> "_Flows":
         """The rows up to `used`, a Flow each. Only rows whose bytes changed
         since the last read are decoded again: a service whose threads come
         and go leaves many rows that never change."""
         import ctypes
 
-        keys_type, counts_type = self._bpf["heap_keys"].Leaf, self._bpf["heap_counts"].Leaf
-        ks, cs = ctypes.sizeof(keys_type), ctypes.sizeof(counts_type)
-        keys, counts = self._mapped_bytes("heap_keys", used), self._mapped_bytes("heap_counts", used)
+        ks, cs = _checked_layouts(self._bpf["heap_keys"].Leaf, self._bpf["heap_counts"].Leaf)
+        # From now on, changes mark their rows with the next epoch: those
+        # marked with this one (or the one before: a probe that read it
+        # just before it moved on) are the rows to read.
+        epoch = self._epoch
+        self._epoch += 1
+        self._bpf["heap_epoch"][ctypes.c_int(0)] = ctypes.c_ulonglong(self._epoch)
         book = self._book
         if generation != self._flow_generation:
             self._flow_cache.clear()  # before_exec changes with it
@@ -752,16 +761,28 @@ class Probes:
         cache, retired, row_flows = self._flow_cache, self._retired, self._row_flows
         if len(row_flows) < used:
             row_flows.extend([None] * (used - len(row_flows)))
-        seen_keys, seen_counts = self._seen_bytes
         # Rows a newly retired thread holds are folded even if unchanged:
         # then every row is looked at.
         every_row, self._retire_pending = self._retire_pending, False
+        keys, counts = self._mapped("heap_keys"), self._mapped("heap_counts")
+        self._reads += 1
         if every_row:
-            moved = range(used)
+            moved: Iterable[int] = range(used)
+        elif whole or not self._seen_bytes[1] or self._reads % WHOLE_READ_EVERY == 0:
+            # Runs of rows whose bytes did not move since the last whole
+            # read are skipped whole; of the others, those whose bytes are
+            # the ones last decoded are skipped below.
+            seen_keys, seen_counts = self._seen_bytes
+            now_keys, now_counts = keys[:used * ks], counts[:used * cs]
+            moved = _moved_rows(now_keys, seen_keys, ks, now_counts, seen_counts, cs, used)
+            self._seen_bytes = (now_keys, now_counts)
         else:
-            # Runs of rows whose bytes did not move are skipped whole: an
-            # idle service's rows, most of a large one's.
-            moved = _moved_rows(keys, seen_keys, ks, counts, seen_counts, cs, used)
+            with memoryview(counts) as whole_map, whole_map[:used * cs] as rows, \
+                    rows.cast("Q") as words, words[MARK_WORD::cs // 8] as mark_words:
+                marks = mark_words.tobytes()
+            moved = marked_rows(marks, [e for e in (epoch, epoch - 1) if e > 0])
+            moved.update(range(self._read_used, used))  # rows made since: marked or not yet
+        self._read_used = used
         for i in moved:
             raw = keys[i * ks:(i + 1) * ks] + counts[i * cs:(i + 1) * cs]
             hit = cache.get(i)
@@ -777,9 +798,9 @@ class Probes:
                 continue
             if hit is not None and hit[2]:
                 # changed: taken out as it was, put back as it is now
-                self._fold(self._decode(hit[0], keys_type, counts_type, ks, generation), -1)
+                self._fold(_decode(hit[0], generation), -1)
             old = hit[1] if hit is not None else None
-            flow = self._decode(raw, keys_type, counts_type, ks, generation)
+            flow = _decode(raw, generation)
             folded = flow is not None and flow.tid in retired
             if folded:
                 self._fold(flow, 1)
@@ -787,7 +808,6 @@ class Probes:
             cache[i] = (raw, flow, folded)
             row_flows[i] = flow
             book.put(i, old, flow)
-        self._seen_bytes = (keys, counts)
         for key in self._folded_dirty:
             old = self._folded_flows.pop(key, None)
             (stack_key, bucket), (a, f, ac, fc, chunk) = key, self._folded[key]
@@ -795,17 +815,6 @@ class Probes:
             book.put(("folded", key), old, new)
         self._folded_dirty.clear()
         return _Flows(row_flows, self._folded_flows)
-
-    @staticmethod
-    def _decode(raw: bytes, keys_type, counts_type, ks: int, generation: int) -> Optional[Flow]:
-        k = keys_type.from_buffer_copy(raw, 0)
-        if not k.tid:  # 0: an index not named yet, or lost to a race
-            return None
-        v = counts_type.from_buffer_copy(raw, ks)
-        return Flow(k.tid, (k.stack, k.caller), k.bucket,
-                    v.alloc_bytes, v.free_bytes, v.alloc_count, v.free_count,
-                    alloc_chunk_bytes=v.alloc_chunk_bytes, free_chunk_bytes=v.free_chunk_bytes,
-                    before_exec=k.generation != generation)
 
     def retire(self, tids) -> None:
         """From the next read on, these threads' rows (threads that exited)
@@ -864,18 +873,18 @@ class Probes:
         known = {name: int(v.bytes[i]) for i, name in enumerate(RSS_MEMBERS) if v.seen >> i & 1}
         return RssReading(known, int(v.ts_ns))
 
-    def _mapped_bytes(self, name: str, used: int) -> bytes:
-        """The first `used` entries of a BPF_F_MMAPABLE array, copied in one
-        go from its mapping (a lookup per index would be a syscall each)."""
+    def _mapped(self, name: str):
+        """A BPF_F_MMAPABLE array's mapping (a lookup per index would be a
+        syscall each): read its rows by slicing."""
         import ctypes
         import mmap
 
-        table = self._bpf[name]
         if name not in self._maps:
+            table = self._bpf[name]
             size = ctypes.sizeof(table.Leaf) * self.limits.max_stats
             length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
             self._maps[name] = mmap.mmap(table.map_fd, length, mmap.MAP_SHARED, mmap.PROT_READ)
-        return self._maps[name][: ctypes.sizeof(table.Leaf) * used]
+        return self._maps[name]
 
     def vm_lost(self) -> int:
         return int(self._bpf["counters"].sum(CNT_VM_LOST).value)
@@ -948,6 +957,63 @@ def set_traced(bpf, pid: int, traced: bool) -> None:
         del targets[ctypes.c_uint(pid)]
     except KeyError:
         pass
+
+
+# struct heap_key and struct heap_counts (bpf/memtrace.h), read with struct
+# where ctypes objects cost two allocations and a call per field; checked
+# against bcc's layouts at the first read (_checked_layouts) and against the
+# header by tests/unit/test_bpf_header.py.
+HEAP_KEY = struct.Struct("=QQIIII")  # stack, caller, tid, bucket, generation, unused
+HEAP_COUNTS = struct.Struct("=8Q")  # alloc_bytes, free_bytes, alloc_count, free_count,
+# alloc_chunk_bytes, free_chunk_bytes, mark, unused
+HEAP_KEY_FIELDS = ("stack", "caller", "tid", "bucket", "generation", "unused")
+HEAP_COUNTS_FIELDS = ("alloc_bytes", "free_bytes", "alloc_count", "free_count",
+                      "alloc_chunk_bytes", "free_chunk_bytes", "mark", "unused")
+MARK_WORD = HEAP_COUNTS_FIELDS.index("mark")  # in 8-byte words
+# Every this many reads, and when asked (the last one), the rows are also
+# compared with their bytes at the last such read: a change whose mark
+# came later than the read after it (a probe held up for a whole interval
+# between reading the epoch and marking) is not lost.
+WHOLE_READ_EVERY = 8
+
+
+def marked_rows(marks: bytes, epochs: Iterable[int]) -> set[int]:
+    """Indexes of the 8-byte little-endian words of `marks` equal to one of
+    `epochs` (bytes.find runs in C: ~2,000 rows found among 100,000 in
+    about a millisecond)."""
+    found: set[int] = set()
+    for epoch in epochs:
+        pattern = epoch.to_bytes(8, "little")
+        at = marks.find(pattern)
+        while at >= 0:
+            if at % 8:
+                at = marks.find(pattern, at + 1)  # across two words
+                continue
+            found.add(at // 8)
+            at = marks.find(pattern, at + 8)
+    return found
+
+
+def _checked_layouts(keys_type, counts_type) -> tuple[int, int]:
+    """The sizes of a key and of its counts, once their layouts in the
+    loaded object are known to be the ones HEAP_KEY and HEAP_COUNTS read."""
+    import ctypes
+
+    for leaf, layout, names in ((keys_type, HEAP_KEY, HEAP_KEY_FIELDS),
+                                (counts_type, HEAP_COUNTS, HEAP_COUNTS_FIELDS)):
+        if ctypes.sizeof(leaf) != layout.size or [f[0] for f in leaf._fields_] != list(names):
+            raise MemtraceError(f"the BPF object's {leaf.__name__} is not the layout memtrace "
+                                "reads: reinstall memtrace (its BPF source and Python disagree)")
+    return HEAP_KEY.size, HEAP_COUNTS.size
+
+
+def _decode(raw: bytes, generation: int) -> Optional[Flow]:
+    """The Flow of one row: its key's bytes, then its counts'."""
+    stack, caller, tid, bucket, gen, _ = HEAP_KEY.unpack_from(raw)
+    if not tid:  # 0: an index not named yet, or lost to a race
+        return None
+    a, f, ac, fc, ach, fch, _, _ = HEAP_COUNTS.unpack_from(raw, HEAP_KEY.size)
+    return Flow(tid, (stack, caller), bucket, a, f, ac, fc, ach, fch, gen != generation)
 
 
 # Rows compared as one run of bytes, then in smaller runs, then one by one.

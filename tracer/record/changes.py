@@ -35,7 +35,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import zlib
-from typing import Any, Callable, Mapping, Optional
+from operator import attrgetter
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from memtrace.model.snapshot import Counters, StackStats, ThreadStats
 from memtrace.record.codec import field_from_plain, to_plain
@@ -175,11 +176,44 @@ def _still(old: StackStats) -> StackStats:
     return old if not old.live_delta_bytes else dataclasses.replace(old, live_delta_bytes=0)
 
 
+# Every field but the growth, read in one C call.
+_BUT_GROWTH = attrgetter(*(f.name for f in dataclasses.fields(StackStats) if f.name != "live_delta_bytes"))
+
+
+def same_but_growth(a: StackStats, b: StackStats) -> bool:
+    return _BUT_GROWTH(a) == _BUT_GROWTH(b)
+
+
 def encode_stacks(before: Mapping[int, StackStats], after: Mapping[int, StackStats]) -> Optional[bytes]:
     """The records that turn `before` (previous snapshot, by entity id) into
     `after`; None when nothing changed."""
-    implied = {eid: _still(old) for eid, old in before.items() if old.live_delta_bytes}
-    return _encode({**before, **implied} if implied else before, after, _stack_record)
+    return encode_stack_changes([(eid, new, before.get(eid)) for eid, new in after.items()]
+                                + [(eid, None, old) for eid, old in before.items() if eid not in after])
+
+
+def encode_stack_changes(changed: Iterable[tuple[int, Optional[StackStats], Optional[StackStats]]]) -> Optional[bytes]:
+    """encode_stacks from (entity id, the stack now or None: it went, the
+    previous one or None: it is new) of the entities that may have
+    changed, without building the implied stacks (the previous ones, not
+    growing) that encode_stacks compares with: a stack that does not grow
+    and is otherwise the same needs no record."""
+    out: list[tuple[int, Optional[list]]] = []
+    for eid, new, old in changed:
+        if new is None:
+            if old is not None:
+                out.append((eid, None))
+        elif old is None or new.live_delta_bytes or _BUT_GROWTH(new) != _BUT_GROWTH(old):
+            out.append((eid, _stack_record(new, old)))
+    out.sort(key=_first)
+    records, last = [], 0
+    for eid, body in out:
+        records.append([eid - last] + body if body is not None else [eid - last])
+        last = eid
+    return _pack(records)
+
+
+def _first(item: tuple):
+    return item[0]
 
 
 def settle_stacks(entities: dict[int, StackStats], moved: set[int], touched: set[int]) -> set[int]:

@@ -83,11 +83,6 @@ def _order_unless_canonical(by_id: dict[int, Any], items: tuple, key: Callable[[
     return dumps(list(by_id))
 
 
-# A stack equal to its previous self in these needs no record when it
-# stops growing.
-_BUT_GROWTH = tuple(f.name for f in dataclasses.fields(StackStats) if f.name != "live_delta_bytes")
-
-
 def _frames_of(s: StackStats) -> tuple[str, ...]:
     return s.frames
 
@@ -421,7 +416,7 @@ class Recorder:
                 if eid in after or eid in stilled or (old is not None and id(old) not in went):
                     return False
                 if old is not None and old.live_delta_bytes and not st.live_delta_bytes \
-                        and all(getattr(old, name) == getattr(st, name) for name in _BUT_GROWTH):
+                        and changes.same_but_growth(old, st):
                     stilled[eid] = st  # it only stopped growing: no record says so
                     before.pop(eid, None)
                     continue

@@ -56,20 +56,9 @@ def _encoded(data: bytes, pos: int, enc: int, end: str, field_vaddr: int) -> tup
     return value & 0xFFFFFFFFFFFFFFFF, after
 
 
-def _fde_encoding(data: bytes, pos: int, stop: int, end: str, vaddr: int) -> int:
-    """The encoding of FDE addresses a CIE (its body at `pos`) declares."""
-    version = data[pos]
-    aug_end = data.index(b"\0", pos + 1, stop)
-    augmentation = data[pos + 1 : aug_end]
-    pos = aug_end + 1
-    if b"eh" in augmentation:
-        pos += 8
-    _, pos = _leb(data, pos, False)  # code alignment
-    _, pos = _leb(data, pos, True)  # data alignment
-    pos = pos + 1 if version == 1 else _leb(data, pos, False)[1]  # return register
-    if not augmentation.startswith(b"z"):
-        return _ABSPTR
-    _, pos = _leb(data, pos, False)  # augmentation data length
+def _augmentation_encoding(data: bytes, pos: int, augmentation: bytes, end: str, vaddr: int) -> int:
+    """The encoding of FDE addresses that a CIE's augmentation data (at
+    `pos`, after its length) declares."""
     for letter in augmentation[1:].decode("latin-1"):
         if letter == "R":
             return data[pos]
@@ -80,6 +69,40 @@ def _fde_encoding(data: bytes, pos: int, stop: int, end: str, vaddr: int) -> int
         elif letter not in "SBG":
             break  # unknown: what follows cannot be placed
     return _ABSPTR
+
+
+def _parse_cie(data: bytes, cie: int, end: str, vaddr: int):
+    """(fde encoding, has augmentation data, code align, data align, return
+    address register, initial instructions) of the CIE at `cie`, or None
+    when the record there is not a CIE."""
+    length, = struct.unpack_from(end + "I", data, cie)
+    body = cie + 4
+    if length == 0xFFFFFFFF:
+        length, = struct.unpack_from(end + "Q", data, cie + 4)
+        body = cie + 12
+    stop = min(body + length, len(data))
+    if struct.unpack_from(end + "I", data, body)[0] != 0:
+        return None
+    pos = body + 4
+    version = data[pos]
+    aug_end = data.index(b"\0", pos + 1, stop)
+    augmentation = data[pos + 1 : aug_end]
+    pos = aug_end + 1
+    if b"eh" in augmentation:
+        pos += 8
+    code_align, pos = _leb(data, pos, False)
+    data_align, pos = _leb(data, pos, True)
+    if version == 1:
+        ra_reg, pos = data[pos], pos + 1
+    else:
+        ra_reg, pos = _leb(data, pos, False)
+    enc = _ABSPTR
+    has_data = augmentation.startswith(b"z")
+    if has_data:
+        aug_len, pos = _leb(data, pos, False)
+        enc = _augmentation_encoding(data, pos, augmentation, end, vaddr)
+        pos += aug_len
+    return enc, has_data, code_align, data_align, ra_reg, data[pos:stop]
 
 
 def function_ranges(data: bytes, section_vaddr: int, little_endian: bool = True) -> list[tuple[int, int]]:
@@ -133,15 +156,10 @@ def _records(data: bytes, end: str):
 
 def _cie_encoding(data: bytes, cie: int, end: str, vaddr: int) -> Optional[int]:
     try:
-        length, = struct.unpack_from(end + "I", data, cie)
-        body = cie + (12 if length == 0xFFFFFFFF else 4)
-        if length == 0xFFFFFFFF:
-            length, = struct.unpack_from(end + "Q", data, cie + 4)
-        if struct.unpack_from(end + "I", data, body)[0] != 0:
-            return None  # not a CIE
-        return _fde_encoding(data, body + 4, min(body + length, len(data)), end, vaddr)
+        parsed = _parse_cie(data, cie, end, vaddr)
     except (ValueError, IndexError, struct.error):
         return None
+    return parsed[0] if parsed is not None else None
 
 
 # ---------------------------------------------------------------- unwind rules
@@ -163,36 +181,13 @@ MAX_RBP_SLOT = 0xFF
 
 def _cie_of(data: bytes, cie: int, end: str, vaddr: int):
     """(fde encoding, has augmentation data, code align, data align, initial
-    instructions) of the CIE at `cie`, or None."""
-    length, = struct.unpack_from(end + "I", data, cie)
-    body = cie + 4
-    if length == 0xFFFFFFFF:
-        length, = struct.unpack_from(end + "Q", data, cie + 4)
-        body = cie + 12
-    stop = min(body + length, len(data))
-    if struct.unpack_from(end + "I", data, body)[0] != 0:
+    instructions) of the CIE at `cie`, or None (not a CIE, or its return
+    address is not x86-64's)."""
+    parsed = _parse_cie(data, cie, end, vaddr)
+    if parsed is None or parsed[4] != _RA:
         return None
-    pos = body + 4
-    version = data[pos]
-    aug_end = data.index(b"\0", pos + 1, stop)
-    augmentation = data[pos + 1 : aug_end]
-    pos = aug_end + 1
-    if b"eh" in augmentation:
-        pos += 8
-    code_align, pos = _leb(data, pos, False)
-    data_align, pos = _leb(data, pos, True)
-    if version == 1:
-        ra_reg, pos = data[pos], pos + 1
-    else:
-        ra_reg, pos = _leb(data, pos, False)
-    enc = _ABSPTR
-    if augmentation.startswith(b"z"):
-        aug_len, pos = _leb(data, pos, False)
-        enc = _fde_encoding(data, body + 4, stop, end, vaddr)
-        pos += aug_len
-    if ra_reg != _RA:
-        return None
-    return enc, augmentation.startswith(b"z"), code_align, data_align, data[pos:stop]
+    enc, has_data, code_align, data_align, _, instructions = parsed
+    return enc, has_data, code_align, data_align, instructions
 
 
 def _run_cfa(program: bytes, loc: int, state: list, initial: list, rows: list,

@@ -1,6 +1,7 @@
 """The one JSON writer: `memtrace --json` (the final snapshot), each line
 of `--json-stream` and `report --format json` are all `Snapshot.to_json()`
-written here, so one parser reads them all. With --top or --min-size, the
+written here, its notes and hints with their words, so one parser reads
+them all. With --top or --min-size, the
 stacks are those the policy keeps, and `stacks_left_out` counts the others;
 with --since, a "since" object says what the heap, threads and stacks are
 changes from."""

@@ -3,7 +3,8 @@ instruction through startup and requests, and attached to while it serves
 a stream of requests. Nobody here wrote it; the checks are what a user
 reads: named native stacks, no drops, a gap that adds up, per-thread
 arenas, Java frames walked without the frame-pointer flag (no hint about
-it), and a Tomcat that still serves after."""
+it; zlib's live bytes reach the Inflater and the Java method that made it),
+and a Tomcat that still serves after."""
 
 from __future__ import annotations
 
@@ -132,6 +133,22 @@ def _named_live_share(doc: dict) -> float:
     return sum(s["live_bytes"] for s in live if named(s)) / max(1, total)
 
 
+def _libz_stacks(doc: dict) -> list[dict]:
+    """Live stacks whose allocation is made in zlib (its first frames)."""
+    return [s for s in doc["stacks"] if s["live_bytes"] > 0
+            and any("[libz.so" in f for f in s["frames"][:3])]
+
+
+def _inflater_share(stacks: list[dict]) -> float:
+    """The share of these stacks' live bytes that reach the Inflater's JNI
+    frames in libzip: zlib itself has no frame pointers, so only a walk by
+    its unwind tables gets there."""
+    total = sum(s["live_bytes"] for s in stacks)
+    reach = sum(s["live_bytes"] for s in stacks
+                if any(f.startswith("Java_java_util_zip_Inflater_") for f in s["frames"]))
+    return reach / max(1, total)
+
+
 def _check_gap(doc: dict) -> None:
     gap = doc["gap"]
     parts = gap["heap_live_bytes"] + gap["allocator_retained_bytes"] + gap["other_anon_bytes"]
@@ -139,9 +156,14 @@ def _check_gap(doc: dict) -> None:
     assert doc["allocator"]["kind"] == "glibc" and doc["allocator"]["arena_count"] >= 2, doc["allocator"]
 
 
-def test_tomcat_traced_from_its_first_instruction(tomcat_base, memtrace_cmd, spawn):
+# Debian's default flags (as in the incident), and the flag users add for
+# profilers: both must name who made zlib's memory.
+@pytest.mark.parametrize("java_opts", ["", "-XX:+PreserveFramePointer"],
+                         ids=["default-flags", "PreserveFramePointer"])
+def test_tomcat_traced_from_its_first_instruction(tomcat_base, memtrace_cmd, spawn, java_opts):
     base, port = tomcat_base
     env = _tomcat_env(base)
+    env["JAVA_OPTS"] = java_opts
     out = base / "memtrace.json"
     with open(out, "w") as stdout:
         tracer = spawn([*memtrace_cmd, "--json", "--interval", "1", "--",
@@ -169,10 +191,18 @@ def test_tomcat_traced_from_its_first_instruction(tomcat_base, memtrace_cmd, spa
     assert _named_live_share(doc) > 0.8, [s["frames"][:3] for s in doc["stacks"][:5]]
     assert doc["truncated"]["live_bytes_share"] < 0.2, doc["truncated"]
     _check_gap(doc)
-    # Without -XX:+PreserveFramePointer, compiled frames are walked by their
-    # sizes from the code cache: no hint about the flag.
+    # Compiled frames are walked (without -XX:+PreserveFramePointer, by their
+    # sizes from the code cache): no hint about the flag either way.
     assert doc["jvm"]["compiled_frames_walked"] is True, doc["jvm"]
     assert not any(h["kind"] == "jvm_no_frame_pointer" for h in doc["hints"]), doc["hints"]
+    # The seed incident's question, on a real server: who holds zlib's
+    # memory? Startup's JAR scanning leaves Inflaters live (their state and
+    # windows), and the Java method that made them is named.
+    libz = _libz_stacks(doc)
+    assert sum(s["live_bytes"] for s in libz) > 256 * 1024, [s["frames"][:3] for s in libz]
+    assert _inflater_share(libz) >= 0.9, [s["frames"][:6] for s in libz[:5]]
+    creators = {f for s in libz for f in s["frames"] if f.startswith("java.util.zip.ZipFile.getInputStream(")}
+    assert creators, [s["frames"][:12] for s in libz[:3]]
     threads = {t["name"] for t in doc["threads"]}
     assert any(name.startswith("http-nio") for name in threads), sorted(threads)
 

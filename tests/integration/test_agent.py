@@ -160,17 +160,34 @@ def test_agent_follows_a_cgroup(cgroup, programs, spawn, start_memtrace, probes)
 
 def test_agent_follows_an_exec(cgroup, programs, spawn, start_memtrace):
     """A wrapper script that execs its service: traced as the shell first,
-    then again as the program it became."""
-    agent = start_agent(start_memtrace, ["--light", "--cgroup", str(cgroup), "--interval", "0.5"])
-    script = f'echo $$ > {cgroup}/cgroup.procs && sleep 4 && exec "$1"'
-    wrapper = spawn(["sh", "-c", script, "sh", programs["idle"]])
-    wait_until(lambda m: m["comm"].get(str(wrapper.pid)) == "sh", "the shell", agent)
-    wait_until(lambda m: traced_pids(m) == {str(wrapper.pid)}, "the exec'd program", agent)
-    result = agent.stop(signal.SIGTERM)
-    assert result.rc == 0, result.stderr
-    assert f"detached from pid {wrapper.pid} (sh): it exec'd idle" in result.stderr, result.stderr
-    wrapper.send_signal(signal.SIGTERM)
-    assert wrapper.wait(30) == 0
+    then again as the program it became. The service's cgroup is named as a
+    user names a systemd unit, without its path or suffix."""
+    unit = f"wrapper-{os.getpid()}"
+    service = cgroup / f"{unit}.service"
+    service.mkdir()
+    try:
+        agent = start_agent(start_memtrace, ["--light", "--cgroup", unit, "--interval", "0.5"])
+        assert f"cgroup {service}" in agent.stderr_so_far(), agent.stderr_so_far()
+        script = f'echo $$ > {service}/cgroup.procs && sleep 4 && exec "$1"'
+        wrapper = spawn(["sh", "-c", script, "sh", programs["idle"]])
+        wait_until(lambda m: m["comm"].get(str(wrapper.pid)) == "sh", "the shell", agent)
+        wait_until(lambda m: traced_pids(m) == {str(wrapper.pid)}, "the exec'd program", agent)
+        result = agent.stop(signal.SIGTERM)
+        assert result.rc == 0, result.stderr
+        assert f"detached from pid {wrapper.pid} (sh): it exec'd idle" in result.stderr, result.stderr
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(30) == 0
+    finally:
+        for pid in (service / "cgroup.procs").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while service.exists():
+            try:
+                service.rmdir()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
 
 def test_agent_caps_the_number_of_targets(cgroup, programs, spawn, start_memtrace):
@@ -211,7 +228,8 @@ def test_agent_refuses_bad_input(run_memtrace):
     serve = ["agent", "--serve", str(free_port())]
     for args, message in (
         (serve, "say what to follow"),
-        ([*serve, "--cgroup", "no-such-cgroup-here"], "is not a cgroup directory"),
+        ([*serve, "--cgroup", "no-such-cgroup-here"], "no cgroup named 'no-such-cgroup-here'"),
+        ([*serve, "--cgroup", "system.slice/no-such.service"], "is not a cgroup directory"),
         ([*serve, "--comm", "a/b"], "takes a command name"),
         ([*serve, "-p", "1,x"], "comma-separated list of pids"),
         ([*serve, "-p", "999999999"], "no process with pid 999999999"),

@@ -39,9 +39,10 @@ class AgentCommand:
         what = parser.add_argument_group("what to follow (one of)")
         what.add_argument("-p", "--pid", type=pid_list, action="append", metavar="PID[,PID...]",
                           help="these processes, until they exit")
-        what.add_argument("--cgroup", metavar="PATH",
-                          help="the processes of this cgroup v2 and those below it (a path "
-                          "under /sys/fs/cgroup, e.g. system.slice/app.service)")
+        what.add_argument("--cgroup", metavar="PATH|UNIT|ID",
+                          help="the processes of this cgroup v2 and those below it: a path "
+                          "under /sys/fs/cgroup (system.slice/app.service), a systemd unit "
+                          "(app or app.service) or a container id (as docker ps shows it)")
         what.add_argument("--comm", metavar="NAME",
                           help="every process with this command name (as ps -o comm shows)")
         out = parser.add_argument_group("output")

@@ -8,6 +8,7 @@ once a second, so a process that starts is seen within that second.
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterable, Protocol
 
 from memtrace.process import procfs
@@ -63,16 +64,60 @@ def cgroup2_root(mounts: str = "/proc/self/mounts") -> str:
     return min(found, key=len) if found else CGROUP_ROOT
 
 
+# A container's cgroup as its runtime names it: docker-<id>.scope (systemd
+# driver), <id> under a docker/ or kubepods/ directory (cgroupfs driver),
+# libpod-, cri-containerd-, crio- scopes. The id is 64 hex digits; users
+# type the 12 that `docker ps` shows, or fewer.
+_CONTAINER_DIR = re.compile(r"^(?:[a-z][a-z-]*-)?([0-9a-f]{64})(?:\.scope)?$")
+_UNIT_SUFFIXES = (".service", ".scope", ".slice")
+_MIN_ID_PREFIX = 4
+
+
+def _is_cgroup(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "cgroup.procs"))
+
+
+def _names_it(directory: str, name: str) -> bool:
+    """Whether a cgroup directory's own name is what a user called it: the
+    name itself, a systemd unit without its suffix, or a container id."""
+    if directory == name or directory in (name + s for s in _UNIT_SUFFIXES):
+        return True
+    found = _CONTAINER_DIR.match(directory)
+    return bool(found and len(name) >= _MIN_ID_PREFIX and found.group(1).startswith(name.lower()))
+
+
+def find_cgroup(name: str, root: str) -> str:
+    """The cgroup a user means by `name`: a path (absolute, or under the
+    cgroup v2 root), else the one cgroup in the tree named so (a unit such
+    as nginx or nginx.service, or a container id or its prefix)."""
+    path = os.path.normpath(name if os.path.isabs(name) else os.path.join(root, name))
+    if _is_cgroup(path) or "/" in name:
+        if not _is_cgroup(path):
+            raise MemtraceError(f"{path} is not a cgroup directory (no cgroup.procs): give a path "
+                                f"under {root}, e.g. system.slice/NAME.service, or a unit name")
+        return path
+    found = []
+    for directory, subdirs, _ in os.walk(root):
+        for sub in list(subdirs):
+            if _names_it(sub, name):
+                found.append(os.path.join(directory, sub))
+                subdirs.remove(sub)  # its own cgroups are followed with it
+    if not found:
+        raise MemtraceError(f"no cgroup named {name!r} under {root}: give a systemd unit "
+                            f"(NAME.service), a container id, or a path such as "
+                            f"system.slice/NAME.service")
+    if len(found) > 1:
+        shown = ", ".join(os.path.relpath(f, root) for f in found[:3])
+        raise MemtraceError(f"{name!r} names {len(found)} cgroups ({shown}"
+                            f"{', ...' if len(found) > 3 else ''}): give one as a path under {root}")
+    return found[0]
+
+
 class CgroupMembers:
     """The processes of a cgroup and of the cgroups below it."""
 
-    def __init__(self, path: str) -> None:
-        root = cgroup2_root()
-        self.path = os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
-        if not os.path.isfile(os.path.join(self.path, "cgroup.procs")):
-            raise MemtraceError(
-                f"{self.path} is not a cgroup directory (no cgroup.procs): give a path under "
-                f"{root}, e.g. system.slice/NAME.service")
+    def __init__(self, name: str, root: str | None = None) -> None:
+        self.path = find_cgroup(name, root or cgroup2_root())
 
     def pids(self) -> set[int]:
         found: set[int] = set()

@@ -307,6 +307,19 @@ def test_a_refused_start_leaves_nothing_behind(case, tmp_path, read_only_folder,
     assert target.poll() is None
 
 
+@pytest.mark.parametrize("case", ["directory", "no-folder", "read-only"])
+def test_a_json_file_that_cannot_be_written_is_refused_first(case, tmp_path, read_only_folder,
+                                                            run_memtrace):
+    output = {"directory": tmp_path, "no-folder": tmp_path / "nope" / "out.json",
+              "read-only": read_only_folder / "out.json"}[case]
+    hint = {"directory": "is a directory", "no-folder": "does not exist",
+            "read-only": "cannot write there"}[case]
+    marker = tmp_path / "ran"
+    result = run_memtrace(["--json", "-o", str(output), "--", "/bin/sh", "-c", f"touch {marker}"])
+    assert_refused(result, hint)
+    assert not marker.exists(), "the command ran"
+
+
 def test_a_failed_attach_kills_the_launched_command(run_memtrace, tmp_path, probes):
     """A failure after the launch (here the BPF program does not compile):
     the command never ran an instruction and is gone."""

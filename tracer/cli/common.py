@@ -126,6 +126,9 @@ def check_kernel_memory(args: argparse.Namespace) -> None:
 def check_output_paths(args: argparse.Namespace) -> None:
     """Every file the trace will write, checked before anything is launched
     or attached: a refusal then leaves nothing behind."""
+    output = getattr(args, "output", None)
+    if output:
+        _check_json_output(output)
     path = getattr(args, "record", None)
     if not path:
         return
@@ -148,6 +151,33 @@ def check_output_paths(args: argparse.Namespace) -> None:
                             "choose a writable folder") from None
     os.close(fd)
     os.unlink(path)
+
+
+def _check_json_output(path: str) -> None:
+    """-o FILE is written as a shell redirection would: an existing file is
+    replaced, but a folder, a missing folder or one we cannot write to is
+    refused now."""
+    shown = f"-o {path}"
+    if os.path.isdir(path):
+        raise MemtraceError(f"{shown}: is a directory; give the name of a file in it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MemtraceError(f"{shown}: the folder {folder} does not exist; create it first")
+    existed = os.path.lexists(path)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise MemtraceError(f"{shown}: cannot write there ({e.strerror}); choose a writable "
+                            "folder") from None
+    os.close(fd)
+    if not existed:
+        os.unlink(path)
+
+
+def json_on_stdout(args: argparse.Namespace) -> bool:
+    """Whether stdout carries JSON (--json or --json-stream without -o): then
+    it carries nothing else."""
+    return bool((args.json or args.json_stream) and not getattr(args, "output", None))
 
 
 def add_mode_options(mode) -> None:
@@ -174,6 +204,10 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                      "(the final one last) instead of the view")
     out.add_argument("--batch", action="store_true",
                      help="plain-text snapshots every interval, as without a terminal")
+    out.add_argument("-o", "--output", metavar="FILE",
+                     help="write the JSON to FILE instead of stdout (then the command keeps "
+                     "stdout): the final snapshot, or every snapshot with --json-stream; "
+                     "-o alone keeps the view and writes the final snapshot to FILE")
     out.add_argument("--record", metavar="FILE",
                      help="keep the session in FILE for `memtrace replay` and `memtrace report`")
     out.add_argument("--serve", type=serve_address, metavar="[HOST:]PORT",
@@ -223,13 +257,13 @@ def make_sinks(args: argparse.Namespace, interactive: bool, metadata: dict,
     sinks: list = []
     view = None
     policy = policy_of(args)
-    if args.json:
-        sinks.append(JsonSink(policy))
-    elif args.json_stream:
+    if args.json_stream:
         from memtrace.output.sinks.jsonout import JsonStreamSink
 
-        sinks.append(JsonStreamSink(policy))
-    else:
+        sinks.append(JsonStreamSink(policy, path=args.output))
+    elif args.json or args.output:
+        sinks.append(JsonSink(policy, path=args.output))
+    if not (args.json or args.json_stream):
         console, view = console_sinks(interactive=interactive and not args.batch, policy=policy,
                                       mode="arenas" if args.light else "stacks", context=context)
         sinks.extend(console)
@@ -295,8 +329,10 @@ def run_trace(args: argparse.Namespace, command_line: list[str], *, demo: bool =
         output = CommandOutput(os.path.basename(command_line[0]), args.record,
                                keep_stdin=keyboard_to_command)
         output.resize(*shutil.get_terminal_size())
+    # JSON on stdout is for a parser: the command's own output would break it.
+    stdout_fd = 2 if json_on_stdout(args) else None
     try:
-        launched = Launched(command_line, executable, terminal=output)
+        launched = Launched(command_line, executable, terminal=output, stdout_fd=stdout_fd)
     except BaseException:
         if output is not None:
             output.close(keep_log=False)

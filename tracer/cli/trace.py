@@ -13,8 +13,10 @@ class TraceCommand:
     Under the live view a launched command writes to a pseudo-terminal of its own:
     its latest lines show in the view, all of them in a log file, and its
     stdin is /dev/null. Without the view (batch, JSON) it keeps its stdin,
-    stdout and stderr. When it exits, memtrace prints a final summary and
-    exits with the command's status."""
+    stdout and stderr, except that JSON on stdout keeps stdout to itself: the
+    command's stdout then goes to stderr (-o FILE puts the JSON in a file
+    instead). When it exits, memtrace prints a final summary and exits with
+    the command's status."""
 
     name = "trace"
 

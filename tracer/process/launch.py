@@ -26,16 +26,23 @@ class Launched:
     """A child process stopped after exec, until `release()`.
 
     With `terminal` (a CommandOutput), the child writes to that
-    pseudo-terminal, so its output stays off our screen. It stays in our
+    pseudo-terminal, so its output stays off our screen; with `stdout_fd`,
+    its stdout is that descriptor (ours is kept for JSON). It stays in our
     session and process group: the terminal's Ctrl-C reaches it as before,
     and nothing hangs it up when it or we exit (a session of its own would
     have the kernel send SIGHUP to whatever it left running)."""
 
-    def __init__(self, argv: list[str], executable: str, terminal=None) -> None:
+    def __init__(self, argv: list[str], executable: str, terminal=None,
+                 stdout_fd: Optional[int] = None) -> None:
         self.argv = argv
         self.terminal = terminal
         self.exit_status: Optional[int] = None  # shell convention: 128+N if killed by N
-        fds = terminal.child_fds() if terminal is not None else None
+        if terminal is not None:
+            fds = terminal.child_fds()
+        elif stdout_fd is not None:
+            fds = (0, stdout_fd, 2)
+        else:
+            fds = None
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # child: only async-signal-safe work until exec

@@ -1,13 +1,15 @@
-"""`--json`: the final snapshot as one JSON document on stdout;
-`--json-stream`: every snapshot, one JSON object per line. Both written by
+"""`--json`: the final snapshot as one JSON document on stdout (or in the
+file of `-o`); `--json-stream`: every snapshot, one JSON object per line. Both written by
 the one JSON writer (memtrace.output.reports.jsonreport), keeping the stacks
 that --top and --min-size leave."""
 
 from __future__ import annotations
 
+import io
 import sys
-from typing import TextIO
+from typing import Optional, TextIO
 
+from memtrace.errors import MemtraceError
 from memtrace.model.snapshot import Snapshot
 from memtrace.output.reports.select import StackPolicy
 from memtrace.output.reports.common import ReportData
@@ -15,9 +17,14 @@ from memtrace.output.reports.jsonreport import write_json
 
 
 class JsonSink:
-    def __init__(self, policy: StackPolicy, out: TextIO = sys.stdout) -> None:
+    """The final snapshot, on stdout or (`-o FILE`) in a file written whole
+    at the end: a trace that fails before leaves the file as it was."""
+
+    def __init__(self, policy: StackPolicy, out: TextIO = sys.stdout,
+                 path: Optional[str] = None) -> None:
         self.policy = policy
         self.out = out
+        self.path = path
 
     def _data(self, snapshot: Snapshot) -> ReportData:
         return ReportData(snapshot=snapshot, trace_end=True, policy=self.policy)
@@ -26,13 +33,33 @@ class JsonSink:
         pass
 
     def close(self, final: Snapshot) -> None:
-        write_json(self._data(final), self.out)
-        self.out.flush()
+        if self.path is None:
+            write_json(self._data(final), self.out)
+            self.out.flush()
+            return
+        text = io.StringIO()
+        write_json(self._data(final), text)
+        try:
+            with open(self.path, "w") as f:
+                f.write(text.getvalue())
+        except OSError as e:
+            raise MemtraceError(f"cannot write {self.path}: {e.strerror}") from None
 
 
 class JsonStreamSink(JsonSink):
     """One line per interval, and the final snapshot as the last line: for
-    `jq`, a log shipper or a test that watches a trace as it goes."""
+    `jq`, a log shipper or a test that watches a trace as it goes. With
+    `-o FILE` the lines go to the file as they come (tail -f works)."""
+
+    def __init__(self, policy: StackPolicy, out: TextIO = sys.stdout,
+                 path: Optional[str] = None) -> None:
+        if path is not None:
+            try:
+                out = open(path, "w", buffering=1)
+            except OSError as e:
+                raise MemtraceError(f"cannot write {path}: {e.strerror}") from None
+        super().__init__(policy, out)
+        self.owned = path is not None
 
     def _line(self, snapshot: Snapshot) -> None:
         write_json(self._data(snapshot), self.out, one_line=True)
@@ -43,3 +70,9 @@ class JsonStreamSink(JsonSink):
 
     def close(self, final: Snapshot) -> None:
         self._line(final)
+        if self.owned:
+            self.out.close()
+
+    def abort(self) -> None:
+        if self.owned:
+            self.out.close()

@@ -527,6 +527,32 @@ def test_the_run_policy_reaches_every_output():
     assert "30 of 30" in str(STACKS.build(s, 160, 40, Context())[0])
 
 
+def test_output_file_sinks(tmp_path):
+    """-o FILE: JSON in the file, with the console sinks only when no JSON
+    flag asked for JSON alone; the file is written whole at the close."""
+    from memtrace.cli.common import json_on_stdout, make_sinks
+    from memtrace.output.sinks.console import BatchSink, SummarySink
+    from memtrace.output.sinks.jsonout import JsonSink, JsonStreamSink
+
+    s = many_stacks(5)
+    path = tmp_path / "out.json"
+    args = _trace_args("--batch", "-o", str(path))
+    (json_sink, batch, summary), _ = make_sinks(args, False, {})
+    assert isinstance(json_sink, JsonSink) and isinstance(batch, BatchSink)
+    assert isinstance(summary, SummarySink) and not json_on_stdout(args)
+    json_sink.update(s)
+    assert not path.exists()
+    json_sink.close(s)
+    assert len(json.loads(path.read_text())["stacks"]) == 5
+    args = _trace_args("--json-stream", "-o", str(path))
+    (stream,), _ = make_sinks(args, False, {})
+    assert isinstance(stream, JsonStreamSink) and not json_on_stdout(args)
+    stream.update(s)
+    stream.close(s)
+    assert len(path.read_text().splitlines()) == 2
+    assert json_on_stdout(_trace_args("--json")) and not json_on_stdout(_trace_args("--batch"))
+
+
 def test_reports_bound_json_and_folded_and_count_the_rest(recording, snapshots):
     last = snapshots[-1]
     doc = json.loads(report(recording, "--format", "json", "--top", "2"))

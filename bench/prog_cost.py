@@ -27,14 +27,33 @@ from overhead import Loop, Tracer, configs  # noqa: E402
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
+def held_program_ids(pids: set[int]) -> set[int]:
+    """The ids of every BPF program those processes hold, through a program
+    fd or a link fd (uprobe_multi links, which `bpftool perf` does not list,
+    and the tail-called walk programs, which nothing attaches): each such
+    fd's fdinfo names its prog_id."""
+    ids: set[int] = set()
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fdinfo")
+        try:
+            entries = list(fd_dir.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                text = entry.read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("prog_id:"):
+                    ids.add(int(line.split()[1]))
+    return ids
+
+
 def program_stats(pids: set[int]) -> dict[str, tuple[int, int]]:
-    """name -> (run_time_ns, run_cnt) of the programs those processes have
-    attached (this bpftool may not list a program's holders: its perf
-    attachments say which programs are theirs). A name attached twice is
-    counted once per program."""
-    perf = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True,
-                          check=True)
-    ids = {e["prog_id"] for e in json.loads(perf.stdout or "[]") if e.get("pid") in pids}
+    """name -> (run_time_ns, run_cnt) of the programs those processes hold.
+    A name loaded twice is counted once per program."""
+    ids = held_program_ids(pids)
     done = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
                           check=True)
     out: dict[str, tuple[int, int]] = {}

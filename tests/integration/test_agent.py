@@ -41,6 +41,11 @@ def cgroup():
     except OSError as e:
         pytest.fail(f"cannot make a test cgroup {path}: {e}", pytrace=False)
     yield path
+    remove_cgroup(path)
+
+
+def remove_cgroup(path: Path) -> None:
+    """Its processes killed, then the cgroup removed once they are gone."""
     for pid in (path / "cgroup.procs").read_text().split():
         try:
             os.kill(int(pid), signal.SIGKILL)
@@ -178,16 +183,7 @@ def test_agent_follows_an_exec(cgroup, programs, spawn, start_memtrace):
         wrapper.send_signal(signal.SIGTERM)
         assert wrapper.wait(30) == 0
     finally:
-        for pid in (service / "cgroup.procs").read_text().split():
-            os.kill(int(pid), signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while service.exists():
-            try:
-                service.rmdir()
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        remove_cgroup(service)
 
 
 def test_agent_caps_the_number_of_targets(cgroup, programs, spawn, start_memtrace):

@@ -188,6 +188,8 @@ def test_descriptors_read_as_the_perf_map_spells_them():
         "(boolean, byte[], int, java.lang.String[][], long)"
     assert argument_list("(Q)V") == "" and argument_list("(L;") == "" and argument_list("") == ""
     assert method_text("a/B$C", "run", "()V") == "a.B$C.run()"
+    assert method_text("Foo$$Lambda$5+0x00007f13f1002800", "run", "()V") == \
+        "Foo$$Lambda$5/0x00007f13f1002800.run()"  # a hidden class, as the perf map spells it
 
 
 NMT_17 = """12345:
@@ -389,3 +391,199 @@ def test_perf_map_keeps_the_names_of_freed_code():
     assert with_freed_code(new, old) == [(0x1080, 0x1200, "D.new()"), (0x2000, 0x2100, "B.c1()"),
                                          (0x3000, 0x3100, "C.x()"), (0x4000, 0x4100, "A.c2()")]
     assert with_freed_code(new, []) == new
+
+
+# ---------------------------------------------------------------- code blobs
+
+BLOB_OFFSETS = {("CodeBlob", "_name"): 96, ("CompiledMethod", "_method"): 112,
+                ("CodeBlob", "_code_begin"): 32}
+
+
+def blob_layout(mem: Memory, heaps, offsets=BLOB_OFFSETS):
+    from memtrace.jvm import codeblobs, codecache
+
+    structs = code_cache(mem, heaps)
+    structs.offsets.update(offsets)
+    return codeblobs.Layout(structs, codecache.Layout(structs))
+
+
+class Heap:
+    """A code heap of 64-byte segments in the fake memory, its segment map
+    marked as HotSpot marks it (0 at a block's first segment, then the
+    distance back, in hops of at most 0xFE; 0xFF: free)."""
+
+    LOG2 = 6
+
+    def __init__(self, mem: Memory, segments: int) -> None:
+        self.mem = mem
+        self.lo = mem.put(bytes(segments << self.LOG2))
+        self.segmap = mem.put(b"\xff" * segments)
+        from memtrace.jvm.codecache import CodeHeap
+        self.heap = CodeHeap(self.lo, self.lo + (segments << self.LOG2), self.segmap, self.LOG2)
+
+    def block(self, first: int, count: int, used: bool = True) -> int:
+        at = self.segmap - Memory.BASE + first
+        for i in range(count):
+            self.mem.data[at + i] = min(i, 0xFE) if i < 0xFF else 0xFE
+        block = self.lo + (first << self.LOG2)
+        self.mem.data[block - Memory.BASE + 8] = int(used)  # HeapBlock::Header::_used
+        return block
+
+    def blob(self, block: int, name: str, method: int = 0, code_at: int = 0x100,
+             data_offset: int = 0x800) -> int:
+        blob = block + 16
+        header = bytearray(120)
+        struct.pack_into("<i", header, 24, data_offset)
+        struct.pack_into("<Q", header, 32, blob + code_at)
+        struct.pack_into("<Q", header, 96, self.mem.string(name))
+        struct.pack_into("<Q", header, 112, method)
+        self.mem.data[blob - Memory.BASE : blob - Memory.BASE + 120] = header
+        return blob
+
+
+def test_the_blob_at_a_pc_is_found_back_through_the_segment_map():
+    from memtrace.jvm.codeblobs import Blob, blob_at
+
+    mem = Memory(4 << 20)
+    heap = Heap(mem, 2048)
+    layout = blob_layout(mem, [code_heap(mem, heap.heap.lo, heap.heap.hi, heap.segmap)])
+    m = method(mem, "java/util/zip/Inflater", "init", "(Z)J")
+    block = heap.block(10, 600)  # more than 0xFE segments: hops
+    blob = heap.blob(block, "nmethod", m, data_offset=600 * 64 - 16)
+    pc = block + 599 * 64 + 3
+    assert blob_at(mem.read, [heap.heap], layout, pc) == Blob(blob, "nmethod", m, blob + 0x100)
+    assert read_method(mem.read, Layout(jdk17(mem)), m) == "java.util.zip.Inflater.init(boolean)"
+    stub = heap.blob(heap.block(700, 8), "StubRoutines (1)", method=0x1234, data_offset=0x180)
+    assert blob_at(mem.read, [heap.heap], layout, stub + 0x100) == Blob(stub, "StubRoutines (1)", 0,
+                                                                         stub + 0x100)
+
+
+def test_what_is_no_live_blob_is_not_named():
+    from memtrace.jvm.codeblobs import blob_at
+
+    mem = Memory(4 << 20)
+    heap = Heap(mem, 1024)
+    layout = blob_layout(mem, [code_heap(mem, heap.heap.lo, heap.heap.hi, heap.segmap)])
+    heaps = [heap.heap]
+    freed = heap.blob(heap.block(0, 32, used=False), "nmethod", 0x4000)
+    assert blob_at(mem.read, heaps, layout, freed + 0x200) is None  # a free block
+    assert blob_at(mem.read, heaps, layout, heap.lo + 100 * 64) is None  # never used: 0xFF
+    live = heap.blob(heap.block(40, 32), "nmethod", 0x4000)
+    assert blob_at(mem.read, heaps, layout, live + 0x80) is None  # before the code
+    assert blob_at(mem.read, heaps, layout, live + 0x900) is None  # in the data
+    assert blob_at(mem.read, heaps, layout, heap.heap.hi + 8) is None  # in no heap
+    odd = heap.blob(heap.block(80, 32), "nmethod\x01", 0x4000)
+    assert blob_at(mem.read, heaps, layout, odd + 0x200) is None  # no name
+    mem.data[heap.segmap - Memory.BASE + 44] = 0xFF  # a free mark in the block's chain
+    mem.data[heap.segmap - Memory.BASE + 45] = 1
+    assert blob_at(mem.read, heaps, layout, heap.lo + 45 * 64) is None
+    mem.data[heap.segmap - Memory.BASE + 45] = 50  # a hop back past the heap's start
+    assert blob_at(mem.read, heaps, layout, heap.lo + 45 * 64) is None
+
+
+def test_blob_layout_of_later_jdks_and_what_a_jvm_lacks():
+    import pytest
+
+    from memtrace.jvm.codeblobs import Blob, blob_at
+
+    mem = Memory(1 << 20)
+    heap = Heap(mem, 64)
+    jdk25 = {("CodeBlob", "_name"): 96, ("nmethod", "_method"): 112, ("CodeBlob", "_code_offset"): 32}
+    layout = blob_layout(mem, [code_heap(mem, heap.heap.lo, heap.heap.hi, heap.segmap)], jdk25)
+    block = heap.block(2, 40)
+    blob = block + 16
+    header = bytearray(120)
+    struct.pack_into("<ii", header, 24, 0x800, 0)
+    struct.pack_into("<i", header, 32, 0x180)  # an offset from the blob
+    struct.pack_into("<Q", header, 96, mem.string("nmethod"))
+    struct.pack_into("<Q", header, 112, 0x7000)
+    mem.data[blob - Memory.BASE : blob - Memory.BASE + 120] = header
+    assert blob_at(mem.read, [heap.heap], layout, blob + 0x200) == Blob(blob, "nmethod", 0x7000,
+                                                                         blob + 0x180)
+    with pytest.raises(ValueError, match=r"CodeBlob::_name, nmethod::_method, CodeBlob::_code_begin"):
+        blob_layout(mem, [code_heap(mem, heap.heap.lo, heap.heap.hi, heap.segmap)], {})
+
+
+class CompiledCode:
+    """JavaMethods as the symbolizer sees it, over a code heap whose
+    content the test changes."""
+
+    blob_layout = object()
+
+    def __init__(self) -> None:
+        self.at: dict[int, tuple] = {}
+
+    def compiled_code(self, pc):
+        return self.at.get(pc)
+
+    def batch(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+class NoPerfMap:
+    def __init__(self, names=()) -> None:
+        self.names = dict(names)
+        self.asked = 0
+
+    def lookup(self, addr):
+        return self.names.get(addr)
+
+    def want_refresh(self):
+        self.asked += 1
+
+    def tick(self):
+        pass
+
+    def take_update(self):
+        return False
+
+
+def test_jit_frames_named_from_the_code_heap_as_it_is_now():
+    from memtrace.symbols.symbolizer import Symbolizer
+
+    symbols = Symbolizer(2 ** 22 + 1)  # no such process: every address is generated code
+    symbols._refreshed_this_round = True
+    code = symbols.java = CompiledCode()
+    perf = symbols.perf_map = NoPerfMap({0x9000: ("Old.perfMap()", 0x10)})
+    pc = 0x7F00_0000_1234
+    code.at[pc] = ("java.util.zip.Inflater.init(boolean)", 0x4C)
+    assert symbols.frames([pc]) == ("java.util.zip.Inflater.init(boolean)+0x4c [JIT]",)
+    # C1's code freed, C2's compiled at the same address: named anew
+    code.at[pc] = ("Inflate$Worker.inflateOne()", 0x4C)
+    assert symbols.frame(pc) == "Inflate$Worker.inflateOne()+0x4c [JIT]"
+    # freed since, or the JVM gone: the last code the heap showed there
+    del code.at[pc]
+    assert symbols.frame(pc) == "Inflate$Worker.inflateOne()+0x4c [JIT]"
+    # a blob that does not hold together: the perf map, else unnamed
+    code.at[0x9000] = code.at[0xA000] = (None, 0x10)
+    assert symbols.frame(0x9000) == "Old.perfMap()+0x10 [JIT]"
+    assert symbols.frame(0xA000) == "0xa000 [JIT]"
+    assert perf.asked == 3  # once per new address: the fallback kept fresh
+
+
+def test_stacks_keep_their_names_unless_a_frame_was_provisional():
+    from memtrace.symbols.symbolizer import Symbolizer
+
+    class Map(NoPerfMap):
+        updated = False
+
+        def take_update(self):
+            updated, self.updated = self.updated, False
+            return updated
+
+    symbols = Symbolizer(2 ** 22 + 1)
+    symbols._refreshed_this_round = True
+    code = symbols.java = CompiledCode()
+    perf = symbols.perf_map = Map()
+    code.at[0x1000] = ("A.a()", 4)
+    first = symbols.frames([0x1000, 0x2000])
+    assert first == ("A.a()+0x4 [JIT]", "0x2000 [JIT]")
+    perf.updated = True
+    perf.names[0x2000] = ("B.b()", 8)
+    symbols.new_round()
+    assert symbols.generation == 1 and symbols.stale_frames == {"0x2000 [JIT]"}
+    assert symbols.frame(0x2000) == "B.b()+0x8 [JIT]"
+    perf.updated = True
+    symbols.new_round()  # nothing provisional: nothing to name again
+    assert symbols.generation == 1

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 from memtrace.process import procfs
 from memtrace.symbols.elf import exported_objects
 from memtrace.process.mappedfile import fd_path, open_mapped
-from memtrace.jvm import codecache
+from memtrace.jvm import codeblobs, codecache
 from memtrace.jvm.vmstructs import SYMBOLS, VMStructs, Reader, read_vmstructs, u64
 from memtrace.model import notes
 from memtrace.model.notes import Note
@@ -97,7 +97,11 @@ def argument_list(signature: str) -> str:
 
 
 def method_text(holder: str, name: str, signature: str) -> str:
-    return f"{holder.replace('/', '.')}.{name}{argument_list(signature)}"
+    holder = holder.replace("/", ".")
+    hidden = holder.rfind("+0x")  # a hidden class (a lambda's): 'Foo$$Lambda$5+0x7f...'
+    if hidden > 0:
+        holder = f"{holder[:hidden]}/{holder[hidden + 1:]}"  # as the JVM prints it, and its perf map
+    return f"{holder}.{name}{argument_list(signature)}"
 
 
 def read_method(read: Reader, layout: Layout, method: int) -> Optional[str]:
@@ -172,13 +176,33 @@ class JavaMethods:
         self.layout: Optional[Layout] = None
         self.code_layout: Optional[codecache.Layout] = None  # None: compiled frames not walked
         self.code_problem: Optional[str] = None  # why, when the tables lack what it needs
+        self.blob_layout: Optional[codeblobs.Layout] = None  # None: compiled code not named here
+        self._heaps: Optional[tuple[codecache.CodeHeap, ...]] = None
+        self._read: Optional[Reader] = None  # while a batch() is open
         self.problem: Optional[Note] = None
         self.hotspot: Optional[bool] = None  # libjvm.so is HotSpot's (None: not read yet)
         self._names: dict[int, str] = {}
 
     @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """One open reader of the target's memory for the reads made inside
+        (a stack's frames), where each would open its own."""
+        if self._read is not None:
+            yield
+            return
+        with self._memory() as read:
+            self._read = read
+            try:
+                yield
+            finally:
+                self._read = None
+
+    @contextlib.contextmanager
     def _memory(self) -> Iterator[Reader]:
         """A reader of the target's memory, open for one batch of reads."""
+        if self._read is not None:
+            yield self._read
+            return
         try:
             fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -222,6 +246,9 @@ class JavaMethods:
                 self.code_layout = codecache.Layout(structs)
             except ValueError as e:
                 self.code_problem = str(e)
+            with contextlib.suppress(ValueError):  # then the perf map alone names compiled code
+                if self.code_layout is not None:
+                    self.blob_layout = codeblobs.Layout(structs, self.code_layout)
             try:
                 self.layout = Layout(structs)
             except ValueError as e:
@@ -252,6 +279,29 @@ class JavaMethods:
         if found is not None and len(self._names) < MAX_NAMES:
             self._names[method] = found
         return found
+
+    def compiled_code(self, pc: int) -> Optional[tuple[Optional[str], int]]:
+        """What the code heap holds at pc now: (the nmethod's method, or
+        another blob's name, the offset from its code's start), with None
+        for the name of a blob that does not hold together (an nmethod
+        whose Method* does not read); None when no blob is there (freed),
+        or the heap is not readable (the JVM gone, or not yet)."""
+        with self._memory() as read:
+            if not self._ready(read) or self.blob_layout is None:
+                return None
+            if self._heaps is None:
+                self._heaps = codecache.read_code_heaps(read, self.code_layout)
+                if self._heaps is None:
+                    return None
+            blob = codeblobs.blob_at(read, self._heaps, self.blob_layout, pc)
+        if blob is None:
+            return None
+        offset = pc - blob.code_begin
+        if not blob.is_nmethod:
+            return blob.name, offset
+        if not blob.method or blob.method & 7:
+            return None, offset
+        return self.name(blob.method), offset
 
 
 def for_process(pid: int, mappings) -> Optional[JavaMethods]:

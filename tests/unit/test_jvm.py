@@ -587,3 +587,68 @@ def test_stacks_keep_their_names_unless_a_frame_was_provisional():
     perf.updated = True
     symbols.new_round()  # nothing provisional: nothing to name again
     assert symbols.generation == 1
+
+
+class WalkProbes:
+    """What the JVM watch tells the frame walk (bpf/jvm.bpf.c's maps)."""
+
+    def __init__(self) -> None:
+        self.interpreter = None
+        self.code = None
+
+    def set_jvm_interpreter(self, start, end):
+        self.interpreter = (start, end)
+
+    def set_jvm_code(self, heaps, fields, generation):
+        self.code = (tuple(heaps), generation)
+
+
+def test_an_exec_leaves_nothing_of_the_old_jvm_to_the_walk_or_the_names():
+    from types import SimpleNamespace
+
+    from memtrace.collect.collector import Collector
+    from memtrace.collect.jvm_watch import JvmWatch
+    from memtrace.jvm.codecache import CodeHeap
+    from memtrace.symbols.symbolizer import Symbolizer
+
+    class Java:
+        hotspot = False
+        code_layout = SimpleNamespace(walk_fields=lambda: {"block_header": 16})
+        blob_layout = object()
+
+        def interpreter(self):
+            return (0x7000, 0x8000)
+
+        def code_heaps(self):
+            return (CodeHeap(0x9000, 0xA000, 0x5000, 6),)
+
+        def compiled_code(self, pc):
+            return ("Old.jvm()", 4)
+
+    probes = WalkProbes()
+    symbols = Symbolizer(2 ** 22 + 1)
+    symbols._refreshed_this_round = True
+    symbols.java, symbols.perf_map = Java(), NoPerfMap()
+    watch = JvmWatch(symbols, probes, 0.0)
+    watch.tick()
+    assert probes.interpreter == (0x7000, 0x8000) and probes.code[0][0].lo == 0x9000
+    assert symbols.frame(0x9100) == "Old.jvm()+0x4 [JIT]"
+
+    collector = object.__new__(Collector)  # only what an exec's news touches
+    collector.pid, collector.comm, collector._execs = 2 ** 22 + 1, "java", []
+    collector.probes = SimpleNamespace(unwind=None)
+    collector.symbols, collector.jvm = symbols, watch
+    collector._seed = lambda exec_ns=None: None
+    collector.watch = SimpleNamespace(read=lambda: [SimpleNamespace(kind="exec", ts_ns=1,
+                                                                    argv=["/bin/true"])])
+    collector.read_watch()
+    # The walk no longer takes any frame for the interpreter's or compiled
+    # code's (the interpreter's range is what turns both on), its heaps are
+    # gone, and the old JVM names nothing.
+    assert probes.interpreter == (0, 0)
+    assert probes.code[0] == () and probes.code[1] == 2
+    assert watch.interpreter is None and watch.code_heaps is None
+    assert symbols.java is None and symbols.perf_map is None
+    assert symbols.frame(0x9100) == "0x9100"
+    watch.tick()  # not a JVM now: nothing set again
+    assert probes.interpreter == (0, 0)

@@ -652,3 +652,22 @@ def test_an_exec_leaves_nothing_of_the_old_jvm_to_the_walk_or_the_names():
     assert symbols.frame(0x9100) == "0x9100"
     watch.tick()  # not a JVM now: nothing set again
     assert probes.interpreter == (0, 0)
+
+
+def test_a_batch_of_reads_opens_the_memory_once_and_closes_it():
+    import os
+
+    from memtrace.jvm.methods import JavaMethods
+
+    java = JavaMethods(os.getpid(), None)
+    fds = len(os.listdir("/proc/self/fd"))
+    data = b"read from outside"
+    with java.batch():
+        assert len(os.listdir("/proc/self/fd")) == fds  # opened at the first read only
+        with java._memory() as read:
+            first = read
+            assert read(id(data), 8) is not None
+        with java._memory() as read:
+            assert read is first
+        assert len(os.listdir("/proc/self/fd")) == fds + 1
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -178,24 +178,29 @@ class JavaMethods:
         self.code_problem: Optional[str] = None  # why, when the tables lack what it needs
         self.blob_layout: Optional[codeblobs.Layout] = None  # None: compiled code not named here
         self._heaps: Optional[tuple[codecache.CodeHeap, ...]] = None
-        self._read: Optional[Reader] = None  # while a batch() is open
+        self._in_batch = False
+        self._batch_fd: Optional[int] = None
+        self._read: Optional[Reader] = None  # the batch's, once opened
         self.problem: Optional[Note] = None
         self.hotspot: Optional[bool] = None  # libjvm.so is HotSpot's (None: not read yet)
         self._names: dict[int, str] = {}
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """One open reader of the target's memory for the reads made inside
-        (a stack's frames), where each would open its own."""
-        if self._read is not None:
+        """The reads made inside (a stack's frames) share one open reader
+        of the target's memory, opened at the first, where each would open
+        its own."""
+        if self._in_batch:
             yield
             return
-        with self._memory() as read:
-            self._read = read
-            try:
-                yield
-            finally:
-                self._read = None
+        self._in_batch = True
+        try:
+            yield
+        finally:
+            self._in_batch = False
+            if self._batch_fd is not None:
+                os.close(self._batch_fd)
+            self._batch_fd = self._read = None
 
     @contextlib.contextmanager
     def _memory(self) -> Iterator[Reader]:
@@ -218,6 +223,10 @@ class JavaMethods:
                 return None
             return data if len(data) == size else None
 
+        if self._in_batch:  # kept open until the batch ends
+            self._batch_fd, self._read = fd, read
+            yield read
+            return
         try:
             yield read
         finally:

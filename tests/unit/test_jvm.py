@@ -549,11 +549,15 @@ def test_jit_frames_named_from_the_code_heap_as_it_is_now():
     pc = 0x7F00_0000_1234
     code.at[pc] = ("java.util.zip.Inflater.init(boolean)", 0x4C)
     assert symbols.frames([pc]) == ("java.util.zip.Inflater.init(boolean)+0x4c [JIT]",)
-    # C1's code freed, C2's compiled at the same address: named anew
+    # C1's code freed, C2's compiled at the same address: named anew, from
+    # the next snapshot on (one snapshot's stacks read the heap once)
     code.at[pc] = ("Inflate$Worker.inflateOne()", 0x4C)
+    assert symbols.frame(pc) == "java.util.zip.Inflater.init(boolean)+0x4c [JIT]"
+    symbols.new_round()
     assert symbols.frame(pc) == "Inflate$Worker.inflateOne()+0x4c [JIT]"
     # freed since, or the JVM gone: the last code the heap showed there
     del code.at[pc]
+    symbols.new_round()
     assert symbols.frame(pc) == "Inflate$Worker.inflateOne()+0x4c [JIT]"
     # a blob that does not hold together: the perf map, else unnamed
     code.at[0x9000] = code.at[0xA000] = (None, 0x10)
@@ -671,3 +675,51 @@ def test_a_batch_of_reads_opens_the_memory_once_and_closes_it():
             assert read is first
         assert len(os.listdir("/proc/self/fd")) == fds + 1
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_method_freed_and_reused_is_named_anew():
+    from memtrace.jvm.methods import JavaMethods
+
+    mem = Memory()
+    java = JavaMethods(2 ** 22 + 1, None)
+    java.layout = Layout(jdk17(mem))
+    java._read = mem.read  # as inside a batch
+    m = method(mem, "A", "old", "()V")
+    assert java.name(m) == "A.old()"
+    # Its class unloaded, the Method's memory holds another method now
+    other = method(mem, "B", "new", "(I)V")
+    at = m - Memory.BASE
+    mem.data[at : at + 16] = mem.data[other - Memory.BASE : other - Memory.BASE + 16]
+    assert java.name(m) == "B.new(int)"
+    assert java.name(m) == "B.new(int)"
+
+
+def test_compiled_code_kept_by_pc_only_while_its_blob_is_there():
+    from memtrace.jvm import codecache
+    from memtrace.jvm.methods import JavaMethods
+
+    mem = Memory(4 << 20)
+    heap = Heap(mem, 1024)
+    java = JavaMethods(2 ** 22 + 1, None)
+    java.layout = Layout(jdk17(mem))
+    java.blob_layout = blob_layout(mem, [code_heap(mem, heap.heap.lo, heap.heap.hi, heap.segmap)])
+    java.code_layout, java._heaps = java.blob_layout.heaps, (heap.heap,)
+    java._read = mem.read  # as inside a batch
+    c1 = method(mem, "java/util/zip/Inflater", "init", "(Z)J")
+    block = heap.block(8, 40)
+    blob = heap.blob(block, "nmethod", c1)
+    pc = blob + 0x14C
+    assert java.compiled_code(pc) == ("java.util.zip.Inflater.init(boolean)", 0x4C)
+    assert java.compiled_code(pc) == ("java.util.zip.Inflater.init(boolean)", 0x4C)  # kept
+    # Freed, then the same block holds another method's code
+    mem.data[block - Memory.BASE + 8] = 0
+    assert java.compiled_code(pc) is None
+    mem.data[block - Memory.BASE + 8] = 1
+    heap.blob(block, "nmethod", method(mem, "Inflate$Worker", "inflateOne", "()V"), code_at=0x120)
+    assert java.compiled_code(pc) == ("Inflate$Worker.inflateOne()", 0x2C)
+    # A block that starts before: the kept block's header is gone
+    heap.blob(heap.block(4, 44), "StubRoutines (1)", data_offset=0x900)
+    assert java.compiled_code(pc) == ("StubRoutines (1)", pc - (heap.lo + 4 * 64 + 16 + 0x100))
+    # An nmethod whose Method* is no pointer: there, but not named
+    heap.blob(heap.block(4, 44), "nmethod", 0x1235, data_offset=0x900)
+    assert java.compiled_code(pc) == (None, pc - (heap.lo + 4 * 64 + 16 + 0x100))

@@ -17,7 +17,7 @@ short printable string, are not named."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from memtrace.jvm import codecache
@@ -27,7 +27,7 @@ from memtrace.jvm.vmstructs import Reader, VMStructs, c_string
 METHOD_FIELDS = (("CompiledMethod", "_method"), ("nmethod", "_method"))
 NMETHOD_NAMES = frozenset({"nmethod", "native nmethod"})
 MAX_BLOB_NAME = 128
-SEGMAP_WINDOW = 4096  # segment marks read back from a pc's: a blob spans fewer
+SEGMAP_WINDOWS = (128, 4096)  # segment marks read back from a pc's: a blob spans fewer
 
 
 class Layout:
@@ -61,6 +61,10 @@ class Blob:
     name: str  # CodeBlob::_name
     method: int  # an nmethod's Method*; 0 for another blob
     code_begin: int  # its first instruction, where the perf map's offsets start
+    # Its block, and the header's words read there: the same words at the
+    # same block later mean the same blob (still_there).
+    block: int = field(default=0, compare=False)
+    header: tuple = field(default=(), compare=False)
 
     @property
     def is_nmethod(self) -> bool:
@@ -72,42 +76,65 @@ def block_start(read: Reader, heap: codecache.CodeHeap, pc: int) -> Optional[int
     segment, how many segments back its block's first one is (0: this one;
     0xFF: free), in hops of at most 0xFE."""
     segment = (pc - heap.lo) >> heap.log2_segment
-    first = max(0, segment - SEGMAP_WINDOW + 1)
-    marks = read(heap.segmap + first, segment - first + 1)
-    if marks is None:
-        return None
-    at = segment
-    while marks[at - first]:
-        hop = marks[at - first]
-        if hop == 0xFF or at - hop < first:
+    for window in SEGMAP_WINDOWS:  # most blobs end within the first
+        first = max(0, segment - window + 1)
+        marks = read(heap.segmap + first, segment - first + 1)
+        if marks is None:
             return None
-        at -= hop
+        at = segment
+        while marks[at - first] and marks[at - first] != 0xFF and at - marks[at - first] >= first:
+            at -= marks[at - first]
+        if not marks[at - first]:
+            break
+        if marks[at - first] == 0xFF or first == 0:
+            return None
+    else:
+        return None
     return heap.lo + (at << heap.log2_segment)
+
+
+def _header(read: Reader, layout: Layout, block: int) -> Optional[tuple[int, int, int, int]]:
+    """(data offset, code begin, name pointer, method word) of the blob in
+    a block in use; None for a free block."""
+    raw = read(block, layout.span)
+    if raw is None or not raw[layout.heaps.used_at]:
+        return None
+    at = layout.heaps.block_header
+    data_offset = struct.unpack_from("<i", raw, at + layout.heaps.data_offset)[0]
+    if layout.code_begin_at is not None:
+        code_begin = struct.unpack_from("<Q", raw, at + layout.code_begin_at)[0]
+    else:
+        code_begin = block + at + struct.unpack_from("<i", raw, at + layout.code_offset_at)[0]
+    name = struct.unpack_from("<Q", raw, at + layout.name_at)[0]
+    method = struct.unpack_from("<Q", raw, at + layout.method_at)[0]
+    return data_offset, code_begin, name, method
 
 
 def blob_at(read: Reader, heaps, layout: Layout, pc: int) -> Optional[Blob]:
     """The code blob whose code holds pc, or None (no heap there, a free
     block, or what is there does not hold together)."""
-    heap = next((h for h in heaps if h.lo <= pc < h.hi), None)
-    if heap is None:
+    block = _block_of(read, heaps, pc)
+    header = _header(read, layout, block) if block is not None else None
+    if header is None:
         return None
-    block = block_start(read, heap, pc)
-    raw = read(block, layout.span) if block is not None else None
-    if raw is None or not raw[layout.heaps.used_at]:
-        return None
-    at = layout.heaps.block_header
-    start = block + at
-    data_offset = struct.unpack_from("<i", raw, at + layout.heaps.data_offset)[0]
-    if layout.code_begin_at is not None:
-        code_begin = struct.unpack_from("<Q", raw, at + layout.code_begin_at)[0]
-    else:
-        code_begin = start + struct.unpack_from("<i", raw, at + layout.code_offset_at)[0]
+    data_offset, code_begin, name_ptr, method = header
+    start = block + layout.heaps.block_header
     if not 0 < data_offset < 1 << 30 or not start < code_begin <= pc < start + data_offset:
         return None
-    name_ptr = struct.unpack_from("<Q", raw, at + layout.name_at)[0]
     name = c_string(read, name_ptr, MAX_BLOB_NAME)
     if not name or not name.isascii() or not name.isprintable():
         return None
-    method = struct.unpack_from("<Q", raw, at + layout.method_at)[0] if name in NMETHOD_NAMES else 0
-    return Blob(start, name, method, code_begin)
+    return Blob(start, name, method if name in NMETHOD_NAMES else 0, code_begin, block, header)
 
+
+def still_there(read: Reader, heaps, layout: Layout, blob: Blob, pc: int) -> bool:
+    """Whether pc is still in the blob found there before: the same block
+    (the segment map), whose header holds the same words (a block freed
+    and given to new code holds another blob's). The blob's name and
+    Method* need not be read again."""
+    return _block_of(read, heaps, pc) == blob.block and _header(read, layout, blob.block) == blob.header
+
+
+def _block_of(read: Reader, heaps, pc: int) -> Optional[int]:
+    heap = next((h for h in heaps if h.lo <= pc < h.hi), None)
+    return block_start(read, heap, pc) if heap is not None else None

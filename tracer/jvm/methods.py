@@ -183,7 +183,8 @@ class JavaMethods:
         self._read: Optional[Reader] = None  # the batch's, once opened
         self.problem: Optional[Note] = None
         self.hotspot: Optional[bool] = None  # libjvm.so is HotSpot's (None: not read yet)
-        self._names: dict[int, str] = {}
+        self._names: dict[int, tuple[int, str]] = {}  # Method* -> (its ConstMethod*, name)
+        self._blobs: dict[int, tuple[codeblobs.Blob, tuple[str, int]]] = {}  # pc -> what was there
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -278,15 +279,19 @@ class JavaMethods:
 
     def name(self, method: int) -> Optional[str]:
         """The method's name; a failed read is tried again later (a class
-        being loaded), a success is kept."""
-        if method in self._names:
-            return self._names[method]
+        being loaded), a success is kept, with the method's ConstMethod*,
+        read again each time: a Method* freed with its class and reused
+        is named anew."""
         with self._memory() as read:
+            kept = self._names.get(method)
+            if kept is not None and u64(read, method + self.layout.const_method) == kept[0]:
+                return kept[1]
             if not self._ready(read):
                 return None
             found = read_method(read, self.layout, method)
-        if found is not None and len(self._names) < MAX_NAMES:
-            self._names[method] = found
+            const_method = u64(read, method + self.layout.const_method)
+        if found is not None and const_method and (kept or len(self._names) < MAX_NAMES):
+            self._names[method] = (const_method, found)
         return found
 
     def compiled_code(self, pc: int) -> Optional[tuple[Optional[str], int]]:
@@ -294,7 +299,10 @@ class JavaMethods:
         another blob's name, the offset from its code's start), with None
         for the name of a blob that does not hold together (an nmethod
         whose Method* does not read); None when no blob is there (freed),
-        or the heap is not readable (the JVM gone, or not yet)."""
+        or the heap is not readable (the JVM gone, or not yet). What was
+        found at pc is kept, and checked again (its block's header) each
+        time: the blob's block and header."""
+        kept = self._blobs.get(pc)
         with self._memory() as read:
             if not self._ready(read) or self.blob_layout is None:
                 return None
@@ -302,15 +310,24 @@ class JavaMethods:
                 self._heaps = codecache.read_code_heaps(read, self.code_layout)
                 if self._heaps is None:
                     return None
+            if kept is not None and codeblobs.still_there(read, self._heaps, self.blob_layout,
+                                                          kept[0], pc):
+                return kept[1]
             blob = codeblobs.blob_at(read, self._heaps, self.blob_layout, pc)
         if blob is None:
             return None
         offset = pc - blob.code_begin
         if not blob.is_nmethod:
-            return blob.name, offset
-        if not blob.method or blob.method & 7:
+            found: tuple[Optional[str], int] = (blob.name, offset)
+        elif not blob.method or blob.method & 7:
             return None, offset
-        return self.name(blob.method), offset
+        else:
+            found = (self.name(blob.method), offset)
+        if found[0] is not None:
+            if len(self._blobs) >= MAX_NAMES:
+                self._blobs.clear()
+            self._blobs[pc] = (blob, found)
+        return found
 
 
 def for_process(pid: int, mappings) -> Optional[JavaMethods]:

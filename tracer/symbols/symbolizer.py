@@ -84,12 +84,14 @@ class Symbolizer:
         self.perf_map: Optional[PerfMap] = None  # when the process is a HotSpot JVM
         self._jit_asked: set[int] = set()  # generated code the perf map was asked for
         self._jit_seen: dict[int, str] = {}  # the last name the code heap gave an address
+        self._jit_this_round: dict[int, str] = {}  # read in the heap this snapshot: not again
         self.java: Optional[jvm_methods.JavaMethods] = None  # interpreted frames' methods
 
     def new_round(self) -> None:
         """Once per snapshot: allows one re-read of the module map, and
         takes the names that came in the background."""
         self._refreshed_this_round = False
+        self._jit_this_round.clear()
         self._names_came()
 
     def refresh(self) -> bool:
@@ -189,6 +191,7 @@ class Symbolizer:
         self._provisional_frames.clear()
         self._jit_asked.clear()
         self._jit_seen.clear()
+        self._jit_this_round.clear()
         self.perf_map = self.java = None
         self._refreshed_this_round = False
 
@@ -261,6 +264,9 @@ class Symbolizer:
         Else a bare address, not cached (a region we never saw)."""
         if self.perf_map is None:
             return f"0x{addr:x}"
+        known = self._jit_this_round.get(addr)
+        if known is not None:
+            return known  # a snapshot's new stacks share their frames' code
         if addr not in self._jit_asked:  # new code: once per address
             self._jit_asked.add(addr)
             self.perf_map.want_refresh()
@@ -270,6 +276,7 @@ class Symbolizer:
             text = f"{found[0]}+0x{found[1]:x} [{JVM_MODULE}]"
             if addr in self._jit_seen or len(self._jit_seen) < MAX_JIT_SEEN:
                 self._jit_seen[addr] = text
+            self._jit_this_round[addr] = text
             return text
         if found is None and addr in self._jit_seen:
             return self._jit_seen[addr]

@@ -300,8 +300,8 @@ class JavaMethods:
         for the name of a blob that does not hold together (an nmethod
         whose Method* does not read); None when no blob is there (freed),
         or the heap is not readable (the JVM gone, or not yet). What was
-        found at pc is kept, and checked again (its block's header) each
-        time: the blob's block and header."""
+        found at pc is kept, and each time checked to be still there (the
+        same block, the same header)."""
         kept = self._blobs.get(pc)
         with self._memory() as read:
             if not self._ready(read) or self.blob_layout is None:

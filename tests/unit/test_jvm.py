@@ -723,3 +723,52 @@ def test_compiled_code_kept_by_pc_only_while_its_blob_is_there():
     # An nmethod whose Method* is no pointer: there, but not named
     heap.blob(heap.block(4, 44), "nmethod", 0x1235, data_offset=0x900)
     assert java.compiled_code(pc) == (None, pc - (heap.lo + 4 * 64 + 16 + 0x100))
+
+
+def test_compiled_code_of_a_real_jdk17_named_from_recorded_reads():
+    """The reads that named three pcs of a live JVM (OpenJDK 17.0.15,
+    Debian 12, tests/programs/Inflate.java after its warm-up), recorded
+    with the offsets its VMStructs gave: a native method's wrapper, a C2
+    nmethod and the call stub, each as its perf map named it."""
+    import json
+    from pathlib import Path
+
+    from memtrace.jvm import codeblobs, codecache
+    from memtrace.jvm.methods import JavaMethods
+
+    doc = json.loads((Path(__file__).parent / "data" / "jdk17_code_heap.json").read_text())
+    reads = {key: bytes.fromhex(v) if v is not None else None for key, v in doc["reads"].items()}
+
+    def read(address, size):
+        return reads.get(f"{address:x}:{size}")
+
+    def pair(name):
+        return tuple(name.rsplit("::", 1))
+
+    structs = VMStructs(offsets={pair(k): v for k, v in doc["offsets"].items()},
+                        addresses={pair(k): v for k, v in doc["addresses"].items()},
+                        sizes=doc["sizes"])
+    java = JavaMethods(2 ** 22 + 1, None)
+    java.layout = Layout(structs)
+    java.code_layout = codecache.Layout(structs)
+    java.blob_layout = codeblobs.Layout(structs, java.code_layout)
+    java._read = read
+    kinds = set()
+    for pc in doc["pcs"]:
+        assert java.compiled_code(pc["pc"]) == (pc["perf_map"], pc["offset"]), pc
+        kinds.add(codeblobs.blob_at(read, java._heaps, java.blob_layout, pc["pc"]).name)
+    assert kinds == {"native nmethod", "nmethod", "StubRoutines (1)"}
+
+
+def test_when_names_come_only_stacks_with_provisional_frames_are_named_again():
+    from types import SimpleNamespace
+
+    from memtrace.collect.collector import Collector
+
+    collector = object.__new__(Collector)
+    collector.symbols = SimpleNamespace(generation=1, stale_frames=frozenset({"0x2000 [JIT]"}))
+    collector._frames_generation = 0
+    named = ("inflateInit2_+0x56 [libz.so.1]", "A.a()+0x4 [JIT]")  # its code since replaced
+    collector._frames = {(1, 0): named, (2, 0): ("malloc+0x1 [libc.so.6]", "0x2000 [JIT]")}
+    collector._frames_current()
+    assert collector._frames == {(1, 0): named}

@@ -12,10 +12,12 @@ the flag is not given."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -160,3 +162,37 @@ def test_without_frame_pointers_compiled_frames_are_walked(java_tools, inflate_c
     assert doc["jvm"]["preserve_frame_pointer"] is False, doc["jvm"]
     assert doc["jvm"]["compiled_frames_walked"] is True, doc["jvm"]
     assert not any(HINT_FLAG in h["text"] for h in doc["hints"]), doc["hints"]
+
+
+def test_jit_frames_named_from_the_code_heap_without_warm_up(
+        java_tools, inflate_classpath, tracers, memtrace_cmd, wait_attached, wait_file,
+        _prerequisites, tmp_path_factory):
+    """No warm-up, default tiered compilation: C1 compiles inflateOne and
+    Inflater's methods while the workers run, and C2's code replaces C1's.
+    The perf map is kept out (a jcmd that fails comes first on memtrace's
+    PATH), so what names the compiled frames is the code heap alone, read
+    as each stack is new: the blob at the return address, its Method*."""
+    if _prerequisites:
+        pytest.fail("; ".join(_prerequisites), pytrace=False)
+    work = tmp_path_factory.mktemp("java-heapnames")
+    no_jcmd = work / "bin"
+    no_jcmd.mkdir()
+    (no_jcmd / "jcmd").write_text("#!/bin/sh\nexit 1\n")
+    (no_jcmd / "jcmd").chmod(0o755)
+    env_path = f"PATH={no_jcmd}:{os.environ['PATH']}"
+    without_perf_map = SimpleNamespace(
+        start=lambda args: subprocess.Popen(["env", env_path, *memtrace_cmd, *args],
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True),
+        finish=tracers.finish, kill_all=tracers.kill_all)
+    doc, phase1 = run_inflate([], 2, 300, java_tools, inflate_classpath, without_perf_map,
+                              wait_attached, wait_file, work)
+    stacks = libz_stacks(doc)
+    jit = [f for s in stacks for f in s["frames"] if f.endswith(" [JIT]")]
+    assert jit, [s["frames"][:10] for s in stacks[:3]]
+    unnamed = [f for f in jit if f.startswith("0x")]
+    assert len(unnamed) <= 0.1 * len(jit), (len(unnamed), len(jit), unnamed[:10])
+    live = sum(s["live_bytes"] for s in stacks)
+    reaching = sum(s["live_bytes"] for s in stacks if any(CREATOR.match(f) for f in s["frames"]))
+    assert reaching >= 0.9 * live, [s["frames"][:10] for s in stacks[:3]]
+    assert any(f.startswith("java.util.zip.Inflater.init(boolean)+0x") for f in jit), sorted(set(jit))

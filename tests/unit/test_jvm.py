@@ -188,6 +188,8 @@ def test_descriptors_read_as_the_perf_map_spells_them():
         "(boolean, byte[], int, java.lang.String[][], long)"
     assert argument_list("(Q)V") == "" and argument_list("(L;") == "" and argument_list("") == ""
     assert method_text("a/B$C", "run", "()V") == "a.B$C.run()"
+    assert method_text("Foo$$Lambda$5+0x00007f13f1002800", "run", "()V") == \
+        "Foo$$Lambda$5/0x00007f13f1002800.run()"  # a hidden class, as the perf map spells it
 
 
 NMT_17 = """12345:
@@ -389,3 +391,384 @@ def test_perf_map_keeps_the_names_of_freed_code():
     assert with_freed_code(new, old) == [(0x1080, 0x1200, "D.new()"), (0x2000, 0x2100, "B.c1()"),
                                          (0x3000, 0x3100, "C.x()"), (0x4000, 0x4100, "A.c2()")]
     assert with_freed_code(new, []) == new
+
+
+# ---------------------------------------------------------------- code blobs
+
+BLOB_OFFSETS = {("CodeBlob", "_name"): 96, ("CompiledMethod", "_method"): 112,
+                ("CodeBlob", "_code_begin"): 32}
+
+
+def blob_layout(mem: Memory, heaps, offsets=BLOB_OFFSETS):
+    from memtrace.jvm import codeblobs, codecache
+
+    structs = code_cache(mem, heaps)
+    structs.offsets.update(offsets)
+    return codeblobs.Layout(structs, codecache.Layout(structs))
+
+
+class Heap:
+    """A code heap of 64-byte segments in the fake memory, its segment map
+    marked as HotSpot marks it (0 at a block's first segment, then the
+    distance back, in hops of at most 0xFE; 0xFF: free)."""
+
+    LOG2 = 6
+
+    def __init__(self, mem: Memory, segments: int) -> None:
+        self.mem = mem
+        self.lo = mem.put(bytes(segments << self.LOG2))
+        self.segmap = mem.put(b"\xff" * segments)
+        from memtrace.jvm.codecache import CodeHeap
+        self.heap = CodeHeap(self.lo, self.lo + (segments << self.LOG2), self.segmap, self.LOG2)
+
+    def block(self, first: int, count: int, used: bool = True) -> int:
+        at = self.segmap - Memory.BASE + first
+        for i in range(count):
+            self.mem.data[at + i] = min(i, 0xFE) if i < 0xFF else 0xFE
+        block = self.lo + (first << self.LOG2)
+        self.mem.data[block - Memory.BASE + 8] = int(used)  # HeapBlock::Header::_used
+        return block
+
+    def blob(self, block: int, name: str, method: int = 0, code_at: int = 0x100,
+             data_offset: int = 0x800) -> int:
+        blob = block + 16
+        header = bytearray(120)
+        struct.pack_into("<i", header, 24, data_offset)
+        struct.pack_into("<Q", header, 32, blob + code_at)
+        struct.pack_into("<Q", header, 96, self.mem.string(name))
+        struct.pack_into("<Q", header, 112, method)
+        self.mem.data[blob - Memory.BASE : blob - Memory.BASE + 120] = header
+        return blob
+
+
+def test_the_blob_at_a_pc_is_found_back_through_the_segment_map():
+    from memtrace.jvm.codeblobs import Blob, blob_at
+
+    mem = Memory(4 << 20)
+    heap = Heap(mem, 2048)
+    layout = blob_layout(mem, [code_heap(mem, heap.heap.lo, heap.heap.hi, heap.segmap)])
+    m = method(mem, "java/util/zip/Inflater", "init", "(Z)J")
+    block = heap.block(10, 600)  # more than 0xFE segments: hops
+    blob = heap.blob(block, "nmethod", m, data_offset=600 * 64 - 16)
+    pc = block + 599 * 64 + 3
+    assert blob_at(mem.read, [heap.heap], layout, pc) == Blob(blob, "nmethod", m, blob + 0x100)
+    assert read_method(mem.read, Layout(jdk17(mem)), m) == "java.util.zip.Inflater.init(boolean)"
+    stub = heap.blob(heap.block(700, 8), "StubRoutines (1)", method=0x1234, data_offset=0x180)
+    assert blob_at(mem.read, [heap.heap], layout, stub + 0x100) == Blob(stub, "StubRoutines (1)", 0,
+                                                                         stub + 0x100)
+
+
+def test_what_is_no_live_blob_is_not_named():
+    from memtrace.jvm.codeblobs import blob_at
+
+    mem = Memory(4 << 20)
+    heap = Heap(mem, 1024)
+    layout = blob_layout(mem, [code_heap(mem, heap.heap.lo, heap.heap.hi, heap.segmap)])
+    heaps = [heap.heap]
+    freed = heap.blob(heap.block(0, 32, used=False), "nmethod", 0x4000)
+    assert blob_at(mem.read, heaps, layout, freed + 0x200) is None  # a free block
+    assert blob_at(mem.read, heaps, layout, heap.lo + 100 * 64) is None  # never used: 0xFF
+    live = heap.blob(heap.block(40, 32), "nmethod", 0x4000)
+    assert blob_at(mem.read, heaps, layout, live + 0x80) is None  # before the code
+    assert blob_at(mem.read, heaps, layout, live + 0x900) is None  # in the data
+    assert blob_at(mem.read, heaps, layout, heap.heap.hi + 8) is None  # in no heap
+    odd = heap.blob(heap.block(80, 32), "nmethod\x01", 0x4000)
+    assert blob_at(mem.read, heaps, layout, odd + 0x200) is None  # no name
+    mem.data[heap.segmap - Memory.BASE + 44] = 0xFF  # a free mark in the block's chain
+    mem.data[heap.segmap - Memory.BASE + 45] = 1
+    assert blob_at(mem.read, heaps, layout, heap.lo + 45 * 64) is None
+    mem.data[heap.segmap - Memory.BASE + 45] = 50  # a hop back past the heap's start
+    assert blob_at(mem.read, heaps, layout, heap.lo + 45 * 64) is None
+
+
+def test_blob_layout_of_later_jdks_and_what_a_jvm_lacks():
+    import pytest
+
+    from memtrace.jvm.codeblobs import Blob, blob_at
+
+    mem = Memory(1 << 20)
+    heap = Heap(mem, 64)
+    jdk25 = {("CodeBlob", "_name"): 96, ("nmethod", "_method"): 112, ("CodeBlob", "_code_offset"): 32}
+    layout = blob_layout(mem, [code_heap(mem, heap.heap.lo, heap.heap.hi, heap.segmap)], jdk25)
+    block = heap.block(2, 40)
+    blob = block + 16
+    header = bytearray(120)
+    struct.pack_into("<ii", header, 24, 0x800, 0)
+    struct.pack_into("<i", header, 32, 0x180)  # an offset from the blob
+    struct.pack_into("<Q", header, 96, mem.string("nmethod"))
+    struct.pack_into("<Q", header, 112, 0x7000)
+    mem.data[blob - Memory.BASE : blob - Memory.BASE + 120] = header
+    assert blob_at(mem.read, [heap.heap], layout, blob + 0x200) == Blob(blob, "nmethod", 0x7000,
+                                                                         blob + 0x180)
+    with pytest.raises(ValueError, match=r"CodeBlob::_name, nmethod::_method, CodeBlob::_code_begin"):
+        blob_layout(mem, [code_heap(mem, heap.heap.lo, heap.heap.hi, heap.segmap)], {})
+
+
+class CompiledCode:
+    """JavaMethods as the symbolizer sees it, over a code heap whose
+    content the test changes."""
+
+    blob_layout = object()
+
+    def __init__(self) -> None:
+        self.at: dict[int, tuple] = {}
+
+    def compiled_code(self, pc):
+        return self.at.get(pc)
+
+    def batch(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+class NoPerfMap:
+    def __init__(self, names=()) -> None:
+        self.names = dict(names)
+        self.asked = 0
+
+    def lookup(self, addr):
+        return self.names.get(addr)
+
+    def want_refresh(self):
+        self.asked += 1
+
+    def tick(self):
+        pass
+
+    def take_update(self):
+        return False
+
+
+def test_jit_frames_named_from_the_code_heap_as_it_is_now():
+    from memtrace.symbols.symbolizer import Symbolizer
+
+    symbols = Symbolizer(2 ** 22 + 1)  # no such process: every address is generated code
+    symbols._refreshed_this_round = True
+    code = symbols.java = CompiledCode()
+    perf = symbols.perf_map = NoPerfMap({0x9000: ("Old.perfMap()", 0x10)})
+    pc = 0x7F00_0000_1234
+    code.at[pc] = ("java.util.zip.Inflater.init(boolean)", 0x4C)
+    assert symbols.frames([pc]) == ("java.util.zip.Inflater.init(boolean)+0x4c [JIT]",)
+    # C1's code freed, C2's compiled at the same address: named anew, from
+    # the next snapshot on (one snapshot's stacks read the heap once)
+    code.at[pc] = ("Inflate$Worker.inflateOne()", 0x4C)
+    assert symbols.frame(pc) == "java.util.zip.Inflater.init(boolean)+0x4c [JIT]"
+    symbols.new_round()
+    assert symbols.frame(pc) == "Inflate$Worker.inflateOne()+0x4c [JIT]"
+    # freed since, or the JVM gone: the last code the heap showed there
+    del code.at[pc]
+    symbols.new_round()
+    assert symbols.frame(pc) == "Inflate$Worker.inflateOne()+0x4c [JIT]"
+    # a blob that does not hold together: the perf map, else unnamed
+    code.at[0x9000] = code.at[0xA000] = (None, 0x10)
+    assert symbols.frame(0x9000) == "Old.perfMap()+0x10 [JIT]"
+    assert symbols.frame(0xA000) == "0xa000 [JIT]"
+    assert perf.asked == 3  # once per new address: the fallback kept fresh
+
+
+def test_stacks_keep_their_names_unless_a_frame_was_provisional():
+    from memtrace.symbols.symbolizer import Symbolizer
+
+    class Map(NoPerfMap):
+        updated = False
+
+        def take_update(self):
+            updated, self.updated = self.updated, False
+            return updated
+
+    symbols = Symbolizer(2 ** 22 + 1)
+    symbols._refreshed_this_round = True
+    code = symbols.java = CompiledCode()
+    perf = symbols.perf_map = Map()
+    code.at[0x1000] = ("A.a()", 4)
+    first = symbols.frames([0x1000, 0x2000])
+    assert first == ("A.a()+0x4 [JIT]", "0x2000 [JIT]")
+    perf.updated = True
+    perf.names[0x2000] = ("B.b()", 8)
+    symbols.new_round()
+    assert symbols.generation == 1 and symbols.stale_frames == {"0x2000 [JIT]"}
+    assert symbols.frame(0x2000) == "B.b()+0x8 [JIT]"
+    perf.updated = True
+    symbols.new_round()  # nothing provisional: nothing to name again
+    assert symbols.generation == 1
+
+
+class WalkProbes:
+    """What the JVM watch tells the frame walk (bpf/jvm.bpf.c's maps)."""
+
+    def __init__(self) -> None:
+        self.interpreter = None
+        self.code = None
+
+    def set_jvm_interpreter(self, start, end):
+        self.interpreter = (start, end)
+
+    def set_jvm_code(self, heaps, fields, generation):
+        self.code = (tuple(heaps), generation)
+
+
+def test_an_exec_leaves_nothing_of_the_old_jvm_to_the_walk_or_the_names():
+    from types import SimpleNamespace
+
+    from memtrace.collect.collector import Collector
+    from memtrace.collect.jvm_watch import JvmWatch
+    from memtrace.jvm.codecache import CodeHeap
+    from memtrace.symbols.symbolizer import Symbolizer
+
+    class Java:
+        hotspot = False
+        code_layout = SimpleNamespace(walk_fields=lambda: {"block_header": 16})
+        blob_layout = object()
+
+        def interpreter(self):
+            return (0x7000, 0x8000)
+
+        def code_heaps(self):
+            return (CodeHeap(0x9000, 0xA000, 0x5000, 6),)
+
+        def compiled_code(self, pc):
+            return ("Old.jvm()", 4)
+
+    probes = WalkProbes()
+    symbols = Symbolizer(2 ** 22 + 1)
+    symbols._refreshed_this_round = True
+    symbols.java, symbols.perf_map = Java(), NoPerfMap()
+    watch = JvmWatch(symbols, probes, 0.0)
+    watch.tick()
+    assert probes.interpreter == (0x7000, 0x8000) and probes.code[0][0].lo == 0x9000
+    assert symbols.frame(0x9100) == "Old.jvm()+0x4 [JIT]"
+
+    collector = object.__new__(Collector)  # only what an exec's news touches
+    collector.pid, collector.comm, collector._execs = 2 ** 22 + 1, "java", []
+    collector.probes = SimpleNamespace(unwind=None)
+    collector.symbols, collector.jvm = symbols, watch
+    collector._seed = lambda exec_ns=None: None
+    collector.watch = SimpleNamespace(read=lambda: [SimpleNamespace(kind="exec", ts_ns=1,
+                                                                    argv=["/bin/true"])])
+    collector.read_watch()
+    # The walk no longer takes any frame for the interpreter's or compiled
+    # code's (the interpreter's range is what turns both on), its heaps are
+    # gone, and the old JVM names nothing.
+    assert probes.interpreter == (0, 0)
+    assert probes.code[0] == () and probes.code[1] == 2
+    assert watch.interpreter is None and watch.code_heaps is None
+    assert symbols.java is None and symbols.perf_map is None
+    assert symbols.frame(0x9100) == "0x9100"
+    watch.tick()  # not a JVM now: nothing set again
+    assert probes.interpreter == (0, 0)
+
+
+def test_a_batch_of_reads_opens_the_memory_once_and_closes_it():
+    import os
+
+    from memtrace.jvm.methods import JavaMethods
+
+    java = JavaMethods(os.getpid(), None)
+    fds = len(os.listdir("/proc/self/fd"))
+    data = b"read from outside"
+    with java.batch():
+        assert len(os.listdir("/proc/self/fd")) == fds  # opened at the first read only
+        with java._memory() as read:
+            first = read
+            assert read(id(data), 8) is not None
+        with java._memory() as read:
+            assert read is first
+        assert len(os.listdir("/proc/self/fd")) == fds + 1
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_method_freed_and_reused_is_named_anew():
+    from memtrace.jvm.methods import JavaMethods
+
+    mem = Memory()
+    java = JavaMethods(2 ** 22 + 1, None)
+    java.layout = Layout(jdk17(mem))
+    java._read = mem.read  # as inside a batch
+    m = method(mem, "A", "old", "()V")
+    assert java.name(m) == "A.old()"
+    # Its class unloaded, the Method's memory holds another method now
+    other = method(mem, "B", "new", "(I)V")
+    at = m - Memory.BASE
+    mem.data[at : at + 16] = mem.data[other - Memory.BASE : other - Memory.BASE + 16]
+    assert java.name(m) == "B.new(int)"
+    assert java.name(m) == "B.new(int)"
+
+
+def test_compiled_code_kept_by_pc_only_while_its_blob_is_there():
+    from memtrace.jvm import codecache
+    from memtrace.jvm.methods import JavaMethods
+
+    mem = Memory(4 << 20)
+    heap = Heap(mem, 1024)
+    java = JavaMethods(2 ** 22 + 1, None)
+    java.layout = Layout(jdk17(mem))
+    java.blob_layout = blob_layout(mem, [code_heap(mem, heap.heap.lo, heap.heap.hi, heap.segmap)])
+    java.code_layout, java._heaps = java.blob_layout.heaps, (heap.heap,)
+    java._read = mem.read  # as inside a batch
+    c1 = method(mem, "java/util/zip/Inflater", "init", "(Z)J")
+    block = heap.block(8, 40)
+    blob = heap.blob(block, "nmethod", c1)
+    pc = blob + 0x14C
+    assert java.compiled_code(pc) == ("java.util.zip.Inflater.init(boolean)", 0x4C)
+    assert java.compiled_code(pc) == ("java.util.zip.Inflater.init(boolean)", 0x4C)  # kept
+    # Freed, then the same block holds another method's code
+    mem.data[block - Memory.BASE + 8] = 0
+    assert java.compiled_code(pc) is None
+    mem.data[block - Memory.BASE + 8] = 1
+    heap.blob(block, "nmethod", method(mem, "Inflate$Worker", "inflateOne", "()V"), code_at=0x120)
+    assert java.compiled_code(pc) == ("Inflate$Worker.inflateOne()", 0x2C)
+    # A block that starts before: the kept block's header is gone
+    heap.blob(heap.block(4, 44), "StubRoutines (1)", data_offset=0x900)
+    assert java.compiled_code(pc) == ("StubRoutines (1)", pc - (heap.lo + 4 * 64 + 16 + 0x100))
+    # An nmethod whose Method* is no pointer: there, but not named
+    heap.blob(heap.block(4, 44), "nmethod", 0x1235, data_offset=0x900)
+    assert java.compiled_code(pc) == (None, pc - (heap.lo + 4 * 64 + 16 + 0x100))
+
+
+def test_compiled_code_of_a_real_jdk17_named_from_recorded_reads():
+    """The reads that named three pcs of a live JVM (OpenJDK 17.0.15,
+    Debian 12, tests/programs/Inflate.java after its warm-up), recorded
+    with the offsets its VMStructs gave: a native method's wrapper, a C2
+    nmethod and the call stub, each as its perf map named it."""
+    import json
+    from pathlib import Path
+
+    from memtrace.jvm import codeblobs, codecache
+    from memtrace.jvm.methods import JavaMethods
+
+    doc = json.loads((Path(__file__).parent / "data" / "jdk17_code_heap.json").read_text())
+    reads = {key: bytes.fromhex(v) if v is not None else None for key, v in doc["reads"].items()}
+
+    def read(address, size):
+        return reads.get(f"{address:x}:{size}")
+
+    def pair(name):
+        return tuple(name.rsplit("::", 1))
+
+    structs = VMStructs(offsets={pair(k): v for k, v in doc["offsets"].items()},
+                        addresses={pair(k): v for k, v in doc["addresses"].items()},
+                        sizes=doc["sizes"])
+    java = JavaMethods(2 ** 22 + 1, None)
+    java.layout = Layout(structs)
+    java.code_layout = codecache.Layout(structs)
+    java.blob_layout = codeblobs.Layout(structs, java.code_layout)
+    java._read = read
+    kinds = set()
+    for pc in doc["pcs"]:
+        assert java.compiled_code(pc["pc"]) == (pc["perf_map"], pc["offset"]), pc
+        kinds.add(codeblobs.blob_at(read, java._heaps, java.blob_layout, pc["pc"]).name)
+    assert kinds == {"native nmethod", "nmethod", "StubRoutines (1)"}
+
+
+def test_when_names_come_only_stacks_with_provisional_frames_are_named_again():
+    from types import SimpleNamespace
+
+    from memtrace.collect.collector import Collector
+
+    collector = object.__new__(Collector)
+    collector.symbols = SimpleNamespace(generation=1, stale_frames=frozenset({"0x2000 [JIT]"}))
+    collector._frames_generation = 0
+    named = ("inflateInit2_+0x56 [libz.so.1]", "A.a()+0x4 [JIT]")  # its code since replaced
+    collector._frames = {(1, 0): named, (2, 0): ("malloc+0x1 [libc.so.6]", "0x2000 [JIT]")}
+    collector._frames_current()
+    assert collector._frames == {(1, 0): named}

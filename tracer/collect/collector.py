@@ -134,6 +134,8 @@ class Collector:
             if self.probes.unwind is not None:
                 self.probes.unwind.reset()  # the old image's code is gone
                 follow_image(self.probes.unwind, self.pid)  # the new one's, as ld.so maps it
+            self.symbols.new_image()
+            self.jvm.reset()  # its JVM's interpreter and code heaps too
             self._seed(exec_ns=event.ts_ns)
             self._arena_inputs, self._walked = [], {}  # the old image's arenas are gone
             self._check_allocator = True
@@ -149,7 +151,11 @@ class Collector:
 
     def _frames_current(self) -> None:
         if self._frames_generation != self.symbols.generation:
-            self._frames.clear()  # names came for some frames (symbols.Symbolizer)
+            # Names came for some frames (symbols.Symbolizer): the stacks
+            # that hold one are named again, the others keep theirs (a JIT
+            # frame's code may have been replaced since).
+            stale = self.symbols.stale_frames
+            self._frames = {k: f for k, f in self._frames.items() if stale.isdisjoint(f)}
             self._frames_generation = self.symbols.generation
 
     def frames_of(self, key: StackKey) -> tuple[str, ...]:

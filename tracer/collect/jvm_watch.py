@@ -31,6 +31,21 @@ class JvmWatch:
         self._code_generation = 0
         self._next_code_read = 0.0
 
+    def reset(self) -> None:
+        """The process exec'd: its old JVM's interpreter and code heaps are
+        gone (the walk would take the new image's code for them until it
+        failed the walk's checks), and a JVM the new image may start is
+        met afresh."""
+        if self.interpreter is not None:
+            self.probes.set_jvm_interpreter(0, 0)  # off: no frame is the interpreter's
+        if self.code_heaps is not None:
+            self._code_generation += 1
+            self.probes.set_jvm_code((), {}, self._code_generation)
+        self.interpreter = None
+        self.code_heaps = None
+        self.diagnostics = None
+        self._next_code_read = 0.0
+
     def tick(self) -> None:
         """Each snapshot while the target runs."""
         java = self.symbols.java

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 from memtrace.process import procfs
 from memtrace.symbols.elf import exported_objects
 from memtrace.process.mappedfile import fd_path, open_mapped
-from memtrace.jvm import codecache
+from memtrace.jvm import codeblobs, codecache
 from memtrace.jvm.vmstructs import SYMBOLS, VMStructs, Reader, read_vmstructs, u64
 from memtrace.model import notes
 from memtrace.model.notes import Note
@@ -97,7 +97,11 @@ def argument_list(signature: str) -> str:
 
 
 def method_text(holder: str, name: str, signature: str) -> str:
-    return f"{holder.replace('/', '.')}.{name}{argument_list(signature)}"
+    holder = holder.replace("/", ".")
+    hidden = holder.rfind("+0x")  # a hidden class (a lambda's): 'Foo$$Lambda$5+0x7f...'
+    if hidden > 0:
+        holder = f"{holder[:hidden]}/{holder[hidden + 1:]}"  # as the JVM prints it, and its perf map
+    return f"{holder}.{name}{argument_list(signature)}"
 
 
 def read_method(read: Reader, layout: Layout, method: int) -> Optional[str]:
@@ -172,13 +176,39 @@ class JavaMethods:
         self.layout: Optional[Layout] = None
         self.code_layout: Optional[codecache.Layout] = None  # None: compiled frames not walked
         self.code_problem: Optional[str] = None  # why, when the tables lack what it needs
+        self.blob_layout: Optional[codeblobs.Layout] = None  # None: compiled code not named here
+        self._heaps: Optional[tuple[codecache.CodeHeap, ...]] = None
+        self._in_batch = False
+        self._batch_fd: Optional[int] = None
+        self._read: Optional[Reader] = None  # the batch's, once opened
         self.problem: Optional[Note] = None
         self.hotspot: Optional[bool] = None  # libjvm.so is HotSpot's (None: not read yet)
-        self._names: dict[int, str] = {}
+        self._names: dict[int, tuple[int, str]] = {}  # Method* -> (its ConstMethod*, name)
+        self._blobs: dict[int, tuple[codeblobs.Blob, tuple[str, int]]] = {}  # pc -> what was there
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """The reads made inside (a stack's frames) share one open reader
+        of the target's memory, opened at the first, where each would open
+        its own."""
+        if self._in_batch:
+            yield
+            return
+        self._in_batch = True
+        try:
+            yield
+        finally:
+            self._in_batch = False
+            if self._batch_fd is not None:
+                os.close(self._batch_fd)
+            self._batch_fd = self._read = None
 
     @contextlib.contextmanager
     def _memory(self) -> Iterator[Reader]:
         """A reader of the target's memory, open for one batch of reads."""
+        if self._read is not None:
+            yield self._read
+            return
         try:
             fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -194,6 +224,10 @@ class JavaMethods:
                 return None
             return data if len(data) == size else None
 
+        if self._in_batch:  # kept open until the batch ends
+            self._batch_fd, self._read = fd, read
+            yield read
+            return
         try:
             yield read
         finally:
@@ -222,6 +256,9 @@ class JavaMethods:
                 self.code_layout = codecache.Layout(structs)
             except ValueError as e:
                 self.code_problem = str(e)
+            with contextlib.suppress(ValueError):  # then the perf map alone names compiled code
+                if self.code_layout is not None:
+                    self.blob_layout = codeblobs.Layout(structs, self.code_layout)
             try:
                 self.layout = Layout(structs)
             except ValueError as e:
@@ -242,15 +279,54 @@ class JavaMethods:
 
     def name(self, method: int) -> Optional[str]:
         """The method's name; a failed read is tried again later (a class
-        being loaded), a success is kept."""
-        if method in self._names:
-            return self._names[method]
+        being loaded), a success is kept, with the method's ConstMethod*,
+        read again each time: a Method* freed with its class and reused
+        is named anew."""
         with self._memory() as read:
+            kept = self._names.get(method)
+            if kept is not None and u64(read, method + self.layout.const_method) == kept[0]:
+                return kept[1]
             if not self._ready(read):
                 return None
             found = read_method(read, self.layout, method)
-        if found is not None and len(self._names) < MAX_NAMES:
-            self._names[method] = found
+            const_method = u64(read, method + self.layout.const_method)
+        if found is not None and const_method and (kept or len(self._names) < MAX_NAMES):
+            self._names[method] = (const_method, found)
+        return found
+
+    def compiled_code(self, pc: int) -> Optional[tuple[Optional[str], int]]:
+        """What the code heap holds at pc now: (the nmethod's method, or
+        another blob's name, the offset from its code's start), with None
+        for the name of a blob that does not hold together (an nmethod
+        whose Method* does not read); None when no blob is there (freed),
+        or the heap is not readable (the JVM gone, or not yet). What was
+        found at pc is kept, and each time checked to be still there (the
+        same block, the same header)."""
+        kept = self._blobs.get(pc)
+        with self._memory() as read:
+            if not self._ready(read) or self.blob_layout is None:
+                return None
+            if self._heaps is None:
+                self._heaps = codecache.read_code_heaps(read, self.code_layout)
+                if self._heaps is None:
+                    return None
+            if kept is not None and codeblobs.still_there(read, self._heaps, self.blob_layout,
+                                                          kept[0], pc):
+                return kept[1]
+            blob = codeblobs.blob_at(read, self._heaps, self.blob_layout, pc)
+        if blob is None:
+            return None
+        offset = pc - blob.code_begin
+        if not blob.is_nmethod:
+            found: tuple[Optional[str], int] = (blob.name, offset)
+        elif not blob.method or blob.method & 7:
+            return None, offset
+        else:
+            found = (self.name(blob.method), offset)
+        if found[0] is not None:
+            if len(self._blobs) >= MAX_NAMES:
+                self._blobs.clear()
+            self._blobs[pc] = (blob, found)
         return found
 
 

@@ -6,7 +6,9 @@ and kept after the process exits, so stacks seen in the last interval are
 still named. Names are cached per address; a name that may still come
 (a debug file being fetched, generated code not in the JVM's perf map
 yet) is provisional: when it comes, `generation` moves on and those
-addresses are named again."""
+addresses are named again. A JVM's compiled code is named from its code
+heap each time (code is freed and the address reused), and an address's
+last name from there is kept for when the code is gone."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from memtrace.symbols.elf import ElfSymbols, demangle, imported_names, symbols_o
 from memtrace.jvm.perfmap import MODULE as JVM_MODULE, PerfMap, is_hotspot
 from memtrace.process.mappedfile import fd_path, open_mapped
 from memtrace.model.frames import UNNAMED_FUNCTION
+
+MAX_JIT_SEEN = 200_000  # compiled code's last names from the code heap, at most
 
 
 @dataclass(frozen=True)
@@ -72,15 +76,22 @@ class Symbolizer:
         self._refreshed_this_round = False
         self.generation = 0  # moves on when names came for provisional frames
         self._provisional: set[int] = set()  # addresses whose name may still come
+        self._provisional_frames: set[str] = set()  # the text they were given
+        # What provisional frames read as when `generation` last moved on:
+        # a stack with none of them is named as before.
+        self.stale_frames: frozenset[str] = frozenset()
         self._fetching: dict[str, list[ElfSymbols]] = {}  # build id -> images waiting for it
         self.perf_map: Optional[PerfMap] = None  # when the process is a HotSpot JVM
         self._jit_asked: set[int] = set()  # generated code the perf map was asked for
+        self._jit_seen: dict[int, str] = {}  # the last name the code heap gave an address
+        self._jit_this_round: dict[int, str] = {}  # read in the heap this snapshot: not again
         self.java: Optional[jvm_methods.JavaMethods] = None  # interpreted frames' methods
 
     def new_round(self) -> None:
         """Once per snapshot: allows one re-read of the module map, and
         takes the names that came in the background."""
         self._refreshed_this_round = False
+        self._jit_this_round.clear()
         self._names_came()
 
     def refresh(self) -> bool:
@@ -159,11 +170,30 @@ class Symbolizer:
         if self.perf_map is not None:
             self.perf_map.tick()
             came = self.perf_map.take_update() or came
-        if came:
+        if came and self._provisional:
             for addr in self._provisional:
                 self._names.pop(addr, None)
+            self.stale_frames = frozenset(self._provisional_frames)
             self._provisional.clear()
+            self._provisional_frames.clear()
             self.generation += 1
+
+    def _mark_provisional(self, addr: int, text: str) -> None:
+        self._provisional.add(addr)
+        self._provisional_frames.add(text)
+
+    def new_image(self) -> None:
+        """The process exec'd: the old image's names, its JVM and what was
+        asked of it no longer hold."""
+        self._names.clear()
+        self._is_code.clear()
+        self._provisional.clear()
+        self._provisional_frames.clear()
+        self._jit_asked.clear()
+        self._jit_seen.clear()
+        self._jit_this_round.clear()
+        self.perf_map = self.java = None
+        self._refreshed_this_round = False
 
     def code_modules(self) -> list[Module]:
         """One executable mapping per file the process runs code from."""
@@ -220,26 +250,44 @@ class Symbolizer:
         text, named = _describe(module, elf, addr)
         self._names[addr] = text
         if not named and elf is not None and elf.build_id in self._fetching:
-            self._provisional.add(addr)
+            self._mark_provisional(addr, text)
         return text
 
     def _generated_code(self, addr: int) -> str:
-        """An address outside every mapped file: the JVM's generated code
-        when its perf map names it; else a bare address, not cached (a
-        region we never saw)."""
+        """An address outside every mapped file: the JVM's generated code.
+        Named from the code heap while the JVM runs: what is there now
+        (the perf map may be seconds old, and code it listed freed and
+        reused since); where the heap holds nothing now (code freed, the
+        JVM gone), by the last name the heap gave the address; else from
+        the perf map, still asked for new code as a fallback (code the
+        heap cannot name, a JVM that exited before its stacks were named).
+        Else a bare address, not cached (a region we never saw)."""
         if self.perf_map is None:
             return f"0x{addr:x}"
-        found = self.perf_map.lookup(addr)
-        if found is None:
-            if addr not in self._jit_asked:  # new code: once per address
-                self._jit_asked.add(addr)
-                self.perf_map.want_refresh()
+        known = self._jit_this_round.get(addr)
+        if known is not None:
+            return known  # a snapshot's new stacks share their frames' code
+        if addr not in self._jit_asked:  # new code: once per address
+            self._jit_asked.add(addr)
+            self.perf_map.want_refresh()
+        heap = self.java is not None and self.java.blob_layout is not None
+        found = self.java.compiled_code(addr) if heap else None
+        if found is not None and found[0] is not None:
+            text = f"{found[0]}+0x{found[1]:x} [{JVM_MODULE}]"
+            if addr in self._jit_seen or len(self._jit_seen) < MAX_JIT_SEEN:
+                self._jit_seen[addr] = text
+            self._jit_this_round[addr] = text
+            return text
+        if found is None and addr in self._jit_seen:
+            return self._jit_seen[addr]
+        mapped = self.perf_map.lookup(addr)
+        if mapped is None:
             text = f"0x{addr:x} [{JVM_MODULE}]"
-            self._provisional.add(addr)
+            self._mark_provisional(addr, text)
         else:
-            name, offset = found
-            text = f"{name}+0x{offset:x} [{JVM_MODULE}]"
-        self._names[addr] = text
+            text = f"{mapped[0]}+0x{mapped[1]:x} [{JVM_MODULE}]"
+        if not heap:
+            self._names[addr] = text
         return text
 
     def _java_method(self, addr: int) -> str:
@@ -248,13 +296,17 @@ class Symbolizer:
         method = addr & ~jvm_methods.JVM_METHOD_TAG
         name = self.java.name(method) if self.java is not None else None
         if name is None:
-            self._provisional.add(addr)
-            return f"Method* 0x{method:x} [{jvm_methods.MODULE}]"
+            text = f"Method* 0x{method:x} [{jvm_methods.MODULE}]"
+            self._mark_provisional(addr, text)
+            return text
         text = self._names[addr] = f"{name} [{jvm_methods.MODULE}]"
         return text
 
     def frames(self, addrs: Iterable[int]) -> tuple[str, ...]:
-        return tuple(self.frame(a) for a in addrs)
+        if self.java is None:
+            return tuple(self.frame(a) for a in addrs)
+        with self.java.batch():  # one open reader of the JVM's memory per stack
+            return tuple(self.frame(a) for a in addrs)
 
     def return_addresses(self, words: Iterable[int]) -> list[int]:
         """The words of a raw stack that are return addresses: inside a

@@ -252,6 +252,7 @@ struct frame_walk {
     u32 depth;              /* frames found (the next goes to ip[depth + 1]) */
     u64 caller;             /* at_entry: the return address at entry_sp */
     u64 sender_sp;          /* w->pc's frame is interpreted Java: its caller's sp (0: not) */
+    struct py_walk py;      /* a CPython process's Python frames (python.bpf.c) */
 };
 BPF_PERCPU_ARRAY(walk_state, struct frame_walk, 1);
 
@@ -342,6 +343,15 @@ static __always_inline long walk_step(struct frame_walk *w, struct stack_frames 
     u32 slot = w->depth + 1; /* ip[0] is the probed instruction */
     if (slot >= MAX_STACK_DEPTH)
         return 1;
+    if (w->py.pending) { /* one Python frame a step, the native walk waits */
+        u64 python = py_step(&w->py);
+        if (python) {
+            put_frame(frames, slot, python);
+            w->hash = (w->hash ^ python) * 0x100000001b3ULL;
+            w->depth = slot;
+        }
+        return 0;
+    }
     u64 at = w->pc - w->pc_after_call;
     u32 slot_in_cache = (u32)((at * 0x9E3779B97F4A7C15ULL) >> (64 - UNWIND_CACHE_BITS));
     struct unwind_cached *cached = unwind_cache.lookup(&slot_in_cache);
@@ -401,11 +411,16 @@ static __always_inline long walk_step(struct frame_walk *w, struct stack_frames 
     /* The frame of w->pc is whole here: its CFA (cfa) and its frame
      * pointer (w->fp). A layer that reads more of a frame does it at this
      * point: an interpreted Java frame is stored as its method (jvm.bpf.c),
-     * while the walk goes on from the return address. */
+     * a CPython interpreter loop as the Python frames it runs, from the next
+     * steps on (python.bpf.c), while the walk goes on from the return
+     * address. */
     u64 sender_sp;
     u64 shown = jvm_frame(ret, next_fp, &sender_sp);
-    put_frame(frames, slot, shown);
-    w->hash = (w->hash ^ shown) * 0x100000001b3ULL;
+    if (!py_loop_frame(&w->py, ret)) {
+        put_frame(frames, slot, shown);
+        w->hash = (w->hash ^ shown) * 0x100000001b3ULL;
+        w->depth = slot;
+    }
     /* An interpreted frame's caller starts at its sender sp, above the
      * CFA when a compiled caller's arguments were spread for it. */
     w->sp = w->sender_sp > cfa && w->sender_sp - cfa < STACK_CHUNK ? w->sender_sp : cfa;
@@ -413,7 +428,6 @@ static __always_inline long walk_step(struct frame_walk *w, struct stack_frames 
     w->fp = next_fp;
     w->pc = ret;
     w->pc_after_call = 1;
-    w->depth = slot;
     return 0;
 }
 
@@ -472,6 +486,7 @@ static __always_inline struct frame_walk *walk_begin(struct pt_regs *regs, u64 e
     w->range_lo = w->range_hi = 0;
     w->modules = head->modules;
     w->generation = head->generation;
+    py_walk_begin(&w->py, bpf_get_current_pid_tgid());
 #ifdef NO_STACKS /* benchmarks only: what the stack walk costs */
     w->depth = MAX_STACK_DEPTH;
 #endif

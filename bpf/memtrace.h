@@ -52,6 +52,29 @@ struct jvm_interpreter {
  * there, past the arguments the c2i adapter spread for the interpreter. */
 #define JVM_SENDER_SP_SLOT 8
 
+/* A CPython 3.11 process: where its interpreter loop's code is and where
+ * the GIL holder's thread state is kept, set by Python (python/runtime.py)
+ * for one traced process (tgid; 0: none). The walk stores the Python frames
+ * each _PyEval_EvalFrameDefault frame runs in its place, innermost first:
+ * the code object (PyCodeObject*) with PY_FRAME_TAG set and its instruction
+ * index (in code units, for the line) above PY_CODE_BITS. */
+struct py_runtime {
+    u64 eval_lo, eval_hi; /* _PyEval_EvalFrameDefault */
+    u64 tstate_at;        /* &_PyRuntime.gilstate.tstate_current */
+    u32 tgid;
+    u32 unused;
+};
+#define PY_FRAME_TAG_BIT 62
+#define PY_CODE_BITS 47
+#define PY_INSTR_MAX 0x7FFF /* the index did not fit, or was not one */
+/* CPython 3.11's layout (release builds on x86-64): PyThreadState, its
+ * _PyCFrame, _PyInterpreterFrame, PyCodeObject. */
+#define PY_TSTATE_CFRAME 56
+#define PY_TSTATE_NATIVE_THREAD_ID 160
+#define PY_CFRAME_CURRENT_FRAME 8
+#define PY_FRAME_CODE 32
+#define PY_CODE_CODE_ADAPTIVE 184
+
 /* Compiled Java code (JIT-compiled methods, native wrappers, runtime
  * stubs) has a fixed frame size per code blob (CodeBlob::_frame_size, in
  * words; 0: none, as in the call stub, which keeps a frame pointer). At any

@@ -66,6 +66,7 @@ class Collector:
         self.vm.space.glibc = self.glibc
         self.started = time.monotonic()
         self.jvm = JvmWatch(self.symbols, probes, self.started)
+        self._python_told = None  # the CPython runtime the walk was given
         self.previous: Optional[Snapshot] = None
         self._frames: dict[StackKey, tuple[str, ...]] = {}
         self._frames_generation = 0
@@ -118,6 +119,11 @@ class Collector:
         program that never trims)."""
         self.symbols.refresh()
         self.jvm.tick()  # a JVM's interpreter, for the frame walk, as soon as it exists
+        python = self.symbols.python
+        if python is not None and python.runtime is not self._python_told:
+            self._python_told = python.runtime  # CPython's frames, for the walk
+            r = python.runtime
+            self.probes.set_python(self.pid, r.eval_lo, r.eval_hi, r.tstate_at)
         if self.probes.unwind is not None:
             self.probes.unwind.add(self.symbols.code_modules(), self.symbols.read_mapped)
         if not self.probes.watching_rss and self.symbols.code_imports("malloc_trim"):

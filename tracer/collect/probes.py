@@ -29,7 +29,7 @@ from memtrace.symbols.symbolizer import code_modules, read_mapped
 (CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
  CNT_VM_LOST, CNT_VM_SENT) = range(7)
 
-LAYERS = ["jvm", "common", "vm", "heap"]  # jvm: the frame walk calls into it
+LAYERS = ["jvm", "python", "common", "vm", "heap"]  # jvm, python: the frame walk calls into them
 VM_SYSCALLS = ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise")  # --vm-probes kprobe
 # Attached only by watch_rss().
 RSS_PROGRAM = b"tracepoint__kmem__rss_stat"
@@ -647,6 +647,16 @@ class Probes:
         if self._bpf is not None:
             table = self._bpf["jvm_interpreter"]
             table[ctypes.c_int(0)] = table.Leaf(start, end)
+
+    def set_python(self, tgid: int, eval_lo: int, eval_hi: int, tstate_at: int) -> None:
+        """Where CPython 3.11's interpreter loop and GIL holder are in
+        process tgid (bpf/python.bpf.c): the walk shows its Python frames
+        from now on."""
+        import ctypes
+
+        if self._bpf is not None:
+            table = self._bpf["py_runtime"]
+            table[ctypes.c_int(0)] = table.Leaf(eval_lo, eval_hi, tstate_at, tgid, 0)
 
     def set_jvm_code(self, heaps, fields: dict[str, int], generation: int) -> None:
         """Where a JVM's compiled code is (jvm.codecache.CodeHeap each) and

@@ -21,6 +21,7 @@ from typing import Iterable, Optional
 from memtrace.symbols import debuginfo
 
 from memtrace.jvm import methods as jvm_methods
+from memtrace.cpython import codes as python_codes
 
 from memtrace.process import procfs
 from memtrace.symbols.elf import ElfSymbols, demangle, imported_names, symbols_of
@@ -86,6 +87,7 @@ class Symbolizer:
         self._jit_seen: dict[int, str] = {}  # the last name the code heap gave an address
         self._jit_this_round: dict[int, str] = {}  # read in the heap this snapshot: not again
         self.java: Optional[jvm_methods.JavaMethods] = None  # interpreted frames' methods
+        self.python: Optional[python_codes.PythonCodes] = None  # CPython 3.11's frames
 
     def new_round(self) -> None:
         """Once per snapshot: allows one re-read of the module map, and
@@ -112,6 +114,8 @@ class Symbolizer:
             self.perf_map = PerfMap(self.pid)
         if self.java is None:
             self.java = jvm_methods.for_process(self.pid, mappings)
+        if self.python is None:
+            self.python = python_codes.for_process(self.pid, mappings)
         return True
 
     def image(self, module: Module) -> Optional[ElfSymbols]:
@@ -227,6 +231,8 @@ class Symbolizer:
             return known  # 100,000 new stacks ask for the same ~30 addresses each
         if addr & jvm_methods.JVM_METHOD_TAG:
             return self.java is not None  # an interpreted frame's method (bpf/jvm.bpf.c)
+        if python_codes.is_python_frame(addr):
+            return self.python is not None  # a Python frame's code (bpf/python.bpf.c)
         if not self._code:
             self.refresh()
         i = bisect.bisect_right(self._code, (addr, float("inf"))) - 1
@@ -239,6 +245,8 @@ class Symbolizer:
             return known
         if addr & jvm_methods.JVM_METHOD_TAG:
             return self._java_method(addr)
+        if python_codes.is_python_frame(addr):
+            return self._python_frame(addr)
         module = self._module_of(addr)
         if module is None and not self._refreshed_this_round:
             self._refreshed_this_round = True
@@ -301,6 +309,16 @@ class Symbolizer:
             return text
         text = self._names[addr] = f"{name} [{jvm_methods.MODULE}]"
         return text
+
+    def _python_frame(self, addr: int) -> str:
+        """A Python frame: `qualname (file:line) [py]`, read again each time
+        (code objects are freed); one not readable now is asked again."""
+        name = self.python.name(addr) if self.python is not None else None
+        if name is None:
+            self._provisional.add(addr)
+            code, _ = python_codes.split_frame_value(addr)
+            return f"code at 0x{code:x} [{python_codes.MODULE}]"
+        return name
 
     def frames(self, addrs: Iterable[int]) -> tuple[str, ...]:
         if self.java is None:

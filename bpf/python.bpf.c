@@ -1,0 +1,124 @@
+/* Python frames of a CPython 3.11 process. Since 3.11 one C call of the
+ * interpreter loop (_PyEval_EvalFrameDefault) runs a chain of Python
+ * frames: the thread's innermost _PyInterpreterFrame (its thread state's
+ * cframe->current_frame) and those it links by `previous`, up to the one
+ * marked is_entry, where that C call began; the next frame belongs to the
+ * next interpreter loop call outwards. So the walk (common.bpf.c), at each
+ * return address into the loop, stores the Python frames instead, reading
+ * one per step, and goes on natively from the loop's caller.
+ * The thread state is the GIL holder's (_PyRuntime.gilstate.tstate_current):
+ * a thread that does not hold the GIL (its native_thread_id differs) keeps
+ * its native frames rather than take another thread's.
+ * Joined before common.bpf.c: its walk state holds a struct py_walk. */
+#include <uapi/linux/ptrace.h>
+#include "memtrace.h"
+
+#ifndef PY_MAX_FRAMES
+/* Python frames read per stack, at most (one user-memory read each):
+ * deeper ones keep their native interpreter-loop frames. */
+#define PY_MAX_FRAMES 64
+#endif
+#define PY_NO_FRAME 1 /* no (more) Python frames to show in this walk */
+
+BPF_ARRAY(py_runtime, struct py_runtime, 1);
+
+struct py_walk {
+    u64 eval_lo, eval_hi; /* 0, 0: not the Python process */
+    u64 tstate_at;
+    u64 frame;  /* the next _PyInterpreterFrame (0: not read yet; PY_NO_FRAME) */
+    u64 native; /* the loop's return address: shown if none of its frames reads */
+    u32 pending; /* the frames of a loop call are being shown */
+    u32 shown;   /* of them, so far */
+    u32 budget;  /* frames that may still be read */
+    u32 unused;
+};
+
+/* _PyInterpreterFrame from f_code to owner. */
+struct py_frame_fields {
+    u64 code;
+    u64 frame_obj;
+    u64 previous;
+    u64 prev_instr;
+    s32 stacktop;
+    u8 is_entry;
+    u8 owner;
+    u16 unused;
+};
+_Static_assert(sizeof(struct py_frame_fields) == 40, "_PyInterpreterFrame from f_code");
+
+/* At the start of a walk of process `id` (bpf_get_current_pid_tgid): a
+ * process that is not the Python one pays this lookup and a compare per
+ * frame. */
+static __always_inline void py_walk_begin(struct py_walk *p, u64 id)
+{
+    u32 zero = 0;
+    struct py_runtime *rt = py_runtime.lookup(&zero);
+    p->frame = 0;
+    p->pending = 0;
+    p->budget = PY_MAX_FRAMES;
+    if (rt && rt->tgid && rt->tgid == id >> 32) {
+        p->eval_lo = rt->eval_lo;
+        p->eval_hi = rt->eval_hi;
+        p->tstate_at = rt->tstate_at;
+    } else {
+        p->eval_lo = p->eval_hi = 0;
+    }
+}
+
+/* Whether return address `ret` is into the interpreter loop, whose Python
+ * frames are then shown (py_step) in its place. */
+static __always_inline int py_loop_frame(struct py_walk *p, u64 ret)
+{
+    if (ret - 1 - p->eval_lo >= p->eval_hi - p->eval_lo || p->frame == PY_NO_FRAME || !p->budget)
+        return 0;
+    p->pending = 1;
+    p->shown = 0;
+    p->native = ret;
+    return 1;
+}
+
+/* The current thread's innermost Python frame, 0 when it does not hold
+ * the GIL or a read fails. */
+static __always_inline u64 py_current_frame(struct py_walk *p)
+{
+    u64 tstate = 0, tid = 0, cframe = 0, frame = 0;
+    if (bpf_probe_read_user(&tstate, 8, (void *)p->tstate_at) != 0 || !tstate ||
+        bpf_probe_read_user(&tid, 8, (void *)(tstate + PY_TSTATE_NATIVE_THREAD_ID)) != 0 ||
+        tid != (u32)bpf_get_current_pid_tgid() ||
+        bpf_probe_read_user(&cframe, 8, (void *)(tstate + PY_TSTATE_CFRAME)) != 0 || !cframe ||
+        bpf_probe_read_user(&frame, 8, (void *)(cframe + PY_CFRAME_CURRENT_FRAME)) != 0)
+        return 0;
+    return frame;
+}
+
+/* The next Python frame of the loop call being shown, as the walk stores
+ * it; 0: none to store this step. The last one (is_entry) ends the call's
+ * frames; a failed read ends every Python frame of the walk, and the loop's
+ * native frame is stored if none of its own was. */
+static __always_inline u64 py_step(struct py_walk *p)
+{
+    if (!p->frame) {
+        p->frame = py_current_frame(p);
+        if (!p->frame)
+            p->frame = PY_NO_FRAME;
+    }
+    struct py_frame_fields f = {};
+    if (p->frame == PY_NO_FRAME || !p->budget ||
+        bpf_probe_read_user(&f, sizeof(f), (void *)(p->frame + PY_FRAME_CODE)) != 0 ||
+        !f.code || (f.code >> PY_CODE_BITS)) {
+        p->frame = PY_NO_FRAME;
+        p->pending = 0;
+        return p->shown ? 0 : p->native;
+    }
+    p->budget--;
+    p->shown++;
+    p->frame = f.previous ? f.previous : PY_NO_FRAME;
+    if (f.is_entry || p->frame == PY_NO_FRAME)
+        p->pending = 0;
+    /* Where the frame is in its bytecode, for the line: prev_instr is the
+     * instruction running (a call), in co_code_adaptive. */
+    u64 index = (f.prev_instr - f.code - PY_CODE_CODE_ADAPTIVE) >> 1;
+    if (index > PY_INSTR_MAX)
+        index = PY_INSTR_MAX;
+    return f.code | index << PY_CODE_BITS | 1ULL << PY_FRAME_TAG_BIT;
+}

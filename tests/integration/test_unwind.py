@@ -26,7 +26,8 @@ import pytest
 pytestmark = pytest.mark.bpf
 
 SQLITE_API = re.compile(r"^sqlite3_(step|exec|prepare\w*)\+")
-EVAL_LOOP = re.compile(r"^_PyEval_EvalFrameDefault\+")
+# The interpreter loop, or the Python frames shown in its place (CPython 3.11).
+EVAL_LOOP = re.compile(r"^_PyEval_EvalFrameDefault\+|\[py\]$")
 UNNAMED = re.compile(r"^(0x|function at )")
 LIBZ_FRAME = re.compile(r"\[libz\.so[\d.]*\]$")
 INFLATER_JNI = re.compile(r"^Java_java_util_zip_Inflater_\w+\+")

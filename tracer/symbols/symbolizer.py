@@ -94,6 +94,8 @@ class Symbolizer:
         takes the names that came in the background."""
         self._refreshed_this_round = False
         self._jit_this_round.clear()
+        if self.python is not None:
+            self.python.new_round()
         self._names_came()
 
     def refresh(self) -> bool:

@@ -132,7 +132,7 @@ def _drop_arguments(func: str) -> str:
         elif ch == ">":
             depth = max(0, depth - 1)
         elif ch == "(" and depth == 0 and i > 0:
-            return func[:i]
+            return func[:i].rstrip()  # a Python frame: 'leak (app.py:4)' -> 'leak'
     return func
 
 

@@ -1,0 +1,133 @@
+"""Python frames in the stacks of a CPython 3.11 process (bpf/python.bpf.c,
+memtrace.cpython): a script with known functions keeps its blocks, and the
+stacks holding them name those functions, innermost first, with their
+lines, in place of the interpreter loop's native frames; a thread's
+allocations name its own functions, not those of the thread holding the
+GIL. Debian's /usr/bin/python3 (3.11, the interpreter linked in) and
+pyenv's 3.11 (libpython3.11.so) both."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.bpf
+
+PYENV_311 = Path("/root/.pyenv/versions/3.11.7/bin/python3.11")
+BLOCK_OVERHEAD = sys.getsizeof(b"")  # a bytes object's header, allocated with its data
+
+# Each entry: the block size, how many, and the Python frames (function
+# part, innermost first) that must lead the Python part of their stacks.
+KEPT = {
+    4096: (3000, ["inner_alloc", "leak_in_outer", "main", "<module>"]),
+    8192: (2000, ["Holder.leak_in_method", "main", "<module>"]),
+    12288: (1000, ["thread_alloc", "Thread.run", "Thread._bootstrap_inner", "Thread._bootstrap"]),
+}
+
+SCRIPT = '''\
+import os
+import sys
+import threading
+import time
+
+kept = []
+
+
+def inner_alloc():
+    return bytes(4096)  # line 10
+
+
+def leak_in_outer():
+    return inner_alloc()  # line 14
+
+
+class Holder:
+    def leak_in_method(self):
+        for _ in range(2000):
+            kept.append(bytes(8192))
+
+
+def thread_alloc():
+    for _ in range(1000):
+        kept.append(bytes(12288))
+        time.sleep(0)  # let the main thread take the GIL between blocks
+
+
+def main():
+    worker = threading.Thread(target=thread_alloc)
+    worker.start()
+    for _ in range(3000):
+        kept.append(leak_in_outer())
+    Holder().leak_in_method()
+    worker.join()
+    time.sleep(1.0)  # snapshots while it lives: names are read from its memory
+    sys.stdout.flush()
+    os._exit(0)  # the blocks stay live to the end
+
+
+main()
+'''
+
+PY_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*):(?P<line>\d+)\) \[py\]$")
+
+
+def python_frames(frames: list[str]) -> list[tuple[str, str, int]]:
+    out = []
+    for frame in frames:
+        m = PY_FRAME.match(frame)
+        if m:
+            out.append((m["func"], m["file"], int(m["line"])))
+    return out
+
+
+def block_size(stack: dict) -> int:
+    """The size of the blocks a stack holds (0: not one size)."""
+    count = stack["alloc_count"]
+    return stack["alloc_bytes"] // count - BLOCK_OVERHEAD if count else 0
+
+
+@pytest.mark.parametrize("python", ["/usr/bin/python3", str(PYENV_311)],
+                         ids=["debian-static", "pyenv-libpython"])
+def test_stacks_name_the_python_functions_that_allocated(python, run_memtrace, tmp_path):
+    assert Path(python).exists(), f"{python} is missing"
+    script = tmp_path / "keeper.py"
+    script.write_text(SCRIPT)
+    rc, doc, stderr = run_memtrace(["--json", "--interval", "0.25", "--", python, script])
+    assert rc == 0, stderr
+    assert doc is not None, f"no JSON on stdout; stderr: {stderr}"
+    stacks = doc["stacks"]
+    for size, (count, want) in KEPT.items():
+        expected = count * (size + BLOCK_OVERHEAD)
+        named = 0
+        for s in stacks:
+            py = python_frames(s["frames"])
+            if block_size(s) == size and [f for f, _, _ in py[: len(want)]] == want:
+                named += s["live_bytes"]
+        top = sorted((s for s in stacks if block_size(s) == size), key=lambda s: -s["live_bytes"])
+        assert named >= 0.9 * expected, (size, named, expected, [t["frames"] for t in top[:3]])
+        assert named <= expected * 1.01, (size, named, expected)
+    # The lines of the chain through leak_in_outer.
+    chain = next(python_frames(s["frames"]) for s in stacks
+                 if block_size(s) == 4096 and python_frames(s["frames"])[:1]
+                 and python_frames(s["frames"])[0][0] == "inner_alloc")
+    assert chain[:2] == [("inner_alloc", str(script), 10), ("leak_in_outer", str(script), 14)], chain
+
+
+def test_python_frames_replace_the_interpreter_loop_only(run_memtrace, tmp_path):
+    """The native frames around the Python ones stay: the allocator's below,
+    the interpreter's startup above (down to _start)."""
+    script = tmp_path / "keeper.py"
+    script.write_text(SCRIPT)
+    rc, doc, stderr = run_memtrace(["--json", "--interval", "0.25", "--", "/usr/bin/python3", script])
+    assert rc == 0, stderr
+    stack = max((s for s in doc["stacks"] if block_size(s) == 4096), key=lambda s: s["live_bytes"])
+    frames = stack["frames"]
+    first_py = next(i for i, f in enumerate(frames) if f.endswith("[py]"))
+    last_py = max(i for i, f in enumerate(frames) if f.endswith("[py]"))
+    assert first_py > 0 and not any(f.startswith("_PyEval_EvalFrameDefault")
+                                    for f in frames[first_py:last_py]), frames
+    assert all(f.endswith("[py]") for f in frames[first_py:last_py + 1]), frames
+    assert frames[-1].startswith("_start"), frames

@@ -53,15 +53,15 @@ static __always_inline void py_walk_begin(struct py_walk *p, u64 id)
 {
     u32 zero = 0;
     struct py_runtime *rt = py_runtime.lookup(&zero);
-    p->frame = 0;
     p->pending = 0;
-    p->budget = PY_MAX_FRAMES;
     if (rt && rt->tgid && rt->tgid == id >> 32) {
         p->eval_lo = rt->eval_lo;
         p->eval_hi = rt->eval_hi;
         p->tstate_at = rt->tstate_at;
+        p->frame = 0;
+        p->budget = PY_MAX_FRAMES;
     } else {
-        p->eval_lo = p->eval_hi = 0;
+        p->eval_lo = p->eval_hi = 0; /* no return address is in this range */
     }
 }
 

@@ -313,11 +313,12 @@ class Symbolizer:
         return text
 
     def _python_frame(self, addr: int) -> str:
-        """A Python frame: `qualname (file:line) [py]`, read again each time
-        (code objects are freed); one not readable now is asked again."""
+        """A Python frame: `qualname (file:line) [py]`, read once a round
+        (code objects are freed). One not readable is not asked again: its
+        code object ran when the frame was stored, so it is freed now, or
+        the process is gone."""
         name = self.python.name(addr) if self.python is not None else None
         if name is None:
-            self._provisional.add(addr)
             code, _ = python_codes.split_frame_value(addr)
             return f"code at 0x{code:x} [{python_codes.MODULE}]"
         return name

@@ -63,7 +63,7 @@ def main():
         kept.append(leak_in_outer())
     Holder().leak_in_method()
     worker.join()
-    time.sleep(1.0)  # snapshots while it lives: names are read from its memory
+    time.sleep(1.5)  # snapshots while it lives: names are read from its memory
     sys.stdout.flush()
     os._exit(0)  # the blocks stay live to the end
 

@@ -142,6 +142,9 @@ class Collector:
                 follow_image(self.probes.unwind, self.pid)  # the new one's, as ld.so maps it
             self.symbols.new_image()
             self.jvm.reset()  # its JVM's interpreter and code heaps too
+            if self._python_told is not None:  # and its Python's, until the new one's is found
+                self._python_told = None
+                self.probes.set_python(0, 0, 0, 0)
             self._seed(exec_ns=event.ts_ns)
             self._arena_inputs, self._walked = [], {}  # the old image's arenas are gone
             self._check_allocator = True

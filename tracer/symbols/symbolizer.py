@@ -199,6 +199,9 @@ class Symbolizer:
         self._jit_seen.clear()
         self._jit_this_round.clear()
         self.perf_map = self.java = None
+        if self.python is not None:
+            self.python.close()
+            self.python = None
         self._refreshed_this_round = False
 
     def code_modules(self) -> list[Module]:

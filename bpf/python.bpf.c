@@ -81,11 +81,14 @@ static __always_inline int py_loop_frame(struct py_walk *p, u64 ret)
  * the GIL or a read fails. */
 static __always_inline u64 py_current_frame(struct py_walk *p)
 {
-    u64 tstate = 0, tid = 0, cframe = 0, frame = 0;
+    /* PyThreadState from cframe to native_thread_id, in one read */
+    u64 words[(PY_TSTATE_NATIVE_THREAD_ID - PY_TSTATE_CFRAME) / 8 + 1] = {};
+    u64 tstate = 0, frame = 0;
     if (bpf_probe_read_user(&tstate, 8, (void *)p->tstate_at) != 0 || !tstate ||
-        bpf_probe_read_user(&tid, 8, (void *)(tstate + PY_TSTATE_NATIVE_THREAD_ID)) != 0 ||
-        tid != (u32)bpf_get_current_pid_tgid() ||
-        bpf_probe_read_user(&cframe, 8, (void *)(tstate + PY_TSTATE_CFRAME)) != 0 || !cframe ||
+        bpf_probe_read_user(words, sizeof(words), (void *)(tstate + PY_TSTATE_CFRAME)) != 0)
+        return 0;
+    u64 cframe = words[0], tid = words[(PY_TSTATE_NATIVE_THREAD_ID - PY_TSTATE_CFRAME) / 8];
+    if (tid != (u32)bpf_get_current_pid_tgid() || !cframe ||
         bpf_probe_read_user(&frame, 8, (void *)(cframe + PY_CFRAME_CURRENT_FRAME)) != 0)
         return 0;
     return frame;

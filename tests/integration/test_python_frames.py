@@ -113,7 +113,8 @@ def test_stacks_name_the_python_functions_that_allocated(python, run_memtrace, t
     chain = next(python_frames(s["frames"]) for s in stacks
                  if block_size(s) == 4096 and python_frames(s["frames"])[:1]
                  and python_frames(s["frames"])[0][0] == "inner_alloc")
-    assert chain[:2] == [("inner_alloc", str(script), 10), ("leak_in_outer", str(script), 14)], chain
+    want = [("inner_alloc", str(script), 10), ("leak_in_outer", str(script), 14)]
+    assert chain[:2] == want, chain
 
 
 def test_python_frames_replace_the_interpreter_loop_only(run_memtrace, tmp_path):
@@ -121,7 +122,8 @@ def test_python_frames_replace_the_interpreter_loop_only(run_memtrace, tmp_path)
     the interpreter's startup above (down to _start)."""
     script = tmp_path / "keeper.py"
     script.write_text(SCRIPT)
-    rc, doc, stderr = run_memtrace(["--json", "--interval", "0.25", "--", "/usr/bin/python3", script])
+    rc, doc, stderr = run_memtrace(["--json", "--interval", "0.25", "--", "/usr/bin/python3",
+                                    script])
     assert rc == 0, stderr
     stack = max((s for s in doc["stacks"] if block_size(s) == 4096), key=lambda s: s["live_bytes"])
     frames = stack["frames"]

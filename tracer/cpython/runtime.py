@@ -75,6 +75,7 @@ def _runtime_in(pid: int, mapping, mappings) -> Optional[PythonRuntime]:
         return None
     # The file's first segment (offset 0) is mapped at its page's start.
     base = mapping.start - (first.vaddr & ~0xFFF)
-    return PythonRuntime(version, mapping.path, base + loop.address, base + loop.address + loop.size,
+    loop_at = base + loop.address
+    return PythonRuntime(version, mapping.path, loop_at, loop_at + loop.size,
                          base + exported["_PyRuntime"] + TSTATE_CURRENT_OFFSET,
                          base + exported["PyCode_Type"])

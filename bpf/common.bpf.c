@@ -523,7 +523,12 @@ static __always_inline u64 walk_end(struct frame_walk *w, u64 *last_stored)
     /* The thread stored this very stack last time: it is in the map. */
     if ((hash | 1) == *last_stored)
         return *last_stored;
+    /* A new stack with Python frames is announced (python.bpf.c). */
+    u64 key = hash | 1;
+    int announce = py_walk_stored(&w->py) && !stacks.lookup(&key);
     /* What lies past the end mark is stale and never read. */
     *last_stored = store_stack(frames, hash);
+    if (announce)
+        py_announce(*last_stored);
     return *last_stored;
 }

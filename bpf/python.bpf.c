@@ -21,6 +21,14 @@
 #define PY_NO_FRAME 1 /* no (more) Python frames to show in this walk */
 
 BPF_ARRAY(py_runtime, struct py_runtime, 1);
+/* The keys of new stacks that hold Python frames: Python names their code
+ * objects at its next look (every 0.1 s), while they and the process live,
+ * where a script shorter than one interval would be gone by the snapshot
+ * that names its stacks. */
+#ifndef PY_RINGBUF_PAGES
+#define PY_RINGBUF_PAGES 16
+#endif
+BPF_RINGBUF_OUTPUT(py_new_stacks, PY_RINGBUF_PAGES);
 
 struct py_walk {
     u64 eval_lo, eval_hi; /* 0, 0: not the Python process */
@@ -75,6 +83,18 @@ static __always_inline int py_loop_frame(struct py_walk *p, u64 ret)
     p->shown = 0;
     p->native = ret;
     return 1;
+}
+
+/* Whether the walk stored Python frames (budget is set only for the Python
+ * process). */
+static __always_inline int py_walk_stored(struct py_walk *p)
+{
+    return p->eval_hi && p->budget < PY_MAX_FRAMES;
+}
+
+static __always_inline void py_announce(u64 stack)
+{
+    py_new_stacks.ringbuf_output(&stack, sizeof(stack), BPF_RB_NO_WAKEUP);
 }
 
 /* The current thread's innermost Python frame, 0 when it does not hold

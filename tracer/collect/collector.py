@@ -36,6 +36,7 @@ from memtrace.model.snapshot import (
 )
 from memtrace.collect.jvm_watch import JvmWatch
 from memtrace.symbols.symbolizer import Symbolizer
+from memtrace.cpython.codes import is_python_frame as python_frame
 
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
@@ -44,6 +45,7 @@ ARENA_WALK_SHARE = 0.02  # of wall time spent walking free lists, at most
 # Per snapshot, naming new stacks (a stack-map read and symbols each) and
 # placing them; the others join at the next snapshots, the last one takes all.
 NAMING_BUDGET_S = 0.15
+PYTHON_NAMING_BUDGET_S = 0.02  # per look at the events (every 0.1 s)
 class Collector:
     def __init__(self, pid: int, comm: str, probes: Probes, light: bool = False,
                  attached: bool = False) -> None:
@@ -111,6 +113,22 @@ class Collector:
         # are applied at once, not held until its return).
         self.read_watch()
         self.probes.consume_events()
+        self._name_python_stacks()
+
+    def _name_python_stacks(self) -> None:
+        """The code objects of new stacks with Python frames, read now, while
+        the process lives (memtrace.cpython.codes keeps them)."""
+        keys, self.probes.new_python_stacks = self.probes.new_python_stacks, []
+        python = self.symbols.python
+        if python is None or not keys:
+            return
+        deadline = time.monotonic() + PYTHON_NAMING_BUDGET_S
+        for key in keys:
+            for addr in self.probes.stack_addresses(key):
+                if python_frame(addr):
+                    python.name(addr)
+            if time.monotonic() > deadline:
+                break  # the rest is named with its stacks, at the snapshot
 
     def _code_mapped(self) -> None:
         """New code in the process: learn where it lives, and whether it

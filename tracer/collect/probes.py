@@ -346,6 +346,7 @@ class Probes:
         self.light = light
         self.vm_probes = vm_probes
         self.event_error: Optional[Exception] = None
+        self.new_python_stacks: list[int] = []  # keys announced by bpf/python.bpf.c
         self.attached: list[str] = []
         self._bpf = None
         self.unwind: Optional[UnwindTables] = None  # once loaded
@@ -925,6 +926,12 @@ class Probes:
             return 0
 
         self._bpf["vm_events"].open_ring_buffer(callback)
+
+        def python_stack(ctx, data, size):
+            self.new_python_stacks.append(ctypes.cast(data, ctypes.POINTER(ctypes.c_uint64))[0])
+            return 0
+
+        self._bpf["py_new_stacks"].open_ring_buffer(python_stack)  # bpf/python.bpf.c
         return _ring_buffer_fd(self._bpf)
 
     def consume_events(self) -> None:

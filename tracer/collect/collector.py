@@ -47,6 +47,8 @@ ARENA_WALK_SHARE = 0.02  # of wall time spent walking free lists, at most
 NAMING_BUDGET_S = 0.15
 PYTHON_NAMING_BUDGET_S = 0.02  # per look at the events (every 0.1 s)
 class Collector:
+    _python_told = None  # the CPython runtime the walk was given (bpf/python.bpf.c)
+
     def __init__(self, pid: int, comm: str, probes: Probes, light: bool = False,
                  attached: bool = False) -> None:
         """attached: the process was running before the trace (-p), so its
@@ -68,7 +70,6 @@ class Collector:
         self.vm.space.glibc = self.glibc
         self.started = time.monotonic()
         self.jvm = JvmWatch(self.symbols, probes, self.started)
-        self._python_told = None  # the CPython runtime the walk was given
         self.previous: Optional[Snapshot] = None
         self._frames: dict[StackKey, tuple[str, ...]] = {}
         self._frames_generation = 0

@@ -63,7 +63,7 @@ def main():
         kept.append(leak_in_outer())
     Holder().leak_in_method()
     worker.join()
-    time.sleep(1.5)  # snapshots while it lives: names are read from its memory
+    time.sleep(1.5)  # names are read from its memory while it lives
     sys.stdout.flush()
     os._exit(0)  # the blocks stay live to the end
 
@@ -95,7 +95,7 @@ def test_stacks_name_the_python_functions_that_allocated(python, run_memtrace, t
     assert Path(python).exists(), f"{python} is missing"
     script = tmp_path / "keeper.py"
     script.write_text(SCRIPT)
-    rc, doc, stderr = run_memtrace(["--json", "--interval", "0.25", "--", python, script])
+    rc, doc, stderr = run_memtrace(["--json", "--", python, script])
     assert rc == 0, stderr
     assert doc is not None, f"no JSON on stdout; stderr: {stderr}"
     stacks = doc["stacks"]
@@ -122,7 +122,7 @@ def test_python_frames_replace_the_interpreter_loop_only(run_memtrace, tmp_path)
     the interpreter's startup above (down to _start)."""
     script = tmp_path / "keeper.py"
     script.write_text(SCRIPT)
-    rc, doc, stderr = run_memtrace(["--json", "--interval", "0.25", "--", "/usr/bin/python3",
+    rc, doc, stderr = run_memtrace(["--json", "--", "/usr/bin/python3",
                                     script])
     assert rc == 0, stderr
     stack = max((s for s in doc["stacks"] if block_size(s) == 4096), key=lambda s: s["live_bytes"])

@@ -36,7 +36,6 @@ from memtrace.model.snapshot import (
 )
 from memtrace.collect.jvm_watch import JvmWatch
 from memtrace.symbols.symbolizer import Symbolizer
-from memtrace.cpython.codes import is_python_frame as python_frame
 
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
@@ -124,12 +123,11 @@ class Collector:
         if python is None or not keys:
             return
         deadline = time.monotonic() + PYTHON_NAMING_BUDGET_S
-        for key in keys:
-            for addr in self.probes.stack_addresses(key):
-                if python_frame(addr):
-                    python.name(addr)
-            if time.monotonic() > deadline:
-                break  # the rest is named with its stacks, at the snapshot
+        for i, key in enumerate(keys):
+            if time.monotonic() > deadline:  # the rest at the next look
+                self.probes.new_python_stacks[:0] = keys[i:]
+                return
+            python.read_stack(key, self.probes.stack_addresses(key))
 
     def _code_mapped(self) -> None:
         """New code in the process: learn where it lives, and whether it
@@ -202,7 +200,12 @@ class Collector:
                 if not self.symbols.is_code(addr):
                     break  # the walk left the frame chain (no frame pointers)
                 deeper.append(addr)
-            frames = self.symbols.frames(([caller] if caller else []) + deeper)
+            addrs = ([caller] if caller else []) + deeper
+            frames = self.symbols.frames(addrs)
+            python = self.symbols.python
+            named = python.stack_names(stack_id) if python is not None else None
+            if named:  # read when the walk announced the stack (_name_python_stacks)
+                frames = tuple(named.get(a, f) for a, f in zip(addrs, frames))
             self._frames[key] = frames
         return frames
 

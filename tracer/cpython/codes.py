@@ -9,7 +9,10 @@ PyCode_Type) and each string and length must hold together, else the
 frame is not named. Code objects are freed and their memory reused: a
 name is kept per address together with what it was read from (the
 pointers and first line), which is read again before the name is given
-again."""
+again. A name is given only while the object can be read: the names of a
+new stack's frames are read as soon as the walk announces it, and kept for
+that stack, for when it is named after the process is gone (an address's
+last name could be another object's, freed and replaced since)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ MODULE = PYTHON_MODULE  # what Python frames show as their module
 MAX_STRING = 4096  # characters of a name or path
 MAX_LINETABLE = 1 << 20
 MAX_CODES = 100000  # code objects whose names are kept, at most
+MAX_STACKS = 65536  # stacks whose frames' names are kept (bpf/common.bpf.c MAX_STACKS)
 
 # CPython 3.11's PyCodeObject (Include/cpython/code.h): ob_type, then
 # co_firstlineno, co_filename, co_qualname, co_linetable.
@@ -83,12 +87,13 @@ def decode_unicode(header: bytes, read) -> Optional[str]:
 
 
 class _Code:
-    __slots__ = ("fingerprint", "qualname", "filename", "first_line", "linetable")
+    __slots__ = ("fingerprint", "qualname", "filename", "first_line", "linetable", "texts")
 
     def __init__(self, fingerprint, qualname, filename, first_line, linetable) -> None:
         self.fingerprint = fingerprint
         self.qualname, self.filename = qualname, filename
         self.first_line, self.linetable = first_line, linetable
+        self.texts: dict[int, str] = {}  # by instruction index
 
 
 class PythonCodes:
@@ -99,12 +104,7 @@ class PythonCodes:
         self.runtime = runtime
         self._fd: Optional[int] = None
         self._codes: dict[int, _Code] = {}
-        # Frames named since new_round: a code object is read once a round,
-        # where a thousand new stacks of sixty Python frames ask 60,000 times.
-        self._named: dict[int, str] = {}
-
-    def new_round(self) -> None:
-        self._named.clear()
+        self._stack_names: dict[int, dict[int, str]] = {}
 
     def close(self) -> None:
         if self._fd is not None:
@@ -128,24 +128,38 @@ class PythonCodes:
     def name(self, addr: int) -> Optional[str]:
         """The frame's text; None when its code object cannot be read now
         (the process gone, or the object freed)."""
-        known = self._named.get(addr)
-        if known is not None:
-            return known
         code_at, index = split_frame_value(addr)
         code = self._code(code_at)
         if code is None:
             return None
-        line = None
-        if index != INSTR_UNKNOWN:
-            line = line_of(code.linetable, code.first_line, index)
-        text = self._named[addr] = frame_text(code.qualname, code.filename, line)
+        text = code.texts.get(index)
+        if text is None:
+            line = None
+            if index != INSTR_UNKNOWN:
+                line = line_of(code.linetable, code.first_line, index)
+            text = code.texts[index] = frame_text(code.qualname, code.filename, line)
         return text
+
+    def read_stack(self, stack: int, addrs: list[int]) -> None:
+        """Names for the Python frames of a stack the walk just stored,
+        read now and kept for it (stack_names)."""
+        names = {}
+        for addr in addrs:
+            if is_python_frame(addr):
+                text = self.name(addr)
+                if text is not None:
+                    names[addr] = text
+        if names and len(self._stack_names) < MAX_STACKS:
+            self._stack_names[stack] = names
+
+    def stack_names(self, stack: int) -> Optional[dict[int, str]]:
+        """Frame value -> name, as read when the stack was new."""
+        return self._stack_names.get(stack)
 
     def _code(self, address: int) -> Optional[_Code]:
         header = self._read(address, _CODE_HEADER)
         if header is None:
-            # The process is gone (the last snapshot): what was read last.
-            return self._codes.get(address)
+            return None  # the process is gone
         ob_type, = struct.unpack_from("<Q", header, _OB_TYPE)
         if ob_type != self.runtime.code_type:
             self._codes.pop(address, None)  # freed: its name no longer holds

@@ -94,8 +94,6 @@ class Symbolizer:
         takes the names that came in the background."""
         self._refreshed_this_round = False
         self._jit_this_round.clear()
-        if self.python is not None:
-            self.python.new_round()
         self._names_came()
 
     def refresh(self) -> bool:
@@ -316,8 +314,8 @@ class Symbolizer:
         return text
 
     def _python_frame(self, addr: int) -> str:
-        """A Python frame: `qualname (file:line) [py]`, read once a round
-        (code objects are freed). One not readable is not asked again: its
+        """A Python frame: `qualname (file:line) [py]`, its code object's
+        header read each time (code objects are freed and replaced). One not readable is not asked again: its
         code object ran when the frame was stored, so it is freed now, or
         the process is gone."""
         name = self.python.name(addr) if self.python is not None else None

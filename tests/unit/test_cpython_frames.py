@@ -127,6 +127,24 @@ def test_code_objects_read_from_a_live_process():
         namer.close()
 
 
+@needs_311
+def test_an_announced_stack_keeps_the_names_read_then():
+    pid = os.getpid()
+    namer = codes.PythonCodes(pid, runtime.find(pid, procfs.maps(pid)))
+    try:
+        code = données.__code__
+        stored = id(code) | 2 << codes.CODE_BITS | codes.PY_FRAME_TAG
+        unreadable = id(object()) | codes.PY_FRAME_TAG
+        checked: dict = {}
+        namer.read_stack(7, [0x401000, stored, unreadable, stored], checked)
+        line = line_of(code.co_linetable, code.co_firstlineno, 2)
+        assert namer.stack_names(7) == {stored: f"données ({__file__}:{line}) [py]"}
+        assert set(checked) == {id(code), unreadable & ~codes.PY_FRAME_TAG}  # one read each
+        assert namer.stack_names(8) is None
+    finally:
+        namer.close()
+
+
 def test_other_versions_are_left_alone():
     assert runtime.version_of(0x030B02F0) == (3, 11, 2)
     assert runtime.version_of(0x030C00F0)[:2] != runtime.SUPPORTED

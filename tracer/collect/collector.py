@@ -123,11 +123,12 @@ class Collector:
         if python is None or not keys:
             return
         deadline = time.monotonic() + PYTHON_NAMING_BUDGET_S
+        checked: dict = {}
         for i, key in enumerate(keys):
             if time.monotonic() > deadline:  # the rest at the next look
                 self.probes.new_python_stacks[:0] = keys[i:]
                 return
-            python.read_stack(key, self.probes.stack_addresses(key))
+            python.read_stack(key, self.probes.stack_addresses(key), checked)
 
     def _code_mapped(self) -> None:
         """New code in the process: learn where it lives, and whether it

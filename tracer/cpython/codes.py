@@ -125,11 +125,17 @@ class PythonCodes:
             return None
         return data if len(data) == size else None
 
-    def name(self, addr: int) -> Optional[str]:
+    def name(self, addr: int, checked: Optional[dict] = None) -> Optional[str]:
         """The frame's text; None when its code object cannot be read now
-        (the process gone, or the object freed)."""
+        (the process gone, or the object freed). checked: code objects
+        already read in this batch, by address."""
         code_at, index = split_frame_value(addr)
-        code = self._code(code_at)
+        if checked is not None and code_at in checked:
+            code = checked[code_at]
+        else:
+            code = self._code(code_at)
+            if checked is not None:
+                checked[code_at] = code
         if code is None:
             return None
         text = code.texts.get(index)
@@ -140,13 +146,15 @@ class PythonCodes:
             text = code.texts[index] = frame_text(code.qualname, code.filename, line)
         return text
 
-    def read_stack(self, stack: int, addrs: list[int]) -> None:
+    def read_stack(self, stack: int, addrs: list[int], checked: dict) -> None:
         """Names for the Python frames of a stack the walk just stored,
-        read now and kept for it (stack_names)."""
+        read now and kept for it (stack_names). checked: the code objects
+        read in this batch (a few ms: one read each, where a thousand new
+        stacks of thirty frames share a few hundred)."""
         names = {}
         for addr in addrs:
             if is_python_frame(addr):
-                text = self.name(addr)
+                text = self.name(addr, checked)
                 if text is not None:
                     names[addr] = text
         if names and len(self._stack_names) < MAX_STACKS:

@@ -44,7 +44,7 @@ ARENA_WALK_SHARE = 0.02  # of wall time spent walking free lists, at most
 # Per snapshot, naming new stacks (a stack-map read and symbols each) and
 # placing them; the others join at the next snapshots, the last one takes all.
 NAMING_BUDGET_S = 0.15
-PYTHON_NAMING_BUDGET_S = 0.02  # per look at the events (every 0.1 s)
+PYTHON_NAMING_BUDGET_S = 0.05  # per look at the events (every 0.1 s): half a core at most
 class Collector:
     _python_told = None  # the CPython runtime the walk was given (bpf/python.bpf.c)
 

@@ -447,7 +447,8 @@ class Recorder:
         replaced: each pair is one lookup of its frames, where finding the
         gone ones' ids too, and a dictionary of each side, took as long
         again (4,000 stacks a snapshot at 2,000 changes a second). The
-        same records, the same checks."""
+        same records. A pair whose replaced object is not its stack's
+        current one, or a stack twice, and the caller takes every stack."""
         ids, current = self._stack_ids, self._stacks
         went = set(map(id, gone))
         kept_out = went.difference(map(id, replaced))  # of gone, those not replaced: they went
@@ -466,7 +467,7 @@ class Recorder:
                 if old is not None:
                     return False
                 eid = ids[st.frames] = self._new_stack(db, st.frames, 0)
-            elif eid in seen_ids or current.get(eid) is not old or (old is not None and id(old) not in went):
+            elif eid in seen_ids or current.get(eid) is not old:
                 return False
             seen_ids.add(eid)
             if old is not None and old.live_delta_bytes and not st.live_delta_bytes \

@@ -350,8 +350,9 @@ class Probes:
         self._bpf = None
         self.unwind: Optional[UnwindTables] = None  # once loaded
         self._maps: dict = {}  # name -> mmap of a BPF_F_MMAPABLE array
-        # row -> its bytes, its Flow, whether it is folded into _folded
-        self._flow_cache: dict[int, tuple[bytes, Optional[Flow], bool]] = {}
+        # by row: its bytes, its Flow, whether it is folded into _folded (a
+        # list: an index reads one slot, where a lookup hashes and compares)
+        self._flow_cache: list[Optional[tuple[bytes, Optional[Flow], bool]]] = []
         self._retired: set[int] = set()  # tids whose rows are folded
         self._folded: dict[tuple, list[int]] = {}  # (stack key, bucket) -> sums under tid 0
         self._folded_flows: dict[tuple, Flow] = {}  # the same as flows
@@ -751,7 +752,7 @@ class Probes:
         self._bpf["heap_epoch"][ctypes.c_int(0)] = ctypes.c_ulonglong(self._epoch)
         book = self._book
         if generation != self._flow_generation:
-            self._flow_cache.clear()  # before_exec changes with it
+            self._flow_cache = []  # before_exec changes with it
             self._folded.clear()
             self._folded_flows.clear()
             self._folded_dirty.clear()
@@ -763,6 +764,8 @@ class Probes:
         cache, retired, row_flows = self._flow_cache, self._retired, self._row_flows
         if len(row_flows) < used:
             row_flows.extend([None] * (used - len(row_flows)))
+        if len(cache) < used:
+            cache.extend([None] * (used - len(cache)))
         # Rows a newly retired thread holds are folded even if unchanged:
         # then every row is looked at.
         every_row, self._retire_pending = self._retire_pending, False
@@ -796,7 +799,7 @@ class Probes:
         for i in moved:
             key_raw, counts_raw = keys[i * ks:(i + 1) * ks], counts[i * cs:(i + 1) * cs]
             raw = key_raw + counts_raw
-            hit = cache.get(i)
+            hit = cache[i]
             if hit is not None and hit[0] == raw:
                 flow, folded = hit[1], hit[2]
                 if flow is None or folded:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Iterator, Optional
 
@@ -108,6 +108,12 @@ class Collector:
         self._rewalk_when_idle = False
         self._activity = None  # what changes when the heap does, at the last snapshot
         self.watch = None  # netlink.ProcessWatch, when it could be opened
+        # Set by the owner of a policy that freezes what lives at the end of
+        # each interval and looks at all of it again now and then (a
+        # session's): then the aggregation's objects are frozen as they are
+        # made (_out_of_gc_sight). Without such a policy (the agent's fleet),
+        # what a gone collector left in cycles would never be looked at.
+        self.freeze_stacks = False
         self._execs: list[str] = []
 
     def start(self) -> Optional[int]:
@@ -401,7 +407,7 @@ class Collector:
         self._frames_current()
         by_key = {(r.tid, r.stack_key): r for r in rows} if reading.changed_rows is None else \
             reading.rows_by_key
-        with _out_of_gc_sight():
+        with _out_of_gc_sight() if self.freeze_stacks else nullcontext():
             return self._stacks.update(by_key, reading.changed_rows, self.frames_of,
                                        self._frames_generation, retained,
                                        naming_budget_s=None if last else NAMING_BUDGET_S)

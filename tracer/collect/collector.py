@@ -54,8 +54,8 @@ def _out_of_gc_sight() -> Iterator[None]:
     them) frozen out of the cyclic collector's sight as it is made: its
     young-generation passes walked each new object and what it points to
     (100,000 stacks, for the tuple) two or three times before the session
-    froze them at the end of the interval, a fifth of a snapshot's work at
-    2,000 changed stacks a second. The cycles made so far (pyroute2's
+    froze them at the end of the interval (5-10 % of a snapshot's work at
+    2,000 changed stacks a second). The cycles made so far (pyroute2's
     netlink messages make a few hundred objects' worth an interval) are
     collected first (the young generations: this interval's few objects);
     the aggregation makes none."""

@@ -210,10 +210,13 @@ def test_command_that_exits_at_once_is_still_symbolized(programs, run_memtrace, 
     assert_threads_match(doc, truth, names=False)
 
 
-def test_rows_found_by_their_marks_are_every_row_read_afresh(programs, monkeypatch):
+@pytest.mark.parametrize("found_by", ["marks", "bytes"])
+def test_rows_found_by_their_marks_are_every_row_read_afresh(programs, monkeypatch, found_by):
     """Reads that take only the rows the probes marked as changed
     (heap_counts.mark, probes.marked_rows) give, read after read, what
-    decoding every row of the map from scratch gives. The target is
+    decoding every row of the map from scratch gives; and so do reads that
+    ignore the marks and take the rows whose bytes are not the ones last
+    decoded (what every WHOLE_READ_EVERY-th read adds). The target is
     stopped for each comparison, so both see the same map."""
     import os
     import subprocess
@@ -223,7 +226,11 @@ def test_rows_found_by_their_marks_are_every_row_read_afresh(programs, monkeypat
     from memtrace.collect.probes import HEAP_COUNTS, HEAP_KEY, Limits, Probes, _decode, resolve_sites
     from memtrace.model.snapshot import Counters
 
-    monkeypatch.setattr(probes_module, "WHOLE_READ_EVERY", 1 << 30)  # marks only, after the first
+    if found_by == "marks":
+        monkeypatch.setattr(probes_module, "WHOLE_READ_EVERY", 1 << 30)  # marks only, after the first
+    else:
+        monkeypatch.setattr(probes_module, "WHOLE_READ_EVERY", 1)
+        monkeypatch.setattr(probes_module, "marked_rows", lambda marks, epochs: set())
     target = subprocess.Popen([str(programs["manystacks"]), "3000", "8", "20000", "0.5", "4"])
     try:
         time.sleep(0.3)

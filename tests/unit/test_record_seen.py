@@ -11,7 +11,7 @@ import random
 import sqlite3
 
 from memtrace.model.snapshot import Counters, Snapshot, StackStats
-from memtrace.record import seen
+from memtrace.record import recorder, seen
 from memtrace.record.reader import open_recording
 from memtrace.record.recorder import Recorder, stack_sort_key
 
@@ -110,6 +110,17 @@ def test_the_collectors_own_account_of_changes_writes_what_comparing_writes(tmp_
             snaps.append(Snapshot(1, "x", float(step), stacks=stacks))
             yield snaps[-1]
 
+    def unpaired(self, stacks, key):
+        found = since(self, stacks, key)
+        return None if found is None else (*found[:3], None)
+
+    def spy_paired(calls):
+        def spy(self, *args):
+            calls.append(1)
+            return write_replaced(self, *args)
+        return spy
+
+    write_replaced = recorder.Recorder._write_replaced
     snaps: list[Snapshot] = []
     told_by_collector = []
     since = seen.SeenStacks.since
@@ -130,3 +141,16 @@ def test_the_collectors_own_account_of_changes_writes_what_comparing_writes(tmp_
     assert [row[-1] for row in told["snapshots"]] == [row[-1] for row in whole["snapshots"]]
     with open_recording(str(tmp_path / "told.memtrace")) as r:
         assert [tuple(r.snapshot(i).stacks) for i in range(len(snaps))] == [tuple(s.stacks) for s in snaps]
+    # Told which object each new one replaced, or left to pair them by their
+    # frames (StackChanges.replaced), the recorder writes the same file.
+    snaps.clear()
+    with monkeypatch.context() as m:
+        m.setattr(seen.SeenStacks, "since", unpaired)
+        by_frames = _record(tmp_path / "by_frames.memtrace", made())
+    assert by_frames == told
+    snaps.clear()
+    paired = []
+    with monkeypatch.context() as m:
+        m.setattr(recorder.Recorder, "_write_replaced", spy_paired(paired))
+        again = _record(tmp_path / "again.memtrace", made())
+    assert again == told and sum(paired) > 50

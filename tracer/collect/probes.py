@@ -351,14 +351,17 @@ class Probes:
         self._bpf = None
         self.unwind: Optional[UnwindTables] = None  # once loaded
         self._maps: dict = {}  # name -> mmap of a BPF_F_MMAPABLE array
-        # row -> its bytes, its Flow, whether it is folded into _folded
-        self._flow_cache: dict[int, tuple[bytes, Optional[Flow], bool]] = {}
+        # by row: its bytes, its Flow, whether it is folded into _folded (a
+        # list: an index reads one slot, where a lookup hashes and compares)
+        self._flow_cache: list[Optional[tuple[bytes, Optional[Flow], bool]]] = []
         self._retired: set[int] = set()  # tids whose rows are folded
         self._folded: dict[tuple, list[int]] = {}  # (stack key, bucket) -> sums under tid 0
         self._folded_flows: dict[tuple, Flow] = {}  # the same as flows
         self._folded_dirty: set[tuple] = set()
         self._row_flows: list[Optional[Flow]] = []  # map index -> its flow
-        self._seen_bytes = (b"", b"")  # the keys and counts of the last whole read
+        # Each row's key and counts as last decoded (the cache's bytes, in
+        # place), for the reads that compare every row.
+        self._decoded = (bytearray(), bytearray())
         self._epoch = 0  # heap_epoch: what rows changed since the last read are marked with
         self._reads = 0
         self._read_used = 0  # rows there were at the last read
@@ -760,43 +763,54 @@ class Probes:
         self._bpf["heap_epoch"][ctypes.c_int(0)] = ctypes.c_ulonglong(self._epoch)
         book = self._book
         if generation != self._flow_generation:
-            self._flow_cache.clear()  # before_exec changes with it
+            self._flow_cache = []  # before_exec changes with it
             self._folded.clear()
             self._folded_flows.clear()
             self._folded_dirty.clear()
             self._row_flows = []
-            self._seen_bytes = (b"", b"")
+            self._decoded = (bytearray(), bytearray())
             book.clear()
             self._book_reset = True
             self._flow_generation = generation
         cache, retired, row_flows = self._flow_cache, self._retired, self._row_flows
         if len(row_flows) < used:
             row_flows.extend([None] * (used - len(row_flows)))
+        if len(cache) < used:
+            cache.extend([None] * (used - len(cache)))
         # Rows a newly retired thread holds are folded even if unchanged:
         # then every row is looked at.
         every_row, self._retire_pending = self._retire_pending, False
         keys, counts = self._mapped("heap_keys"), self._mapped("heap_counts")
         self._reads += 1
+        decoded_keys, decoded_counts = self._decoded
+        compare = whole or not decoded_counts or self._reads % WHOLE_READ_EVERY == 0
+        if len(decoded_counts) < used * cs:
+            decoded_keys.extend(bytes(used * ks - len(decoded_keys)))
+            decoded_counts.extend(bytes(used * cs - len(decoded_counts)))
         if every_row:
             moved: Iterable[int] = range(used)
-        elif whole or not self._seen_bytes[1] or self._reads % WHOLE_READ_EVERY == 0:
-            # Runs of rows whose bytes did not move since the last whole
-            # read are skipped whole; of the others, those whose bytes are
-            # the ones last decoded are skipped below.
-            seen_keys, seen_counts = self._seen_bytes
-            now_keys, now_counts = keys[:used * ks], counts[:used * cs]
-            moved = _moved_rows(now_keys, seen_keys, ks, now_counts, seen_counts, cs, used)
-            self._seen_bytes = (now_keys, now_counts)
         else:
             with memoryview(counts) as whole_map, whole_map[:used * cs] as rows, \
                     rows.cast("Q") as words, words[MARK_WORD::cs // 8] as mark_words:
                 marks = mark_words.tobytes()
-            moved = marked_rows(marks, [e for e in (epoch, epoch - 1) if e > 0])
-            moved.update(range(self._read_used, used))  # rows made since: marked or not yet
+            marked = marked_rows(marks, [e for e in (epoch, epoch - 1) if e > 0])
+            marked.update(range(self._read_used, used))  # rows made since: marked or not yet
+
+            def not_as_decoded() -> Iterator[int]:
+                yield from _moved_rows(keys[:used * ks], bytes(decoded_keys[:used * ks]), ks,
+                                       counts[:used * cs], bytes(decoded_counts[:used * cs]), cs, used)
+
+            # Then, now and then, the rows whose bytes are not the ones last
+            # decoded, compared run by run once the marked ones are read:
+            # only what changed without a mark, or since, is left to find,
+            # where comparing with the last such read found every row
+            # changed since, eight intervals' worth.
+            moved = itertools.chain(marked, not_as_decoded()) if compare else marked
         self._read_used = used
         for i in moved:
-            raw = keys[i * ks:(i + 1) * ks] + counts[i * cs:(i + 1) * cs]
-            hit = cache.get(i)
+            key_raw, counts_raw = keys[i * ks:(i + 1) * ks], counts[i * cs:(i + 1) * cs]
+            raw = key_raw + counts_raw
+            hit = cache[i]
             if hit is not None and hit[0] == raw:
                 flow, folded = hit[1], hit[2]
                 if flow is None or folded:
@@ -817,6 +831,8 @@ class Probes:
                 self._fold(flow, 1)
                 flow = None
             cache[i] = (raw, flow, folded)
+            decoded_keys[i * ks:(i + 1) * ks] = key_raw
+            decoded_counts[i * cs:(i + 1) * cs] = counts_raw
             row_flows[i] = flow
             book.put(i, old, flow)
         for key in self._folded_dirty:
@@ -988,8 +1004,8 @@ HEAP_COUNTS_FIELDS = ("alloc_bytes", "free_bytes", "alloc_count", "free_count",
                       "alloc_chunk_bytes", "free_chunk_bytes", "mark", "unused")
 MARK_WORD = HEAP_COUNTS_FIELDS.index("mark")  # in 8-byte words
 # Every this many reads, and when asked (the last one), the rows are also
-# compared with their bytes at the last such read: a change whose mark
-# came later than the read after it (a probe held up for a whole interval
+# compared with their bytes as last decoded: a change whose mark came
+# later than the read after it (a probe held up for a whole interval
 # between reading the epoch and marking) is not lost.
 WHOLE_READ_EVERY = 8
 

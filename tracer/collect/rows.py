@@ -43,11 +43,16 @@ class RowBook:
         self.buckets.put(old, new)
         if old is not None:
             key = (old.tid, old.stack_key)
-            members = self._members.get(key)
-            if members is not None:
-                members.pop(slot, None)
             self._touched.add(key)
             self.live_chunk_bytes -= old.live_chunk_bytes
+            members = self._members.get(key)
+            if members is not None:
+                if new is not None and new.tid == old.tid and new.stack_key == old.stack_key:
+                    # Its counts moved, in the same row: most changes.
+                    members[slot] = new
+                    self.live_chunk_bytes += new.live_chunk_bytes
+                    return
+                members.pop(slot, None)
         if new is not None:
             key = (new.tid, new.stack_key)
             self._members.setdefault(key, {})[slot] = new
@@ -57,38 +62,54 @@ class RowBook:
     def settle(self) -> set[RowKey]:
         """Add up again the rows whose flows changed; returns their keys."""
         touched, self._touched = self._touched, set()
-        totals, tid_sums = self._totals, self._tid_sums
+        totals, tid_sums, rows, all_members = self._totals, self._tid_sums, self.rows, self._members
         tids = set()
         for key in touched:
-            old = self.rows.get(key)
-            members = self._members.get(key)
+            old = rows.get(key)
+            members = all_members.get(key)
             if members:
-                a = b = n = m = 0
-                for f in members.values():
-                    c = f.counters
-                    a += c.alloc_bytes
-                    b += c.free_bytes
-                    n += c.alloc_count
-                    m += c.free_count
-                new: Optional[HeapRow] = HeapRow(key[0], key[1], Counters(a, b, n, m))
-                self.rows[key] = new
+                if len(members) == 1:
+                    # One flow (one bucket): most rows.
+                    for f in members.values():
+                        a, n = f.alloc_bytes, f.alloc_count
+                        b, m = (a, n) if f.before_exec else (f.free_bytes, f.free_count)
+                else:
+                    a = b = n = m = 0
+                    for f in members.values():
+                        c = f.counters
+                        a += c.alloc_bytes
+                        b += c.free_bytes
+                        n += c.alloc_count
+                        m += c.free_count
+                rows[key] = HeapRow(key[0], key[1], Counters(a, b, n, m))
+                count = 1 if old is None else 0
             else:
-                new = None
-                self.rows.pop(key, None)
-                self._members.pop(key, None)
-            tid = key[0]
-            for row, sign in ((old, -1), (new, 1)):
-                if row is None:
+                a = b = n = m = 0
+                rows.pop(key, None)
+                all_members.pop(key, None)
+                if old is None:
                     continue
-                c = row.counters
-                t = tid_sums.get(tid)
-                if t is None:
-                    t = tid_sums[tid] = [0, 0, 0, 0, 0]  # the four counters, and its rows
-                for i, value in enumerate((c.alloc_bytes, c.free_bytes, c.alloc_count, c.free_count)):
-                    t[i] += sign * value
-                    totals[i] += sign * value
-                t[4] += sign
-                tids.add(tid)
+                count = -1
+            if old is not None:
+                c = old.counters
+                a -= c.alloc_bytes
+                b -= c.free_bytes
+                n -= c.alloc_count
+                m -= c.free_count
+            tid = key[0]
+            t = tid_sums.get(tid)
+            if t is None:
+                t = tid_sums[tid] = [0, 0, 0, 0, 0]  # the four counters, and its rows
+            t[0] += a
+            t[1] += b
+            t[2] += n
+            t[3] += m
+            t[4] += count
+            totals[0] += a
+            totals[1] += b
+            totals[2] += n
+            totals[3] += m
+            tids.add(tid)
         for tid in tids:
             t = tid_sums[tid]
             if t[4]:

@@ -186,6 +186,9 @@ class StackChanges(tuple):
     since: Optional[tuple] = None
     fresh: tuple = ()
     gone: tuple = ()
+    # One for one with fresh: the object of `since` each one replaces, or
+    # None for a stack new to the tuple (the others of gone went).
+    replaced: tuple = ()
 
 
 @dataclass(frozen=True)

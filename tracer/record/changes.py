@@ -157,18 +157,35 @@ def _attributes(body: list) -> dict[str, Any]:
 # ---------------------------------------------------------------- stacks
 
 
+# The fields carried by name, read in one C call.
+_STACK_OTHER_VALUES = attrgetter(*_STACK_OTHER_NAMES) if _STACK_OTHER_NAMES else (lambda st: None)
+
+
 def _stack_record(new: StackStats, old: Optional[StackStats]) -> list:
-    old_c = old.counters if old else None
-    attrs: dict[str, Any] = {}
-    if old is None or old.tids != new.tids:
+    if old is None:
+        attrs: dict[str, Any] = {"t": list(new.tids)}
+        if new.live_delta_bytes != new.counters.live_bytes:
+            attrs["d"] = new.live_delta_bytes
+        if new.truncated:
+            attrs["x"] = new.truncated
+        _put_others(attrs, _STACK_OTHER, new, None)
+        return _counter_delta(new.counters, None) + [attrs]
+    # A stack that was there: most records, most of them counters only.
+    n, o = new.counters, old.counters
+    body = [n.alloc_bytes - o.alloc_bytes, n.free_bytes - o.free_bytes,
+            n.alloc_count - o.alloc_count, n.free_count - o.free_count]
+    attrs = {}
+    if old.tids != new.tids:
         attrs["t"] = list(new.tids)
-    derived = new.counters.live_bytes - (old_c.live_bytes if old_c else 0)
-    if new.live_delta_bytes != derived:
+    if new.live_delta_bytes != body[0] - body[1]:
         attrs["d"] = new.live_delta_bytes
-    if new.truncated != (old.truncated if old else False):
+    if new.truncated != old.truncated:
         attrs["x"] = new.truncated
-    _put_others(attrs, _STACK_OTHER, new, old)
-    return _counter_delta(new.counters, old_c) + ([attrs] if attrs else [])
+    if _STACK_OTHER_VALUES(new) != _STACK_OTHER_VALUES(old):
+        _put_others(attrs, _STACK_OTHER, new, old)
+    if attrs:
+        body.append(attrs)
+    return body
 
 
 def _still(old: StackStats) -> StackStats:

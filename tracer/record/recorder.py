@@ -389,11 +389,14 @@ class Recorder:
 
     def _write_new_stacks(self, db: sqlite3.Connection, sid: int, stacks: tuple[StackStats, ...],
                           fresh: Sequence[StackStats], gone: Sequence[StackStats],
-                          places: Optional[dict[int, int]]) -> bool:
+                          places: Optional[dict[int, int]],
+                          replaced: Optional[Sequence[Optional[StackStats]]] = None) -> bool:
         """The records of the stacks that are new objects, went, or still
         grow (memtrace.record.seen): the same records as encode_stacks
         over them all. False when two stacks share their frames: the caller
         then takes every stack."""
+        if replaced is not None and len(replaced) == len(fresh):
+            return self._write_replaced(db, sid, stacks, fresh, gone, places, replaced)
         before: dict[int, StackStats] = {}
         after: dict[int, StackStats] = {}
         went = set(map(id, gone))  # of the previous snapshot's stacks, those not kept
@@ -433,6 +436,64 @@ class Recorder:
             del self._stacks[eid]
         self._stacks.update(after)
         self._stacks.update(stilled)
+        self._seen = SeenStacks(stacks, True, moving, places)
+        return True
+
+    def _write_replaced(self, db: sqlite3.Connection, sid: int, stacks: tuple[StackStats, ...],
+                        fresh: Sequence[StackStats], gone: Sequence[StackStats],
+                        places: Optional[dict[int, int]],
+                        replaced: Sequence[Optional[StackStats]]) -> bool:
+        """_write_new_stacks when the producer says which object each new one
+        replaced: each pair is one lookup of its frames, where finding the
+        gone ones' ids too, and a dictionary of each side, took as long
+        again (4,000 stacks a snapshot at 2,000 changes a second). The
+        same records. A pair whose replaced object is not its stack's
+        current one, or a stack twice, and the caller takes every stack."""
+        ids, current = self._stack_ids, self._stacks
+        went = set(map(id, gone))
+        kept_out = went.difference(map(id, replaced))  # of gone, those not replaced: they went
+        changed: list[tuple[int, Optional[StackStats], Optional[StackStats]]] = []
+        seen_ids: set[int] = set()
+        moving: list[tuple[int, StackStats]] = []
+        for eid, st in self._seen.moving:
+            if id(st) not in went:  # the same object, growth and all: its record says it grew again
+                changed.append((eid, st, st))
+                seen_ids.add(eid)
+                moving.append((eid, st))
+        stilled: list[tuple[int, StackStats]] = []
+        for st, old in zip(fresh, replaced):
+            eid = ids.get(st.frames)
+            if eid is None:
+                if old is not None:
+                    return False
+                eid = ids[st.frames] = self._new_stack(db, st.frames, 0)
+            elif eid in seen_ids or current.get(eid) is not old:
+                return False
+            seen_ids.add(eid)
+            if old is not None and old.live_delta_bytes and not st.live_delta_bytes \
+                    and changes.same_but_growth(old, st):
+                stilled.append((eid, st))  # it only stopped growing: no record says so
+                continue
+            changed.append((eid, st, old))
+            if st.live_delta_bytes:
+                moving.append((eid, st))
+        for st in gone:
+            if id(st) in kept_out:
+                eid = ids.get(st.frames)
+                if eid is None or eid in seen_ids or current.get(eid) is not st:
+                    return False
+                seen_ids.add(eid)
+                changed.append((eid, None, st))
+        data = changes.encode_stack_changes(changed)
+        if data is not None:
+            db.execute("INSERT INTO changes (snapshot_id, kind, data) VALUES (?, 'stacks', ?)", (sid, data))
+            self._written += len(data)
+        for eid, st, _ in changed:
+            if st is None:
+                del current[eid]
+            else:
+                current[eid] = st
+        current.update(stilled)
         self._seen = SeenStacks(stacks, True, moving, places)
         return True
 

@@ -40,12 +40,13 @@ class SeenStacks:
 
     def since(self, stacks: tuple[StackStats, ...], sort_key: Callable[[StackStats], tuple]):
         """(the stacks that are new objects, the previous snapshot's that
-        went, id -> index of this snapshot's or None), when this snapshot's
+        went, id -> index of this snapshot's or None, the object each new
+        one replaced or None: not known), when this snapshot's
         order is the model's sort; None otherwise, or when an object comes
         twice: then the recorder takes every stack. The collector's own
         tuple (memtrace.model.snapshot.StackChanges) says it all."""
         if getattr(stacks, "since", None) is self.stacks:
-            return stacks.fresh, stacks.gone, None
+            return stacks.fresh, stacks.gone, None, stacks.replaced
         places = dict(zip(map(id, stacks), range(len(stacks))))
         if len(places) != len(stacks) or not self.canonical:
             return None
@@ -63,4 +64,4 @@ class SeenStacks:
             if (i > 0 and not sort_key(stacks[i - 1]) < key) or (i < last and not key < sort_key(stacks[i + 1])):
                 return None
         gone = [self.stacks[before[a]] for a in before.keys() - places.keys()]
-        return [stacks[i] for i in fresh], gone, places
+        return [stacks[i] for i in fresh], gone, places, None

@@ -149,3 +149,19 @@ def test_other_versions_are_left_alone():
     assert runtime.version_of(0x030B02F0) == (3, 11, 2)
     assert runtime.version_of(0x030C00F0)[:2] != runtime.SUPPORTED
     assert runtime.find(os.getpid(), []) is None
+
+
+def test_another_cpython_is_named_for_its_note():
+    """A process that runs a CPython whose frames are not read says which."""
+    from types import SimpleNamespace
+
+    def mapped(path, inode=1):
+        return SimpleNamespace(path=path, inode=inode, offset=0, start=0)
+
+    assert runtime.other_version([mapped("/usr/lib/libc.so.6"),
+                                  mapped("/usr/lib/x86_64-linux-gnu/libpython3.12.so.1.0")]) == "3.12"
+    assert runtime.other_version([mapped("/usr/bin/python3.13")]) == "3.13"
+    assert runtime.other_version([mapped("/usr/bin/python3.11"),
+                                  mapped("/opt/libpython3.11.so")]) is None
+    assert runtime.other_version([mapped("[anon:python3.12]", inode=0),
+                                  mapped("/usr/bin/python3-config")]) is None

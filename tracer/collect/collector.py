@@ -608,6 +608,8 @@ class Collector:
             out.append(Note.of(notes.ARENAS_UNREADABLE, reason=self._arena_problem))
         out += [Note.of(notes.EXEC, argv=argv) for argv in self._execs[-3:]]
         out += self.jvm.problems()
+        if self.symbols.python_unread:
+            out.append(Note.of(notes.PYTHON_FRAMES_UNREAD, version=self.symbols.python_unread))
         if self._allocator_note:
             out.append(self._allocator_note)
         if self.light and self.glibc:

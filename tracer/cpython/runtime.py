@@ -25,6 +25,21 @@ TSTATE_CURRENT_OFFSET = 576
 SUPPORTED = (3, 11)
 
 
+# Any CPython interpreter file, by its version in the name.
+_ANY_INTERPRETER = re.compile(r"^(?:python|libpython)(3\.[0-9]+)(?:\.so(?:\.[0-9.]*)?)?$")
+
+
+def other_version(mappings) -> Optional[str]:
+    """The version of a CPython interpreter the process maps whose frames
+    the walk cannot read ("3.12"), if any: its stacks show the
+    interpreter's C frames only."""
+    for m in mappings:
+        found = _ANY_INTERPRETER.match(os.path.basename(m.path)) if m.inode else None
+        if found and tuple(int(x) for x in found.group(1).split(".")) != SUPPORTED:
+            return found.group(1)
+    return None
+
+
 @dataclass(frozen=True)
 class PythonRuntime:
     """Addresses in one process."""

@@ -23,6 +23,7 @@ JVM_ATTACH_DISABLED = "jvm_attach_disabled"
 JVM_NO_SIGQUIT = "jvm_no_sigquit"
 JVM_NOT_HOTSPOT = "jvm_not_hotspot"
 JVM_METHODS_UNREADABLE = "jvm_methods_unreadable"  # reason
+PYTHON_FRAMES_UNREAD = "python_frames_unread"  # version: a CPython whose frames are not read
 RECORDING_STOPPED = "recording_stopped"  # at_s, reason, snapshots
 RECORDING_UNFINISHED = "recording_unfinished"  # reason
 TEXT = "text"  # text: a note from a recording made before notes had kinds

@@ -53,6 +53,9 @@ _WORDS: dict[str, Callable[[Note], str]] = {
         "the JVM does not catch SIGQUIT (-Xrs): jcmd cannot attach, JIT frames stay unnamed"),
     n.JVM_NOT_HOTSPOT: lambda _: "libjvm.so is not HotSpot's: interpreted frames stay unnamed",
     n.JVM_METHODS_UNREADABLE: lambda note: f"{note.get('reason')}: interpreted frames stay unnamed",
+    n.PYTHON_FRAMES_UNREAD: lambda note: (
+        f"Python {note.get('version')}: its stacks show the interpreter's C frames, not the "
+        "Python functions (those are read in CPython 3.11)"),
     n.RECORDING_STOPPED: _recording_stopped,
     n.RECORDING_UNFINISHED: lambda note: (
         f"the recording was not finished ({note.get('reason')}); what it holds stays readable"),

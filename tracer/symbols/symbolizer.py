@@ -22,6 +22,7 @@ from memtrace.symbols import debuginfo
 
 from memtrace.jvm import methods as jvm_methods
 from memtrace.cpython import codes as python_codes
+from memtrace.cpython import runtime as python_runtime
 
 from memtrace.process import procfs
 from memtrace.symbols.elf import ElfSymbols, demangle, imported_names, symbols_of
@@ -88,6 +89,7 @@ class Symbolizer:
         self._jit_this_round: dict[int, str] = {}  # read in the heap this snapshot: not again
         self.java: Optional[jvm_methods.JavaMethods] = None  # interpreted frames' methods
         self.python: Optional[python_codes.PythonCodes] = None  # CPython 3.11's frames
+        self.python_unread: Optional[str] = None  # another CPython's version: C frames only
 
     def new_round(self) -> None:
         """Once per snapshot: allows one re-read of the module map, and
@@ -116,6 +118,8 @@ class Symbolizer:
             self.java = jvm_methods.for_process(self.pid, mappings)
         if self.python is None:
             self.python = python_codes.for_process(self.pid, mappings)
+            if self.python is None:  # another CPython: the notes say so
+                self.python_unread = python_runtime.other_version(mappings)
         return True
 
     def image(self, module: Module) -> Optional[ElfSymbols]:
@@ -200,6 +204,7 @@ class Symbolizer:
         if self.python is not None:
             self.python.close()
             self.python = None
+        self.python_unread = None
         self._refreshed_this_round = False
 
     def code_modules(self) -> list[Module]:

@@ -9,6 +9,7 @@ pyenv's 3.11 (libpython3.11.so) both."""
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -133,3 +134,36 @@ def test_python_frames_replace_the_interpreter_loop_only(run_memtrace, tmp_path)
                                     for f in frames[first_py:last_py]), frames
     assert all(f.endswith("[py]") for f in frames[first_py:last_py + 1]), frames
     assert frames[-1].startswith("_start"), frames
+
+
+BUSY = '''\
+def churn():
+    kept = []
+    while True:
+        kept.append(bytes(2000))  # line 4
+        if len(kept) > 5000:
+            kept.clear()
+
+
+print("ready", flush=True)
+churn()
+'''
+
+
+def test_attached_to_a_busy_interpreter(run_memtrace, spawn, tmp_path):
+    """-p on a Python process already allocating: the walk is told where its
+    Python is at the attach, and the blocks its loop allocates from then on
+    name that loop's function and line."""
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY)
+    target = spawn(["/usr/bin/python3", script], stdout=subprocess.PIPE, text=True)
+    assert target.stdout.readline().strip() == "ready"
+    rc, doc, stderr = run_memtrace(["--json", "--duration", "2", "-p", str(target.pid)])
+    assert rc == 0, stderr
+    sized = [s for s in doc["stacks"] if block_size(s) == 2000]
+    total = sum(s["alloc_bytes"] for s in sized)
+    named = sum(s["alloc_bytes"] for s in sized
+                if python_frames(s["frames"])[:1] == [("churn", str(script), 4)])
+    assert total > 1 << 20, doc["heap"]
+    assert named >= 0.9 * total, [s["frames"][:6] for s in sized[:3]]
+    assert target.poll() is None, "the target was harmed"

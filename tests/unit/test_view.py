@@ -231,6 +231,18 @@ def test_frames_shorten():
     assert ellipsize("abcdefghij", 5) == "ab…ij"
 
 
+def test_frame_chain_skips_to_the_python_function():
+    frames = ["function at 0x506400+0xf4 [python3.11]", "function at 0x634270+0x8c [python3.11]",
+              "_PyObject_MakeTpCall+0x186 [python3.11]", "churn (/srv/busy.py:5) [py]",
+              "<module> (/srv/busy.py:8) [py]", "PyEval_EvalCode+0xbb [python3.11]"]
+    assert frame_chain(frames, 200) == ("function at 0x506400 [python3.11] ← … ← churn ← <module> "
+                                        "← PyEval_EvalCode")
+    assert frame_chain(frames[:5], 200) == "function at 0x506400 [python3.11] ← … ← churn ← <module>"
+    assert frame_chain(frames, 50) == "function at 0x506400 [python3.11] ← … ← churn ← …"
+    # A Python frame first or second: the chain as it is.
+    assert frame_chain(frames[2:5], 200) == "_PyObject_MakeTpCall ← churn ← <module>"
+
+
 def test_frame_chain_fits_any_width():
     assert frame_chain(ZLIB_FRAMES, 200) == "inflateInit2_ ← Java_java_util_zip_Inflater_init ← [libjvm] ← start_thread"
     assert frame_chain(ZLIB_FRAMES, 30) == "inflateInit2_ ← …"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence
 
-from memtrace.model.frames import UNNAMED_FUNCTION, split_frame
+from memtrace.model.frames import PYTHON_MODULE, UNNAMED_FUNCTION, split_frame
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -176,10 +176,19 @@ def frame_chain(
         return ""
     if not frames:
         return ellipsize("(no frames)", width, more)
-    names = [short_frame(f, mark=more) for f in frames[:max_frames]]
+    shown: list[Optional[str]] = list(frames[:max_frames])
+    python_at = _first_python_frame(frames)
+    if python_at is not None and python_at > 1:
+        # The interpreter's C frames between the allocation and the Python
+        # function that made it say little: skip to the function.
+        shown = [frames[0], None, *frames[python_at:python_at + max_frames - 2]]
+        complete = python_at + len(shown) - 2 == len(frames)
+    else:
+        complete = len(frames) == len(shown)
+    names = [more if f is None else short_frame(f, mark=more) for f in shown]
     out = ellipsize(names[0], width, more)
     for i, name in enumerate(names[1:], start=1):
-        last = i == len(names) - 1 and len(frames) == len(names)
+        last = i == len(names) - 1 and complete
         # Unless this is the last frame, keep room to say more follow.
         room = width - len(out) - len(sep) - (0 if last else len(sep) + len(more))
         if len(name) <= room:
@@ -193,6 +202,13 @@ def frame_chain(
     if len(out) + len(sep) + len(more) <= width:
         return out + sep + more
     return out
+
+
+def _first_python_frame(frames: Sequence[str]) -> Optional[int]:
+    for i, frame in enumerate(frames):
+        if frame.endswith(f"[{PYTHON_MODULE}]"):
+            return i
+    return None
 
 
 # A frame cut shorter than this is noise: end the chain instead.

@@ -49,30 +49,34 @@ class JsonSink:
 class JsonStreamSink(JsonSink):
     """One line per interval, and the final snapshot as the last line: for
     `jq`, a log shipper or a test that watches a trace as it goes. With
-    `-o FILE` the lines go to the file as they come (tail -f works)."""
+    `-o FILE` the lines go to the file as they come (tail -f works); it
+    is opened at the first line, so a trace that fails before leaves none."""
 
     def __init__(self, policy: StackPolicy, out: TextIO = sys.stdout,
                  path: Optional[str] = None) -> None:
-        if path is not None:
-            try:
-                out = open(path, "w", buffering=1)
-            except OSError as e:
-                raise MemtraceError(f"cannot write {path}: {e.strerror}") from None
-        super().__init__(policy, out)
-        self.owned = path is not None
+        super().__init__(policy, out, path)
+        self._file: Optional[TextIO] = None
 
     def _line(self, snapshot: Snapshot) -> None:
-        write_json(self._data(snapshot), self.out, one_line=True)
-        self.out.flush()
+        out = self.out
+        if self.path is not None:
+            if self._file is None:
+                try:
+                    self._file = open(self.path, "w", buffering=1)
+                except OSError as e:
+                    raise MemtraceError(f"cannot write {self.path}: {e.strerror}") from None
+            out = self._file
+        write_json(self._data(snapshot), out, one_line=True)
+        out.flush()
 
     def update(self, snapshot: Snapshot) -> None:
         self._line(snapshot)
 
     def close(self, final: Snapshot) -> None:
         self._line(final)
-        if self.owned:
-            self.out.close()
+        self.abort()
 
     def abort(self) -> None:
-        if self.owned:
-            self.out.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -125,50 +125,37 @@ def check_kernel_memory(args: argparse.Namespace) -> None:
 
 def check_output_paths(args: argparse.Namespace) -> None:
     """Every file the trace will write, checked before anything is launched
-    or attached: a refusal then leaves nothing behind."""
+    or attached: a refusal then leaves nothing behind. A recording is a new
+    file; -o FILE is written as a shell redirection would, replacing one."""
     output = getattr(args, "output", None)
     if output:
-        _check_json_output(output)
+        _check_writable(f"-o {output}", output, replace=True)
     path = getattr(args, "record", None)
-    if not path:
-        return
-    shown = f"--record {path}"
+    if path:
+        _check_writable(f"--record {path}", path, replace=False)
+
+
+def _check_writable(shown: str, path: str, replace: bool) -> None:
+    exists = f"{shown}: already exists; choose another file name or remove it"
     if os.path.isdir(path):
-        raise MemtraceError(f"{shown}: is a directory; give the name of a new file in it")
-    if os.path.lexists(path):
-        raise MemtraceError(f"{shown}: already exists; choose another file name or remove it")
+        raise MemtraceError(f"{shown}: is a directory; give the name of a "
+                            f"{'' if replace else 'new '}file in it")
+    existed = os.path.lexists(path)
+    if existed and not replace:
+        raise MemtraceError(exists)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise MemtraceError(f"{shown}: the folder {folder} does not exist; create it first")
     # Creating a file is the only true test (read-only mounts, immutable
-    # folders, quotas): the name itself, removed at once.
+    # folders, quotas): the name itself, removed at once if it was not there.
+    mode, perms = (os.O_APPEND, 0o644) if replace else (os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | mode, perms)
     except FileExistsError:
-        raise MemtraceError(f"{shown}: already exists; choose another file name or remove it") from None
+        raise MemtraceError(exists) from None
     except OSError as e:
-        raise MemtraceError(f"{shown}: cannot create a file in {folder} ({e.strerror}); "
-                            "choose a writable folder") from None
-    os.close(fd)
-    os.unlink(path)
-
-
-def _check_json_output(path: str) -> None:
-    """-o FILE is written as a shell redirection would: an existing file is
-    replaced, but a folder, a missing folder or one we cannot write to is
-    refused now."""
-    shown = f"-o {path}"
-    if os.path.isdir(path):
-        raise MemtraceError(f"{shown}: is a directory; give the name of a file in it")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise MemtraceError(f"{shown}: the folder {folder} does not exist; create it first")
-    existed = os.path.lexists(path)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise MemtraceError(f"{shown}: cannot write there ({e.strerror}); choose a writable "
-                            "folder") from None
+        what = "cannot write there" if replace else f"cannot create a file in {folder}"
+        raise MemtraceError(f"{shown}: {what} ({e.strerror}); choose a writable folder") from None
     os.close(fd)
     if not existed:
         os.unlink(path)

@@ -29,7 +29,12 @@ _ROOT_FUNCTIONS = (
 )
 
 
-@dataclass(frozen=True)
+# The records a snapshot holds one or more of per stack and per row
+# (Counters, HeapRow, Flow, StackStats, ThreadStats) have slots: without an
+# instance dictionary each is a fifth of the size and its fields are one
+# read away, which at 100,000 stacks is most of what handling a changed
+# one costs (cache misses, not Python's own work; bench/README.md, scale).
+@dataclass(frozen=True, slots=True)
 class Counters:
     """Heap traffic charged to one key: bytes and calls, allocated and freed."""
 
@@ -55,7 +60,7 @@ class Counters:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HeapRow:
     """One entry of the kernel's (thread, stack) aggregate map."""
 
@@ -156,7 +161,7 @@ class HeapTotals:
         return self.counters.live_bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ThreadStats:
     tid: int
     name: str
@@ -164,7 +169,7 @@ class ThreadStats:
     alive: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StackStats:
     frames: tuple[str, ...]  # innermost first: the malloc caller is frames[0]
     tids: tuple[int, ...]

@@ -42,7 +42,7 @@ from memtrace.symbols.symbolizer import Symbolizer
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
 FINAL_NAMES_WAIT_S = 5.0  # for a debug file or perf map under way, at the end
-ARENA_WALK_SHARE = 0.02  # of wall time spent walking free lists, at most
+ARENA_WALK_SHARE = 0.01  # of wall time spent walking free lists, at most
 # Per snapshot, naming new stacks (a stack-map read and symbols each) and
 # placing them; the others join at the next snapshots, the last one takes all.
 NAMING_BUDGET_S = 0.15

@@ -8,6 +8,7 @@ import random
 
 from memtrace.collect.aggregate import StackAggregator
 from memtrace.collect.rows import RowBook
+from memtrace.model.accounting import BucketBook
 from memtrace.model.snapshot import Counters, Flow, Snapshot, aggregate_stacks, aggregate_threads
 
 
@@ -76,10 +77,17 @@ def test_incremental_aggregation_equals_the_one_shot():
         assert {k: r.counters for k, r in book.rows.items()} == by_hand
         assert book.totals == sum(by_hand.values(), start=Counters())
         assert book.live_chunk_bytes == sum(f.live_chunk_bytes for f in flows.values())
+        assert _bucket_sums(book.buckets) == _bucket_sums(BucketBook.of(flows.values())), step
         threads = aggregate_threads(rows, {}, [1000, 1001, 1002, 1003])
         per_tid_rows = [type(rows[0])(tid, (0, 0), c) for tid, c in book.per_tid.items()] if rows else []
         assert aggregate_threads(per_tid_rows, {}, [1000, 1001, 1002, 1003]) == threads
         previous = Snapshot(1, "x", float(step), stacks=got)
+
+
+def _bucket_sums(book: BucketBook) -> dict:
+    """What the arena accounting reads of each bucket that holds anything."""
+    return {n: (b.live_bytes, b.live_chunk_bytes, b.freed_bytes, b.freed, set(b.tids))
+            for n, b in book.buckets.items() if b.live_bytes or b.freed_bytes or b.live_chunk_bytes}
 
 
 def _check_places(agg: StackAggregator) -> None:

@@ -40,6 +40,21 @@ class RowBook:
 
     def put(self, slot: Hashable, old: Optional[Flow], new: Optional[Flow]) -> None:
         """The flow in `slot` was `old` and is now `new` (None: none)."""
+        if old is not None and new is not None and old.stack_key == new.stack_key \
+                and old.tid == new.tid and old.bucket == new.bucket \
+                and not old.before_exec and not new.before_exec:
+            # Its counts moved, in the same row and bucket: most changes,
+            # each a few lookups less than the general case below (2,000 a
+            # snapshot at 2,000 changes a second).
+            key = (old.tid, old.stack_key)
+            members = self._members.get(key)
+            if members is not None:
+                members[slot] = new
+                self._touched.add(key)
+                self.live_chunk_bytes += (new.alloc_chunk_bytes - new.free_chunk_bytes) \
+                    - (old.alloc_chunk_bytes - old.free_chunk_bytes)
+                self.buckets.buckets[old.bucket].move(old, new)
+                return
         self.buckets.put(old, new)
         if old is not None:
             key = (old.tid, old.stack_key)

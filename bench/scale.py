@@ -13,6 +13,7 @@ kernel maps large enough for the stacks). Measured:
 - memtrace's own CPU (its process, not the target), % of one core, from
   /proc between 5 s after its start and the target's exit: the compile and
   attach before and the final snapshot after are left out;
+- its peak RSS (VmHWM) up to the target's exit;
 - its CPU seconds per snapshot in the steady state: from the end of the
   third snapshot (the first ones symbolize every new stack) to the target's
   exit, over the snapshots in between (the final snapshot, taken at the
@@ -69,6 +70,15 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def peak_rss_bytes(pid: int) -> int:
+    """The process's high-water mark of resident memory (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -91,6 +101,7 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
         tracer = subprocess.Popen(memtrace, stdout=out, stderr=err)
         first = last = None
         samples: list[tuple[float, int]] = []  # (t, memtrace's CPU ticks)
+        peak_rss = 0
         target_pid = None
         spy = None
         while tracer.poll() is None:
@@ -98,6 +109,7 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
             t = time.monotonic() - started
             try:
                 ticks = cpu_ticks(tracer.pid)
+                peak_rss = peak_rss_bytes(tracer.pid)
             except OSError:
                 break
             if target_pid is None:
@@ -129,7 +141,8 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
     cpu = None
     if first and last and last[0] > first[0]:
         cpu = 100.0 * (last[1] - first[1]) / TICK_HZ / (last[0] - first[0])
-    return {"exit": tracer.returncode, "cpu_pct": cpu, "wall_s": wall, "samples": samples}
+    return {"exit": tracer.returncode, "cpu_pct": cpu, "wall_s": wall, "samples": samples,
+            "peak_rss_bytes": peak_rss}
 
 
 def cpu_per_snapshot(t: dict, times: list[float], skip: int = 3) -> tuple[float, int]:
@@ -296,6 +309,7 @@ def main() -> int:
     cpu = f"{t['cpu_pct']:.1f} % of a core" if t["cpu_pct"] is not None else "n/a"
     print(f"memtrace CPU while the target ran: {cpu}; whole run {t['wall_s']:.1f} s;"
           f" load average {os.getloadavg()[0]:.1f}")
+    print(f"memtrace's peak RSS while the target ran: {t['peak_rss_bytes'] / 2**20:.0f} MiB")
     try:
         final = json.loads((out_dir / "trace.json").read_text())
         drops = final["heap"]["drops"]

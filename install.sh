@@ -37,6 +37,8 @@ if [ "$test_tools" -eq 1 ]; then
     packages+=(libjemalloc2 libjemalloc-dev libtcmalloc-minimal4 libmimalloc2.0 redis-server redis-tools tomcat10)
     # programs nobody here wrote, and the tools that name their frames (issue 11)
     packages+=(sqlite3 debuginfod elfutils binutils xz-utils)
+    # a program that runs Python from libpython (its frames, like an embedding program's)
+    packages+=(python3-dev)
 fi
 missing=()
 for p in "${packages[@]}"; do

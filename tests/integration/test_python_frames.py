@@ -3,12 +3,14 @@ memtrace.cpython): a script with known functions keeps its blocks, and the
 stacks holding them name those functions, innermost first, with their
 lines, in place of the interpreter loop's native frames; a thread's
 allocations name its own functions, not those of the thread holding the
-GIL. Debian's /usr/bin/python3 (3.11, the interpreter linked in) and
-pyenv's 3.11 (libpython3.11.so) both."""
+GIL. Debian's /usr/bin/python3 (3.11, the interpreter linked in) and a
+program that runs Python from Debian's libpython3.11.so (as pyenv's
+builds and programs that embed Python do) both."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.bpf
 
-PYENV_311 = Path("/root/.pyenv/versions/3.11.7/bin/python3.11")
+PROGRAMS_DIR = Path(__file__).resolve().parent.parent / "programs"
 BLOCK_OVERHEAD = sys.getsizeof(b"")  # a bytes object's header, allocated with its data
 
 # Each entry: the block size, how many, and the Python frames (function
@@ -90,9 +92,27 @@ def block_size(stack: dict) -> int:
     return stack["alloc_bytes"] // count - BLOCK_OVERHEAD if count else 0
 
 
-@pytest.mark.parametrize("python", ["/usr/bin/python3", str(PYENV_311)],
-                         ids=["debian-static", "pyenv-libpython"])
-def test_stacks_name_the_python_functions_that_allocated(python, run_memtrace, tmp_path):
+@pytest.fixture(scope="session")
+def libpython_program(tmp_path_factory) -> Path:
+    """tests/programs/pyembed.c: Python run from Debian's libpython3.11.so."""
+    config = shutil.which("python3-config", path="/usr/bin")
+    if config is None:
+        pytest.fail("/usr/bin/python3-config not found: apt-get install python3-dev", pytrace=False)
+    flags = subprocess.run([config, "--includes", "--ldflags", "--embed"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    binary = tmp_path_factory.mktemp("pyembed") / "pyembed"
+    cmd = ["gcc", "-O2", "-o", str(binary), str(PROGRAMS_DIR / "pyembed.c"), *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed:\n{done.stderr}", pytrace=False)
+    return binary
+
+
+@pytest.mark.parametrize("python", ["/usr/bin/python3", "libpython"],
+                         ids=["debian-static", "libpython"])
+def test_stacks_name_the_python_functions_that_allocated(python, run_memtrace, tmp_path, request):
+    if python == "libpython":
+        python = str(request.getfixturevalue("libpython_program"))
     assert Path(python).exists(), f"{python} is missing"
     script = tmp_path / "keeper.py"
     script.write_text(SCRIPT)

@@ -6,9 +6,12 @@
  * next interpreter loop call outwards. So the walk (common.bpf.c), at each
  * return address into the loop, stores the Python frames instead, reading
  * one per step, and goes on natively from the loop's caller.
- * The thread state is the GIL holder's (_PyRuntime.gilstate.tstate_current):
- * a thread that does not hold the GIL (its native_thread_id differs) keeps
- * its native frames rather than take another thread's.
+ * The thread state is the GIL holder's (_PyRuntime.gilstate.tstate_current)
+ * when the current thread holds the GIL (its native_thread_id is ours), and
+ * is then kept per thread (py_tstates); a thread that released the GIL
+ * around C work (sqlite3_step, opendir, an SSL handshake, which allocate)
+ * still has its own thread state, whose current frame is the one that
+ * called that C function: it is read from there, never another thread's.
  * Joined before common.bpf.c: its walk state holds a struct py_walk. */
 #include <uapi/linux/ptrace.h>
 #include "memtrace.h"
@@ -29,6 +32,13 @@ BPF_ARRAY(py_runtime, struct py_runtime, 1);
 #define PY_RINGBUF_PAGES 16
 #endif
 BPF_RINGBUF_OUTPUT(py_new_stacks, PY_RINGBUF_PAGES);
+#ifndef PY_MAX_THREADS
+/* Threads whose thread state is kept: an LRU, as threads come and go
+ * without telling; one that fell out is found again when it next holds
+ * the GIL, which Python code does between any two C calls. */
+#define PY_MAX_THREADS 4096
+#endif
+BPF_TABLE("lru_hash", u32, u64, py_tstates, PY_MAX_THREADS);
 
 struct py_walk {
     u64 eval_lo, eval_hi; /* 0, 0: not the Python process */
@@ -97,19 +107,41 @@ static __always_inline void py_announce(u64 stack)
     py_new_stacks.ringbuf_output(&stack, sizeof(stack), BPF_RB_NO_WAKEUP);
 }
 
-/* The current thread's innermost Python frame, 0 when it does not hold
- * the GIL or a read fails. */
+/* PyThreadState from cframe to native_thread_id. */
+struct py_tstate_words {
+    u64 w[(PY_TSTATE_NATIVE_THREAD_ID - PY_TSTATE_CFRAME) / 8 + 1];
+};
+
+/* Its cframe, when tstate is thread `tid`'s; 0 otherwise or on a failed read. */
+static __always_inline u64 py_cframe_of(u64 tstate, u32 tid)
+{
+    struct py_tstate_words t = {};
+    if (!tstate || bpf_probe_read_user(&t, sizeof(t), (void *)(tstate + PY_TSTATE_CFRAME)) != 0 ||
+        t.w[(PY_TSTATE_NATIVE_THREAD_ID - PY_TSTATE_CFRAME) / 8] != tid)
+        return 0;
+    return t.w[0];
+}
+
+/* The current thread's innermost Python frame: from the GIL holder's
+ * thread state when that is ours (kept for this thread), else from the one
+ * kept; 0 when neither is this thread's or a read fails. */
 static __always_inline u64 py_current_frame(struct py_walk *p)
 {
-    /* PyThreadState from cframe to native_thread_id, in one read */
-    u64 words[(PY_TSTATE_NATIVE_THREAD_ID - PY_TSTATE_CFRAME) / 8 + 1] = {};
-    u64 tstate = 0, frame = 0;
-    if (bpf_probe_read_user(&tstate, 8, (void *)p->tstate_at) != 0 || !tstate ||
-        bpf_probe_read_user(words, sizeof(words), (void *)(tstate + PY_TSTATE_CFRAME)) != 0)
-        return 0;
-    u64 cframe = words[0], tid = words[(PY_TSTATE_NATIVE_THREAD_ID - PY_TSTATE_CFRAME) / 8];
-    if (tid != (u32)bpf_get_current_pid_tgid() || !cframe ||
-        bpf_probe_read_user(&frame, 8, (void *)(cframe + PY_CFRAME_CURRENT_FRAME)) != 0)
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 holder = 0, frame = 0;
+    bpf_probe_read_user(&holder, 8, (void *)p->tstate_at);
+    u64 cframe = py_cframe_of(holder, tid);
+    if (cframe) {
+        u64 *known = py_tstates.lookup(&tid);
+        if (!known || *known != holder)
+            py_tstates.update(&tid, &holder);
+    } else {
+        u64 *known = py_tstates.lookup(&tid);
+        /* Checked again: a thread gone, its tid reused by a new thread. */
+        if (known)
+            cframe = py_cframe_of(*known, tid);
+    }
+    if (!cframe || bpf_probe_read_user(&frame, 8, (void *)(cframe + PY_CFRAME_CURRENT_FRAME)) != 0)
         return 0;
     return frame;
 }

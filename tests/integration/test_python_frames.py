@@ -187,3 +187,54 @@ def test_attached_to_a_busy_interpreter(run_memtrace, spawn, tmp_path):
     assert total > 1 << 20, doc["heap"]
     assert named >= 0.9 * total, [s["frames"][:6] for s in sized[:3]]
     assert target.poll() is None, "the target was harmed"
+
+
+GIL_RELEASED = '''\
+import os
+import sqlite3
+import sys
+import time
+
+
+def build_index(db):
+    db.execute("create index by_text on t(b)")  # line 8
+
+
+def fill(db):
+    db.executemany("insert into t values (?, ?)", ((i, "x" * 200) for i in range(20000)))  # line 12
+
+
+def main():
+    db = sqlite3.connect(":memory:")
+    db.execute("create table t(a, b)")
+    fill(db)
+    build_index(db)
+    time.sleep(1.5)  # names are read from its memory while it lives
+    sys.stdout.flush()
+    os._exit(0)
+
+
+main()
+'''
+
+
+def test_frames_of_a_thread_that_released_the_gil(run_memtrace, tmp_path):
+    """sqlite3_step runs with the GIL released, and SQLite allocates there:
+    those blocks still name the Python function that called execute, read
+    from the thread's own state (not the GIL holder's, which is none or
+    another thread)."""
+    script = tmp_path / "index.py"
+    script.write_text(GIL_RELEASED)
+    rc, doc, stderr = run_memtrace(["--json", "--", "/usr/bin/python3", script])
+    assert rc == 0, stderr
+    in_sqlite = [s for s in doc["stacks"] if any(f.startswith("sqlite3_step+") for f in s["frames"])]
+    total = sum(s["alloc_bytes"] for s in in_sqlite)
+    by_caller: dict = {}
+    for s in in_sqlite:
+        py = python_frames(s["frames"])
+        caller = py[0] if py else None
+        by_caller[caller] = by_caller.get(caller, 0) + s["alloc_bytes"]
+    assert total > 1 << 20, [s["frames"][:8] for s in doc["stacks"][:3]]
+    assert by_caller.get(None, 0) <= 0.1 * total, by_caller
+    assert by_caller.get(("build_index", str(script), 8), 0) > 0, by_caller
+    assert by_caller.get(("fill", str(script), 12), 0) > 0, by_caller

@@ -661,6 +661,7 @@ class Probes:
         if self._bpf is not None:
             table = self._bpf["py_runtime"]
             table[ctypes.c_int(0)] = table.Leaf(eval_lo, eval_hi, tstate_at, tgid, 0)
+            self._bpf["py_tstates"].clear()  # the thread states of the interpreter before
 
     def set_jvm_code(self, heaps, fields: dict[str, int], generation: int) -> None:
         """Where a JVM's compiled code is (jvm.codecache.CodeHeap each) and

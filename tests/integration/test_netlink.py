@@ -128,6 +128,15 @@ def test_shell_exec_sleep() -> None:
     assert run.events[0].ts_ns < run.events[1].ts_ns <= time.monotonic_ns()
 
 
+def test_a_child_process_is_told_with_its_command_line() -> None:
+    # dash runs a command that is not its last as a child: fork, then exec.
+    run = watch_run(["/bin/sh", "-c", "echo ready; read _; sleep 0.2; true"])
+    children = [e for e in run.events if e.kind == "child"]
+    assert children and {e.tid for e in children} == {children[0].tid} != {run.pid}, run.events
+    assert children[-1].argv == ("sleep", "0.2"), children
+    assert [e.kind for e in run.events if e.kind != "child"] == ["exit"], run.events
+
+
 def test_multi_threaded_exit_counts_threads_once(peak_binary: Path) -> None:
     run = watch_run([str(peak_binary), "threads"])
     assert_exited_3_with_peak(run)

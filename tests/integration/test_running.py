@@ -186,6 +186,23 @@ def test_exec_drops_the_old_images_blocks(programs, run_memtrace, tmp_path):
     assert any("exec" in n for n in (x["text"] for x in doc["notes"])), doc["notes"]
 
 
+
+def test_a_wrapper_that_runs_the_program_as_a_child_says_so(programs, run_memtrace):
+    """A shell that runs the program without exec: the heap traced is the
+    shell's, and the output names the child to trace instead."""
+    rc, doc, stderr = run_memtrace(["--json", "--interval", "0.5", "--", "/bin/sh", "-c",
+                                    "sleep 0.5; true"])
+    assert rc == 0, stderr
+    said = [n for n in doc["notes"] if n["kind"] == "children_not_traced"]
+    assert len(said) == 1 and said[0]["count"] == 1, doc["notes"]
+    assert said[0]["argv"] == "sleep 0.5", said
+    assert f"-p {said[0]['pid']}" in said[0]["text"], said
+    # A program that starts nothing gets no such note.
+    rc, doc, stderr = run_memtrace(["--json", "--", programs["idle"], "--exit"])
+    assert rc == 0, stderr
+    assert not [n for n in doc["notes"] if n["kind"] == "children_not_traced"], doc["notes"]
+
+
 PYTHON_BUSY = """
 import sys, time
 keep = [bytearray(1 << 20) for _ in range(100)]   # glibc mmapped chunks

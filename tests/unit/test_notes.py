@@ -38,3 +38,13 @@ def test_json_round_trip_and_old_sentences():
     # A recording made when notes were sentences.
     old = Note.from_json("the process exec'd: ls")
     assert old.kind == notes.TEXT and note_text(old) == "the process exec'd: ls"
+
+
+def test_children_not_traced_names_the_one_to_trace():
+    one = note_text(Note.of(notes.CHILDREN_NOT_TRACED, count=1, pid=4242, argv="python3 app.py"))
+    assert one == ("the process started a child process that memtrace does not trace: 4242 "
+                   "`python3 app.py`; to see its memory, trace it with -p 4242, or have the "
+                   "command exec it (sh -c 'exec ...')")
+    many = note_text(Note.of(notes.CHILDREN_NOT_TRACED, count=12, pid=4250, argv=""))
+    assert many.startswith("the process started 12 child processes that memtrace does not trace: "
+                           "4250 (the latest); ") and "-p 4250" in many

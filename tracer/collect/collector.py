@@ -46,6 +46,7 @@ ARENA_WALK_SHARE = 0.01  # of wall time spent walking free lists, at most
 # Per snapshot, naming new stacks (a stack-map read and symbols each) and
 # placing them; the others join at the next snapshots, the last one takes all.
 NAMING_BUDGET_S = 0.15
+MAX_CHILDREN_COUNTED = 100_000  # a build tool's children: counted up to here
 PYTHON_NAMING_BUDGET_S = 0.05  # per look at the events (every 0.1 s): half a core at most
 
 
@@ -118,6 +119,8 @@ class Collector:
         # what a gone collector left in cycles would never be looked at.
         self.freeze_stacks = False
         self._execs: list[str] = []
+        self._children: set[int] = set()  # processes it started (netlink), none of them traced
+        self._last_child_seen: tuple = ()  # (pid, command line) of the latest
 
     def start(self) -> Optional[int]:
         """Before the probes fire: the address space as it is, and where the
@@ -185,6 +188,15 @@ class Collector:
         if self.watch is None:
             return
         for event in self.watch.read():
+            if event.kind == "child":
+                # A process it started: not traced (its heap is its own).
+                if event.tid not in self._children and len(self._children) < MAX_CHILDREN_COUNTED:
+                    self._children.add(event.tid)
+                argv = " ".join(event.argv)
+                if not argv and self._last_child_seen[:1] == (event.tid,):
+                    argv = self._last_child_seen[1]  # it was gone by the exec's read
+                self._last_child_seen = (event.tid, argv)
+                continue
             if event.kind != "exec":
                 continue
             if self.probes.unwind is not None:
@@ -607,6 +619,10 @@ class Collector:
         if self._arena_problem:
             out.append(Note.of(notes.ARENAS_UNREADABLE, reason=self._arena_problem))
         out += [Note.of(notes.EXEC, argv=argv) for argv in self._execs[-3:]]
+        if self._children:
+            pid, argv = self._last_child_seen
+            out.append(Note.of(notes.CHILDREN_NOT_TRACED, count=len(self._children),
+                               pid=pid, argv=argv))
         out += self.jvm.problems()
         if self.symbols.python_unread:
             out.append(Note.of(notes.PYTHON_FRAMES_UNREAD, version=self.symbols.python_unread))

@@ -14,6 +14,7 @@ UNWIND_TABLES_FULL = "unwind_tables_full"
 STACKS_UNNAMED = "stacks_unnamed"  # count: new stacks not named yet
 ARENAS_UNREADABLE = "arenas_unreadable"  # reason
 EXEC = "exec"  # argv
+CHILDREN_NOT_TRACED = "children_not_traced"  # count, pid and argv of the latest
 ALLOCATOR_CHANGED = "allocator_changed"  # allocator, path, probed_path
 LIGHT_ESTIMATES = "light_estimates"
 LIGHT_NO_HEAP = "light_no_heap"  # allocator

@@ -21,6 +21,16 @@ def _allocator_opaque(note: Note) -> str:
             f"mapped while traced, less the live heap{before}")
 
 
+def _children_not_traced(note: Note) -> str:
+    count, pid, argv = note.get("count"), note.get("pid"), note.get("argv")
+    started = "a child process" if count == 1 else f"{count} child processes"
+    latest = "" if count == 1 else " (the latest)"
+    command = f" `{argv}`" if argv else ""
+    return (f"the process started {started} that memtrace does not trace: {pid}{latest}{command}; "
+            f"to see its memory, trace it with -p {pid}, or have the command exec it "
+            "(sh -c 'exec ...')")
+
+
 def _recording_stopped(note: Note) -> str:
     return (f"the recording stopped at {note.get('at_s', 0.0):.1f} s ({note.get('reason')});"
             f" it holds the {note.get('snapshots')} snapshot(s) before")
@@ -35,6 +45,7 @@ _WORDS: dict[str, Callable[[Note], str]] = {
         "next snapshots"),
     n.ARENAS_UNREADABLE: lambda note: f"cannot read the arenas: {note.get('reason')}",
     n.EXEC: lambda note: f"the process exec'd: {note.get('argv')}",
+    n.CHILDREN_NOT_TRACED: _children_not_traced,
     n.ALLOCATOR_CHANGED: lambda note: (
         f"after the exec, malloc is {note.get('allocator')}'s ({note.get('path')}), which memtrace "
         f"did not probe ({note.get('probed_path')}): its calls are not counted; trace the new "

@@ -85,15 +85,17 @@ class ProcEvent:
 
     kind: "exec" (it replaced its image), "thread-exit" (one thread ended,
     the leader too when other threads still run), "exit" (its last thread
-    ended: the process is gone).
+    ended: the process is gone), "child" (it started a process, `tid` its
+    pid, or one it started exec'd: a process memtrace does not trace).
     ts_ns: when, in the kernel's CLOCK_MONOTONIC (time.monotonic_ns()).
     exit_code: the code it exited with; exit_signal: the signal that killed
     it instead (the other one is None).
     argv: for "exec", the new command line, read from /proc when the event
-    is read (empty if the process is gone by then).
+    is read (empty if the process is gone by then); for "child", the
+    child's, as the fork left it or as its exec made it.
     """
 
-    kind: Literal["exec", "exit", "thread-exit"]
+    kind: Literal["exec", "exit", "thread-exit", "child"]
     pid: int
     tid: int
     ts_ns: int
@@ -478,6 +480,7 @@ class ProcessWatch:
         # the last one has. (A thread leaves /proc a moment before its exit
         # event is sent, so /proc alone cannot tell when that is.)
         self._threads: set[int] = set()
+        self._children: set[int] = set()  # processes it started, for their execs
         self._last_exit: Optional[ProcEvent] = None
         self._cpus = _possible_cpus()
         self._events: Optional[_ProcConnector] = None
@@ -584,7 +587,18 @@ class ProcessWatch:
         if event["what"] == PROC_EVENT_FORK:
             if event["child_tgid"] == self.pid and event["child_pid"] != self.pid:  # a new thread
                 self._threads.add(event["child_pid"])
+            elif event["parent_tgid"] == self.pid and event["child_pid"] == event["child_tgid"]:
+                child = event["child_tgid"]  # a new process
+                self._children.add(child)
+                return ProcEvent("child", self.pid, child, event["timestamp_ns"], argv=_read_argv(child))
             return None
+        if event["process_tgid"] in self._children:
+            child = event["process_tgid"]
+            if event["what"] == PROC_EVENT_EXIT:
+                if event["process_pid"] == child:
+                    self._children.discard(child)
+                return None
+            return ProcEvent("child", self.pid, child, event["timestamp_ns"], argv=_read_argv(child))
         if event["process_tgid"] != self.pid:
             return None
         tid, ts = event["process_pid"], event["timestamp_ns"]

@@ -1,7 +1,8 @@
 """Allocators other than glibc's (issue 12): the heap ground-truth program
 under LD_PRELOAD of Debian's jemalloc, tcmalloc and mimalloc, exact per
 thread and per stack, in launch (through `env`) and attach mode; Debian's
-Redis, which links jemalloc, loaded by redis-benchmark on 127.0.0.1."""
+Redis, which links jemalloc, loaded by redis-benchmark on 127.0.0.1; Debian's
+prometheus, a Go program whose heap has a glibc heap's shape."""
 
 from __future__ import annotations
 
@@ -193,3 +194,35 @@ def test_a_copy_linked_into_the_program_is_found(programs, run_memtrace, tmp_pat
     truth = json.loads(truth_path.read_text())
     CHECKS.assert_threads_match(doc, truth, names=False)
     CHECKS.assert_functions_match(doc, truth)
+
+
+def test_a_go_programs_heap_is_not_taken_for_glibc_arenas(spawn, run_memtrace, tmp_path):
+    """Debian's prometheus (Go, with cgo: glibc is loaded) reserves its heap
+    at 0xc000000000 in 64 MiB, a RW head then PROT_NONE: a glibc thread
+    heap's shape. glibc lists no arena there, so it is anonymous memory."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.fail("prometheus not found: sudo ./install.sh --test-tools", pytrace=False)
+    config = tmp_path / "prometheus.yml"
+    config.write_text("global:\n  scrape_interval: 60s\nscrape_configs: []\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = spawn([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    go_heap = 0xC000000000
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        maps = Path(f"/proc/{target.pid}/maps").read_text()
+        if f"{go_heap:x}-" in maps:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"prometheus mapped nothing at {go_heap:#x}: {maps[:2000]}")
+    rc, doc, stderr = run_memtrace(["--json", "--duration", "1", "-p", str(target.pid)])
+    assert rc == 0, stderr
+    at_go_heap = [r for r in doc["regions"] if go_heap <= r["start"] < go_heap + (1 << 32)]
+    assert at_go_heap, [(hex(r["start"]), r["kind"]) for r in doc["regions"]]
+    assert {r["kind"] for r in at_go_heap} == {"anonymous"}, at_go_heap
+    assert target.poll() is None, "the target was harmed"

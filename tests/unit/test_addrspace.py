@@ -341,6 +341,22 @@ def test_seed_from_maps_names_kinds_and_guesses_pre_existing_arena_heaps():
     assert [r.size for r in s.regions(ARENA_HEAP)[:2]] == [0x22000, 64 * MiB - 0x22000]
 
 
+def test_shapes_taken_for_arena_heaps_that_glibc_does_not_list_are_anonymous():
+    # Go's heap reservation (0xc000000000) has a glibc heap's shape.
+    go = ("c000000000-c001000000 rw-p 00000000 00:00 0\n"
+          "c001000000-c004000000 ---p 00000000 00:00 0\n")
+    s = space(go + SEED_MAPS)
+    assert [r.start for r in s.regions(ARENA_HEAP)] == [0xC000000000, 0xC001000000, 0x7F4A00000000,
+                                                        0x7F4A00021000, 0x7F4A04000000]
+    s.confirm_arena_heaps({0x7F4A00000000, 0x7F4A04000000})
+    assert [r.start for r in s.regions(ARENA_HEAP)] == [0x7F4A00000000, 0x7F4A00021000, 0x7F4A04000000]
+    assert s.region_at(0xC000000000).kind == ANONYMOUS and s.region_at(0xC001000000).kind == ANONYMOUS
+    # A heap malloc was seen to map is glibc's, listed yet or not.
+    s.apply(in_malloc("mmap", 0, 128 * MiB, result=0x7F4B00000000, prot=0, flags=MAP_NORESERVE | ANON))
+    s.confirm_arena_heaps(set())
+    assert s.region_at(0x7F4B00000000).kind == ARENA_HEAP
+
+
 def test_brk_without_any_baseline_starts_counting_at_the_first_break():
     s = space()
     s.apply(in_malloc("brk", 0x5600000A1000, result=0x5600000A1000))

@@ -474,6 +474,19 @@ class AddressSpace:
             self._insert(replace(_resized(r, end, r.end), mapping_id=self._new_mapping_id()))
         self._insert(replace(_resized(r, start, end), kind=kind, mapping_id=self._new_mapping_id()))
 
+    def confirm_arena_heaps(self, heap_starts: set[int]) -> None:
+        """The arenas as glibc lists them: a region taken for an arena heap
+        by its shape alone (seeded from the maps, or mapped outside malloc's
+        sight in light mode) that is in none of their heaps is plain
+        anonymous memory. Go's heap, for one, reserves 64 MiB at 64 MiB
+        boundaries, a RW head then PROT_NONE, just as a glibc heap looks."""
+        size = self.arena_heap_bytes
+        for r in self.regions(ARENA_HEAP):
+            if (r.origin.pre_existing or not self.malloc_seen) and r.start - r.start % size not in heap_starts \
+                    and not r.path:
+                self._remove(r)
+                self._insert(replace(r, kind=ANONYMOUS))
+
     def region_at(self, addr: int) -> Optional[Region]:
         i = bisect_right(self._starts, addr) - 1
         if i < 0:

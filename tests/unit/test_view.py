@@ -239,6 +239,13 @@ def test_frame_chain_skips_to_the_python_function():
                                         "← PyEval_EvalCode")
     assert frame_chain(frames[:5], 200) == "function at 0x506400 [python3.11] ← … ← churn ← <module>"
     assert frame_chain(frames, 50) == "function at 0x506400 [python3.11] ← … ← churn ← …"
+    # Narrower: the allocating frame is cut so that the function still shows.
+    assert frame_chain(frames, 30) == "functi…on3.11] ← … ← churn ← …"
+    assert frame_chain(frames, 24) == "funct…n3.11] ← … ← churn"
+    assert frame_chain(frames, 20) == "funct…n3.11] ← …"
+    # Right after the allocating frame: no skip, the same give.
+    assert frame_chain(["function at 0x59b620+0x4a6 [python3.11]", *frames[3:]], 30) == \
+        "function…thon3.11] ← churn ← …"
     # A Python frame first or second: the chain as it is.
     assert frame_chain(frames[2:5], 200) == "_PyObject_MakeTpCall ← churn ← <module>"
 

@@ -186,9 +186,20 @@ def frame_chain(
     else:
         complete = len(frames) == len(shown)
     names = [more if f is None else short_frame(f, mark=more) for f in shown]
+    # Where the Python function is in the chain (after the skip, if any).
+    function_at = None if not python_at else 2 if python_at > 1 else 1
+    if function_at is not None:
+        # Too narrow for both whole: the allocating frame gives way, down to
+        # a readable cut, so that the Python function still shows.
+        after = len(sep) * function_at + len(more) * (function_at - 1) + len(names[function_at]) \
+            + len(sep) + len(more)
+        if len(names[0]) + after > width:
+            names[0] = ellipsize(names[0], max(_MIN_CUT_NAME, width - after), more)
     out = ellipsize(names[0], width, more)
     for i, name in enumerate(names[1:], start=1):
-        last = i == len(names) - 1 and complete
+        # The Python function needs no room kept after it: shown, it says
+        # more than the "…" that would follow.
+        last = (i == len(names) - 1 and complete) or i == function_at
         # Unless this is the last frame, keep room to say more follow.
         room = width - len(out) - len(sep) - (0 if last else len(sep) + len(more))
         if len(name) <= room:
@@ -199,7 +210,7 @@ def frame_chain(
         break
     else:
         return out
-    if len(out) + len(sep) + len(more) <= width:
+    if len(out) + len(sep) + len(more) <= width and not out.endswith(sep + more):
         return out + sep + more
     return out
 

@@ -196,7 +196,8 @@ def test_a_wrapper_that_runs_the_program_as_a_child_says_so(programs, run_memtra
     said = [n for n in doc["notes"] if n["kind"] == "children_not_traced"]
     assert len(said) == 1 and said[0]["count"] == 1, doc["notes"]
     assert said[0]["argv"] == "sleep 0.5", said
-    assert f"-p {said[0]['pid']}" in said[0]["text"], said
+    # The final snapshot comes after the child's exit.
+    assert said[0]["alive"] is False and f"{said[0]['pid']} (exited)" in said[0]["text"], said
     # A program that starts nothing gets no such note.
     rc, doc, stderr = run_memtrace(["--json", "--", programs["idle"], "--exit"])
     assert rc == 0, stderr

@@ -45,6 +45,11 @@ def test_children_not_traced_names_the_one_to_trace():
     assert one == ("the process started a child process that memtrace does not trace: 4242 "
                    "`python3 app.py`; to see its memory, trace it with -p 4242, or have the "
                    "command exec it (sh -c 'exec ...')")
-    many = note_text(Note.of(notes.CHILDREN_NOT_TRACED, count=12, pid=4250, argv=""))
+    many = note_text(Note.of(notes.CHILDREN_NOT_TRACED, count=12, pid=4250, argv="", alive=True))
     assert many.startswith("the process started 12 child processes that memtrace does not trace: "
                            "4250 (the latest); ") and "-p 4250" in many
+    gone = note_text(Note.of(notes.CHILDREN_NOT_TRACED, count=6, pid=4260, argv="git repack -d",
+                             alive=False))
+    assert gone == ("the process started 6 child processes that memtrace does not trace: 4260 "
+                    "(the latest, exited) `git repack -d`; to see a child's memory, trace that "
+                    "command itself, or -p its pid while it runs")

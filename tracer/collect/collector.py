@@ -624,7 +624,7 @@ class Collector:
         if self._children:
             pid, argv = self._last_child_seen
             out.append(Note.of(notes.CHILDREN_NOT_TRACED, count=len(self._children),
-                               pid=pid, argv=argv))
+                               pid=pid, argv=argv, alive=os.path.exists(f"/proc/{pid}")))
         out += self.jvm.problems()
         if self.symbols.python_unread:
             out.append(Note.of(notes.PYTHON_FRAMES_UNREAD, version=self.symbols.python_unread))

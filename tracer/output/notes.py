@@ -24,11 +24,17 @@ def _allocator_opaque(note: Note) -> str:
 def _children_not_traced(note: Note) -> str:
     count, pid, argv = note.get("count"), note.get("pid"), note.get("argv")
     started = "a child process" if count == 1 else f"{count} child processes"
-    latest = "" if count == 1 else " (the latest)"
+    alive = note.get("alive", True)
+    which = [] if count == 1 else ["the latest"]
+    if not alive:
+        which.append("exited")
+    said = f" ({', '.join(which)})" if which else ""
     command = f" `{argv}`" if argv else ""
-    return (f"the process started {started} that memtrace does not trace: {pid}{latest}{command}; "
-            f"to see its memory, trace it with -p {pid}, or have the command exec it "
-            "(sh -c 'exec ...')")
+    if alive:
+        advice = f"to see its memory, trace it with -p {pid}, or have the command exec it (sh -c 'exec ...')"
+    else:
+        advice = "to see a child's memory, trace that command itself, or -p its pid while it runs"
+    return f"the process started {started} that memtrace does not trace: {pid}{said}{command}; {advice}"
 
 
 def _recording_stopped(note: Note) -> str:

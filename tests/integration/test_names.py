@@ -138,3 +138,47 @@ def test_jit_frames_are_named_from_the_perf_map(java_tools, start_memtrace, tmp_
     frames = [f for st in libz for f in st["frames"]]
     assert _bare(frames) == [], frames
     assert any(f.startswith("InflaterLoop.") and f.endswith(" [JIT]") for f in frames), frames
+
+
+@pytest.fixture(scope="module")
+def go_program(tmp_path_factory):
+    """tests/programs/golang/cgoleak.go built with Debian's Go, and a copy
+    stripped as Go programs ship (Debian's prometheus has no .symtab)."""
+    go = _tool("go")
+    work = tmp_path_factory.mktemp("golang")
+    shutil.copy(PROGRAMS / "golang" / "cgoleak.go", work / "main.go")
+    (work / "go.mod").write_text("module cgoleak\n\ngo 1.18\n")
+    env = {**os.environ, "HOME": str(work), "GOCACHE": str(work / "cache"), "GOFLAGS": "-mod=mod",
+           "GOPATH": str(work / "gopath"), "CGO_ENABLED": "1"}
+    built = subprocess.run([go, "build", "-o", "cgoleak", "."], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=300)
+    if built.returncode != 0:
+        pytest.fail(f"go build failed:\n{built.stderr}", pytrace=False)
+    stripped = work / "cgoleak.stripped"
+    shutil.copy(work / "cgoleak", stripped)
+    subprocess.run([_tool("strip"), str(stripped)], check=True)
+    return work / "cgoleak", stripped
+
+
+def test_a_stripped_go_program_is_named_from_its_own_table(go_program, run_memtrace):
+    from memtrace.symbols.elf import ElfSymbols
+
+    with_symbols, stripped = go_program
+    # The symbol table's names, as Go's table spells them (the assembly
+    # functions' ABI suffix left out); linker markers such as runtime.text
+    # share an address with a function and are not functions.
+    want = {f.address: f.name.removesuffix(".abi0") for f in ElfSymbols(str(with_symbols)).functions
+            if f.name.startswith(("main.", "runtime.")) and f.name not in ("runtime.text", "runtime.etext")}
+    named = ElfSymbols(str(stripped))
+    assert not named.has_symtab and ".gopclntab" in named.names_from
+    got = {addr: getattr(named.lookup(addr), "name", None) for addr in want}
+    assert len(want) > 500 and got == want, [(hex(a), want[a], got[a]) for a in want if got[a] != want[a]][:5]
+
+    rc, doc, stderr = run_memtrace(["--json", "--", stripped])
+    assert rc == 0, stderr
+    kept = [s for s in doc["stacks"] if s["live_bytes"] == 500 * 4096]
+    assert kept and "runtime.asmcgocall" in [split_frame(f)[0] for f in kept[0]["frames"]], kept
+    assert not _bare(kept[0]["frames"]), kept[0]["frames"]
+    # The Go runtime's own mappings, named back into its heap.
+    origins = [f for r in doc["regions"] for f in r["origin_frames"]]
+    assert any(f.startswith("runtime.mmap") for f in origins), doc["regions"]

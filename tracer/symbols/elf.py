@@ -14,12 +14,13 @@ import os
 import struct
 import threading
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections import OrderedDict
 from typing import Callable, Iterable, Optional
 
 from memtrace.symbols import unwindfile
 from memtrace.symbols.ehframe import function_ranges, keeps_frame_pointers, unwind_rows
+from memtrace.symbols.gopclntab import go_functions
 from memtrace.process.mappedfile import fd_path, open_path, open_regular, read_regular
 
 SHT_SYMTAB, SHT_DYNSYM, SHT_NOTE, SHT_NOBITS, SHT_GNU_VERSYM = 2, 11, 7, 8, 0x6FFFFFFF
@@ -92,6 +93,8 @@ class ElfSymbols:
         self.add_names(named, ".symtab" if parsed.has_symtab else ".dynsym")
         if parsed.debugdata:
             self.add_names(_mini_debug_names(parsed.debugdata), ".gnu_debugdata")
+        if parsed.go_named:
+            self.add_names(parsed.go_named, ".gopclntab")
 
     def _clears_rbp(self, vaddr: int) -> bool:
         """Whether code starts by zeroing rbp, as the x86-64 ABI asks of a
@@ -176,6 +179,7 @@ class _Parsed:
     debugdata: Optional[bytes]
     eh_frame_ranges: list[tuple[int, int]]
     entry: int = 0  # a program's entry point
+    go_named: list[FunctionSymbol] = field(default_factory=list)  # a stripped Go program's, from .gopclntab
 
 
 def _file_reader(f) -> Callable[[int, int], bytes]:
@@ -266,6 +270,12 @@ def _parse(read: Callable[[int, int], bytes], file_size: int, symbols_only: bool
     eh = by_name.get(b".eh_frame")
     if eh is not None and eh[1] != SHT_NOBITS:
         parsed.eh_frame_ranges = function_ranges(body(eh), eh[3], end == "<")
+    go = by_name.get(b".gopclntab")
+    if go is not None and not parsed.has_symtab:
+        # A stripped Go program: its own runtime's table names its functions.
+        text = by_name.get(b".text")
+        parsed.go_named = [FunctionSymbol(name, start, stop - start, STT_FUNC, True)
+                           for name, start, stop in go_functions(body(go), text[3] if text else 0, end == "<")]
     return parsed
 
 

@@ -253,6 +253,7 @@ struct frame_walk {
     u64 caller;             /* at_entry: the return address at entry_sp */
     u64 sender_sp;          /* w->pc's frame is interpreted Java: its caller's sp (0: not) */
     struct py_walk py;      /* a CPython process's Python frames (python.bpf.c) */
+    struct go_walk go;      /* a Go program's cgo crossing (go.bpf.c) */
 };
 BPF_PERCPU_ARRAY(walk_state, struct frame_walk, 1);
 
@@ -350,6 +351,21 @@ static __always_inline long walk_step(struct frame_walk *w, struct stack_frames 
             w->hash = (w->hash ^ python) * 0x100000001b3ULL;
             w->depth = slot;
         }
+        return 0;
+    }
+    if (w->pc_after_call && go_cgocall_frame(&w->go, w->pc)) {
+        /* From the system stack to the goroutine's (go.bpf.c); the frame
+         * pointer is runtime.cgocall's still (asmcgocall leaves it). */
+        u64 gsp = go_caller_sp(w->sp), ret = 0;
+        if (!gsp || bpf_probe_read_user(&ret, 8, (void *)gsp) != 0 || !ret)
+            return 1;
+        put_frame(frames, slot, ret);
+        w->hash = (w->hash ^ ret) * 0x100000001b3ULL;
+        w->depth = slot;
+        w->sp = gsp + 8;
+        w->pc = ret;
+        w->have = 0; /* another stack: read afresh */
+        w->sender_sp = 0;
         return 0;
     }
     u64 at = w->pc - w->pc_after_call;
@@ -487,6 +503,7 @@ static __always_inline struct frame_walk *walk_begin(struct pt_regs *regs, u64 e
     w->modules = head->modules;
     w->generation = head->generation;
     py_walk_begin(&w->py, bpf_get_current_pid_tgid());
+    go_walk_begin(&w->go, bpf_get_current_pid_tgid());
 #ifdef NO_STACKS /* benchmarks only: what the stack walk costs */
     w->depth = MAX_STACK_DEPTH;
 #endif

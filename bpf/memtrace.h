@@ -58,6 +58,21 @@ struct jvm_interpreter {
  * each _PyEval_EvalFrameDefault frame runs in its place, innermost first:
  * the code object (PyCodeObject*) with PY_FRAME_TAG set and its instruction
  * index (in code units, for the line) above PY_CODE_BITS. */
+/* A Go program with cgo (go.bpf.c): where runtime.asmcgocall's code is,
+ * the function through which Go calls C on the system stack. */
+struct go_runtime {
+    u64 cgocall_lo, cgocall_hi;
+    u32 tgid;
+    u32 unused;
+};
+/* What asmcgocall keeps below its C call on the system stack (Go's
+ * runtime/asm_amd64.s, the same since Go 1.5): the goroutine's g, 0 when it
+ * did not switch stacks, and the goroutine's stack depth below g.stack.hi,
+ * or its stack pointer itself when it did not switch. */
+#define GO_CGOCALL_DEPTH 40
+#define GO_CGOCALL_G 48
+#define GO_G_STACK_HI 8 /* g.stack.hi, after g.stack.lo */
+
 struct py_runtime {
     u64 eval_lo, eval_hi; /* _PyEval_EvalFrameDefault */
     u64 tstate_at;        /* &_PyRuntime.gilstate.tstate_current */

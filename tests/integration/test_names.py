@@ -160,7 +160,7 @@ def go_program(tmp_path_factory):
     return work / "cgoleak", stripped
 
 
-def test_a_stripped_go_program_is_named_from_its_own_table(go_program, run_memtrace):
+def test_a_stripped_go_program_is_named_and_walked_into_go(go_program, run_memtrace):
     from memtrace.symbols.elf import ElfSymbols
 
     with_symbols, stripped = go_program
@@ -174,11 +174,18 @@ def test_a_stripped_go_program_is_named_from_its_own_table(go_program, run_memtr
     got = {addr: getattr(named.lookup(addr), "name", None) for addr in want}
     assert len(want) > 500 and got == want, [(hex(a), want[a], got[a]) for a in want if got[a] != want[a]][:5]
 
-    rc, doc, stderr = run_memtrace(["--json", "--", stripped])
-    assert rc == 0, stderr
-    kept = [s for s in doc["stacks"] if s["live_bytes"] == 500 * 4096]
-    assert kept and "runtime.asmcgocall" in [split_frame(f)[0] for f in kept[0]["frames"]], kept
-    assert not _bare(kept[0]["frames"]), kept[0]["frames"]
+    for program in (stripped, with_symbols):
+        rc, doc, stderr = run_memtrace(["--json", "--", program])
+        assert rc == 0, stderr
+        kept = [s for s in doc["stacks"] if s["live_bytes"] == 500 * 4096]
+        assert len(kept) == 1, [(s["live_bytes"], s["frames"][:4]) for s in doc["stacks"][:5]]
+        # From the C code on the system stack through the cgo call to the Go
+        # callers on the goroutine's stack (bpf/go.bpf.c), down to its bottom.
+        # (The symbol table spells assembly functions with their ABI.)
+        functions = [split_frame(f)[0].removesuffix(".abi0") for f in kept[0]["frames"]]
+        assert functions[1:] == ["runtime.asmcgocall", "runtime.cgocall", "main._Cfunc_keep",
+                                 "main.leakInGo", "main.main", "runtime.main", "runtime.goexit"], functions
+        assert not kept[0]["truncated"], program
     # The Go runtime's own mappings, named back into its heap.
     origins = [f for r in doc["regions"] for f in r["origin_frames"]]
     assert any(f.startswith("runtime.mmap") for f in origins), doc["regions"]

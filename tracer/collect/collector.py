@@ -74,6 +74,7 @@ def _out_of_gc_sight() -> Iterator[None]:
 
 class Collector:
     _python_told = None  # the CPython runtime the walk was given (bpf/python.bpf.c)
+    _go_told = False  # a Go runtime's asmcgocall was given to the walk (bpf/go.bpf.c)
 
     def __init__(self, pid: int, comm: str, probes: Probes, light: bool = False,
                  attached: bool = False) -> None:
@@ -172,6 +173,8 @@ class Collector:
         program that never trims)."""
         self.symbols.refresh()
         self.jvm.tick()  # a JVM's interpreter, for the frame walk, as soon as it exists
+        if not self._go_told:
+            self._tell_go()
         python = self.symbols.python
         if python is not None and python.runtime is not self._python_told:
             self._python_told = python.runtime  # CPython's frames, for the walk
@@ -181,6 +184,24 @@ class Collector:
             self.probes.unwind.add(self.symbols.code_modules(), self.symbols.read_mapped)
         if not self.probes.watching_rss and self.symbols.code_imports("malloc_trim"):
             self.probes.watch_rss()
+
+    def _tell_go(self) -> None:
+        """A Go program's runtime.asmcgocall, for the walk to go on from C
+        code into the Go functions that called it (bpf/go.bpf.c)."""
+        from memtrace.symbols.elf import symbols_of
+
+        for module in self.symbols.code_modules():
+            elf = self.symbols.read_mapped(module, symbols_of)
+            if elf is None or not elf.is_go:
+                continue
+            found = elf.named_range("runtime.asmcgocall.abi0", "runtime.asmcgocall")
+            vaddr = elf.vaddr_of_offset(module.file_offset)
+            if found is None or vaddr is None:
+                continue
+            bias = module.start - vaddr
+            self.probes.set_go(self.pid, found[0] + bias, found[1] + bias)
+            self._go_told = True
+            return
 
     def read_watch(self) -> None:
         """Netlink news of the process. An exec brings a new address space
@@ -207,6 +228,9 @@ class Collector:
             if self._python_told is not None:  # and its Python's, until the new one's is found
                 self._python_told = None
                 self.probes.set_python(0, 0, 0, 0)
+            if self._go_told:  # and its Go runtime's
+                self._go_told = False
+                self.probes.set_go(0, 0, 0)
             self._seed(exec_ns=event.ts_ns)
             self._arena_inputs, self._walked = [], {}  # the old image's arenas are gone
             self._check_allocator = True

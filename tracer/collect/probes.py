@@ -29,7 +29,7 @@ from memtrace.symbols.symbolizer import code_modules, read_mapped
 (CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
  CNT_VM_LOST, CNT_VM_SENT) = range(7)
 
-LAYERS = ["jvm", "python", "common", "vm", "heap"]  # jvm, python: the frame walk calls into them
+LAYERS = ["jvm", "python", "go", "common", "vm", "heap"]  # jvm, python, go: the frame walk calls into them
 VM_SYSCALLS = ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise")  # --vm-probes kprobe
 # Attached only by watch_rss().
 RSS_PROGRAM = b"tracepoint__kmem__rss_stat"
@@ -651,6 +651,15 @@ class Probes:
         if self._bpf is not None:
             table = self._bpf["jvm_interpreter"]
             table[ctypes.c_int(0)] = table.Leaf(start, end)
+
+    def set_go(self, tgid: int, cgocall_lo: int, cgocall_hi: int) -> None:
+        """Where a Go program's runtime.asmcgocall is in process tgid
+        (bpf/go.bpf.c): the walk goes on from C into its Go callers."""
+        import ctypes
+
+        if self._bpf is not None:
+            table = self._bpf["go_runtime"]
+            table[ctypes.c_int(0)] = table.Leaf(cgocall_lo, cgocall_hi, tgid, 0)
 
     def set_python(self, tgid: int, eval_lo: int, eval_hi: int, tstate_at: int) -> None:
         """Where CPython 3.11's interpreter loop and GIL holder are in

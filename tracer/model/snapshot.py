@@ -26,6 +26,8 @@ _ROOT_FUNCTIONS = (
     "clone",
     "clone3",
     "thread_start",  # JVM/native thread trampolines
+    "runtime.goexit",  # the bottom of every goroutine's stack (Go)
+    "runtime.mstart",  # of a Go thread's system stack
 )
 
 
@@ -414,7 +416,9 @@ def looks_truncated(frames: Sequence[str], max_depth: int) -> bool:
         return True
     outer = frames[-1]
     name = outer.split("+", 1)[0].split(" ", 1)[0]
-    return name not in _ROOT_FUNCTIONS
+    # Go's symbol table names its assembly functions with their ABI
+    # (runtime.goexit.abi0); its own table, without.
+    return name.removesuffix(".abi0") not in _ROOT_FUNCTIONS
 
 
 # Exited threads that hold nothing any more are kept one by one up to this

@@ -65,6 +65,7 @@ class ElfSymbols:
         self.functions: list[FunctionSymbol] = []  # of the file itself, for probing
         self.has_symtab = False  # not stripped: a debug file would add little
         self.debuglink: Optional[tuple[str, int]] = None  # (file name, CRC-32)
+        self.is_go = False  # a Go program: its runtime's functions are named
         self.debug_checked = False  # a separate debug file was looked for
         self.names_from: list[str] = []  # where the names came from, for people
         self._named: dict[tuple[int, str], int] = {}  # (start, name) -> end
@@ -83,6 +84,7 @@ class ElfSymbols:
         self.functions = parsed.functions
         self.has_symtab = parsed.has_symtab
         self.debuglink = parsed.debuglink
+        self.is_go = parsed.is_go
         self._unnamed = parsed.eh_frame_ranges
         named = parsed.named
         entry = parsed.entry
@@ -119,6 +121,24 @@ class ElfSymbols:
         entries.sort(key=lambda e: (e[0], e[1], e[2] or ""))
         self._index = entries
         self._starts = [e[0] for e in entries]
+
+    def named_range(self, *names: str) -> Optional[tuple[int, int]]:
+        """[start, end) of a function named by the first of `names` found,
+        from any table its names came from (.symtab, .gopclntab, ...); of
+        several under that name, the largest (Go's table gives an
+        assembly function's ABI wrapper the same name)."""
+        for name in names:
+            found = []
+            for start, end, known in self._index:
+                if known == name:
+                    if end <= start + 1:  # no size (assembly): up to the next function
+                        later = bisect.bisect_right(self._starts, start)
+                        end = self._starts[later] if later < len(self._starts) else end
+                    found.append((end - start, start, end))
+            if found:
+                _, start, end = max(found)
+                return start, end
+        return None
 
     def find(self, name: str) -> Optional[FunctionSymbol]:
         """The function the dynamic linker would bind `name` to."""
@@ -180,6 +200,7 @@ class _Parsed:
     eh_frame_ranges: list[tuple[int, int]]
     entry: int = 0  # a program's entry point
     go_named: list[FunctionSymbol] = field(default_factory=list)  # a stripped Go program's, from .gopclntab
+    is_go: bool = False  # a Go program (it has .gopclntab)
 
 
 def _file_reader(f) -> Callable[[int, int], bytes]:
@@ -271,6 +292,7 @@ def _parse(read: Callable[[int, int], bytes], file_size: int, symbols_only: bool
     if eh is not None and eh[1] != SHT_NOBITS:
         parsed.eh_frame_ranges = function_ranges(body(eh), eh[3], end == "<")
     go = by_name.get(b".gopclntab")
+    parsed.is_go = go is not None
     if go is not None and not parsed.has_symtab:
         # A stripped Go program: its own runtime's table names its functions.
         text = by_name.get(b".text")

@@ -65,7 +65,7 @@ class ElfSymbols:
         self.functions: list[FunctionSymbol] = []  # of the file itself, for probing
         self.has_symtab = False  # not stripped: a debug file would add little
         self.debuglink: Optional[tuple[str, int]] = None  # (file name, CRC-32)
-        self.is_go = False  # a Go program: its runtime's functions are named
+        self.is_go = False  # a Go program (it has .gopclntab, named or not)
         self.debug_checked = False  # a separate debug file was looked for
         self.names_from: list[str] = []  # where the names came from, for people
         self._named: dict[tuple[int, str], int] = {}  # (start, name) -> end

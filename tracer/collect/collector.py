@@ -121,6 +121,7 @@ class Collector:
         self.freeze_stacks = False
         self._execs: list[str] = []
         self._children: set[int] = set()  # processes it started (netlink), none of them traced
+        self._not_go: set[tuple] = set()  # files it runs code from that are not Go programs
         self._last_child_seen: tuple = ()  # (pid, command line) of the latest
 
     def start(self) -> Optional[int]:
@@ -173,8 +174,6 @@ class Collector:
         program that never trims)."""
         self.symbols.refresh()
         self.jvm.tick()  # a JVM's interpreter, for the frame walk, as soon as it exists
-        if not self._go_told:
-            self._tell_go()
         python = self.symbols.python
         if python is not None and python.runtime is not self._python_told:
             self._python_told = python.runtime  # CPython's frames, for the walk
@@ -182,15 +181,25 @@ class Collector:
             self.probes.set_python(self.pid, r.eval_lo, r.eval_hi, r.tstate_at)
         if self.probes.unwind is not None:
             self.probes.unwind.add(self.symbols.code_modules(), self.symbols.read_mapped)
+        if not self._go_told:  # after the unwind tables: those are what startup's stacks wait for
+            self._tell_go()
         if not self.probes.watching_rss and self.symbols.code_imports("malloc_trim"):
             self.probes.watch_rss()
 
     def _tell_go(self) -> None:
         """A Go program's runtime.asmcgocall, for the walk to go on from C
         code into the Go functions that called it (bpf/go.bpf.c)."""
-        from memtrace.symbols.elf import symbols_of
+        from memtrace.symbols.elf import is_go_program, symbols_of
 
         for module in self.symbols.code_modules():
+            # Each file's headers once: a JVM maps dozens of libraries as it
+            # starts, this runs at each, and its stacks wait meanwhile.
+            seen = (module.mapping.device, module.mapping.inode)
+            if seen in self._not_go:
+                continue
+            if not self.symbols.read_mapped(module, is_go_program):
+                self._not_go.add(seen)
+                continue
             elf = self.symbols.read_mapped(module, symbols_of)
             if elf is None or not elf.is_go:
                 continue

@@ -374,6 +374,21 @@ def exported_objects(path: str) -> dict[str, int]:
     return _per_file(_objects_cache, 16, path, _read_exported_objects, {})
 
 
+def is_go_program(path: str) -> bool:
+    """Whether a 64-bit ELF file has Go's .gopclntab: its headers only, read
+    once per file version, where symbols_of parses the whole file."""
+    return _per_file(_go_cache, 256, path, _read_is_go, False)
+
+
+def _read_is_go(path: str) -> bool:
+    try:
+        with open_regular(path) as f:
+            headers = _headers(_file_reader(f), os.fstat(f.fileno()).st_size)
+    except OSError:
+        return False
+    return headers is not None and b".gopclntab" in headers[4]
+
+
 def _read_imported_names(path: str) -> frozenset[str]:
     return frozenset(name for name, shndx, _info, _value in _dynamic_symbols(path)
                      if shndx == 0 and name)
@@ -418,6 +433,7 @@ def _dynamic_symbols(path: str) -> list[tuple[str, int, int, int]]:
 _symbols_cache: OrderedDict = OrderedDict()
 _imported_cache: OrderedDict = OrderedDict()
 _objects_cache: OrderedDict = OrderedDict()
+_go_cache: OrderedDict = OrderedDict()
 
 
 def _per_file(cache: OrderedDict, size: int, path: str, build, unreadable):

@@ -131,10 +131,11 @@ def test_the_order_kept_in_blocks_is_a_sorted_list(monkeypatch):
     monkeypatch.setattr(Ordered, "LOAD", 4)  # blocks split and empty often
     rng = random.Random(2)
     order, want = Ordered(), {}
-    for step in range(400):
+    for step in range(1500):
         r = rng.random()
         if r < 0.1:
-            batch = {rng.randrange(10_000): step for _ in range(rng.randrange(1, 60))}
+            # Batches small beside the order go in one by one, from the block of the one before.
+            batch = {rng.randrange(10_000): step for _ in range(rng.randrange(1, 60 if len(want) < 400 else 20))}
             batch = {k: v for k, v in batch.items() if k not in want}
             order.extend(list(batch.items()))
             want.update(batch)
@@ -143,14 +144,23 @@ def test_the_order_kept_in_blocks_is_a_sorted_list(monkeypatch):
             if key not in want:
                 order.add(key, step)
                 want[key] = step
-        elif r < 0.85:
+        elif r < 0.7:
             key = rng.choice(list(want))
             order.remove(key)
             del want[key]
-        else:
+        elif r < 0.8:
+            keys = rng.sample(list(want), rng.randrange(1, min(len(want), 40) + 1))
+            order.remove_all(list(keys))
+            for key in keys:
+                del want[key]
+        elif r < 0.9:
             key = rng.choice(list(want))
             order.replace(key, -step)
             want[key] = -step
+        else:
+            pairs = [(key, -step) for key in rng.sample(list(want), rng.randrange(1, min(len(want), 40) + 1))]
+            order.replace_all(list(pairs))
+            want.update(pairs)
         assert list(order.values()) == [want[k] for k in sorted(want)], step
         assert len(order) == len(want)
 

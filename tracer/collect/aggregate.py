@@ -155,10 +155,26 @@ class Ordered:
             self._maxes[i:i + 1] = [keys[-1], self._keys[i + 1][-1]]
 
     def extend(self, items: list[tuple]) -> None:
-        """(key, value) pairs: one sort when many come at once."""
+        """(key, value) pairs, keys not there: in key order, each looked
+        for from the block of the one before, or one sort when many come
+        at once."""
         if len(items) * 8 < len(self):
+            items.sort(key=_first)
+            maxes, all_keys, all_values, n = self._maxes, self._keys, self._values, self.LOAD
+            i = 0
             for key, value in items:
-                self.add(key, value)
+                i = min(bisect_left(maxes, key, i), len(maxes) - 1)
+                keys, values = all_keys[i], all_values[i]
+                j = bisect_left(keys, key)
+                keys.insert(j, key)
+                values.insert(j, value)
+                if j == len(keys) - 1:
+                    maxes[i] = key  # past the last block's end
+                if len(keys) > 2 * n:
+                    all_keys[i + 1:i + 1] = [keys[n:]]
+                    all_values[i + 1:i + 1] = [values[n:]]
+                    del keys[n:], values[n:]
+                    maxes[i:i + 1] = [keys[-1], all_keys[i + 1][-1]]
             return
         merged = sorted(chain(zip(chain.from_iterable(self._keys), self.values()), items),
                         key=_first)
@@ -175,6 +191,33 @@ class Ordered:
             self._maxes[i] = keys[-1]
         else:
             del self._keys[i], self._values[i], self._maxes[i]
+
+    def remove_all(self, keys: list) -> None:
+        """remove() of each key, all there: in order, one pass over the blocks."""
+        keys.sort()
+        maxes, all_keys, all_values = self._maxes, self._keys, self._values
+        i = 0
+        for key in keys:
+            # A block's last key taken out leaves its max above its keys
+            # for the rest of the pass: still a bound for the keys after.
+            i = bisect_left(maxes, key, i)
+            block = all_keys[i]
+            j = bisect_left(block, key)
+            del block[j], all_values[i][j]
+        if not all(all_keys):
+            self._keys = all_keys = [k for k in all_keys if k]
+            self._values = [v for v in all_values if v]
+        self._maxes = [block[-1] for block in all_keys]
+
+    def replace_all(self, items: list[tuple]) -> None:
+        """replace() for each (key, value), keys all there: in key order,
+        one pass over the blocks (2,000 a snapshot here)."""
+        items.sort(key=_first)
+        maxes, all_keys, all_values = self._maxes, self._keys, self._values
+        i = 0
+        for key, value in items:
+            i = bisect_left(maxes, key, i)
+            all_values[i][bisect_left(all_keys[i], key)] = value
 
     def replace(self, key, value) -> None:
         """The value under key, which is there, is now `value`."""
@@ -283,6 +326,18 @@ class StackAggregator:
                 sid = self._sid(stack_key, frames_of)
                 named += 1
             old_c = row_counters.pop(key, None)
+            row = rows.get(key)
+            if old_c is not None and row is not None:
+                # The row was counted and is still there: its thread's
+                # count of rows in the stack stays. Most changes.
+                c = row_counters[key] = row.counters
+                s = sums[sid]
+                s[0] += c.alloc_bytes - old_c.alloc_bytes
+                s[1] += c.free_bytes - old_c.free_bytes
+                s[2] += c.alloc_count - old_c.alloc_count
+                s[3] += c.free_count - old_c.free_count
+                counted.add(sid)
+                continue
             if old_c is not None:
                 s = sums[sid]
                 s[0] -= old_c.alloc_bytes
@@ -293,7 +348,6 @@ class StackAggregator:
                 per_tid[tid] -= 1
                 if not per_tid[tid]:
                     del per_tid[tid]
-            row = rows.get(key)
             if row is not None:
                 c = row_counters[key] = row.counters
                 s = sums[sid]
@@ -326,7 +380,9 @@ class StackAggregator:
         if self._ranks.rank_new(all_frames):
             order.rekey(lambda key: _reranked(key, rank))
             self._places = places = [None if key is None else _reranked(key, rank) for key in places]
-        fresh: list[tuple] = []
+        fresh: list[tuple] = []  # (place, stack) to put in the order
+        swaps: list[tuple] = []  # (place, stack) of stacks that keep their place
+        removed: list[int] = []  # places taken out
         new_stacks: list[StackStats] = []  # objects new since the last call
         replaced: list[Optional[StackStats]] = []  # what each one replaces
         gone_stacks: list[StackStats] = []  # and those that went
@@ -345,14 +401,14 @@ class StackAggregator:
                 new_stacks.append(st)
                 replaced.append(old)
                 gone_stacks.append(old)
-                order.replace(places[sid], st)
+                swaps.append((places[sid], st))
                 continue
             per_tid = tid_rows[sid]
             if not per_tid:
                 sums[sid] = tid_rows[sid] = None
                 if old is not None:
                     stats[sid] = None
-                    order.remove(places[sid])
+                    removed.append(places[sid])
                     places[sid] = None
                     gone_stacks.append(old)
                 continue
@@ -393,11 +449,14 @@ class StackAggregator:
                 if old.counters is counters:
                     # Only its growth, threads or retained share moved: its
                     # place is the same.
-                    order.replace(places[sid], st)
+                    swaps.append((places[sid], st))
                     continue
-                order.remove(places[sid])
+                removed.append(places[sid])
             place = places[sid] = _place(st, rank[sid], sid)
             fresh.append((place, st))
+        # In key order, each batch one pass over the blocks.
+        order.replace_all(swaps)
+        order.remove_all(removed)
         order.extend(fresh)
         self._moved = moved
         out = StackChanges(order.values())

@@ -39,6 +39,8 @@ if [ "$test_tools" -eq 1 ]; then
     packages+=(sqlite3 debuginfod elfutils binutils xz-utils)
     # a program that runs Python from libpython (its frames, like an embedding program's)
     packages+=(python3-dev)
+    # a program with more unwind rows than the tables once held, and a library it dlopens
+    packages+=(qemu-system-x86)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -10,13 +10,18 @@
 - The inflater JVM (tests/programs/Inflate.java) with default flags: libz's
   blocks are charged to stacks that reach the JNI frame in libzip that
   names the Inflater, through libz (no frame pointers).
+- Debian's qemu-system-x86_64, launched: its 52 files need more rows than
+  the tables once held; the stacks through the accelerator it dlopens go
+  down to clone3. With too few rows, the note names --unwind-rows.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -137,3 +142,58 @@ def test_jvm_libz_stacks_reach_the_inflater_without_preserve_frame_pointer(
     reaching = sum(s["live_bytes"] for s in libz
                    if any(INFLATER_JNI.search(f) for f in s["frames"]))
     assert reaching >= 0.9 * live, json.dumps([s["frames"] for s in libz], indent=1)[:4000]
+
+
+QEMU_ACCEL = re.compile(r"^tcg_cpus_exec\+.*\[accel-tcg-x86_64\.so\]$")
+
+
+def _qemu_child(tracer_pid: int, timeout: float = 30.0) -> int:
+    """The pid of the qemu that memtrace launched, once it has exec'd."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{tracer_pid}/task").glob("*"):
+            for child in (task / "children").read_text().split():
+                try:
+                    if Path(f"/proc/{child}/exe").resolve().name.startswith("qemu-system"):
+                        return int(child)
+                except OSError:
+                    pass
+        time.sleep(0.1)
+    pytest.fail("memtrace did not launch qemu within 30 s", pytrace=False)
+
+
+def test_qemu_stacks_through_the_accelerator_it_dlopens_are_whole(start_memtrace):
+    """Debian's qemu-system-x86_64 and its libraries map 52 files without
+    frame pointers, 646,000 unwind rows; at start it dlopens its TCG
+    accelerator, through which every allocation of a vCPU thread goes. The
+    tables held 524,288 rows: the accelerator found them full, and each of
+    those stacks stopped at tcg_cpus_exec, from the trace's start to its end."""
+    qemu = shutil.which("qemu-system-x86_64")
+    assert qemu, "qemu-system-x86_64 is not installed: run install.sh --test-tools"
+    tracer = start_memtrace(["--json", "--", qemu, "-display", "none", "-m", "64", "-no-reboot",
+                             "-serial", "null", "-monitor", "none", "-nodefaults"])
+    pid = _qemu_child(tracer.pid)
+    time.sleep(5)  # SeaBIOS looks for something to boot: the vCPU thread translates code
+    os.kill(pid, signal.SIGTERM)
+    rc, doc, stderr = tracer.wait(60)
+    assert doc is not None, f"no JSON on stdout (rc {rc}); stderr: {stderr}"
+    notes = [n["kind"] for n in doc.get("notes", [])]
+    assert "unwind_tables_full" not in notes, doc["notes"]
+    through = [s for s in doc["stacks"] if any(QEMU_ACCEL.search(f) for f in s["frames"])]
+    assert through, top_stacks(doc)
+    cut = [s["frames"] for s in through if QEMU_ACCEL.search(s["frames"][-1])]
+    assert not cut, json.dumps(cut[:5], indent=1)
+    whole = [s for s in through if function_of(s["frames"][-1]) in ("clone3", "clone")]
+    assert len(whole) == len(through), json.dumps([s["frames"] for s in through[:5]], indent=1)
+
+
+def test_full_unwind_tables_say_how_to_make_room(programs, run_memtrace, tmp_path):
+    """With too few rows for the program and its libraries, the note says so
+    and names the option that gives more."""
+    rc, doc, stderr = run_memtrace(["--json", "--unwind-rows", "1024", "--",
+                                    programs["unwind_chains"], tmp_path / "truth.json"])
+    assert rc == 0, stderr
+    assert doc is not None, f"no JSON on stdout; stderr: {stderr}"
+    full = [n for n in doc.get("notes", []) if n["kind"] == "unwind_tables_full"]
+    assert full, doc.get("notes")
+    assert "--unwind-rows 2048 (now 1024)" in full[0]["text"], full[0]

@@ -76,6 +76,8 @@ MAX_STATS_LIMIT = 1 << 20  # blocks carry the counters' index in 20 bits
 MAX_ALLOCS_LIMIT = 1 << 30  # a 32 GiB table; the kernel indexes buckets in 32 bits
 MAX_STACKS_LIMIT = 1 << 28  # a BPF hash holds at most 2^28 buckets
 MAX_EVENT_BUFFER_MIB = 2048  # a BPF ring buffer's size is a 32-bit power of two
+MAX_UNWIND_ROWS_LIMIT = 1 << 26  # 512 MiB of rows; their index is a u32
+UNWIND_ROW_BYTES = 8
 STACK_ENTRY_BYTES = 1024 + 64  # 127 frames, key and the hash's element header
 BUCKET_BYTES = 16  # a BPF hash's bucket, allocated up front per entry
 
@@ -89,6 +91,7 @@ def kernel_memory_needs(args: argparse.Namespace) -> dict[str, tuple[int, str]]:
         "--event-buffer": (ring, "allocated at start"),
         "--stack-storage-size": (args.stack_storage_size * STACK_ENTRY_BYTES,
                                  "when that many distinct stacks are seen"),
+        "--unwind-rows": (args.unwind_rows * UNWIND_ROW_BYTES, "allocated at start"),
     }
     if not args.light:
         table = (1 << alloc_bucket_bits(args.max_allocs)) * 128
@@ -223,6 +226,10 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
                       "largest BPF hash"), default=65536, metavar="N",
                       help="distinct call stacks kept, 1 KiB of kernel memory each as they "
                       "appear (default 65536)")
+    maps.add_argument("--unwind-rows", type=count_up_to(MAX_UNWIND_ROWS_LIMIT, "512 MiB of rows"),
+                      default=1 << 21, metavar="N",
+                      help="unwind rows of the code built without frame pointers, 8 bytes of "
+                      "kernel memory each, allocated at start (default 2097152)")
 
 
 DETACHING = "detaching… (removing the probes)"
@@ -410,7 +417,7 @@ def _trace_early(args, pid: int, comm: str, libc: str, libc_shown: str, launched
             sites = resolve_sites(libc, kind, prefix)
         limits = Limits(max_allocs=args.max_allocs, max_stats=args.max_stats,
                         max_stacks=args.stack_storage_size,
-                        event_buffer_bytes=args.event_buffer << 20)
+                        event_buffer_bytes=args.event_buffer << 20, unwind_rows=args.unwind_rows)
         probes = Probes(pid, libc, limits, sites, light=args.light, vm_probes=args.vm_probes,
                         allocator_kind=kind, allocator_prefix=prefix)
         progress.step("compiling and loading the probes (a few seconds)")

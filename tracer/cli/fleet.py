@@ -53,8 +53,10 @@ def agent_limits(light: bool, max_allocs: int, event_buffer_bytes: int,
         return Limits(max_allocs=1024, max_stats=1024,
                       max_stacks=STACKS_PER_TARGET * min(max_targets, 16), max_threads=4096,
                       event_buffer_bytes=event_buffer_bytes, max_targets=max_targets)
+    # Unwind rows as before the single trace's default grew (4 MiB, not 16,
+    # per target): a fleet traces many.
     return Limits(max_allocs=max_allocs, max_stats=16384, max_stacks=16384, max_threads=4096,
-                  event_buffer_bytes=event_buffer_bytes)
+                  event_buffer_bytes=event_buffer_bytes, unwind_rows=1 << 19)
 
 
 def program_image(pid: int) -> Optional[tuple]:

@@ -650,7 +650,10 @@ class Collector:
         if self._stacks.unnamed:
             out.append(Note.of(notes.STACKS_UNNAMED, count=self._stacks.unnamed))
         if self.probes.unwind is not None and self.probes.unwind.full:
-            out.append(Note.of(notes.UNWIND_TABLES_FULL))
+            # Rows are what a large program runs out of; pages and modules
+            # are sized for hundreds of libraries.
+            short = {"rows": self.probes.limits.unwind_rows} if self.probes.unwind.full == "unwind_rows" else {}
+            out.append(Note.of(notes.UNWIND_TABLES_FULL, **short))
         if self._arena_problem:
             out.append(Note.of(notes.ARENAS_UNREADABLE, reason=self._arena_problem))
         out += [Note.of(notes.EXEC, argv=argv) for argv in self._execs[-3:]]

@@ -108,6 +108,11 @@ class Limits:
     max_threads: int = 16384
     event_buffer_bytes: int = 16 << 20
     max_targets: int = 1  # processes one loaded object traces at once
+    # Unwind rows of the code built without frame pointers (8 bytes each,
+    # allocated at start). Debian's qemu-system-x86_64 maps 52 such files
+    # with 646,000 rows: at 1 << 19 the libraries it dlopens found the
+    # tables full, and every stack through them stopped there.
+    unwind_rows: int = 1 << 21
 
 
 # -DALLOCATOR_KIND: keep in step with ALLOCATOR_* in bpf/memtrace.h.
@@ -384,6 +389,7 @@ class Probes:
             f"-DMAX_STACKS={self.limits.max_stacks}",
             f"-DMAX_THREADS={self.limits.max_threads}",
             f"-DMAX_TARGETS={self.limits.max_targets}",
+            f"-DMAX_UNWIND_ROWS={self.limits.unwind_rows}",
             f"-DVM_RINGBUF_PAGES={_ring_pages(self.limits.event_buffer_bytes)}",
         ]
         if self.vm_probes == "kprobe":

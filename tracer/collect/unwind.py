@@ -114,7 +114,7 @@ class UnwindTables:
         self._next_row = 0
         self._next_page = 0
         self.rows = 0  # in use, for people
-        self.full = False
+        self.full: Optional[str] = None  # the table a module found full first
         self._set_head()
 
     def _map(self, name: str) -> mmap.mmap:
@@ -179,10 +179,11 @@ class UnwindTables:
 
     def _write(self, lo: int, hi: int, layout: "_Layout") -> bool:
         pages = len(layout.first_rows)
-        if (self._next_row + layout.count > self._capacity["unwind_rows"]
-                or self._next_page + pages > self._capacity["unwind_pages"]
-                or len(self._modules) >= self._capacity["unwind_modules"]):
-            self.full = True
+        needs = {"unwind_rows": self._next_row + layout.count, "unwind_pages": self._next_page + pages,
+                 "unwind_modules": len(self._modules) + 1}
+        short = next((name for name, n in needs.items() if n > self._capacity[name]), None)
+        if short is not None:
+            self.full = self.full or short
             return False
         at = self._next_row * _ROW_BYTES
         self._map("unwind_rows")[at : at + len(layout.rows)] = layout.rows

@@ -43,9 +43,11 @@ def _recording_stopped(note: Note) -> str:
 
 
 _WORDS: dict[str, Callable[[Note], str]] = {
-    n.UNWIND_TABLES_FULL: lambda _: (
+    n.UNWIND_TABLES_FULL: lambda note: (
         "the unwind tables are full: stacks through some libraries stop at their "
-        "first frame without a frame pointer"),
+        "first frame without a frame pointer"
+        + (f"; trace again with --unwind-rows {2 * note.get('rows')} (now {note.get('rows')})"
+           if isinstance(note.get("rows"), int) else "")),
     n.STACKS_UNNAMED: lambda note: (
         f"{note.get('count')} new stacks are still being named: they join the stacks over the "
         "next snapshots"),

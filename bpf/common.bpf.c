@@ -449,12 +449,14 @@ static __always_inline long walk_step(struct frame_walk *w, struct stack_frames 
 
 #ifndef WALK_STEPS
 /* Frames per run of a walk program, which tail-calls itself for more (at
- * most 32 times in a chain). The verifier's work is linear in the steps
- * (32: 100 k instructions processed, 0.2 s): the rows come from the cache
- * in a map, so one step's bounds do not reach the next. Before the cache,
- * rows read straight from the tables made it grow faster (4 steps: 77 k,
- * 8: 548 k). */
-#define WALK_STEPS 32
+ * most 32 times in a chain: 8 x 33 runs hold MAX_STACK_DEPTH). The
+ * verifier's work is linear in the steps: the rows come from the cache in
+ * a map, so one step's bounds do not reach the next. Each step grew with
+ * the Python and Go frames: at 32 steps every load of the object spent
+ * 2.2 s in the verifier (every trace's start), at 8 0.5 s, while a walk of
+ * 24 frames (three runs, not one) costs the same within 1 %: a tail call
+ * is cheap beside a step (bench/README.md, fixed cost). */
+#define WALK_STEPS 8
 #endif
 
 /* The key of the current user stack (0: none), in the layout of

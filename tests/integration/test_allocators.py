@@ -226,3 +226,25 @@ def test_a_go_programs_heap_is_not_taken_for_glibc_arenas(spawn, run_memtrace, t
     assert at_go_heap, [(hex(r["start"]), r["kind"]) for r in doc["regions"]]
     assert {r["kind"] for r in at_go_heap} == {"anonymous"}, at_go_heap
     assert target.poll() is None, "the target was harmed"
+
+
+def test_chromiums_own_malloc_is_traced_as_another_allocator(run_memtrace, tmp_path):
+    """Debian's chromium executable defines malloc itself (PartitionAlloc's
+    shim), with glibc's internal names (__libc_malloc) beside it: it was
+    taken for glibc's, and the notes said "glibc" of it. Its malloc is
+    probed in the executable, counted, and named as its own."""
+    chromium = Path("/usr/lib/chromium/chromium")
+    assert chromium.exists(), "chromium is not installed: run install.sh --test-tools"
+    page = tmp_path / "page.html"
+    page.write_text("<html><body><script>const rows = [];"
+                    "for (let i = 0; i < 50000; i++) rows.push({i, s: 'row ' + i});"
+                    "document.body.append(rows.length);</script></body></html>")
+    rc, doc, stderr = run_memtrace(["--json", "--", chromium, "--headless", "--no-sandbox",
+                                    "--disable-gpu", "--user-data-dir=" + str(tmp_path / "profile"),
+                                    "--dump-dom", page.as_uri()])
+    assert rc == 0, stderr[-2000:]
+    assert doc is not None, stderr[-2000:]
+    assert doc["allocator"]["kind"] == "other", doc["allocator"]
+    assert doc["heap"]["alloc_count"] >= 10_000, doc["heap"]
+    named = [n["text"] for n in doc["notes"] if n["kind"] == "allocator_opaque"]
+    assert named and named[0].startswith("the malloc in chromium: "), doc["notes"]

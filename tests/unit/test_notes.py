@@ -53,3 +53,22 @@ def test_children_not_traced_names_the_one_to_trace():
     assert gone == ("the process started 6 child processes that memtrace does not trace: 4260 "
                     "(the latest, exited) `git repack -d`; to see a child's memory, trace that "
                     "command itself, or -p its pid while it runs")
+
+
+def test_an_allocator_memtrace_does_not_know_is_named_by_its_object():
+    opaque = note_text(Note.of(notes.ALLOCATOR_OPAQUE, allocator="other", attached=False,
+                               path="/usr/lib/chromium/chromium"))
+    assert opaque.startswith("the malloc in chromium: its statistics are kept"), opaque
+    assert note_text(Note.of(notes.ALLOCATOR_OPAQUE, allocator="jemalloc")).startswith("jemalloc: ")
+    changed = note_text(Note.of(notes.ALLOCATOR_CHANGED, allocator="other",
+                                path="/usr/lib/chromium/chromium",
+                                probed_path="/lib/x86_64-linux-gnu/libc.so.6"))
+    assert changed.startswith("after the exec, malloc is the program's own "
+                              "(/usr/lib/chromium/chromium), which memtrace did not probe"), changed
+
+
+def test_full_unwind_tables_name_the_option_when_rows_ran_out():
+    assert note_text(Note.of(notes.UNWIND_TABLES_FULL, rows=1024)).endswith(
+        "; trace again with --unwind-rows 2048 (now 1024)")
+    # Pages or modules ran out, or a recording from before: no option to give.
+    assert note_text(Note.of(notes.UNWIND_TABLES_FULL)).endswith("without a frame pointer")

@@ -672,6 +672,6 @@ class Collector:
             out.append(Note.of(notes.LIGHT_NO_HEAP, allocator=self.allocator_kind))
         if not self.glibc:
             out.append(Note.of(notes.ALLOCATOR_OPAQUE, allocator=self.allocator_kind,
-                               attached=bool(self.attached)))
+                               attached=bool(self.attached), path=self.allocator_path))
         return tuple(out)
 

@@ -3,6 +3,7 @@ report and JSON document says them with these."""
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from memtrace.model import notes as n
@@ -14,9 +15,18 @@ def _percent(part: int, whole: int) -> int:
     return 100 * part // max(1, whole)
 
 
+def _allocator_named(kind, path) -> str:
+    """An allocator as a note names it: its kind, or for one memtrace does
+    not know (Chromium's PartitionAlloc), the object whose malloc it is."""
+    if kind != "other":
+        return str(kind)
+    return f"the malloc in {os.path.basename(str(path))}" if path else "another allocator"
+
+
 def _allocator_opaque(note: Note) -> str:
     before = " (mappings made before the attach are not known)" if note.get("attached") else ""
-    return (f"{note.get('allocator')}: its statistics are kept where only its own code reads them, "
+    named = _allocator_named(note.get("allocator"), note.get("path"))
+    return (f"{named}: its statistics are kept where only its own code reads them, "
             "so arenas and trim estimates are not available; retained is the resident memory it "
             f"mapped while traced, less the live heap{before}")
 
@@ -55,7 +65,9 @@ _WORDS: dict[str, Callable[[Note], str]] = {
     n.EXEC: lambda note: f"the process exec'd: {note.get('argv')}",
     n.CHILDREN_NOT_TRACED: _children_not_traced,
     n.ALLOCATOR_CHANGED: lambda note: (
-        f"after the exec, malloc is {note.get('allocator')}'s ({note.get('path')}), which memtrace "
+        "after the exec, malloc is "
+        + ("the program's own" if note.get("allocator") == "other" else f"{note.get('allocator')}'s")
+        + f" ({note.get('path')}), which memtrace "
         f"did not probe ({note.get('probed_path')}): its calls are not counted; trace the new "
         "program itself"),
     n.LIGHT_ESTIMATES: lambda _: (

@@ -19,14 +19,16 @@ from memtrace.symbols.elf import symbols_of
 
 KINDS = ("glibc", "jemalloc", "tcmalloc", "mimalloc")
 
-# Symbols that only one allocator defines, beside malloc; glibc's last,
-# since tcmalloc and mimalloc define __libc_malloc too (for programs that
-# call glibc's internal names).
+# Symbols that only one allocator defines, beside malloc; glibc's last.
+# glibc is known by its program entry, not by __libc_malloc: tcmalloc,
+# mimalloc and Chromium's allocator shim (PartitionAlloc, in the chromium
+# executable) define __libc_malloc too, for programs that call glibc's
+# internal names, and Chromium's was taken for glibc's.
 _MARKS = (
     ("jemalloc", ("mallocx", "je_mallocx", "sdallocx")),
     ("tcmalloc", ("tc_malloc", "tc_new")),
     ("mimalloc", ("mi_malloc", "mi_free")),
-    ("glibc", ("__libc_malloc",)),
+    ("glibc", ("__libc_start_main",)),
 )
 
 AT_PHDR, AT_PHENT, AT_PHNUM = 3, 4, 5

@@ -358,3 +358,25 @@ def test_a_socket_left_by_a_dead_jvm_does_not_make_its_pid_safe():
         os.unlink(stale)
         child.kill()
         child.wait(10)
+
+
+def test_code_mapped_from_no_file_is_said_to_be_generated():
+    """Outside a JVM, an address in an executable mapping of no file is
+    generated code (qemu's translated code, another JIT); an address in
+    no executable mapping stays a bare address."""
+    import ctypes
+    import mmap
+
+    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # a shared one shows as /dev/zero
+    code = mmap.mmap(-1, mmap.PAGESIZE, flags=private,
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    data = mmap.mmap(-1, mmap.PAGESIZE, flags=private)
+    try:
+        code_at = ctypes.addressof(ctypes.c_char.from_buffer(code))
+        data_at = ctypes.addressof(ctypes.c_char.from_buffer(data))
+        symbols = Symbolizer(os.getpid())
+        assert symbols.frame(code_at + 0x10) == f"0x{code_at + 0x10:x} [generated code]"
+        assert symbols.frame(data_at + 0x10) == f"0x{data_at + 0x10:x}"
+    finally:
+        code.close()
+        data.close()

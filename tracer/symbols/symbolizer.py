@@ -32,6 +32,9 @@ from memtrace.model.frames import UNNAMED_FUNCTION
 
 MAX_JIT_SEEN = 200_000  # compiled code's last names from the code heap, at most
 
+# What code mapped from no file shows as its module, outside a JVM.
+GENERATED_MODULE = "generated code"
+
 
 @dataclass(frozen=True)
 class Module:
@@ -277,9 +280,12 @@ class Symbolizer:
         JVM gone), by the last name the heap gave the address; else from
         the perf map, still asked for new code as a fallback (code the
         heap cannot name, a JVM that exited before its stacks were named).
-        Else a bare address, not cached (a region we never saw)."""
+        Else a bare address, not cached (a region we never saw). In a
+        process that is not a JVM, code in an executable mapping of no
+        file is generated code (qemu's translated guest code, another
+        JIT, a trampoline): said, for the stacks that end in it."""
         if self.perf_map is None:
-            return f"0x{addr:x}"
+            return f"0x{addr:x} [{GENERATED_MODULE}]" if self.is_code(addr) else f"0x{addr:x}"
         known = self._jit_this_round.get(addr)
         if known is not None:
             return known  # a snapshot's new stacks share their frames' code

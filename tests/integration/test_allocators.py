@@ -173,6 +173,23 @@ def test_an_exec_into_another_allocator_is_said(programs, run_memtrace, tmp_path
     assert any("after the exec, malloc is jemalloc's" in n for n in (x["text"] for x in doc["notes"])), doc["notes"]
 
 
+def test_an_exec_into_another_allocator_is_said_of_a_program_gone_within_an_interval(
+        programs, run_memtrace, tmp_path):
+    """The same, for a program that exits before the first snapshot (0.3 s,
+    at an interval of 5): its loader's own list is never read, so the exec
+    is judged from the new program's files, its LD_PRELOAD read from its
+    environment, as soon as the exec is seen."""
+    started = time.monotonic()
+    rc, doc, stderr = run_memtrace([
+        "--json", "--interval", "5", "--", "/bin/sh", "-c",
+        f"LD_PRELOAD={_library('jemalloc')} exec {programs['threads']} {tmp_path / 't.json'} "
+        "--hold-ms 300"])
+    assert rc == 0, stderr
+    assert time.monotonic() - started < 5, "the program outlived an interval: the test proves nothing"
+    said = [n["text"] for n in doc["notes"] if n["kind"] == "allocator_changed"]
+    assert said and said[0].startswith("after the exec, malloc is jemalloc's ("), doc["notes"]
+
+
 def test_a_copy_linked_into_the_program_is_found(programs, run_memtrace, tmp_path):
     """jemalloc linked into the executable itself (libjemalloc-dev's
     archive): the program defines malloc, so it is the object probed."""

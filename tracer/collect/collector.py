@@ -242,6 +242,11 @@ class Collector:
                 self.probes.set_go(0, 0, 0)
             self._seed(exec_ns=event.ts_ns)
             self._arena_inputs, self._walked = [], {}  # the old image's arenas are gone
+            # From its files now, for a program gone within an interval;
+            # from its loader's own list at the next snapshot, if it lives.
+            from memtrace.process.target import allocator_of_image
+
+            self._say_allocator(allocator_of_image(self.pid))
             self._check_allocator = True
             if event.argv:
                 self.comm = (event.argv[0].rsplit("/", 1)[-1] or self.comm)[:15]
@@ -593,7 +598,11 @@ class Collector:
         if order is None or len(order) < 3:
             return  # the loader has not mapped the libraries yet
         self._check_allocator = False
-        now = allocator_now(self.pid)
+        self._say_allocator(allocator_now(self.pid))
+
+    def _say_allocator(self, now) -> None:
+        """The note, when `now` (memtrace.process.allocators.Allocator) is
+        not the allocator probed."""
         if now is None or not self.allocator_path:
             return
         if now.kind != self.allocator_kind or \

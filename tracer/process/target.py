@@ -305,12 +305,13 @@ def objects_of_command(argv: list[str]) -> list[str]:
     return [binary] + parse_loader_list(_loader_list(binary, preload))
 
 
-def objects_of_image(pid: int) -> list[str]:
+def objects_of_image(pid: int, preload: Optional[str] = None) -> list[str]:
     """The objects ld.so maps for the program process pid has just exec'd,
-    as `ld.so --list` says; [] in another mount namespace (names are
-    resolved in ours) or for a program of another loader. The program may
-    be anyone's (an attached process): its PT_INTERP could name any file,
-    so only the loader memtrace itself runs under is ever run."""
+    as `ld.so --list` says (under LD_PRELOAD=preload, if given); [] in
+    another mount namespace (names are resolved in ours) or for a program
+    of another loader. The program may be anyone's (an attached process):
+    its PT_INTERP could name any file, so only the loader memtrace itself
+    runs under is ever run."""
     exe = f"/proc/{pid}/exe"  # the very file, whatever its path leads to now
     try:
         if (os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
@@ -321,11 +322,37 @@ def objects_of_image(pid: int) -> list[str]:
         if ours is None or theirs is None or not os.path.samefile(ours, theirs):
             return []
         # The path, not /proc/PID/exe: $ORIGIN in its run paths is its folder.
+        env = dict(os.environ) if preload is None else dict(os.environ, LD_PRELOAD=preload)
         out = subprocess.run([ours, "--list", os.readlink(exe)], capture_output=True, text=True,
-                             timeout=10, stdin=subprocess.DEVNULL).stdout
+                             timeout=10, stdin=subprocess.DEVNULL, env=env).stdout
     except (ValueError, struct.error, OSError, subprocess.SubprocessError):
         return []
     return parse_loader_list(out)
+
+
+def allocator_of_image(pid: int) -> Optional[Allocator]:
+    """The allocator the program process pid has just exec'd will call,
+    told from its files as its loader lists them (with the LD_PRELOAD of
+    its environment), before that loader has run: a program that exits
+    within an interval of its exec is never seen with its own link map
+    (allocator_now). None where it cannot be told (objects_of_image)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    preload = next((v.decode(errors="replace") for k, _, v in
+                    (entry.partition(b"=") for entry in environ.split(b"\0"))
+                    if k == b"LD_PRELOAD"), None)
+    order = objects_of_image(pid, preload)
+    if not order:
+        return None
+    very = lambda path: f"/proc/{pid}/exe" if path == exe else path  # noqa: E731 (the file it runs)
+    try:
+        return first_definer([exe] + order, very)
+    except (OSError, MemtraceError):
+        return None
 
 
 def _through_env(argv: list[str]) -> tuple[list[str], Optional[str]]:

@@ -35,6 +35,7 @@ PROGRAMS: dict[str, tuple[str, str, list[str]]] = {
     "heapstates": ("heapstates.c", "gcc", WITH_FP),
     "cppnew": ("cppnew.cc", "g++", WITH_FP),
     "churn": ("churn.c", "gcc", WITH_FP),
+    "views": ("views.c", "gcc", WITH_FP),
     # thousands of distinct stacks that churn: the benchmark's own target
     "manystacks": ("../../bench/scale_target.c", "gcc", WITH_FP),
     "unwind_chains": ("unwind_chains.c", "gcc", OPTIMIZED_WITHOUT_FP),

@@ -72,3 +72,11 @@ def test_full_unwind_tables_name_the_option_when_rows_ran_out():
         "; trace again with --unwind-rows 2048 (now 1024)")
     # Pages or modules ran out, or a recording from before: no option to give.
     assert note_text(Note.of(notes.UNWIND_TABLES_FULL)).endswith("without a frame pointer")
+
+
+def test_memory_mapped_more_than_once_says_rss_and_pss():
+    text = note_text(Note.of(notes.MAPPED_MORE_THAN_ONCE, path="/memfd:java_heap", views=3,
+                             rss_bytes=1450 << 20, pss_bytes=475 << 20))
+    assert text == ("RSS counts /memfd:java_heap once per address it is mapped at (3 views of the "
+                    "same memory, as the JVM's ZGC maps its heap): 1.4 GiB of the RSS is 475.0 MiB "
+                    "of memory (its PSS)"), text

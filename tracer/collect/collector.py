@@ -17,6 +17,7 @@ from memtrace.collect.probes import Probes
 from memtrace.collect.unwind import follow_image
 from memtrace.collect.vm import HOLD_LIMIT_NS, VmTracker
 from memtrace.model.addrspace import ALLOCATOR_MAPPING, HEAP, MMAPPED_CHUNK
+from memtrace.model.multimapped import MappedMoreThanOnce, mapped_more_than_once
 from memtrace.model import notes
 from memtrace.model.notes import Note
 from memtrace.model.snapshot import (
@@ -104,6 +105,7 @@ class Collector:
         self._names: dict[int, str] = {}
         self._process = ProcessStats()
         self._rss_by_member: dict[str, int] = {}  # of the last /proc read
+        self._mapped_again: list[MappedMoreThanOnce] = []  # shared files the RSS counts twice or more
         self._memory_read_s: Optional[float] = None  # when smaps and arenas were
         self._live_tids: list[int] = []
         self._arena_inputs: list[accounting.ArenaInput] = []
@@ -314,6 +316,7 @@ class Collector:
         )
         self._rss_by_member = {name: mem.get(f"rss_{name}_bytes", 0)
                                for name in ("file", "anon", "shmem")}
+        self._mapped_again = mapped_more_than_once(smaps)
         current = procfs.thread_names(self.pid)
         self._names.update(current)
         self._live_tids = list(current)
@@ -665,6 +668,8 @@ class Collector:
             out.append(Note.of(notes.UNWIND_TABLES_FULL, **short))
         if self._arena_problem:
             out.append(Note.of(notes.ARENAS_UNREADABLE, reason=self._arena_problem))
+        out += [Note.of(notes.MAPPED_MORE_THAN_ONCE, path=m.path, views=m.views,
+                        rss_bytes=m.rss_bytes, pss_bytes=m.pss_bytes) for m in self._mapped_again[:3]]
         out += [Note.of(notes.EXEC, argv=argv) for argv in self._execs[-3:]]
         if self._children:
             pid, argv = self._last_child_seen

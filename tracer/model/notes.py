@@ -25,6 +25,9 @@ JVM_NO_SIGQUIT = "jvm_no_sigquit"
 JVM_NOT_HOTSPOT = "jvm_not_hotspot"
 JVM_METHODS_UNREADABLE = "jvm_methods_unreadable"  # reason
 PYTHON_FRAMES_UNREAD = "python_frames_unread"  # version: a CPython whose frames are not read
+# path, views, rss_bytes, pss_bytes: a shared file mapped at several
+# addresses, which the RSS counts once per address (memtrace.model.multimapped)
+MAPPED_MORE_THAN_ONCE = "mapped_more_than_once"
 RECORDING_STOPPED = "recording_stopped"  # at_s, reason, snapshots
 RECORDING_UNFINISHED = "recording_unfinished"  # reason
 TEXT = "text"  # text: a note from a recording made before notes had kinds

@@ -31,6 +31,13 @@ def _allocator_opaque(note: Note) -> str:
             f"mapped while traced, less the live heap{before}")
 
 
+def _mapped_more_than_once(note: Note) -> str:
+    rss, pss = note.get("rss_bytes") or 0, note.get("pss_bytes") or 0
+    return (f"RSS counts {note.get('path')} once per address it is mapped at "
+            f"({note.get('views')} views of the same memory, as the JVM's ZGC maps its heap): "
+            f"{fmt_bytes(rss)} of the RSS is {fmt_bytes(pss)} of memory (its PSS)")
+
+
 def _children_not_traced(note: Note) -> str:
     count, pid, argv = note.get("count"), note.get("pid"), note.get("argv")
     started = "a child process" if count == 1 else f"{count} child processes"
@@ -64,6 +71,7 @@ _WORDS: dict[str, Callable[[Note], str]] = {
     n.ARENAS_UNREADABLE: lambda note: f"cannot read the arenas: {note.get('reason')}",
     n.EXEC: lambda note: f"the process exec'd: {note.get('argv')}",
     n.CHILDREN_NOT_TRACED: _children_not_traced,
+    n.MAPPED_MORE_THAN_ONCE: _mapped_more_than_once,
     n.ALLOCATOR_CHANGED: lambda note: (
         "after the exec, malloc is "
         + ("the program's own" if note.get("allocator") == "other" else f"{note.get('allocator')}'s")

@@ -82,7 +82,8 @@ _HEADER = re.compile(
     r"^([0-9a-f]+)-([0-9a-f]+)\s+(\S+)\s+([0-9a-f]+)\s+([0-9a-f]+):([0-9a-f]+)\s+(\d+)\s*(.*)$"
 )
 # smaps fields we keep, by their /proc name.
-_SMAPS_FIELDS = {"Rss": "rss_bytes", "Anonymous": "anonymous_bytes", "Swap": "swap_bytes"}
+_SMAPS_FIELDS = {"Rss": "rss_bytes", "Pss": "pss_bytes", "Anonymous": "anonymous_bytes",
+                 "Swap": "swap_bytes"}
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Mapping:
     inode: int
     path: str  # "" for anonymous memory; "[heap]", "[stack]", or a file
     rss_bytes: Optional[int] = None
+    pss_bytes: Optional[int] = None
     anonymous_bytes: Optional[int] = None
     swap_bytes: Optional[int] = None
     device: Optional[int] = None  # st_dev of the mapped file, as os.makedev builds it
@@ -134,8 +136,8 @@ def parse_maps(text: str) -> list[Mapping]:
 
 
 def parse_smaps(text: str) -> list[Mapping]:
-    """Parse /proc/PID/smaps text into mappings carrying Rss, Anonymous and
-    Swap in bytes. A mapping missing a field keeps None for it."""
+    """Parse /proc/PID/smaps text into mappings carrying Rss, Pss, Anonymous
+    and Swap in bytes. A mapping missing a field keeps None for it."""
     out: list[Mapping] = []
     current: Optional[Mapping] = None
     sizes: dict[str, int] = {}

@@ -217,3 +217,15 @@ def test_sums_kept_per_bucket_equal_a_pass_over_every_flow():
         assert [a.live_bytes for a in kept.arenas] == live, step
         assert [a.tids for a in kept.arenas] == tids, step
         assert kept.stack_retained == shares, step
+
+
+def test_blocks_in_no_arena_read_are_not_said_never_touched():
+    """A command gone before its arenas were first read: its live blocks
+    are held as far as the RSS goes, not "never touched"; the chunks seen
+    mapped alone keep what smaps said of them."""
+    chunks = ChunkSpans(count=1, committed_bytes=64 * MiB, resident_bytes=0)
+    account = accounting.account_allocator([], [_flow(5 * MiB)], 5 * MiB + 64 * MiB, chunks)
+    assert account.allocator.live_not_resident_bytes == 64 * MiB
+    g = accounting.gap(11 * MiB, account.allocator)
+    assert (g.heap_live_bytes, g.other_anon_bytes, g.heap_live_not_resident_bytes) == (
+        5 * MiB, 6 * MiB, 64 * MiB)

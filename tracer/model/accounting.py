@@ -156,6 +156,12 @@ def account_allocator(
     chunk_resident = chunks.resident_bytes + chunks.before_trace_resident_bytes
     live_resident = sum(min(s.all_live_bytes, s.resident_bytes) for s in stats) \
         + min(chunk_live, chunk_resident)
+    if not arenas and book is not None:
+        # No arena read (a command gone within its first interval, arenas
+        # unreadable): where its blocks lie is not known, and none is said
+        # never touched but those of the chunks seen mapped alone. Counted
+        # as held, up to the anonymous RSS (gap()).
+        live_resident += max(0, heap_live_bytes - chunks.committed_bytes)
     allocator = AllocatorStats(
         arena_count=len(stats),
         committed_bytes=sum(s.committed_bytes for s in stats) + chunks.committed_bytes

@@ -117,7 +117,9 @@ class Ordered:
     """Values by unique keys in order, in blocks of at most 2 * LOAD: one
     goes in or out in O(log n) and a block's length, one whose key stays
     is swapped where it is, and all of them are read off the blocks in one
-    pass (a tuple of 100,000 in a few milliseconds)."""
+    pass (a tuple of 100,000 in a few milliseconds). Changes come in
+    batches (extend, remove_all, replace_all), each in key order; add,
+    remove and replace are batches of one."""
 
     LOAD = 512
 
@@ -132,27 +134,8 @@ class Ordered:
     def values(self) -> Iterable:
         return chain.from_iterable(self._values)
 
-    def _find(self, key) -> tuple[int, int]:
-        i = bisect_left(self._maxes, key)
-        return i, bisect_left(self._keys[i], key)
-
     def add(self, key, value) -> None:
-        if not self._maxes:
-            self._keys.append([key])
-            self._values.append([value])
-            self._maxes.append(key)
-            return
-        i = min(bisect_left(self._maxes, key), len(self._maxes) - 1)
-        keys, values = self._keys[i], self._values[i]
-        j = bisect_left(keys, key)
-        keys.insert(j, key)
-        values.insert(j, value)
-        self._maxes[i] = keys[-1]
-        if len(keys) > 2 * self.LOAD:
-            self._keys[i + 1:i + 1] = [keys[self.LOAD:]]
-            self._values[i + 1:i + 1] = [values[self.LOAD:]]
-            del keys[self.LOAD:], values[self.LOAD:]
-            self._maxes[i:i + 1] = [keys[-1], self._keys[i + 1][-1]]
+        self.extend([(key, value)])
 
     def extend(self, items: list[tuple]) -> None:
         """(key, value) pairs, keys not there: in key order, each looked
@@ -184,13 +167,7 @@ class Ordered:
         self._maxes = [keys[-1] for keys in self._keys]
 
     def remove(self, key) -> None:
-        i, j = self._find(key)
-        keys, values = self._keys[i], self._values[i]
-        del keys[j], values[j]
-        if keys:
-            self._maxes[i] = keys[-1]
-        else:
-            del self._keys[i], self._values[i], self._maxes[i]
+        self.remove_all([key])
 
     def remove_all(self, keys: list) -> None:
         """remove() of each key, all there: in order, one pass over the blocks."""
@@ -221,8 +198,7 @@ class Ordered:
 
     def replace(self, key, value) -> None:
         """The value under key, which is there, is now `value`."""
-        i, j = self._find(key)
-        self._values[i][j] = value
+        self.replace_all([(key, value)])
 
     def rekey(self, new_key: Callable) -> None:
         """Every key becomes new_key(key), which keeps their order."""

@@ -77,7 +77,6 @@ MAX_ALLOCS_LIMIT = 1 << 30  # a 32 GiB table; the kernel indexes buckets in 32 b
 MAX_STACKS_LIMIT = 1 << 28  # a BPF hash holds at most 2^28 buckets
 MAX_EVENT_BUFFER_MIB = 2048  # a BPF ring buffer's size is a 32-bit power of two
 MAX_UNWIND_ROWS_LIMIT = 1 << 26  # 512 MiB of rows; their index is a u32
-UNWIND_ROW_BYTES = 8
 STACK_ENTRY_BYTES = 1024 + 64  # 127 frames, key and the hash's element header
 BUCKET_BYTES = 16  # a BPF hash's bucket, allocated up front per entry
 
@@ -85,13 +84,14 @@ BUCKET_BYTES = 16  # a BPF hash's bucket, allocated up front per entry
 def kernel_memory_needs(args: argparse.Namespace) -> dict[str, tuple[int, str]]:
     """Kernel memory each sizing option takes: (bytes, when)."""
     from memtrace.collect.probes import alloc_bucket_bits
+    from memtrace.collect.unwind import ROW_BYTES
 
     ring = 1 << (args.event_buffer.bit_length() - 1) << 20  # as probes._ring_pages rounds it
     needs = {
         "--event-buffer": (ring, "allocated at start"),
         "--stack-storage-size": (args.stack_storage_size * STACK_ENTRY_BYTES,
                                  "when that many distinct stacks are seen"),
-        "--unwind-rows": (args.unwind_rows * UNWIND_ROW_BYTES, "allocated at start"),
+        "--unwind-rows": (args.unwind_rows * ROW_BYTES, "allocated at start"),
     }
     if not args.light:
         table = (1 << alloc_bucket_bits(args.max_allocs)) * 128

@@ -36,7 +36,7 @@ PAGE_BYTES = 4096
 IMAGE_FOLLOW_S = 0.02
 IMAGE_POLL_S = 0.001
 MAX_ROWS_PER_PAGE = 1 << 12  # ROW_SEARCH_STEPS in common.bpf.c
-_ROW_BYTES = 8
+ROW_BYTES = 8  # struct unwind_row (bpf/memtrace.h): a u32 offset and its step
 _MODULE = struct.Struct("<QQII")
 
 
@@ -185,7 +185,7 @@ class UnwindTables:
         if short is not None:
             self.full = self.full or short
             return False
-        at = self._next_row * _ROW_BYTES
+        at = self._next_row * ROW_BYTES
         self._map("unwind_rows")[at : at + len(layout.rows)] = layout.rows
         # An array map keeps each value in 8 bytes: the u32 and 4 of padding.
         data = struct.pack(f"<{pages}Q", *[self._next_row + i for i in layout.first_rows])
@@ -250,7 +250,7 @@ def _layout_of(info: UnwindInfo, size: int, file_offset: int) -> Optional[_Layou
         first_rows = [max(bisect.bisect_right(offsets, min(p * PAGE_BYTES, last)) - 1, 0)
                       for p in range(-(-size // PAGE_BYTES) + 1)]
         if all(b - a < MAX_ROWS_PER_PAGE for a, b in zip(first_rows, first_rows[1:])):
-            rows = bytearray(_ROW_BYTES * len(offsets))
+            rows = bytearray(ROW_BYTES * len(offsets))
             words = memoryview(rows).cast("I")  # little-endian, as the walk reads them
             words[0::2] = offsets
             words[1::2] = steps

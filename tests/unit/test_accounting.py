@@ -229,3 +229,14 @@ def test_blocks_in_no_arena_read_are_not_said_never_touched():
     g = accounting.gap(11 * MiB, account.allocator)
     assert (g.heap_live_bytes, g.other_anon_bytes, g.heap_live_not_resident_bytes) == (
         5 * MiB, 6 * MiB, 64 * MiB)
+
+
+def test_an_attached_allocator_with_opaque_books_says_no_block_untouched():
+    """jemalloc attached to: its blocks land in mappings made before the
+    trace, which are not known; none is said never touched."""
+    launched = accounting.account_mappings("jemalloc", 0, 0, 50 * 1024)
+    assert launched.allocator.live_not_resident_bytes == 50 * 1024
+    attached = accounting.account_mappings("jemalloc", 0, 0, 50 * 1024, attached=True)
+    assert attached.allocator.live_not_resident_bytes == 0
+    g = accounting.gap(3 * MiB, attached.allocator)
+    assert (g.heap_live_bytes, g.heap_live_not_resident_bytes) == (50 * 1024, 0)

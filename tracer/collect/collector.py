@@ -442,7 +442,7 @@ class Collector:
             mapped = [self.vm.space.totals(k) for k in (ALLOCATOR_MAPPING, HEAP)]
             account = accounting.account_mappings(
                 self.allocator_kind, sum(m.committed_bytes for m in mapped),
-                sum(m.anon_bytes for m in mapped), heap.live_bytes)
+                sum(m.anon_bytes for m in mapped), heap.live_bytes, attached=self.attached)
         if self.attached and not self.light:
             heap = replace(heap, live_before_trace_bytes=account.allocator.live_before_trace_bytes)
         process = self._process if alive else self._process_at_exit(reading)

@@ -369,14 +369,16 @@ def _share_retained_of(retained: int, buckets: Sequence[_Bucket], out: dict[Stac
 
 
 def account_mappings(kind: str, committed_bytes: int, resident_bytes: int,
-                     heap_live_bytes: int) -> AllocatorAccount:
+                     heap_live_bytes: int, attached: bool = False) -> AllocatorAccount:
     """An allocator whose books cannot be read from outside (jemalloc,
     tcmalloc, mimalloc keep theirs in structures only their own code
     walks): what it holds is the anonymous memory it mapped inside its
     calls, and retained is the resident part of that less the live heap.
     Its blocks are all inside those mappings, so the live heap counts as
-    resident up to what they hold."""
-    live_resident = min(heap_live_bytes, resident_bytes)
+    resident up to what they hold. attached: the mappings made before the
+    trace are not known, and blocks land in them too; none is then said
+    never touched (the gap holds them up to the anonymous RSS)."""
+    live_resident = heap_live_bytes if attached else min(heap_live_bytes, resident_bytes)
     allocator = AllocatorStats(
         kind=kind,
         committed_bytes=committed_bytes,

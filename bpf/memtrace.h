@@ -58,6 +58,14 @@ struct jvm_interpreter {
  * each _PyEval_EvalFrameDefault frame runs in its place, innermost first:
  * the code object (PyCodeObject*) with PY_FRAME_TAG set and its instruction
  * index (in code units, for the line) above PY_CODE_BITS. */
+/* A command memtrace launched, held once at startup (launch.bpf.c): where
+ * ld.so's _r_debug.r_state is in it, and the signal that makes the kernel
+ * stop it for memtrace, its tracer (0: not armed). */
+struct launch_hold {
+    u64 r_state_at;
+    u32 signal;
+    u32 unused;
+};
 /* A Go program with cgo (go.bpf.c): where runtime.asmcgocall's code is,
  * the function through which Go calls C on the system stack. */
 struct go_runtime {

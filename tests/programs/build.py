@@ -40,6 +40,7 @@ PROGRAMS: dict[str, tuple[str, str, list[str]]] = {
     "manystacks": ("../../bench/scale_target.c", "gcc", WITH_FP),
     "unwind_chains": ("unwind_chains.c", "gcc", OPTIMIZED_WITHOUT_FP),
     "exec_deep": ("exec_deep.c", "gcc", OPTIMIZED_WITHOUT_FP),
+    "first_calls": ("first_calls.c", "gcc", WITH_FP),
     # no libc.so at all: memtrace must refuse it
     "idle_static": ("idle.c", "gcc", ["-O1", "-g", "-static"]),
     # dynamically linked, but against musl (Debian package musl-tools)

@@ -464,8 +464,12 @@ def _trace_early(args, pid: int, comm: str, libc: str, libc_shown: str, launched
             bcc_said.seek(0)
             sys.stderr.write(bcc_said.read().decode(errors="replace"))
         bcc_said.close()
+    startup_hold = None  # the launched command's, at ld.so (collect/launchhold.py)
     if launched is not None:
-        launched.release()
+        from memtrace.collect.launchhold import hold_at_libraries
+
+        startup_hold = hold_at_libraries(probes, pid, collector.libraries_mapped)
+        launched.release(startup_hold)
     if args.verbose:
         from memtrace.collect.probesite import format_sites
 
@@ -477,6 +481,9 @@ def _trace_early(args, pid: int, comm: str, libc: str, libc_shown: str, launched
             print(f"memtrace:   {line}", file=sys.stderr)
         print(f"memtrace: probes attached {time.monotonic() - started:.2f} s after start",
               file=sys.stderr)
+        if startup_hold is not None and startup_hold.held_s is not None:
+            print(f"memtrace: {comm} held {startup_hold.held_s * 1000:.1f} ms once ld.so had mapped "
+                  "its libraries, while their unwind tables went in", file=sys.stderr)
 
     read_keys = interactive and sys.stdin.isatty() and keys_allowed and not args.batch
     collector.vm.keep_events = bool(args.record)

@@ -169,7 +169,15 @@ class Collector:
                 return
             python.read_stack(key, self.probes.stack_addresses(key), checked)
 
-    def _code_mapped(self) -> None:
+    def libraries_mapped(self) -> None:
+        """A launched program, held once ld.so has mapped the libraries it
+        needs (collect/launchhold.py): their names, unwind tables and
+        runtimes, all in place before any of their code runs, the tables
+        parsed now where no earlier run kept them. A program gone within
+        the first interval is named from these maps."""
+        self._code_mapped(wait=True)
+
+    def _code_mapped(self, wait: bool = False) -> None:
         """New code in the process: learn where it lives, and whether it
         can call malloc_trim, whose effect needs the RSS counter watched (a
         tracepoint on every page fault of every process, not paid for a
@@ -182,7 +190,7 @@ class Collector:
             r = python.runtime
             self.probes.set_python(self.pid, r.eval_lo, r.eval_hi, r.tstate_at)
         if self.probes.unwind is not None:
-            self.probes.unwind.add(self.symbols.code_modules(), self.symbols.read_mapped)
+            self.probes.unwind.add(self.symbols.code_modules(), self.symbols.read_mapped, wait=wait)
         if not self._go_told:  # after the unwind tables: those are what startup's stacks wait for
             self._tell_go()
         if not self.probes.watching_rss and self.symbols.code_imports("malloc_trim"):

@@ -29,7 +29,7 @@ from memtrace.symbols.symbolizer import code_modules, read_mapped
 (CNT_UNTRACKED_FREE, CNT_DROP_ALLOCS, CNT_DROP_STATS, CNT_DROP_PENDING, CNT_STACK_LOST,
  CNT_VM_LOST, CNT_VM_SENT) = range(7)
 
-LAYERS = ["jvm", "python", "go", "common", "vm", "heap"]  # jvm, python, go: the frame walk calls into them
+LAYERS = ["jvm", "python", "go", "common", "vm", "heap", "launch"]  # jvm, python, go: the frame walk calls into them
 VM_SYSCALLS = ("mmap", "munmap", "brk", "mprotect", "mremap", "madvise")  # --vm-probes kprobe
 # Attached only by watch_rss().
 RSS_PROGRAM = b"tracepoint__kmem__rss_stat"
@@ -677,6 +677,36 @@ class Probes:
             table = self._bpf["py_runtime"]
             table[ctypes.c_int(0)] = table.Leaf(eval_lo, eval_hi, tstate_at, tgid, 0)
             self._bpf["py_tstates"].clear()  # the thread states of the interpreter before
+
+    def watch_loader(self, path: str) -> bool:
+        """A uprobe on ld.so's _dl_debug_state in `path`, for this process
+        (bpf/launch.bpf.c); False where the file has none. It stays until
+        detach(): disarmed, it costs a dlopen one trap. A uprobe_multi link
+        where the kernel has them: its removal overlaps the others', where
+        a perf event's took 0.08 s more at the end of every launch."""
+        from bcc import BPF
+
+        from memtrace.collect import bpfcache
+
+        name, symbol = b"launch_objects_listed", b"_dl_debug_state"
+        try:
+            if not bpfcache.uprobe_multi_possible():
+                self._bpf.attach_uprobe(name=path.encode(), sym=symbol, fn_name=name, pid=self.pid)
+                return True
+            _, offset = BPF._check_path_symbol(path.encode(), symbol, 0, self.pid, 0)
+            fn = self._bpf.load_func(name, BPF.KPROBE, attach_type=bpfcache.BPF_TRACE_UPROBE_MULTI)
+            self._links.append(bpfcache.attach_uprobe_multi(fn.fd, path, [offset], self.pid, False))
+        except Exception:  # bcc raises bare Exceptions: no such symbol
+            return False
+        return True
+
+    def set_launch_hold(self, r_state_at: int, sig: int) -> None:
+        """Arm (sig) or disarm (0) the launch hold of bpf/launch.bpf.c."""
+        import ctypes
+
+        if self._bpf is not None:
+            table = self._bpf["launch_hold"]
+            table[ctypes.c_int(0)] = table.Leaf(r_state_at, sig, 0)
 
     def set_jvm_code(self, heaps, fields: dict[str, int], generation: int) -> None:
         """Where a JVM's compiled code is (jvm.codecache.CodeHeap each) and

@@ -10,12 +10,17 @@ import ctypes
 import errno
 import os
 import signal
+import time
 from typing import Optional
 
 from memtrace.errors import MemtraceError
 
 PTRACE_TRACEME = 0
+PTRACE_CONT = 7
 PTRACE_DETACH = 17
+# How long a held command may take to reach its hold (collect/launchhold.py)
+# before it is stopped by hand: ld.so maps hundreds of libraries in that.
+HOLD_WAIT_S = 5.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
@@ -75,9 +80,50 @@ class Launched:
             code = int(failure or errno.EIO)
             raise MemtraceError(f"cannot run {argv[0]}: {os.strerror(code)}")
 
-    def release(self) -> None:
-        """Let the command run: detach with no signal delivered."""
-        _libc.ptrace(PTRACE_DETACH, self.pid, None, None)
+    def release(self, hold=None, wait_s: float = HOLD_WAIT_S) -> None:
+        """Let the command run: detach with no signal delivered. With a
+        hold (collect/launchhold.LibrariesHold, armed), run it on as its
+        tracer until the hold's signal stops it, call hold.reached(), and
+        detach with the signal cancelled. Any other signal first is passed
+        on as we detach; an exit is kept for poll()."""
+        if hold is None:
+            self._detach(0)
+            return
+        _libc.ptrace(PTRACE_CONT, self.pid, None, None)
+        deadline = time.monotonic() + wait_s
+        stopped_by_hand = False
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == 0:
+                if time.monotonic() < deadline:
+                    time.sleep(0.0002)
+                elif not stopped_by_hand:
+                    # It never reached ld.so's breakpoint: the same signal,
+                    # by hand, to the thread we trace; the hold raises no
+                    # other.
+                    hold.disarm()
+                    _libc.tgkill(self.pid, self.pid, hold.signal)
+                    stopped_by_hand = True
+                    deadline = time.monotonic() + 1.0
+                else:
+                    return  # poll() and wait() detach at its next stop
+                continue
+            if not os.WIFSTOPPED(status):
+                self.exit_status = _shell_status(status)
+                return
+            sig = os.WSTOPSIG(status)
+            if sig != hold.signal:
+                self._detach(sig)
+                return
+            try:
+                if not stopped_by_hand:
+                    hold.reached()
+            finally:
+                self._detach(0)
+            return
+
+    def _detach(self, sig: int) -> None:
+        _libc.ptrace(PTRACE_DETACH, self.pid, None, ctypes.c_void_p(sig or None))
 
     def kill(self) -> None:
         """Only for a child that never ran (probes failed to attach)."""
@@ -95,14 +141,20 @@ class Launched:
             except ChildProcessError:
                 return self.exit_status
             if pid == self.pid:
-                self.exit_status = _shell_status(status)
+                if os.WIFSTOPPED(status):  # still its tracer: a hold never reached
+                    self._detach(os.WSTOPSIG(status))
+                else:
+                    self.exit_status = _shell_status(status)
         return self.exit_status
 
     def wait(self) -> int:
         while self.exit_status is None:
             try:
                 _, status = os.waitpid(self.pid, 0)
-                self.exit_status = _shell_status(status)
+                if os.WIFSTOPPED(status):  # as in poll()
+                    self._detach(os.WSTOPSIG(status))
+                else:
+                    self.exit_status = _shell_status(status)
             except ChildProcessError:
                 self.exit_status = 0
         return self.exit_status

@@ -236,11 +236,16 @@ def test_exactly_the_documented_capabilities_trace(run_memtrace, programs, tmp_p
 # ---------------------------------------------------------------- item 5
 
 
+def _uprobe_events() -> set[str]:
+    return set(Path("/sys/kernel/tracing/uprobe_events").read_text().splitlines())
+
+
 @pytest.mark.parametrize("delay_s", [0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.2, 1.6, 2.0])
 def test_target_killed_during_the_attach(delay_s, programs, spawn, start_memtrace, probes):
     """Whenever the target dies, memtrace exits 0 with what it saw, or 2 with
     one line; never 70, never a traceback; no probe left behind."""
     for _ in range(2):
+        events_before = _uprobe_events()
         target = spawn([programs["idle"]])
         tracer = start_memtrace(["--json", "--interval", "0.2", "-p", str(target.pid)])
         time.sleep(delay_s)
@@ -252,6 +257,11 @@ def test_target_killed_during_the_attach(delay_s, programs, spawn, start_memtrac
         if rc == 2:
             assert len(stderr.strip().splitlines()) == 1, stderr
         assert not probes.perf(probes.below(tracer.pid))
+        # nor a tracefs event of a uprobe whose attach failed (bcc names
+        # each after the target and itself; pids wrap, so only new ones)
+        left = [line for line in _uprobe_events() - events_before
+                if f"_{target.pid}_bcc_{tracer.pid}" in line.split(" ", 1)[0]]
+        assert not left, (left, stderr)
 
 
 # ---------------------------------------------------------------- issue 10 item 7

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import itertools
 import os
 import re
@@ -588,7 +589,10 @@ class Probes:
                     fn.fd, self.libc_path, offsets, self.pid, returns))
             except Exception as e:  # bcc raises bare Exceptions; bpf(2) OSErrors
                 reason = e.strerror if isinstance(e, OSError) else str(e)
-                if self._links:
+                # The process is gone (ESRCH), not the kernel's links: a
+                # perf event each would fail as well, and bcc leaves the
+                # tracefs event of each failed one behind.
+                if self._links or (isinstance(e, OSError) and e.errno == errno.ESRCH):
                     raise MemtraceError(
                         f"cannot attach uprobes to {', '.join(s.symbol for s in sites)} in "
                         f"{self.libc_path} ({reason}): check that the process still runs"
@@ -748,6 +752,7 @@ class Probes:
             links, self._links = self._links, []
             _detach_at_once(bpf, links)
             bpf.cleanup()  # whatever is left, and the maps and programs
+            _remove_failed_uprobe_events(self.pid)
             # bcc's exit hook holds the object: a long-lived agent drops many.
             atexit.unregister(bpf.cleanup)
 
@@ -1150,6 +1155,29 @@ def _detach_at_once(bpf, links: Sequence[int] = (), uprobes: Optional[list] = No
     with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
         for future in [pool.submit(detach, key) for detach, key in jobs]:
             future.exception()  # waited for; a failure is retried by cleanup()
+
+
+def _remove_failed_uprobe_events(pid: int) -> None:
+    """The tracefs events bcc made for this process's uprobes and left
+    behind when their perf event could not be opened (the process gone
+    mid-attach): bcc names each after the target's pid and its own. One
+    still in use is refused by the kernel (EBUSY), and stays."""
+    from memtrace.cli.preflight import tracefs_dir
+
+    events = os.path.join(tracefs_dir(), "uprobe_events")
+    mark = f"_{pid}_bcc_{os.getpid()}"
+    try:
+        with open(events) as f:
+            names = [line.split(None, 1)[0].split(":", 1)[1] for line in f
+                     if line.split(None, 1)[0].endswith(mark)]
+    except (OSError, IndexError):
+        return
+    for name in names:
+        try:
+            with open(events, "a") as f:
+                f.write(f"-:{name}\n")
+        except OSError:
+            pass
 
 
 def alloc_bucket_bits(max_allocs: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -69,9 +70,10 @@ def thread_ids(pid: int) -> list[int]:
         return []
 
 
-def thread_names(pid: int) -> dict[int, str]:
+def thread_names(pid: int, tids: Optional[list[int]] = None) -> dict[int, str]:
+    """tid -> name of these threads (default: all) that are still there."""
     names = {}
-    for tid in thread_ids(pid):
+    for tid in thread_ids(pid) if tids is None else tids:
         name = comm(pid, tid)
         if name is not None:
             names[tid] = name
@@ -118,11 +120,7 @@ class Mapping:
 
 def _parse_header(line: str) -> Optional[Mapping]:
     m = _HEADER.match(line)
-    if m is None:
-        return None
-    start, end, perms, offset, major, minor, inode, path = m.groups()
-    return Mapping(int(start, 16), int(end, 16), perms, int(offset, 16), int(inode), path.strip(),
-                   device=os.makedev(int(major, 16), int(minor, 16)))
+    return _mapping(m.groups(), None, None, None, None) if m is not None else None
 
 
 def parse_maps(text: str) -> list[Mapping]:
@@ -135,32 +133,102 @@ def parse_maps(text: str) -> list[Mapping]:
     return out
 
 
-def parse_smaps(text: str) -> list[Mapping]:
+def parse_smaps(text: str, known: Optional[dict] = None,
+                seen: Optional[dict] = None) -> list[Mapping]:
     """Parse /proc/PID/smaps text into mappings carrying Rss, Pss, Anonymous
-    and Swap in bytes. A mapping missing a field keeps None for it."""
+    and Swap in bytes. A mapping missing a field keeps None for it.
+
+    A kernel prints the same fields, in the same order, for every mapping:
+    each block is then read at the lines of those four fields alone, where
+    splitting every line of 4,000 mappings (a service with 2,000 threads)
+    took 55 ms. known: the mappings of the last parse of this process, by
+    their header and field lines (most are unchanged from one snapshot to
+    the next, and are taken as they were); seen: filled likewise for the
+    next parse."""
+    lines = text.split("\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    block = _uniform_block(lines)
+    if block is not None:
+        try:
+            return _parse_blocks(lines, *block, known or {}, seen if seen is not None else {})
+        except ValueError:
+            pass  # a field that is not "N kB": line by line
+    return _parse_lines(text)
+
+
+_SMAPS_LINE = re.compile(
+    r"^(?:([0-9a-f]+)-([0-9a-f]+)\s+(\S+)\s+([0-9a-f]+)\s+([0-9a-f]+):([0-9a-f]+)\s+(\d+)[ \t]*(.*)"
+    r"|(Rss|Pss|Anonymous|Swap):[ \t]+(\d+) kB)$", re.M)
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def _uniform_block(lines: list[str]) -> Optional[tuple[int, int, int, int, int]]:
+    """(lines per mapping, then the index in a block of Rss, Pss, Anonymous
+    and Swap) when every block can be that long; None otherwise."""
+    n = 1
+    while n < len(lines) and lines[n][:1] not in _HEX_DIGITS:
+        n += 1
+    if not lines or len(lines) % n:
+        return None
+    found = {line.split(":", 1)[0]: i for i, line in enumerate(lines[:n])}
+    where = [found.get(name) for name in ("Rss", "Pss", "Anonymous", "Swap")]
+    if None in where:
+        return None
+    return (n, *where)
+
+
+def _parse_blocks(lines: list[str], n: int, rss_at: int, pss_at: int, anon_at: int,
+                  swap_at: int, known: dict, seen: dict) -> list[Mapping]:
+    """parse_smaps where every block is n lines with the fields at the same
+    places; falls back (None) at the first block that is not."""
     out: list[Mapping] = []
-    current: Optional[Mapping] = None
-    sizes: dict[str, int] = {}
-
-    def flush() -> None:
-        if current is not None:
-            out.append(replace(current, **sizes))
-
-    for line in text.splitlines():
-        header = _parse_header(line)
-        if header is not None:
-            flush()
-            current, sizes = header, {}
-            continue
-        key, _, rest = line.partition(":")
-        attr = _SMAPS_FIELDS.get(key)
-        if attr is None or current is None:
-            continue
-        parts = rest.split()
-        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
-            sizes[attr] = int(parts[0]) * 1024
-    flush()
+    append = out.append
+    for b in range(0, len(lines), n):
+        key = (lines[b], rss, pss, anon, swap) = (lines[b], lines[b + rss_at], lines[b + pss_at],
+                                                  lines[b + anon_at], lines[b + swap_at])
+        mapping = known.get(key)
+        if mapping is None:
+            header = _HEADER.match(lines[b])
+            if header is None or not (rss.startswith("Rss:") and pss.startswith("Pss:")
+                                      and anon.startswith("Anonymous:") and swap.startswith("Swap:")
+                                      and rss.endswith(" kB") and pss.endswith(" kB")
+                                      and anon.endswith(" kB") and swap.endswith(" kB")):
+                raise ValueError("not one mapping")
+            mapping = _mapping(header.groups(), int(rss[4:-3]) * 1024, int(pss[4:-3]) * 1024,
+                               int(anon[10:-3]) * 1024, int(swap[5:-3]) * 1024)
+        seen[key] = mapping
+        append(mapping)
     return out
+
+
+def _parse_lines(text: str) -> list[Mapping]:
+    """parse_smaps for any text: each header, then the fields kept that
+    follow it."""
+    out: list[Mapping] = []
+    header: Optional[tuple] = None
+    sizes: dict[str, int] = {}
+    for m in _SMAPS_LINE.finditer(text):
+        if m.start(1) >= 0:
+            if header is not None:
+                out.append(_mapping(header, *map(sizes.get, _SMAPS_KEPT)))
+            header, sizes = m.groups()[:8], {}
+        else:
+            sizes[m.group(9)] = int(m.group(10)) * 1024
+    if header is not None:
+        out.append(_mapping(header, *map(sizes.get, _SMAPS_KEPT)))
+    return out
+
+
+_SMAPS_KEPT = ("Rss", "Pss", "Anonymous", "Swap")  # in Mapping's order
+
+
+def _mapping(groups: tuple, rss: Optional[int], pss: Optional[int], anon: Optional[int],
+             swap: Optional[int]) -> Mapping:
+    """A Mapping of _HEADER's groups and its smaps sizes."""
+    start, end, perms, offset, major, minor, inode, path = groups
+    return Mapping(int(start, 16), int(end, 16), perms, int(offset, 16), int(inode), path.strip(),
+                   rss, pss, anon, swap, os.makedev(int(major, 16), int(minor, 16)))
 
 
 def read_maps(pid: int) -> list[Mapping]:
@@ -168,9 +236,21 @@ def read_maps(pid: int) -> list[Mapping]:
         return parse_maps(f.read())
 
 
+# pid -> its mappings at the last read, for parse_smaps: a few processes'
+# (the agent's), each a few MB for thousands of mappings.
+_smaps_seen: "OrderedDict[int, dict]" = OrderedDict()
+SMAPS_PROCESSES_KEPT = 16
+
+
 def read_smaps(pid: int) -> list[Mapping]:
     with open(f"/proc/{pid}/smaps") as f:
-        return parse_smaps(f.read())
+        text = f.read()
+    seen: dict = {}
+    mappings = parse_smaps(text, _smaps_seen.pop(pid, None), seen)
+    _smaps_seen[pid] = seen
+    while len(_smaps_seen) > SMAPS_PROCESSES_KEPT:
+        _smaps_seen.popitem(last=False)
+    return mappings
 
 
 def maps(pid: int) -> list[Mapping]:

@@ -203,3 +203,37 @@ def test_without_cap_net_admin_it_degrades_with_the_reason() -> None:
     flags, reason = done.stdout.splitlines()
     assert flags == "False False"
     assert "taskstats needs CAP_NET_ADMIN" in reason and "run memtrace as root" in reason
+
+
+def test_other_processes_forks_and_exits_never_reach_the_socket() -> None:
+    # The kernel tells every listener of every fork and exit on the machine;
+    # the socket's filter keeps those of the watched process and its own.
+    idle = subprocess.Popen(["sleep", "30"])
+    try:
+        with ProcessWatch(idle.pid) as watch:
+            subprocess.run(["sh", "-c", "for i in $(seq 200); do (:); done"], check=True)
+            time.sleep(0.2)
+            sock = watch._events.sock
+            sock.setblocking(False)
+            datagrams = 0
+            while True:
+                try:
+                    sock.recv(1 << 16)
+                except BlockingIOError:
+                    break
+                datagrams += 1
+            # 400 forks and exits of subshells, a few of others' (other work
+            # on the machine, the test's own sh and its exec).
+            assert datagrams < 40, datagrams
+            child = subprocess.Popen(["sleep", "0.1"])  # not the watched one's
+            idle.kill()
+            idle.wait()
+            child.wait()
+            deadline = time.monotonic() + WATCH_TIMEOUT_S
+            while not watch.exited and time.monotonic() < deadline:
+                watch.read()
+                time.sleep(0.02)
+            assert watch.exited
+    finally:
+        idle.kill()
+        idle.wait()

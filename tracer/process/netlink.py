@@ -14,6 +14,7 @@ went from threads (0.7) to asyncio (0.9); its message classes did not.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import random
@@ -77,6 +78,15 @@ _NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, seq, portid
 _ERRNO = struct.Struct("=i")  # nlmsgerr.error, and proc_event's ack.err
 _CN_MSG_ACK_OFFSET = 28  # cn_msg.ack, after the netlink header, id and seq
 _CN_PROC_ACK_ERR_OFFSET = 52  # proc_event.event_data.ack.err
+_PROC_EVENT_WHAT_OFFSET = 36  # proc_event.what, after the netlink header and cn_msg
+_PROC_EVENT_DATA_OFFSET = 52  # proc_event.event_data, after what, cpu and the timestamp
+# In event_data: fork's parent_tgid, exec's and exit's process_tgid (the
+# same place), fork's child_tgid (a new thread's parent is its process's
+# parent), and exit's parent_tgid.
+_OWNER_TGID_OFFSET = _PROC_EVENT_DATA_OFFSET + 4
+_FORK_CHILD_TGID_OFFSET = _PROC_EVENT_DATA_OFFSET + 12
+_EXIT_PARENT_TGID_OFFSET = _PROC_EVENT_DATA_OFFSET + 20
+SO_ATTACH_FILTER = 26
 
 
 @dataclass(frozen=True)
@@ -285,6 +295,42 @@ class _ProcConnector:
         if err:
             raise _Unavailable(f"the proc connector refused the subscription: {os.strerror(err)}")
 
+    def keep_only(self, pid: int) -> None:
+        """From now on, only the events that concern process pid reach the
+        socket: its new threads, its exec and exits, the processes it
+        starts and their exits, and every exec (a child's: the set of its
+        children changes, the filter does not). The kernel tells the whole
+        machine every fork and exit, and each one woke memtrace on a busy
+        build machine. A classic BPF filter on the socket; without one
+        (refused), every event still comes, and is sorted here."""
+        def word(value: int) -> int:
+            # BPF_ABS loads are big-endian; the events are in host order.
+            return struct.unpack(">I", struct.pack("=I", value & 0xFFFFFFFF))[0]
+
+        ld_abs, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+        program = [
+            (ld_abs, 0, 0, _OWNER_TGID_OFFSET),
+            (jeq, 9, 0, word(pid)),  # its exec or exit, or a process it started: keep
+            (ld_abs, 0, 0, _PROC_EVENT_WHAT_OFFSET),
+            (jeq, 7, 0, word(PROC_EVENT_EXEC)),  # any exec (a child's): keep
+            (jeq, 6, 0, word(PROC_EVENT_NONE)),  # an answer (ack): keep
+            (jeq, 0, 2, word(PROC_EVENT_FORK)),
+            (ld_abs, 0, 0, _FORK_CHILD_TGID_OFFSET),
+            (jeq, 3, 4, word(pid)),  # a thread of its own: keep, another fork: drop
+            (jeq, 0, 3, word(PROC_EVENT_EXIT)),  # neither fork nor exit: drop
+            (ld_abs, 0, 0, _EXIT_PARENT_TGID_OFFSET),
+            (jeq, 0, 1, word(pid)),  # the exit of a process it started: keep
+            (ret, 0, 0, 0xFFFFFFFF),
+            (ret, 0, 0, 0),
+        ]
+        code = b"".join(struct.pack("=HBBI", *insn) for insn in program)
+        buffer = ctypes.create_string_buffer(code)
+        fprog = struct.pack("=HxxxxxxQ", len(program), ctypes.addressof(buffer))
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        except OSError:
+            pass
+
     @staticmethod
     def _what(raw: bytes) -> int:
         return struct.unpack_from("=I", raw, ProcEventMarshal.key_offset)[0]
@@ -487,6 +533,7 @@ class ProcessWatch:
         self._taskstats: Optional[_Taskstats] = None
         try:
             self._events = _ProcConnector()
+            self._events.keep_only(pid)
             # Listed after subscribing: a thread started since is both
             # listed and announced, one gone since is neither.
             self._threads = _live_threads(pid)

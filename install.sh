@@ -41,6 +41,8 @@ if [ "$test_tools" -eq 1 ]; then
     packages+=(python3-dev)
     # a program with more unwind rows than the tables once held, and a library it dlopens
     packages+=(qemu-system-x86)
+    # the reference for what real programs allocate and leak
+    packages+=(heaptrack)
 fi
 missing=()
 for p in "${packages[@]}"; do

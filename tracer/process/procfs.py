@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 PF_KTHREAD = 0x00200000
@@ -83,9 +83,6 @@ def thread_names(pid: int, tids: Optional[list[int]] = None) -> dict[int, str]:
 _HEADER = re.compile(
     r"^([0-9a-f]+)-([0-9a-f]+)\s+(\S+)\s+([0-9a-f]+)\s+([0-9a-f]+):([0-9a-f]+)\s+(\d+)\s*(.*)$"
 )
-# smaps fields we keep, by their /proc name.
-_SMAPS_FIELDS = {"Rss": "rss_bytes", "Pss": "pss_bytes", "Anonymous": "anonymous_bytes",
-                 "Swap": "swap_bytes"}
 
 
 @dataclass(frozen=True)
@@ -161,6 +158,7 @@ _SMAPS_LINE = re.compile(
     r"^(?:([0-9a-f]+)-([0-9a-f]+)\s+(\S+)\s+([0-9a-f]+)\s+([0-9a-f]+):([0-9a-f]+)\s+(\d+)[ \t]*(.*)"
     r"|(Rss|Pss|Anonymous|Swap):[ \t]+(\d+) kB)$", re.M)
 _HEX_DIGITS = frozenset("0123456789abcdef")
+_SMAPS_KEPT = ("Rss", "Pss", "Anonymous", "Swap")  # in Mapping's order
 
 
 def _uniform_block(lines: list[str]) -> Optional[tuple[int, int, int, int, int]]:
@@ -172,7 +170,7 @@ def _uniform_block(lines: list[str]) -> Optional[tuple[int, int, int, int, int]]
     if not lines or len(lines) % n:
         return None
     found = {line.split(":", 1)[0]: i for i, line in enumerate(lines[:n])}
-    where = [found.get(name) for name in ("Rss", "Pss", "Anonymous", "Swap")]
+    where = [found.get(name) for name in _SMAPS_KEPT]
     if None in where:
         return None
     return (n, *where)
@@ -181,12 +179,12 @@ def _uniform_block(lines: list[str]) -> Optional[tuple[int, int, int, int, int]]
 def _parse_blocks(lines: list[str], n: int, rss_at: int, pss_at: int, anon_at: int,
                   swap_at: int, known: dict, seen: dict) -> list[Mapping]:
     """parse_smaps where every block is n lines with the fields at the same
-    places; falls back (None) at the first block that is not."""
+    places; ValueError at the first block that is not."""
     out: list[Mapping] = []
     append = out.append
     for b in range(0, len(lines), n):
-        key = (lines[b], rss, pss, anon, swap) = (lines[b], lines[b + rss_at], lines[b + pss_at],
-                                                  lines[b + anon_at], lines[b + swap_at])
+        rss, pss, anon, swap = lines[b + rss_at], lines[b + pss_at], lines[b + anon_at], lines[b + swap_at]
+        key = (lines[b], rss, pss, anon, swap)
         mapping = known.get(key)
         if mapping is None:
             header = _HEADER.match(lines[b])
@@ -219,8 +217,6 @@ def _parse_lines(text: str) -> list[Mapping]:
         out.append(_mapping(header, *map(sizes.get, _SMAPS_KEPT)))
     return out
 
-
-_SMAPS_KEPT = ("Rss", "Pss", "Anonymous", "Swap")  # in Mapping's order
 
 
 def _mapping(groups: tuple, rss: Optional[int], pss: Optional[int], anon: Optional[int],

@@ -7,6 +7,11 @@ collect/launchhold.py, process/launch.py).
   and each allocates at once. Without the hold, their stacks stopped at
   start_thread (libc's table not placed yet), or at thread_main when the
   program was gone before its maps were read again.
+- A shell that execs first_calls (`sh -c 'exec ...'`, a wrapper script's
+  last line) is followed through the exec, and the program it runs is held
+  the same way: before, its stacks were bare addresses (it was gone before
+  its maps could be read). The shell's signals pass through memtrace
+  meanwhile, and a shell still running when the trace ends is let go.
 - Debian's xz compressing with two threads: without the hold, one run in
   three had each thread stack twice, once cut at start_thread.
 - The hold itself, with no BPF: a command that never reaches it is stopped
@@ -60,6 +65,54 @@ def test_a_launched_programs_first_calls_are_walked_whole(programs, run_memtrace
 
 
 @pytest.mark.bpf
+def test_a_program_a_shell_execs_is_held_as_well(programs, run_memtrace):
+    rc, doc, stderr = run_memtrace(["--json", "--", "/bin/sh", "-c", f"exec {programs['first_calls']}"])
+    assert rc == 0, stderr
+    assert doc is not None, f"no JSON on stdout; stderr: {stderr}"
+    assert [n["kind"] for n in doc["notes"]].count("exec") == 1, doc["notes"]
+    stacks = [[function_of(f) for f in s["frames"]] for s in doc["stacks"]]
+    first = [s for s in doc["stacks"] if function_of(s["frames"][0]) == "first_call"]
+    assert sum(s["alloc_count"] for s in first) == FIRST_CALLS, stacks
+    for s in first:
+        assert [function_of(f) for f in s["frames"]] == [
+            "first_call", "thread_main", "start_thread", "clone3"], stacks
+    tls = [s for s in doc["stacks"] if "pthread_create" in map(function_of, s["frames"])]
+    assert tls and all(function_of(s["frames"][-1]) == "_start" for s in tls), stacks
+
+
+@pytest.mark.bpf
+def test_a_shell_followed_through_its_exec_gets_its_signals(start_memtrace):
+    tracer = start_memtrace(["--json", "--", "/bin/sh", "-c", "trap 'exit 7' INT; sleep 20 & wait"])
+    deadline = time.monotonic() + 30
+    shell = None
+    while shell is None and time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-f", "-P", str(tracer.pid), "^/bin/sh -c trap"],
+                               capture_output=True, text=True).stdout.split()
+        shell = int(found[0]) if found else None
+        time.sleep(0.05)
+    assert shell is not None, "the shell never started"
+    time.sleep(1.0)  # the trace is under way: memtrace is still its tracer
+    assert _tracer_of(shell) == tracer.pid
+    os.kill(shell, signal.SIGINT)  # stops it for memtrace, which passes it on
+    rc, doc, stderr = tracer.wait(30)
+    assert rc == 7, stderr
+
+
+@pytest.mark.bpf
+def test_a_shell_still_running_when_the_trace_ends_is_let_go(run_memtrace, tmp_path):
+    said = tmp_path / "tracer"
+    script = f"sleep 4; grep TracerPid /proc/$$/status > {said}; exit 3"
+    rc, doc, stderr = run_memtrace(["--json", "--duration", "1", "--", "/bin/sh", "-c", script])
+    assert rc == 3, stderr
+    assert said.read_text().split() == ["TracerPid:", "0"]
+
+
+def _tracer_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("TracerPid:")).split()[1])
+
+
+@pytest.mark.bpf
 def test_xz_thread_stacks_are_whole_from_their_first_call(run_memtrace, tmp_path):
     xz = shutil.which("xz")
     assert xz, "xz is missing: run install.sh --test-tools"
@@ -88,6 +141,9 @@ class NeverReached:
 
     def reached(self) -> None:
         self.reached_calls += 1
+
+    def follows_exec(self) -> bool:
+        return False
 
 
 def test_a_hold_never_reached_is_stopped_by_hand_and_the_command_goes_on(tmp_path):

@@ -525,6 +525,8 @@ def _trace_early(args, pid: int, comm: str, libc: str, libc_shown: str, launched
             view.hold(outcome.final, keys, f"{comm} has ended; q quits and prints the summary")
     finally:
         probes.detach()
+        if launched is not None:
+            launched.stop_following()  # an exec it still waited for is not held
         if collector.watch is not None:
             collector.watch.close()
         if keys is not None:

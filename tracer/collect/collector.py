@@ -176,7 +176,10 @@ class Collector:
         needs (collect/launchhold.py): their names, unwind tables and
         runtimes, all in place before any of their code runs, the tables
         parsed now where no earlier run kept them. A program gone within
-        the first interval is named from these maps."""
+        the first interval is named from these maps. The news first: the
+        kernel tells of an exec the hold followed only once the process
+        has gone on from the exec, and the exec starts the model again."""
+        self.read_watch()
         self._code_mapped(wait=True)
 
     def _code_mapped(self, wait: bool = False) -> None:

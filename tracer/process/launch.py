@@ -18,6 +18,12 @@ from memtrace.errors import MemtraceError
 PTRACE_TRACEME = 0
 PTRACE_CONT = 7
 PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_O_TRACEEXEC = 0x10
+PTRACE_EVENT_EXEC = 4
+# What stops a followed command by hand so that we can detach: a signal
+# ignored unless handled (launchhold.HOLD_SIGNAL), cancelled as we detach.
+HOLD_NUDGE = signal.SIGURG
 # How long a held command may take to reach its hold (collect/launchhold.py)
 # before it is stopped by hand: ld.so maps hundreds of libraries in that.
 HOLD_WAIT_S = 5.0
@@ -42,6 +48,8 @@ class Launched:
         self.argv = argv
         self.terminal = terminal
         self.exit_status: Optional[int] = None  # shell convention: 128+N if killed by N
+        self._following = None  # the hold, while we stay its tracer through an exec
+        self._nudged = False  # stopped by hand (HOLD_NUDGE) to be detached
         if terminal is not None:
             fds = terminal.child_fds()
         elif stdout_fd is not None:
@@ -84,8 +92,10 @@ class Launched:
         """Let the command run: detach with no signal delivered. With a
         hold (collect/launchhold.LibrariesHold, armed), run it on as its
         tracer until the hold's signal stops it, call hold.reached(), and
-        detach with the signal cancelled. Any other signal first is passed
-        on as we detach; an exit is kept for poll()."""
+        detach with the signal cancelled; or, where hold.follows_exec(),
+        stay its tracer through its next exec (poll() holds the new image).
+        Any other signal first is passed on as we detach; an exit is kept
+        for poll()."""
         if hold is None:
             self._detach(0)
             return
@@ -115,12 +125,60 @@ class Launched:
             if sig != hold.signal:
                 self._detach(sig)
                 return
-            try:
-                if not stopped_by_hand:
-                    hold.reached()
-            finally:
+            if stopped_by_hand:
                 self._detach(0)
+                return
+            self._held(hold)
             return
+
+    def _held(self, hold) -> None:
+        """Stopped at the hold: the tables go in; then on, as its tracer
+        through its next exec, or detached."""
+        try:
+            hold.reached()
+            follow = hold.follows_exec()
+        except BaseException:
+            self._detach(0)
+            raise
+        if follow:
+            self._following = hold
+            _libc.ptrace(PTRACE_SETOPTIONS, self.pid, None, ctypes.c_void_p(PTRACE_O_TRACEEXEC))
+            _libc.ptrace(PTRACE_CONT, self.pid, None, None)
+        else:
+            self._detach(0)
+
+    def _stopped(self, status: int) -> None:
+        """A stop reported to us, its tracer still: at an exec it is
+        followed through, the hold is armed for the new image; at the
+        hold, _held(); another signal goes on to it. Past the time to
+        follow, or when the hold cannot be armed, detach."""
+        hold, event, sig = self._following, status >> 16, os.WSTOPSIG(status)
+        ours = hold is not None and sig == hold.signal or self._nudged and sig == HOLD_NUDGE
+        passed = 0 if event or ours else sig
+        self._nudged = False
+        if hold is None or not hold.following():
+            self._following = None
+            self._detach(passed)
+            return
+        if event == PTRACE_EVENT_EXEC:
+            if hold.exec_seen():
+                _libc.ptrace(PTRACE_CONT, self.pid, None, None)
+            else:
+                self._following = None
+                self._detach(0)
+        elif sig == hold.signal and hold.armed:
+            self._following = None
+            self._held(hold)
+        else:
+            _libc.ptrace(PTRACE_CONT, self.pid, None, ctypes.c_void_p(passed or None))
+
+    def stop_following(self) -> None:
+        """No more holds (the probes are gone): the next stop detaches."""
+        if self._following is not None:
+            self._following.disarm()
+            self._following = None
+            self._nudged = True
+            _libc.tgkill(self.pid, self.pid, HOLD_NUDGE)
 
     def _detach(self, sig: int) -> None:
         _libc.ptrace(PTRACE_DETACH, self.pid, None, ctypes.c_void_p(sig or None))
@@ -141,10 +199,12 @@ class Launched:
             except ChildProcessError:
                 return self.exit_status
             if pid == self.pid:
-                if os.WIFSTOPPED(status):  # still its tracer: a hold never reached
-                    self._detach(os.WSTOPSIG(status))
+                if os.WIFSTOPPED(status):  # still its tracer (a hold, an exec followed)
+                    self._stopped(status)
                 else:
                     self.exit_status = _shell_status(status)
+            elif self._following is not None and not self._following.following():
+                self.stop_following()  # stopped by hand, detached at that stop
         return self.exit_status
 
     def wait(self) -> int:
@@ -152,7 +212,7 @@ class Launched:
             try:
                 _, status = os.waitpid(self.pid, 0)
                 if os.WIFSTOPPED(status):  # as in poll()
-                    self._detach(os.WSTOPSIG(status))
+                    self._stopped(status)
                 else:
                     self.exit_status = _shell_status(status)
             except ChildProcessError:

@@ -83,19 +83,46 @@ def test_a_program_a_shell_execs_is_held_as_well(programs, run_memtrace):
 @pytest.mark.bpf
 def test_a_shell_followed_through_its_exec_gets_its_signals(start_memtrace):
     tracer = start_memtrace(["--json", "--", "/bin/sh", "-c", "trap 'exit 7' INT; sleep 20 & wait"])
-    deadline = time.monotonic() + 30
-    shell = None
-    while shell is None and time.monotonic() < deadline:
-        found = subprocess.run(["pgrep", "-f", "-P", str(tracer.pid), "^/bin/sh -c trap"],
-                               capture_output=True, text=True).stdout.split()
-        shell = int(found[0]) if found else None
-        time.sleep(0.05)
-    assert shell is not None, "the shell never started"
+    shell = _child_shell(tracer.pid, "^/bin/sh -c trap")
     time.sleep(1.0)  # the trace is under way: memtrace is still its tracer
     assert _tracer_of(shell) == tracer.pid
     os.kill(shell, signal.SIGINT)  # stops it for memtrace, which passes it on
     rc, doc, stderr = tracer.wait(30)
     assert rc == 7, stderr
+
+
+@pytest.mark.bpf
+def test_a_followed_shell_stopped_by_a_job_control_signal_stays_stopped(start_memtrace):
+    tracer = start_memtrace(["--json", "--", "/bin/sh", "-c", "sleep 3; exit 5"])
+    shell = _child_shell(tracer.pid, "^/bin/sh -c sleep 3")
+    time.sleep(1.0)
+    assert _tracer_of(shell) == tracer.pid
+    os.kill(shell, signal.SIGTSTP)  # passed on as memtrace lets it go: a plain stop
+    deadline = time.monotonic() + 10
+    while _state_of(shell) != "T" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state_of(shell) == "T" and _tracer_of(shell) == 0
+    time.sleep(0.5)
+    assert _state_of(shell) == "T"  # not continued behind its back
+    os.kill(shell, signal.SIGCONT)
+    rc, doc, stderr = tracer.wait(30)
+    assert rc == 5, stderr
+
+
+def _child_shell(tracer_pid: int, pattern: str) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-f", "-P", str(tracer_pid), pattern],
+                               capture_output=True, text=True).stdout.split()
+        if found:
+            return int(found[0])
+        time.sleep(0.05)
+    pytest.fail("the shell never started", pytrace=False)
+
+
+def _state_of(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line for line in f if line.startswith("State:")).split()[1]
 
 
 @pytest.mark.bpf

@@ -24,6 +24,7 @@ PTRACE_EVENT_EXEC = 4
 # What stops a followed command by hand so that we can detach: a signal
 # ignored unless handled (launchhold.HOLD_SIGNAL), cancelled as we detach.
 HOLD_NUDGE = signal.SIGURG
+_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 # How long a held command may take to reach its hold (collect/launchhold.py)
 # before it is stopped by hand: ld.so maps hundreds of libraries in that.
 HOLD_WAIT_S = 5.0
@@ -156,7 +157,9 @@ class Launched:
         ours = hold is not None and sig == hold.signal or self._nudged and sig == HOLD_NUDGE
         passed = 0 if event or ours else sig
         self._nudged = False
-        if hold is None or not hold.following():
+        # A stop signal passed on as a tracer's would stop it (a group
+        # stop) and be reported to us again: it goes on as we detach.
+        if hold is None or not hold.following() or passed in _STOP_SIGNALS:
             self._following = None
             self._detach(passed)
             return

@@ -49,12 +49,12 @@ class LibrariesHold:
         self._follow_until = time.monotonic() + FOLLOW_EXEC_S
         self.armed = False
         self.held_s: Optional[float] = None  # how long the command stood still, the first time
-        self.images = 0  # images held
 
     def arm(self) -> bool:
-        """For the image the process runs now, stopped after its exec:
-        False where there is nothing to hold for (a static program, an
-        ld.so that is not glibc's)."""
+        """For the image the process runs now, stopped after its exec (the
+        launch, or one it is followed through: then() learns of that exec
+        at the hold). False where there is nothing to hold for (a static
+        program, an ld.so that is not glibc's)."""
         for module in code_modules(procfs.maps(self._pid)):
             exported = read_mapped(self._pid, module, exported_objects) or {}
             if "_r_debug" not in exported:
@@ -88,7 +88,6 @@ class LibrariesHold:
             return
         if self.held_s is None:
             self.held_s = time.monotonic() - started
-        self.images += 1
 
     def follows_exec(self) -> bool:
         """Whether to stay the tracer through the process's next exec: it
@@ -100,11 +99,6 @@ class LibrariesHold:
         except OSError:
             return False
         return exe in EXEC_WRAPPERS
-
-    def exec_seen(self) -> bool:
-        """The process is stopped right after an exec: the hold, armed for
-        the new image (then() learns of the exec at the hold)."""
-        return self.arm()
 
     def following(self) -> bool:
         return time.monotonic() < self._follow_until

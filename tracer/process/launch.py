@@ -21,9 +21,6 @@ PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_O_TRACEEXEC = 0x10
 PTRACE_EVENT_EXEC = 4
-# What stops a followed command by hand so that we can detach: a signal
-# ignored unless handled (launchhold.HOLD_SIGNAL), cancelled as we detach.
-HOLD_NUDGE = signal.SIGURG
 _STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 # How long a held command may take to reach its hold (collect/launchhold.py)
 # before it is stopped by hand: ld.so maps hundreds of libraries in that.
@@ -50,7 +47,7 @@ class Launched:
         self.terminal = terminal
         self.exit_status: Optional[int] = None  # shell convention: 128+N if killed by N
         self._following = None  # the hold, while we stay its tracer through an exec
-        self._nudged = False  # stopped by hand (HOLD_NUDGE) to be detached
+        self._nudged = 0  # the hold's signal, sent by hand to stop it and detach
         if terminal is not None:
             fds = terminal.child_fds()
         elif stdout_fd is not None:
@@ -154,9 +151,9 @@ class Launched:
         hold, _held(); another signal goes on to it. Past the time to
         follow, or when the hold cannot be armed, detach."""
         hold, event, sig = self._following, status >> 16, os.WSTOPSIG(status)
-        ours = hold is not None and sig == hold.signal or self._nudged and sig == HOLD_NUDGE
+        ours = hold is not None and sig == hold.signal or sig == self._nudged
         passed = 0 if event or ours else sig
-        self._nudged = False
+        self._nudged = 0
         # A stop signal passed on as a tracer's would stop it (a group
         # stop) and be reported to us again: it goes on as we detach.
         if hold is None or not hold.following() or passed in _STOP_SIGNALS:
@@ -164,7 +161,7 @@ class Launched:
             self._detach(passed)
             return
         if event == PTRACE_EVENT_EXEC:
-            if hold.exec_seen():
+            if hold.arm():
                 _libc.ptrace(PTRACE_CONT, self.pid, None, None)
             else:
                 self._following = None
@@ -178,10 +175,10 @@ class Launched:
     def stop_following(self) -> None:
         """No more holds (the probes are gone): the next stop detaches."""
         if self._following is not None:
-            self._following.disarm()
-            self._following = None
-            self._nudged = True
-            _libc.tgkill(self.pid, self.pid, HOLD_NUDGE)
+            hold, self._following = self._following, None
+            hold.disarm()
+            self._nudged = hold.signal
+            _libc.tgkill(self.pid, self.pid, hold.signal)
 
     def _detach(self, sig: int) -> None:
         _libc.ptrace(PTRACE_DETACH, self.pid, None, ctypes.c_void_p(sig or None))

@@ -3,8 +3,9 @@
 tests/programs/arenas.c fills one arena per thread with fragmented free
 memory and prints the ground truth: each thread's arena (found the way glibc
 finds it), the bytes it still holds, glibc's own malloc_info(), and the RSS
-drop of a real malloc_trim(0). No BPF is loaded; reading another process's
-memory needs root or ptrace rights over it (it is our child here).
+drop of a real malloc_trim(0). No BPF is loaded, but in the one test that
+attaches memtrace; reading another process's memory needs root or ptrace
+rights over it (it is our child here).
 """
 
 from __future__ import annotations
@@ -152,6 +153,56 @@ def test_one_arena_per_thread_matches_glibc(arenas_binary: Path) -> None:
     main = report.arenas[0]
     assert main.system_mem <= sum(h.size for h in main.heaps)
     assert main.live_estimate_bytes == pytest.approx(truth.main["chunk_bytes"], rel=0.05)
+
+
+def test_heaps_merged_with_a_neighbour_are_found(arenas_binary: Path) -> None:
+    """A full heap and the heap glibc places right above it are one mapping
+    to the kernel, so the upper heap's boundary is not a mapping's start.
+    "crowd" makes that layout below every heap it can."""
+    with running(arenas_binary, "4", "40", "90") as (proc, truth):
+        proc.stdin.write("crowd\n")
+        proc.stdin.flush()
+        crowded = _fields(proc.stdout.readline())["heaps"]
+        starts = {int(line.split("-")[0], 16) for line in Path(f"/proc/{truth.pid}/maps").read_text().splitlines()}
+        report = read_arenas(truth.pid)
+
+    hidden = [t["heap"] for t in truth.threads if t["heap"] not in starts]
+    assert crowded >= 1 and hidden, f"no heap was merged with a neighbour (crowded {crowded})"
+    assert report.reliable, report.to_json()
+    assert report.main_arena_found_by == "next list"
+    assert [a.kind for a in report.arenas] == ["main"] + ["thread"] * 4
+    _assert_matches_malloc_info(report, truth.malloc_info)
+    by_address = {a.address: a for a in report.arenas}
+    for thread in truth.threads:
+        arena = by_address[thread["arena"]]
+        assert thread["heap"] == arena.heaps[0].address
+        assert arena.system_mem == sum(h.size for h in arena.heaps)
+        # The neighbour's 1 MiB, all in RAM, is not the heap's.
+        assert all(h.resident_bytes is not None and h.resident_bytes <= h.mprotect_size for h in arena.heaps)
+    assert len(by_address[truth.threads[0]["arena"]].heaps) == 2
+
+
+@pytest.mark.bpf
+def test_memtrace_attached_counts_a_merged_heap_as_an_arena_heap(arenas_binary: Path, run_memtrace) -> None:
+    """The address-space table, seeded from the maps on attach, takes a heap
+    merged with its neighbour for plain anonymous memory until the arenas
+    are read; then that heap, and no more, is an arena heap."""
+    with running(arenas_binary, "4", "40", "90") as (proc, truth):
+        proc.stdin.write("crowd\n")
+        proc.stdin.flush()
+        assert _fields(proc.stdout.readline())["heaps"] >= 1
+        rc, doc, stderr = run_memtrace(["-p", str(truth.pid), "--json", "--duration", "1"])
+
+    assert rc == 0, stderr
+    regions = {r["start"]: r for r in doc["regions"]}
+    for thread in truth.threads:
+        heap = regions.get(thread["heap"])
+        assert heap is not None and heap["kind"] == "glibc-arena-heap", (thread, heap)
+    # The crowding MiB below a heap stays anonymous (a heap can also end
+    # right where the next begins).
+    crowds = [r for r in doc["regions"]
+              if r["end"] in {t["heap"] for t in truth.threads} and r["end"] - r["start"] == 1 << 20]
+    assert crowds and all(r["kind"] == "anonymous" for r in crowds), crowds
 
 
 def test_trim_estimate_matches_real_rss_drop(arenas_binary: Path) -> None:

@@ -19,7 +19,12 @@
  * then reads commands on stdin: "trim" runs malloc_trim(0) and prints
  *   trimmed rss_before=N rss_after=N result=R
  * "churn" sets every thread mallocing and freeing nonstop (to read a busy
- * target), and "exit" (or EOF) ends the program.
+ * target), "crowd" maps 1 MiB just below each thread heap, the way a
+ * full heap lies below the next one glibc places right after it (read and
+ * write, MAP_NORESERVE: the kernel merges the two into one mapping), and
+ * prints
+ *   crowded heaps=N    (N: heaps with a free gap below them to take)
+ * and "exit" (or EOF) ends the program.
  *
  * Nothing here allocates behind the test's back once "ready" is printed:
  * stdout has a static buffer, stdin and /proc are read with read(2), and
@@ -44,7 +49,7 @@
 #define TINY_SIZE 40
 
 struct truth {
-    uintptr_t arena, heap;
+    uintptr_t arena, heap, last_heap;
     size_t blocks, kept, live_bytes, chunk_bytes;
 };
 
@@ -115,6 +120,7 @@ static void fill_and_fragment(size_t mib, uint64_t seed, struct truth *t)
         t->chunk_bytes += malloc_usable_size(blocks[i]) + sizeof(size_t);
     }
     t->heap = heap_of(blocks[0]);
+    t->last_heap = heap_of(blocks[(n - 1) / KEEP_EVERY * KEEP_EVERY]);
     t->arena = arena_of(blocks[0]);
 }
 
@@ -165,6 +171,25 @@ static long rss_bytes(void)
     if (sscanf(buf, "%ld %ld", &size, &resident) != 2)
         return -1;
     return resident * sysconf(_SC_PAGESIZE);
+}
+
+/* 1 if [heap - 1 MiB, heap) was free and now merges with the heap's head. */
+static int crowd(uintptr_t heap)
+{
+    size_t size = 1 << 20;
+    void *p = mmap((void *)(heap - size), size, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+    if (p == MAP_FAILED)
+        return 0;
+    if (p != (void *)(heap - size)) { /* a kernel without MAP_FIXED_NOREPLACE */
+        munmap(p, size);
+        return 0;
+    }
+    /* Made writable afterwards, as glibc grows a heap: that is when the
+     * kernel merges it with its neighbour. */
+    mprotect(p, size, PROT_READ | PROT_WRITE);
+    memset(p, 0x5a, size);
+    return 1;
 }
 
 static int read_command(char *buf, size_t cap)
@@ -232,6 +257,15 @@ int main(int argc, char **argv)
         } else if (strcmp(command, "churn") == 0) {
             pthread_mutex_unlock(&hold);
             printf("churning\n");
+        } else if (strcmp(command, "crowd") == 0) {
+            int crowded = 0;
+            for (size_t i = 0; i < threads; i++) {
+                if (truths[i].heap)
+                    crowded += crowd(truths[i].heap);
+                if (truths[i].last_heap && truths[i].last_heap != truths[i].heap)
+                    crowded += crowd(truths[i].last_heap);
+            }
+            printf("crowded heaps=%d\n", crowded);
         } else if (strcmp(command, "exit") == 0) {
             break;
         }

@@ -357,6 +357,21 @@ def test_shapes_taken_for_arena_heaps_that_glibc_does_not_list_are_anonymous():
     assert s.region_at(0x7F4B00000000).kind == ARENA_HEAP
 
 
+def test_a_listed_heap_merged_with_the_mapping_below_becomes_an_arena_heap():
+    # A full heap at 0x7f4a20000000 and the next heap's RW head: one mapping
+    # in the maps, then the next heap's PROT_NONE tail.
+    merged = ("7f4a20000000-7f4a24021000 rw-p 00000000 00:00 0\n"
+              "7f4a24021000-7f4a28000000 ---p 00000000 00:00 0\n")
+    s = space(SEED_MAPS + merged)
+    assert s.region_at(0x7F4A24000000).kind == ANONYMOUS  # no shape of its own
+    s.confirm_arena_heaps({0x7F4A00000000, 0x7F4A04000000, 0x7F4A20000000, 0x7F4A24000000})
+    heaps = [(r.start, r.end) for r in s.regions(ARENA_HEAP) if r.start >= 0x7F4A20000000]
+    assert heaps == [(0x7F4A20000000, 0x7F4A24000000), (0x7F4A24000000, 0x7F4A24021000),
+                     (0x7F4A24021000, 0x7F4A28000000)]
+    # Anonymous memory in no listed heap stays so.
+    assert s.region_at(0x7F4A08000000).kind == ANONYMOUS
+
+
 def test_brk_without_any_baseline_starts_counting_at_the_first_break():
     s = space()
     s.apply(in_malloc("brk", 0x5600000A1000, result=0x5600000A1000))

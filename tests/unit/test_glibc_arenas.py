@@ -25,6 +25,7 @@ from memtrace.process.glibc.layout import (
 from memtrace.process.procfs import Mapping, parse_maps, parse_smaps
 from memtrace.process.glibc.trim import consolidate, madvise_range, systrim_range
 from memtrace.process.glibc.inspect import ArenaReport, inspect_arenas, read_arenas
+from memtrace.process.glibc.locate import find_heaps
 
 PREV_INUSE = 1
 LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
@@ -275,6 +276,36 @@ def test_two_arenas_read_to_the_byte() -> None:
     assert m.trimmable_bytes == _pages(u, u + 0x10000) + _pages(lg, lg + 0x4000) + brk_tail
     assert report.trimmable_bytes == m.trimmable_bytes + t.trimmable_bytes
     json.dumps(report.to_json())
+
+
+def test_a_heap_merged_with_its_neighbour_is_found_and_counted_alone() -> None:
+    # A full heap (or any read/write MAP_NORESERVE mapping) just below the
+    # heap: the kernel makes the two one mapping, which starts below the
+    # heap's boundary. Its last MiB stands for the neighbour here.
+    memory, _, _ = two_arena_process()
+    below = 1 << 20
+    maps = [m for m in _maps() if m.start != HEAP] + [
+        Mapping(HEAP - below, HEAP + HEAP_SIZE, "rw-p", 0, 0, "", rss_bytes=below + HEAP_SIZE)
+    ]
+    maps.sort(key=lambda m: m.start)
+    memory.absent_pages = {HEAP + HEAP_SIZE - PAGE_SIZE}
+    report = inspect_arenas(42, memory, maps)
+
+    assert report.reliable, report.to_json()
+    [heap] = report.arenas[1].heaps
+    assert (heap.address, heap.size) == (HEAP, HEAP_SIZE)
+    assert heap.resident_bytes == HEAP_SIZE - PAGE_SIZE  # its own pages, from the pagemap
+
+
+def test_a_boundary_inside_a_mapping_is_read_only_when_its_page_is_in_ram() -> None:
+    memory, _, _ = two_arena_process()
+    maps = [m for m in _maps() if m.start != HEAP] + [
+        Mapping(HEAP - PAGE_SIZE, HEAP + HEAP_SIZE, "rw-p", 0, 0, "", rss_bytes=HEAP_SIZE)
+    ]
+    memory.absent_pages = {HEAP}
+    assert find_heaps(memory, sorted(maps, key=lambda m: m.start)) == []
+    memory.absent_pages = set()
+    assert [h.address for h in find_heaps(memory, sorted(maps, key=lambda m: m.start))] == [HEAP]
 
 
 def test_trim_estimate_counts_only_resident_pages() -> None:

@@ -385,7 +385,8 @@ class Collector:
         self._arena_inputs = [self._arena_input(a, self._walked.get(a.address, a))
                               for a in report.arenas]
         if report.error is None and report.arenas:
-            self.vm.space.confirm_arena_heaps({h.address for a in report.arenas for h in a.heaps})
+            self.vm.space.confirm_arena_heaps(
+                {h.address for a in report.arenas if a.kind == "thread" for h in a.heaps})
 
     def _arena_input(self, arena, walked) -> accounting.ArenaInput:
         return accounting.ArenaInput(

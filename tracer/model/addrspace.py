@@ -479,13 +479,21 @@ class AddressSpace:
         by its shape alone (seeded from the maps, or mapped outside malloc's
         sight in light mode) that is in none of their heaps is plain
         anonymous memory. Go's heap, for one, reserves 64 MiB at 64 MiB
-        boundaries, a RW head then PROT_NONE, just as a glibc heap looks."""
+        boundaries, a RW head then PROT_NONE, just as a glibc heap looks.
+
+        And the other way: a heap whose head the kernel merged with the
+        mapping below it (a full heap) has no shape of its own in the maps,
+        so the part of such a region inside a listed heap becomes one."""
         size = self.arena_heap_bytes
         for r in self.regions(ARENA_HEAP):
             if (r.origin.pre_existing or not self.malloc_seen) and r.start - r.start % size not in heap_starts \
                     and not r.path:
                 self._remove(r)
                 self._insert(replace(r, kind=ANONYMOUS))
+        for start in sorted(heap_starts):
+            for r in self._overlapping(start, start + size):
+                if r.kind == ANONYMOUS and (r.origin.pre_existing or not self.malloc_seen):
+                    self.mark_kind(max(start, r.start), min(start + size, r.end), ARENA_HEAP)
 
     def region_at(self, addr: int) -> Optional[Region]:
         i = bisect_right(self._starts, addr) - 1

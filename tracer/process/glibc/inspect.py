@@ -81,10 +81,10 @@ def inspect_arenas(
     arenas = []
     for address in ring.addresses:
         if address == ring.main:
-            own = _brk_heaps(maps)
+            own = _brk_heaps(maps, memory)
             arenas.append(inspect_arena(memory, address, "main", own, maps, max_chunks))
         else:
-            own = _thread_heaps(heaps, address, maps)
+            own = _thread_heaps(heaps, address, maps, memory)
             arenas.append(inspect_arena(memory, address, "thread", own, maps, max_chunks))
         if between is not None:
             between()
@@ -98,11 +98,13 @@ def inspect_arenas(
     )
 
 
-def _brk_heaps(maps: Sequence[Mapping]) -> list[Heap]:
-    return [Heap(s, e - s, e - s, e - s, resident_in(maps, s, e)) for s, e in brk_regions(maps)]
+def _brk_heaps(maps: Sequence[Mapping], memory: Memory) -> list[Heap]:
+    return [Heap(s, e - s, e - s, e - s, resident_in(maps, s, e, memory)) for s, e in brk_regions(maps)]
 
 
-def _thread_heaps(heaps: Sequence[HeapInfo], arena: int, maps: Sequence[Mapping]) -> list[Heap]:
+def _thread_heaps(
+    heaps: Sequence[HeapInfo], arena: int, maps: Sequence[Mapping], memory: Memory
+) -> list[Heap]:
     """The arena's heaps oldest first: following heap_info.prev backwards."""
     own = [h for h in heaps if h.ar_ptr == arena]
     newer = {h.prev: h for h in own if h.prev}
@@ -117,7 +119,7 @@ def _thread_heaps(heaps: Sequence[HeapInfo], arena: int, maps: Sequence[Mapping]
             h.mprotect_size,
             HEAP_MAX_SIZE,
             # Both parts of the reservation: the read/write head and the PROT_NONE rest.
-            resident_in(maps, h.address, h.address + HEAP_MAX_SIZE),
+            resident_in(maps, h.address, h.address + HEAP_MAX_SIZE, memory),
         )
         for h in ordered
     ]

@@ -43,6 +43,8 @@ Region = tuple[int, int]
 class Memory(Protocol):
     def read(self, address: int, size: int) -> Optional[bytes]: ...
 
+    def resident_bytes(self, start: int, end: int) -> Optional[int]: ...
+
 
 def libc_path(maps: Iterable[Mapping]) -> Optional[str]:
     for m in maps:
@@ -94,18 +96,37 @@ def _plausible_heap(h: HeapInfo) -> bool:
 
 
 def find_heaps(memory: Memory, maps: Iterable[Mapping]) -> list[HeapInfo]:
-    """Every plausible thread-arena heap, in address order."""
+    """Every plausible thread-arena heap, in address order.
+
+    A heap's head is not always a mapping of its own. glibc places a new
+    heap right after the last one it reserved when it can, and when the heap
+    below is already all read/write the kernel merges the two (same flags,
+    MAP_NORESERVE included, and the new head not yet touched). So every
+    HEAP_MAX_SIZE boundary inside a read/write anonymous mapping is looked
+    at, not only its start; one whose page is not in RAM is skipped rather
+    than read, which would fault it in (a heap's header was written, so its
+    page is there)."""
     heaps = []
     for m in maps:
-        if m.start % HEAP_MAX_SIZE or not m.is_plain_anonymous or not m.writable:
+        if not m.is_plain_anonymous or not m.writable:
             continue
-        data = memory.read(m.start, HEAP_INFO_READ_SIZE)
-        if data is None:
-            continue
-        h = parse_heap_info(m.start, data)
-        if _plausible_heap(h):
-            heaps.append(h)
+        address = -(-m.start // HEAP_MAX_SIZE) * HEAP_MAX_SIZE
+        while address + HEAP_INFO_READ_SIZE <= m.end:
+            h = _heap_at(memory, address, inside=address != m.start)
+            if h is not None:
+                heaps.append(h)
+            address += HEAP_MAX_SIZE
     return heaps
+
+
+def _heap_at(memory: Memory, address: int, inside: bool) -> Optional[HeapInfo]:
+    if inside and memory.resident_bytes(address, address + PAGE_SIZE) == 0:
+        return None
+    data = memory.read(address, HEAP_INFO_READ_SIZE)
+    if data is None:
+        return None
+    h = parse_heap_info(address, data)
+    return h if _plausible_heap(h) else None
 
 
 def read_arena_header(memory: Memory, address: int) -> Optional[ArenaHeader]:

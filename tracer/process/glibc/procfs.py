@@ -8,21 +8,35 @@ target keeps running and unmapping while we look.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Protocol
 
 from ..procfs import Mapping
 from .layout import PAGE_SIZE
 
 
-def resident_in(mappings: Iterable[Mapping], start: int, end: int) -> Optional[int]:
-    """Rss of the mappings lying inside [start, end); None if any of them has
-    no Rss (they came from maps, not smaps)."""
+class _Pagemap(Protocol):
+    def resident_bytes(self, start: int, end: int) -> Optional[int]: ...
+
+
+def resident_in(
+    mappings: Iterable[Mapping], start: int, end: int, memory: Optional["_Pagemap"] = None
+) -> Optional[int]:
+    """Resident bytes of [start, end): the Rss of the mappings inside it,
+    and, given the memory, the pagemap's count for the part of a mapping
+    that reaches over its ends (the kernel merges a heap with an anonymous
+    neighbour). None if a mapping has no Rss (it came from maps, not
+    smaps) or the pagemap cannot be read."""
     total = 0
     for m in mappings:
+        if m.end <= start or m.start >= end:
+            continue
         if m.start >= start and m.end <= end:
-            if m.rss_bytes is None:
-                return None
-            total += m.rss_bytes
+            part = m.rss_bytes
+        else:
+            part = memory.resident_bytes(max(start, m.start), min(end, m.end)) if memory else 0
+        if part is None:
+            return None
+        total += part
     return total
 
 

@@ -643,6 +643,7 @@ def test_an_exec_leaves_nothing_of_the_old_jvm_to_the_walk_or_the_names():
     collector.probes = SimpleNamespace(unwind=None)
     collector.symbols, collector.jvm = symbols, watch
     collector._seed = lambda exec_ns=None: None
+    collector._walks = SimpleNamespace(reset=lambda: None)
     collector.watch = SimpleNamespace(read=lambda: [SimpleNamespace(kind="exec", ts_ns=1,
                                                                     argv=["/bin/true"])])
     collector.read_watch()

@@ -16,6 +16,7 @@ from memtrace.collect.aggregate import StackAggregator
 from memtrace.collect.probes import Probes
 from memtrace.collect.unwind import follow_image
 from memtrace.collect.vm import HOLD_LIMIT_NS, VmTracker
+from memtrace.collect.walks import ArenaWalks
 from memtrace.model.addrspace import ALLOCATOR_MAPPING, HEAP, MMAPPED_CHUNK
 from memtrace.model.multimapped import MappedMoreThanOnce, mapped_more_than_once
 from memtrace.model import notes
@@ -43,7 +44,6 @@ from memtrace.symbols.symbolizer import Symbolizer
 MAX_STACK_DEPTH = 127  # kernel.perf_event_max_stack's default
 TOP_REGIONS = 12
 FINAL_NAMES_WAIT_S = 5.0  # for a debug file or perf map under way, at the end
-ARENA_WALK_SHARE = 0.01  # of wall time spent walking free lists, at most
 # Per snapshot, naming new stacks (a stack-map read and symbols each) and
 # placing them; the others join at the next snapshots, the last one takes all.
 NAMING_BUDGET_S = 0.15
@@ -112,9 +112,7 @@ class Collector:
         self._names_round = 0  # snapshots read: whose names are read again (_names_to_read)
         self._arena_inputs: list[accounting.ArenaInput] = []
         self._arena_problem: Optional[str] = None
-        self._next_walk = 0.0
-        self._walked: dict = {}  # arena address -> its last free-list walk
-        self._rewalk_when_idle = False
+        self._walks = ArenaWalks()
         self._activity = None  # what changes when the heap does, at the last snapshot
         self.watch = None  # netlink.ProcessWatch, when it could be opened
         # Set by the owner of a policy that freezes what lives at the end of
@@ -256,7 +254,8 @@ class Collector:
                 self._go_told = False
                 self.probes.set_go(0, 0, 0)
             self._seed(exec_ns=event.ts_ns)
-            self._arena_inputs, self._walked = [], {}  # the old image's arenas are gone
+            self._arena_inputs = []  # the old image's arenas are gone
+            self._walks.reset()
             # From its files now, for a program gone within an interval;
             # from its loader's own list at the next snapshot, if it lives.
             from memtrace.process.target import allocator_of_image
@@ -348,19 +347,18 @@ class Collector:
         known, turn = self._names, self._names_round % NAMES_READ_AGAIN_EVERY
         return [t for t in tids if t not in known or t % NAMES_READ_AGAIN_EVERY == turn]
 
-    def _read_arenas(self, smaps, idle: bool) -> None:
+    def _read_arenas(self, smaps, idle: bool, reading) -> None:
         """Arenas and their heaps every interval: cheap, and a heap made
         just before the process exits must be known. Their free lists, which
         can take a good part of a second to walk in a fragmented heap, only
-        with at most ARENA_WALK_SHARE of our time: in between, each arena
-        keeps the free-list figures of its last walk."""
+        when memtrace.collect.walks says: in between, each arena's free
+        bytes are its last walk's, moved by what the probes saw."""
         from memtrace.process.glibc.inspect import inspect_arenas
         from memtrace.process.glibc.procfs import ProcessMemory
 
         now = time.monotonic()
-        # A walk that raced with a busy target is unreliable; once the target
-        # is idle one more walk gives a steady answer, whatever the budget.
-        walk = now >= self._next_walk or (idle and self._rewalk_when_idle)
+        book = None if self.light else reading.buckets
+        walk = self._walks.due(now, idle, book, reading.untracked_free_count)
         try:
             memory = ProcessMemory(self.pid)
         except OSError as e:
@@ -372,18 +370,16 @@ class Collector:
                 (200_000 if self.light else 50_000) if walk else 0),
                 between=self.consume_events)
         self.consume_events()  # the read can take a while: keep the ring buffer drained
-        if walk:
-            self._next_walk = now + (time.monotonic() - now) / ARENA_WALK_SHARE
         if procfs.memory(self.pid) is None:
             return  # it exited while we read: keep the last whole reading
+        walks = self._walks
         if walk:
-            self._walked = {a.address: a for a in report.arenas}
-            self._rewalk_when_idle = not idle and not all(a.reliable for a in report.arenas)
-        elif any(a.address not in self._walked for a in report.arenas):
-            self._next_walk = 0.0  # a new arena: walk it at the next interval
+            walks.done(now, time.monotonic(), report.arenas, idle, reading.untracked_free_count)
+        elif any(a.address not in walks.walked for a in report.arenas):
+            walks.ask()  # a new arena: walk it at the next interval
         self._arena_problem = report.error
-        self._arena_inputs = [self._arena_input(a, self._walked.get(a.address, a))
-                              for a in report.arenas]
+        self._arena_inputs = walks.carried(
+            [self._arena_input(a, walks.walked.get(a.address, a)) for a in report.arenas], book)
         if report.error is None and report.arenas:
             self.vm.space.confirm_arena_heaps(
                 {h.address for a in report.arenas if a.kind == "thread" for h in a.heaps})
@@ -438,12 +434,12 @@ class Collector:
         if alive:
             self.vm.space.update_resident(smaps)
             if fresh:
-                self._next_walk = 0.0  # the last word is a whole reading
+                self._walks.ask()  # the last word is a whole reading
             activity = (self._calls(reading), self.vm.events)
             if self._check_allocator:
                 self._after_exec_allocator()
             if self.glibc:
-                self._read_arenas(smaps, idle=activity == self._activity)
+                self._read_arenas(smaps, activity == self._activity, reading)
             self._activity = activity
             self.jvm.tick()
             self._memory_read_s = time.monotonic() - self.started

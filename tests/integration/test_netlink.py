@@ -205,6 +205,46 @@ def test_without_cap_net_admin_it_degrades_with_the_reason() -> None:
     assert "taskstats needs CAP_NET_ADMIN" in reason and "run memtrace as root" in reason
 
 
+def test_other_processes_exit_records_never_reach_the_taskstats_socket(peak_binary: Path) -> None:
+    # The kernel sends a taskstats listener a record for every thread that
+    # exits on the machine; the socket's filter keeps the watched process's
+    # leader's and its group's last one. The watched process here exits
+    # leader first, so the peak comes from the last thread's record.
+    proc = subprocess.Popen([str(peak_binary), "leader"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with ProcessWatch(proc.pid) as watch:
+            subprocess.run(["sh", "-c", "for i in $(seq 200); do (:); done"], check=True)
+            time.sleep(0.2)
+            sock = watch._taskstats.sock
+            sock.setblocking(False)
+            datagrams = 0
+            while True:
+                try:
+                    sock.recv(1 << 16)
+                except BlockingIOError:
+                    break
+                datagrams += 1
+            assert datagrams < 40, datagrams  # 200 subshells' exits, a few of others'
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            deadline = time.monotonic() + WATCH_TIMEOUT_S
+            while not watch.exited and time.monotonic() < deadline:
+                watch.read()
+                time.sleep(0.02)
+            assert watch.exited
+            for _ in range(10):  # the group's record comes with the last exit
+                watch.read()
+                if watch.peak_rss_bytes:
+                    break
+                time.sleep(0.05)
+            assert watch.peak_rss_bytes is not None and watch.peak_rss_bytes >= PEAK_BYTES
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_other_processes_forks_and_exits_never_reach_the_socket() -> None:
     # The kernel tells every listener of every fork and exit on the machine;
     # the socket's filter keeps those of the watched process and its own.

@@ -19,7 +19,7 @@ class _Pagemap(Protocol):
 
 
 def resident_in(
-    mappings: Iterable[Mapping], start: int, end: int, memory: Optional["_Pagemap"] = None
+    mappings: Iterable[Mapping], start: int, end: int, memory: Optional[_Pagemap] = None
 ) -> Optional[int]:
     """Resident bytes of [start, end): the Rss of the mappings inside it,
     and, given the memory, the pagemap's count for the part of a mapping

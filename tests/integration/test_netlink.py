@@ -205,6 +205,18 @@ def test_without_cap_net_admin_it_degrades_with_the_reason() -> None:
     assert "taskstats needs CAP_NET_ADMIN" in reason and "run memtrace as root" in reason
 
 
+def waiting_datagrams(sock) -> int:
+    """How many datagrams wait on the socket (read and counted)."""
+    sock.setblocking(False)
+    count = 0
+    while True:
+        try:
+            sock.recv(1 << 16)
+        except BlockingIOError:
+            return count
+        count += 1
+
+
 def test_other_processes_exit_records_never_reach_the_taskstats_socket(peak_binary: Path) -> None:
     # The kernel sends a taskstats listener a record for every thread that
     # exits on the machine; the socket's filter keeps the watched process's
@@ -217,15 +229,7 @@ def test_other_processes_exit_records_never_reach_the_taskstats_socket(peak_bina
         with ProcessWatch(proc.pid) as watch:
             subprocess.run(["sh", "-c", "for i in $(seq 200); do (:); done"], check=True)
             time.sleep(0.2)
-            sock = watch._taskstats.sock
-            sock.setblocking(False)
-            datagrams = 0
-            while True:
-                try:
-                    sock.recv(1 << 16)
-                except BlockingIOError:
-                    break
-                datagrams += 1
+            datagrams = waiting_datagrams(watch._taskstats.sock)
             assert datagrams < 40, datagrams  # 200 subshells' exits, a few of others'
             proc.stdin.write("go\n")
             proc.stdin.flush()
@@ -253,15 +257,7 @@ def test_other_processes_forks_and_exits_never_reach_the_socket() -> None:
         with ProcessWatch(idle.pid) as watch:
             subprocess.run(["sh", "-c", "for i in $(seq 200); do (:); done"], check=True)
             time.sleep(0.2)
-            sock = watch._events.sock
-            sock.setblocking(False)
-            datagrams = 0
-            while True:
-                try:
-                    sock.recv(1 << 16)
-                except BlockingIOError:
-                    break
-                datagrams += 1
+            datagrams = waiting_datagrams(watch._events.sock)
             # 400 forks and exits of subshells, a few of others' (other work
             # on the machine, the test's own sh and its exec).
             assert datagrams < 40, datagrams

@@ -496,7 +496,6 @@ def _trace_early(args, pid: int, comm: str, libc: str, libc_shown: str, launched
     try:
         if keys is not None:
             keys.__enter__()
-        collector.freeze_stacks = True  # the session freezes, and looks again (_settle_garbage)
         session = Session(
             pid=pid,
             snapshot=collector.snapshot,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from typing import Iterator, Optional
+from typing import Optional
 
 from memtrace.model import accounting
 
@@ -52,28 +50,6 @@ MAX_CHILDREN_COUNTED = 100_000  # a build tool's children: counted up to here
 PYTHON_NAMING_BUDGET_S = 0.05  # per look at the events (every 0.1 s): half a core at most
 
 
-@contextmanager
-def _out_of_gc_sight() -> Iterator[None]:
-    """What the aggregation makes (thousands of stacks, the tuple of all of
-    them) frozen out of the cyclic collector's sight as it is made: its
-    young-generation passes walked each new object and what it points to
-    (100,000 stacks, for the tuple) two or three times before the session
-    froze them at the end of the interval (5-10 % of a snapshot's work at
-    2,000 changed stacks a second). The cycles made so far (pyroute2's
-    netlink messages make a few hundred objects' worth an interval) are
-    collected first (the young generations: this interval's few objects);
-    the aggregation makes none."""
-    gc.collect(1)
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
-
-
 class Collector:
     _python_told = None  # the CPython runtime the walk was given (bpf/python.bpf.c)
     _go_told = False  # a Go runtime's asmcgocall was given to the walk (bpf/go.bpf.c)
@@ -115,12 +91,6 @@ class Collector:
         self._walks = ArenaWalks()
         self._activity = None  # what changes when the heap does, at the last snapshot
         self.watch = None  # netlink.ProcessWatch, when it could be opened
-        # Set by the owner of a policy that freezes what lives at the end of
-        # each interval and looks at all of it again now and then (a
-        # session's): then the aggregation's objects are frozen as they are
-        # made (_out_of_gc_sight). Without such a policy (the agent's fleet),
-        # what a gone collector left in cycles would never be looked at.
-        self.freeze_stacks = False
         self._execs: list[str] = []
         self._children: set[int] = set()  # processes it started (netlink), none of them traced
         self._not_go: set[tuple] = set()  # files it runs code from that are not Go programs
@@ -523,10 +493,9 @@ class Collector:
         self._frames_current()
         by_key = {(r.tid, r.stack_key): r for r in rows} if reading.changed_rows is None else \
             reading.rows_by_key
-        with _out_of_gc_sight() if self.freeze_stacks else nullcontext():
-            return self._stacks.update(by_key, reading.changed_rows, self.frames_of,
-                                       self._frames_generation, retained,
-                                       naming_budget_s=None if last else NAMING_BUDGET_S)
+        return self._stacks.update(by_key, reading.changed_rows, self.frames_of,
+                                   self._frames_generation, retained,
+                                   naming_budget_s=None if last else NAMING_BUDGET_S)
 
     def _heap_totals(self, rows, reading) -> HeapTotals:
         peak = reading.peak

@@ -92,7 +92,11 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
     memtrace = [python()]
     if args.profile:
         memtrace += ["-m", "cProfile", "-o", args.profile]
-    memtrace += ["-m", "memtrace", "--json", "--interval", str(args.interval), "--record", str(rec),
+    if args.stages:
+        memtrace += [str(ROOT / "bench" / "stages.py"), "--after", str(int(args.steady_after or 3)), "--"]
+    else:
+        memtrace += ["-m", "memtrace"]
+    memtrace += ["--json", "--interval", str(args.interval), "--record", str(rec),
                  "--max-stats", str(size), "--stack-storage-size", str(size),
                  "--", str(target), str(args.stacks), str(args.seconds), str(args.rate),
                  str(args.ramp), str(args.depth)]
@@ -127,7 +131,7 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
             if spy is None and args.pyspy and t >= args.spy_after:
                 spy = subprocess.Popen(
                     [str(Path(python()).parent / "py-spy"), "record", "-p", str(tracer.pid),
-                     "-r", "50", "-d", str(int(args.seconds + 60)), "--nonblocking", "-f", "raw",
+                     "-r", str(args.spy_rate), "-d", str(int(args.seconds + 60)), "--nonblocking", "-f", "raw",
                      "-o", args.pyspy], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if t >= 5.0:
                 if first is None:
@@ -276,14 +280,20 @@ def main() -> int:
     p.add_argument("--profile", metavar="FILE", help="run memtrace under cProfile, stats into FILE")
     p.add_argument("--py-spy", metavar="FILE", dest="pyspy",
                    help="sample memtrace with py-spy (from --spy-after to the target's exit), folded into FILE")
+    p.add_argument("--spy-rate", type=int, default=50, metavar="HZ",
+                   help="py-spy's samples a second (400 gives a profile of one run worth reading)")
     p.add_argument("--spy-after", type=float, default=5.0, metavar="S",
                    help="start py-spy this many seconds in (past the first snapshots: the steady state)")
     p.add_argument("--steady-after", type=float, default=0.0, metavar="S",
                    help="also CPU per snapshot from S seconds in (every stack named, the heap warm)")
+    p.add_argument("--stages", action="store_true",
+                   help="CPU ms per snapshot of each stage (bench/stages.py), from --steady-after on")
     p.add_argument("--keep", metavar="DIR", help="keep the recording and the outputs here")
     p.add_argument("--no-reports", action="store_true")
     args = p.parse_args()
 
+    if args.pyspy and not (Path(python()).parent / "py-spy").exists():
+        sys.exit("scale.py: --py-spy needs py-spy in memtrace's venv: .venv/bin/pip install py-spy")
     target = build_target("scale_target", ("-fno-optimize-sibling-calls",))
     out_dir = Path(args.keep or tempfile.mkdtemp(prefix="memtrace-scale-"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -362,6 +372,10 @@ def main() -> int:
             dt, cpu, n, rc = report(rec, out_dir, fmt, extra)
             if not rc:
                 print(f"report {fmt:6} {' '.join(extra):10} {dt:5.2f} s (CPU {cpu:5.2f} s) {n / 1e6:8.2f} MB")
+    if args.stages:
+        err = (out_dir / "trace.err").read_text()
+        print(err[err.find("\n-- CPU ms per snapshot"):].rstrip() if "-- CPU ms per snapshot" in err
+              else "no stage times: memtrace did not end normally")
     if args.profile:
         print_profile(args.profile)
     if args.pyspy and os.path.exists(args.pyspy):

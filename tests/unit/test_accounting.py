@@ -240,3 +240,21 @@ def test_an_attached_allocator_with_opaque_books_says_no_block_untouched():
     assert attached.allocator.live_not_resident_bytes == 0
     g = accounting.gap(3 * MiB, attached.allocator)
     assert (g.heap_live_bytes, g.heap_live_not_resident_bytes) == (50 * 1024, 0)
+
+
+def test_the_stack_that_freed_most_in_a_bucket_is_max_over_bytes_and_key_as_frees_come_and_go():
+    """The top is kept as frees come (counters only grow), and looked for
+    again when the top one freed less or went (an exec, a folded row)."""
+    import random
+
+    rng = random.Random(7)
+    bucket = accounting._Bucket()
+    keys = [(i % 50, 0x1000 + i) for i in range(200)]
+    for step in range(20_000):
+        key = rng.choice(keys)
+        had = bucket.freed.get(key, 0)
+        change = rng.choice((16, 32, 4096, 4096)) if rng.random() < 0.9 else -rng.randint(0, had // 16) * 16
+        if change:
+            bucket._freed(key, change)
+        if bucket.freed and step % 7 == 0:
+            assert bucket.top() == max((n, k) for k, n in bucket.freed.items())

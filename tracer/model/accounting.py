@@ -8,7 +8,6 @@ what a user might try about it."""
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -193,7 +192,7 @@ def _bin(freed_bytes: int) -> int:
 class _Bucket:
     """One 64 MiB bucket's flows, added up: live bytes, the threads that
     allocated there, and the bytes each stack freed there, also binned by
-    their power of two (and the most kept in a heap), so that the few
+    their power of two (and the one that freed most), so that the few
     stacks big enough to get a share of the arena's retained bytes are
     found without a pass over all of them."""
 
@@ -205,11 +204,12 @@ class _Bucket:
         self.freed_bytes = 0
         self.freed: dict[StackKey, int] = {}
         self._bins: dict[int, set[StackKey]] = {}  # _bin() of the bytes freed -> stacks
-        # (-bytes, the stack key negated, stack) of every change: the top is
-        # the first entry still true (most bytes, then the greatest key, as
-        # max() over (bytes, key) picks); stale ones go when they come up,
-        # or all at a rebuild.
-        self._most: list[tuple[int, tuple, StackKey]] = []
+        # (bytes, stack) of the stack that freed most, None when it must be
+        # looked for again (the top one freed less: an exec, a folded or
+        # gone row). Counters only grow otherwise: a heap that took every
+        # change (2,000 pushes a snapshot, and a rebuild every 100,000) cost
+        # more than keeping the one at the top.
+        self._most: Optional[tuple[int, StackKey]] = None
         self._tids: dict[int, int] = {}  # tid -> its flows here that allocated
 
     @property
@@ -256,23 +256,27 @@ class _Bucket:
                 self._bins[was].discard(key)
             if after:
                 self._bins.setdefault(now, set()).add(key)
+        most = self._most
         if after:
             self.freed[key] = after
-            if len(self._most) > 2 * len(self.freed) + 64:
-                self._most = [(-n, (-k[0], -k[1]), k) for k, n in self.freed.items()]
-                heapq.heapify(self._most)
-            else:
-                heapq.heappush(self._most, (-after, (-key[0], -key[1]), key))
+            if most is not None:
+                if key == most[1]:
+                    # The top one freed more, or less: then another may top it.
+                    self._most = (after, key) if change > 0 else None
+                elif after > most[0] or after == most[0] and key > most[1]:
+                    self._most = (after, key)
         else:
             del self.freed[key]
+            if most is not None and key == most[1]:
+                self._most = None
 
     def top(self) -> tuple[int, StackKey]:
-        """(bytes, stack) of the stack that freed most here; the bucket
+        """(bytes, stack) of the stack that freed most here (the greatest
+        key among equals, as max() over (bytes, key) picks); the bucket
         must have frees."""
-        most, freed = self._most, self.freed
-        while freed.get(most[0][2]) != -most[0][0]:
-            heapq.heappop(most)
-        return -most[0][0], most[0][2]
+        if self._most is None:
+            self._most = max((n, k) for k, n in self.freed.items())
+        return self._most
 
     def at_least(self, freed_bytes: int):
         """The stacks that freed at least that many bytes here."""

@@ -93,7 +93,8 @@ def trace(args, target: Path, rec: Path, out_dir: Path) -> dict:
     if args.profile:
         memtrace += ["-m", "cProfile", "-o", args.profile]
     if args.stages:
-        memtrace += [str(ROOT / "bench" / "stages.py"), "--after", str(int(args.steady_after or 3)), "--"]
+        after = int(args.steady_after / args.interval) if args.steady_after else 3  # snapshots
+        memtrace += [str(ROOT / "bench" / "stages.py"), "--after", str(after), "--"]
     else:
         memtrace += ["-m", "memtrace"]
     memtrace += ["--json", "--interval", str(args.interval), "--record", str(rec),

@@ -1,12 +1,14 @@
-"""Runs memtrace with process CPU timed around named stages of a snapshot,
-and prints each stage's CPU ms per snapshot (from --after snapshots on)
-to stderr when memtrace ends, and the cyclic collector's time. For bench/scale.py --stages; usable alone:
+"""Runs memtrace with process CPU timed around named stages of a snapshot
+and around the cyclic collector's passes, and prints each one's CPU ms per
+snapshot to stderr when memtrace ends: from the snapshot after --after on,
+the final snapshot left out. For bench/scale.py --stages; usable alone:
 
     sudo .venv/bin/python bench/stages.py [--after N] -- MEMTRACE ARGS
 
-The final snapshot is left out. A stage's time includes the stages it calls: the table says which are
-inside which by indentation. The timer's own cost is ~1 us a call:
-stages called per row are not timed here."""
+A stage's time includes the stages it calls: the table says which are
+inside which by indentation. Only stages called a few times a snapshot
+are timed, so that the timer's own cost stays out of the figures: nothing
+called once per row."""
 
 from __future__ import annotations
 
